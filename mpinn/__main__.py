@@ -1,0 +1,7 @@
+"""``python -m mpinn``: the same CLI as the ``mpinn`` console script."""
+
+import sys
+
+from mpinn.cli import main
+
+sys.exit(main())

@@ -1,0 +1,202 @@
+"""Command line: argument parsing only; every command calls into the library.
+
+Run any command under ``mpirun -n N``; every rank parses the same arguments. Errors print
+one line on rank 0 (``--debug`` adds the traceback) and exit with status 1 on every rank.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+from collections.abc import Sequence
+
+from mpinn.errors import MpinnError
+
+EXIT_ERROR = 1
+
+
+def _partition_flags(p: argparse.ArgumentParser, stored: bool = True) -> None:
+    g = p.add_argument_group("partition")
+    if stored:
+        g.add_argument("--partition", metavar="NAME", help="use a partition stored in the model file")
+    g.add_argument("--strategy", default="balanced",
+                   help="balanced (default), count, percentage, ids or layers")
+    g.add_argument("--counts", metavar="C0,C1,...", help="neurons per rank (strategy count)")
+    g.add_argument("--percentages", metavar="P0,P1,...",
+                   help="percent of all neurons per rank (strategy percentage)")
+    g.add_argument("--ids", metavar="FILE", help="JSON {rank: [gid or [start, stop)]} (strategy ids)")
+    g.add_argument("--layer-ranks", metavar="R0,R1,...",
+                   help="owning rank of each layer, inputs first (strategy layers)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mpinn", description="Neural networks partitioned across MPI ranks at neuron "
+        "granularity. Run any command under mpirun -n N.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("init", help="create a new model file")
+    p.add_argument("model")
+    p.add_argument("--sizes", required=True, metavar="N0,N1,...,NL",
+                   help="neurons per layer, inputs first")
+    p.add_argument("--activation", default="relu", help="hidden-layer activation (default relu)")
+    p.add_argument("--output", default="softmax", help="output activation (default softmax)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--force", action="store_true", help="overwrite an existing file")
+
+    p = sub.add_parser("partition", help="store a partition in the model file")
+    p.add_argument("model")
+    p.add_argument("--ranks", type=int, required=True)
+    p.add_argument("--name", help="partition name (default: the strategy name)")
+    _partition_flags(p, stored=False)
+
+    p = sub.add_parser("inspect", help="print layers, partitions and their traffic")
+    p.add_argument("model")
+
+    for name, text in (("train", "train the model in place"),
+                       ("evaluate", "print loss and accuracy on a data file"),
+                       ("predict", "write the output activations for a data file")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("model")
+        p.add_argument("--data", required=True, help="HDF5 data file with X and y")
+        p.add_argument("--batch-size", type=int, default=64 if name == "train" else 256)
+        _partition_flags(p)
+        if name == "train":
+            p.add_argument("--epochs", type=int, default=1)
+            p.add_argument("--lr", type=float, default=0.1)
+            p.add_argument("--optimizer", default="sgd", choices=["sgd", "adam"])
+            p.add_argument("--momentum", type=float, default=0.0)
+            p.add_argument("--seed", type=int, default=0, help="shuffling seed")
+            p.add_argument("--no-shuffle", action="store_true")
+            p.add_argument("--checkpoint-every", type=int, default=0, metavar="K",
+                           help="also save every K epochs (default: only at the end)")
+        if name == "predict":
+            p.add_argument("--out", required=True, help="HDF5 file to write 'outputs' to")
+
+    p = sub.add_parser("data", help="make data files")
+    p.add_argument("kind", choices=["classification", "regression"])
+    p.add_argument("out")
+    p.add_argument("--samples", type=int, default=1000)
+    p.add_argument("--features", type=int, default=64)
+    p.add_argument("--outputs", type=int, default=10, help="classes or regression targets")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    return parser
+
+
+def _ints(text: str, flag: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",")]
+    except ValueError:
+        raise MpinnError(f"{flag}: cannot read {text!r} as comma-separated integers") from None
+
+
+def _choice(args: argparse.Namespace):  # -> PartitionChoice
+    from mpinn import distributor
+    from mpinn.train import PartitionChoice
+    params = distributor.params_from_flags(args.strategy, args.counts, args.percentages,
+                                           args.ids, args.layer_ranks)
+    return PartitionChoice(getattr(args, "partition", None), args.strategy, params)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Carry out one parsed command on this rank."""
+    from mpi4py import MPI
+
+    from mpinn import format as fmt
+    from mpinn import train as loop
+    from mpinn.data import load, synthetic_classification, synthetic_regression
+
+    comm = MPI.COMM_WORLD
+    rank0 = comm.rank == 0
+    if args.command == "init":
+        sizes = _ints(args.sizes, "--sizes")
+        if os.path.exists(args.model) and not args.force:
+            raise MpinnError(f"{args.model} exists; pass --force to overwrite it")
+        activations = [args.activation] * (len(sizes) - 2) + [args.output]
+        fmt.create_model(args.model, sizes, activations, args.dtype, args.seed, comm)
+        if rank0:
+            print(f"{args.model}: {len(sizes) - 1} layers, sizes {args.sizes}, {args.dtype}")
+        return 0
+    if args.command == "partition":
+        from mpinn.describe import store_partition
+        choice = _choice(args)
+        store_partition(args.model, args.ranks, choice.strategy, choice.params,
+                        args.name or choice.strategy, comm)
+        return 0
+    if args.command == "inspect":
+        from mpinn.describe import describe
+        text = describe(args.model, comm)
+        if rank0:
+            print(text)
+        return 0
+    if args.command == "data":
+        make = synthetic_classification if args.kind == "classification" else synthetic_regression
+        if rank0:
+            x, y = make(args.samples, args.features, args.outputs, args.seed, args.dtype)
+            fmt.write_data(args.out, x, y)
+            print(f"{args.out}: {args.samples} samples, {args.features} features")
+        return 0
+
+    choice = _choice(args)
+    writable = args.command == "train"
+    with loop.DistributedModel(args.model, comm, choice, args.batch_size, writable) as model:
+        data = load(args.data, model.table, model.spec.dtype, comm)
+        if args.command == "train":
+            if rank0:
+                print(f"training {args.model} on {comm.size} ranks ({model.partition_text}), "
+                      f"{data.n_samples} samples", flush=True)
+            loop.train(model, data, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                       optimizer_name=args.optimizer, momentum=args.momentum, seed=args.seed,
+                       shuffle=not args.no_shuffle, checkpoint_every=args.checkpoint_every,
+                       report=loop.print_epoch if rank0 else None)
+        elif args.command == "evaluate":
+            loss, accuracy = loop.evaluate(model, data, args.batch_size)
+            if rank0:
+                acc = f"  accuracy {accuracy:.4f}" if accuracy is not None else ""
+                print(f"loss {loss:.6f}{acc}  samples {data.n_samples}")
+        else:
+            outputs = loop.predict(model, data, args.batch_size)
+            fmt.write_outputs(args.out, data.n_samples, model.spec.sizes[-1],
+                              model.shard.layers[-1].rows, outputs, comm)
+            if rank0:
+                print(f"{args.out}: outputs of {data.n_samples} samples")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except MpinnError as exc:
+        from mpi4py import MPI
+        comm = MPI.COMM_WORLD
+        if exc.agreed or comm.size == 1:
+            # every rank raised it (agreed before the next collective), so rank 0 speaks
+            if comm.rank == 0:
+                if args.debug:
+                    traceback.print_exc()
+                print(f"mpinn: error: {exc}", file=sys.stderr, flush=True)
+            return EXIT_ERROR
+        # raised on this rank alone: the others may wait in a collective, so end the job
+        print(f"mpinn: error: {exc} (rank {comm.rank})", file=sys.stderr, flush=True)
+        comm.Abort(EXIT_ERROR)
+        return EXIT_ERROR
+    except Exception:
+        # an error on this rank alone: the others may be inside a collective, so abort the job
+        from mpi4py import MPI
+        comm = MPI.COMM_WORLD
+        traceback.print_exc()
+        print(f"mpinn: internal error on rank {comm.rank}; aborting all ranks",
+              file=sys.stderr, flush=True)
+        if comm.size > 1:
+            comm.Abort(EXIT_ERROR)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,196 @@
+"""The Neuron Distributor: partition strategies that map every global neuron id to a rank.
+
+Every function here is pure: it takes layer sizes and a rank count and returns the
+``owner`` array (int32, one entry per global id, layer 0 = the input features included).
+All ranks compute it identically, so no communication is needed to agree on it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mpinn.errors import MpinnError
+
+STRATEGIES = ("balanced", "count", "percentage", "ids", "layers")
+
+
+def blockdist(n: int, size: int, rank: int) -> tuple[int, int]:
+    """Length and start of ``rank``'s contiguous block when ``n`` items are split ``size`` ways.
+
+    The first ``n % size`` ranks get one item more, as in mpi4py-fft's ``_blockdist``.
+    """
+    q, r = divmod(n, size)
+    length = q + (1 if rank < r else 0)
+    start = rank * q + min(rank, r)
+    return length, start
+
+
+def _check_nranks(nranks: int) -> None:
+    if nranks < 1:
+        raise MpinnError(f"rank count must be at least 1, got {nranks}")
+
+
+def balanced(sizes: Sequence[int], nranks: int) -> np.ndarray:
+    """Every layer split into contiguous, near-equal blocks across all ranks."""
+    _check_nranks(nranks)
+    parts = []
+    for n in sizes:
+        lengths = [blockdist(n, nranks, r)[0] for r in range(nranks)]
+        parts.append(np.repeat(np.arange(nranks, dtype=np.int32), lengths))
+    return np.concatenate(parts)
+
+
+def by_count(sizes: Sequence[int], nranks: int, counts: Sequence[int]) -> np.ndarray:
+    """``counts[r]`` neurons to rank r, taken in global-id order."""
+    _check_nranks(nranks)
+    total = int(sum(sizes))
+    counts = [int(c) for c in counts]
+    if len(counts) != nranks:
+        raise MpinnError(f"--counts gives {len(counts)} entries but the job has {nranks} ranks")
+    if any(c < 0 for c in counts):
+        raise MpinnError(f"--counts must not be negative: {counts}")
+    if sum(counts) != total:
+        raise MpinnError(f"--counts sum to {sum(counts)} but the model has {total} neurons "
+                         f"(sizes {','.join(map(str, sizes))})")
+    return np.repeat(np.arange(nranks, dtype=np.int32), counts)
+
+
+def by_percentage(sizes: Sequence[int], nranks: int, percentages: Sequence[float]) -> np.ndarray:
+    """``percentages[r]`` % of all neurons to rank r, in global-id order (largest remainder)."""
+    _check_nranks(nranks)
+    pct = np.asarray([float(p) for p in percentages], dtype=np.float64)
+    if len(pct) != nranks:
+        raise MpinnError(f"--percentages gives {len(pct)} entries but the job has {nranks} ranks")
+    if np.any(~np.isfinite(pct)) or np.any(pct < 0):
+        raise MpinnError(f"--percentages must be finite and not negative: {list(percentages)}")
+    if abs(pct.sum() - 100.0) > 1e-6:
+        raise MpinnError(f"--percentages sum to {pct.sum():g}, not 100")
+    total = int(sum(sizes))
+    exact = pct / 100.0 * total
+    counts = np.floor(exact).astype(np.int64)
+    short = total - int(counts.sum())
+    # hand the neurons lost to rounding to the largest remainders, lowest rank first on ties
+    order = np.lexsort((np.arange(nranks), -(exact - counts)))
+    counts[order[:short]] += 1
+    return by_count(sizes, nranks, counts.tolist())
+
+
+def by_ids(sizes: Sequence[int], nranks: int, spec: dict[str, Any]) -> np.ndarray:
+    """Explicit ownership: ``{"rank": [gid, [start, stop], ...]}``; every id exactly once."""
+    _check_nranks(nranks)
+    total = int(sum(sizes))
+    if not isinstance(spec, dict):
+        raise MpinnError("--ids file must hold a JSON object mapping each rank to a list of ids")
+    owner = np.full(total, -1, dtype=np.int32)
+    for key, items in spec.items():
+        try:
+            rank = int(key)
+        except (TypeError, ValueError):
+            raise MpinnError(f"--ids: key {key!r} is not a rank number") from None
+        if not 0 <= rank < nranks:
+            raise MpinnError(f"--ids: rank {rank} is outside 0..{nranks - 1} for a {nranks}-rank job")
+        if not isinstance(items, list):
+            raise MpinnError(f"--ids: rank {rank} must map to a list of ids or [start, stop) ranges")
+        for item in items:
+            ids = _id_range(item, rank, total)
+            taken = owner[ids] >= 0
+            if taken.any():
+                gid = int(ids[np.argmax(taken)])
+                raise MpinnError(f"--ids: global id {gid} is given to rank {owner[gid]} "
+                                 f"and to rank {rank} (overlap)")
+            owner[ids] = rank
+    missing = np.flatnonzero(owner < 0)
+    if missing.size:
+        shown = ", ".join(map(str, missing[:10])) + (" ..." if missing.size > 10 else "")
+        raise MpinnError(f"--ids: {missing.size} global ids are given to no rank (gap): {shown}")
+    return owner
+
+
+def _id_range(item: Any, rank: int, total: int) -> np.ndarray:
+    if isinstance(item, bool):
+        item = None
+    if isinstance(item, int):
+        ids = np.array([item])
+    elif (isinstance(item, list) and len(item) == 2
+          and all(isinstance(v, int) and not isinstance(v, bool) for v in item)):
+        start, stop = item
+        if stop < start:
+            raise MpinnError(f"--ids: rank {rank} has range [{start}, {stop}) with stop < start")
+        ids = np.arange(start, stop)
+    else:
+        raise MpinnError(f"--ids: rank {rank} has entry {item!r}; expected a global id "
+                         "or a [start, stop) pair")
+    if ids.size and (ids.min() < 0 or ids.max() >= total):
+        bad = int(ids.min()) if ids.min() < 0 else int(ids.max())
+        raise MpinnError(f"--ids: global id {bad} of rank {rank} is out of range 0..{total - 1}")
+    return ids
+
+
+def by_layers(sizes: Sequence[int], nranks: int, layer_ranks: Sequence[int]) -> np.ndarray:
+    """Whole layers to ranks: layer l (0 = inputs) goes to ``layer_ranks[l]``."""
+    _check_nranks(nranks)
+    layer_ranks = [int(r) for r in layer_ranks]
+    if len(layer_ranks) != len(sizes):
+        raise MpinnError(f"--layer-ranks gives {len(layer_ranks)} entries but the model has "
+                         f"{len(sizes)} layers counting the inputs (sizes {','.join(map(str, sizes))})")
+    for layer, rank in enumerate(layer_ranks):
+        if not 0 <= rank < nranks:
+            raise MpinnError(f"--layer-ranks: layer {layer} goes to rank {rank}, "
+                             f"outside 0..{nranks - 1} for a {nranks}-rank job")
+    return np.repeat(np.asarray(layer_ranks, dtype=np.int32), list(sizes))
+
+
+def _parse_list(text: str, kind: type, flag: str) -> list:
+    try:
+        return [kind(v) for v in str(text).split(",") if v.strip() != ""]
+    except ValueError:
+        raise MpinnError(f"{flag}: cannot read {text!r} as a comma-separated list") from None
+
+
+def partition(sizes: Sequence[int], nranks: int, strategy: str,
+              params: dict[str, Any] | None = None) -> np.ndarray:
+    """Owner array for ``strategy`` with its ``params`` (as stored in a partition's JSON)."""
+    params = params or {}
+    if strategy == "balanced":
+        return balanced(sizes, nranks)
+    if strategy == "count":
+        return by_count(sizes, nranks, _require(params, "counts", strategy))
+    if strategy == "percentage":
+        return by_percentage(sizes, nranks, _require(params, "percentages", strategy))
+    if strategy == "ids":
+        return by_ids(sizes, nranks, _require(params, "ids", strategy))
+    if strategy == "layers":
+        return by_layers(sizes, nranks, _require(params, "layer_ranks", strategy))
+    raise MpinnError(f"unknown partition strategy {strategy!r} (known: {', '.join(STRATEGIES)})")
+
+
+def _require(params: dict[str, Any], key: str, strategy: str) -> Any:
+    if key not in params:
+        flag = "--" + key.replace("_", "-")
+        raise MpinnError(f"strategy {strategy!r} needs {flag}")
+    return params[key]
+
+
+def params_from_flags(strategy: str, counts: str | None = None, percentages: str | None = None,
+                      ids: str | None = None, layer_ranks: str | None = None) -> dict[str, Any]:
+    """Turn the CLI's strategy flags into the JSON-able params stored with a partition."""
+    if strategy == "count" and counts is not None:
+        return {"counts": _parse_list(counts, int, "--counts")}
+    if strategy == "percentage" and percentages is not None:
+        return {"percentages": _parse_list(percentages, float, "--percentages")}
+    if strategy == "layers" and layer_ranks is not None:
+        return {"layer_ranks": _parse_list(layer_ranks, int, "--layer-ranks")}
+    if strategy == "ids" and ids is not None:
+        path = Path(ids)
+        try:
+            return {"ids": json.loads(path.read_text())}
+        except OSError as exc:
+            raise MpinnError(f"--ids: cannot read {path}: {exc.strerror}") from None
+        except json.JSONDecodeError as exc:
+            raise MpinnError(f"--ids: {path} is not valid JSON: {exc}") from None
+    return {}

@@ -1,0 +1,199 @@
+"""All MPI communication of mpinn: per-layer exchange plans and the few small reductions.
+
+An ``ExchangePlan`` is built once per layer from the metadata table. ``forward`` moves the
+activations of layer l-1 from their owners to every rank whose rows read them, with one
+Alltoallv of numpy buffers; ``backward`` sends the partial sums ``W^T dz`` the other way
+and adds them up at the owners. Buffers are allocated once, for the largest batch.
+
+A rank's gathered inputs are laid out in *receive order*: grouped by owning rank, ascending
+index within each owner. The receive buffer is then directly the GEMM operand, and the
+shard stores its weight columns in the same order, so nothing is unpacked on the hot path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TypeVar
+
+import numpy as np
+import scipy.sparse as sp
+from mpi4py import MPI
+from mpi4py.util.dtlib import from_numpy_dtype
+
+from mpinn.errors import MpinnError
+from mpinn.metadata import MetadataTable
+
+T = TypeVar("T")
+
+
+def receive_order(needed: np.ndarray, owner: np.ndarray) -> np.ndarray:
+    """``needed`` input indices reordered by (owning rank, index): the receive-buffer layout."""
+    needed = np.asarray(needed, dtype=np.int64)
+    return needed[np.lexsort((needed, owner[needed]))]
+
+
+def dense_traffic(table: MetadataTable, layer: int) -> np.ndarray:
+    """Neurons of layer ``layer - 1`` sent from rank s to rank d per sample, for a dense layer.
+
+    Every rank that owns a row of ``layer`` reads all of layer ``layer - 1``; a rank's own
+    inputs do not travel. Pure: used by ``inspect`` and checked against the real plans.
+    """
+    own_prev = table.counts(layer - 1)
+    readers = (table.counts(layer) > 0).astype(np.int64)
+    traffic = np.outer(own_prev, readers)
+    np.fill_diagonal(traffic, 0)
+    return traffic
+
+
+class ExchangePlan:
+    """Alltoallv plan that feeds the rows of one layer with the activations they read."""
+
+    def __init__(self, comm: MPI.Comm, table: MetadataTable, layer: int, inputs: np.ndarray,
+                 max_batch: int, dtype: np.dtype) -> None:
+        """Agree with the other ranks on who sends what (collective).
+
+        ``inputs`` are the in-layer indices of layer ``layer - 1`` this rank's rows read,
+        already in receive order.
+        """
+        self.comm = comm
+        self.layer = layer
+        self.max_batch = max_batch
+        self.dtype = np.dtype(dtype)
+        self.mpi_type = from_numpy_dtype(self.dtype)
+        rank, size = comm.rank, comm.size
+        owner = table.layer_owner(layer - 1)
+        local_index = table.layer_local_index(layer - 1)
+
+        self.recv_counts = np.bincount(owner[inputs], minlength=size).astype(np.int64)
+        self.send_counts = np.zeros(size, dtype=np.int64)
+        comm.Alltoall(self.recv_counts, self.send_counts)
+        self.recv_displs = _displacements(self.recv_counts)
+        self.send_displs = _displacements(self.send_counts)
+        requested = np.empty(int(self.send_counts.sum()), dtype=np.int64)
+        comm.Alltoallv([np.ascontiguousarray(inputs, dtype=np.int64),
+                        (self.recv_counts, self.recv_displs), MPI.INT64_T],
+                       [requested, (self.send_counts, self.send_displs), MPI.INT64_T])
+        if requested.size and np.any(owner[requested] != rank):
+            raise MpinnError(f"layer {layer}: exchange plan asked rank {rank} for neurons it does "
+                             "not own (ranks disagree on the partition)")
+        # what each destination needs from me, as positions in my local activations
+        self.send_index = local_index[requested]
+        self.n_local = int(table.counts(layer - 1)[rank])
+        self.n_inputs = int(inputs.size)
+        # my own inputs skip MPI: they are copied straight into their slot of the receive buffer
+        self.self_send = slice(self.send_displs[rank], self.send_displs[rank] + self.send_counts[rank])
+        self.self_recv = slice(self.recv_displs[rank], self.recv_displs[rank] + self.recv_counts[rank])
+        self.mpi_send_counts = self.send_counts.copy()
+        self.mpi_recv_counts = self.recv_counts.copy()
+        self.mpi_send_counts[rank] = 0
+        self.mpi_recv_counts[rank] = 0
+        # sums the partial sums received in backward onto the owned neurons, in a fixed order
+        n_send = requested.size
+        self.accumulate = sp.csr_matrix(
+            (np.ones(n_send, dtype=self.dtype), (self.send_index, np.arange(n_send))),
+            shape=(self.n_local, n_send))
+        self.send_buffer = np.empty(n_send * max_batch, dtype=self.dtype)
+        self.recv_buffer = np.empty(self.n_inputs * max_batch, dtype=self.dtype)
+        self.bytes_sent = 0  # counted per call, for benchmarks and the traffic tests
+        self.bytes_received = 0
+
+    def traffic(self) -> tuple[int, int]:
+        """Neurons this rank sends to and receives from other ranks per sample, forward."""
+        rank = self.comm.rank
+        return (int(self.send_counts.sum() - self.send_counts[rank]),
+                int(self.recv_counts.sum() - self.recv_counts[rank]))
+
+    def _views(self, batch: int) -> tuple[np.ndarray, np.ndarray]:
+        if batch > self.max_batch:
+            raise MpinnError(f"batch of {batch} exceeds the plan's {self.max_batch}")
+        send = self.send_buffer[: self.send_counts.sum() * batch].reshape(-1, batch)
+        recv = self.recv_buffer[: self.n_inputs * batch].reshape(-1, batch)
+        return send, recv
+
+    def _alltoallv(self, send: np.ndarray, send_counts: np.ndarray, send_displs: np.ndarray,
+                   recv: np.ndarray, recv_counts: np.ndarray, recv_displs: np.ndarray,
+                   batch: int) -> None:
+        self.comm.Alltoallv(
+            [send, (send_counts * batch, send_displs * batch), self.mpi_type],
+            [recv, (recv_counts * batch, recv_displs * batch), self.mpi_type])
+        itemsize = self.dtype.itemsize
+        self.bytes_sent += int(send_counts.sum()) * batch * itemsize
+        self.bytes_received += int(recv_counts.sum()) * batch * itemsize
+
+    def forward(self, local: np.ndarray) -> np.ndarray:
+        """Gather the inputs of my rows, (n_inputs, batch) in receive order, from ``local``.
+
+        ``local`` holds the activations of the neurons of layer l-1 I own, (n_local, batch).
+        The result is a view of the plan's receive buffer, valid until the next ``forward``.
+        """
+        batch = local.shape[1]
+        send, recv = self._views(batch)
+        np.take(local, self.send_index, axis=0, out=send)
+        recv[self.self_recv] = send[self.self_send]
+        self._alltoallv(send, self.mpi_send_counts, self.send_displs,
+                        recv, self.mpi_recv_counts, self.recv_displs, batch)
+        return recv
+
+    def backward(self, partial: np.ndarray) -> np.ndarray:
+        """Add up, at their owners, the partial sums ``partial`` (n_inputs, batch) of my rows.
+
+        Returns the summed gradient of the neurons of layer l-1 I own, (n_local, batch).
+        """
+        batch = partial.shape[1]
+        send, _ = self._views(batch)
+        send[self.self_send] = partial[self.self_recv]
+        self._alltoallv(partial, self.mpi_recv_counts, self.recv_displs,
+                        send, self.mpi_send_counts, self.send_displs, batch)
+        return self.accumulate @ send
+
+
+def _displacements(counts: np.ndarray) -> np.ndarray:
+    return np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+
+
+# ---------------------------------------------------------------- small collectives
+
+
+def allreduce(comm: MPI.Comm, values: np.ndarray, op: MPI.Op) -> np.ndarray:
+    """Reduce a small numpy array over all ranks, in place."""
+    comm.Allreduce(MPI.IN_PLACE, values, op=op)
+    return values
+
+
+MAX, MIN, SUM = MPI.MAX, MPI.MIN, MPI.SUM
+
+
+def agree(comm: MPI.Comm, action: Callable[[], T]) -> T:
+    """Run ``action`` on every rank; if it fails anywhere, raise the same error everywhere.
+
+    This is the check point placed before collectives: a rank that failed alone would
+    otherwise leave the others waiting in the next collective forever.
+    """
+    error: str | None = None
+    result = None
+    try:
+        result = action()
+    except Exception as exc:  # noqa: BLE001 - reported on every rank, with its type
+        error = str(exc) if isinstance(exc, MpinnError) else f"{type(exc).__name__}: {exc}"
+    errors = comm.allgather(error)
+    failed = [(rank, msg) for rank, msg in enumerate(errors) if msg is not None]
+    if failed:
+        raise MpinnError(combine_errors(failed, comm.size), agreed=True)
+    return result  # type: ignore[return-value]
+
+
+def combine_errors(failed: list[tuple[int, str]], size: int) -> str:
+    """One line for errors raised on several ranks, naming the ranks once per distinct message."""
+    by_message: dict[str, list[int]] = {}
+    for rank, msg in failed:
+        by_message.setdefault(msg, []).append(rank)
+    parts = []
+    for msg, ranks in by_message.items():
+        if size == 1:
+            parts.append(msg)
+        elif len(ranks) == size:
+            parts.append(f"{msg} (all ranks)")
+        else:
+            parts.append(f"{msg} (rank{'s' if len(ranks) > 1 else ''} "
+                         f"{','.join(map(str, ranks))})")
+    return "; ".join(parts)

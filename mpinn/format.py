@@ -1,0 +1,391 @@
+"""The HDF5 model and data format (v1): schema, validation, and rank-slice reads and writes.
+
+Every file access of mpinn goes through this module. A rank reads and writes only its own
+rows: each access is one HDF5 selection built as the union of the rank's contiguous row
+runs, issued collectively on the ``mpio`` driver so MPI-IO can merge the ranks' requests.
+The format itself is documented in docs/format.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import h5py
+import numpy as np
+from mpi4py import MPI
+
+from mpinn.distributor import blockdist
+from mpinn.errors import MpinnError
+from mpinn.kernels import check_activation, init_rows
+
+FORMAT_VERSION = 1
+DTYPES = {"float32": np.dtype(np.float32), "float64": np.dtype(np.float64)}
+MAX_NEURONS = 1 << 40  # a sizes attribute beyond this is refused before anything is allocated
+INIT_BLOCK_ROWS = 1024  # init draws each block of rows from its own seed: rank-count independent
+
+# Elements each dataset has been asked to deliver to this rank, for tests and benchmarks.
+READ_STATS: Counter[str] = Counter()
+
+MPI_IO = bool(h5py.get_config().mpi)
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """One weight layer: connects layer ``index - 1`` (n_in neurons) to ``index`` (n_out)."""
+
+    index: int
+    n_in: int
+    n_out: int
+    activation: str
+    storage: str
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What a model file declares, validated."""
+
+    sizes: tuple[int, ...]
+    layers: tuple[LayerSpec, ...]
+    dtype: np.dtype
+
+    @property
+    def n_neurons(self) -> int:
+        return int(sum(self.sizes))
+
+    @property
+    def n_parameters(self) -> int:
+        return sum(ly.n_out * (ly.n_in + 1) for ly in self.layers)
+
+
+# ---------------------------------------------------------------- opening files
+
+
+def open_file(path: str, mode: str, comm: MPI.Comm) -> h5py.File:
+    """Open ``path`` on every rank of ``comm`` (collective), with a clear error if it fails."""
+    if mode == "r" and not os.path.exists(path):
+        raise MpinnError(f"{path}: no such file")
+    try:
+        if MPI_IO:
+            return h5py.File(path, mode, driver="mpio", comm=comm)
+        return h5py.File(path, mode)
+    except OSError as exc:
+        if mode == "r" and not h5py.is_hdf5(path):
+            raise MpinnError(f"{path}: not an HDF5 file") from None
+        raise MpinnError(f"{path}: cannot open ({exc})") from None
+
+
+def _collective() -> h5py.h5p.PropDXID | None:
+    if not MPI_IO:
+        return None
+    dxpl = h5py.h5p.create(h5py.h5p.DATASET_XFER)
+    dxpl.set_dxpl_mpio(h5py.h5fd.MPIO_COLLECTIVE)
+    return dxpl
+
+
+# ---------------------------------------------------------------- schema
+
+
+def read_spec(f: h5py.File) -> ModelSpec:
+    """Validate the model file's declarations before anything large is read or allocated."""
+    name = f.filename
+    if "mpinn_format_version" not in f.attrs:
+        raise MpinnError(f"{name}: not an mpinn model (no mpinn_format_version attribute)")
+    version = f.attrs["mpinn_format_version"]
+    if np.ndim(version) != 0 or int(version) != FORMAT_VERSION:
+        raise MpinnError(f"{name}: format version {version!r} is not supported "
+                         f"(this mpinn reads version {FORMAT_VERSION})")
+    sizes = np.asarray(f.attrs.get("sizes", []))
+    if sizes.ndim != 1 or sizes.size < 2 or not np.issubdtype(sizes.dtype, np.integer):
+        raise MpinnError(f"{name}: attribute 'sizes' must be an integer array of at least 2 layers")
+    if np.any(sizes < 1) or sizes.sum() > MAX_NEURONS:
+        raise MpinnError(f"{name}: attribute 'sizes' {sizes.tolist()} has a layer with fewer than "
+                         f"1 or a total above {MAX_NEURONS} neurons")
+    sizes_t = tuple(int(n) for n in sizes)
+    if "layers" not in f:
+        raise MpinnError(f"{name}: missing group /layers")
+    layers, dtype = [], None
+    for index in range(1, len(sizes_t)):
+        where = f"{name}: /layers/{index}"
+        if str(index) not in f["layers"]:
+            raise MpinnError(f"{where} is missing (sizes declares {len(sizes_t) - 1} layers)")
+        group = f["layers"][str(index)]
+        activation = _text_attr(group, "activation", where)
+        check_activation(activation, index == len(sizes_t) - 1, where)
+        storage = _text_attr(group, "storage", where)
+        if storage != "dense":
+            raise MpinnError(f"{where}: unknown storage {storage!r} (known: dense)")
+        n_in, n_out = sizes_t[index - 1], sizes_t[index]
+        for dset_name, shape in (("weight", (n_out, n_in)), ("bias", (n_out,))):
+            if dset_name not in group or not isinstance(group[dset_name], h5py.Dataset):
+                raise MpinnError(f"{where}: missing dataset {dset_name!r}")
+            dset = group[dset_name]
+            if dset.shape != shape:
+                raise MpinnError(f"{where}/{dset_name} has shape {dset.shape}, but sizes "
+                                 f"{list(sizes_t)} require {shape}")
+            if dset.dtype not in DTYPES.values():
+                raise MpinnError(f"{where}/{dset_name} has dtype {dset.dtype}; "
+                                 "expected float32 or float64")
+            if dtype is None:
+                dtype = dset.dtype
+            elif dset.dtype != dtype:
+                raise MpinnError(f"{where}/{dset_name} is {dset.dtype} but earlier layers are {dtype}")
+        layers.append(LayerSpec(index, n_in, n_out, activation, storage))
+    return ModelSpec(sizes_t, tuple(layers), np.dtype(dtype))
+
+
+def _text_attr(obj: h5py.HLObject, key: str, where: str) -> str:
+    if key not in obj.attrs:
+        raise MpinnError(f"{where}: missing attribute {key!r}")
+    value = obj.attrs[key]
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", "replace")
+    if not isinstance(value, str):
+        raise MpinnError(f"{where}: attribute {key!r} must be text, got {value!r}")
+    return value
+
+
+def create_model(path: str, sizes: Sequence[int], activations: Sequence[str], dtype: str,
+                 seed: int, comm: MPI.Comm) -> None:
+    """Write a new, initialised model file; each rank draws and writes a share of the rows.
+
+    Rows come in blocks of INIT_BLOCK_ROWS, each drawn from its own (seed, layer, block)
+    stream, so the file is the same whatever the rank count, and no rank holds more than
+    one block of rows at a time.
+    """
+    sizes = [int(n) for n in sizes]
+    if len(sizes) < 2 or any(n < 1 for n in sizes):
+        raise MpinnError(f"--sizes needs at least two layers of at least 1 neuron, got {sizes}")
+    if len(activations) != len(sizes) - 1:
+        raise MpinnError(f"{len(activations)} activations given for {len(sizes) - 1} layers")
+    if dtype not in DTYPES:
+        raise MpinnError(f"--dtype {dtype!r} is not supported (float32 or float64)")
+    for index, act in enumerate(activations, start=1):
+        check_activation(act, index == len(sizes) - 1, f"layer {index}")
+    np_dtype = DTYPES[dtype]
+    with open_file(path, "w", comm) as f:
+        f.attrs["mpinn_format_version"] = FORMAT_VERSION
+        f.attrs["sizes"] = np.asarray(sizes, dtype=np.int64)
+        dsets = []
+        for index in range(1, len(sizes)):
+            group = f.create_group(f"layers/{index}")
+            group.attrs["activation"] = activations[index - 1]
+            group.attrs["storage"] = "dense"
+            weight = group.create_dataset("weight", (sizes[index], sizes[index - 1]), np_dtype)
+            bias = group.create_dataset("bias", (sizes[index],), np_dtype)
+            dsets.append((weight, bias))
+        for index, (weight, bias) in enumerate(dsets, start=1):
+            n_in, n_out = sizes[index - 1], sizes[index]
+            n_blocks = -(-n_out // INIT_BLOCK_ROWS)
+            count, first = blockdist(n_blocks, comm.size, comm.rank)
+            for block in range(first, first + count):
+                start = block * INIT_BLOCK_ROWS
+                stop = min(start + INIT_BLOCK_ROWS, n_out)
+                rng = np.random.default_rng([seed, index, block])
+                w, b = init_rows(rng, stop - start, n_in, n_out, activations[index - 1], np_dtype)
+                weight[start:stop] = w
+                bias[start:stop] = b
+        write_state_attrs(f, {"epoch": 0, "step": 0, "seed": int(seed)})
+
+
+# ---------------------------------------------------------------- rank slices
+
+
+def runs(indices: np.ndarray) -> np.ndarray:
+    """Contiguous runs of sorted distinct ``indices`` as an (n_runs, 2) array of [start, stop)."""
+    indices = np.asarray(indices, dtype=np.int64)
+    if indices.size == 0:
+        return np.zeros((0, 2), dtype=np.int64)
+    breaks = np.flatnonzero(np.diff(indices) != 1) + 1
+    starts = indices[np.concatenate([[0], breaks])]
+    stops = indices[np.concatenate([breaks - 1, [indices.size - 1]])] + 1
+    return np.stack([starts, stops], axis=1)
+
+
+def _selection(shape: tuple[int, ...], axis: int, index: np.ndarray) -> h5py.h5s.SpaceID:
+    """File dataspace selecting ``index`` (sorted) along ``axis`` and everything along the rest."""
+    space = h5py.h5s.create_simple(shape)
+    space.select_none()
+    op = h5py.h5s.SELECT_SET
+    for start, stop in runs(index):
+        offset = [0] * len(shape)
+        count = list(shape)
+        offset[axis], count[axis] = int(start), int(stop - start)
+        space.select_hyperslab(tuple(offset), tuple(count), op=op)
+        op = h5py.h5s.SELECT_OR
+    return space
+
+
+def _memory_space(shape: tuple[int, ...]) -> h5py.h5s.SpaceID:
+    space = h5py.h5s.create_simple(tuple(max(n, 1) for n in shape))
+    if 0 in shape:
+        space.select_none()
+    return space
+
+
+def read_slice(dset: h5py.Dataset, index: np.ndarray, axis: int = 0) -> np.ndarray:
+    """Collectively read the entries ``index`` (sorted) of ``dset`` along ``axis``."""
+    index = np.asarray(index, dtype=np.int64)
+    shape = list(dset.shape)
+    shape[axis] = index.size
+    out = np.empty(shape, dtype=dset.dtype)
+    buf = out if out.size else np.empty([max(n, 1) for n in shape], dtype=dset.dtype)
+    dset.id.read(_memory_space(tuple(shape)), _selection(dset.shape, axis, index), buf,
+                 dxpl=_collective())
+    READ_STATS[dset.name] += out.size
+    return out
+
+
+def write_slice(dset: h5py.Dataset, index: np.ndarray, values: np.ndarray, axis: int = 0) -> None:
+    """Collectively write ``values`` to the entries ``index`` (sorted) of ``dset`` along ``axis``."""
+    index = np.asarray(index, dtype=np.int64)
+    values = np.ascontiguousarray(values, dtype=dset.dtype)
+    if values.size == 0:
+        values = np.empty([max(n, 1) for n in values.shape], dtype=dset.dtype)
+        shape = list(dset.shape)
+        shape[axis] = 0
+        mspace = _memory_space(tuple(shape))
+    else:
+        mspace = _memory_space(values.shape)
+    dset.id.write(mspace, _selection(dset.shape, axis, index), values, dxpl=_collective())
+
+
+# ---------------------------------------------------------------- partitions
+
+
+def read_partition(f: h5py.File, name: str) -> tuple[np.ndarray, int, str, dict[str, Any]]:
+    """Owner array, rank count, strategy and params of the stored partition ``name``."""
+    if "partitions" not in f or name not in f["partitions"]:
+        known = ", ".join(f["partitions"].keys()) if "partitions" in f else "none"
+        raise MpinnError(f"{f.filename}: no partition named {name!r} (stored: {known})")
+    group = f["partitions"][name]
+    if "owner" not in group:
+        raise MpinnError(f"{f.filename}: partition {name!r} has no 'owner' dataset")
+    owner = group["owner"]
+    if owner.ndim != 1 or not np.issubdtype(owner.dtype, np.integer):
+        raise MpinnError(f"{f.filename}: partition {name!r} 'owner' must be a 1-D integer array")
+    nranks = int(group.attrs.get("nranks", -1))
+    strategy = _text_attr(group, "strategy", f"{f.filename}: partition {name!r}")
+    try:
+        params = json.loads(group.attrs.get("params", "{}"))
+    except (TypeError, json.JSONDecodeError):
+        raise MpinnError(f"{f.filename}: partition {name!r} has unreadable params") from None
+    return owner[...].astype(np.int32), nranks, strategy, params
+
+
+def list_partitions(f: h5py.File) -> list[str]:
+    return sorted(f["partitions"].keys()) if "partitions" in f else []
+
+
+def write_partition(f: h5py.File, name: str, owner: np.ndarray, nranks: int, strategy: str,
+                    params: dict[str, Any], comm: MPI.Comm) -> None:
+    """Store a partition (collective: every rank passes the same arguments)."""
+    if not name or "/" in name:
+        raise MpinnError(f"partition name {name!r} must be non-empty and contain no '/'")
+    if name in f.get("partitions", {}):
+        del f["partitions"][name]
+    group = f.require_group("partitions").create_group(name)
+    group.attrs["nranks"] = int(nranks)
+    group.attrs["strategy"] = strategy
+    group.attrs["params"] = json.dumps(params)
+    dset = group.create_dataset("owner", owner.shape, np.int32)
+    everything = np.arange(owner.size) if comm.rank == 0 else np.zeros(0, dtype=np.int64)
+    write_slice(dset, everything, owner[everything])
+
+
+# ---------------------------------------------------------------- training state
+
+
+def read_state_attrs(f: h5py.File) -> dict[str, Any]:
+    """Epoch, step, seed and optimizer settings recorded by the last save."""
+    state = f.get("state")
+    if state is None:
+        return {"epoch": 0, "step": 0, "seed": 0}
+    return {key: json.loads(value) for key, value in state.attrs.items()}
+
+
+def write_state_attrs(f: h5py.File, attrs: dict[str, Any]) -> None:
+    state = f.require_group("state")
+    for key, value in attrs.items():
+        state.attrs[key] = json.dumps(value)
+
+
+def state_dataset(f: h5py.File, layer: int, slot: str, shape: tuple[int, ...],
+                  dtype: np.dtype) -> h5py.Dataset:
+    """The optimizer-state dataset ``slot`` of ``layer``, created if missing (collective)."""
+    group = f.require_group(f"state/layers/{layer}")
+    if slot in group and group[slot].shape == shape and group[slot].dtype == dtype:
+        return group[slot]
+    if slot in group:
+        del group[slot]
+    return group.create_dataset(slot, shape, dtype)
+
+
+def read_state_slot(f: h5py.File, layer: int, slot: str, shape: tuple[int, ...],
+                    dtype: np.dtype) -> h5py.Dataset | None:
+    """The stored optimizer-state dataset if it matches the layer's shape, else None."""
+    path = f"state/layers/{layer}/{slot}"
+    if path in f and f[path].shape == shape and f[path].dtype == dtype:
+        return f[path]
+    return None
+
+
+# ---------------------------------------------------------------- data files
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """What a data file holds: ``X`` (samples, features) and labels or targets ``y``."""
+
+    path: str
+    n_samples: int
+    n_features: int
+    labels: bool  # y holds int class labels (else float targets, one per output)
+
+
+def read_data_spec(f: h5py.File, n_inputs: int, n_outputs: int) -> DataSpec:
+    """Validate a data file's shapes against the model's input and output sizes."""
+    name = f.filename
+    for key in ("X", "y"):
+        if key not in f or not isinstance(f[key], h5py.Dataset):
+            raise MpinnError(f"{name}: missing dataset {key!r}")
+    x, y = f["X"], f["y"]
+    if x.ndim != 2 or not np.issubdtype(x.dtype, np.number):
+        raise MpinnError(f"{name}: X must be a 2-D numeric array, got shape {x.shape}")
+    if x.shape[1] != n_inputs:
+        raise MpinnError(f"{name}: X has {x.shape[1]} features but the model has "
+                         f"{n_inputs} inputs")
+    if y.shape[:1] != x.shape[:1]:
+        raise MpinnError(f"{name}: y has {y.shape[0] if y.ndim else 0} rows but X has {x.shape[0]}")
+    if y.ndim == 1 and np.issubdtype(y.dtype, np.integer):
+        labels = True
+    elif y.ndim == 2 and y.shape[1] == n_outputs and np.issubdtype(y.dtype, np.floating):
+        labels = False
+    else:
+        raise MpinnError(f"{name}: y must be integer labels of shape ({x.shape[0]},) or float "
+                         f"targets of shape ({x.shape[0]}, {n_outputs}); got {y.dtype} {y.shape}")
+    return DataSpec(name, int(x.shape[0]), int(x.shape[1]), labels)
+
+
+def write_data(path: str, x: np.ndarray, y: np.ndarray, attrs: dict[str, Any] | None = None) -> None:
+    """Write a data file from one process (generators and converters)."""
+    with h5py.File(path, "w") as f:
+        f.create_dataset("X", data=x)
+        f.create_dataset("y", data=y)
+        for key, value in (attrs or {}).items():
+            f.attrs[key] = value
+
+
+def write_outputs(path: str, n_samples: int, n_outputs: int, columns: np.ndarray,
+                  values: np.ndarray, comm: MPI.Comm) -> None:
+    """Collectively write ``outputs`` (samples, outputs); each rank writes its owned columns.
+
+    ``values`` is neuron-major (owned outputs, samples) as the engine produces it.
+    """
+    with open_file(path, "w", comm) as f:
+        dset = f.create_dataset("outputs", (n_samples, n_outputs), values.dtype)
+        write_slice(dset, columns, np.ascontiguousarray(values.T), axis=1)

@@ -1,0 +1,117 @@
+"""Pure numpy math of one rank's rows: activations, their derivatives, losses, init.
+
+Activations are stored neuron-major, shape (neurons, batch): a rank's rows of a layer
+times the gathered inputs is one GEMM, and the exchange buffers are row gathers.
+Nothing here talks to MPI, so every function is testable in a plain process.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from mpinn.errors import MpinnError
+
+ACTIVATIONS = ("identity", "relu", "sigmoid", "tanh", "softmax")
+
+
+def check_activation(name: str, last: bool, where: str) -> None:
+    """Refuse an unknown activation, or a softmax anywhere but the last layer."""
+    if name not in ACTIVATIONS:
+        raise MpinnError(f"{where}: unknown activation {name!r} (known: {', '.join(ACTIVATIONS)})")
+    if name == "softmax" and not last:
+        raise MpinnError(f"{where}: softmax is only allowed on the last layer")
+
+
+def activate(name: str, z: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """Elementwise activation of pre-activations ``z`` (softmax is handled by the engine)."""
+    if out is None:
+        out = np.empty_like(z)
+    if name == "identity":
+        np.copyto(out, z)
+    elif name == "relu":
+        np.maximum(z, 0, out=out)
+    elif name == "sigmoid":
+        # 1/(1+exp(-z)) written to avoid overflow warnings for very negative z
+        np.negative(z, out=out)
+        np.clip(out, -80.0, 80.0, out=out)
+        np.exp(out, out=out)
+        out += 1
+        np.reciprocal(out, out=out)
+    elif name == "tanh":
+        np.tanh(z, out=out)
+    else:
+        raise MpinnError(f"activation {name!r} has no elementwise form")
+    return out
+
+
+def activation_grad(name: str, z: np.ndarray, a: np.ndarray, grad_a: np.ndarray) -> np.ndarray:
+    """dL/dz from dL/da for an elementwise activation; overwrites and returns ``grad_a``."""
+    if name == "identity":
+        pass
+    elif name == "relu":
+        grad_a *= z > 0
+    elif name == "sigmoid":
+        grad_a *= a * (1 - a)
+    elif name == "tanh":
+        grad_a *= 1 - a * a
+    else:
+        raise MpinnError(f"activation {name!r} has no elementwise derivative")
+    return grad_a
+
+
+def dense_forward(weight: np.ndarray, bias: np.ndarray, inputs: np.ndarray,
+                  out: np.ndarray | None = None) -> np.ndarray:
+    """Pre-activations of a rank's rows: ``weight @ inputs + bias`` (inputs neuron-major)."""
+    z = np.matmul(weight, inputs, out=out)
+    z += bias[:, None]
+    return z
+
+
+def dense_backward(weight: np.ndarray, inputs: np.ndarray, grad_z: np.ndarray,
+                   grad_weight: np.ndarray, grad_bias: np.ndarray,
+                   grad_inputs: np.ndarray | None) -> None:
+    """Gradients of a rank's rows and the partial sums ``W^T dz`` for the inputs they read.
+
+    The partial sums still have to be added up across ranks by the input neurons' owners.
+    """
+    np.matmul(grad_z, inputs.T, out=grad_weight)
+    np.sum(grad_z, axis=1, out=grad_bias)
+    if grad_inputs is not None:
+        np.matmul(weight.T, grad_z, out=grad_inputs)
+
+
+def init_rows(rng: np.random.Generator, n_rows: int, n_in: int, n_out: int, activation: str,
+              dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+    """Initial weights and biases of ``n_rows`` neurons: He-uniform for ReLU, else Glorot."""
+    if activation == "relu":
+        bound = np.sqrt(6.0 / n_in)
+    else:
+        bound = np.sqrt(6.0 / (n_in + n_out))
+    weight = rng.uniform(-bound, bound, size=(n_rows, n_in)).astype(dtype)
+    bias = np.zeros(n_rows, dtype=dtype)
+    return weight, bias
+
+
+def softmax_shifted_exp(z: np.ndarray, global_max: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """``exp(z - max)`` of a rank's output rows, with the max taken over all ranks' rows."""
+    np.subtract(z, global_max[None, :], out=out)
+    np.exp(out, out=out)
+    return out
+
+
+def label_hits(rows: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Boolean (rows, batch): True where a rank's output neuron is the sample's class."""
+    return rows[:, None] == labels[None, :]
+
+
+def cross_entropy_local(z: np.ndarray, global_max: np.ndarray, log_sum: np.ndarray,
+                        hits: np.ndarray) -> float:
+    """This rank's share of the summed cross-entropy: -log p of the labels it owns."""
+    log_p = z - global_max[None, :] - log_sum[None, :]
+    return float(-log_p[hits].sum(dtype=np.float64))
+
+
+def squared_error_local(a: np.ndarray, target: np.ndarray) -> float:
+    """This rank's share of the summed squared error, halved: sum((a - t)^2) / 2."""
+    d = a - target
+    return float(0.5 * np.einsum("ij,ij->", d, d, dtype=np.float64))

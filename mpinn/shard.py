@@ -1,0 +1,75 @@
+"""What one rank holds: its rows (incoming weights and biases) of every layer.
+
+Weight columns are kept in the exchange plan's receive order (see exchange.py), so the
+plan's receive buffer multiplies them directly; ``save`` puts them back in file order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import h5py
+import numpy as np
+
+from mpinn import format as fmt
+from mpinn.exchange import receive_order
+from mpinn.format import LayerSpec, ModelSpec
+from mpinn.metadata import MetadataTable
+
+
+@dataclass
+class LayerShard:
+    """One rank's rows of one layer."""
+
+    spec: LayerSpec
+    rows: np.ndarray    # in-layer indices of the owned neurons, ascending
+    inputs: np.ndarray  # in-layer indices of layer l-1 the rows read, in receive order
+    weight: np.ndarray  # (rows, inputs), columns in receive order
+    bias: np.ndarray    # (rows,)
+
+    def to_file_columns(self, values: np.ndarray) -> np.ndarray:
+        """A (rows, inputs) array in receive order as (rows, n_in) in file column order."""
+        full = np.zeros((values.shape[0], self.spec.n_in), dtype=values.dtype)
+        full[:, self.inputs] = values
+        return full
+
+    def from_file_columns(self, values: np.ndarray) -> np.ndarray:
+        """A (rows, n_in) array read from the file, reordered to receive order."""
+        return np.ascontiguousarray(values[:, self.inputs])
+
+
+@dataclass
+class Shard:
+    """A rank's share of the model: its rows of every layer, nothing more."""
+
+    spec: ModelSpec
+    table: MetadataTable
+    rank: int
+    layers: list[LayerShard]
+
+    @classmethod
+    def load(cls, f: h5py.File, spec: ModelSpec, table: MetadataTable, rank: int) -> Shard:
+        """Read this rank's rows of every layer (collective over the file's communicator)."""
+        layers = []
+        for ly in spec.layers:
+            rows = table.rows(ly.index, rank)
+            needed = np.arange(ly.n_in) if rows.size else np.zeros(0, dtype=np.int64)
+            inputs = receive_order(needed, table.layer_owner(ly.index - 1))
+            group = f["layers"][str(ly.index)]
+            weight = fmt.read_slice(group["weight"], rows)
+            bias = fmt.read_slice(group["bias"], rows)
+            shard = LayerShard(ly, rows, inputs, np.empty(0), bias)
+            shard.weight = shard.from_file_columns(weight)
+            layers.append(shard)
+        return cls(spec, table, rank, layers)
+
+    def save(self, f: h5py.File) -> None:
+        """Write this rank's rows back into the model file (collective)."""
+        for shard in self.layers:
+            group = f["layers"][str(shard.spec.index)]
+            fmt.write_slice(group["weight"], shard.rows, shard.to_file_columns(shard.weight))
+            fmt.write_slice(group["bias"], shard.rows, shard.bias)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(s.weight.nbytes + s.bias.nbytes for s in self.layers)

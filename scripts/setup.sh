@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Install everything mpinn needs, idempotently: system MPI + parallel HDF5,
+# a virtual environment at .venv, and h5py built against parallel HDF5.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${VENV:-.venv}
+PY=${PYTHON:-python3}
+
+need_pkgs=()
+command -v mpicc >/dev/null 2>&1 || need_pkgs+=(openmpi-bin libopenmpi-dev)
+command -v pkg-config >/dev/null 2>&1 || need_pkgs+=(pkg-config)
+pkg-config --exists hdf5-openmpi 2>/dev/null || need_pkgs+=(libhdf5-openmpi-dev)
+if [ ${#need_pkgs[@]} -gt 0 ]; then
+    if [ "$(id -u)" -ne 0 ]; then
+        echo "setup: missing system packages: ${need_pkgs[*]}; install them (root needed)" >&2
+        exit 1
+    fi
+    echo "setup: installing ${need_pkgs[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_pkgs[@]}" >/dev/null
+fi
+
+[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+pip() { "$VENV/bin/python" -m pip -q --disable-pip-version-check "$@"; }
+pip install --upgrade pip setuptools wheel
+pip install cython pkgconfig numpy scipy mpi4py pytest pytest-mpi pytest-timeout hypothesis ruff
+
+if ! "$VENV/bin/python" -c 'import h5py, sys; sys.exit(0 if h5py.get_config().mpi else 1)' 2>/dev/null; then
+    echo "setup: building h5py against parallel HDF5 (a few minutes)"
+    pip uninstall -y h5py >/dev/null 2>&1 || true
+    CC=mpicc HDF5_MPI=ON HDF5_PKGCONFIG_NAME=hdf5-openmpi \
+        pip install --no-binary=h5py --no-build-isolation --no-cache-dir h5py
+fi
+pip install --no-deps --no-build-isolation -e .
+
+"$VENV/bin/python" - <<'PY'
+import sys
+import h5py
+import mpi4py
+if not h5py.get_config().mpi:
+    sys.exit("setup: FAILED: h5py was built without MPI support (h5py.get_config().mpi is False)")
+print(f"setup: ok (h5py {h5py.__version__} with MPI, HDF5 {h5py.version.hdf5_version}, mpi4py {mpi4py.__version__})")
+PY
