@@ -10,7 +10,9 @@ def _default_blas_threads() -> None:
     MKL_NUM_THREADS (or ``--threads``, which sets them) always wins.
     """
     names = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
-    if any(name in _os.environ for name in names):
+    # values set by an mpinn parent process (a test, a launcher) are ours to recompute
+    inherited = _os.environ.get("MPINN_AUTO_THREADS")
+    if any(name in _os.environ and _os.environ[name] != inherited for name in names):
         return
     local = (_os.environ.get("OMPI_COMM_WORLD_LOCAL_SIZE") or _os.environ.get("MPI_LOCALNRANKS")
              or _os.environ.get("SLURM_NTASKS_PER_NODE") or "1")
@@ -22,6 +24,7 @@ def _default_blas_threads() -> None:
     threads = max(1, (cores or 1) // ranks)
     for name in names:
         _os.environ[name] = str(threads)
+    _os.environ["MPINN_AUTO_THREADS"] = str(threads)
 
 
 _default_blas_threads()

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from mpinn.errors import MpinnError
 
 EXIT_ERROR = 1
+AGREE_TIMEOUT = 10.0  # seconds a failing rank waits for the others before aborting
 
 
 def _partition_flags(p: argparse.ArgumentParser, stored: bool = True) -> None:
@@ -170,33 +171,27 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from mpi4py import MPI
+
+    from mpinn.exchange import FailureChannel, combine_errors
+
+    comm = MPI.COMM_WORLD
+    channel = FailureChannel(comm)
     try:
         return run(args)
-    except MpinnError as exc:
-        from mpi4py import MPI
-        comm = MPI.COMM_WORLD
-        if exc.agreed or comm.size == 1:
-            # every rank raised it (agreed before the next collective), so rank 0 speaks
-            if comm.rank == 0:
-                if args.debug:
-                    traceback.print_exc()
-                print(f"mpinn: error: {exc}", file=sys.stderr, flush=True)
-            return EXIT_ERROR
-        # raised on this rank alone: the others may wait in a collective, so end the job
-        print(f"mpinn: error: {exc} (rank {comm.rank})", file=sys.stderr, flush=True)
-        comm.Abort(EXIT_ERROR)
-        return EXIT_ERROR
-    except Exception:
-        # an error on this rank alone: the others may be inside a collective, so abort the job
-        from mpi4py import MPI
-        comm = MPI.COMM_WORLD
-        traceback.print_exc()
-        print(f"mpinn: internal error on rank {comm.rank}; aborting all ranks",
-              file=sys.stderr, flush=True)
-        if comm.size > 1:
+    except Exception as exc:
+        user_error = isinstance(exc, MpinnError)
+        agreed = user_error and exc.agreed  # every rank raised this same error already
+        message = str(exc) if user_error else f"internal error: {type(exc).__name__}: {exc}"
+        if args.debug or not user_error:
+            traceback.print_exc()
+        failed = [(0, message)] if agreed else channel.gather_failures(message, AGREE_TIMEOUT)
+        if failed is None:
+            # the other ranks are elsewhere, possibly inside a collective: end the job
+            print(f"mpinn: error: {message} (rank {comm.rank}); aborting all ranks",
+                  file=sys.stderr, flush=True)
             comm.Abort(EXIT_ERROR)
+        if comm.rank == 0:
+            text = message if agreed else combine_errors(failed, comm.size)
+            print(f"mpinn: error: {text}", file=sys.stderr, flush=True)
         return EXIT_ERROR
-
-
-if __name__ == "__main__":
-    sys.exit(main())

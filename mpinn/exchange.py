@@ -12,6 +12,7 @@ shard stores its weight columns in the same order, so nothing is unpacked on the
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -180,6 +181,30 @@ def agree(comm: MPI.Comm, action: Callable[[], T]) -> T:
     if failed:
         raise MpinnError(combine_errors(failed, comm.size), agreed=True)
     return result  # type: ignore[return-value]
+
+
+class FailureChannel:
+    """A private communicator on which failing ranks find out whether all ranks failed.
+
+    A rank that hits an error outside an agreed check point cannot know whether the
+    others are about to fail too or are already waiting in a collective. It posts a
+    nonblocking barrier here (its own communicator, so it never mismatches the engine's
+    collectives) and waits a bounded time: if every rank arrives, they report one message
+    together and exit cleanly; otherwise the job is aborted rather than left hanging.
+    """
+
+    def __init__(self, comm: MPI.Comm) -> None:
+        self.comm = comm.Dup()
+
+    def gather_failures(self, message: str, timeout: float) -> list[tuple[int, str]] | None:
+        """Every rank's message if all ranks failed within ``timeout`` seconds, else None."""
+        request = self.comm.Ibarrier()
+        deadline = time.monotonic() + timeout
+        while not request.Test():
+            if time.monotonic() > deadline:
+                return None
+            time.sleep(0.005)
+        return list(enumerate(self.comm.allgather(message)))
 
 
 def combine_errors(failed: list[tuple[int, str]], size: int) -> str:

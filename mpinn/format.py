@@ -97,7 +97,7 @@ def read_spec(f: h5py.File) -> ModelSpec:
         raise MpinnError(f"{name}: not an mpinn model (no mpinn_format_version attribute)")
     version = f.attrs["mpinn_format_version"]
     if np.ndim(version) != 0 or int(version) != FORMAT_VERSION:
-        raise MpinnError(f"{name}: format version {version!r} is not supported "
+        raise MpinnError(f"{name}: format version {np.asarray(version).tolist()} is not supported "
                          f"(this mpinn reads version {FORMAT_VERSION})")
     sizes = np.asarray(f.attrs.get("sizes", []))
     if sizes.ndim != 1 or sizes.size < 2 or not np.issubdtype(sizes.dtype, np.integer):

@@ -1,0 +1,60 @@
+"""Small model and data builders shared by the tests."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from mpinn import format as fmt
+
+STRATEGIES = ("balanced", "count", "percentage", "ids", "layers")
+
+
+def strategy_params(strategy: str, sizes: list[int], nranks: int, tmp: str | None = None) -> dict:
+    """Deliberately uneven params of each strategy for a job of ``nranks`` ranks."""
+    total = sum(sizes)
+    if strategy == "balanced":
+        return {}
+    if strategy == "count":
+        # rank 0 takes a big head, the rest split what is left, the last one the remainder
+        weights = np.arange(nranks, 0, -1, dtype=float)
+        counts = np.floor(weights / weights.sum() * total).astype(int)
+        counts[-1] += total - counts.sum()
+        return {"counts": counts.tolist()}
+    if strategy == "percentage":
+        pct = np.full(nranks, 100.0 / nranks)
+        if nranks > 1:
+            pct[0] += 10.0
+            pct[1] -= 10.0
+        return {"percentages": pct.tolist()}
+    if strategy == "ids":
+        # scattered ownership: gid g goes to a pseudo-random rank, written as single ids and ranges
+        rng = np.random.default_rng(7)
+        owner = rng.integers(0, nranks, size=total)
+        spec: dict[str, list] = {str(r): [] for r in range(nranks)}
+        for start, stop in fmt.runs(np.arange(total)):
+            g = int(start)
+            while g < stop:
+                end = g
+                while end + 1 < stop and owner[end + 1] == owner[g]:
+                    end += 1
+                spec[str(owner[g])].append([g, end + 1] if end > g else g)
+                g = end + 1
+        if tmp is not None:
+            with open(tmp, "w") as fh:
+                json.dump(spec, fh)
+        return {"ids": spec}
+    if strategy == "layers":
+        return {"layer_ranks": [(len(sizes) - 1 - i) % nranks for i in range(len(sizes))]}
+    raise ValueError(strategy)
+
+
+def classification_data(n: int, n_in: int, n_out: int, seed: int, dtype: str):
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=(n, n_in)).astype(dtype), rng.integers(0, n_out, size=n).astype(np.int64)
+
+
+def regression_data(n: int, n_in: int, n_out: int, seed: int, dtype: str):
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=(n, n_in)).astype(dtype), rng.normal(size=(n, n_out)).astype(dtype)

@@ -1,0 +1,142 @@
+"""A plain single-process numpy computation of an mpinn model: the yardstick for every test.
+
+Written independently of the engine (batch-major, whole weight matrices, no plans), so a
+distributed result that equals it is right for the right reasons.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import h5py
+import numpy as np
+
+
+@dataclass
+class Reference:
+    weights: list[np.ndarray]
+    biases: list[np.ndarray]
+    activations: list[str]
+    state: dict[str, list[np.ndarray]] = field(default_factory=dict)
+    t: int = 0
+
+    @classmethod
+    def from_file(cls, path: str) -> Reference:
+        with h5py.File(path, "r") as f:
+            n = len(f.attrs["sizes"]) - 1
+            layers = [f["layers"][str(i)] for i in range(1, n + 1)]
+            return cls([ly["weight"][...] for ly in layers], [ly["bias"][...] for ly in layers],
+                       [str(ly.attrs["activation"]) for ly in layers])
+
+    def forward(self, x: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """Pre-activations and activations of every layer for x (batch, n0); as[0] is x."""
+        zs, acts = [], [x]
+        for w, b, act in zip(self.weights, self.biases, self.activations, strict=True):
+            z = acts[-1] @ w.T + b
+            zs.append(z)
+            acts.append(apply(act, z))
+        return zs, acts
+
+    def loss_and_grads(self, x: np.ndarray, y: np.ndarray) -> tuple[float, list, list]:
+        """Mean loss and gradients of all weights and biases for one batch."""
+        zs, acts = self.forward(x)
+        out, batch = acts[-1], x.shape[0]
+        labels = y.ndim == 1
+        if labels and self.activations[-1] == "softmax":
+            p = out
+            loss = -np.log(p[np.arange(batch), y]).sum() / batch
+            onehot = np.eye(out.shape[1], dtype=out.dtype)[y]
+            dz = (p - onehot) / batch
+        else:
+            target = np.eye(out.shape[1], dtype=out.dtype)[y] if labels else y
+            loss = 0.5 * ((out - target) ** 2).sum() / batch
+            da = (out - target) / batch
+            if self.activations[-1] == "softmax":
+                dz = out * (da - (out * da).sum(axis=1, keepdims=True))
+            else:
+                dz = da * derivative(self.activations[-1], zs[-1], out)
+        gw, gb = [None] * len(zs), [None] * len(zs)
+        for i in range(len(zs) - 1, -1, -1):
+            gw[i] = dz.T @ acts[i]
+            gb[i] = dz.sum(axis=0)
+            if i:
+                dz = (dz @ self.weights[i]) * derivative(self.activations[i - 1], zs[i - 1], acts[i])
+        return float(loss), gw, gb
+
+    def step(self, gw: list, gb: list, optimizer: str, lr: float, momentum: float) -> None:
+        params = self.weights + self.biases
+        grads = gw + gb
+        if optimizer == "sgd":
+            if momentum:
+                vel = self.state.setdefault("v", [np.zeros_like(p) for p in params])
+                for i, g in enumerate(grads):
+                    vel[i] = momentum * vel[i] + g
+                    params[i] -= lr * vel[i]
+            else:
+                for p, g in zip(params, grads, strict=True):
+                    p -= lr * g
+        else:
+            m = self.state.setdefault("m", [np.zeros_like(p) for p in params])
+            v = self.state.setdefault("v", [np.zeros_like(p) for p in params])
+            self.t += 1
+            b1, b2, eps = 0.9, 0.999, 1e-8
+            for i, g in enumerate(grads):
+                m[i] = b1 * m[i] + (1 - b1) * g
+                v[i] = b2 * v[i] + (1 - b2) * g * g
+                mhat = m[i] / (1 - b1 ** self.t)
+                vhat = v[i] / (1 - b2 ** self.t)
+                params[i] -= lr * mhat / (np.sqrt(vhat) + eps)
+
+    def train(self, x: np.ndarray, y: np.ndarray, epochs: int, batch: int, lr: float,
+              optimizer: str = "sgd", momentum: float = 0.0, seed: int = 0,
+              shuffle: bool = True, first_epoch: int = 1) -> list[float]:
+        losses = []
+        for epoch in range(first_epoch, first_epoch + epochs):
+            order = (np.random.default_rng([seed, epoch]).permutation(len(x)) if shuffle
+                     else np.arange(len(x)))
+            total = 0.0
+            for start in range(0, len(x), batch):
+                idx = order[start:start + batch]
+                loss, gw, gb = self.loss_and_grads(x[idx], y[idx])
+                total += loss * len(idx)
+                self.step(gw, gb, optimizer, lr, momentum)
+            losses.append(total / len(x))
+        return losses
+
+
+def apply(act: str, z: np.ndarray) -> np.ndarray:
+    if act == "identity":
+        return z.copy()
+    if act == "relu":
+        return np.maximum(z, 0)
+    if act == "sigmoid":
+        return 1 / (1 + np.exp(-z))
+    if act == "tanh":
+        return np.tanh(z)
+    if act == "softmax":
+        e = np.exp(z - z.max(axis=1, keepdims=True))
+        return e / e.sum(axis=1, keepdims=True)
+    raise ValueError(act)
+
+
+def derivative(act: str, z: np.ndarray, a: np.ndarray) -> np.ndarray:
+    if act == "identity":
+        return np.ones_like(z)
+    if act == "relu":
+        return (z > 0).astype(z.dtype)
+    if act == "sigmoid":
+        return a * (1 - a)
+    if act == "tanh":
+        return 1 - a * a
+    raise ValueError(act)
+
+
+def assert_close(actual: np.ndarray, expected: np.ndarray, dtype: str | np.dtype,
+                 what: str = "") -> None:
+    """Equal within 1e-5 (float32) or 1e-10 (float64), relative to the largest expected entry."""
+    tol = 1e-5 if np.dtype(dtype) == np.float32 else 1e-10
+    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
+    scale = max(np.abs(expected).max(initial=0.0), 1e-30)
+    err = np.abs(actual - expected).max(initial=0.0) / scale
+    assert err <= tol, f"{what}: relative error {err:.3g} > {tol:g}"

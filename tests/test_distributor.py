@@ -1,0 +1,93 @@
+"""Partition strategies and their validation, pure."""
+
+import json
+
+import numpy as np
+import pytest
+
+from mpinn import distributor as d
+from mpinn.errors import MpinnError
+from mpinn.metadata import MetadataTable
+from tests.helpers import STRATEGIES, strategy_params
+
+SIZES = [7, 13, 11, 5]
+
+
+def test_blockdist_covers_range_without_overlap():
+    for n in range(0, 20):
+        for size in range(1, 6):
+            blocks = [d.blockdist(n, size, r) for r in range(size)]
+            assert sum(length for length, _ in blocks) == n
+            assert all(blocks[r][1] + blocks[r][0] == blocks[r + 1][1] for r in range(size - 1))
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("nranks", [1, 2, 3, 4])
+def test_every_strategy_gives_every_neuron_exactly_one_rank(strategy, nranks):
+    owner = d.partition(SIZES, nranks, strategy, strategy_params(strategy, SIZES, nranks))
+    assert owner.shape == (sum(SIZES),) and owner.dtype == np.int32
+    assert owner.min() >= 0 and owner.max() < nranks
+
+
+def test_balanced_splits_each_layer_evenly():
+    owner = d.balanced(SIZES, 3)
+    table = MetadataTable.build(SIZES, owner, 3)
+    for layer, n in enumerate(SIZES):
+        counts = table.counts(layer)
+        assert counts.sum() == n and counts.max() - counts.min() <= 1
+
+
+def test_percentage_rounds_by_largest_remainder():
+    owner = d.by_percentage([10], 3, [33.4, 33.3, 33.3])
+    assert np.bincount(owner).tolist() == [4, 3, 3]
+
+
+def test_layers_puts_whole_layers_on_ranks():
+    owner = d.by_layers(SIZES, 2, [0, 1, 1, 0])
+    assert owner.tolist() == [0] * 7 + [1] * 24 + [0] * 5
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: d.by_count(SIZES, 2, [10, 10]), "sum to 20 but the model has 36 neurons"),
+    (lambda: d.by_count(SIZES, 2, [36]), "gives 1 entries but the job has 2 ranks"),
+    (lambda: d.by_count(SIZES, 2, [40, -4]), "must not be negative"),
+    (lambda: d.by_percentage(SIZES, 2, [50, 49]), "sum to 99, not 100"),
+    (lambda: d.by_percentage(SIZES, 3, [50, 50]), "gives 2 entries but the job has 3 ranks"),
+    (lambda: d.by_ids(SIZES, 2, {"0": [[0, 20]], "1": [[19, 36]]}), "global id 19 .*overlap"),
+    (lambda: d.by_ids(SIZES, 2, {"0": [[0, 20]], "1": [[21, 36]]}), "1 global ids are given to no rank .*20"),
+    (lambda: d.by_ids(SIZES, 2, {"0": [[0, 36]], "1": [40]}), "global id 40 of rank 1 is out of range"),
+    (lambda: d.by_ids(SIZES, 2, {"0": [[0, 36]], "5": []}), "rank 5 is outside 0..1"),
+    (lambda: d.by_ids(SIZES, 2, {"0": ["x"]}), "expected a global id"),
+    (lambda: d.by_layers(SIZES, 2, [0, 1, 1]), "gives 3 entries but the model has 4 layers"),
+    (lambda: d.by_layers(SIZES, 2, [0, 1, 2, 0]), "layer 2 goes to rank 2, outside 0..1"),
+    (lambda: d.partition(SIZES, 2, "random"), "unknown partition strategy 'random'"),
+    (lambda: d.partition(SIZES, 2, "count"), "needs --counts"),
+])
+def test_bad_partition_specs_are_refused_with_a_clear_message(call, message):
+    with pytest.raises(MpinnError, match=message):
+        call()
+
+
+def test_ids_flag_reads_json_file(tmp_path):
+    spec = strategy_params("ids", SIZES, 3)["ids"]
+    path = tmp_path / "ids.json"
+    path.write_text(json.dumps(spec))
+    params = d.params_from_flags("ids", ids=str(path))
+    assert np.array_equal(d.partition(SIZES, 3, "ids", params), d.by_ids(SIZES, 3, spec))
+    path.write_text("{not json")
+    with pytest.raises(MpinnError, match="not valid JSON"):
+        d.params_from_flags("ids", ids=str(path))
+
+
+def test_metadata_local_index_is_position_among_owners_rows():
+    owner = d.by_ids(SIZES, 3, strategy_params("ids", SIZES, 3)["ids"])
+    table = MetadataTable.build(SIZES, owner, 3)
+    for layer in range(len(SIZES)):
+        for rank in range(3):
+            rows = table.rows(layer, rank)
+            assert table.layer_local_index(layer)[rows].tolist() == list(range(rows.size))
+
+
+def test_metadata_refuses_owner_outside_job():
+    with pytest.raises(MpinnError, match="rank 3, outside 0..1"):
+        MetadataTable.build(SIZES, np.full(36, 3), 2)

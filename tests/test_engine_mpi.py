@@ -1,0 +1,155 @@
+"""The invariant that carries everything: distributed results equal the single-process reference.
+
+Run under mpirun at 1, 2, 3 and 4 ranks (``make test-mpi``); every strategy, both dtypes.
+"""
+
+from __future__ import annotations
+
+import h5py
+import numpy as np
+import pytest
+from mpi4py import MPI
+
+from mpinn import format as fmt
+from mpinn.data import load
+from mpinn.describe import rank_traffic
+from mpinn.errors import MpinnError
+from mpinn.train import DistributedModel, PartitionChoice, predict, train
+from tests.helpers import STRATEGIES, classification_data, regression_data, strategy_params
+from tests.reference import Reference, assert_close
+
+pytestmark = pytest.mark.mpi
+
+CASES = {
+    # softmax output split over ranks, cross-entropy, SGD with momentum
+    "softmax": dict(sizes=[7, 13, 11, 5], acts=["relu", "tanh", "softmax"], labels=True,
+                    optimizer="sgd", momentum=0.9, lr=0.05),
+    # float targets, squared error, Adam
+    "regression": dict(sizes=[6, 9, 4], acts=["sigmoid", "identity"], labels=False,
+                       optimizer="adam", momentum=0.0, lr=0.01),
+}
+N_SAMPLES, BATCH, EPOCHS = 30, 8, 2  # 30 = 3 full batches and a partial one
+
+
+def make_files(tmp, case: dict, dtype: str, comm: MPI.Comm) -> tuple[str, str, np.ndarray, np.ndarray]:
+    model, data = str(tmp / "model.h5"), str(tmp / "data.h5")
+    sizes = case["sizes"]
+    fmt.create_model(model, sizes, case["acts"], dtype, seed=3, comm=comm)
+    make = classification_data if case["labels"] else regression_data
+    x, y = make(N_SAMPLES, sizes[0], sizes[-1], seed=5, dtype=dtype)
+    if comm.rank == 0:
+        fmt.write_data(data, x, y)
+    comm.Barrier()
+    return model, data, x, y
+
+
+def choice(strategy: str, sizes: list[int], nranks: int) -> PartitionChoice:
+    return PartitionChoice(None, strategy, strategy_params(strategy, sizes, nranks))
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_trained_weights_equal_reference_for_every_strategy(strategy, dtype, case, mpi_tmp_path):
+    comm = MPI.COMM_WORLD
+    c = CASES[case]
+    model_path, data_path, x, y = make_files(mpi_tmp_path, c, dtype, comm)
+    ref = Reference.from_file(model_path)
+    comm.Barrier()  # every rank has read the initial weights before anyone writes
+    ref_losses = ref.train(x, y, EPOCHS, BATCH, c["lr"], c["optimizer"], c["momentum"], seed=11)
+
+    with DistributedModel(model_path, comm, choice(strategy, c["sizes"], comm.size), BATCH,
+                          writable=True) as model:
+        data = load(data_path, model.table, model.spec.dtype, comm)
+        history = train(model, data, epochs=EPOCHS, batch_size=BATCH, lr=c["lr"],
+                        optimizer_name=c["optimizer"], momentum=c["momentum"], seed=11)
+    assert_close([h.loss for h in history], ref_losses, dtype, "epoch losses")
+    trained = Reference.from_file(model_path)
+    for i in range(len(ref.weights)):
+        assert_close(trained.weights[i], ref.weights[i], dtype, f"layer {i + 1} weight")
+        assert_close(trained.biases[i], ref.biases[i], dtype, f"layer {i + 1} bias")
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_predict_equals_reference_for_every_strategy(strategy, dtype, case, mpi_tmp_path):
+    comm = MPI.COMM_WORLD
+    c = CASES[case]
+    model_path, data_path, x, _ = make_files(mpi_tmp_path, c, dtype, comm)
+    out_path = str(mpi_tmp_path / "preds.h5")
+    with DistributedModel(model_path, comm, choice(strategy, c["sizes"], comm.size), 7) as model:
+        data = load(data_path, model.table, model.spec.dtype, comm)
+        outputs = predict(model, data, 7)
+        fmt.write_outputs(out_path, N_SAMPLES, c["sizes"][-1], model.shard.layers[-1].rows,
+                          outputs, comm)
+    with h5py.File(out_path, "r") as f:
+        written = f["outputs"][...]
+    _, acts = Reference.from_file(model_path).forward(x)
+    assert written.dtype == np.dtype(dtype)
+    assert_close(written, acts[-1], dtype, "outputs")
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_gradients_of_owned_rows_equal_reference(strategy, mpi_tmp_path):
+    comm = MPI.COMM_WORLD
+    c = CASES["softmax"]
+    model_path, data_path, x, y = make_files(mpi_tmp_path, c, "float64", comm)
+    ref = Reference.from_file(model_path)
+    _, gw, gb = ref.loss_and_grads(x[:BATCH], y[:BATCH])
+    with DistributedModel(model_path, comm, choice(strategy, c["sizes"], comm.size), BATCH) as model:
+        data = load(data_path, model.table, model.spec.dtype, comm)
+        xb, labels, _ = data.batch(np.arange(BATCH))
+        engine = model.engine
+        engine.loss_and_grad(engine.forward(xb), labels, None)
+        engine.backward()
+        for i, layer in enumerate(model.shard.layers):
+            assert_close(layer.to_file_columns(engine.grad_weight[i]), gw[i][layer.rows], "float64",
+                         f"layer {i + 1} weight gradient")
+            assert_close(engine.grad_bias[i], gb[i][layer.rows], "float64", f"layer {i + 1} bias grad")
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_each_rank_reads_only_its_own_rows(strategy, mpi_tmp_path):
+    comm = MPI.COMM_WORLD
+    c = CASES["softmax"]
+    model_path, data_path, _, _ = make_files(mpi_tmp_path, c, "float32", comm)
+    fmt.READ_STATS.clear()
+    with DistributedModel(model_path, comm, choice(strategy, c["sizes"], comm.size), BATCH) as model:
+        load(data_path, model.table, model.spec.dtype, comm)
+        for ly in model.spec.layers:
+            rows = model.table.rows(ly.index, comm.rank).size
+            assert fmt.READ_STATS[f"/layers/{ly.index}/weight"] == rows * ly.n_in
+            assert fmt.READ_STATS[f"/layers/{ly.index}/bias"] == rows
+        assert fmt.READ_STATS["/X"] == model.table.rows(0, comm.rank).size * N_SAMPLES
+        share = sum(model.table.rows(ly.index, comm.rank).size * (ly.n_in + 1)
+                    for ly in model.spec.layers)
+        assert model.shard.nbytes == share * 4  # its rows and nothing more
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_exchanged_bytes_equal_the_partition_report(strategy, mpi_tmp_path):
+    comm = MPI.COMM_WORLD
+    c = CASES["softmax"]
+    model_path, data_path, x, y = make_files(mpi_tmp_path, c, "float32", comm)
+    with DistributedModel(model_path, comm, choice(strategy, c["sizes"], comm.size), BATCH) as model:
+        data = load(data_path, model.table, model.spec.dtype, comm)
+        xb, labels, _ = data.batch(np.arange(BATCH))
+        model.engine.loss_and_grad(model.engine.forward(xb), labels, None)
+        model.engine.backward()
+        expected = rank_traffic(model.spec, model.table)
+        sent = sum(p.bytes_sent for p in model.engine.plans)
+        received = sum(p.bytes_received for p in model.engine.plans)
+    r = comm.rank
+    assert sent == (expected.forward_send[r] + expected.backward_send[r]) * BATCH
+    assert received == (expected.forward_recv[r] + expected.backward_recv[r]) * BATCH
+
+
+def test_stored_partition_for_another_rank_count_is_refused_on_every_rank(mpi_tmp_path):
+    comm = MPI.COMM_WORLD
+    c = CASES["softmax"]
+    model_path, _, _, _ = make_files(mpi_tmp_path, c, "float32", comm)
+    from mpinn.describe import store_partition
+    store_partition(model_path, comm.size + 1, "balanced", {}, "wrong", comm)
+    with pytest.raises(MpinnError, match=f"made for {comm.size + 1} ranks but the job has {comm.size}"):
+        DistributedModel(model_path, comm, PartitionChoice("wrong"), BATCH)

@@ -1,0 +1,49 @@
+"""Pure kernels against plain numpy, no MPI."""
+
+import numpy as np
+import pytest
+
+from mpinn import kernels
+from mpinn.errors import MpinnError
+from tests.reference import apply, derivative
+
+
+@pytest.mark.parametrize("act", ["identity", "relu", "sigmoid", "tanh"])
+def test_activation_and_derivative_match_reference(act):
+    rng = np.random.default_rng(0)
+    z = rng.normal(size=(5, 7)) * 3
+    a = kernels.activate(act, z)
+    np.testing.assert_allclose(a, apply(act, z), rtol=1e-12)
+    g = rng.normal(size=z.shape)
+    np.testing.assert_allclose(kernels.activation_grad(act, z, a, g.copy()),
+                               g * derivative(act, z, a), rtol=1e-12)
+
+
+def test_sigmoid_saturates_without_overflow():
+    with np.errstate(all="raise"):
+        a = kernels.activate("sigmoid", np.array([[-1000.0, 0.0, 1000.0]]))
+    np.testing.assert_allclose(a, [[0.0, 0.5, 1.0]], atol=1e-30)
+
+
+def test_dense_forward_backward_match_matrix_algebra():
+    rng = np.random.default_rng(1)
+    w, b, x, dz = (rng.normal(size=s) for s in [(4, 6), (4,), (6, 3), (4, 3)])
+    np.testing.assert_allclose(kernels.dense_forward(w, b, x), w @ x + b[:, None])
+    gw, gb, gx = np.empty((4, 6)), np.empty(4), np.empty((6, 3))
+    kernels.dense_backward(w, x, dz, gw, gb, gx)
+    np.testing.assert_allclose(gw, dz @ x.T)
+    np.testing.assert_allclose(gb, dz.sum(1))
+    np.testing.assert_allclose(gx, w.T @ dz)
+
+
+def test_softmax_only_allowed_last_and_unknown_refused():
+    kernels.check_activation("softmax", True, "layer 2")
+    with pytest.raises(MpinnError, match="only allowed on the last layer"):
+        kernels.check_activation("softmax", False, "layer 1")
+    with pytest.raises(MpinnError, match="unknown activation 'gelu'"):
+        kernels.check_activation("gelu", False, "layer 1")
+
+
+def test_init_rows_bounds_follow_fan_in():
+    w, b = kernels.init_rows(np.random.default_rng(0), 50, 100, 10, "relu", np.float32)
+    assert w.dtype == np.float32 and np.abs(w).max() <= np.sqrt(6 / 100) and not b.any()
