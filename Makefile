@@ -10,7 +10,7 @@ export OMPI_MCA_mpi_yield_when_idle=1
 # a failing MPI run is killed after this many seconds rather than left to hang
 MPI_TIMEOUT ?= 900
 
-.PHONY: setup test test-serial test-mpi lint run bench clean
+.PHONY: setup test test-serial test-mpi lint run clean
 
 setup: $(VENV)/.setup-done
 
@@ -31,7 +31,7 @@ test-mpi: setup
 	done
 
 lint: setup
-	$(VENV)/bin/ruff check mpinn tests scripts benchmarks
+	$(VENV)/bin/ruff check mpinn tests scripts
 
 run: setup
 	$(PY) -m mpinn init /tmp/mpinn-demo.h5 --sizes 64,256,256,10 --seed 1 --force
