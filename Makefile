@@ -27,7 +27,7 @@ test-mpi: setup
 	@for n in 1 2 3 4; do \
 	  echo "== MPI tests on $$n ranks"; \
 	  timeout -k 10 $(MPI_TIMEOUT) $(MPIRUN) -n $$n $(PY) -m pytest -q -p no:cacheprovider \
-	    --with-mpi -m mpi tests || exit 1; \
+	    --color=no --with-mpi -m mpi tests || exit 1; \
 	done
 
 lint: setup

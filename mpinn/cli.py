@@ -75,6 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--no-shuffle", action="store_true")
             p.add_argument("--checkpoint-every", type=int, default=0, metavar="K",
                            help="also save every K epochs (default: only at the end)")
+            p.add_argument("--keep", type=int, default=1, metavar="K",
+                           help="checkpoints to keep: the model file and K-1 older ones in "
+                           "MODEL.checkpoints/ (default 1)")
+            p.add_argument("--resume", action="store_true",
+                           help="continue the stored run until --epochs epochs are complete in all")
         if name == "predict":
             p.add_argument("--out", required=True, help="HDF5 file to write 'outputs' to")
 
@@ -144,17 +149,20 @@ def run(args: argparse.Namespace) -> int:
         return 0
 
     choice = _choice(args)
-    writable = args.command == "train"
-    with loop.DistributedModel(args.model, comm, choice, args.batch_size, writable) as model:
+    with loop.DistributedModel(args.model, comm, choice, args.batch_size) as model:
         data = load(args.data, model.table, model.spec.dtype, comm)
         if args.command == "train":
             if rank0:
                 print(f"training {args.model} on {comm.size} ranks ({model.partition_text}), "
                       f"{data.n_samples} samples", flush=True)
-            loop.train(model, data, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                       optimizer_name=args.optimizer, momentum=args.momentum, seed=args.seed,
-                       shuffle=not args.no_shuffle, checkpoint_every=args.checkpoint_every,
-                       report=loop.print_epoch if rank0 else None)
+            result = loop.train(
+                model, data, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                optimizer_name=args.optimizer, momentum=args.momentum, seed=args.seed,
+                shuffle=not args.no_shuffle, checkpoint_every=args.checkpoint_every,
+                keep=args.keep, resume=args.resume, report=loop.print_epoch if rank0 else None)
+            if rank0 and result.stopped_by:
+                print(f"mpinn: stopped by {result.stopped_by}: checkpoint committed at epoch "
+                      f"{result.epoch}, batch {result.batch}; continue with --resume", flush=True)
         elif args.command == "evaluate":
             loss, accuracy = loop.evaluate(model, data, args.batch_size)
             if rank0:

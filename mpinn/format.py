@@ -166,30 +166,99 @@ def create_model(path: str, sizes: Sequence[int], activations: Sequence[str], dt
         raise MpinnError(f"--dtype {dtype!r} is not supported (float32 or float64)")
     for index, act in enumerate(activations, start=1):
         check_activation(act, index == len(sizes) - 1, f"layer {index}")
-    np_dtype = DTYPES[dtype]
-    with open_file(path, "w", comm) as f:
-        f.attrs["mpinn_format_version"] = FORMAT_VERSION
-        f.attrs["sizes"] = np.asarray(sizes, dtype=np.int64)
-        dsets = []
-        for index in range(1, len(sizes)):
-            group = f.create_group(f"layers/{index}")
-            group.attrs["activation"] = activations[index - 1]
-            group.attrs["storage"] = "dense"
-            weight = group.create_dataset("weight", (sizes[index], sizes[index - 1]), np_dtype)
-            bias = group.create_dataset("bias", (sizes[index],), np_dtype)
-            dsets.append((weight, bias))
-        for index, (weight, bias) in enumerate(dsets, start=1):
-            n_in, n_out = sizes[index - 1], sizes[index]
-            n_blocks = -(-n_out // INIT_BLOCK_ROWS)
+    spec = ModelSpec(tuple(sizes), tuple(
+        LayerSpec(i, sizes[i - 1], sizes[i], activations[i - 1], "dense")
+        for i in range(1, len(sizes))), DTYPES[dtype])
+    with Checkpoint(path, spec, {}, comm, keep=1) as f:
+        for ly in spec.layers:
+            weight, bias = f[f"layers/{ly.index}/weight"], f[f"layers/{ly.index}/bias"]
+            n_blocks = -(-ly.n_out // INIT_BLOCK_ROWS)
             count, first = blockdist(n_blocks, comm.size, comm.rank)
             for block in range(first, first + count):
                 start = block * INIT_BLOCK_ROWS
-                stop = min(start + INIT_BLOCK_ROWS, n_out)
-                rng = np.random.default_rng([seed, index, block])
-                w, b = init_rows(rng, stop - start, n_in, n_out, activations[index - 1], np_dtype)
+                stop = min(start + INIT_BLOCK_ROWS, ly.n_out)
+                rng = np.random.default_rng([seed, ly.index, block])
+                w, b = init_rows(rng, stop - start, ly.n_in, ly.n_out, ly.activation, spec.dtype)
                 weight[start:stop] = w
                 bias[start:stop] = b
-        write_state_attrs(f, {"epoch": 0, "step": 0, "seed": int(seed)})
+        write_state_attrs(f, {"epoch": 0, "step": 0, "batch": 0, "seed": int(seed)})
+
+
+# ---------------------------------------------------------------- crash-safe writes
+
+
+Partitions = dict[str, tuple[np.ndarray, int, str, dict[str, Any]]]
+
+
+class Checkpoint:
+    """A complete new model file, written beside ``path`` and swapped in atomically.
+
+    Entering creates ``<path>.partial`` with the model's layout and the stored partitions
+    (collective); the caller writes every rank's rows into it. Leaving without an error
+    flushes it to storage (MPI_File_sync) and has rank 0 ``rename`` it over ``path``: a
+    job killed at any moment leaves ``path`` holding either the previous or the new
+    state, never a mixture. With ``keep`` > 1 the replaced file is kept, hard-linked, in
+    ``<path>.checkpoints/`` and the oldest beyond ``keep - 1`` there are removed.
+    """
+
+    def __init__(self, path: str, spec: ModelSpec, partitions: Partitions, comm: MPI.Comm,
+                 keep: int = 1, label: str = "") -> None:
+        if keep < 1:
+            raise MpinnError(f"--keep must be at least 1, got {keep}")
+        self.path, self.spec, self.partitions, self.comm = path, spec, partitions, comm
+        self.keep, self.label = keep, label
+        self.partial = f"{path}.partial"
+        self.file: h5py.File | None = None
+
+    def __enter__(self) -> h5py.File:
+        f = self.file = open_file(self.partial, "w", self.comm)
+        f.attrs["mpinn_format_version"] = FORMAT_VERSION
+        f.attrs["sizes"] = np.asarray(self.spec.sizes, dtype=np.int64)
+        for ly in self.spec.layers:
+            group = f.create_group(f"layers/{ly.index}")
+            group.attrs["activation"] = ly.activation
+            group.attrs["storage"] = ly.storage
+            group.create_dataset("weight", (ly.n_out, ly.n_in), self.spec.dtype)
+            group.create_dataset("bias", (ly.n_out,), self.spec.dtype)
+        for name, (owner, nranks, strategy, params) in self.partitions.items():
+            write_partition(f, name, owner, nranks, strategy, params, self.comm)
+        return f
+
+    def __exit__(self, exc_type: type | None, *_: object) -> None:
+        assert self.file is not None
+        if exc_type is not None:
+            self.file.close()
+            return
+        self.file.flush()  # collective MPI_File_sync: the data is on storage before the rename
+        self.file.close()
+        self.comm.Barrier()
+        if self.comm.rank == 0:
+            self._commit()
+        self.comm.Barrier()
+
+    def _commit(self) -> None:
+        history = f"{self.path}.checkpoints"
+        if self.keep > 1 and os.path.exists(self.path):
+            os.makedirs(history, exist_ok=True)
+            kept = os.path.join(history, self.label or "previous.h5")
+            if os.path.exists(kept):
+                os.remove(kept)
+            os.link(self.path, kept)
+            older = sorted((os.path.join(history, n) for n in os.listdir(history)),
+                           key=os.path.getmtime)
+            for stale in older[: max(0, len(older) - (self.keep - 1))]:
+                os.remove(stale)
+        os.replace(self.partial, self.path)
+        directory = os.open(os.path.dirname(os.path.abspath(self.path)), os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
+
+
+def read_partitions(f: h5py.File) -> Partitions:
+    """Every partition stored in the file (replicated metadata, small)."""
+    return {name: read_partition(f, name) for name in list_partitions(f)}
 
 
 # ---------------------------------------------------------------- rank slices

@@ -8,9 +8,11 @@ the model file collectively.
 
 from __future__ import annotations
 
+import signal
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,10 +25,10 @@ from mpinn import format as fmt
 from mpinn.data import LocalData
 from mpinn.engine import Engine
 from mpinn.errors import MpinnError
-from mpinn.exchange import SUM, agree, allreduce
+from mpinn.exchange import MAX, SUM, agree, allreduce
 from mpinn.metadata import MetadataTable
 from mpinn.optim import Optimizer, make_optimizer
-from mpinn.shard import Shard
+from mpinn.shard import LayerShard, Shard
 
 
 @dataclass
@@ -54,11 +56,11 @@ def resolve_owner(f: h5py.File, spec: fmt.ModelSpec, choice: PartitionChoice,
 class DistributedModel:
     """A model file opened on every rank: its spec, partition, this rank's shard and engine."""
 
-    def __init__(self, path: str, comm: MPI.Comm, choice: PartitionChoice, max_batch: int,
-                 writable: bool = False) -> None:
+    def __init__(self, path: str, comm: MPI.Comm, choice: PartitionChoice, max_batch: int) -> None:
         self.path = path
         self.comm = comm
-        self.file = fmt.open_file(path, "r+" if writable else "r", comm)
+        # opened read-only: saves write a new file and swap it in (format.Checkpoint)
+        self.file = fmt.open_file(path, "r", comm)
         try:
             self.spec = agree(comm, lambda: fmt.read_spec(self.file))
             owner, self.partition_text = agree(
@@ -71,6 +73,7 @@ class DistributedModel:
             self.file.close()
             raise
         self.state = fmt.read_state_attrs(self.file)
+        self.partitions = fmt.read_partitions(self.file)
 
     def _check_finite(self) -> None:
         for layer in self.shard.layers:
@@ -90,50 +93,47 @@ class DistributedModel:
 
     # ------------------------------------------------------------ optimizer state
 
-    def _slot_datasets(self, optimizer: Optimizer, create: bool
-                       ) -> list[tuple[int, str, list[np.ndarray], h5py.Dataset | None]]:
-        out = []
+    def _slots(self, optimizer: Optimizer) -> Iterator[tuple[LayerShard, str, tuple[int, ...], np.ndarray]]:
+        """(layer, dataset name, file shape, my array) of every optimizer-state slot."""
         for i, layer in enumerate(self.shard.layers):
-            for j, (param, shape) in enumerate((("weight", (layer.spec.n_out, layer.spec.n_in)),
-                                                ("bias", (layer.spec.n_out,)))):
+            shapes = {"weight": (layer.spec.n_out, layer.spec.n_in), "bias": (layer.spec.n_out,)}
+            for j, param in enumerate(("weight", "bias")):
                 for slot in optimizer.slots:
-                    name = f"{param}_{slot}"
-                    if create:
-                        dset = fmt.state_dataset(self.file, layer.spec.index, name, shape,
-                                                 self.spec.dtype)
-                    else:
-                        dset = fmt.read_state_slot(self.file, layer.spec.index, name, shape,
-                                                   self.spec.dtype)
-                    out.append((i, param, [optimizer.state[slot][2 * i + j]], dset))
-        return out
+                    yield layer, f"{param}_{slot}", shapes[param], optimizer.state[slot][2 * i + j]
 
     def load_optimizer_state(self, optimizer: Optimizer) -> bool:
         """Restore the optimizer's slots if the file holds state of the same optimizer."""
         saved = self.state.get("optimizer")
         if not saved or saved.get("name") != optimizer.name:
             return False
-        slots = self._slot_datasets(optimizer, create=False)
-        if any(dset is None for *_, dset in slots):
+        slots = [(layer, fmt.read_state_slot(self.file, layer.spec.index, name, shape, self.spec.dtype),
+                  array) for layer, name, shape, array in self._slots(optimizer)]
+        if any(dset is None for _, dset, _ in slots):
             return False
-        for i, param, (array,), dset in slots:
-            layer = self.shard.layers[i]
+        for layer, dset, array in slots:
             values = fmt.read_slice(dset, layer.rows)
-            array[...] = layer.from_file_columns(values) if param == "weight" else values
+            array[...] = layer.from_file_columns(values) if array.ndim == 2 else values
         optimizer.restore(saved)
         return True
 
-    def save(self, optimizer: Optimizer | None = None, **state: Any) -> None:
-        """Write my rows, my optimizer state and the training counters (collective)."""
-        self.shard.save(self.file)
-        if optimizer is not None:
-            for i, param, (array,), dset in self._slot_datasets(optimizer, create=True):
-                layer = self.shard.layers[i]
-                values = layer.to_file_columns(array) if param == "weight" else array
-                fmt.write_slice(dset, layer.rows, values)
-            state["optimizer"] = optimizer.config()
+    def save(self, optimizer: Optimizer | None = None, keep: int = 1, **state: Any) -> None:
+        """Commit my rows, my optimizer state and the training counters (collective).
+
+        Written as a whole new file swapped in atomically (``format.Checkpoint``), so a
+        job killed mid-write leaves the previous checkpoint intact.
+        """
+        # the file being replaced is kept (keep > 1) under the name of the state it holds
+        label = f"epoch{self.state.get('epoch', 0)}-step{self.state.get('step', 0)}.h5"
         self.state.update(state)
-        fmt.write_state_attrs(self.file, state)
-        self.file.flush()
+        with fmt.Checkpoint(self.path, self.spec, self.partitions, self.comm, keep, label) as f:
+            self.shard.save(f)
+            if optimizer is not None:
+                for layer, name, shape, array in self._slots(optimizer):
+                    dset = fmt.state_dataset(f, layer.spec.index, name, shape, self.spec.dtype)
+                    values = layer.to_file_columns(array) if array.ndim == 2 else array
+                    fmt.write_slice(dset, layer.rows, values)
+                self.state["optimizer"] = optimizer.config()
+            fmt.write_state_attrs(f, self.state)
 
 
 @dataclass
@@ -145,17 +145,21 @@ class EpochStats:
 
 
 def _run_batches(model: DistributedModel, data: LocalData, order: np.ndarray, batch_size: int,
-                 step: Callable[[np.ndarray, np.ndarray], None] | None = None,
+                 step: Callable[[], bool] | None = None,
                  on_outputs: Callable[[np.ndarray, np.ndarray], None] | None = None
-                 ) -> tuple[float, int]:
-    """Forward (and ``step``) every batch of ``order``; returns summed loss share and hits."""
+                 ) -> tuple[float, int, int]:
+    """Forward (and ``step``) the batches of ``order``; returns loss share, hits, batches run.
+
+    ``step`` returns True when training must stop after this batch (a preemption signal).
+    """
     engine = model.engine
     features = np.empty((data.features.shape[0], batch_size), dtype=model.spec.dtype)
-    loss_sum, correct = 0.0, 0
+    loss_sum, correct, batches = 0.0, 0, 0
     for start in range(0, order.size, batch_size):
         index = order[start:start + batch_size]
         x, labels, targets = data.batch(index, features)
         outputs = engine.forward(x)
+        batches += 1
         if on_outputs is not None:
             on_outputs(index, outputs)
         if labels is None and targets is None:
@@ -163,27 +167,65 @@ def _run_batches(model: DistributedModel, data: LocalData, order: np.ndarray, ba
         result = engine.loss_and_grad(outputs, labels, targets)
         loss_sum += result.loss_sum
         correct += result.correct
-        if step is not None:
-            step(index, outputs)
-    return loss_sum, correct
+        if step is not None and step():
+            break
+    return loss_sum, correct, batches
 
 
-def _totals(model: DistributedModel, data: LocalData, loss_sum: float, correct: int
+class StopSignals:
+    """Turns SIGTERM and SIGUSR1 (SLURM's --signal) into a flag the ranks agree on per step."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self) -> None:
+        self.received: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, _frame: object) -> None:
+        self.received = signal.Signals(signum).name
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def agreed(self, comm: MPI.Comm) -> bool:
+        """True on every rank once any rank has received a stop signal."""
+        return bool(allreduce(comm, np.array([self.received is not None], dtype=np.int32), MAX)[0])
+
+
+def _totals(model: DistributedModel, n_samples: int, loss_sum: float, correct: int, labels: bool
             ) -> tuple[float, float | None]:
     total = allreduce(model.comm, np.array([loss_sum]), SUM)[0]
-    n = max(data.n_samples, 1)
-    accuracy = correct / n if data.labels is not None else None
-    return float(total / n), accuracy
+    n = max(n_samples, 1)
+    return float(total / n), (correct / n if labels else None)
+
+
+@dataclass
+class TrainResult:
+    history: list[EpochStats]
+    stopped_by: str | None = None  # the signal that preempted the run, if any
+    epoch: int = 0                 # epochs completed when it ended
+    batch: int = 0                 # batches done of the next epoch (preemption only)
 
 
 def train(model: DistributedModel, data: LocalData, *, epochs: int, batch_size: int, lr: float,
           optimizer_name: str = "sgd", momentum: float = 0.0, seed: int = 0,
-          shuffle: bool = True, checkpoint_every: int = 0,
-          report: Callable[[EpochStats], None] | None = None) -> list[EpochStats]:
-    """Train for ``epochs`` more epochs, continuing the counters and optimizer state in the file.
+          shuffle: bool = True, checkpoint_every: int = 0, keep: int = 1, resume: bool = False,
+          report: Callable[[EpochStats], None] | None = None) -> TrainResult:
+    """Train from the epoch, batch and optimizer state stored in the file.
 
-    Epoch e shuffles with a generator seeded by (seed, e), so a run split over several
-    invocations visits the samples in the same order as one uninterrupted run.
+    Without ``resume``, ``epochs`` more epochs are run (an epoch left unfinished by a
+    preemption counts as one); with ``resume``, training continues until ``epochs`` epochs
+    are complete in all, with the seed stored in the file. Epoch e shuffles with a
+    generator seeded by (seed, e), so a run split over several invocations, or killed and
+    resumed, visits the samples exactly as one uninterrupted run. SIGTERM or SIGUSR1 make
+    every rank finish its step, commit a checkpoint and return.
     """
     if epochs < 0:
         raise MpinnError(f"--epochs must not be negative, got {epochs}")
@@ -194,40 +236,55 @@ def train(model: DistributedModel, data: LocalData, *, epochs: int, batch_size: 
     engine = model.engine
     optimizer = make_optimizer(optimizer_name, engine.parameters(), lr, momentum)
     model.load_optimizer_state(optimizer)
-    first_epoch = int(model.state.get("epoch", 0))
+    done = int(model.state.get("epoch", 0))
+    skip = int(model.state.get("batch", 0))
     step_count = int(model.state.get("step", 0))
+    if resume:
+        seed = int(model.state.get("seed", seed))
+        last = epochs
+    else:
+        last = done + epochs
+    result = TrainResult([], epoch=done)
 
-    def step(_index: np.ndarray, _outputs: np.ndarray) -> None:
-        nonlocal step_count
-        engine.backward()
-        optimizer.step()
-        step_count += 1
+    with StopSignals() as signals:
+        def step() -> bool:
+            nonlocal step_count
+            engine.backward()
+            optimizer.step()
+            step_count += 1
+            return signals.agreed(model.comm)
 
-    history = []
-    for epoch in range(first_epoch + 1, first_epoch + epochs + 1):
-        if shuffle:
-            order = np.random.default_rng([seed, epoch]).permutation(data.n_samples)
-        else:
-            order = np.arange(data.n_samples)
-        start = time.perf_counter()
-        loss_sum, correct = _run_batches(model, data, order, batch_size, step=step)
-        loss, accuracy = _totals(model, data, loss_sum, correct)
-        if not np.isfinite(loss):
-            raise MpinnError(f"epoch {epoch}: the loss is {loss} (diverged); try a smaller --lr")
-        stats = EpochStats(epoch, loss, accuracy, data.n_samples / (time.perf_counter() - start))
-        history.append(stats)
-        if report is not None:
-            report(stats)
-        last = epoch == first_epoch + epochs
-        if last or (checkpoint_every and epoch % checkpoint_every == 0):
-            model.save(optimizer, epoch=epoch, step=step_count, seed=seed)
-    return history
+        for epoch in range(done + 1, last + 1):
+            order = (np.random.default_rng([seed, epoch]).permutation(data.n_samples) if shuffle
+                     else np.arange(data.n_samples))[skip * batch_size:]
+            start = time.perf_counter()
+            loss_sum, correct, batches = _run_batches(model, data, order, batch_size, step=step)
+            if signals.received is not None or signals.agreed(model.comm):
+                result.stopped_by = signals.received or "a signal on another rank"
+                result.epoch, result.batch = epoch - 1, skip + batches
+                if result.batch * batch_size >= data.n_samples:
+                    result.epoch, result.batch = epoch, 0
+                model.save(optimizer, keep, epoch=result.epoch, batch=result.batch,
+                           step=step_count, seed=seed)
+                return result
+            seen = order.size
+            loss, accuracy = _totals(model, seen, loss_sum, correct, data.labels is not None)
+            if not np.isfinite(loss):
+                raise MpinnError(f"epoch {epoch}: the loss is {loss} (diverged); try a smaller --lr")
+            stats = EpochStats(epoch, loss, accuracy, seen / (time.perf_counter() - start))
+            result.history.append(stats)
+            result.epoch, skip = epoch, 0
+            if report is not None:
+                report(stats)
+            if epoch == last or (checkpoint_every and epoch % checkpoint_every == 0):
+                model.save(optimizer, keep, epoch=epoch, batch=0, step=step_count, seed=seed)
+    return result
 
 
 def evaluate(model: DistributedModel, data: LocalData, batch_size: int) -> tuple[float, float | None]:
     """Mean loss and accuracy (None for float targets) over the whole data set."""
-    loss_sum, correct = _run_batches(model, data, np.arange(data.n_samples), batch_size)
-    return _totals(model, data, loss_sum, correct)
+    loss_sum, correct, _ = _run_batches(model, data, np.arange(data.n_samples), batch_size)
+    return _totals(model, data.n_samples, loss_sum, correct, data.labels is not None)
 
 
 def predict(model: DistributedModel, data: LocalData, batch_size: int) -> np.ndarray:

@@ -22,10 +22,14 @@ ENV = {**os.environ, "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONF
        "OMPI_MCA_mpi_yield_when_idle": "1", "PYTHONPATH": str(ROOT)}
 
 
+def command(nranks: int, *args: str) -> list[str]:
+    return ["mpirun", "--oversubscribe", "-n", str(nranks), sys.executable, "-m", "mpinn", *args]
+
+
 def mpinn(nranks: int, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     """Run ``python -m mpinn ARGS`` under ``mpirun -n nranks``, bounded in time."""
-    cmd = ["mpirun", "--oversubscribe", "-n", str(nranks), sys.executable, "-m", "mpinn", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=ENV, cwd=ROOT)
+    return subprocess.run(command(nranks, *args), capture_output=True, text=True, timeout=timeout,
+                          env=ENV, cwd=ROOT)
 
 
 def ok(result: subprocess.CompletedProcess) -> str:

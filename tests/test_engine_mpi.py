@@ -58,12 +58,11 @@ def test_trained_weights_equal_reference_for_every_strategy(strategy, dtype, cas
     comm.Barrier()  # every rank has read the initial weights before anyone writes
     ref_losses = ref.train(x, y, EPOCHS, BATCH, c["lr"], c["optimizer"], c["momentum"], seed=11)
 
-    with DistributedModel(model_path, comm, choice(strategy, c["sizes"], comm.size), BATCH,
-                          writable=True) as model:
+    with DistributedModel(model_path, comm, choice(strategy, c["sizes"], comm.size), BATCH) as model:
         data = load(data_path, model.table, model.spec.dtype, comm)
         history = train(model, data, epochs=EPOCHS, batch_size=BATCH, lr=c["lr"],
                         optimizer_name=c["optimizer"], momentum=c["momentum"], seed=11)
-    assert_close([h.loss for h in history], ref_losses, dtype, "epoch losses")
+    assert_close([h.loss for h in history.history], ref_losses, dtype, "epoch losses")
     trained = Reference.from_file(model_path)
     for i in range(len(ref.weights)):
         assert_close(trained.weights[i], ref.weights[i], dtype, f"layer {i + 1} weight")
