@@ -202,4 +202,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if comm.rank == 0:
             text = message if agreed else combine_errors(failed, comm.size)
             print(f"mpinn: error: {text}", file=sys.stderr, flush=True)
+        if not agreed and comm.size > 1:
+            # ranks may hold files whose collective close would not match: leave without it
+            sys.stdout.flush()
+            os._exit(EXIT_ERROR)
         return EXIT_ERROR

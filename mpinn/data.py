@@ -13,7 +13,7 @@ import numpy as np
 from mpi4py import MPI
 
 from mpinn import format as fmt
-from mpinn.errors import MpinnError
+from mpinn.errors import MpinnError, inject_fault
 from mpinn.exchange import agree
 from mpinn.metadata import MetadataTable
 
@@ -45,8 +45,9 @@ class LocalData:
 def load(path: str, table: MetadataTable, dtype: np.dtype, comm: MPI.Comm) -> LocalData:
     """Read this rank's columns of ``path`` and validate them (collective)."""
     n_in, n_out = table.sizes[0], table.sizes[-1]
-    with fmt.open_file(path, "r", comm) as f:
+    with fmt.opened(path, "r", comm) as f:
         spec = agree(comm, lambda: fmt.read_data_spec(f, n_in, n_out))
+        inject_fault("data", comm.rank)
         inputs = table.rows(0, comm.rank)
         features = np.ascontiguousarray(fmt.read_slice(f["X"], inputs, axis=1).T, dtype=dtype)
         labels = targets = None

@@ -76,7 +76,7 @@ def _table_text(traffic: RankTraffic) -> list[str]:
 
 def describe(path: str, comm: MPI.Comm) -> str:
     """The text ``mpinn inspect`` prints (collective: every rank opens the file)."""
-    with fmt.open_file(path, "r", comm) as f:
+    with fmt.opened(path, "r", comm) as f:
         spec = agree(comm, lambda: fmt.read_spec(f))
         state = fmt.read_state_attrs(f)
         partitions = [(name, *fmt.read_partition(f, name)) for name in fmt.list_partitions(f)]
@@ -109,7 +109,7 @@ def describe(path: str, comm: MPI.Comm) -> str:
 def store_partition(path: str, nranks: int, strategy: str, params: dict[str, Any], name: str,
                     comm: MPI.Comm) -> MetadataTable:
     """Compute a partition for ``nranks`` ranks and store it in the model file (collective)."""
-    with fmt.open_file(path, "r", comm) as f:
+    with fmt.opened(path, "r", comm) as f:
         spec = agree(comm, lambda: fmt.read_spec(f))
 
     def build() -> MetadataTable:
@@ -117,7 +117,7 @@ def store_partition(path: str, nranks: int, strategy: str, params: dict[str, Any
         return MetadataTable.build(spec.sizes, owner, nranks)
 
     table = agree(comm, build)
-    with fmt.open_file(path, "r+", comm) as f:
+    with fmt.opened(path, "r+", comm) as f:
         agree(comm, lambda: fmt.write_partition(f, name, table.owner, nranks, strategy, params, comm))
     if comm.rank == 0:
         print(f"{path}: stored partition {name!r} ({strategy}, {nranks} ranks)")

@@ -15,6 +15,7 @@ import numpy as np
 from mpi4py import MPI
 
 from mpinn import kernels
+from mpinn.errors import inject_fault
 from mpinn.exchange import MAX, MIN, SUM, ExchangePlan, allreduce
 from mpinn.shard import LayerShard, Shard
 
@@ -57,6 +58,7 @@ class Engine:
 
     def forward(self, x_local: np.ndarray) -> np.ndarray:
         """Outputs of my output rows, (rows, batch), from my owned input features (n, batch)."""
+        inject_fault("step", self.comm.rank)
         batch = x_local.shape[1]
         self._batch = batch
         self.inputs = []
@@ -144,6 +146,8 @@ class Engine:
                 grad *= outputs
             else:
                 kernels.activation_grad(layer.spec.activation, z, outputs, grad)
+        if inject_fault("nan", self.comm.rank):
+            loss = float("nan")
         return BatchResult(loss, correct)
 
     # ------------------------------------------------------------ backward

@@ -11,7 +11,8 @@ from __future__ import annotations
 import json
 import os
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +21,7 @@ import numpy as np
 from mpi4py import MPI
 
 from mpinn.distributor import blockdist
-from mpinn.errors import MpinnError
+from mpinn.errors import MpinnError, inject_fault
 from mpinn.kernels import check_activation, init_rows
 
 FORMAT_VERSION = 1
@@ -79,12 +80,47 @@ def open_file(path: str, mode: str, comm: MPI.Comm) -> h5py.File:
         raise MpinnError(f"{path}: cannot open ({exc})") from None
 
 
+def safe_to_close(exc: BaseException | None) -> bool:
+    """Whether a file may be closed while ``exc`` propagates.
+
+    Closing an ``mpio`` file is collective. During an error that only this rank may have
+    hit, the others can be inside another collective, and a close would hang the job; the
+    file is then left to the process exit (the CLI ends such a job without collectives).
+    """
+    return exc is None or not MPI_IO or (isinstance(exc, MpinnError) and exc.agreed)
+
+
+@contextmanager
+def opened(path: str, mode: str, comm: MPI.Comm) -> Iterator[h5py.File]:
+    """``open_file`` as a context that closes the file unless that could hang (see above)."""
+    f = open_file(path, mode, comm)
+    try:
+        yield f
+    except BaseException as exc:
+        if safe_to_close(exc):
+            f.close()
+        raise
+    f.close()
+
+
 def _collective() -> h5py.h5p.PropDXID | None:
     if not MPI_IO:
         return None
     dxpl = h5py.h5p.create(h5py.h5p.DATASET_XFER)
     dxpl.set_dxpl_mpio(h5py.h5fd.MPIO_COLLECTIVE)
     return dxpl
+
+
+def available_memory() -> int:
+    """Bytes this process may still allocate: MemAvailable, else physical memory."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 # ---------------------------------------------------------------- schema
@@ -106,6 +142,11 @@ def read_spec(f: h5py.File) -> ModelSpec:
         raise MpinnError(f"{name}: attribute 'sizes' {sizes.tolist()} has a layer with fewer than "
                          f"1 or a total above {MAX_NEURONS} neurons")
     sizes_t = tuple(int(n) for n in sizes)
+    table_bytes = 16 * sum(sizes_t)  # the replicated metadata table: owner + local index per gid
+    if table_bytes > available_memory():
+        raise MpinnError(f"{name}: sizes {list(sizes_t)} declare {sum(sizes_t):,} neurons; their "
+                         f"metadata table alone ({table_bytes / 2**30:.1f} GiB) exceeds this "
+                         f"machine's memory")
     if "layers" not in f:
         raise MpinnError(f"{name}: missing group /layers")
     layers, dtype = [], None
@@ -212,6 +253,26 @@ class Checkpoint:
 
     def __enter__(self) -> h5py.File:
         f = self.file = open_file(self.partial, "w", self.comm)
+        try:
+            self._layout(f)
+        except BaseException as exc:
+            if safe_to_close(exc):
+                f.close()
+            self._abandon(exc)
+            raise
+        return f
+
+    def _abandon(self, exc: BaseException) -> None:
+        """Drop the unfinished file (unlinking is safe while open) and say what happened."""
+        if self.comm.rank == 0:
+            with suppress(OSError):
+                os.remove(self.partial)
+        if isinstance(exc, OSError):
+            raise MpinnError(f"{self.path}: writing the checkpoint failed ({exc}; is the disk "
+                             "full?); the previous checkpoint in the file is intact") from exc
+
+    def _layout(self, f: h5py.File) -> None:
+        inject_fault("save", self.comm.rank)
         f.attrs["mpinn_format_version"] = FORMAT_VERSION
         f.attrs["sizes"] = np.asarray(self.spec.sizes, dtype=np.int64)
         for ly in self.spec.layers:
@@ -222,13 +283,14 @@ class Checkpoint:
             group.create_dataset("bias", (ly.n_out,), self.spec.dtype)
         for name, (owner, nranks, strategy, params) in self.partitions.items():
             write_partition(f, name, owner, nranks, strategy, params, self.comm)
-        return f
 
-    def __exit__(self, exc_type: type | None, *_: object) -> None:
+    def __exit__(self, exc_type: type | None, exc: BaseException | None, _tb: object) -> None:
         assert self.file is not None
-        if exc_type is not None:
-            self.file.close()
-            return
+        if exc is not None:
+            if safe_to_close(exc):
+                self.file.close()
+            self._abandon(exc)
+            return  # the model file was not touched
         self.file.flush()  # collective MPI_File_sync: the data is on storage before the rename
         self.file.close()
         self.comm.Barrier()
@@ -337,13 +399,23 @@ def read_partition(f: h5py.File, name: str) -> tuple[np.ndarray, int, str, dict[
     owner = group["owner"]
     if owner.ndim != 1 or not np.issubdtype(owner.dtype, np.integer):
         raise MpinnError(f"{f.filename}: partition {name!r} 'owner' must be a 1-D integer array")
-    nranks = int(group.attrs.get("nranks", -1))
-    strategy = _text_attr(group, "strategy", f"{f.filename}: partition {name!r}")
+    n_neurons = int(np.asarray(f.attrs.get("sizes", [0])).sum())
+    if owner.shape[0] != n_neurons:
+        raise MpinnError(f"{f.filename}: partition {name!r} has {owner.shape[0]} owner entries "
+                         f"but the model has {n_neurons} neurons")
+    where = f"{f.filename}: partition {name!r}"
+    nranks = np.asarray(group.attrs.get("nranks", -1))
+    if nranks.ndim != 0 or not np.issubdtype(nranks.dtype, np.integer) or int(nranks) < 1:
+        raise MpinnError(f"{where}: attribute 'nranks' must be a positive integer, "
+                         f"got {nranks.tolist()!r}")
+    strategy = _text_attr(group, "strategy", where)
     try:
-        params = json.loads(group.attrs.get("params", "{}"))
-    except (TypeError, json.JSONDecodeError):
-        raise MpinnError(f"{f.filename}: partition {name!r} has unreadable params") from None
-    return owner[...].astype(np.int32), nranks, strategy, params
+        params = json.loads(_text_attr(group, "params", where))
+    except json.JSONDecodeError:
+        params = None
+    if not isinstance(params, dict):
+        raise MpinnError(f"{where}: attribute 'params' must be a JSON object") from None
+    return owner[...].astype(np.int32), int(nranks), strategy, params
 
 
 def list_partitions(f: h5py.File) -> list[str]:
@@ -374,7 +446,16 @@ def read_state_attrs(f: h5py.File) -> dict[str, Any]:
     state = f.get("state")
     if state is None:
         return {"epoch": 0, "step": 0, "seed": 0}
-    return {key: json.loads(value) for key, value in state.attrs.items()}
+    try:
+        values = {key: json.loads(value) for key, value in state.attrs.items()}
+    except (TypeError, ValueError):
+        raise MpinnError(f"{f.filename}: /state holds an attribute that is not JSON text") from None
+    for key in ("epoch", "step", "batch", "seed"):
+        if not isinstance(values.get(key, 0), int) or values.get(key, 0) < 0:
+            raise MpinnError(f"{f.filename}: /state attribute {key!r} must be a whole number")
+    if not isinstance(values.get("optimizer", {}), dict):
+        raise MpinnError(f"{f.filename}: /state attribute 'optimizer' must be a JSON object")
+    return values
 
 
 def write_state_attrs(f: h5py.File, attrs: dict[str, Any]) -> None:
@@ -455,6 +536,6 @@ def write_outputs(path: str, n_samples: int, n_outputs: int, columns: np.ndarray
 
     ``values`` is neuron-major (owned outputs, samples) as the engine produces it.
     """
-    with open_file(path, "w", comm) as f:
+    with opened(path, "w", comm) as f:
         dset = f.create_dataset("outputs", (n_samples, n_outputs), values.dtype)
         write_slice(dset, columns, np.ascontiguousarray(values.T), axis=1)

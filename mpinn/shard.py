@@ -12,6 +12,7 @@ import h5py
 import numpy as np
 
 from mpinn import format as fmt
+from mpinn.errors import MpinnError, inject_fault
 from mpinn.exchange import receive_order
 from mpinn.format import LayerSpec, ModelSpec
 from mpinn.metadata import MetadataTable
@@ -47,9 +48,22 @@ class Shard:
     rank: int
     layers: list[LayerShard]
 
+    @staticmethod
+    def check_fits(spec: ModelSpec, table: MetadataTable, rank: int, max_batch: int) -> None:
+        """Refuse, before allocating, a share that cannot fit: rows, gradients and optimizer
+        state (about 4 copies of the rows) plus batch-sized work buffers."""
+        rows = sum(int(table.counts(ly.index)[rank]) * (ly.n_in + 1) for ly in spec.layers)
+        work = sum(int(table.counts(ly.index)[rank]) * 4 + ly.n_in * 2 for ly in spec.layers)
+        need = (4 * rows + work * max_batch) * spec.dtype.itemsize
+        if need > fmt.available_memory():
+            raise MpinnError(f"rank {rank}'s share of the model needs about {need / 2**30:.1f} GiB "
+                             f"but only {fmt.available_memory() / 2**30:.1f} GiB are available; "
+                             "use more ranks or a smaller --batch-size")
+
     @classmethod
     def load(cls, f: h5py.File, spec: ModelSpec, table: MetadataTable, rank: int) -> Shard:
         """Read this rank's rows of every layer (collective over the file's communicator)."""
+        inject_fault("load", rank)
         layers = []
         for ly in spec.layers:
             rows = table.rows(ly.index, rank)

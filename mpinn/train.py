@@ -66,11 +66,13 @@ class DistributedModel:
             owner, self.partition_text = agree(
                 comm, lambda: resolve_owner(self.file, self.spec, choice, comm.size))
             self.table = agree(comm, lambda: MetadataTable.build(self.spec.sizes, owner, comm.size))
+            agree(comm, lambda: Shard.check_fits(self.spec, self.table, comm.rank, max_batch))
             self.shard = Shard.load(self.file, self.spec, self.table, comm.rank)
             agree(comm, self._check_finite)
             self.engine = Engine(self.shard, comm, max_batch)
-        except BaseException:
-            self.file.close()
+        except BaseException as exc:
+            if fmt.safe_to_close(exc):
+                self.file.close()
             raise
         self.state = fmt.read_state_attrs(self.file)
         self.partitions = fmt.read_partitions(self.file)
@@ -88,8 +90,9 @@ class DistributedModel:
     def __enter__(self) -> DistributedModel:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, _type: type | None, exc: BaseException | None, _tb: object) -> None:
+        if fmt.safe_to_close(exc):
+            self.close()
 
     # ------------------------------------------------------------ optimizer state
 
@@ -145,7 +148,7 @@ class EpochStats:
 
 
 def _run_batches(model: DistributedModel, data: LocalData, order: np.ndarray, batch_size: int,
-                 step: Callable[[], bool] | None = None,
+                 step: Callable[[float], bool] | None = None,
                  on_outputs: Callable[[np.ndarray, np.ndarray], None] | None = None
                  ) -> tuple[float, int, int]:
     """Forward (and ``step``) the batches of ``order``; returns loss share, hits, batches run.
@@ -167,21 +170,23 @@ def _run_batches(model: DistributedModel, data: LocalData, order: np.ndarray, ba
         result = engine.loss_and_grad(outputs, labels, targets)
         loss_sum += result.loss_sum
         correct += result.correct
-        if step is not None and step():
+        if step is not None and step(result.loss_sum):
             break
     return loss_sum, correct, batches
 
 
-class StopSignals:
-    """Turns SIGTERM and SIGUSR1 (SLURM's --signal) into a flag the ranks agree on per step."""
+class StepGuard:
+    """What every rank checks after each step, with one small allreduce: did any rank get a
+    stop signal (SIGTERM, or SIGUSR1 from SLURM's --signal), or a non-finite loss?"""
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
-    def __init__(self) -> None:
+    def __init__(self, comm: MPI.Comm) -> None:
+        self.comm = comm
         self.received: str | None = None
         self._previous: dict[int, Any] = {}
 
-    def __enter__(self) -> StopSignals:
+    def __enter__(self) -> StepGuard:
         if threading.current_thread() is threading.main_thread():
             for sig in self.SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._handle)
@@ -194,9 +199,19 @@ class StopSignals:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
 
-    def agreed(self, comm: MPI.Comm) -> bool:
-        """True on every rank once any rank has received a stop signal."""
-        return bool(allreduce(comm, np.array([self.received is not None], dtype=np.int32), MAX)[0])
+    def stop_requested(self, loss_share: float, where: str) -> bool:
+        """True on every rank once any rank has received a stop signal; raises on every
+        rank, naming the ranks, if any rank's share of the loss is NaN or infinite."""
+        finite = bool(np.isfinite(loss_share))
+        flags = np.array([self.received is not None, not finite], dtype=np.int32)
+        allreduce(self.comm, flags, MAX)
+        if flags[1]:
+            def check() -> None:
+                if not finite:
+                    raise MpinnError(f"{where}: the loss is {loss_share} (diverged or bad data); "
+                                     "the last checkpoint is kept; try a smaller --lr")
+            agree(self.comm, check)
+        return bool(flags[0])
 
 
 def _totals(model: DistributedModel, n_samples: int, loss_sum: float, correct: int, labels: bool
@@ -246,24 +261,26 @@ def train(model: DistributedModel, data: LocalData, *, epochs: int, batch_size: 
         last = done + epochs
     result = TrainResult([], epoch=done)
 
-    with StopSignals() as signals:
-        def step() -> bool:
-            nonlocal step_count
+    stopping = False
+    with StepGuard(model.comm) as guard:
+        def step(loss_share: float) -> bool:
+            nonlocal step_count, stopping
+            if guard.stop_requested(loss_share, f"epoch {epoch}, step {step_count + 1}"):
+                stopping = True  # before the update: the checkpoint holds this step's start
+                return True
             engine.backward()
             optimizer.step()
             step_count += 1
-            return signals.agreed(model.comm)
+            return False
 
         for epoch in range(done + 1, last + 1):
             order = (np.random.default_rng([seed, epoch]).permutation(data.n_samples) if shuffle
                      else np.arange(data.n_samples))[skip * batch_size:]
             start = time.perf_counter()
             loss_sum, correct, batches = _run_batches(model, data, order, batch_size, step=step)
-            if signals.received is not None or signals.agreed(model.comm):
-                result.stopped_by = signals.received or "a signal on another rank"
-                result.epoch, result.batch = epoch - 1, skip + batches
-                if result.batch * batch_size >= data.n_samples:
-                    result.epoch, result.batch = epoch, 0
+            if stopping:
+                result.stopped_by = guard.received or "a signal on another rank"
+                result.epoch, result.batch = epoch - 1, skip + batches - 1
                 model.save(optimizer, keep, epoch=result.epoch, batch=result.batch,
                            step=step_count, seed=seed)
                 return result

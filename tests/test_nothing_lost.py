@@ -67,8 +67,8 @@ def assert_same_weights(a: Path, b: Path) -> None:
 
 
 def assert_valid_model(model: Path, data: Path) -> None:
+    """The file validates and evaluates (a leftover MODEL.partial is ignored and overwritten)."""
     ok(mpinn(2, "evaluate", str(model), "--data", str(data)))
-    assert not Path(f"{model}.partial").exists() or True  # a leftover partial is harmless
 
 
 @pytest.mark.parametrize("delay", [0.3, 0.9, 1.6])
@@ -128,3 +128,30 @@ def test_keep_retains_older_checkpoints(workload, tmp_path):
     assert len(kept) == 2 and all("epoch" in name for name in kept), kept
     for older in Path(f"{model}.checkpoints").iterdir():
         ok(mpinn(1, "evaluate", str(older), "--data", str(workload["data"])))
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 1.5 MB tmpfs: room for the model, not for a checkpoint with Adam's state."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1500k", "tmpfs", str(mount)],
+                          capture_output=True, text=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {made.stderr.strip()}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_full_disk_during_checkpoint_is_a_clear_error_and_keeps_the_model(small_disk):
+    model = small_disk / "model.h5"
+    ok(mpinn(1, "init", str(model), "--sizes", "64,384,384,10", "--seed", "1"))
+    before = model.read_bytes()
+    result = mpinn(2, "train", str(model), "--data", str(ROOT / "data/digits_train.h5"),
+                   "--optimizer", "adam", "--lr", "0.001", timeout=60)
+    assert result.returncode == 1
+    errors = [ln for ln in result.stderr.splitlines() if ln.startswith("mpinn: error:")]
+    assert len(errors) == 1 and "writing the checkpoint failed" in errors[0], result.stderr
+    assert "previous checkpoint in the file is intact" in errors[0]
+    assert model.read_bytes() == before
+    assert not Path(f"{model}.partial").exists()

@@ -1,0 +1,194 @@
+"""Bad input gets a clear error and changes nothing: property-based mutations of valid model,
+partition and data files. Each mutated file must give an MpinnError with a message or the
+correct result, never another exception, a hang or a modified file."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from mpi4py import MPI
+
+from mpinn import format as fmt
+from mpinn.data import load
+from mpinn.errors import MpinnError
+from mpinn.train import DistributedModel, PartitionChoice, evaluate, predict
+from tests.reference import Reference, assert_close
+
+SIZES = [6, 9, 4]
+EXAMPLES = int(os.environ.get("MPINN_HYPOTHESIS_EXAMPLES", 60))  # raise it to search harder
+FIXTURES = [HealthCheck.function_scoped_fixture]  # each example copies into its own file
+ACTS = ["relu", "softmax"]
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory) -> dict[str, Path]:
+    tmp = tmp_path_factory.mktemp("pristine")
+    model, data = tmp / "model.h5", tmp / "data.h5"
+    fmt.create_model(str(model), SIZES, ACTS, "float64", seed=1, comm=MPI.COMM_SELF)
+    from mpinn.describe import store_partition
+    store_partition(str(model), 1, "balanced", {}, "p", MPI.COMM_SELF)
+    rng = np.random.default_rng(0)
+    fmt.write_data(str(data), rng.random((12, 6)), rng.integers(0, 4, 12))
+    return {"model": model, "data": data}
+
+
+VALUES = st.one_of(
+    st.integers(-(2**62), 2**62), st.floats(allow_nan=True), st.text(max_size=8),
+    st.lists(st.integers(-3, 2**45), min_size=0, max_size=4), st.sampled_from(
+        ["relu", "softmax", "tanh", "dense", "csr", "identity", "sigmoid"]))
+
+MODEL_ATTRS = ["mpinn_format_version", "sizes", "layers/1:activation", "layers/2:activation",
+               "layers/1:storage", "partitions/p:nranks", "partitions/p:strategy",
+               "partitions/p:params", "state:epoch", "state:batch", "state:optimizer"]
+OBJECTS = ["layers", "layers/1", "layers/2/weight", "layers/1/bias", "partitions/p/owner"]
+DATASETS = ["layers/1/weight", "layers/2/bias", "partitions/p/owner"]
+SHAPES = st.lists(st.integers(0, 12), min_size=0, max_size=3).map(tuple)
+DTYPES = st.sampled_from(["f4", "f8", "i4", "i8", "f2", "u1"])
+
+
+@st.composite
+def model_mutations(draw):
+    kind = draw(st.sampled_from(["attr", "delete", "reshape", "nonfinite", "owner"]))
+    if kind == "attr":
+        return kind, draw(st.sampled_from(MODEL_ATTRS)), draw(VALUES)
+    if kind == "delete":
+        return kind, draw(st.sampled_from(OBJECTS + MODEL_ATTRS)), None
+    if kind == "reshape":
+        return kind, draw(st.sampled_from(DATASETS)), (draw(SHAPES), draw(DTYPES))
+    if kind == "nonfinite":
+        return kind, draw(st.sampled_from(["layers/1/weight", "layers/2/bias"])), \
+            draw(st.sampled_from([np.nan, np.inf, -np.inf]))
+    return kind, "partitions/p/owner", draw(st.lists(st.integers(-2, 3), min_size=19, max_size=19))
+
+
+def apply(path: Path, mutation) -> None:
+    kind, target, value = mutation
+    with h5py.File(path, "r+") as f:
+        obj_path, _, attr = target.partition(":")
+        holder, key = (f[obj_path], attr) if attr else (f, obj_path)
+        if kind == "attr":
+            # a value h5py cannot store as an attribute leaves the file as it was
+            with contextlib.suppress(TypeError, ValueError, OverflowError):
+                holder.attrs[key] = value
+        elif kind == "delete":
+            if target in OBJECTS:
+                del f[target]
+            elif key in holder.attrs:
+                del holder.attrs[key]
+        elif kind == "reshape":
+            shape, dtype = value
+            del f[target]
+            f.create_dataset(target, shape=shape, dtype=dtype)
+        elif kind == "nonfinite":
+            dset = f[target]
+            flat = dset[...].reshape(-1)
+            flat[len(flat) // 2] = value
+            dset[...] = flat.reshape(dset.shape)
+        else:
+            f[target][...] = np.asarray(value, dtype=np.int32)
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def run_model(model: Path, data: Path, partition: str | None) -> np.ndarray | None:
+    """Predict with the library on one rank; None where it refused with an MpinnError."""
+    try:
+        with DistributedModel(str(model), MPI.COMM_SELF, PartitionChoice(partition), 5) as dm:
+            local = load(str(data), dm.table, dm.spec.dtype, MPI.COMM_SELF)
+            evaluate(dm, local, 5)
+            return predict(dm, local, 5).T
+    except MpinnError as exc:
+        assert str(exc).strip(), "an error without a message"
+        return None
+
+
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=FIXTURES)
+@given(mutation=model_mutations(), use_partition=st.booleans())
+def test_mutated_model_gives_clear_error_or_correct_result(pristine, tmp_path, mutation,
+                                                          use_partition):
+    model = tmp_path / "model.h5"
+    shutil.copy(pristine["model"], model)
+    apply(model, mutation)
+    before = digest(model)
+    outputs = run_model(model, pristine["data"], "p" if use_partition else None)
+    assert digest(model) == before
+    if outputs is not None:
+        with h5py.File(pristine["data"], "r") as f:
+            x = f["X"][...]
+        _, acts = Reference.from_file(str(model)).forward(x.astype(outputs.dtype))
+        assert_close(outputs, acts[-1], outputs.dtype, "outputs of an accepted file")
+
+
+@st.composite
+def data_mutations(draw):
+    kind = draw(st.sampled_from(["x_shape", "y_shape", "labels", "x_values", "missing"]))
+    if kind in ("x_shape", "y_shape"):
+        return kind, (draw(SHAPES), draw(DTYPES))
+    if kind == "labels":
+        return kind, draw(st.lists(st.integers(-5, 9), min_size=12, max_size=12))
+    if kind == "x_values":
+        return kind, draw(st.sampled_from([np.nan, np.inf, -np.inf, 1e300]))
+    return kind, draw(st.sampled_from(["X", "y"]))
+
+
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=FIXTURES)
+@given(mutation=data_mutations())
+def test_mutated_data_gives_clear_error_or_correct_result(pristine, tmp_path, mutation):
+    data = tmp_path / "data.h5"
+    shutil.copy(pristine["data"], data)
+    kind, value = mutation
+    with h5py.File(data, "r+") as f:
+        if kind in ("x_shape", "y_shape"):
+            name = kind[0].upper() if kind == "x_shape" else "y"
+            del f[name]
+            f.create_dataset(name, shape=value[0], dtype=value[1])
+        elif kind == "labels":
+            f["y"][...] = np.asarray(value)
+        elif kind == "x_values":
+            f["X"][3, 2] = value
+        else:
+            del f[value]
+    before_model, before_data = digest(pristine["model"]), digest(data)
+    run_model(pristine["model"], data, None)
+    assert digest(pristine["model"]) == before_model and digest(data) == before_data
+
+
+def test_hostile_sizes_are_refused_before_allocation(tmp_path):
+    path = tmp_path / "huge.h5"
+    with h5py.File(path, "w") as f:
+        f.attrs["mpinn_format_version"] = 1
+        f.attrs["sizes"] = np.array([2**38, 2**38, 10])
+        for i, (n_in, n_out) in enumerate([(2**38, 2**38), (2**38, 10)], start=1):
+            g = f.create_group(f"layers/{i}")
+            g.attrs["activation"] = "relu" if i == 1 else "softmax"
+            g.attrs["storage"] = "dense"
+            g.create_dataset("weight", shape=(n_out, n_in), dtype="f4", chunks=(1, 1024))
+            g.create_dataset("bias", shape=(n_out,), dtype="f4", chunks=(min(n_out, 1024),))
+    with pytest.raises(MpinnError, match="exceeds this machine's memory|GiB are available"):
+        DistributedModel(str(path), MPI.COMM_SELF, PartitionChoice(), 5)
+
+
+def test_large_share_is_refused_before_allocation(tmp_path):
+    path = tmp_path / "big.h5"
+    with h5py.File(path, "w") as f:
+        f.attrs["mpinn_format_version"] = 1
+        f.attrs["sizes"] = np.array([2**21, 2**21, 2])
+        for i, (n_in, n_out) in enumerate([(2**21, 2**21), (2**21, 2)], start=1):
+            g = f.create_group(f"layers/{i}")
+            g.attrs["activation"] = "relu" if i == 1 else "softmax"
+            g.attrs["storage"] = "dense"
+            g.create_dataset("weight", shape=(n_out, n_in), dtype="f4", chunks=(1, 4096))
+            g.create_dataset("bias", shape=(n_out,), dtype="f4")
+    with pytest.raises(MpinnError, match="needs about .* GiB but only"):
+        DistributedModel(str(path), MPI.COMM_SELF, PartitionChoice(), 5)
