@@ -222,7 +222,7 @@ def create_model(path: str, sizes: Sequence[int], activations: Sequence[str], dt
                 w, b = init_rows(rng, stop - start, ly.n_in, ly.n_out, ly.activation, spec.dtype)
                 weight[start:stop] = w
                 bias[start:stop] = b
-        write_state_attrs(f, {"epoch": 0, "step": 0, "batch": 0, "seed": int(seed)})
+        write_state_attrs(f, {"epoch": 0, "step": 0, "batch": 0, "init_seed": int(seed)})
 
 
 # ---------------------------------------------------------------- crash-safe writes
@@ -450,7 +450,7 @@ def read_state_attrs(f: h5py.File) -> dict[str, Any]:
         values = {key: json.loads(value) for key, value in state.attrs.items()}
     except (TypeError, ValueError):
         raise MpinnError(f"{f.filename}: /state holds an attribute that is not JSON text") from None
-    for key in ("epoch", "step", "batch", "seed"):
+    for key in ("epoch", "step", "batch", "seed", "init_seed"):
         if not isinstance(values.get(key, 0), int) or values.get(key, 0) < 0:
             raise MpinnError(f"{f.filename}: /state attribute {key!r} must be a whole number")
     if not isinstance(values.get("optimizer", {}), dict):

@@ -255,7 +255,8 @@ def train(model: DistributedModel, data: LocalData, *, epochs: int, batch_size: 
     skip = int(model.state.get("batch", 0))
     step_count = int(model.state.get("step", 0))
     if resume:
-        seed = int(model.state.get("seed", seed))
+        if done or skip:  # an interrupted run keeps its own shuffling seed
+            seed = int(model.state.get("seed", seed))
         last = epochs
     else:
         last = done + epochs
