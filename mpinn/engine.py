@@ -9,6 +9,7 @@ calls MPI itself: every message goes through exchange.py.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -50,6 +51,7 @@ class Engine:
         self._max = np.empty(max_batch, dtype)
         self._sum = np.empty(max_batch, dtype)
         self._batch = 0
+        self.seconds_compute = 0.0  # GEMMs and elementwise kernels, for the benchmarks
 
     def _buf(self, flat: np.ndarray, rows: int, batch: int) -> np.ndarray:
         return flat[: rows * batch].reshape(rows, batch)
@@ -65,15 +67,23 @@ class Engine:
         activations = x_local
         last = len(self.shard.layers) - 1
         for i, (layer, plan) in enumerate(zip(self.shard.layers, self.plans, strict=True)):
-            gathered = plan.forward(activations)
+            gathered = plan.start_forward(activations)
             self.inputs.append(gathered)
             z = self._buf(self.z[i], layer.rows.size, batch)
             a = self._buf(self.a[i], layer.rows.size, batch)
-            kernels.dense_forward(layer.weight, layer.bias, gathered, out=z)
+            local, remote = slice(0, plan.n_own_inputs), slice(plan.n_own_inputs, None)
+            started = time.perf_counter()
+            kernels.block_forward(layer.weight, gathered, local, z, accumulate=False)
+            self.seconds_compute += time.perf_counter() - started
+            plan.finish_forward()
+            started = time.perf_counter()
+            kernels.block_forward(layer.weight, gathered, remote, z, accumulate=True)
+            z += layer.bias[:, None]
             if i == last and self.softmax:
                 self._softmax(z, a)
             else:
                 kernels.activate(layer.spec.activation, z, out=a)
+            self.seconds_compute += time.perf_counter() - started
             activations = a
         return activations
 
@@ -158,19 +168,31 @@ class Engine:
         layers = self.shard.layers
         for i in range(len(layers) - 1, -1, -1):
             layer: LayerShard = layers[i]
+            plan = self.plans[i]
             grad_z = self._buf(self.grad_z[i], layer.rows.size, batch)
-            grad_inputs = (self._buf(self.grad_inputs[i], layer.inputs.size, batch)
-                           if i > 0 else None)
+            started = time.perf_counter()
+            if i > 0:
+                # remote partial sums first, so they travel while the rest is computed
+                grad_inputs = self._buf(self.grad_inputs[i], layer.inputs.size, batch)
+                local, remote = slice(0, plan.n_own_inputs), slice(plan.n_own_inputs, None)
+                kernels.block_input_grad(layer.weight, grad_z, remote, grad_inputs)
+                self.seconds_compute += time.perf_counter() - started
+                plan.start_backward(grad_inputs)
+                started = time.perf_counter()
+                kernels.block_input_grad(layer.weight, grad_z, local, grad_inputs)
             kernels.dense_backward(layer.weight, self.inputs[i], grad_z,
-                                   self.grad_weight[i], self.grad_bias[i], grad_inputs)
+                                   self.grad_weight[i], self.grad_bias[i], None)
+            self.seconds_compute += time.perf_counter() - started
             if i == 0:
                 break
             below = layers[i - 1]
-            grad_a = self.plans[i].backward(grad_inputs)
+            grad_a = plan.finish_backward(grad_inputs)
+            started = time.perf_counter()
             z = self._buf(self.z[i - 1], below.rows.size, batch)
             a = self._buf(self.a[i - 1], below.rows.size, batch)
             kernels.activation_grad(below.spec.activation, z, a, grad_a)
             self._buf(self.grad_z[i - 1], below.rows.size, batch)[...] = grad_a
+            self.seconds_compute += time.perf_counter() - started
 
     def parameters(self) -> list[tuple[np.ndarray, np.ndarray]]:
         """(parameter, gradient) pairs of my rows, weights then bias per layer."""

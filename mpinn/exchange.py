@@ -27,10 +27,16 @@ from mpinn.metadata import MetadataTable
 T = TypeVar("T")
 
 
-def receive_order(needed: np.ndarray, owner: np.ndarray) -> np.ndarray:
-    """``needed`` input indices reordered by (owning rank, index): the receive-buffer layout."""
+def receive_order(needed: np.ndarray, owner: np.ndarray, rank: int, size: int) -> np.ndarray:
+    """``needed`` input indices in receive-buffer layout: my own inputs first, then those of
+    ranks rank+1, rank+2, ... (wrapping), ascending index within each owner.
+
+    Own inputs first makes the local block a leading run of columns, the remote block the
+    rest, as PETSc's diagonal and off-diagonal blocks: the local block is computed while
+    the remote inputs are still in flight.
+    """
     needed = np.asarray(needed, dtype=np.int64)
-    return needed[np.lexsort((needed, owner[needed]))]
+    return needed[np.lexsort((needed, (owner[needed] - rank) % size))]
 
 
 def dense_traffic(table: MetadataTable, layer: int) -> np.ndarray:
@@ -68,7 +74,10 @@ class ExchangePlan:
         self.recv_counts = np.bincount(owner[inputs], minlength=size).astype(np.int64)
         self.send_counts = np.zeros(size, dtype=np.int64)
         comm.Alltoall(self.recv_counts, self.send_counts)
-        self.recv_displs = _displacements(self.recv_counts)
+        # receive buffer: my own inputs first, then ranks rank+1, rank+2, ... (receive_order)
+        rotation = np.roll(np.arange(size), -rank)
+        self.recv_displs = np.empty(size, dtype=np.int64)
+        self.recv_displs[rotation] = _displacements(self.recv_counts[rotation])
         self.send_displs = _displacements(self.send_counts)
         requested = np.empty(int(self.send_counts.sum()), dtype=np.int64)
         comm.Alltoallv([np.ascontiguousarray(inputs, dtype=np.int64),
@@ -81,9 +90,10 @@ class ExchangePlan:
         self.send_index = local_index[requested]
         self.n_local = int(table.counts(layer - 1)[rank])
         self.n_inputs = int(inputs.size)
-        # my own inputs skip MPI: they are copied straight into their slot of the receive buffer
+        # my own inputs skip MPI: they are copied straight into the head of the receive buffer
+        self.n_own_inputs = int(self.recv_counts[rank])
         self.self_send = slice(self.send_displs[rank], self.send_displs[rank] + self.send_counts[rank])
-        self.self_recv = slice(self.recv_displs[rank], self.recv_displs[rank] + self.recv_counts[rank])
+        self.self_recv = slice(0, self.n_own_inputs)
         self.mpi_send_counts = self.send_counts.copy()
         self.mpi_recv_counts = self.recv_counts.copy()
         self.mpi_send_counts[rank] = 0
@@ -95,8 +105,13 @@ class ExchangePlan:
             shape=(self.n_local, n_send))
         self.send_buffer = np.empty(n_send * max_batch, dtype=self.dtype)
         self.recv_buffer = np.empty(self.n_inputs * max_batch, dtype=self.dtype)
-        self.bytes_sent = 0  # counted per call, for benchmarks and the traffic tests
+        self._request: MPI.Request | None = None
+        self._batch = 0
+        # counted per call, for benchmarks and the traffic tests
+        self.bytes_sent = 0
         self.bytes_received = 0
+        self.seconds_pack = 0.0  # packing, unpacking and summing partial sums
+        self.seconds_wait = 0.0  # posting the Ialltoallv and waiting for it
 
     def traffic(self) -> tuple[int, int]:
         """Neurons this rank sends to and receives from other ranks per sample, forward."""
@@ -111,41 +126,82 @@ class ExchangePlan:
         recv = self.recv_buffer[: self.n_inputs * batch].reshape(-1, batch)
         return send, recv
 
-    def _alltoallv(self, send: np.ndarray, send_counts: np.ndarray, send_displs: np.ndarray,
-                   recv: np.ndarray, recv_counts: np.ndarray, recv_displs: np.ndarray,
-                   batch: int) -> None:
-        self.comm.Alltoallv(
+    def _start(self, send: np.ndarray, send_counts: np.ndarray, send_displs: np.ndarray,
+               recv: np.ndarray, recv_counts: np.ndarray, recv_displs: np.ndarray,
+               batch: int) -> None:
+        started = time.perf_counter()
+        self._request = self.comm.Ialltoallv(
             [send, (send_counts * batch, send_displs * batch), self.mpi_type],
             [recv, (recv_counts * batch, recv_displs * batch), self.mpi_type])
+        self.seconds_wait += time.perf_counter() - started
         itemsize = self.dtype.itemsize
         self.bytes_sent += int(send_counts.sum()) * batch * itemsize
         self.bytes_received += int(recv_counts.sum()) * batch * itemsize
 
-    def forward(self, local: np.ndarray) -> np.ndarray:
-        """Gather the inputs of my rows, (n_inputs, batch) in receive order, from ``local``.
+    def _wait(self) -> None:
+        started = time.perf_counter()
+        assert self._request is not None, "finish without start"
+        self._request.Wait()
+        self._request = None
+        self.seconds_wait += time.perf_counter() - started
 
-        ``local`` holds the activations of the neurons of layer l-1 I own, (n_local, batch).
-        The result is a view of the plan's receive buffer, valid until the next ``forward``.
+    def start_forward(self, local: np.ndarray) -> np.ndarray:
+        """Pack and post the exchange of ``local`` (n_local, batch), my layer-(l-1) activations.
+
+        Returns the receive buffer (n_inputs, batch): its first ``n_own_inputs`` rows, my own
+        inputs, are ready at once; the rest after ``finish_forward``.
         """
-        batch = local.shape[1]
+        started = time.perf_counter()
+        batch = self._batch = local.shape[1]
         send, recv = self._views(batch)
         np.take(local, self.send_index, axis=0, out=send)
         recv[self.self_recv] = send[self.self_send]
-        self._alltoallv(send, self.mpi_send_counts, self.send_displs,
-                        recv, self.mpi_recv_counts, self.recv_displs, batch)
+        self.seconds_pack += time.perf_counter() - started
+        self._start(send, self.mpi_send_counts, self.send_displs,
+                    recv, self.mpi_recv_counts, self.recv_displs, batch)
         return recv
+
+    def finish_forward(self) -> None:
+        """Wait until the remote rows of the receive buffer have arrived."""
+        self._wait()
+
+    def forward(self, local: np.ndarray) -> np.ndarray:
+        """Gather the inputs of my rows, (n_inputs, batch) in receive order, from ``local``.
+
+        The result is a view of the plan's receive buffer, valid until the next ``forward``.
+        """
+        recv = self.start_forward(local)
+        self.finish_forward()
+        return recv
+
+    def start_backward(self, partial: np.ndarray) -> None:
+        """Post the return of the partial sums ``partial`` (n_inputs, batch) to their owners.
+
+        Only the remote rows (``n_own_inputs`` onwards) must be final when this is called;
+        my own rows are read by ``finish_backward``.
+        """
+        batch = self._batch = partial.shape[1]
+        send, _ = self._views(batch)
+        self._start(partial, self.mpi_recv_counts, self.recv_displs,
+                    send, self.mpi_send_counts, self.send_displs, batch)
+
+    def finish_backward(self, partial: np.ndarray) -> np.ndarray:
+        """Wait, then add up the partial sums of the neurons I own: (n_local, batch)."""
+        self._wait()
+        started = time.perf_counter()
+        send, _ = self._views(self._batch)
+        send[self.self_send] = partial[self.self_recv]
+        summed = self.accumulate @ send
+        self.seconds_pack += time.perf_counter() - started
+        return summed
 
     def backward(self, partial: np.ndarray) -> np.ndarray:
         """Add up, at their owners, the partial sums ``partial`` (n_inputs, batch) of my rows.
 
         Returns the summed gradient of the neurons of layer l-1 I own, (n_local, batch).
         """
-        batch = partial.shape[1]
-        send, _ = self._views(batch)
-        send[self.self_send] = partial[self.self_recv]
-        self._alltoallv(partial, self.mpi_recv_counts, self.recv_displs,
-                        send, self.mpi_send_counts, self.send_displs, batch)
-        return self.accumulate @ send
+        self.start_backward(partial)
+        return self.finish_backward(partial)
 
 
 def _displacements(counts: np.ndarray) -> np.ndarray:

@@ -67,6 +67,30 @@ def dense_forward(weight: np.ndarray, bias: np.ndarray, inputs: np.ndarray,
     return z
 
 
+def block_forward(weight: np.ndarray, inputs: np.ndarray, columns: slice, out: np.ndarray,
+                  accumulate: bool) -> None:
+    """``out (+)= weight[:, columns] @ inputs[columns]``: one block of a rank's pre-activations.
+
+    The engine computes the local-input block while the remote inputs are in flight, then
+    adds the remote block; an empty block writes zeros unless it accumulates.
+    """
+    w, x = weight[:, columns], inputs[columns]
+    if w.shape[1] == 0:
+        if not accumulate:
+            out.fill(0)
+    elif accumulate:
+        out += w @ x
+    else:
+        np.matmul(w, x, out=out)
+
+
+def block_input_grad(weight: np.ndarray, grad_z: np.ndarray, columns: slice,
+                     grad_inputs: np.ndarray) -> None:
+    """``grad_inputs[columns] = weight[:, columns]^T @ grad_z``: partial sums of one block."""
+    if weight[:, columns].shape[1]:
+        np.matmul(weight[:, columns].T, grad_z, out=grad_inputs[columns])
+
+
 def dense_backward(weight: np.ndarray, inputs: np.ndarray, grad_z: np.ndarray,
                    grad_weight: np.ndarray, grad_bias: np.ndarray,
                    grad_inputs: np.ndarray | None) -> None:

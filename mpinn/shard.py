@@ -68,7 +68,7 @@ class Shard:
         for ly in spec.layers:
             rows = table.rows(ly.index, rank)
             needed = np.arange(ly.n_in) if rows.size else np.zeros(0, dtype=np.int64)
-            inputs = receive_order(needed, table.layer_owner(ly.index - 1))
+            inputs = receive_order(needed, table.layer_owner(ly.index - 1), rank, table.nranks)
             group = f["layers"][str(ly.index)]
             weight = fmt.read_slice(group["weight"], rows)
             bias = fmt.read_slice(group["bias"], rows)

@@ -155,3 +155,14 @@ def test_full_disk_during_checkpoint_is_a_clear_error_and_keeps_the_model(small_
     assert "previous checkpoint in the file is intact" in errors[0]
     assert model.read_bytes() == before
     assert not Path(f"{model}.partial").exists()
+
+
+def test_same_seed_ranks_and_strategy_give_bitwise_identical_runs(workload, tmp_path):
+    runs = []
+    for name in ("a", "b"):
+        model = tmp_path / f"{name}.h5"
+        model.write_bytes(workload["initial"].read_bytes())
+        ok(mpinn(3, "train", str(model), "--data", str(workload["data"]), "--epochs", "1",
+                 "--strategy", "percentage", "--percentages", "50,30,20", *TRAIN, timeout=300))
+        runs.append(model)
+    assert_same_weights(*runs)
