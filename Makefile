@@ -10,7 +10,7 @@ export OMPI_MCA_mpi_yield_when_idle=1
 # a failing MPI run is killed after this many seconds rather than left to hang
 MPI_TIMEOUT ?= 900
 
-.PHONY: setup test test-serial test-mpi lint run clean
+.PHONY: setup test test-serial test-mpi lint run bench clean
 
 setup: $(VENV)/.setup-done
 
@@ -31,13 +31,19 @@ test-mpi: setup
 	done
 
 lint: setup
-	$(VENV)/bin/ruff check mpinn tests scripts
+	$(VENV)/bin/ruff check mpinn tests scripts benchmarks
 
 run: setup
 	$(PY) -m mpinn init /tmp/mpinn-demo.h5 --sizes 64,256,256,10 --seed 1 --force
 	$(MPIRUN) -n $(NP) $(PY) -m mpinn train /tmp/mpinn-demo.h5 --data data/digits_train.h5 \
 	  --epochs 20 --batch-size 64 --lr 0.1
 	$(MPIRUN) -n $(NP) $(PY) -m mpinn evaluate /tmp/mpinn-demo.h5 --data data/digits_test.h5
+
+# figures next to their ceilings; PyTorch (the peer) is installed here, not by setup
+bench: setup
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0 || true
+	$(PY) benchmarks/train_mlp.py --ranks $(or $(P),2)
+	$(PY) benchmarks/memory.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

@@ -56,13 +56,16 @@ class SGD(Optimizer):
         return {**super().config(), "momentum": self.momentum}
 
     def step(self) -> None:
+        # in place, no temporaries: the gradient buffers are rewritten by the next backward
         for i, (param, grad) in enumerate(self.params):
             if self.momentum:
                 velocity = self.state["momentum"][i]
                 velocity *= self.momentum
                 velocity += grad
-                grad = velocity
-            param -= self.lr * grad
+                np.multiply(velocity, -self.lr, out=grad)
+            else:
+                grad *= -self.lr
+            param += grad
 
 
 class Adam(Optimizer):
@@ -88,15 +91,22 @@ class Adam(Optimizer):
         correction1 = 1 - self.beta1 ** self.t
         correction2 = 1 - self.beta2 ** self.t
         step_size = self.lr / correction1
+        root2 = np.sqrt(correction2)
+        # in place: the gradient buffer serves as scratch once m and v have taken it in
         for i, (param, grad) in enumerate(self.params):
             m, v = self.state["m"][i], self.state["v"][i]
             m *= self.beta1
             m += (1 - self.beta1) * grad
             v *= self.beta2
-            v += (1 - self.beta2) * grad * grad
-            denom = np.sqrt(v) / np.sqrt(correction2)
-            denom += self.eps
-            param -= step_size * m / denom
+            grad *= grad
+            grad *= 1 - self.beta2
+            v += grad
+            np.sqrt(v, out=grad)
+            grad /= root2
+            grad += self.eps
+            np.divide(m, grad, out=grad)
+            grad *= -step_size
+            param += grad
 
 
 def make_optimizer(name: str, params: list[tuple[np.ndarray, np.ndarray]], lr: float,

@@ -76,6 +76,7 @@ class DistributedModel:
             raise
         self.state = fmt.read_state_attrs(self.file)
         self.partitions = fmt.read_partitions(self.file)
+        self.seconds_io = 0.0  # spent writing checkpoints
 
     def _check_finite(self) -> None:
         for layer in self.shard.layers:
@@ -128,6 +129,7 @@ class DistributedModel:
         # the file being replaced is kept (keep > 1) under the name of the state it holds
         label = f"epoch{self.state.get('epoch', 0)}-step{self.state.get('step', 0)}.h5"
         self.state.update(state)
+        started = time.perf_counter()
         with fmt.Checkpoint(self.path, self.spec, self.partitions, self.comm, keep, label) as f:
             self.shard.save(f)
             if optimizer is not None:
@@ -137,6 +139,7 @@ class DistributedModel:
                     fmt.write_slice(dset, layer.rows, values)
                 self.state["optimizer"] = optimizer.config()
             fmt.write_state_attrs(f, self.state)
+        self.seconds_io += time.perf_counter() - started
 
 
 @dataclass
@@ -227,6 +230,7 @@ class TrainResult:
     stopped_by: str | None = None  # the signal that preempted the run, if any
     epoch: int = 0                 # epochs completed when it ended
     batch: int = 0                 # batches done of the next epoch (preemption only)
+    seconds_optimizer: float = 0.0
 
 
 def train(model: DistributedModel, data: LocalData, *, epochs: int, batch_size: int, lr: float,
@@ -270,7 +274,9 @@ def train(model: DistributedModel, data: LocalData, *, epochs: int, batch_size: 
                 stopping = True  # before the update: the checkpoint holds this step's start
                 return True
             engine.backward()
+            started = time.perf_counter()
             optimizer.step()
+            result.seconds_optimizer += time.perf_counter() - started
             step_count += 1
             return False
 

@@ -1,0 +1,266 @@
+"""Dense MLP training throughput of mpinn next to its ceilings (not a test: nothing is asserted).
+
+One invocation runs, on the same layer sizes, batch and step count:
+  * the machine's float32/float64 GEMM peak with 1 and P threads (the ceiling),
+  * mpinn under ``mpirun -n P`` with one BLAS thread per rank, through the real ``train``
+    path (exchange plans, step guard, optimizer), with its time split per step,
+  * PyTorch (CPU) in one process with P threads (``--peer torch``; needs torch),
+  * a plain single-process numpy loop with P BLAS threads, the no-MPI baseline.
+
+    python benchmarks/train_mlp.py --ranks 2 --sizes 784,4096,4096,4096,10 --batch 256 --steps 8
+
+FLOPs per sample and step count the forward GEMM (2 n_in n_out per layer), the weight
+gradient (2 n_in n_out) and the input gradient (2 n_in n_out, not for the first layer).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BLAS_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def flops_per_sample(sizes: list[int]) -> int:
+    pairs = list(zip(sizes[:-1], sizes[1:], strict=True))
+    return sum(6 * a * b for a, b in pairs) - 2 * pairs[0][0] * pairs[0][1]
+
+
+def child_env(threads: int) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in BLAS_VARS and k != "MPINN_AUTO_THREADS"}
+    env.update({k: str(threads) for k in BLAS_VARS})
+    env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
+               PYTHONPATH=str(ROOT))
+    return env
+
+
+def run_json(cmd: list[str], threads: int, timeout: float = 1800, lines: int = 1) -> dict:
+    """The JSON object a worker prints last (with ``lines`` > 1, the last ``lines`` of them)."""
+    out = subprocess.run(cmd, capture_output=True, text=True, env=child_env(threads),
+                         timeout=timeout, cwd=ROOT)
+    if out.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd[:6])} ... failed:\n{out.stdout}\n{out.stderr}")
+    found = [json.loads(line) for line in out.stdout.strip().splitlines()[-lines:]]
+    return found[0] if lines == 1 else {"all": found}
+
+
+# ------------------------------------------------------------------ workers (child processes)
+
+
+def worker_gemm(args: argparse.Namespace) -> None:
+    import numpy as np
+    n, k, m = 4096, 4096, args.batch
+    a = np.random.default_rng(0).random((n, k)).astype(args.dtype)
+    b = np.random.default_rng(1).random((k, m)).astype(args.dtype)
+    a @ b
+    reps, start = 0, time.perf_counter()
+    while time.perf_counter() - start < 4.0:
+        a @ b
+        reps += 1
+    print(json.dumps({"gflops": 2 * n * k * m * reps / (time.perf_counter() - start) / 1e9}))
+
+
+def worker_mpinn(args: argparse.Namespace) -> None:
+    import numpy as np
+    from mpi4py import MPI
+
+    from mpinn.data import load
+    from mpinn.train import DistributedModel, PartitionChoice, train
+
+    comm = MPI.COMM_WORLD
+    choice = PartitionChoice(None, args.strategy, {})
+    with DistributedModel(args.model, comm, choice, args.batch) as model:
+        data = load(args.data, model.table, model.spec.dtype, comm)
+        # one warm-up epoch: first-touch of buffers and BLAS start-up are not measured
+        train(model, data, epochs=1, batch_size=args.batch, lr=1e-3, shuffle=False)
+        engine, plans = model.engine, model.engine.plans
+        engine.seconds_compute = model.seconds_io = 0.0
+        for plan in plans:
+            plan.seconds_pack = plan.seconds_wait = 0.0
+            plan.bytes_sent = plan.bytes_received = 0
+        comm.Barrier()
+        start = time.perf_counter()
+        result = train(model, data, epochs=1, batch_size=args.batch, lr=1e-3, shuffle=False)
+        total = time.perf_counter() - start
+        steps = data.n_samples // args.batch
+        parts = {"compute": engine.seconds_compute,
+                 "pack": sum(p.seconds_pack for p in plans),
+                 "comm_wait": sum(p.seconds_wait for p in plans),
+                 "optimizer": result.seconds_optimizer,
+                 "io": model.seconds_io}
+        parts["python_other"] = total - sum(parts.values())
+        parts = {k: v / steps for k, v in parts.items()}
+        sent = sum(p.bytes_sent for p in plans) / steps
+        rss = _peak_rss()
+    everything = comm.gather({"parts": parts, "sent": sent, "rss": rss,
+                              "train_seconds": total - model.seconds_io}, root=0)
+    if comm.rank == 0:
+        slowest = max(everything, key=lambda e: e["train_seconds"])
+        print(json.dumps({"samples_per_second": data.n_samples / slowest["train_seconds"],
+                          "io_seconds": max(e["parts"]["io"] for e in everything) * steps,
+                          "ranks": everything}))
+    del np
+
+
+def worker_torch(args: argparse.Namespace) -> None:
+    import torch
+    torch.set_num_threads(args.threads)
+    sizes = [int(n) for n in args.sizes.split(",")]
+    dtype = getattr(torch, args.dtype)
+    layers: list[torch.nn.Module] = []
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
+        layers.append(torch.nn.Linear(a, b, dtype=dtype))
+        if i < len(sizes) - 2:
+            layers.append(torch.nn.ReLU())
+    net = torch.nn.Sequential(*layers)
+    opt = torch.optim.SGD(net.parameters(), lr=1e-3)
+    x = torch.rand(args.batch, sizes[0], dtype=dtype)
+    y = torch.randint(0, sizes[-1], (args.batch,))
+    loss_fn = torch.nn.CrossEntropyLoss()
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=False)
+        loss_fn(net(x), y).backward()
+        opt.step()
+
+    step()
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    print(json.dumps({"samples_per_second": args.steps * args.batch / (time.perf_counter() - start),
+                      "version": torch.__version__}))
+
+
+def worker_numpy(args: argparse.Namespace) -> None:
+    import numpy as np
+    sizes = [int(n) for n in args.sizes.split(",")]
+    rng = np.random.default_rng(0)
+    ws = [rng.uniform(-0.05, 0.05, (b, a)).astype(args.dtype)
+          for a, b in zip(sizes, sizes[1:], strict=False)]
+    bs = [np.zeros(b, args.dtype) for b in sizes[1:]]
+    x = rng.random((args.batch, sizes[0])).astype(args.dtype)
+    y = rng.integers(0, sizes[-1], args.batch)
+
+    def step() -> None:
+        acts = [x]
+        for i, (w, b) in enumerate(zip(ws, bs, strict=True)):
+            z = acts[-1] @ w.T + b
+            acts.append(np.maximum(z, 0) if i < len(ws) - 1 else z)
+        z = acts[-1]
+        p = np.exp(z - z.max(1, keepdims=True))
+        p /= p.sum(1, keepdims=True)
+        p[np.arange(len(y)), y] -= 1
+        dz = p / len(y)
+        for i in range(len(ws) - 1, -1, -1):
+            gw, gb = dz.T @ acts[i], dz.sum(0)
+            if i:
+                dz = (dz @ ws[i]) * (acts[i] > 0)
+            ws[i] -= 1e-3 * gw
+            bs[i] -= 1e-3 * gb
+
+    step()
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    print(json.dumps({"samples_per_second": args.steps * args.batch / (time.perf_counter() - start)}))
+
+
+def _peak_rss() -> int:
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+# ------------------------------------------------------------------ driver
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sizes", default="784,4096,4096,4096,10")
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--ranks", type=int, default=2)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    parser.add_argument("--strategy", default="balanced")
+    parser.add_argument("--peer", default="torch", choices=["torch", "none"])
+    parser.add_argument("--worker", choices=["gemm", "mpinn", "torch", "numpy"], help=argparse.SUPPRESS)
+    parser.add_argument("--model", help=argparse.SUPPRESS)
+    parser.add_argument("--data", help=argparse.SUPPRESS)
+    parser.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        {"gemm": worker_gemm, "mpinn": worker_mpinn, "torch": worker_torch,
+         "numpy": worker_numpy}[args.worker](args)
+        return
+
+    sizes = [int(n) for n in args.sizes.split(",")]
+    p = args.ranks
+    me = [sys.executable, str(Path(__file__).resolve())]
+    common = ["--sizes", args.sizes, "--batch", str(args.batch), "--steps", str(args.steps),
+              "--dtype", args.dtype]
+    flops = flops_per_sample(sizes)
+    params = sum(a * b + b for a, b in zip(sizes, sizes[1:], strict=False))
+    print(f"dense MLP {args.sizes}, {params / 1e6:.1f} M parameters, {args.dtype}, batch "
+          f"{args.batch}, {args.steps} steps, P = {p}, strategy {args.strategy}; "
+          f"{flops / 1e6:.1f} MFLOP per sample and step", flush=True)
+
+    peak1 = run_json([*me, "--worker", "gemm", *common], 1)["gflops"]
+    threaded = run_json([*me, "--worker", "gemm", *common], p)["gflops"]
+    # P single-threaded processes at once: the ceiling of P ranks with one BLAS thread each
+    concurrent = sum(r["gflops"] for r in run_json(
+        ["mpirun", "--oversubscribe", "-n", str(p), *me, "--worker", "gemm", *common], 1,
+        lines=p)["all"])
+    peak_p = max(threaded, concurrent)
+    print(f"GEMM peak ({args.dtype}, 4096x4096 @ 4096x{args.batch}): {peak1:.1f} GFLOP/s on 1 "
+          f"thread; {threaded:.1f} GFLOP/s with {p} threads in one process; {concurrent:.1f} "
+          f"GFLOP/s with {p} single-threaded processes at once. Ceiling: {peak_p:.1f} GFLOP/s",
+          flush=True)
+
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="mpinn-bench-") as tmp:
+        model, data = f"{tmp}/model.h5", f"{tmp}/data.h5"
+        env_cmd = [sys.executable, "-m", "mpinn"]
+        for cmd in ([*env_cmd, "init", model, "--sizes", args.sizes, "--dtype", args.dtype],
+                    [*env_cmd, "data", "classification", data, "--samples",
+                     str(args.batch * args.steps), "--features", str(sizes[0]), "--outputs",
+                     str(sizes[-1]), "--dtype", args.dtype]):
+            subprocess.run(cmd, check=True, capture_output=True, env=child_env(p), cwd=ROOT)
+        mp = run_json(["mpirun", "--oversubscribe", "-n", str(p), *me, "--worker", "mpinn",
+                       "--model", model, "--data", data, "--strategy", args.strategy, *common], 1)
+    rows.append((f"mpinn, mpirun -n {p}, 1 thread/rank", mp["samples_per_second"]))
+    if args.peer == "torch":
+        try:
+            torch = run_json([*me, "--worker", "torch", "--threads", str(p), *common], p)
+            rows.append((f"PyTorch {torch['version']}, {p} threads", torch["samples_per_second"]))
+        except SystemExit as exc:
+            print(f"(PyTorch peer skipped: {str(exc).splitlines()[-1]})")
+    numpy_row = run_json([*me, "--worker", "numpy", *common], p)
+    rows.append((f"numpy loop, 1 process, {p} threads", numpy_row["samples_per_second"]))
+
+    torch_sps = next((sps for name, sps in rows if name.startswith("PyTorch")), None)
+    print(f"\n{'run':<40} {'samples/s':>10} {'GFLOP/s':>9} {'% of peak':>9} {'vs torch':>9}")
+    for name, sps in rows:
+        gflops = sps * flops / 1e9
+        ratio = f"{sps / torch_sps:.2f}x" if torch_sps else "-"
+        print(f"{name:<40} {sps:>10.1f} {gflops:>9.1f} {100 * gflops / peak_p:>8.0f}% {ratio:>9}")
+    print(f"{'ceiling: GEMM peak, ' + str(p) + ' threads':<40} {peak_p * 1e9 / flops:>10.1f} "
+          f"{peak_p:>9.1f} {100:>8.0f}%")
+
+    print("\nmpinn time per step, per rank (ms):")
+    keys = ["compute", "pack", "comm_wait", "optimizer", "python_other"]
+    print(f"  {'rank':>4} " + " ".join(f"{k:>12}" for k in keys) + f" {'sent MB':>8} {'peak RSS MB':>11}")
+    for r, entry in enumerate(mp["ranks"]):
+        print(f"  {r:>4} " + " ".join(f"{1e3 * entry['parts'][k]:>12.1f}" for k in keys)
+              + f" {entry['sent'] / 1e6:>8.1f} {entry['rss'] / 2**20:>11.0f}")
+    print(f"  checkpoint write (I/O), once per run: {mp['io_seconds']:.2f} s; "
+          f"model {params * (4 if args.dtype == 'float32' else 8) / 2**20:.0f} MiB")
+
+
+if __name__ == "__main__":
+    main()
