@@ -6,6 +6,8 @@ plan's receive buffer multiplies them directly; ``save`` puts them back in file 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import h5py
@@ -28,15 +30,41 @@ class LayerShard:
     weight: np.ndarray  # (rows, inputs), columns in receive order
     bias: np.ndarray    # (rows,)
 
-    def to_file_columns(self, values: np.ndarray) -> np.ndarray:
-        """A (rows, inputs) array in receive order as (rows, n_in) in file column order."""
-        full = np.zeros((values.shape[0], self.spec.n_in), dtype=values.dtype)
-        full[:, self.inputs] = values
-        return full
+    @contextmanager
+    def file_columns(self, values: np.ndarray) -> Iterator[np.ndarray]:
+        """A (rows, inputs) array in receive order, seen as (rows, n_in) in file column order.
+
+        When the rows read every input (dense layers) the columns are permuted in place,
+        a block of rows at a time, and put back afterwards: saving never copies the shard.
+        """
+        if self.inputs.size != self.spec.n_in:
+            full = np.zeros((values.shape[0], self.spec.n_in), dtype=values.dtype)
+            full[:, self.inputs] = values
+            yield full
+            return
+        _permute_columns(values, np.argsort(self.inputs))
+        try:
+            yield values
+        finally:
+            _permute_columns(values, self.inputs)
 
     def from_file_columns(self, values: np.ndarray) -> np.ndarray:
-        """A (rows, n_in) array read from the file, reordered to receive order."""
-        return np.ascontiguousarray(values[:, self.inputs])
+        """A (rows, n_in) array read from the file, reordered to receive order (in place
+        when the rows read every input)."""
+        if self.inputs.size != self.spec.n_in:
+            return np.ascontiguousarray(values[:, self.inputs])
+        _permute_columns(values, self.inputs)
+        return values
+
+
+def _permute_columns(values: np.ndarray, order: np.ndarray, block_bytes: int = 1 << 24) -> None:
+    """``values[:] = values[:, order]`` in blocks of rows, so the copy is at most a block."""
+    if not values.size or np.array_equal(order, np.arange(order.size)):
+        return
+    step = max(1, block_bytes // max(1, values.shape[1] * values.itemsize))
+    for start in range(0, values.shape[0], step):
+        block = values[start:start + step]
+        block[...] = block[:, order]
 
 
 @dataclass
@@ -81,7 +109,8 @@ class Shard:
         """Write this rank's rows back into the model file (collective)."""
         for shard in self.layers:
             group = f["layers"][str(shard.spec.index)]
-            fmt.write_slice(group["weight"], shard.rows, shard.to_file_columns(shard.weight))
+            with shard.file_columns(shard.weight) as weight:
+                fmt.write_slice(group["weight"], shard.rows, weight)
             fmt.write_slice(group["bias"], shard.rows, shard.bias)
 
     @property

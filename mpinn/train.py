@@ -135,8 +135,11 @@ class DistributedModel:
             if optimizer is not None:
                 for layer, name, shape, array in self._slots(optimizer):
                     dset = fmt.state_dataset(f, layer.spec.index, name, shape, self.spec.dtype)
-                    values = layer.to_file_columns(array) if array.ndim == 2 else array
-                    fmt.write_slice(dset, layer.rows, values)
+                    if array.ndim == 2:
+                        with layer.file_columns(array) as values:
+                            fmt.write_slice(dset, layer.rows, values)
+                    else:
+                        fmt.write_slice(dset, layer.rows, array)
                 self.state["optimizer"] = optimizer.config()
             fmt.write_state_attrs(f, self.state)
         self.seconds_io += time.perf_counter() - started

@@ -103,8 +103,8 @@ def test_gradients_of_owned_rows_equal_reference(strategy, mpi_tmp_path):
         engine.loss_and_grad(engine.forward(xb), labels, None)
         engine.backward()
         for i, layer in enumerate(model.shard.layers):
-            assert_close(layer.to_file_columns(engine.grad_weight[i]), gw[i][layer.rows], "float64",
-                         f"layer {i + 1} weight gradient")
+            with layer.file_columns(engine.grad_weight[i]) as grad_weight:
+                assert_close(grad_weight, gw[i][layer.rows], "float64", f"layer {i + 1} weight gradient")
             assert_close(engine.grad_bias[i], gb[i][layer.rows], "float64", f"layer {i + 1} bias grad")
 
 
