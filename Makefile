@@ -23,10 +23,13 @@ test: setup lint test-serial test-mpi
 test-serial: setup
 	$(PY) -m pytest -q -p no:cacheprovider tests
 
+# every rank runs the tests; only rank 0's report reaches stdout (failures on any rank are
+# printed to stderr by tests/conftest.py before the job is aborted)
 test-mpi: setup
 	@for n in 1 2 3 4; do \
 	  echo "== MPI tests on $$n ranks"; \
-	  timeout -k 10 $(MPI_TIMEOUT) $(MPIRUN) -n $$n $(PY) -m pytest -q -p no:cacheprovider \
+	  timeout -k 10 $(MPI_TIMEOUT) $(MPIRUN) -n $$n sh -c '[ "$$OMPI_COMM_WORLD_RANK" = 0 ] || \
+	    exec >/dev/null; exec "$$0" "$$@"' $(PY) -m pytest -q -p no:cacheprovider \
 	    --color=no --with-mpi -m mpi tests || exit 1; \
 	done
 

@@ -75,11 +75,14 @@ def worker_mpinn(args: argparse.Namespace) -> None:
     from mpinn.train import DistributedModel, PartitionChoice, train
 
     comm = MPI.COMM_WORLD
-    choice = PartitionChoice(None, args.strategy, {})
+    params = ({"layer_ranks": [int(r) for r in args.layer_ranks.split(",")]}
+              if args.layer_ranks else {})
+    choice = PartitionChoice(None, args.strategy, params)
     with DistributedModel(args.model, comm, choice, args.batch) as model:
         data = load(args.data, model.table, model.spec.dtype, comm)
         # one warm-up epoch: first-touch of buffers and BLAS start-up are not measured
-        train(model, data, epochs=1, batch_size=args.batch, lr=1e-3, shuffle=False)
+        train(model, data, epochs=1, batch_size=args.batch, lr=1e-3, shuffle=False,
+              micro_batches=args.micro_batches)
         engine, plans = model.engine, model.engine.plans
         engine.seconds_compute = model.seconds_io = 0.0
         for plan in plans:
@@ -87,7 +90,8 @@ def worker_mpinn(args: argparse.Namespace) -> None:
             plan.bytes_sent = plan.bytes_received = 0
         comm.Barrier()
         start = time.perf_counter()
-        result = train(model, data, epochs=1, batch_size=args.batch, lr=1e-3, shuffle=False)
+        result = train(model, data, epochs=1, batch_size=args.batch, lr=1e-3, shuffle=False,
+                       micro_batches=args.micro_batches)
         total = time.perf_counter() - start
         steps = data.n_samples // args.batch
         parts = {"compute": engine.seconds_compute,
@@ -188,6 +192,8 @@ def main() -> None:
     parser.add_argument("--ranks", type=int, default=2)
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     parser.add_argument("--strategy", default="balanced")
+    parser.add_argument("--layer-ranks", default="", help="owner of each layer (strategy layers)")
+    parser.add_argument("--micro-batches", type=int, default=1)
     parser.add_argument("--peer", default="torch", choices=["torch", "none"])
     parser.add_argument("--worker", choices=["gemm", "mpinn", "torch", "numpy"], help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)

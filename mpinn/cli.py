@@ -78,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--keep", type=int, default=1, metavar="K",
                            help="checkpoints to keep: the model file and K-1 older ones in "
                            "MODEL.checkpoints/ (default 1)")
+            p.add_argument("--micro-batches", type=int, default=1, metavar="M",
+                           help="run each batch as a pipeline of M micro-batches (GPipe); pays "
+                           "off when ranks own whole layers (--strategy layers)")
             p.add_argument("--resume", action="store_true",
                            help="continue the stored run until --epochs epochs are complete in all")
         if name == "predict":
@@ -159,7 +162,8 @@ def run(args: argparse.Namespace) -> int:
                 model, data, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                 optimizer_name=args.optimizer, momentum=args.momentum, seed=args.seed,
                 shuffle=not args.no_shuffle, checkpoint_every=args.checkpoint_every,
-                keep=args.keep, resume=args.resume, report=loop.print_epoch if rank0 else None)
+                keep=args.keep, resume=args.resume, micro_batches=args.micro_batches,
+                report=loop.print_epoch if rank0 else None)
             if rank0 and result.stopped_by:
                 print(f"mpinn: stopped by {result.stopped_by}: checkpoint committed at epoch "
                       f"{result.epoch}, batch {result.batch}; continue with --resume", flush=True)

@@ -17,7 +17,7 @@ from mpi4py import MPI
 
 from mpinn import kernels
 from mpinn.errors import inject_fault
-from mpinn.exchange import MAX, MIN, SUM, ExchangePlan, allreduce
+from mpinn.exchange import MAX, MIN, SUM, ExchangePlan, allreduce, dense_traffic
 from mpinn.shard import LayerShard, Shard
 
 
@@ -52,6 +52,10 @@ class Engine:
         self._sum = np.empty(max_batch, dtype)
         self._batch = 0
         self.seconds_compute = 0.0  # GEMMs and elementwise kernels, for the benchmarks
+        # pipeline stages: a new one starts where a layer's inputs cross ranks (pure, same
+        # on every rank since the table is)
+        crossing = [dense_traffic(shard.table, s.spec.index).sum() > 0 for s in shard.layers]
+        self.stages = np.cumsum([0] + [int(c) for c in crossing[1:]]).tolist()
 
     def _buf(self, flat: np.ndarray, rows: int, batch: int) -> np.ndarray:
         return flat[: rows * batch].reshape(rows, batch)
@@ -73,11 +77,13 @@ class Engine:
             a = self._buf(self.a[i], layer.rows.size, batch)
             local, remote = slice(0, plan.n_own_inputs), slice(plan.n_own_inputs, None)
             started = time.perf_counter()
-            kernels.block_forward(layer.weight, gathered, local, z, accumulate=False)
+            kernels.block_forward(layer.weight, gathered, local, z)
             self.seconds_compute += time.perf_counter() - started
             plan.finish_forward()
             started = time.perf_counter()
-            kernels.block_forward(layer.weight, gathered, remote, z, accumulate=True)
+            kernels.block_forward(layer.weight, gathered, remote, z,
+                                  # the dL/dz buffer is free until backward
+                                  scratch=self._buf(self.grad_z[i], layer.rows.size, batch))
             z += layer.bias[:, None]
             if i == last and self.softmax:
                 self._softmax(z, a)
@@ -102,14 +108,13 @@ class Engine:
         allreduce(self.comm, gsum, SUM)
         out /= gsum[None, :]
 
-    def predicted_class(self, outputs: np.ndarray) -> np.ndarray:
+    def predicted_class(self, outputs: np.ndarray, z: np.ndarray) -> np.ndarray:
         """Index of the largest output per sample, lowest index on ties, over all ranks."""
         batch = outputs.shape[1]
+        gmax = self._max[:batch]
         if self.softmax:
-            gmax = self._max[:batch]  # softmax already reduced max(z); argmax z == argmax p
-            values = self._buf(self.z[-1], self.output_rows.size, batch)
+            values = z  # softmax already reduced max(z) into gmax; argmax z == argmax p
         else:
-            gmax = self._max[:batch]
             if outputs.shape[0]:
                 np.max(outputs, axis=0, out=gmax)
             else:
@@ -125,29 +130,36 @@ class Engine:
 
     def loss_and_grad(self, outputs: np.ndarray, labels: np.ndarray | None,
                       targets: np.ndarray | None) -> BatchResult:
-        """Loss of the batch and dL/dz of my output rows (stored for ``backward``).
-
-        Softmax with integer labels: mean cross-entropy. Otherwise (1/2B) * sum of squared
-        errors against ``targets`` (my output rows, neuron-major) or one-hot ``labels``.
-        """
+        """Loss of the batch and dL/dz of my output rows (stored for ``backward``)."""
         batch = outputs.shape[1]
+        rows = self.output_rows.size
+        return self._output_grad(self._buf(self.z[-1], rows, batch), outputs, labels, targets,
+                                 self._buf(self.grad_z[-1], rows, batch), batch)
+
+    def _output_grad(self, z: np.ndarray, outputs: np.ndarray, labels: np.ndarray | None,
+                     targets: np.ndarray | None, grad: np.ndarray, divisor: int) -> BatchResult:
+        """Loss share and dL/dz (into ``grad``) of my output rows for these samples.
+
+        Softmax with integer labels: cross-entropy. Otherwise half the squared error against
+        ``targets`` (my output rows, neuron-major) or one-hot ``labels``. Both are divided by
+        ``divisor``, the size of the whole batch, also when these samples are a micro-batch.
+        """
         layer = self.shard.layers[-1]
-        z = self._buf(self.z[-1], layer.rows.size, batch)
-        grad = self._buf(self.grad_z[-1], layer.rows.size, batch)
         correct = 0
         if labels is not None:
             hits = kernels.label_hits(self.output_rows, labels)
-            correct = int(np.count_nonzero(self.predicted_class(outputs) == labels))
+            correct = int(np.count_nonzero(self.predicted_class(outputs, z) == labels))
         if labels is not None and self.softmax:
+            batch = outputs.shape[1]
             log_sum = np.log(self._sum[:batch])
             loss = kernels.cross_entropy_local(z, self._max[:batch], log_sum, hits)
             np.subtract(outputs, hits, out=grad)
-            grad /= batch
+            grad /= divisor
         else:
             target = hits.astype(outputs.dtype) if labels is not None else targets
             loss = kernels.squared_error_local(outputs, target)
             np.subtract(outputs, target, out=grad)
-            grad /= batch
+            grad /= divisor
             if self.softmax:
                 # softmax Jacobian: dz_i = p_i (g_i - sum_j p_j g_j), the sum over all ranks
                 dot = np.einsum("ij,ij->j", outputs, grad)
@@ -193,6 +205,116 @@ class Engine:
             kernels.activation_grad(below.spec.activation, z, a, grad_a)
             self._buf(self.grad_z[i - 1], below.rows.size, batch)[...] = grad_a
             self.seconds_compute += time.perf_counter() - started
+
+    # ------------------------------------------------------------ micro-batch pipeline
+
+    def pipelined_step(self, x_local: np.ndarray, labels: np.ndarray | None,
+                       targets: np.ndarray | None, micro_batches: int) -> BatchResult:
+        """Forward, loss and backward of one batch as a GPipe-style pipeline of micro-batches.
+
+        Layers are grouped into stages: a new stage starts at every layer whose inputs cross
+        ranks. Stage s works on micro-batch k at tick k + s forward (k + S - 1 - s backward),
+        so with ``--strategy layers`` the owner of one stage computes micro-batch k while the
+        owner of the next computes k - 1, instead of the ranks taking turns. Each tick
+        finishes the exchanges between stages posted by the last one, computes, then posts
+        its own; exchanges inside a stage complete at once. Every rank posts the same
+        collectives in the same order, and a buffer is never rewritten while a message from
+        it is in flight. Weight gradients accumulate micro-batch by micro-batch, so the
+        result equals the unpipelined step up to rounding.
+        """
+        layers, plans, stage = self.shard.layers, self.plans, self.stages
+        n, batch = len(layers), x_local.shape[1]
+        n_stages = stage[-1] + 1
+        bounds = np.linspace(0, batch, min(micro_batches, batch) + 1).astype(int)
+        cols = [slice(lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]
+        m = len(cols)
+        z = [self._buf(self.z[i], ly.rows.size, batch) for i, ly in enumerate(layers)]
+        a = [self._buf(self.a[i], ly.rows.size, batch) for i, ly in enumerate(layers)]
+        grad_z = [self._buf(self.grad_z[i], ly.rows.size, batch) for i, ly in enumerate(layers)]
+        if not hasattr(self, "_batch_inputs"):
+            self._batch_inputs = [np.empty((ly.inputs.size, self.max_batch), ly.weight.dtype)
+                                  for ly in layers]
+        inputs = [buf[:, :batch] for buf in self._batch_inputs]
+        first = [i == 0 or stage[i] != stage[i - 1] for i in range(n)]  # a stage's first layer
+        total = BatchResult(0.0, 0)
+
+        def source(i: int, k: int) -> np.ndarray:
+            return x_local[:, cols[k]] if i == 0 else a[i - 1][:, cols[k]]
+
+        def forward_layer(i: int, k: int) -> None:
+            layer = layers[i]
+            zk = kernels.dense_forward(layer.weight, layer.bias, inputs[i][:, cols[k]])
+            ak = np.empty_like(zk)
+            if i == n - 1 and self.softmax:
+                self._softmax(zk, ak)
+            else:
+                kernels.activate(layer.spec.activation, zk, out=ak)
+            z[i][:, cols[k]], a[i][:, cols[k]] = zk, ak
+            if i == n - 1:
+                gk = np.empty_like(zk)
+                part = self._output_grad(zk, ak, None if labels is None else labels[cols[k]],
+                                         None if targets is None else targets[:, cols[k]], gk, batch)
+                grad_z[i][:, cols[k]] = gk
+                total.loss_sum += part.loss_sum
+                total.correct += part.correct
+
+        def partial(i: int, k: int) -> np.ndarray:  # contiguous: it is an Ialltoallv buffer
+            return self._buf(self.grad_inputs[i], layers[i].inputs.size, cols[k].stop - cols[k].start)
+
+        def take_grad(i: int, k: int) -> None:  # summed partial sums of layer i -> dL/dz of i-1
+            grad_a = plans[i].finish_backward(partial(i, k))
+            below = layers[i - 1]
+            kernels.activation_grad(below.spec.activation, z[i - 1][:, cols[k]],
+                                    a[i - 1][:, cols[k]], grad_a)
+            grad_z[i - 1][:, cols[k]] = grad_a
+
+        def backward_layer(i: int, k: int) -> None:
+            if i > 0:
+                np.matmul(layers[i].weight.T, grad_z[i][:, cols[k]], out=partial(i, k))
+            kernels.accumulate_weight_grad(self.grad_weight[i], grad_z[i][:, cols[k]],
+                                           inputs[i][:, cols[k]], first=k == 0)
+            if k == m - 1:
+                np.sum(grad_z[i], axis=1, out=self.grad_bias[i])
+
+        plans[0].start_forward(source(0, 0))
+        for t in range(m + n_stages - 1):
+            for i in range(n):
+                if first[i] and 0 <= t - stage[i] < m:
+                    plans[i].finish_forward()
+                    inputs[i][:, cols[t - stage[i]]] = plans[i].recv_view()
+            started = time.perf_counter()
+            for i in range(n):
+                k = t - stage[i]
+                if 0 <= k < m:
+                    if not first[i]:
+                        inputs[i][:, cols[k]] = plans[i].forward(source(i, k))
+                    forward_layer(i, k)
+            self.seconds_compute += time.perf_counter() - started
+            for i in range(n):  # post what the first layer of each stage computes next tick
+                if first[i] and 0 <= t + 1 - stage[i] < m:
+                    plans[i].start_forward(source(i, t + 1 - stage[i]))
+
+        for t in range(m + n_stages - 1):
+            for i in range(1, n):
+                k = t - 1 - (n_stages - 1 - stage[i])
+                if first[i] and 0 <= k < m:
+                    take_grad(i, k)
+            started = time.perf_counter()
+            for i in range(n - 1, -1, -1):
+                k = t - (n_stages - 1 - stage[i])
+                if not 0 <= k < m:
+                    continue
+                backward_layer(i, k)
+                if i > 0 and not first[i]:  # the layer below is in this stage: sum at once
+                    plans[i].start_backward(partial(i, k))
+                    take_grad(i, k)
+            self.seconds_compute += time.perf_counter() - started
+            for i in range(n - 1, 0, -1):
+                k = t - (n_stages - 1 - stage[i])
+                if first[i] and 0 <= k < m:
+                    plans[i].start_backward(partial(i, k))
+        self._batch = batch
+        return total
 
     def parameters(self) -> list[tuple[np.ndarray, np.ndarray]]:
         """(parameter, gradient) pairs of my rows, weights then bias per layer."""

@@ -165,6 +165,10 @@ class ExchangePlan:
         """Wait until the remote rows of the receive buffer have arrived."""
         self._wait()
 
+    def recv_view(self) -> np.ndarray:
+        """The receive buffer of the last ``start_forward``, (n_inputs, batch)."""
+        return self._views(self._batch)[1]
+
     def forward(self, local: np.ndarray) -> np.ndarray:
         """Gather the inputs of my rows, (n_inputs, batch) in receive order, from ``local``.
 

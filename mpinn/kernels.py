@@ -8,6 +8,7 @@ Nothing here talks to MPI, so every function is testable in a plain process.
 from __future__ import annotations
 
 import numpy as np
+from scipy.linalg.blas import get_blas_funcs
 
 from mpinn.errors import MpinnError
 
@@ -68,18 +69,20 @@ def dense_forward(weight: np.ndarray, bias: np.ndarray, inputs: np.ndarray,
 
 
 def block_forward(weight: np.ndarray, inputs: np.ndarray, columns: slice, out: np.ndarray,
-                  accumulate: bool) -> None:
+                  scratch: np.ndarray | None = None) -> None:
     """``out (+)= weight[:, columns] @ inputs[columns]``: one block of a rank's pre-activations.
 
     The engine computes the local-input block while the remote inputs are in flight, then
-    adds the remote block; an empty block writes zeros unless it accumulates.
+    adds the remote block through ``scratch`` (preallocated, shaped like ``out``). Without
+    ``scratch`` the block is written, and an empty block writes zeros.
     """
     w, x = weight[:, columns], inputs[columns]
     if w.shape[1] == 0:
-        if not accumulate:
+        if scratch is None:
             out.fill(0)
-    elif accumulate:
-        out += w @ x
+    elif scratch is not None:
+        np.matmul(w, x, out=scratch)
+        out += scratch
     else:
         np.matmul(w, x, out=out)
 
@@ -89,6 +92,20 @@ def block_input_grad(weight: np.ndarray, grad_z: np.ndarray, columns: slice,
     """``grad_inputs[columns] = weight[:, columns]^T @ grad_z``: partial sums of one block."""
     if weight[:, columns].shape[1]:
         np.matmul(weight[:, columns].T, grad_z, out=grad_inputs[columns])
+
+
+def accumulate_weight_grad(grad_weight: np.ndarray, grad_z: np.ndarray, inputs: np.ndarray,
+                           first: bool) -> None:
+    """``grad_weight (+)= grad_z @ inputs.T`` without a temporary the size of the weights.
+
+    Micro-batches add their share in place: BLAS gemm with beta = 1 on the transposed,
+    Fortran-ordered view of the C-ordered gradient.
+    """
+    if first or grad_weight.size == 0:
+        np.matmul(grad_z, inputs.T, out=grad_weight)
+        return
+    gemm = get_blas_funcs("gemm", (grad_weight,))
+    gemm(1.0, inputs, grad_z, beta=1.0, c=grad_weight.T, trans_b=1, overwrite_c=1)
 
 
 def dense_backward(weight: np.ndarray, inputs: np.ndarray, grad_z: np.ndarray,

@@ -155,11 +155,13 @@ class EpochStats:
 
 def _run_batches(model: DistributedModel, data: LocalData, order: np.ndarray, batch_size: int,
                  step: Callable[[float], bool] | None = None,
-                 on_outputs: Callable[[np.ndarray, np.ndarray], None] | None = None
-                 ) -> tuple[float, int, int]:
+                 on_outputs: Callable[[np.ndarray, np.ndarray], None] | None = None,
+                 micro_batches: int = 1) -> tuple[float, int, int]:
     """Forward (and ``step``) the batches of ``order``; returns loss share, hits, batches run.
 
     ``step`` returns True when training must stop after this batch (a preemption signal).
+    With ``micro_batches`` > 1 (training only) forward and backward run as a pipeline and
+    ``step`` only updates.
     """
     engine = model.engine
     features = np.empty((data.features.shape[0], batch_size), dtype=model.spec.dtype)
@@ -167,6 +169,14 @@ def _run_batches(model: DistributedModel, data: LocalData, order: np.ndarray, ba
     for start in range(0, order.size, batch_size):
         index = order[start:start + batch_size]
         x, labels, targets = data.batch(index, features)
+        if micro_batches > 1 and step is not None:
+            result = engine.pipelined_step(x, labels, targets, micro_batches)
+            loss_sum += result.loss_sum
+            correct += result.correct
+            batches += 1
+            if step(result.loss_sum):
+                break
+            continue
         outputs = engine.forward(x)
         batches += 1
         if on_outputs is not None:
@@ -239,6 +249,7 @@ class TrainResult:
 def train(model: DistributedModel, data: LocalData, *, epochs: int, batch_size: int, lr: float,
           optimizer_name: str = "sgd", momentum: float = 0.0, seed: int = 0,
           shuffle: bool = True, checkpoint_every: int = 0, keep: int = 1, resume: bool = False,
+          micro_batches: int = 1,
           report: Callable[[EpochStats], None] | None = None) -> TrainResult:
     """Train from the epoch, batch and optimizer state stored in the file.
 
@@ -247,7 +258,8 @@ def train(model: DistributedModel, data: LocalData, *, epochs: int, batch_size: 
     are complete in all, with the seed stored in the file. Epoch e shuffles with a
     generator seeded by (seed, e), so a run split over several invocations, or killed and
     resumed, visits the samples exactly as one uninterrupted run. SIGTERM or SIGUSR1 make
-    every rank finish its step, commit a checkpoint and return.
+    every rank finish its step, commit a checkpoint and return. ``micro_batches`` > 1 runs
+    each batch as a pipeline of that many micro-batches (same gradients, up to rounding).
     """
     if epochs < 0:
         raise MpinnError(f"--epochs must not be negative, got {epochs}")
@@ -255,6 +267,8 @@ def train(model: DistributedModel, data: LocalData, *, epochs: int, batch_size: 
         raise MpinnError(f"--batch-size must be at least 1, got {batch_size}")
     if checkpoint_every < 0:
         raise MpinnError(f"--checkpoint-every must not be negative, got {checkpoint_every}")
+    if micro_batches < 1:
+        raise MpinnError(f"--micro-batches must be at least 1, got {micro_batches}")
     engine = model.engine
     optimizer = make_optimizer(optimizer_name, engine.parameters(), lr, momentum)
     model.load_optimizer_state(optimizer)
@@ -276,7 +290,8 @@ def train(model: DistributedModel, data: LocalData, *, epochs: int, batch_size: 
             if guard.stop_requested(loss_share, f"epoch {epoch}, step {step_count + 1}"):
                 stopping = True  # before the update: the checkpoint holds this step's start
                 return True
-            engine.backward()
+            if micro_batches == 1:
+                engine.backward()
             started = time.perf_counter()
             optimizer.step()
             result.seconds_optimizer += time.perf_counter() - started
@@ -287,7 +302,8 @@ def train(model: DistributedModel, data: LocalData, *, epochs: int, batch_size: 
             order = (np.random.default_rng([seed, epoch]).permutation(data.n_samples) if shuffle
                      else np.arange(data.n_samples))[skip * batch_size:]
             start = time.perf_counter()
-            loss_sum, correct, batches = _run_batches(model, data, order, batch_size, step=step)
+            loss_sum, correct, batches = _run_batches(model, data, order, batch_size, step=step,
+                                                      micro_batches=micro_batches)
             if stopping:
                 result.stopped_by = guard.received or "a signal on another rank"
                 result.epoch, result.batch = epoch - 1, skip + batches - 1

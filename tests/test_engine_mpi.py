@@ -152,3 +152,26 @@ def test_stored_partition_for_another_rank_count_is_refused_on_every_rank(mpi_tm
     store_partition(model_path, comm.size + 1, "balanced", {}, "wrong", comm)
     with pytest.raises(MpinnError, match=f"made for {comm.size + 1} ranks but the job has {comm.size}"):
         DistributedModel(model_path, comm, PartitionChoice("wrong"), BATCH)
+
+
+@pytest.mark.parametrize("micro_batches", [2, 3, 8])
+@pytest.mark.parametrize("strategy", ["layers", "balanced", "ids"])
+def test_pipelined_training_equals_reference(strategy, micro_batches, mpi_tmp_path):
+    comm = MPI.COMM_WORLD
+    for case, dtype in (("softmax", "float64"), ("regression", "float32")):
+        c = CASES[case]
+        model_path, data_path, x, y = make_files(mpi_tmp_path, c, dtype, comm)
+        ref = Reference.from_file(model_path)
+        comm.Barrier()
+        ref_losses = ref.train(x, y, EPOCHS, BATCH, c["lr"], c["optimizer"], c["momentum"], seed=11)
+        with DistributedModel(model_path, comm, choice(strategy, c["sizes"], comm.size), BATCH) as model:
+            data = load(data_path, model.table, model.spec.dtype, comm)
+            history = train(model, data, epochs=EPOCHS, batch_size=BATCH, lr=c["lr"],
+                            optimizer_name=c["optimizer"], momentum=c["momentum"], seed=11,
+                            micro_batches=micro_batches)
+        assert_close([h.loss for h in history.history], ref_losses, dtype, "epoch losses")
+        trained = Reference.from_file(model_path)
+        for i in range(len(ref.weights)):
+            assert_close(trained.weights[i], ref.weights[i], dtype, f"{case} layer {i + 1} weight")
+            assert_close(trained.biases[i], ref.biases[i], dtype, f"{case} layer {i + 1} bias")
+        comm.Barrier()

@@ -1,0 +1,58 @@
+"""Speed-up of the micro-batch pipeline for the ``layers`` strategy (not a test).
+
+Each rank owns whole layers; unpipelined, they take turns. The pipeline (``--micro-batches
+M``) lets the owner of layer l work on micro-batch k while the owner of layer l+1 works on
+k-1. Runs the same model, data and batch with M = 1 and larger M at P = 2 and 4.
+
+    python benchmarks/pipeline.py --sizes 2048,2048,2048,2048,2048 --batch 1024
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from train_mlp import ROOT, child_env, run_json  # noqa: E402
+
+LAYER_RANKS = {2: "0,0,0,1,1", 3: "0,0,1,2,2", 4: "0,0,1,2,3"}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sizes", default="2048,2048,2048,2048,2048")
+    parser.add_argument("--batch", type=int, default=1024)
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--ranks", default="2,4")
+    parser.add_argument("--micro-batches", default="1,4,8,16")
+    args = parser.parse_args()
+    sizes = [int(n) for n in args.sizes.split(",")]
+    me = [sys.executable, str(Path(__file__).resolve().parent / "train_mlp.py")]
+    print(f"dense MLP {args.sizes}, float32, batch {args.batch}, strategy layers; samples/s")
+    with tempfile.TemporaryDirectory(prefix="mpinn-pipe-") as tmp:
+        model, data = f"{tmp}/model.h5", f"{tmp}/data.h5"
+        for cmd in (["init", model, "--sizes", args.sizes],
+                    ["data", "classification", data, "--samples", str(args.batch * args.steps),
+                     "--features", str(sizes[0]), "--outputs", str(sizes[-1])]):
+            subprocess.run([sys.executable, "-m", "mpinn", *cmd], check=True, env=child_env(2),
+                           capture_output=True, cwd=ROOT)
+        for p in (int(r) for r in args.ranks.split(",")):
+            results = {}
+            for m in (int(v) for v in args.micro_batches.split(",")):
+                out = run_json(["mpirun", "--oversubscribe", "-n", str(p), *me, "--worker", "mpinn",
+                                "--model", model, "--data", data, "--strategy", "layers",
+                                "--layer-ranks", LAYER_RANKS[p], "--micro-batches", str(m),
+                                "--sizes", args.sizes, "--batch", str(args.batch),
+                                "--steps", str(args.steps)], 1)
+                results[m] = out["samples_per_second"]
+            base = results[min(results)]
+            line = "  ".join(f"M={m}: {sps:7.1f} ({sps / base:.2f}x)" for m, sps in results.items())
+            print(f"P={p} (layer ranks {LAYER_RANKS[p]}): {line}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
