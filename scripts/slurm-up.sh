@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# Start a real single-node SLURM cluster on this machine for the job-script tests:
+#   scripts/slurm-up.sh DIR     -> prints "export SLURM_CONF=DIR/slurm.conf" on success
+# Needs root and Debian's slurmctld, slurmd, slurm-client and munge (installed when missing,
+# as root). Daemons run directly (no systemd); their PIDs go to DIR/*.pid for slurm-down.sh.
+set -euo pipefail
+DIR=$(realpath -m "${1:?usage: slurm-up.sh DIR}")
+[ "$(id -u)" -eq 0 ] || { echo "slurm-up: needs root" >&2; exit 2; }
+if ! command -v slurmctld >/dev/null || ! command -v munged >/dev/null || ! command -v sbatch >/dev/null; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+        slurmctld slurmd slurm-client munge >/dev/null
+fi
+if pgrep -x slurmctld >/dev/null || pgrep -x slurmd >/dev/null; then
+    echo "slurm-up: a slurmctld or slurmd is already running on this machine" >&2
+    exit 3
+fi
+mkdir -p "$DIR/state" "$DIR/spool" /run/munge /etc/munge /var/log/munge /var/lib/munge
+if [ ! -s /etc/munge/munge.key ]; then
+    dd if=/dev/urandom bs=1 count=1024 of=/etc/munge/munge.key status=none
+fi
+chown -R munge:munge /etc/munge /run/munge /var/log/munge /var/lib/munge
+chmod 400 /etc/munge/munge.key
+if ! pgrep -x munged >/dev/null; then
+    runuser -u munge -- /usr/sbin/munged --force
+fi
+host=$(hostname -s)
+cat > "$DIR/slurm.conf" <<CONF
+ClusterName=mpinn-test
+SlurmctldHost=$host
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+MpiDefault=none
+ReturnToService=2
+StateSaveLocation=$DIR/state
+SlurmdSpoolDir=$DIR/spool
+SlurmctldPidFile=$DIR/slurmctld.pid
+SlurmdPidFile=$DIR/slurmd.pid
+SlurmctldLogFile=$DIR/slurmctld.log
+SlurmdLogFile=$DIR/slurmd.log
+SlurmctldPort=6817
+SlurmdPort=6818
+MinJobAge=600
+NodeName=$host CPUs=$(nproc) State=UNKNOWN
+PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:4
+CONF
+export SLURM_CONF="$DIR/slurm.conf"
+/usr/sbin/slurmctld -i
+/usr/sbin/slurmd
+for _ in $(seq 1 60); do
+    if sinfo -h -o %T 2>/dev/null | grep -qx idle; then
+        echo "export SLURM_CONF=$SLURM_CONF"
+        exit 0
+    fi
+    sleep 0.5
+done
+echo "slurm-up: node did not become idle; see $DIR/slurmctld.log and $DIR/slurmd.log" >&2
+exit 1

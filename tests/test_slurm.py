@@ -1,0 +1,100 @@
+"""The sbatch scripts in jobs/ on a real single-node SLURM cluster (slurmctld, slurmd, munge).
+
+The cluster is started by scripts/slurm-up.sh (root; Debian packages installed when
+missing) and stopped by PID afterwards. Where it cannot start, the tests are skipped with
+the reason.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from tests.reference import Reference
+from tests.test_cli import ENV, ROOT, mpinn, ok
+
+PYTHON = str(ROOT / ".venv/bin/python") if (ROOT / ".venv/bin/python").exists() else "python3"
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory) -> dict[str, str]:
+    state = tmp_path_factory.mktemp("slurm")
+    up = subprocess.run(["bash", str(ROOT / "scripts/slurm-up.sh"), str(state)],
+                        capture_output=True, text=True, timeout=300)
+    if up.returncode != 0:
+        pytest.skip(f"no SLURM cluster could be started here: {up.stderr.strip()[-300:]}")
+    env = {**ENV, "SLURM_CONF": str(state / "slurm.conf")}
+    yield env
+    subprocess.run(["bash", str(ROOT / "scripts/slurm-down.sh"), str(state)], timeout=60)
+
+
+def sbatch(env: dict[str, str], script: str, workdir: Path, wait: bool = True, **params: str) -> str:
+    exports = ",".join(["ALL", f"PYTHON={PYTHON}", *(f"{k}={v}" for k, v in params.items())])
+    cmd = ["sbatch", "--parsable", f"--chdir={workdir}", "--ntasks=2", f"--export={exports}",
+           str(ROOT / "jobs" / script)]
+    if wait:
+        cmd.insert(1, "--wait")
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout.strip().splitlines()[0].split(";")[0]
+
+
+def job_state(env: dict[str, str], job: str) -> str:
+    out = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True, env=env)
+    for field in out.stdout.split():
+        if field.startswith("JobState="):
+            return field.split("=", 1)[1]
+    return "UNKNOWN"
+
+
+def test_train_and_predict_jobs_run_and_log_next_to_the_model(slurm, tmp_path):
+    model, preds = tmp_path / "model.h5", tmp_path / "preds.h5"
+    ok(mpinn(1, "init", str(model), "--sizes", "64,32,10", "--seed", "1"))
+    job = sbatch(slurm, "train.sbatch", tmp_path, MODEL=str(model),
+                 DATA=str(ROOT / "data/digits_train.h5"), EPOCHS="3")
+    log = (tmp_path / f"mpinn-train-{job}.out").read_text()
+    assert "on 2 ranks" in log and "epoch 3 " in log, log
+    with h5py.File(model, "r") as f:
+        assert f["state"].attrs["epoch"] == "3"
+    job = sbatch(slurm, "predict.sbatch", tmp_path, MODEL=str(model),
+                 DATA=str(ROOT / "data/digits_test.h5"), OUT=str(preds))
+    log = (tmp_path / f"mpinn-predict-{job}.out").read_text()
+    assert "accuracy" in log, log
+    with h5py.File(preds, "r") as f:
+        assert f["outputs"].shape == (360, 10)
+
+
+def test_preempted_job_checkpoints_requeues_and_ends_as_an_uninterrupted_run(slurm, tmp_path):
+    data, model, reference = tmp_path / "data.h5", tmp_path / "model.h5", tmp_path / "ref.h5"
+    ok(mpinn(1, "data", "classification", str(data), "--samples", "30000", "--outputs", "10"))
+    ok(mpinn(1, "init", str(model), "--sizes", "64,256,10", "--seed", "2"))
+    reference.write_bytes(model.read_bytes())
+    ok(mpinn(2, "train", str(reference), "--data", str(data), "--epochs", "3", "--batch-size",
+             "64", "--lr", "0.1", timeout=300))
+
+    job = sbatch(slurm, "train.sbatch", tmp_path, wait=False, MODEL=str(model), DATA=str(data),
+                 EPOCHS="3")
+    log = tmp_path / f"mpinn-train-{job}.out"
+    deadline = time.monotonic() + 120
+    while "epoch" not in (log.read_text() if log.exists() else "") or "training" not in log.read_text():
+        assert time.monotonic() < deadline and job_state(slurm, job) in ("PENDING", "RUNNING")
+        time.sleep(0.5)
+    # what SLURM does at --signal=B:USR1@120 before the time limit, or on preemption
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=slurm, check=True)
+    deadline = time.monotonic() + 300
+    while (state := job_state(slurm, job)) != "COMPLETED":
+        assert state in ("RUNNING", "PENDING", "REQUEUED", "COMPLETING"), state
+        if state == "PENDING":  # requeued jobs wait for a begin time; a scheduler would start it
+            subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now"], env=slurm)
+        assert time.monotonic() < deadline, f"job {job} still {state}"
+        time.sleep(1)
+    text = log.read_text()
+    assert "stopped by SIGUSR1" in text and f"requeueing job {job}" in text, text
+    a, b = Reference.from_file(str(model)), Reference.from_file(str(reference))
+    for wa, wb in zip(a.weights + a.biases, b.weights + b.biases, strict=True):
+        assert np.array_equal(wa, wb)
