@@ -15,7 +15,8 @@ from collections.abc import Sequence
 from mpinn.errors import MpinnError
 
 EXIT_ERROR = 1
-AGREE_TIMEOUT = 10.0  # seconds a failing rank waits for the others before aborting
+AGREE_TIMEOUT = 5.0  # seconds a failing rank waits for the others before aborting
+REPORT_TIMEOUT = 3.0  # seconds it then waits for rank 0 to report it and abort the job
 
 
 def _partition_flags(p: argparse.ArgumentParser, stored: bool = True) -> None:
@@ -37,6 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="mpinn", description="Neural networks partitioned across MPI ranks at neuron "
         "granularity. Run any command under mpirun -n N.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+    parser.add_argument("--threads", type=int, metavar="N",
+                        help="BLAS threads per rank (default: cores / ranks on the node, or "
+                        "OMP_NUM_THREADS)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("init", help="create a new model file")
@@ -183,6 +187,12 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.threads is not None:
+        if args.threads < 1:
+            print("mpinn: error: --threads must be at least 1", file=sys.stderr)
+            return EXIT_ERROR
+        from threadpoolctl import threadpool_limits
+        threadpool_limits(args.threads)
     from mpi4py import MPI
 
     from mpinn.exchange import FailureChannel, combine_errors
@@ -200,9 +210,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         failed = [(0, message)] if agreed else channel.gather_failures(message, AGREE_TIMEOUT)
         if failed is None:
             # the other ranks are elsewhere, possibly inside a collective: end the job
-            print(f"mpinn: error: {message} (rank {comm.rank}); aborting all ranks",
-                  file=sys.stderr, flush=True)
-            comm.Abort(EXIT_ERROR)
+            channel.report_alone(message, REPORT_TIMEOUT)
         if comm.rank == 0:
             text = message if agreed else combine_errors(failed, comm.size)
             print(f"mpinn: error: {text}", file=sys.stderr, flush=True)
@@ -211,3 +219,5 @@ def main(argv: Sequence[str] | None = None) -> int:
             sys.stdout.flush()
             os._exit(EXIT_ERROR)
         return EXIT_ERROR
+    finally:
+        channel.close()

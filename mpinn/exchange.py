@@ -12,6 +12,8 @@ shard stores its weight columns in the same order, so nothing is unpacked on the
 
 from __future__ import annotations
 
+import sys
+import threading
 import time
 from collections.abc import Callable
 from typing import TypeVar
@@ -250,11 +252,35 @@ class FailureChannel:
     others are about to fail too or are already waiting in a collective. It posts a
     nonblocking barrier here (its own communicator, so it never mismatches the engine's
     collectives) and waits a bounded time: if every rank arrives, they report one message
-    together and exit cleanly; otherwise the job is aborted rather than left hanging.
+    together and exit cleanly. Otherwise it sends its message to rank 0, where a watcher
+    thread (polling, so it costs nothing while all is well) prints it once and aborts the
+    job; a failing rank 0, or a rank 0 that never answers, aborts by itself.
     """
+
+    TAG = 77
 
     def __init__(self, comm: MPI.Comm) -> None:
         self.comm = comm.Dup()
+        self._stop = threading.Event()
+        self._watcher: threading.Thread | None = None
+        if self.comm.rank == 0 and self.comm.size > 1:
+            self._watcher = threading.Thread(target=self._watch, name="mpinn-failures", daemon=True)
+            self._watcher.start()
+
+    def _watch(self) -> None:
+        status = MPI.Status()
+        while not self._stop.wait(0.05):
+            if self.comm.Iprobe(source=MPI.ANY_SOURCE, tag=self.TAG, status=status):
+                message = self.comm.recv(source=status.Get_source(), tag=self.TAG)
+                print(f"mpinn: error: {message} (rank {status.Get_source()}); aborting all ranks",
+                      file=sys.stderr, flush=True)
+                self.comm.Abort(1)
+
+    def close(self) -> None:
+        """Stop the watcher (before MPI is finalized)."""
+        self._stop.set()
+        if self._watcher is not None:
+            self._watcher.join()
 
     def gather_failures(self, message: str, timeout: float) -> list[tuple[int, str]] | None:
         """Every rank's message if all ranks failed within ``timeout`` seconds, else None."""
@@ -265,6 +291,15 @@ class FailureChannel:
                 return None
             time.sleep(0.005)
         return list(enumerate(self.comm.allgather(message)))
+
+    def report_alone(self, message: str, timeout: float) -> None:
+        """Have rank 0 print ``message`` and abort the job; abort here if it cannot."""
+        if self.comm.rank != 0:
+            self.comm.isend(message, dest=0, tag=self.TAG)
+            time.sleep(timeout)  # rank 0's watcher aborts the job meanwhile
+        print(f"mpinn: error: {message} (rank {self.comm.rank}); aborting all ranks",
+              file=sys.stderr, flush=True)
+        self.comm.Abort(1)
 
 
 def combine_errors(failed: list[tuple[int, str]], size: int) -> str:

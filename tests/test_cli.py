@@ -177,3 +177,10 @@ def test_non_finite_weights_are_refused(small_model):
 def _edit(path: Path, change) -> None:
     with h5py.File(path, "r+") as f:
         change(f)
+
+
+def test_threads_flag_sets_blas_threads_and_refuses_zero(small_model):
+    out = ok(mpinn(2, "--threads", "1", "evaluate", str(small_model), "--data", DIGITS_TEST))
+    assert "accuracy" in out
+    bad = mpinn(1, "--threads", "0", "evaluate", str(small_model), "--data", DIGITS_TEST)
+    assert bad.returncode == 1 and "--threads must be at least 1" in bad.stderr
