@@ -20,7 +20,9 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from train_mlp import child_env  # noqa: E402
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -61,8 +63,7 @@ def main() -> None:
     if args.worker:
         worker(args)
         return
-    env = {**os.environ, "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
-           "OMPI_MCA_mpi_yield_when_idle": "1", "PYTHONPATH": str(ROOT)}
+    env = child_env(threads=1)
     mpirun = ["mpirun", "--oversubscribe", "-n", str(args.ranks)]
     sizes = [int(n) for n in args.sizes.split(",")]
     params = sum(a * b + b for a, b in zip(sizes, sizes[1:], strict=False))

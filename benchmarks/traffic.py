@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -17,7 +16,9 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
+
+from train_mlp import child_env  # noqa: E402
 
 from mpinn import distributor  # noqa: E402
 
@@ -77,8 +78,7 @@ def main() -> None:
         worker(args)
         return
     sizes = [int(n) for n in args.sizes.split(",")]
-    env = {**os.environ, "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
-           "OMPI_MCA_mpi_yield_when_idle": "1", "PYTHONPATH": str(ROOT)}
+    env = child_env(threads=1)
     print(f"dense MLP {args.sizes}, batch {args.batch}, float32: bytes exchanged per training "
           "step, all ranks together (forward + backward)")
     print(f"{'P':>2} {'strategy':<11} {'formula MB':>11} {'engine MB':>10} {'equal':>6}")

@@ -164,31 +164,28 @@ def test_mutated_data_gives_clear_error_or_correct_result(pristine, tmp_path, mu
     assert digest(pristine["model"]) == before_model and digest(data) == before_data
 
 
-def test_hostile_sizes_are_refused_before_allocation(tmp_path):
-    path = tmp_path / "huge.h5"
+def declared_only(path: Path, sizes: list[int]) -> Path:
+    """A model file that declares ``sizes`` with chunked, never-written (so empty) datasets."""
     with h5py.File(path, "w") as f:
         f.attrs["mpinn_format_version"] = 1
-        f.attrs["sizes"] = np.array([2**38, 2**38, 10])
-        for i, (n_in, n_out) in enumerate([(2**38, 2**38), (2**38, 10)], start=1):
+        f.attrs["sizes"] = np.array(sizes)
+        for i in range(1, len(sizes)):
+            n_in, n_out = sizes[i - 1], sizes[i]
             g = f.create_group(f"layers/{i}")
-            g.attrs["activation"] = "relu" if i == 1 else "softmax"
+            g.attrs["activation"] = "softmax" if i == len(sizes) - 1 else "relu"
             g.attrs["storage"] = "dense"
-            g.create_dataset("weight", shape=(n_out, n_in), dtype="f4", chunks=(1, 1024))
-            g.create_dataset("bias", shape=(n_out,), dtype="f4", chunks=(min(n_out, 1024),))
-    with pytest.raises(MpinnError, match="exceeds this machine's memory|GiB are available"):
+            g.create_dataset("weight", shape=(n_out, n_in), dtype="f4", chunks=(1, min(n_in, 4096)))
+            g.create_dataset("bias", shape=(n_out,), dtype="f4", chunks=(min(n_out, 4096),))
+    return path
+
+
+def test_hostile_sizes_are_refused_before_allocation(tmp_path):
+    path = declared_only(tmp_path / "huge.h5", [2**38, 2**38, 10])
+    with pytest.raises(MpinnError, match="exceeds this machine's memory"):
         DistributedModel(str(path), MPI.COMM_SELF, PartitionChoice(), 5)
 
 
 def test_large_share_is_refused_before_allocation(tmp_path):
-    path = tmp_path / "big.h5"
-    with h5py.File(path, "w") as f:
-        f.attrs["mpinn_format_version"] = 1
-        f.attrs["sizes"] = np.array([2**21, 2**21, 2])
-        for i, (n_in, n_out) in enumerate([(2**21, 2**21), (2**21, 2)], start=1):
-            g = f.create_group(f"layers/{i}")
-            g.attrs["activation"] = "relu" if i == 1 else "softmax"
-            g.attrs["storage"] = "dense"
-            g.create_dataset("weight", shape=(n_out, n_in), dtype="f4", chunks=(1, 4096))
-            g.create_dataset("bias", shape=(n_out,), dtype="f4")
+    path = declared_only(tmp_path / "big.h5", [2**21, 2**21, 2])
     with pytest.raises(MpinnError, match="needs about .* GiB but only"):
         DistributedModel(str(path), MPI.COMM_SELF, PartitionChoice(), 5)

@@ -47,13 +47,11 @@ def choice(strategy: str, sizes: list[int], nranks: int) -> PartitionChoice:
     return PartitionChoice(None, strategy, strategy_params(strategy, sizes, nranks))
 
 
-@pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("dtype", ["float32", "float64"])
-@pytest.mark.parametrize("strategy", STRATEGIES)
-def test_trained_weights_equal_reference_for_every_strategy(strategy, dtype, case, mpi_tmp_path):
+def train_and_compare(tmp, case: str, dtype: str, strategy: str, micro_batches: int = 1) -> None:
+    """Train 2 epochs distributed and in the reference; losses and weights must agree."""
     comm = MPI.COMM_WORLD
     c = CASES[case]
-    model_path, data_path, x, y = make_files(mpi_tmp_path, c, dtype, comm)
+    model_path, data_path, x, y = make_files(tmp, c, dtype, comm)
     ref = Reference.from_file(model_path)
     comm.Barrier()  # every rank has read the initial weights before anyone writes
     ref_losses = ref.train(x, y, EPOCHS, BATCH, c["lr"], c["optimizer"], c["momentum"], seed=11)
@@ -61,12 +59,21 @@ def test_trained_weights_equal_reference_for_every_strategy(strategy, dtype, cas
     with DistributedModel(model_path, comm, choice(strategy, c["sizes"], comm.size), BATCH) as model:
         data = load(data_path, model.table, model.spec.dtype, comm)
         history = train(model, data, epochs=EPOCHS, batch_size=BATCH, lr=c["lr"],
-                        optimizer_name=c["optimizer"], momentum=c["momentum"], seed=11)
+                        optimizer_name=c["optimizer"], momentum=c["momentum"], seed=11,
+                        micro_batches=micro_batches)
     assert_close([h.loss for h in history.history], ref_losses, dtype, "epoch losses")
     trained = Reference.from_file(model_path)
     for i in range(len(ref.weights)):
-        assert_close(trained.weights[i], ref.weights[i], dtype, f"layer {i + 1} weight")
-        assert_close(trained.biases[i], ref.biases[i], dtype, f"layer {i + 1} bias")
+        assert_close(trained.weights[i], ref.weights[i], dtype, f"{case} layer {i + 1} weight")
+        assert_close(trained.biases[i], ref.biases[i], dtype, f"{case} layer {i + 1} bias")
+    comm.Barrier()  # nobody rewrites the files while another rank still reads them
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_trained_weights_equal_reference_for_every_strategy(strategy, dtype, case, mpi_tmp_path):
+    train_and_compare(mpi_tmp_path, case, dtype, strategy)
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -157,21 +164,5 @@ def test_stored_partition_for_another_rank_count_is_refused_on_every_rank(mpi_tm
 @pytest.mark.parametrize("micro_batches", [2, 3, 8])
 @pytest.mark.parametrize("strategy", ["layers", "balanced", "ids"])
 def test_pipelined_training_equals_reference(strategy, micro_batches, mpi_tmp_path):
-    comm = MPI.COMM_WORLD
-    for case, dtype in (("softmax", "float64"), ("regression", "float32")):
-        c = CASES[case]
-        model_path, data_path, x, y = make_files(mpi_tmp_path, c, dtype, comm)
-        ref = Reference.from_file(model_path)
-        comm.Barrier()
-        ref_losses = ref.train(x, y, EPOCHS, BATCH, c["lr"], c["optimizer"], c["momentum"], seed=11)
-        with DistributedModel(model_path, comm, choice(strategy, c["sizes"], comm.size), BATCH) as model:
-            data = load(data_path, model.table, model.spec.dtype, comm)
-            history = train(model, data, epochs=EPOCHS, batch_size=BATCH, lr=c["lr"],
-                            optimizer_name=c["optimizer"], momentum=c["momentum"], seed=11,
-                            micro_batches=micro_batches)
-        assert_close([h.loss for h in history.history], ref_losses, dtype, "epoch losses")
-        trained = Reference.from_file(model_path)
-        for i in range(len(ref.weights)):
-            assert_close(trained.weights[i], ref.weights[i], dtype, f"{case} layer {i + 1} weight")
-            assert_close(trained.biases[i], ref.biases[i], dtype, f"{case} layer {i + 1} bias")
-        comm.Barrier()
+    train_and_compare(mpi_tmp_path, "softmax", "float64", strategy, micro_batches)
+    train_and_compare(mpi_tmp_path, "regression", "float32", strategy, micro_batches)
