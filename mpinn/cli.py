@@ -38,6 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="mpinn", description="Neural networks partitioned across MPI ranks at neuron "
         "granularity. Run any command under mpirun -n N.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+    parser.add_argument("--config", metavar="FILE",
+                        help="TOML file of settings: top-level keys for every command, [train], "
+                        "[predict], ... tables for one; flags on the command line win")
+    parser.add_argument("--quiet", action="store_true", help="print only errors and results")
     parser.add_argument("--threads", type=int, metavar="N",
                         help="BLAS threads per rank (default: cores / ranks on the node, or "
                         "OMP_NUM_THREADS)")
@@ -45,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("init", help="create a new model file")
     p.add_argument("model")
-    p.add_argument("--sizes", required=True, metavar="N0,N1,...,NL",
+    p.add_argument("--sizes", metavar="N0,N1,...,NL",
                    help="neurons per layer, inputs first")
     p.add_argument("--activation", default="relu", help="hidden-layer activation (default relu)")
     p.add_argument("--output", default="softmax", help="output activation (default softmax)")
@@ -55,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("partition", help="store a partition in the model file")
     p.add_argument("model")
-    p.add_argument("--ranks", type=int, required=True)
+    p.add_argument("--ranks", type=int)
     p.add_argument("--name", help="partition name (default: the strategy name)")
     _partition_flags(p, stored=False)
 
@@ -67,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
                        ("predict", "write the output activations for a data file")):
         p = sub.add_parser(name, help=text)
         p.add_argument("model")
-        p.add_argument("--data", required=True, help="HDF5 data file with X and y")
+        p.add_argument("--data", help="HDF5 data file with X and y")
         p.add_argument("--batch-size", type=int, default=64 if name == "train" else 256)
         _partition_flags(p)
         if name == "train":
@@ -85,10 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--micro-batches", type=int, default=1, metavar="M",
                            help="run each batch as a pipeline of M micro-batches (GPipe); pays "
                            "off when ranks own whole layers (--strategy layers)")
+            p.add_argument("--log-json", metavar="FILE",
+                           help="append one JSON object per epoch to FILE (rank 0)")
             p.add_argument("--resume", action="store_true",
                            help="continue the stored run until --epochs epochs are complete in all")
         if name == "predict":
-            p.add_argument("--out", required=True, help="HDF5 file to write 'outputs' to")
+            p.add_argument("--out", help="HDF5 file to write 'outputs' to")
 
     p = sub.add_parser("data", help="make data files")
     p.add_argument("kind", choices=["classification", "regression"])
@@ -101,9 +107,54 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _ints(text: str, flag: str) -> list[int]:
+REQUIRED = {"init": ["sizes"], "partition": ["ranks"], "train": ["data"], "evaluate": ["data"],
+            "predict": ["data", "out"]}
+
+
+def parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    """Parse the command line over the settings of ``--config`` (the command line wins)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.config:
+        settings = _read_config(args.config, args.command)
+        known = vars(args)
+        unknown = sorted(key for key in settings if key not in known or key in ("command", "config"))
+        if unknown:
+            raise MpinnError(f"{args.config}: unknown setting(s) for '{args.command}': "
+                             f"{', '.join(unknown)}")
+        parser.set_defaults(**settings)
+        subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        subparsers.choices[args.command].set_defaults(**settings)
+        args = parser.parse_args(argv)
+    missing = [f"--{name.replace('_', '-')}" for name in REQUIRED.get(args.command, [])
+               if getattr(args, name) is None]
+    if missing:
+        raise MpinnError(f"{args.command} needs {' and '.join(missing)} (on the command line or "
+                         "in --config)")
+    return args
+
+
+def _read_config(path: str, command: str) -> dict[str, object]:
+    import tomllib
     try:
-        return [int(v) for v in text.split(",")]
+        with open(path, "rb") as fh:
+            table = tomllib.load(fh)
+    except OSError as exc:
+        raise MpinnError(f"--config: cannot read {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise MpinnError(f"--config: {path} is not valid TOML: {exc}") from None
+    commands = set(REQUIRED) | {"inspect", "data"}
+    settings = {k: v for k, v in table.items() if not (isinstance(v, dict) and k in commands)}
+    section = table.get(command, {})
+    if not isinstance(section, dict):
+        raise MpinnError(f"--config: [{command}] in {path} must be a table")
+    settings.update(section)
+    return {key.replace("-", "_"): value for key, value in settings.items()}
+
+
+def _ints(text: str | list, flag: str) -> list[int]:
+    try:
+        return [int(v) for v in (text if isinstance(text, list) else text.split(","))]
     except ValueError:
         raise MpinnError(f"{flag}: cannot read {text!r} as comma-separated integers") from None
 
@@ -128,11 +179,12 @@ def run(args: argparse.Namespace) -> int:
     rank0 = comm.rank == 0
     if args.command == "init":
         sizes = _ints(args.sizes, "--sizes")
+        args.sizes = ",".join(map(str, sizes))
         if os.path.exists(args.model) and not args.force:
             raise MpinnError(f"{args.model} exists; pass --force to overwrite it")
         activations = [args.activation] * (len(sizes) - 2) + [args.output]
         fmt.create_model(args.model, sizes, activations, args.dtype, args.seed, comm)
-        if rank0:
+        if rank0 and not args.quiet:
             print(f"{args.model}: {len(sizes) - 1} layers, sizes {args.sizes}, {args.dtype}")
         return 0
     if args.command == "partition":
@@ -152,14 +204,15 @@ def run(args: argparse.Namespace) -> int:
         if rank0:
             x, y = make(args.samples, args.features, args.outputs, args.seed, args.dtype)
             fmt.write_data(args.out, x, y)
-            print(f"{args.out}: {args.samples} samples, {args.features} features")
+            if not args.quiet:
+                print(f"{args.out}: {args.samples} samples, {args.features} features")
         return 0
 
     choice = _choice(args)
     with loop.DistributedModel(args.model, comm, choice, args.batch_size) as model:
         data = load(args.data, model.table, model.spec.dtype, comm)
         if args.command == "train":
-            if rank0:
+            if rank0 and not args.quiet:
                 print(f"training {args.model} on {comm.size} ranks ({model.partition_text}), "
                       f"{data.n_samples} samples", flush=True)
             result = loop.train(
@@ -167,7 +220,7 @@ def run(args: argparse.Namespace) -> int:
                 optimizer_name=args.optimizer, momentum=args.momentum, seed=args.seed,
                 shuffle=not args.no_shuffle, checkpoint_every=args.checkpoint_every,
                 keep=args.keep, resume=args.resume, micro_batches=args.micro_batches,
-                report=loop.print_epoch if rank0 else None)
+                report=loop.epoch_reporter(args.quiet, args.log_json) if rank0 else None)
             if rank0 and result.stopped_by:
                 print(f"mpinn: stopped by {result.stopped_by}: checkpoint committed at epoch "
                       f"{result.epoch}, batch {result.batch}; continue with --resume", flush=True)
@@ -180,13 +233,18 @@ def run(args: argparse.Namespace) -> int:
             outputs = loop.predict(model, data, args.batch_size)
             fmt.write_outputs(args.out, data.n_samples, model.spec.sizes[-1],
                               model.shard.layers[-1].rows, outputs, comm)
-            if rank0:
+            if rank0 and not args.quiet:
                 print(f"{args.out}: outputs of {data.n_samples} samples")
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = parse(argv)
+    except MpinnError as exc:  # the same on every rank, before any communication
+        if os.environ.get("OMPI_COMM_WORLD_RANK", os.environ.get("PMIX_RANK", "0")) == "0":
+            print(f"mpinn: error: {exc}", file=sys.stderr, flush=True)
+        return EXIT_ERROR
     if args.threads is not None:
         if args.threads < 1:
             print("mpinn: error: --threads must be at least 1", file=sys.stderr)

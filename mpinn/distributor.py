@@ -145,8 +145,11 @@ def by_layers(sizes: Sequence[int], nranks: int, layer_ranks: Sequence[int]) -> 
     return np.repeat(np.asarray(layer_ranks, dtype=np.int32), list(sizes))
 
 
-def _parse_list(text: str, kind: type, flag: str) -> list:
+def _parse_list(text: str | list, kind: type, flag: str) -> list:
+    """``"1,2,3"`` from the command line, or ``[1, 2, 3]`` from a TOML config."""
     try:
+        if isinstance(text, list):
+            return [kind(v) for v in text]
         return [kind(v) for v in str(text).split(",") if v.strip() != ""]
     except ValueError:
         raise MpinnError(f"{flag}: cannot read {text!r} as a comma-separated list") from None

@@ -8,6 +8,7 @@ the model file collectively.
 
 from __future__ import annotations
 
+import json
 import signal
 import sys
 import threading
@@ -343,7 +344,21 @@ def predict(model: DistributedModel, data: LocalData, batch_size: int) -> np.nda
     return outputs
 
 
-def print_epoch(stats: EpochStats, total_epochs: int | None = None) -> None:
+def epoch_reporter(quiet: bool, log_json: str | None) -> Callable[[EpochStats], None]:
+    """Rank 0's per-epoch report: a line on stdout unless quiet, a JSON object per line."""
+    def report(stats: EpochStats) -> None:
+        if not quiet:
+            print_epoch(stats)
+        if log_json:
+            with open(log_json, "a") as fh:
+                fh.write(json.dumps({"epoch": stats.epoch, "loss": stats.loss,
+                                     "accuracy": stats.accuracy,
+                                     "samples_per_second": stats.samples_per_second,
+                                     "time": time.time()}) + "\n")
+    return report
+
+
+def print_epoch(stats: EpochStats) -> None:
     acc = f"  accuracy {stats.accuracy:.4f}" if stats.accuracy is not None else ""
     print(f"epoch {stats.epoch}  loss {stats.loss:.6f}{acc}  "
           f"samples/s {stats.samples_per_second:,.0f}", flush=True, file=sys.stdout)

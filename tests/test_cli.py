@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import subprocess
@@ -184,3 +185,20 @@ def test_threads_flag_sets_blas_threads_and_refuses_zero(small_model):
     assert "accuracy" in out
     bad = mpinn(1, "--threads", "0", "evaluate", str(small_model), "--data", DIGITS_TEST)
     assert bad.returncode == 1 and "--threads must be at least 1" in bad.stderr
+
+
+def test_config_file_supplies_flags_and_the_command_line_wins(small_model, tmp_path):
+    config, log = tmp_path / "run.toml", tmp_path / "log.jsonl"
+    config.write_text(f'quiet = true\n[train]\ndata = "{DIGITS_TRAIN}"\nepochs = 5\n'
+                      f'batch-size = 100\nlog-json = "{log}"\nstrategy = "percentage"\n'
+                      'percentages = [60, 40]\n')
+    out = ok(mpinn(2, "--config", str(config), "train", str(small_model), "--epochs", "2"))
+    assert out.strip() == "", out  # quiet: no per-epoch lines
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2]
+    assert all(r["loss"] > 0 and 0 <= r["accuracy"] <= 1 for r in records)
+    config.write_text("[train]\nepoch = 5\n")
+    bad = mpinn(2, "--config", str(config), "train", str(small_model), "--data", DIGITS_TRAIN)
+    assert bad.returncode == 1 and "unknown setting(s) for 'train': epoch" in bad.stderr
+    bad = mpinn(1, "train", str(small_model))
+    assert bad.returncode == 1 and "train needs --data" in bad.stderr
