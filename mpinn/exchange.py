@@ -15,7 +15,8 @@ from __future__ import annotations
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import TypeVar
 
 import numpy as np
@@ -300,6 +301,23 @@ class FailureChannel:
         print(f"mpinn: error: {message} (rank {self.comm.rank}); aborting all ranks",
               file=sys.stderr, flush=True)
         self.comm.Abort(1)
+
+
+@contextmanager
+def take_turn(comm: MPI.Comm) -> Iterator[None]:
+    """Run the body on one rank at a time, in rank order (a token passed along the ranks).
+
+    For file writes without MPI-IO: serial HDF5 allows one writer at a time. If the body
+    fails, the token is not passed; the waiting ranks are ended by the CLI's failure path.
+    """
+    if comm.rank > 0:
+        comm.recv(source=comm.rank - 1, tag=TURN_TAG)
+    yield
+    if comm.rank + 1 < comm.size:
+        comm.send(None, dest=comm.rank + 1, tag=TURN_TAG)
+
+
+TURN_TAG = 78
 
 
 def combine_errors(failed: list[tuple[int, str]], size: int) -> str:

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager, suppress
+from contextlib import AbstractContextManager, contextmanager, nullcontext, suppress
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +23,7 @@ from mpi4py import MPI
 
 from mpinn.distributor import blockdist
 from mpinn.errors import MpinnError, inject_fault
+from mpinn.exchange import take_turn
 from mpinn.kernels import check_activation, init_rows
 
 FORMAT_VERSION = 1
@@ -32,7 +34,19 @@ INIT_BLOCK_ROWS = 1024  # init draws each block of rows from its own seed: rank-
 # Elements each dataset has been asked to deliver to this rank, for tests and benchmarks.
 READ_STATS: Counter[str] = Counter()
 
-MPI_IO = bool(h5py.get_config().mpi)
+# Parallel HDF5 when h5py has it (MPINN_IO=independent forces the fallback, for tests):
+# otherwise ranks read their slices independently and write one at a time.
+MPI_IO = bool(h5py.get_config().mpi) and os.environ.get("MPINN_IO", "mpio") != "independent"
+_warned = False
+
+
+def warn_without_mpi_io(comm: MPI.Comm) -> None:
+    """Say once, on rank 0, that writes are funnelled because HDF5 has no MPI support."""
+    global _warned
+    if not MPI_IO and comm.size > 1 and comm.rank == 0 and not _warned:
+        print("mpinn: warning: h5py has no MPI support (serial HDF5): ranks read their rows "
+              "independently and write them one rank at a time", file=sys.stderr, flush=True)
+    _warned = True
 
 
 @dataclass(frozen=True)
@@ -67,7 +81,12 @@ class ModelSpec:
 
 
 def open_file(path: str, mode: str, comm: MPI.Comm) -> h5py.File:
-    """Open ``path`` on every rank of ``comm`` (collective), with a clear error if it fails."""
+    """Open ``path`` on every rank of ``comm`` (collective), with a clear error if it fails.
+
+    Without MPI-IO each rank opens it on its own: use it so only for reading, or inside
+    ``exchange.take_turn`` for writing.
+    """
+    warn_without_mpi_io(comm)
     if mode == "r" and not os.path.exists(path):
         raise MpinnError(f"{path}: no such file")
     try:
@@ -250,11 +269,17 @@ class Checkpoint:
         self.keep, self.label = keep, label
         self.partial = f"{path}.partial"
         self.file: h5py.File | None = None
+        self._turn: AbstractContextManager[None] = nullcontext()
 
     def __enter__(self) -> h5py.File:
-        f = self.file = open_file(self.partial, "w", self.comm)
+        first = MPI_IO or self.comm.rank == 0  # creates the file and its layout
+        if not MPI_IO:
+            self._turn = take_turn(self.comm)
+            self._turn.__enter__()  # the ranks write one after another
+        f = self.file = open_file(self.partial, "w" if first else "r+", self.comm)
         try:
-            self._layout(f)
+            if first:
+                self._layout(f)
         except BaseException as exc:
             if safe_to_close(exc):
                 f.close()
@@ -293,12 +318,19 @@ class Checkpoint:
             return  # the model file was not touched
         self.file.flush()  # collective MPI_File_sync: the data is on storage before the rename
         self.file.close()
+        if not MPI_IO:
+            self._turn.__exit__(None, None, None)  # hand the file to the next rank
         self.comm.Barrier()
         if self.comm.rank == 0:
             self._commit()
         self.comm.Barrier()
 
     def _commit(self) -> None:
+        data = os.open(self.partial, os.O_RDONLY)
+        try:
+            os.fsync(data)  # whatever the I/O driver did, the bytes are on storage first
+        finally:
+            os.close(data)
         history = f"{self.path}.checkpoints"
         if self.keep > 1 and os.path.exists(self.path):
             os.makedirs(history, exist_ok=True)
@@ -536,6 +568,13 @@ def write_outputs(path: str, n_samples: int, n_outputs: int, columns: np.ndarray
 
     ``values`` is neuron-major (owned outputs, samples) as the engine produces it.
     """
-    with opened(path, "w", comm) as f:
-        dset = f.create_dataset("outputs", (n_samples, n_outputs), values.dtype)
-        write_slice(dset, columns, np.ascontiguousarray(values.T), axis=1)
+    if MPI_IO:
+        with opened(path, "w", comm) as f:
+            dset = f.create_dataset("outputs", (n_samples, n_outputs), values.dtype)
+            write_slice(dset, columns, np.ascontiguousarray(values.T), axis=1)
+        return
+    with take_turn(comm), opened(path, "w" if comm.rank == 0 else "r+", comm) as f:
+        if comm.rank == 0:
+            f.create_dataset("outputs", (n_samples, n_outputs), values.dtype)
+        write_slice(f["outputs"], columns, np.ascontiguousarray(values.T), axis=1)
+    comm.Barrier()

@@ -202,3 +202,27 @@ def test_config_file_supplies_flags_and_the_command_line_wins(small_model, tmp_p
     assert bad.returncode == 1 and "unknown setting(s) for 'train': epoch" in bad.stderr
     bad = mpinn(1, "train", str(small_model))
     assert bad.returncode == 1 and "train needs --data" in bad.stderr
+
+
+def test_without_mpi_io_results_are_identical_and_the_fallback_warns_once(tmp_path):
+    """Serial HDF5 (MPINN_IO=independent forces it): independent reads, one writer at a time."""
+    models = {}
+    for io in ("mpio", "independent"):
+        env = {**ENV, "MPINN_IO": io}
+        model, preds = tmp_path / f"{io}.h5", tmp_path / f"{io}-preds.h5"
+        steps = [(3, "init", str(model), "--sizes", "64,48,10", "--seed", "3"),
+                 (2, "train", str(model), "--data", DIGITS_TRAIN, "--epochs", "2", "--optimizer",
+                  "adam", "--lr", "0.01", "--checkpoint-every", "1"),
+                 (3, "predict", str(model), "--data", DIGITS_TEST, "--out", str(preds))]
+        for nranks, *args in steps:
+            result = subprocess.run(command(nranks, *args), capture_output=True, text=True,
+                                    timeout=120, env=env, cwd=ROOT)
+            assert result.returncode == 0, result.stderr
+            assert result.stderr.count("h5py has no MPI support") == (io == "independent"), \
+                result.stderr
+        models[io] = (model, preds)
+    a, b = (Reference.from_file(str(models[io][0])) for io in ("mpio", "independent"))
+    for wa, wb in zip(a.weights + a.biases, b.weights + b.biases, strict=True):
+        assert np.array_equal(wa, wb)
+    with h5py.File(models["mpio"][1], "r") as f, h5py.File(models["independent"][1], "r") as g:
+        assert np.array_equal(f["outputs"][...], g["outputs"][...])
