@@ -23,7 +23,8 @@ from mpinn.shard import LayerShard, Shard
 
 @dataclass
 class BatchResult:
-    """Loss summed over the batch's samples (all ranks' shares) and correctly classified count."""
+    """This rank's share of the loss summed over the batch, and the correctly classified count
+    (the same on every rank)."""
 
     loss_sum: float
     correct: int
@@ -51,6 +52,7 @@ class Engine:
         self._max = np.empty(max_batch, dtype)
         self._sum = np.empty(max_batch, dtype)
         self._batch = 0
+        self._batch_inputs: list[np.ndarray] | None = None  # the pipeline's per-batch inputs
         self.seconds_compute = 0.0  # GEMMs and elementwise kernels, for the benchmarks
         # pipeline stages: a new one starts where a layer's inputs cross ranks (pure, same
         # on every rank since the table is)
@@ -231,7 +233,7 @@ class Engine:
         z = [self._buf(self.z[i], ly.rows.size, batch) for i, ly in enumerate(layers)]
         a = [self._buf(self.a[i], ly.rows.size, batch) for i, ly in enumerate(layers)]
         grad_z = [self._buf(self.grad_z[i], ly.rows.size, batch) for i, ly in enumerate(layers)]
-        if not hasattr(self, "_batch_inputs"):
+        if self._batch_inputs is None:
             self._batch_inputs = [np.empty((ly.inputs.size, self.max_batch), ly.weight.dtype)
                                   for ly in layers]
         inputs = [buf[:, :batch] for buf in self._batch_inputs]

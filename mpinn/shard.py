@@ -100,8 +100,8 @@ class Shard:
             group = f["layers"][str(ly.index)]
             weight = fmt.read_slice(group["weight"], rows)
             bias = fmt.read_slice(group["bias"], rows)
-            shard = LayerShard(ly, rows, inputs, np.empty(0), bias)
-            shard.weight = shard.from_file_columns(weight)
+            shard = LayerShard(ly, rows, inputs, weight, bias)
+            shard.weight = shard.from_file_columns(weight)  # to receive order, in place
             layers.append(shard)
         return cls(spec, table, rank, layers)
 

@@ -2,8 +2,8 @@
 
 One batch goes: ``LocalData.batch`` (this rank's input features) -> ``Engine.forward``
 (exchange + kernels per layer) -> ``Engine.loss_and_grad`` -> ``Engine.backward`` ->
-``Optimizer.step`` on the rank's own rows. Checkpoints write every rank's rows back into
-the model file collectively.
+``Optimizer.step`` on the rank's own rows. Checkpoints write every rank's rows into a
+new model file, collectively, and swap it in atomically (``format.Checkpoint``).
 """
 
 from __future__ import annotations
@@ -71,12 +71,12 @@ class DistributedModel:
             self.shard = Shard.load(self.file, self.spec, self.table, comm.rank)
             agree(comm, self._check_finite)
             self.engine = Engine(self.shard, comm, max_batch)
+            self.state = agree(comm, lambda: fmt.read_state_attrs(self.file))
+            self.partitions = agree(comm, lambda: fmt.read_partitions(self.file))
         except BaseException as exc:
             if fmt.safe_to_close(exc):
                 self.file.close()
             raise
-        self.state = fmt.read_state_attrs(self.file)
-        self.partitions = fmt.read_partitions(self.file)
         self.seconds_io = 0.0  # spent writing checkpoints
 
     def _check_finite(self) -> None:
