@@ -96,6 +96,19 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "predict":
             p.add_argument("--out", help="HDF5 file to write 'outputs' to")
 
+    p = sub.add_parser("plot", help="draw PNG pictures (needs matplotlib)")
+    p.add_argument("kind", choices=["curves", "partition"],
+                   help="curves: from a train --log-json file; partition: traffic and neurons")
+    p.add_argument("source", help="the --log-json file, or the model file")
+    p.add_argument("--out", help="PNG file to write (default: SOURCE with .png)")
+    p.add_argument("--partition", metavar="NAME", help="a stored partition (kind partition)")
+    p.add_argument("--ranks", type=int, help="rank count for --strategy (kind partition)")
+    p.add_argument("--strategy", default="balanced")
+    p.add_argument("--counts")
+    p.add_argument("--percentages")
+    p.add_argument("--ids")
+    p.add_argument("--layer-ranks")
+
     p = sub.add_parser("data", help="make data files")
     p.add_argument("kind", choices=["classification", "regression"])
     p.add_argument("out")
@@ -104,6 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--outputs", type=int, default=10, help="classes or regression targets")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    for command in sub.choices.values():  # --quiet also after the command
+        command.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS,
+                             help="print only errors and results")
     return parser
 
 
@@ -167,6 +183,33 @@ def _choice(args: argparse.Namespace):  # -> PartitionChoice
     return PartitionChoice(getattr(args, "partition", None), args.strategy, params)
 
 
+def _plot(args: argparse.Namespace) -> None:
+    """``mpinn plot``: one process draws; the pictures need no communication."""
+    from mpi4py import MPI
+
+    from mpinn import format as fmt
+    from mpinn import plot
+    from mpinn.metadata import MetadataTable
+    from mpinn.train import resolve_owner
+
+    out = args.out or os.path.splitext(args.source)[0] + ".png"
+    if args.kind == "curves":
+        plot.training_curves(args.source, out)
+    else:
+        with fmt.opened(args.source, "r", MPI.COMM_SELF) as f:
+            spec = fmt.read_spec(f)
+            choice = _choice(args)
+            nranks = args.ranks or 1
+            if choice.name is not None:
+                nranks = fmt.read_partition(f, choice.name)[1]
+            owner, text = resolve_owner(f, spec, choice, nranks)
+        table = MetadataTable.build(spec.sizes, owner, nranks)
+        plot.partition_picture(table, spec.dtype.itemsize, f"{args.source}: {text}, {nranks} ranks",
+                               out)
+    if not args.quiet:
+        print(f"{out}: written")
+
+
 def run(args: argparse.Namespace) -> int:
     """Carry out one parsed command on this rank."""
     from mpi4py import MPI
@@ -199,6 +242,10 @@ def run(args: argparse.Namespace) -> int:
         if rank0:
             print(text)
         return 0
+    if args.command == "plot":
+        if rank0:
+            _plot(args)
+        return 0
     if args.command == "data":
         make = synthetic_classification if args.kind == "classification" else synthetic_regression
         if rank0:
@@ -220,6 +267,7 @@ def run(args: argparse.Namespace) -> int:
                 optimizer_name=args.optimizer, momentum=args.momentum, seed=args.seed,
                 shuffle=not args.no_shuffle, checkpoint_every=args.checkpoint_every,
                 keep=args.keep, resume=args.resume, micro_batches=args.micro_batches,
+                progress=rank0 and not args.quiet and sys.stdout.isatty(),
                 report=loop.epoch_reporter(args.quiet, args.log_json) if rank0 else None)
             if rank0 and result.stopped_by:
                 print(f"mpinn: stopped by {result.stopped_by}: checkpoint committed at epoch "

@@ -250,7 +250,7 @@ class TrainResult:
 def train(model: DistributedModel, data: LocalData, *, epochs: int, batch_size: int, lr: float,
           optimizer_name: str = "sgd", momentum: float = 0.0, seed: int = 0,
           shuffle: bool = True, checkpoint_every: int = 0, keep: int = 1, resume: bool = False,
-          micro_batches: int = 1,
+          micro_batches: int = 1, progress: bool = False,
           report: Callable[[EpochStats], None] | None = None) -> TrainResult:
     """Train from the epoch, batch and optimizer state stored in the file.
 
@@ -261,6 +261,7 @@ def train(model: DistributedModel, data: LocalData, *, epochs: int, batch_size: 
     resumed, visits the samples exactly as one uninterrupted run. SIGTERM or SIGUSR1 make
     every rank finish its step, commit a checkpoint and return. ``micro_batches`` > 1 runs
     each batch as a pipeline of that many micro-batches (same gradients, up to rounding).
+    ``progress`` shows a tqdm bar per epoch (rank 0, on a terminal, when tqdm is installed).
     """
     if epochs < 0:
         raise MpinnError(f"--epochs must not be negative, got {epochs}")
@@ -285,6 +286,7 @@ def train(model: DistributedModel, data: LocalData, *, epochs: int, batch_size: 
     result = TrainResult([], epoch=done)
 
     stopping = False
+    bar = None
     with StepGuard(model.comm) as guard:
         def step(loss_share: float) -> bool:
             nonlocal step_count, stopping
@@ -297,11 +299,14 @@ def train(model: DistributedModel, data: LocalData, *, epochs: int, batch_size: 
             optimizer.step()
             result.seconds_optimizer += time.perf_counter() - started
             step_count += 1
+            if bar is not None:
+                bar.update(min(batch_size, bar.total - bar.n))
             return False
 
         for epoch in range(done + 1, last + 1):
             order = (np.random.default_rng([seed, epoch]).permutation(data.n_samples) if shuffle
                      else np.arange(data.n_samples))[skip * batch_size:]
+            bar = _progress_bar(epoch, order.size) if progress else None
             start = time.perf_counter()
             loss_sum, correct, batches = _run_batches(model, data, order, batch_size, step=step,
                                                       micro_batches=micro_batches)
@@ -311,6 +316,8 @@ def train(model: DistributedModel, data: LocalData, *, epochs: int, batch_size: 
                 model.save(optimizer, keep, epoch=result.epoch, batch=result.batch,
                            step=step_count, seed=seed)
                 return result
+            if bar is not None:
+                bar.close()
             seen = order.size
             loss, accuracy = _totals(model, seen, loss_sum, correct, data.labels is not None)
             if not np.isfinite(loss):
@@ -342,6 +349,16 @@ def predict(model: DistributedModel, data: LocalData, batch_size: int) -> np.nda
     stripped = LocalData(data.spec, data.features, None, None)
     _run_batches(model, stripped, order, batch_size, on_outputs=keep)
     return outputs
+
+
+def _progress_bar(epoch: int, samples: int) -> Any:
+    """A tqdm bar over the samples of one epoch, or None without tqdm."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=samples, desc=f"epoch {epoch}", unit="sample", unit_scale=True,
+                leave=False, dynamic_ncols=True)
 
 
 def epoch_reporter(quiet: bool, log_json: str | None) -> Callable[[EpochStats], None]:

@@ -226,3 +226,17 @@ def test_without_mpi_io_results_are_identical_and_the_fallback_warns_once(tmp_pa
         assert np.array_equal(wa, wb)
     with h5py.File(models["mpio"][1], "r") as f, h5py.File(models["independent"][1], "r") as g:
         assert np.array_equal(f["outputs"][...], g["outputs"][...])
+
+
+def test_plot_draws_training_curves_and_partition_pictures(small_model, tmp_path):
+    pytest.importorskip("matplotlib")
+    log, curves, picture = tmp_path / "log.jsonl", tmp_path / "curves.png", tmp_path / "part.png"
+    ok(mpinn(2, "train", str(small_model), "--data", DIGITS_TRAIN, "--epochs", "3",
+             "--log-json", str(log), "--quiet"))
+    ok(mpinn(1, "plot", "curves", str(log), "--out", str(curves)))
+    ok(mpinn(1, "plot", "partition", str(small_model), "--ranks", "3", "--strategy", "count",
+             "--counts", "50,30,26", "--out", str(picture)))
+    for png in (curves, picture):
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    bad = mpinn(1, "plot", "curves", str(small_model))
+    assert bad.returncode == 1 and "not a --log-json file" in bad.stderr
