@@ -89,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--micro-batches", type=int, default=1, metavar="M",
                            help="run each batch as a pipeline of M micro-batches (GPipe); pays "
                            "off when ranks own whole layers (--strategy layers)")
+            p.add_argument("--progress", action="store_true",
+                           help="show a progress bar even when stderr is not a terminal (under "
+                           "mpirun the ranks' stderr never is)")
             p.add_argument("--log-json", metavar="FILE",
                            help="append one JSON object per epoch to FILE (rank 0)")
             p.add_argument("--resume", action="store_true",
@@ -267,7 +270,7 @@ def run(args: argparse.Namespace) -> int:
                 optimizer_name=args.optimizer, momentum=args.momentum, seed=args.seed,
                 shuffle=not args.no_shuffle, checkpoint_every=args.checkpoint_every,
                 keep=args.keep, resume=args.resume, micro_batches=args.micro_batches,
-                progress=rank0 and not args.quiet and sys.stdout.isatty(),
+                progress=rank0 and not args.quiet and (args.progress or sys.stderr.isatty()),
                 report=loop.epoch_reporter(args.quiet, args.log_json) if rank0 else None)
             if rank0 and result.stopped_by:
                 print(f"mpinn: stopped by {result.stopped_by}: checkpoint committed at epoch "

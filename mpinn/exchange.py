@@ -116,12 +116,6 @@ class ExchangePlan:
         self.seconds_pack = 0.0  # packing, unpacking and summing partial sums
         self.seconds_wait = 0.0  # posting the Ialltoallv and waiting for it
 
-    def traffic(self) -> tuple[int, int]:
-        """Neurons this rank sends to and receives from other ranks per sample, forward."""
-        rank = self.comm.rank
-        return (int(self.send_counts.sum() - self.send_counts[rank]),
-                int(self.recv_counts.sum() - self.recv_counts[rank]))
-
     def _views(self, batch: int) -> tuple[np.ndarray, np.ndarray]:
         if batch > self.max_batch:
             raise MpinnError(f"batch of {batch} exceeds the plan's {self.max_batch}")

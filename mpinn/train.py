@@ -261,7 +261,7 @@ def train(model: DistributedModel, data: LocalData, *, epochs: int, batch_size: 
     resumed, visits the samples exactly as one uninterrupted run. SIGTERM or SIGUSR1 make
     every rank finish its step, commit a checkpoint and return. ``micro_batches`` > 1 runs
     each batch as a pipeline of that many micro-batches (same gradients, up to rounding).
-    ``progress`` shows a tqdm bar per epoch (rank 0, on a terminal, when tqdm is installed).
+    ``progress`` shows a tqdm bar per epoch on stderr (when tqdm is installed).
     """
     if epochs < 0:
         raise MpinnError(f"--epochs must not be negative, got {epochs}")
@@ -308,16 +308,18 @@ def train(model: DistributedModel, data: LocalData, *, epochs: int, batch_size: 
                      else np.arange(data.n_samples))[skip * batch_size:]
             bar = _progress_bar(epoch, order.size) if progress else None
             start = time.perf_counter()
-            loss_sum, correct, batches = _run_batches(model, data, order, batch_size, step=step,
-                                                      micro_batches=micro_batches)
+            try:
+                loss_sum, correct, batches = _run_batches(model, data, order, batch_size,
+                                                          step=step, micro_batches=micro_batches)
+            finally:
+                if bar is not None:
+                    bar.close()  # cleared, also before an error message
             if stopping:
                 result.stopped_by = guard.received or "a signal on another rank"
                 result.epoch, result.batch = epoch - 1, skip + batches - 1
                 model.save(optimizer, keep, epoch=result.epoch, batch=result.batch,
                            step=step_count, seed=seed)
                 return result
-            if bar is not None:
-                bar.close()
             seen = order.size
             loss, accuracy = _totals(model, seen, loss_sum, correct, data.labels is not None)
             if not np.isfinite(loss):
