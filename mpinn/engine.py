@@ -194,8 +194,7 @@ class Engine:
                 plan.start_backward(grad_inputs)
                 started = time.perf_counter()
                 kernels.block_input_grad(layer.weight, grad_z, local, grad_inputs)
-            kernels.dense_backward(layer.weight, self.inputs[i], grad_z,
-                                   self.grad_weight[i], self.grad_bias[i], None)
+            kernels.dense_backward(self.inputs[i], grad_z, self.grad_weight[i], self.grad_bias[i])
             self.seconds_compute += time.perf_counter() - started
             if i == 0:
                 break

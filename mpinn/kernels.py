@@ -108,17 +108,15 @@ def accumulate_weight_grad(grad_weight: np.ndarray, grad_z: np.ndarray, inputs: 
     gemm(1.0, inputs, grad_z, beta=1.0, c=grad_weight.T, trans_b=1, overwrite_c=1)
 
 
-def dense_backward(weight: np.ndarray, inputs: np.ndarray, grad_z: np.ndarray,
-                   grad_weight: np.ndarray, grad_bias: np.ndarray,
-                   grad_inputs: np.ndarray | None) -> None:
-    """Gradients of a rank's rows and the partial sums ``W^T dz`` for the inputs they read.
+def dense_backward(inputs: np.ndarray, grad_z: np.ndarray, grad_weight: np.ndarray,
+                   grad_bias: np.ndarray) -> None:
+    """Gradients of a rank's rows: ``grad_z @ inputs.T`` and the bias sums.
 
-    The partial sums still have to be added up across ranks by the input neurons' owners.
+    The partial sums ``W^T dz`` for the inputs come from ``block_input_grad``, a block at a
+    time, so the remote ones can travel while the rest is computed.
     """
     np.matmul(grad_z, inputs.T, out=grad_weight)
     np.sum(grad_z, axis=1, out=grad_bias)
-    if grad_inputs is not None:
-        np.matmul(weight.T, grad_z, out=grad_inputs)
 
 
 def init_rows(rng: np.random.Generator, n_rows: int, n_in: int, n_out: int, activation: str,

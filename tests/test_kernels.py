@@ -30,10 +30,17 @@ def test_dense_forward_backward_match_matrix_algebra():
     w, b, x, dz = (rng.normal(size=s) for s in [(4, 6), (4,), (6, 3), (4, 3)])
     np.testing.assert_allclose(kernels.dense_forward(w, b, x), w @ x + b[:, None])
     gw, gb, gx = np.empty((4, 6)), np.empty(4), np.empty((6, 3))
-    kernels.dense_backward(w, x, dz, gw, gb, gx)
+    kernels.dense_backward(x, dz, gw, gb)
     np.testing.assert_allclose(gw, dz @ x.T)
     np.testing.assert_allclose(gb, dz.sum(1))
+    # local block (first 2 inputs) and remote block (the rest), as the engine splits them
+    kernels.block_input_grad(w, dz, slice(0, 2), gx)
+    kernels.block_input_grad(w, dz, slice(2, None), gx)
     np.testing.assert_allclose(gx, w.T @ dz)
+    z = np.empty((4, 3))
+    kernels.block_forward(w, x, slice(0, 2), z)
+    kernels.block_forward(w, x, slice(2, None), z, scratch=np.empty((4, 3)))
+    np.testing.assert_allclose(z, w @ x)
 
 
 def test_softmax_only_allowed_last_and_unknown_refused():
