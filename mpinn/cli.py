@@ -24,7 +24,8 @@ def _partition_flags(p: argparse.ArgumentParser, stored: bool = True) -> None:
     if stored:
         g.add_argument("--partition", metavar="NAME", help="use a partition stored in the model file")
     g.add_argument("--strategy", default="balanced",
-                   help="balanced (default), count, percentage, ids or layers")
+                   help="balanced (default), count, percentage, ids, layers, nnz (contiguous, "
+                   "balanced by stored weights) or mincut (METIS graph partition; needs pymetis)")
     g.add_argument("--counts", metavar="C0,C1,...", help="neurons per rank (strategy count)")
     g.add_argument("--percentages", metavar="P0,P1,...",
                    help="percent of all neurons per rank (strategy percentage)")
@@ -55,12 +56,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default="softmax", help="output activation (default softmax)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--storage", default="dense", metavar="S[,S...]",
+                   help="dense (default) or csr, for all layers or one per layer")
+    p.add_argument("--fan-in", type=int, metavar="K", help="csr layers: K random inputs per neuron")
+    p.add_argument("--density", type=float, metavar="D",
+                   help="csr layers: each connection present with probability D")
+    p.add_argument("--cap", type=float, help="ceiling of the relu_cap activation")
     p.add_argument("--force", action="store_true", help="overwrite an existing file")
 
-    p = sub.add_parser("partition", help="store a partition in the model file")
+    p = sub.add_parser("partition", help="store a partition in the model file, or --compare")
     p.add_argument("model")
     p.add_argument("--ranks", type=int)
     p.add_argument("--name", help="partition name (default: the strategy name)")
+    p.add_argument("--compare", action="store_true",
+                   help="print what every strategy would exchange, its imbalance and local "
+                   "edges; store nothing")
     _partition_flags(p, stored=False)
 
     p = sub.add_parser("inspect", help="print layers, partitions and their traffic")
@@ -205,7 +215,7 @@ def _plot(args: argparse.Namespace) -> None:
             nranks = args.ranks or 1
             if choice.name is not None:
                 nranks = fmt.read_partition(f, choice.name)[1]
-            owner, text = resolve_owner(f, spec, choice, nranks)
+            owner, text = resolve_owner(f, spec, choice, nranks, MPI.COMM_SELF)
         table = MetadataTable.build(spec.sizes, owner, nranks)
         plot.partition_picture(table, spec.dtype.itemsize, f"{args.source}: {text}, {nranks} ranks",
                                out)
@@ -229,13 +239,24 @@ def run(args: argparse.Namespace) -> int:
         if os.path.exists(args.model) and not args.force:
             raise MpinnError(f"{args.model} exists; pass --force to overwrite it")
         activations = [args.activation] * (len(sizes) - 2) + [args.output]
-        fmt.create_model(args.model, sizes, activations, args.dtype, args.seed, comm)
+        storages = [v.strip() for v in args.storage.split(",")] if isinstance(args.storage, str) \
+            else list(args.storage)
+        sparse = fmt.SparseInit(args.fan_in, args.density)
+        if "csr" not in storages and (args.fan_in is not None or args.density is not None):
+            raise MpinnError("--fan-in and --density apply to --storage csr layers only")
+        fmt.create_model(args.model, sizes, activations, args.dtype, args.seed, comm,
+                         storages, sparse, args.cap)
         if rank0 and not args.quiet:
             print(f"{args.model}: {len(sizes) - 1} layers, sizes {args.sizes}, {args.dtype}")
         return 0
     if args.command == "partition":
-        from mpinn.describe import store_partition
+        from mpinn.describe import compare, store_partition
         choice = _choice(args)
+        if args.compare:
+            text = compare(args.model, args.ranks, comm, choice.params)
+            if rank0:
+                print(text)
+            return 0
         store_partition(args.model, args.ranks, choice.strategy, choice.params,
                         args.name or choice.strategy, comm)
         return 0
@@ -259,7 +280,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
 
     choice = _choice(args)
-    with loop.DistributedModel(args.model, comm, choice, args.batch_size) as model:
+    with loop.DistributedModel(args.model, comm, choice, args.batch_size,
+                               training=args.command == "train") as model:
         data = load(args.data, model.table, model.spec.dtype, comm)
         if args.command == "train":
             if rank0 and not args.quiet:

@@ -7,16 +7,21 @@ same rule the exchange plans follow; tests check them against the bytes the plan
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import h5py
 import numpy as np
 from mpi4py import MPI
 
 from mpinn import distributor
 from mpinn import format as fmt
-from mpinn.exchange import agree, dense_traffic
+from mpinn.errors import MpinnError
+from mpinn.exchange import agree, dense_traffic, on_root
 from mpinn.metadata import MetadataTable
+
+LayerEdges = Callable[[int], tuple[np.ndarray, np.ndarray] | None]
 
 
 @dataclass(frozen=True)
@@ -31,10 +36,46 @@ class RankTraffic:
     forward_recv: np.ndarray
     backward_send: np.ndarray
     backward_recv: np.ndarray
+    layer_nnz: np.ndarray  # (layers, ranks): stored weights of each rank's rows
+    local_edges: int = 0   # connections whose input lives on the reading rank
+    edges: int = 0
+
+    @property
+    def imbalance(self) -> float:
+        """Compute imbalance: the engine waits for the slowest rank at every layer, so this
+        is sum over layers of max-rank nnz over sum of mean-rank nnz (1.0 = perfect)."""
+        mean = self.layer_nnz.mean(axis=1).sum()
+        return float(self.layer_nnz.max(axis=1).sum() / mean) if mean else 1.0
+
+    @property
+    def local_fraction(self) -> float:
+        return self.local_edges / self.edges if self.edges else 1.0
 
 
-def rank_traffic(spec: fmt.ModelSpec, table: MetadataTable) -> RankTraffic:
-    """Neurons, parameters, inputs read and bytes moved by each rank for one sample."""
+def sparse_traffic(table: MetadataTable, layer: int, indptr: np.ndarray,
+                   indices: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    """For a CSR layer: inputs sent from rank s to rank d per sample, the stored weights per
+    rank and the connections that stay on one rank.
+
+    A rank receives each remote input its rows name once, however many rows name it: the
+    (remote input, reading rank) pairs, the rule ExchangePlan follows.
+    """
+    p = table.nranks
+    reader = table.layer_owner(layer)[np.repeat(np.arange(indptr.size - 1), np.diff(indptr))]
+    source = table.layer_owner(layer - 1)
+    pairs = np.unique(indices * p + reader)
+    traffic = np.zeros((p, p), dtype=np.int64)
+    np.add.at(traffic, (source[pairs // p], pairs % p), 1)
+    local_edges = int(np.count_nonzero(source[indices] == reader))
+    return traffic, np.bincount(reader, minlength=p), local_edges
+
+
+def rank_traffic(spec: fmt.ModelSpec, table: MetadataTable,
+                 layer_edges: LayerEdges | None = None) -> RankTraffic:
+    """Neurons, parameters, inputs read and bytes moved by each rank for one sample.
+
+    CSR layers need ``layer_edges`` (layer -> (indptr, indices)), read a layer at a time.
+    """
     p = table.nranks
     item = spec.dtype.itemsize
     neurons = np.bincount(table.owner, minlength=p)
@@ -45,20 +86,41 @@ def rank_traffic(spec: fmt.ModelSpec, table: MetadataTable) -> RankTraffic:
     bwd_send = np.zeros(p, dtype=np.int64)
     bwd_recv = np.zeros(p, dtype=np.int64)
     remote = np.zeros(p, dtype=np.int64)
+    layer_nnz = np.zeros((len(spec.layers), p), dtype=np.int64)
+    local_edges = edges = 0
     for ly in spec.layers:
         rows = table.counts(ly.index)
-        parameters += rows * (ly.n_in + 1)
-        reads = rows > 0
         own_prev = table.counts(ly.index - 1)
-        local += np.where(reads, own_prev, 0)
-        remote += np.where(reads, ly.n_in - own_prev, 0)
-        traffic = dense_traffic(table, ly.index)
+        if ly.sparse:
+            if layer_edges is None or (wiring := layer_edges(ly.index)) is None:
+                raise MpinnError(f"layer {ly.index} is sparse: its traffic needs its wiring")
+            traffic, nnz, on_rank = sparse_traffic(table, ly.index, *wiring)
+            local += np.diag(traffic)  # inputs a rank's rows name that it owns itself
+            np.fill_diagonal(traffic, 0)
+            remote += traffic.sum(axis=0)
+        else:
+            reads = rows > 0
+            nnz = rows * ly.n_in
+            on_rank = int((rows * own_prev).sum())
+            local += np.where(reads, own_prev, 0)
+            remote += np.where(reads, ly.n_in - own_prev, 0)
+            traffic = dense_traffic(table, ly.index)
+        layer_nnz[ly.index - 1] = nnz
+        parameters += nnz + rows
+        local_edges += on_rank
+        edges += ly.nnz
         fwd_send += traffic.sum(axis=1) * item
         fwd_recv += traffic.sum(axis=0) * item
         if ly.index > 1:  # input features get no gradient, so layer 1 sends nothing back
             bwd_send += traffic.sum(axis=0) * item
             bwd_recv += traffic.sum(axis=1) * item
-    return RankTraffic(neurons, parameters, local, remote, fwd_send, fwd_recv, bwd_send, bwd_recv)
+    return RankTraffic(neurons, parameters, local, remote, fwd_send, fwd_recv, bwd_send, bwd_recv,
+                       layer_nnz, local_edges, edges)
+
+
+def file_wiring(f: h5py.File, spec: fmt.ModelSpec) -> LayerEdges:
+    """``layer_edges`` reading each CSR layer's connections from an open model file."""
+    return lambda i: fmt.read_layer_wiring(f, spec.layers[i - 1]) if spec.layers[i - 1].sparse else None
 
 
 def _table_text(traffic: RankTraffic) -> list[str]:
@@ -74,21 +136,37 @@ def _table_text(traffic: RankTraffic) -> list[str]:
     return lines
 
 
+def _summary(traffic: RankTraffic) -> str:
+    """One line: total and max-per-rank bytes per sample, imbalance, local connections."""
+    return (f"fwd {traffic.forward_send.sum():>12,} B (max/rank {traffic.forward_recv.max():>10,})  "
+            f"bwd {traffic.backward_send.sum():>12,} B (max/rank {traffic.backward_send.max():>10,})  "
+            f"imbalance {traffic.imbalance:5.2f}  local edges {100 * traffic.local_fraction:5.1f}%")
+
+
 def describe(path: str, comm: MPI.Comm) -> str:
-    """The text ``mpinn inspect`` prints (collective: every rank opens the file)."""
+    """The text ``mpinn inspect`` prints (collective: every rank opens the file; rank 0
+    reads the wiring of sparse layers, one layer at a time, for the traffic figures)."""
     with fmt.opened(path, "r", comm) as f:
         spec = agree(comm, lambda: fmt.read_spec(f))
         state = fmt.read_state_attrs(f)
         partitions = [(name, *fmt.read_partition(f, name)) for name in fmt.list_partitions(f)]
+        wiring = file_wiring(f, spec)
+        return on_root(comm, lambda: "\n".join(_describe_lines(path, spec, state, partitions,
+                                                               wiring)))
+
+
+def _describe_lines(path: str, spec: fmt.ModelSpec, state: dict[str, Any], partitions: list,
+                    wiring: LayerEdges) -> list[str]:
     nbytes = spec.n_parameters * spec.dtype.itemsize
     lines = [f"{path}: mpinn format {fmt.FORMAT_VERSION}, {spec.dtype}, {len(spec.layers)} layers, "
              f"{spec.n_parameters:,} parameters ({nbytes / 2**20:.2f} MiB)",
              f"  {'layer':>5} {'neurons':>9} {'inputs':>9} {'activation':>10} {'storage':>8} "
-             f"{'parameters':>12}",
+             f"{'parameters':>12} {'fill':>7}",
              f"  {0:>5} {spec.sizes[0]:>9,} {'-':>9} {'(inputs)':>10}"]
     for ly in spec.layers:
-        lines.append(f"  {ly.index:>5} {ly.n_out:>9,} {ly.n_in:>9,} {ly.activation:>10} "
-                     f"{ly.storage:>8} {ly.n_out * (ly.n_in + 1):>12,}")
+        act = f"{ly.activation}({ly.cap:g})" if ly.cap is not None else ly.activation
+        lines.append(f"  {ly.index:>5} {ly.n_out:>9,} {ly.n_in:>9,} {act:>10} "
+                     f"{ly.storage:>8} {ly.nnz + ly.n_out:>12,} {ly.nnz / (ly.n_in * ly.n_out):>7.2%}")
     opt = state.get("optimizer")
     opt_text = f", optimizer {json.dumps(opt)}" if opt else ""
     lines.append(f"training state: epoch {state.get('epoch', 0)}, step {state.get('step', 0)}"
@@ -102,21 +180,65 @@ def describe(path: str, comm: MPI.Comm) -> str:
         except Exception as exc:  # noqa: BLE001 - a broken stored partition is reported, not fatal
             lines.append(f"  unusable: {exc}")
             continue
-        lines.extend(_table_text(rank_traffic(spec, table)))
-    return "\n".join(lines)
+        traffic = rank_traffic(spec, table, wiring)
+        lines.extend(_table_text(traffic))
+        lines.append("  per sample: " + _summary(traffic))
+    return lines
+
+
+def compare(path: str, nranks: int, comm: MPI.Comm, params: dict[str, Any] | None = None) -> str:
+    """``partition --compare``: what every strategy would cost this model on ``nranks`` ranks.
+
+    Strategies that need parameters are compared with the ones given on the command line
+    (``layers`` without them gets contiguous groups of layers balanced by stored weights).
+    """
+    from mpinn.train import owner_for_strategy
+
+    with fmt.opened(path, "r", comm) as f:
+        spec = agree(comm, lambda: fmt.read_spec(f))
+        row_nnz = fmt.read_row_nnz(f, spec)
+        wiring = file_wiring(f, spec)
+        rows = []
+        for strategy in distributor.STRATEGIES:
+            given = dict(params or {})
+            if strategy == "layers" and "layer_ranks" not in given:
+                given["layer_ranks"] = distributor.layer_blocks(spec.sizes, nranks, row_nnz)
+            try:
+                owner = owner_for_strategy(f, spec, nranks, strategy, given, comm)
+                table = MetadataTable.build(spec.sizes, owner, nranks)
+            except MpinnError as exc:
+                rows.append((strategy, None, str(exc)))
+                continue
+            rows.append((strategy, table, ""))
+
+        def text() -> str:
+            lines = [f"{path}: {nranks} ranks, bytes exchanged per sample (forward: activations "
+                     "sent; backward: partial sums sent)"]
+            for strategy, table, why in rows:
+                if table is None:
+                    lines.append(f"  {strategy:<10} not compared: {why}")
+                else:
+                    lines.append(f"  {strategy:<10} " + _summary(rank_traffic(spec, table, wiring)))
+            return "\n".join(lines)
+
+        return on_root(comm, text)
 
 
 def store_partition(path: str, nranks: int, strategy: str, params: dict[str, Any], name: str,
                     comm: MPI.Comm) -> MetadataTable:
     """Compute a partition for ``nranks`` ranks and store it in the model file (collective)."""
+    from mpinn.train import owner_for_strategy
+
     with fmt.opened(path, "r", comm) as f:
         spec = agree(comm, lambda: fmt.read_spec(f))
 
-    def build() -> MetadataTable:
-        owner = distributor.partition(spec.sizes, nranks, strategy, params)
-        return MetadataTable.build(spec.sizes, owner, nranks)
+        def build() -> MetadataTable:
+            owner = owner_for_strategy(f, spec, nranks, strategy, params, comm)
+            return MetadataTable.build(spec.sizes, owner, nranks)
 
-    table = agree(comm, build)
+        table = agree(comm, build)
+        wiring = file_wiring(f, spec)
+        report = on_root(comm, lambda: _table_text(rank_traffic(spec, table, wiring)))
     if fmt.MPI_IO:
         with fmt.opened(path, "r+", comm) as f:
             agree(comm, lambda: fmt.write_partition(f, name, table.owner, nranks, strategy, params,
@@ -130,5 +252,5 @@ def store_partition(path: str, nranks: int, strategy: str, params: dict[str, Any
         agree(comm, write)
     if comm.rank == 0:
         print(f"{path}: stored partition {name!r} ({strategy}, {nranks} ranks)")
-        print("\n".join(_table_text(rank_traffic(spec, table))))
+        print("\n".join(report))
     return table

@@ -8,7 +8,8 @@ All ranks compute it identically, so no communication is needed to agree on it.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,17 @@ import numpy as np
 
 from mpinn.errors import MpinnError
 
-STRATEGIES = ("balanced", "count", "percentage", "ids", "layers")
+STRATEGIES = ("balanced", "count", "percentage", "ids", "layers", "nnz", "mincut")
+WIRED = ("nnz", "mincut")  # strategies that look at the wiring, not only at the layer sizes
+
+
+@dataclass
+class Wiring:
+    """What the wiring-aware strategies look at: stored weights per neuron of every layer
+    and, for ``mincut``, the connections of each CSR layer (None for a dense layer)."""
+
+    row_nnz: list[np.ndarray]
+    layer_edges: Callable[[int], tuple[np.ndarray, np.ndarray] | None] | None = None
 
 
 def blockdist(n: int, size: int, rank: int) -> tuple[int, int]:
@@ -145,6 +156,113 @@ def by_layers(sizes: Sequence[int], nranks: int, layer_ranks: Sequence[int]) -> 
     return np.repeat(np.asarray(layer_ranks, dtype=np.int32), list(sizes))
 
 
+def by_nnz(sizes: Sequence[int], nranks: int, row_nnz: Sequence[np.ndarray]) -> np.ndarray:
+    """Every layer split into contiguous blocks of near-equal stored weights (the work of a
+    sparse layer), rather than of near-equal neuron counts. Inputs are split by count."""
+    _check_nranks(nranks)
+    parts = [balanced(sizes[:1], nranks)]
+    for n, weights in zip(sizes[1:], row_nnz, strict=True):
+        total = int(weights.sum())
+        if total == 0:
+            parts.append(balanced([n], nranks))
+            continue
+        # a neuron goes to the block its weight's midpoint falls in: contiguous, monotone
+        middle = np.cumsum(weights) - weights / 2.0
+        parts.append(np.minimum(middle * nranks // total, nranks - 1).astype(np.int32))
+    return np.concatenate(parts)
+
+
+def layer_blocks(sizes: Sequence[int], nranks: int, row_nnz: Sequence[np.ndarray]) -> list[int]:
+    """``layer_ranks`` for the layers strategy: contiguous groups of layers of near-equal
+    stored weights, the inputs with the first layer (a pipeline's stages)."""
+    work = np.array([float(w.sum()) for w in row_nnz])
+    middle = np.cumsum(work) - work / 2.0
+    ranks = np.minimum(middle * nranks // max(work.sum(), 1.0), nranks - 1).astype(int).tolist()
+    return ranks[:1] + ranks
+
+
+def by_mincut(sizes: Sequence[int], nranks: int, wiring: Wiring, seed: int = 0) -> np.ndarray:
+    """Per-layer METIS partitions, chained so that neurons land where their inputs live.
+
+    For each layer in turn: the layer's neurons form a graph whose edge weights count the
+    inputs two neurons share (B B^T for the layer's pattern B); METIS splits it into
+    ``nranks`` parts of near-equal stored weights (balance weight = each neuron's nnz), so
+    neurons that read the same inputs share a rank and each input travels to few ranks.
+    The parts are then matched to ranks (an assignment problem) to maximise the inputs
+    each rank already owns. Inputs go to the rank that reads them most.
+
+    Per layer, not one partition of the whole network: pymetis exposes one balance
+    constraint, and under one constraint the best cut of a deep network runs between
+    layers, which leaves all but one rank idle at every layer of an SPMD pass (that
+    partition is what ``layers`` with ``--micro-batches`` is for). Dense layers, whose
+    every split cuts the same connections, are split evenly.
+    """
+    _check_nranks(nranks)
+    pymetis = require_pymetis()
+    import scipy.sparse as sp
+    from scipy.optimize import linear_sum_assignment
+
+    owners: list[np.ndarray | None] = [None] * len(sizes)
+    for layer in range(1, len(sizes)):
+        n_out, n_in = sizes[layer], sizes[layer - 1]
+        edges = wiring.layer_edges(layer) if wiring.layer_edges is not None else None
+        if edges is None or nranks == 1:
+            owners[layer] = balanced([n_out], nranks)
+            continue
+        indptr, indices = edges
+        pattern = sp.csr_matrix((np.ones(indices.size, np.int64), indices, indptr), (n_out, n_in))
+        shared = (pattern @ pattern.T).tocsr()
+        shared.setdiag(0)
+        shared.eliminate_zeros()
+        shared.sort_indices()
+        weights = np.maximum(wiring.row_nnz[layer - 1], 1).astype(np.int64)
+        if shared.nnz == 0 or n_out < nranks:
+            parts = balanced([n_out], nranks)
+        else:
+            _, parts = pymetis.part_graph(
+                nranks, pymetis.CSRAdjacency(shared.indptr, shared.indices), vweights=weights,
+                eweights=shared.data.astype(np.int64), options=pymetis.Options(seed=seed))
+            parts = np.asarray(parts, dtype=np.int64)
+        previous = owners[layer - 1]
+        if previous is not None:
+            # affinity[k, r]: connections of part k's neurons to inputs rank r owns
+            rows = np.repeat(np.arange(n_out), np.diff(indptr))
+            affinity = np.zeros((nranks, nranks), dtype=np.int64)
+            np.add.at(affinity, (parts[rows], previous[indices]), 1)
+            part_of, rank_of = linear_sum_assignment(-affinity)
+            mapping = np.empty(nranks, dtype=np.int64)
+            mapping[part_of] = rank_of
+            parts = mapping[parts]
+        owners[layer] = parts.astype(np.int32)
+        if layer == 1:
+            owners[0] = _inputs_to_readers(n_in, nranks, indptr, indices, owners[1])
+    if owners[0] is None:
+        owners[0] = balanced(sizes[:1], nranks)
+    return np.concatenate(owners).astype(np.int32)
+
+
+def _inputs_to_readers(n_in: int, nranks: int, indptr: np.ndarray, indices: np.ndarray,
+                       readers: np.ndarray) -> np.ndarray:
+    """Each input feature to the rank whose rows read it most (unread ones evenly)."""
+    rows = np.repeat(np.arange(indptr.size - 1), np.diff(indptr))
+    counts = np.bincount(indices * nranks + readers[rows], minlength=n_in * nranks)
+    counts = counts.reshape(n_in, nranks)
+    owner = np.argmax(counts, axis=1).astype(np.int32)
+    unread = counts.sum(axis=1) == 0
+    owner[unread] = balanced([n_in], nranks)[unread]
+    return owner
+
+
+def require_pymetis():  # noqa: ANN201 - the module, imported late: it is an optional extra
+    """pymetis, or a clear error naming the extra that installs it."""
+    try:
+        import pymetis
+    except ImportError:
+        raise MpinnError("strategy 'mincut' needs pymetis: pip install 'mpinn[partition]' "
+                         "(or pip install pymetis)") from None
+    return pymetis
+
+
 def _parse_list(text: str | list, kind: type, flag: str) -> list:
     """``"1,2,3"`` from the command line, or ``[1, 2, 3]`` from a TOML config."""
     try:
@@ -156,9 +274,16 @@ def _parse_list(text: str | list, kind: type, flag: str) -> list:
 
 
 def partition(sizes: Sequence[int], nranks: int, strategy: str,
-              params: dict[str, Any] | None = None) -> np.ndarray:
-    """Owner array for ``strategy`` with its ``params`` (as stored in a partition's JSON)."""
+              params: dict[str, Any] | None = None, wiring: Wiring | None = None) -> np.ndarray:
+    """Owner array for ``strategy`` with its ``params`` (as stored in a partition's JSON);
+    ``nnz`` and ``mincut`` also need the model's ``wiring``."""
     params = params or {}
+    if strategy in WIRED and wiring is None:
+        raise MpinnError(f"strategy {strategy!r} needs the model's wiring")
+    if strategy == "nnz":
+        return by_nnz(sizes, nranks, wiring.row_nnz)
+    if strategy == "mincut":
+        return by_mincut(sizes, nranks, wiring, int(params.get("seed", 0)))
     if strategy == "balanced":
         return balanced(sizes, nranks)
     if strategy == "count":

@@ -17,7 +17,7 @@ from mpi4py import MPI
 
 from mpinn import kernels
 from mpinn.errors import inject_fault
-from mpinn.exchange import MAX, MIN, SUM, ExchangePlan, allreduce, dense_traffic
+from mpinn.exchange import MAX, MIN, SUM, ExchangePlan, allreduce
 from mpinn.shard import LayerShard, Shard
 
 
@@ -33,19 +33,37 @@ class BatchResult:
 class Engine:
     """Runs batches through one rank's shard; plans and work buffers are built once."""
 
-    def __init__(self, shard: Shard, comm: MPI.Comm, max_batch: int) -> None:
+    def __init__(self, shard: Shard, comm: MPI.Comm, max_batch: int, training: bool = True) -> None:
+        """``training=False`` (evaluate, predict, benchmarks) keeps no per-layer state for
+        backward: all layers share two activation buffers and one pair of exchange buffers,
+        so memory does not grow with depth."""
         self.shard = shard
         self.comm = comm
         self.max_batch = max_batch
+        self.training = training
         dtype = shard.spec.dtype
-        self.plans = [ExchangePlan(comm, shard.table, s.spec.index, s.inputs, max_batch, dtype)
-                      for s in shard.layers]
-        self.z = [np.empty(s.rows.size * max_batch, dtype) for s in shard.layers]
-        self.a = [np.empty(s.rows.size * max_batch, dtype) for s in shard.layers]
-        self.grad_z = [np.empty(s.rows.size * max_batch, dtype) for s in shard.layers]
-        self.grad_inputs = [np.empty(s.inputs.size * max_batch, dtype) for s in shard.layers]
-        self.grad_weight = [np.zeros_like(s.weight) for s in shard.layers]
-        self.grad_bias = [np.zeros_like(s.bias) for s in shard.layers]
+        layers = shard.layers
+        if training:
+            self.plans = [ExchangePlan(comm, shard.table, s.spec.index, s.inputs, max_batch, dtype)
+                          for s in layers]
+            self.z = [np.empty(s.rows.size * max_batch, dtype) for s in layers]
+            self.a = [np.empty(s.rows.size * max_batch, dtype) for s in layers]
+            self.grad_z = [np.empty(s.rows.size * max_batch, dtype) for s in layers]
+            self.grad_inputs = [np.empty(s.inputs.size * max_batch, dtype) for s in layers]
+            self.grad_weight = [np.zeros_like(s.weight) for s in layers]
+            self.grad_bias = [np.zeros_like(s.bias) for s in layers]
+        else:
+            # layer i reads layer i-1's activations only until its exchange is posted
+            widest = max(s.rows.size for s in layers) * max_batch
+            pool = [np.empty(widest, dtype) for _ in range(3)]
+            self.plans = [ExchangePlan(comm, shard.table, s.spec.index, s.inputs, max_batch, dtype,
+                                       shared=True) for s in layers]
+            ExchangePlan.share_buffers(self.plans)
+            self.z = [pool[i % 2] for i in range(len(layers))]
+            self.a = [pool[i % 2] for i in range(len(layers))]
+            self.z[-1] = pool[2]  # softmax and the class argmax need z beside the outputs
+            self.grad_z = [pool[(i + 1) % 2] for i in range(len(layers))]  # remote-block scratch
+            self.grad_inputs, self.grad_weight, self.grad_bias = [], [], []
         self.inputs: list[np.ndarray] = []
         self.output_rows = shard.layers[-1].rows
         self.softmax = shard.layers[-1].spec.activation == "softmax"
@@ -54,9 +72,10 @@ class Engine:
         self._batch = 0
         self._batch_inputs: list[np.ndarray] | None = None  # the pipeline's per-batch inputs
         self.seconds_compute = 0.0  # GEMMs and elementwise kernels, for the benchmarks
-        # pipeline stages: a new one starts where a layer's inputs cross ranks (pure, same
-        # on every rank since the table is)
-        crossing = [dense_traffic(shard.table, s.spec.index).sum() > 0 for s in shard.layers]
+        # pipeline stages: a new one starts where any rank receives remote inputs (agreed by
+        # one small allreduce, so every rank groups the layers alike)
+        remote = np.array([int(p.mpi_recv_counts.sum() > 0) for p in self.plans], dtype=np.int64)
+        crossing = allreduce(comm, remote, MAX) > 0
         self.stages = np.cumsum([0] + [int(c) for c in crossing[1:]]).tolist()
 
     def _buf(self, flat: np.ndarray, rows: int, batch: int) -> np.ndarray:
@@ -77,20 +96,18 @@ class Engine:
             self.inputs.append(gathered)
             z = self._buf(self.z[i], layer.rows.size, batch)
             a = self._buf(self.a[i], layer.rows.size, batch)
-            local, remote = slice(0, plan.n_own_inputs), slice(plan.n_own_inputs, None)
             started = time.perf_counter()
-            kernels.block_forward(layer.weight, gathered, local, z)
+            layer.forward_local(gathered, z)
             self.seconds_compute += time.perf_counter() - started
             plan.finish_forward()
             started = time.perf_counter()
-            kernels.block_forward(layer.weight, gathered, remote, z,
-                                  # the dL/dz buffer is free until backward
-                                  scratch=self._buf(self.grad_z[i], layer.rows.size, batch))
+            # the dL/dz buffer is free until backward
+            layer.forward_remote(gathered, z, self._buf(self.grad_z[i], layer.rows.size, batch))
             z += layer.bias[:, None]
             if i == last and self.softmax:
                 self._softmax(z, a)
             else:
-                kernels.activate(layer.spec.activation, z, out=a)
+                kernels.activate(layer.spec.activation, z, out=a, cap=layer.spec.cap)
             self.seconds_compute += time.perf_counter() - started
             activations = a
         return activations
@@ -169,7 +186,7 @@ class Engine:
                 grad -= dot[None, :]
                 grad *= outputs
             else:
-                kernels.activation_grad(layer.spec.activation, z, outputs, grad)
+                kernels.activation_grad(layer.spec.activation, z, outputs, grad, layer.spec.cap)
         if inject_fault("nan", self.comm.rank):
             loss = float("nan")
         return BatchResult(loss, correct)
@@ -188,13 +205,13 @@ class Engine:
             if i > 0:
                 # remote partial sums first, so they travel while the rest is computed
                 grad_inputs = self._buf(self.grad_inputs[i], layer.inputs.size, batch)
-                local, remote = slice(0, plan.n_own_inputs), slice(plan.n_own_inputs, None)
-                kernels.block_input_grad(layer.weight, grad_z, remote, grad_inputs)
+                layer.input_grad_remote(grad_z, grad_inputs)
                 self.seconds_compute += time.perf_counter() - started
                 plan.start_backward(grad_inputs)
                 started = time.perf_counter()
-                kernels.block_input_grad(layer.weight, grad_z, local, grad_inputs)
-            kernels.dense_backward(self.inputs[i], grad_z, self.grad_weight[i], self.grad_bias[i])
+                layer.input_grad_local(grad_z, grad_inputs)
+            layer.weight_grad(grad_z, self.inputs[i], self.grad_weight[i], first=True)
+            np.sum(grad_z, axis=1, out=self.grad_bias[i])
             self.seconds_compute += time.perf_counter() - started
             if i == 0:
                 break
@@ -203,7 +220,7 @@ class Engine:
             started = time.perf_counter()
             z = self._buf(self.z[i - 1], below.rows.size, batch)
             a = self._buf(self.a[i - 1], below.rows.size, batch)
-            kernels.activation_grad(below.spec.activation, z, a, grad_a)
+            kernels.activation_grad(below.spec.activation, z, a, grad_a, below.spec.cap)
             self._buf(self.grad_z[i - 1], below.rows.size, batch)[...] = grad_a
             self.seconds_compute += time.perf_counter() - started
 
@@ -244,12 +261,16 @@ class Engine:
 
         def forward_layer(i: int, k: int) -> None:
             layer = layers[i]
-            zk = kernels.dense_forward(layer.weight, layer.bias, inputs[i][:, cols[k]])
+            xk = np.ascontiguousarray(inputs[i][:, cols[k]])
+            zk = np.empty((layer.rows.size, xk.shape[1]), xk.dtype)
+            layer.forward_local(xk, zk)
+            layer.forward_remote(xk, zk, np.empty_like(zk))
+            zk += layer.bias[:, None]
             ak = np.empty_like(zk)
             if i == n - 1 and self.softmax:
                 self._softmax(zk, ak)
             else:
-                kernels.activate(layer.spec.activation, zk, out=ak)
+                kernels.activate(layer.spec.activation, zk, out=ak, cap=layer.spec.cap)
             z[i][:, cols[k]], a[i][:, cols[k]] = zk, ak
             if i == n - 1:
                 gk = np.empty_like(zk)
@@ -266,14 +287,16 @@ class Engine:
             grad_a = plans[i].finish_backward(partial(i, k))
             below = layers[i - 1]
             kernels.activation_grad(below.spec.activation, z[i - 1][:, cols[k]],
-                                    a[i - 1][:, cols[k]], grad_a)
+                                    a[i - 1][:, cols[k]], grad_a, below.spec.cap)
             grad_z[i - 1][:, cols[k]] = grad_a
 
         def backward_layer(i: int, k: int) -> None:
+            gk = np.ascontiguousarray(grad_z[i][:, cols[k]])
             if i > 0:
-                np.matmul(layers[i].weight.T, grad_z[i][:, cols[k]], out=partial(i, k))
-            kernels.accumulate_weight_grad(self.grad_weight[i], grad_z[i][:, cols[k]],
-                                           inputs[i][:, cols[k]], first=k == 0)
+                layers[i].input_grad_local(gk, partial(i, k))
+                layers[i].input_grad_remote(gk, partial(i, k))
+            layers[i].weight_grad(gk, np.ascontiguousarray(inputs[i][:, cols[k]]),
+                                  self.grad_weight[i], first=k == 0)
             if k == m - 1:
                 np.sum(grad_z[i], axis=1, out=self.grad_bias[i])
 

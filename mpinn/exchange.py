@@ -59,11 +59,13 @@ class ExchangePlan:
     """Alltoallv plan that feeds the rows of one layer with the activations they read."""
 
     def __init__(self, comm: MPI.Comm, table: MetadataTable, layer: int, inputs: np.ndarray,
-                 max_batch: int, dtype: np.dtype) -> None:
+                 max_batch: int, dtype: np.dtype, shared: bool = False) -> None:
         """Agree with the other ranks on who sends what (collective).
 
         ``inputs`` are the in-layer indices of layer ``layer - 1`` this rank's rows read,
-        already in receive order.
+        already in receive order: for a sparse layer only those its rows name, so the
+        volume is exactly the (remote input, reading rank) pairs. With ``shared`` the
+        buffers come from ``share_buffers`` (plans used one after another, inference).
         """
         self.comm = comm
         self.layer = layer
@@ -106,8 +108,10 @@ class ExchangePlan:
         self.accumulate = sp.csr_matrix(
             (np.ones(n_send, dtype=self.dtype), (self.send_index, np.arange(n_send))),
             shape=(self.n_local, n_send))
-        self.send_buffer = np.empty(n_send * max_batch, dtype=self.dtype)
-        self.recv_buffer = np.empty(self.n_inputs * max_batch, dtype=self.dtype)
+        self.n_send = n_send
+        if not shared:
+            self.send_buffer = np.empty(n_send * max_batch, dtype=self.dtype)
+            self.recv_buffer = np.empty(self.n_inputs * max_batch, dtype=self.dtype)
         self._request: MPI.Request | None = None
         self._batch = 0
         # counted per call, for benchmarks and the traffic tests
@@ -115,6 +119,18 @@ class ExchangePlan:
         self.bytes_received = 0
         self.seconds_pack = 0.0  # packing, unpacking and summing partial sums
         self.seconds_wait = 0.0  # posting the Ialltoallv and waiting for it
+
+    @staticmethod
+    def share_buffers(plans: list[ExchangePlan]) -> None:
+        """One send and one receive buffer for plans that never have messages in flight at
+        the same time (a forward-only pass, layer after layer)."""
+        if not plans:
+            return
+        batch, dtype = plans[0].max_batch, plans[0].dtype
+        send = np.empty(max(p.n_send for p in plans) * batch, dtype=dtype)
+        recv = np.empty(max(p.n_inputs for p in plans) * batch, dtype=dtype)
+        for plan in plans:
+            plan.send_buffer, plan.recv_buffer = send, recv
 
     def _views(self, batch: int) -> tuple[np.ndarray, np.ndarray]:
         if batch > self.max_batch:
@@ -219,6 +235,24 @@ def allreduce(comm: MPI.Comm, values: np.ndarray, op: MPI.Op) -> np.ndarray:
 
 
 MAX, MIN, SUM = MPI.MAX, MPI.MIN, MPI.SUM
+
+
+def on_root(comm: MPI.Comm, action: Callable[[], T]) -> T:
+    """Run ``action`` on rank 0 only and hand its result, or its error, to every rank.
+
+    For work that needs one process's view of something large but not huge (a graph
+    partition of the wiring): the other ranks wait in the broadcast, never in a hang.
+    """
+    result, error = None, None
+    if comm.rank == 0:
+        try:
+            result = action()
+        except Exception as exc:  # noqa: BLE001 - raised on every rank below
+            error = str(exc) if isinstance(exc, MpinnError) else f"{type(exc).__name__}: {exc}"
+    result, error = comm.bcast((result, error), root=0)
+    if error is not None:
+        raise MpinnError(error, agreed=True)
+    return result  # type: ignore[return-value]
 
 
 def agree(comm: MPI.Comm, action: Callable[[], T]) -> T:

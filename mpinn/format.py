@@ -12,7 +12,7 @@ import json
 import os
 import sys
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext, suppress
 from dataclasses import dataclass
 from typing import Any
@@ -24,10 +24,11 @@ from mpi4py import MPI
 from mpinn.distributor import blockdist
 from mpinn.errors import MpinnError, inject_fault
 from mpinn.exchange import take_turn
-from mpinn.kernels import check_activation, init_rows
+from mpinn.kernels import check_activation, check_cap, init_rows, random_pattern
 
 FORMAT_VERSION = 1
 DTYPES = {"float32": np.dtype(np.float32), "float64": np.dtype(np.float64)}
+STORAGES = ("dense", "csr")
 MAX_NEURONS = 1 << 40  # a sizes attribute beyond this is refused before anything is allocated
 INIT_BLOCK_ROWS = 1024  # init draws each block of rows from its own seed: rank-count independent
 
@@ -57,7 +58,17 @@ class LayerSpec:
     n_in: int
     n_out: int
     activation: str
-    storage: str
+    storage: str  # "dense": weight (n_out, n_in); "csr": indptr, indices, data
+    nnz: int = -1  # stored weights; n_out * n_in for dense layers
+    cap: float | None = None  # relu_cap's ceiling
+
+    def __post_init__(self) -> None:
+        if self.nnz < 0:
+            object.__setattr__(self, "nnz", self.n_out * self.n_in)
+
+    @property
+    def sparse(self) -> bool:
+        return self.storage == "csr"
 
 
 @dataclass(frozen=True)
@@ -74,7 +85,7 @@ class ModelSpec:
 
     @property
     def n_parameters(self) -> int:
-        return sum(ly.n_out * (ly.n_in + 1) for ly in self.layers)
+        return sum(ly.nnz + ly.n_out for ly in self.layers)
 
 
 # ---------------------------------------------------------------- opening files
@@ -176,14 +187,19 @@ def read_spec(f: h5py.File) -> ModelSpec:
         group = f["layers"][str(index)]
         activation = _text_attr(group, "activation", where)
         check_activation(activation, index == len(sizes_t) - 1, where)
+        cap = check_cap(group.attrs.get("cap"), where) if activation == "relu_cap" else None
         storage = _text_attr(group, "storage", where)
-        if storage != "dense":
-            raise MpinnError(f"{where}: unknown storage {storage!r} (known: dense)")
+        if storage not in STORAGES:
+            raise MpinnError(f"{where}: unknown storage {storage!r} (known: {', '.join(STORAGES)})")
         n_in, n_out = sizes_t[index - 1], sizes_t[index]
-        for dset_name, shape in (("weight", (n_out, n_in)), ("bias", (n_out,))):
-            if dset_name not in group or not isinstance(group[dset_name], h5py.Dataset):
-                raise MpinnError(f"{where}: missing dataset {dset_name!r}")
-            dset = group[dset_name]
+        if storage == "dense":
+            floats = {"weight": (n_out, n_in), "bias": (n_out,)}
+            nnz = n_out * n_in
+        else:
+            nnz = _check_csr(group, where, n_in, n_out)
+            floats = {"data": (nnz,), "bias": (n_out,)}
+        for dset_name, shape in floats.items():
+            dset = _dataset(group, dset_name, where)
             if dset.shape != shape:
                 raise MpinnError(f"{where}/{dset_name} has shape {dset.shape}, but sizes "
                                  f"{list(sizes_t)} require {shape}")
@@ -194,8 +210,54 @@ def read_spec(f: h5py.File) -> ModelSpec:
                 dtype = dset.dtype
             elif dset.dtype != dtype:
                 raise MpinnError(f"{where}/{dset_name} is {dset.dtype} but earlier layers are {dtype}")
-        layers.append(LayerSpec(index, n_in, n_out, activation, storage))
+        layers.append(LayerSpec(index, n_in, n_out, activation, storage, nnz, cap))
     return ModelSpec(sizes_t, tuple(layers), np.dtype(dtype))
+
+
+def _dataset(group: h5py.Group, name: str, where: str) -> h5py.Dataset:
+    if name not in group or not isinstance(group[name], h5py.Dataset):
+        raise MpinnError(f"{where}: missing dataset {name!r}")
+    return group[name]
+
+
+def _check_csr(group: h5py.Group, where: str, n_in: int, n_out: int) -> int:
+    """Shapes and ends of a CSR layer's structure; returns its number of stored weights.
+
+    The per-row checks (indptr non-decreasing, indices in range and ascending) are made by
+    each rank on the rows it reads (``check_csr_rows``), so no rank reads the whole layer.
+    """
+    indptr, indices = _dataset(group, "indptr", where), _dataset(group, "indices", where)
+    for name, dset in (("indptr", indptr), ("indices", indices)):
+        if dset.ndim != 1 or not np.issubdtype(dset.dtype, np.integer):
+            raise MpinnError(f"{where}/{name} must be a 1-D integer array, got {dset.dtype} "
+                             f"{dset.shape}")
+    if indptr.shape != (n_out + 1,):
+        raise MpinnError(f"{where}/indptr has shape {indptr.shape}; the layer's {n_out} neurons "
+                         f"require ({n_out + 1},)")
+    first, last = int(indptr[0]), int(indptr[n_out])
+    if first != 0 or last != indices.shape[0]:
+        raise MpinnError(f"{where}/indptr must run from 0 to the {indices.shape[0]} stored "
+                         f"indices; it runs from {first} to {last}")
+    return last
+
+
+def check_csr_rows(where: str, row_ptr: np.ndarray, indices: np.ndarray, n_in: int) -> None:
+    """Refuse a CSR slice whose pointers decrease or whose indices are out of range or not
+    strictly ascending within a row (``row_ptr`` relative to ``indices``)."""
+    counts = np.diff(row_ptr)
+    if np.any(counts < 0):
+        raise MpinnError(f"{where}/indptr decreases (row {int(np.argmax(counts < 0))} of the "
+                         "rows read)")
+    if indices.size and (indices.min() < 0 or indices.max() >= n_in):
+        bad = int(indices.min()) if indices.min() < 0 else int(indices.max())
+        raise MpinnError(f"{where}/indices holds {bad}, outside 0..{n_in - 1}")
+    step = np.diff(indices)
+    row_starts = row_ptr[1:-1][(row_ptr[1:-1] > 0) & (row_ptr[1:-1] < indices.size)]
+    within = np.ones(step.size, dtype=bool)
+    within[row_starts - 1] = False
+    if np.any((step <= 0) & within):
+        raise MpinnError(f"{where}/indices must be strictly ascending within each row "
+                         "(sorted, no duplicate connections)")
 
 
 def _text_attr(obj: h5py.HLObject, key: str, where: str) -> str:
@@ -209,39 +271,159 @@ def _text_attr(obj: h5py.HLObject, key: str, where: str) -> str:
     return value
 
 
+@dataclass(frozen=True)
+class SparseInit:
+    """How ``init`` wires a CSR layer: ``fan_in`` random inputs per neuron, or each
+    connection present with probability ``density``."""
+
+    fan_in: int | None = None
+    density: float | None = None
+
+    def check(self, n_in: int, where: str) -> None:
+        if (self.fan_in is None) == (self.density is None):
+            raise MpinnError(f"{where}: CSR layers need exactly one of --fan-in or --density")
+        if self.fan_in is not None and not 1 <= self.fan_in <= n_in:
+            raise MpinnError(f"{where}: --fan-in {self.fan_in} must be between 1 and the layer's "
+                             f"{n_in} inputs")
+        if self.density is not None and not 0 < self.density <= 1:
+            raise MpinnError(f"{where}: --density {self.density} must be in (0, 1]")
+
+
 def create_model(path: str, sizes: Sequence[int], activations: Sequence[str], dtype: str,
-                 seed: int, comm: MPI.Comm) -> None:
+                 seed: int, comm: MPI.Comm, storages: Sequence[str] | None = None,
+                 sparse: SparseInit | None = None, cap: float | None = None) -> None:
     """Write a new, initialised model file; each rank draws and writes a share of the rows.
 
     Rows come in blocks of INIT_BLOCK_ROWS, each drawn from its own (seed, layer, block)
     stream, so the file is the same whatever the rank count, and no rank holds more than
-    one block of rows at a time.
+    one block of rows at a time. CSR layers draw their wiring from a second stream per
+    block; with ``density`` the rows' counts are shared first so every rank knows the
+    offsets (indptr) at which its blocks go.
     """
     sizes = [int(n) for n in sizes]
     if len(sizes) < 2 or any(n < 1 for n in sizes):
         raise MpinnError(f"--sizes needs at least two layers of at least 1 neuron, got {sizes}")
     if len(activations) != len(sizes) - 1:
         raise MpinnError(f"{len(activations)} activations given for {len(sizes) - 1} layers")
+    storages = list(storages or ["dense"] * (len(sizes) - 1))
+    if len(storages) == 1:
+        storages *= len(sizes) - 1
+    if len(storages) != len(sizes) - 1:
+        raise MpinnError(f"--storage gives {len(storages)} entries for {len(sizes) - 1} layers")
     if dtype not in DTYPES:
         raise MpinnError(f"--dtype {dtype!r} is not supported (float32 or float64)")
-    for index, act in enumerate(activations, start=1):
-        check_activation(act, index == len(sizes) - 1, f"layer {index}")
-    spec = ModelSpec(tuple(sizes), tuple(
-        LayerSpec(i, sizes[i - 1], sizes[i], activations[i - 1], "dense")
-        for i in range(1, len(sizes))), DTYPES[dtype])
+    layers, row_counts = [], {}
+    for index, (act, storage) in enumerate(zip(activations, storages, strict=True), start=1):
+        where = f"layer {index}"
+        check_activation(act, index == len(sizes) - 1, where)
+        if storage not in STORAGES:
+            raise MpinnError(f"{where}: unknown storage {storage!r} (known: {', '.join(STORAGES)})")
+        layer_cap = check_cap(cap if cap is not None else None, where) if act == "relu_cap" else None
+        n_in, n_out = sizes[index - 1], sizes[index]
+        nnz = n_in * n_out
+        if storage == "csr":
+            sparse = sparse or SparseInit()
+            sparse.check(n_in, where)
+            row_counts[index] = _csr_counts(seed, index, n_in, n_out, sparse, comm)
+            nnz = int(row_counts[index].sum())
+        layers.append(LayerSpec(index, n_in, n_out, act, storage, nnz, layer_cap))
+    spec = ModelSpec(tuple(sizes), tuple(layers), DTYPES[dtype])
     with Checkpoint(path, spec, {}, comm, keep=1) as f:
         for ly in spec.layers:
-            weight, bias = f[f"layers/{ly.index}/weight"], f[f"layers/{ly.index}/bias"]
+            group = f[f"layers/{ly.index}"]
             n_blocks = -(-ly.n_out // INIT_BLOCK_ROWS)
             count, first = blockdist(n_blocks, comm.size, comm.rank)
+            indptr = (np.concatenate([[0], np.cumsum(row_counts[ly.index])])
+                      if ly.sparse else None)
             for block in range(first, first + count):
                 start = block * INIT_BLOCK_ROWS
                 stop = min(start + INIT_BLOCK_ROWS, ly.n_out)
                 rng = np.random.default_rng([seed, ly.index, block])
-                w, b = init_rows(rng, stop - start, ly.n_in, ly.n_out, ly.activation, spec.dtype)
-                weight[start:stop] = w
-                bias[start:stop] = b
+                if indptr is None:
+                    w, b = init_rows(rng, stop - start, ly.n_in, ly.n_out, ly.activation, spec.dtype)
+                    group["weight"][start:stop] = w
+                    group["bias"][start:stop] = b
+                    continue
+                assert sparse is not None
+                _, columns = random_pattern(np.random.default_rng([seed, ly.index, block, 1]),
+                                            stop - start, ly.n_in, sparse.fan_in, sparse.density)
+                fan_in = max(1, round(ly.nnz / ly.n_out))
+                w, b = init_rows(rng, stop - start, fan_in, ly.n_out, ly.activation, spec.dtype,
+                                 n_values=columns.size)
+                lo, hi = int(indptr[start]), int(indptr[stop])
+                group["indptr"][start:stop + 1] = indptr[start:stop + 1]
+                group["indices"][lo:hi] = columns
+                group["data"][lo:hi] = w
+                group["bias"][start:stop] = b
         write_state_attrs(f, {"epoch": 0, "step": 0, "batch": 0, "init_seed": int(seed)})
+
+
+@dataclass
+class LayerArrays:
+    """One layer given whole, for writers that build a model in one process (converters,
+    benchmark generators): ``weight`` dense (n_out, n_in), or a scipy CSR matrix."""
+
+    activation: str
+    weight: Any
+    bias: np.ndarray
+    cap: float | None = None
+
+
+def write_model(path: str, sizes: Sequence[int], layers: Iterable[LayerArrays], dtype: str) -> None:
+    """Write a model file from one process, a layer at a time (``layers`` may be a
+    generator: a deep network is never held whole), then swap it in atomically."""
+    if dtype not in DTYPES:
+        raise MpinnError(f"dtype {dtype!r} is not supported (float32 or float64)")
+    partial = f"{path}.partial"
+    count = 0
+    with h5py.File(partial, "w") as f:
+        f.attrs["mpinn_format_version"] = FORMAT_VERSION
+        f.attrs["sizes"] = np.asarray(sizes, dtype=np.int64)
+        for index, ly in enumerate(layers, start=1):
+            count = index
+            where = f"layer {index}"
+            if index >= len(sizes):
+                raise MpinnError(f"more layers given than sizes {list(sizes)} declare")
+            check_activation(ly.activation, index == len(sizes) - 1, where)
+            shape = (sizes[index], sizes[index - 1])
+            if ly.weight.shape != shape or np.shape(ly.bias) != shape[:1]:
+                raise MpinnError(f"{where}: weight {ly.weight.shape} and bias {np.shape(ly.bias)} "
+                                 f"do not match sizes {list(sizes)}")
+            group = f.create_group(f"layers/{index}")
+            group.attrs["activation"] = ly.activation
+            if ly.activation == "relu_cap":
+                group.attrs["cap"] = check_cap(ly.cap, where)
+            if hasattr(ly.weight, "indptr"):  # scipy CSR
+                csr = ly.weight.tocsr()
+                csr.sum_duplicates()
+                csr.sort_indices()
+                group.attrs["storage"] = "csr"
+                group["indptr"] = csr.indptr.astype(np.int64)
+                group["indices"] = csr.indices.astype(np.int32 if shape[1] < 2**31 else np.int64)
+                group["data"] = csr.data.astype(dtype)
+            else:
+                group.attrs["storage"] = "dense"
+                group["weight"] = np.asarray(ly.weight, dtype=dtype)
+            group["bias"] = np.asarray(ly.bias, dtype=dtype)
+        write_state_attrs(f, {"epoch": 0, "step": 0, "batch": 0})
+    if count != len(sizes) - 1:
+        os.remove(partial)
+        raise MpinnError(f"{count} layers given but sizes {list(sizes)} declare {len(sizes) - 1}")
+    os.replace(partial, path)
+
+
+def _csr_counts(seed: int, layer: int, n_in: int, n_out: int, sparse: SparseInit,
+                comm: MPI.Comm) -> np.ndarray:
+    """Stored weights per row of a new CSR layer (the same on every rank)."""
+    if sparse.fan_in is not None:
+        return np.full(n_out, sparse.fan_in, dtype=np.int64)
+    n_blocks = -(-n_out // INIT_BLOCK_ROWS)
+    count, first = blockdist(n_blocks, comm.size, comm.rank)
+    mine = [random_pattern(np.random.default_rng([seed, layer, block, 1]),
+                           min(INIT_BLOCK_ROWS, n_out - block * INIT_BLOCK_ROWS), n_in, None,
+                           sparse.density)[0] for block in range(first, first + count)]
+    mine_counts = np.concatenate(mine) if mine else np.zeros(0, dtype=np.int64)
+    return np.concatenate(comm.allgather(mine_counts))
 
 
 # ---------------------------------------------------------------- crash-safe writes
@@ -304,7 +486,15 @@ class Checkpoint:
             group = f.create_group(f"layers/{ly.index}")
             group.attrs["activation"] = ly.activation
             group.attrs["storage"] = ly.storage
-            group.create_dataset("weight", (ly.n_out, ly.n_in), self.spec.dtype)
+            if ly.cap is not None:
+                group.attrs["cap"] = ly.cap
+            if ly.sparse:
+                group.create_dataset("indptr", (ly.n_out + 1,), np.int64)
+                index_type = np.int32 if ly.n_in < 2**31 else np.int64
+                group.create_dataset("indices", (ly.nnz,), index_type)
+                group.create_dataset("data", (ly.nnz,), self.spec.dtype)
+            else:
+                group.create_dataset("weight", (ly.n_out, ly.n_in), self.spec.dtype)
             group.create_dataset("bias", (ly.n_out,), self.spec.dtype)
         for name, (owner, nranks, strategy, params) in self.partitions.items():
             write_partition(f, name, owner, nranks, strategy, params, self.comm)
@@ -369,12 +559,16 @@ def runs(indices: np.ndarray) -> np.ndarray:
     return np.stack([starts, stops], axis=1)
 
 
-def _selection(shape: tuple[int, ...], axis: int, index: np.ndarray) -> h5py.h5s.SpaceID:
-    """File dataspace selecting ``index`` (sorted) along ``axis`` and everything along the rest."""
+def _selection(shape: tuple[int, ...], axis: int, index: np.ndarray | None,
+               ranges: np.ndarray | None = None) -> h5py.h5s.SpaceID:
+    """File dataspace selecting ``index`` (sorted), or the [start, stop) ``ranges``, along
+    ``axis`` and everything along the rest."""
     space = h5py.h5s.create_simple(shape)
     space.select_none()
     op = h5py.h5s.SELECT_SET
-    for start, stop in runs(index):
+    for start, stop in (runs(index) if ranges is None else ranges):
+        if stop <= start:
+            continue
         offset = [0] * len(shape)
         count = list(shape)
         offset[axis], count[axis] = int(start), int(stop - start)
@@ -403,6 +597,66 @@ def read_slice(dset: h5py.Dataset, index: np.ndarray, axis: int = 0) -> np.ndarr
     return out
 
 
+def read_ranges(dset: h5py.Dataset, ranges: np.ndarray) -> np.ndarray:
+    """Collectively read the [start, stop) ``ranges`` (ascending, disjoint) of a 1-D dataset,
+    concatenated: a CSR layer's entries of a rank's rows."""
+    size = int(sum(int(b - a) for a, b in ranges))
+    out = np.empty(size, dtype=dset.dtype)
+    buf = out if size else np.empty(1, dtype=dset.dtype)
+    dset.id.read(_memory_space((size,)), _selection(dset.shape, 0, None, ranges), buf,
+                 dxpl=_collective())
+    READ_STATS[dset.name] += size
+    return out
+
+
+def write_ranges(dset: h5py.Dataset, ranges: np.ndarray, values: np.ndarray) -> None:
+    """Collectively write ``values`` to the [start, stop) ``ranges`` of a 1-D dataset."""
+    values = np.ascontiguousarray(values, dtype=dset.dtype)
+    mspace = _memory_space(values.shape)
+    if values.size == 0:
+        values = np.empty(1, dtype=dset.dtype)
+    dset.id.write(mspace, _selection(dset.shape, 0, None, ranges), values, dxpl=_collective())
+
+
+@dataclass
+class CsrRows:
+    """A rank's rows of a CSR layer as read from the file."""
+
+    row_ptr: np.ndarray  # (rows + 1,) offsets into ``indices``, from 0
+    indices: np.ndarray  # input index of each stored weight, rows in order
+    ranges: np.ndarray   # [start, stop) of these entries in the file's indices/data
+    row_ends: np.ndarray  # indptr[row + 1] of each row, as in the file
+
+
+def read_csr_rows(group: h5py.Group, rows: np.ndarray, where: str, n_in: int) -> CsrRows:
+    """Collectively read the structure of ``rows`` (sorted) of a CSR layer and validate it.
+
+    Both reads are made on every rank before anything is refused, so a rank that finds a
+    broken slice never leaves the others waiting in a collective (wrap it in ``agree``).
+    """
+    rows = np.asarray(rows, dtype=np.int64)
+    # starts and stops in two reads: the ranks' selections never overlap within one
+    # collective read (OpenMPI 4.1's OMPIO returned wrong values for overlapping ones)
+    starts = read_slice(group["indptr"], rows).astype(np.int64)
+    stops = read_slice(group["indptr"], rows + 1).astype(np.int64)
+    row_runs = runs(rows)
+    first = np.searchsorted(rows, row_runs[:, 0])
+    last = np.searchsorted(rows, row_runs[:, 1] - 1)
+    ranges = (np.stack([starts[first], stops[last]], axis=1) if rows.size
+              else np.zeros((0, 2), np.int64))
+    problem = None
+    if np.any(stops < starts):
+        problem = f"{where}/indptr decreases (at row {int(rows[np.argmax(stops < starts)])})"
+    elif ranges.size and (ranges.min() < 0 or ranges.max() > group["indices"].shape[0]):
+        problem = f"{where}/indptr points outside the layer's {group['indices'].shape[0]} indices"
+    indices = read_ranges(group["indices"], ranges if problem is None else ranges[:0])
+    if problem is not None:
+        raise MpinnError(problem)
+    row_ptr = np.concatenate([[0], np.cumsum(stops - starts)]).astype(np.int64)
+    check_csr_rows(where, row_ptr, indices.astype(np.int64), n_in)
+    return CsrRows(row_ptr, indices.astype(np.int64), ranges, stops)
+
+
 def write_slice(dset: h5py.Dataset, index: np.ndarray, values: np.ndarray, axis: int = 0) -> None:
     """Collectively write ``values`` to the entries ``index`` (sorted) of ``dset`` along ``axis``."""
     index = np.asarray(index, dtype=np.int64)
@@ -415,6 +669,30 @@ def write_slice(dset: h5py.Dataset, index: np.ndarray, values: np.ndarray, axis:
     else:
         mspace = _memory_space(values.shape)
     dset.id.write(mspace, _selection(dset.shape, axis, index), values, dxpl=_collective())
+
+
+# ---------------------------------------------------------------- wiring, for partitioning
+
+
+def read_row_nnz(f: h5py.File, spec: ModelSpec) -> list[np.ndarray]:
+    """Stored weights per neuron of every layer (from indptr alone: metadata-sized)."""
+    counts = []
+    for ly in spec.layers:
+        if ly.sparse:
+            counts.append(np.diff(f["layers"][str(ly.index)]["indptr"][...].astype(np.int64)))
+        else:
+            counts.append(np.full(ly.n_out, ly.n_in, dtype=np.int64))
+    return counts
+
+
+def read_layer_wiring(f: h5py.File, ly: LayerSpec) -> tuple[np.ndarray, np.ndarray]:
+    """(indptr, indices) of one CSR layer, read by this rank alone: for partitioning and
+    traffic reports, one layer at a time, never the weights."""
+    group = f["layers"][str(ly.index)]
+    indptr = group["indptr"][...].astype(np.int64)
+    indices = group["indices"][...].astype(np.int64)
+    check_csr_rows(f"{f.filename}: /layers/{ly.index}", indptr, indices, ly.n_in)
+    return indptr, indices
 
 
 # ---------------------------------------------------------------- partitions

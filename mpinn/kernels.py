@@ -8,11 +8,17 @@ Nothing here talks to MPI, so every function is testable in a plain process.
 from __future__ import annotations
 
 import numpy as np
+import scipy.sparse as sp
 from scipy.linalg.blas import get_blas_funcs
 
 from mpinn.errors import MpinnError
 
-ACTIVATIONS = ("identity", "relu", "sigmoid", "tanh", "softmax")
+try:  # scipy's compiled CSR kernels accumulate into a given output: no per-call allocation
+    from scipy.sparse._sparsetools import csc_matvecs, csr_matvecs
+except ImportError:  # pragma: no cover - a scipy that moved them: the public (allocating) path
+    csr_matvecs = csc_matvecs = None
+
+ACTIVATIONS = ("identity", "relu", "relu_cap", "sigmoid", "tanh", "softmax")
 
 
 def check_activation(name: str, last: bool, where: str) -> None:
@@ -23,14 +29,28 @@ def check_activation(name: str, last: bool, where: str) -> None:
         raise MpinnError(f"{where}: softmax is only allowed on the last layer")
 
 
-def activate(name: str, z: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-    """Elementwise activation of pre-activations ``z`` (softmax is handled by the engine)."""
+def check_cap(cap: object, where: str) -> float:
+    """The ``cap`` of a relu_cap layer: a finite positive number."""
+    if isinstance(cap, bool) or not isinstance(cap, (int, float, np.number)) \
+            or not np.isfinite(cap) or cap <= 0:
+        raise MpinnError(f"{where}: relu_cap needs a finite positive 'cap', got {cap!r}")
+    return float(cap)
+
+
+def activate(name: str, z: np.ndarray, out: np.ndarray | None = None,
+             cap: float | None = None) -> np.ndarray:
+    """Elementwise activation of pre-activations ``z`` (softmax is handled by the engine).
+
+    ``relu_cap`` is min(max(z, 0), cap), the Sparse DNN Graph Challenge's activation.
+    """
     if out is None:
         out = np.empty_like(z)
     if name == "identity":
         np.copyto(out, z)
     elif name == "relu":
         np.maximum(z, 0, out=out)
+    elif name == "relu_cap":
+        np.clip(z, 0, cap, out=out)
     elif name == "sigmoid":
         # 1/(1+exp(-z)) written to avoid overflow warnings for very negative z
         np.negative(z, out=out)
@@ -45,12 +65,15 @@ def activate(name: str, z: np.ndarray, out: np.ndarray | None = None) -> np.ndar
     return out
 
 
-def activation_grad(name: str, z: np.ndarray, a: np.ndarray, grad_a: np.ndarray) -> np.ndarray:
+def activation_grad(name: str, z: np.ndarray, a: np.ndarray, grad_a: np.ndarray,
+                    cap: float | None = None) -> np.ndarray:
     """dL/dz from dL/da for an elementwise activation; overwrites and returns ``grad_a``."""
     if name == "identity":
         pass
     elif name == "relu":
         grad_a *= z > 0
+    elif name == "relu_cap":
+        grad_a *= (z > 0) & (z < cap)
     elif name == "sigmoid":
         grad_a *= a * (1 - a)
     elif name == "tanh":
@@ -119,14 +142,95 @@ def dense_backward(inputs: np.ndarray, grad_z: np.ndarray, grad_weight: np.ndarr
     np.sum(grad_z, axis=1, out=grad_bias)
 
 
+def csr_matmul(indptr: np.ndarray, indices: np.ndarray, values: np.ndarray, n_cols: int,
+               x: np.ndarray, out: np.ndarray, accumulate: bool = False) -> None:
+    """``out (+)= A @ x`` for the CSR block A (rows, n_cols); x (n_cols, batch), C-contiguous.
+
+    Row i of ``out`` gathers the rows of ``x`` its entries name: the inner loop runs over
+    the batch, contiguous in memory, which is why activations are neuron-major.
+    """
+    if not accumulate:
+        out.fill(0)
+    if values.size == 0:
+        return
+    if csr_matvecs is None:  # pragma: no cover
+        out += sp.csr_matrix((values, indices, indptr), shape=(out.shape[0], n_cols)) @ x
+        return
+    csr_matvecs(out.shape[0], n_cols, x.shape[1], indptr, indices, values,
+                x.reshape(-1), out.reshape(-1))
+
+
+def csr_transpose_matmul(indptr: np.ndarray, indices: np.ndarray, values: np.ndarray,
+                         n_cols: int, grad_z: np.ndarray, out: np.ndarray) -> None:
+    """``out = A^T @ grad_z`` (n_cols, batch): the partial sums a CSR block sends back.
+
+    A's CSR arrays are A^T's CSC arrays, so scipy's CSC kernel does it without a transpose.
+    """
+    out.fill(0)
+    if values.size == 0:
+        return
+    if csc_matvecs is None:  # pragma: no cover
+        out += sp.csr_matrix((values, indices, indptr), shape=(grad_z.shape[0], n_cols)).T @ grad_z
+        return
+    csc_matvecs(n_cols, grad_z.shape[0], grad_z.shape[1], indptr, indices, values,
+                grad_z.reshape(-1), out.reshape(-1))
+
+
+def csr_weight_grad(entry_rows: np.ndarray, indices: np.ndarray, grad_z: np.ndarray,
+                    x: np.ndarray, out: np.ndarray, first: bool,
+                    chunk_elements: int = 1 << 21) -> None:
+    """``out[k] (+)= grad_z[row_k] . x[col_k]`` for every stored entry k (a sampled product).
+
+    Only existing connections get a gradient: the pattern is kept, and nothing the size of
+    the dense matrix is ever formed. Entries go in chunks so temporaries stay small.
+    """
+    if first:
+        out.fill(0)
+    batch = max(1, grad_z.shape[1])
+    step = max(1, chunk_elements // batch)
+    for start in range(0, out.size, step):
+        stop = min(start + step, out.size)
+        out[start:stop] += np.einsum("kb,kb->k", grad_z[entry_rows[start:stop]],
+                                     x[indices[start:stop]])
+
+
+def random_pattern(rng: np.random.Generator, n_rows: int, n_in: int, fan_in: int | None,
+                   density: float | None) -> tuple[np.ndarray, np.ndarray]:
+    """CSR pattern (row counts, sorted column indices) of ``n_rows`` new sparse neurons.
+
+    ``fan_in`` K: K distinct random inputs per neuron. ``density`` D: each connection
+    exists with probability D. Drawn a few rows at a time so no dense block is formed.
+    """
+    step = max(1, (1 << 22) // n_in)
+    counts, columns = [], []
+    for start in range(0, n_rows, step):
+        rows = min(step, n_rows - start)
+        if fan_in is not None:
+            keys = rng.random((rows, n_in))
+            chosen = np.sort(np.argpartition(keys, fan_in - 1, axis=1)[:, :fan_in], axis=1)
+            counts.append(np.full(rows, fan_in, dtype=np.int64))
+            columns.append(chosen.reshape(-1))
+        else:
+            mask = rng.random((rows, n_in)) < density
+            counts.append(mask.sum(axis=1).astype(np.int64))
+            columns.append(np.nonzero(mask)[1])
+    return np.concatenate(counts), np.concatenate(columns).astype(np.int64)
+
+
 def init_rows(rng: np.random.Generator, n_rows: int, n_in: int, n_out: int, activation: str,
-              dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
-    """Initial weights and biases of ``n_rows`` neurons: He-uniform for ReLU, else Glorot."""
-    if activation == "relu":
-        bound = np.sqrt(6.0 / n_in)
+              dtype: np.dtype, n_values: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Initial weights and biases of ``n_rows`` neurons: He-uniform for ReLU, else Glorot.
+
+    ``n_in`` is the fan-in (for sparse rows, the mean inputs per row); ``n_values`` the
+    number of weights to draw when they are not a dense (n_rows, n_in) block.
+    """
+    fan_in = max(n_in, 1)
+    if activation in ("relu", "relu_cap"):
+        bound = np.sqrt(6.0 / fan_in)
     else:
-        bound = np.sqrt(6.0 / (n_in + n_out))
-    weight = rng.uniform(-bound, bound, size=(n_rows, n_in)).astype(dtype)
+        bound = np.sqrt(6.0 / (fan_in + n_out))
+    shape = (n_rows, n_in) if n_values is None else (n_values,)
+    weight = rng.uniform(-bound, bound, size=shape).astype(dtype)
     bias = np.zeros(n_rows, dtype=dtype)
     return weight, bias
 

@@ -2,6 +2,10 @@
 
 Weight columns are kept in the exchange plan's receive order (see exchange.py), so the
 plan's receive buffer multiplies them directly; ``save`` puts them back in file order.
+A dense layer's rows are a (rows, inputs) matrix whose leading columns are the rank's own
+inputs. A CSR layer's rows read only the inputs they name; their stored weights are kept
+as two CSR blocks sharing one array, local-input entries first, remote-input entries after
+(PETSc's diagonal and off-diagonal blocks), so each block is one compiled kernel call.
 """
 
 from __future__ import annotations
@@ -12,10 +16,12 @@ from dataclasses import dataclass
 
 import h5py
 import numpy as np
+from mpi4py import MPI
 
 from mpinn import format as fmt
+from mpinn import kernels
 from mpinn.errors import MpinnError, inject_fault
-from mpinn.exchange import receive_order
+from mpinn.exchange import agree, receive_order
 from mpinn.format import LayerSpec, ModelSpec
 from mpinn.metadata import MetadataTable
 
@@ -29,6 +35,7 @@ class LayerShard:
     inputs: np.ndarray  # in-layer indices of layer l-1 the rows read, in receive order
     weight: np.ndarray  # (rows, inputs), columns in receive order
     bias: np.ndarray    # (rows,)
+    n_local: int = 0    # inputs owned by this rank: the leading columns (the local block)
 
     @contextmanager
     def file_columns(self, values: np.ndarray) -> Iterator[np.ndarray]:
@@ -56,6 +63,161 @@ class LayerShard:
         _permute_columns(values, self.inputs)
         return values
 
+    # ---- the math of my rows, one block at a time (see Engine)
+
+    def forward_local(self, gathered: np.ndarray, z: np.ndarray) -> None:
+        """``z = W_local @ x_local``: the pre-activations from my own inputs."""
+        kernels.block_forward(self.weight, gathered, slice(0, self.n_local), z)
+
+    def forward_remote(self, gathered: np.ndarray, z: np.ndarray, scratch: np.ndarray) -> None:
+        """``z += W_remote @ x_remote``, once the remote inputs have arrived."""
+        kernels.block_forward(self.weight, gathered, slice(self.n_local, None), z, scratch=scratch)
+
+    def input_grad_local(self, grad_z: np.ndarray, partial: np.ndarray) -> None:
+        """Partial sums ``W_local^T dz`` for my own inputs."""
+        kernels.block_input_grad(self.weight, grad_z, slice(0, self.n_local), partial)
+
+    def input_grad_remote(self, grad_z: np.ndarray, partial: np.ndarray) -> None:
+        """Partial sums ``W_remote^T dz``, sent back to the inputs' owners."""
+        kernels.block_input_grad(self.weight, grad_z, slice(self.n_local, None), partial)
+
+    def weight_grad(self, grad_z: np.ndarray, inputs: np.ndarray, grad_weight: np.ndarray,
+                    first: bool) -> None:
+        """``grad_weight (+)= dz @ x^T`` (accumulated over micro-batches unless ``first``)."""
+        kernels.accumulate_weight_grad(grad_weight, grad_z, inputs, first)
+
+    # ---- file I/O of weight-shaped arrays (weights, optimizer state)
+
+    def weight_file_shape(self) -> tuple[int, ...]:
+        return (self.spec.n_out, self.spec.n_in)
+
+    def read_weight_like(self, dset: h5py.Dataset) -> np.ndarray:
+        """My rows of a weight-shaped dataset, in memory order (collective)."""
+        return self.from_file_columns(fmt.read_slice(dset, self.rows))
+
+    def write_weight_like(self, dset: h5py.Dataset, values: np.ndarray) -> None:
+        """Write a weight-shaped array of mine into the file (collective)."""
+        with self.file_columns(values) as in_file_order:
+            fmt.write_slice(dset, self.rows, in_file_order)
+
+    def save(self, group: h5py.Group) -> None:
+        """Write my rows of this layer into a new file's group (collective)."""
+        self.write_weight_like(group["weight"], self.weight)
+        fmt.write_slice(group["bias"], self.rows, self.bias)
+
+    @contextmanager
+    def file_order(self, values: np.ndarray) -> Iterator[np.ndarray]:
+        """A weight-shaped array seen as the file stores my rows (for tests and tools)."""
+        with self.file_columns(values) as in_file_order:
+            yield in_file_order
+
+
+@dataclass
+class CsrLayerShard(LayerShard):
+    """One rank's rows of a CSR layer: only the inputs they name, as two CSR blocks.
+
+    ``weight`` holds my stored weights, local-input entries first (``n_local_entries``), in
+    row order within each block; ``order`` maps them to the file order of my entries.
+    """
+
+    local_ptr: np.ndarray = None      # CSR row pointers of the local block
+    remote_ptr: np.ndarray = None     # ... of the remote block
+    columns: np.ndarray = None        # entry -> position in the receive buffer
+    entry_rows: np.ndarray = None     # entry -> my row, for the weight gradient
+    order: np.ndarray = None          # memory position -> position among my file entries
+    file_indices: np.ndarray = None   # my entries' input indices, file order (for saving)
+    ranges: np.ndarray = None         # my entries' [start, stop) in the file
+    row_ends: np.ndarray = None       # indptr[row + 1] of each of my rows, global
+    n_local_entries: int = 0
+
+    @classmethod
+    def build(cls, spec: fmt.LayerSpec, rows: np.ndarray, csr: fmt.CsrRows, values: np.ndarray,
+              bias: np.ndarray, owner: np.ndarray, rank: int, size: int) -> CsrLayerShard:
+        """Arrange my rows' entries (file order) into the two blocks (pure)."""
+        inputs = receive_order(np.unique(csr.indices), owner, rank, size)
+        position = np.empty(spec.n_in, dtype=np.int64)
+        position[inputs] = np.arange(inputs.size)
+        n_local = int(np.count_nonzero(owner[inputs] == rank))
+        entry_rows = np.repeat(np.arange(rows.size), np.diff(csr.row_ptr))
+        columns = position[csr.indices]
+        remote = columns >= n_local
+        order = np.lexsort((np.arange(columns.size), entry_rows, remote))  # stable, blocks first
+        index_type = np.int32 if max(columns.size, inputs.size) < 2**31 else np.int64
+        n_local_entries = int(columns.size - np.count_nonzero(remote))
+        pointers = [np.concatenate([[0], np.cumsum(np.bincount(entry_rows[order][block],
+                                                               minlength=rows.size))])
+                    .astype(index_type) for block in (slice(0, n_local_entries),
+                                                       slice(n_local_entries, None))]
+        columns = columns[order]
+        columns[n_local_entries:] -= n_local  # the remote block's own column numbering
+        shard = cls(spec, rows, inputs, np.ascontiguousarray(values[order]), bias, n_local,
+                    local_ptr=pointers[0], remote_ptr=pointers[1],
+                    columns=columns.astype(index_type), entry_rows=entry_rows[order],
+                    order=order, file_indices=csr.indices.astype(index_type), ranges=csr.ranges,
+                    row_ends=csr.row_ends, n_local_entries=n_local_entries)
+        return shard
+
+    def _blocks(self, array: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return array[: self.n_local_entries], array[self.n_local_entries:]
+
+    def forward_local(self, gathered: np.ndarray, z: np.ndarray) -> None:
+        w, _ = self._blocks(self.weight)
+        c, _ = self._blocks(self.columns)
+        kernels.csr_matmul(self.local_ptr, c, w, self.n_local, gathered[: self.n_local], z)
+
+    def forward_remote(self, gathered: np.ndarray, z: np.ndarray, scratch: np.ndarray) -> None:
+        _, w = self._blocks(self.weight)
+        _, c = self._blocks(self.columns)
+        n_remote = self.inputs.size - self.n_local
+        kernels.csr_matmul(self.remote_ptr, c, w, n_remote, gathered[self.n_local:], z,
+                           accumulate=True)
+
+    def input_grad_local(self, grad_z: np.ndarray, partial: np.ndarray) -> None:
+        w, _ = self._blocks(self.weight)
+        c, _ = self._blocks(self.columns)
+        kernels.csr_transpose_matmul(self.local_ptr, c, w, self.n_local, grad_z,
+                                     partial[: self.n_local])
+
+    def input_grad_remote(self, grad_z: np.ndarray, partial: np.ndarray) -> None:
+        _, w = self._blocks(self.weight)
+        _, c = self._blocks(self.columns)
+        kernels.csr_transpose_matmul(self.remote_ptr, c, w, self.inputs.size - self.n_local,
+                                     grad_z, partial[self.n_local:])
+
+    def weight_grad(self, grad_z: np.ndarray, inputs: np.ndarray, grad_weight: np.ndarray,
+                    first: bool) -> None:
+        """Gradients of the stored weights only: the sparsity pattern is kept."""
+        absolute = self.columns.astype(np.int64)
+        absolute[self.n_local_entries:] += self.n_local
+        kernels.csr_weight_grad(self.entry_rows, absolute, grad_z, inputs, grad_weight, first)
+
+    def weight_file_shape(self) -> tuple[int, ...]:
+        return (self.spec.nnz,)
+
+    def read_weight_like(self, dset: h5py.Dataset) -> np.ndarray:
+        return np.ascontiguousarray(fmt.read_ranges(dset, self.ranges)[self.order])
+
+    def write_weight_like(self, dset: h5py.Dataset, values: np.ndarray) -> None:
+        in_file_order = np.empty_like(values)
+        in_file_order[self.order] = values
+        fmt.write_ranges(dset, self.ranges, in_file_order)
+
+    def save(self, group: h5py.Group) -> None:
+        # the wiring is written with the weights: the new file is complete on its own
+        # indptr[row + 1] for each of my rows; indptr[0] by the owner of row 0
+        head = 1 if self.rows.size and self.rows[0] == 0 else 0
+        fmt.write_slice(group["indptr"], np.concatenate([[0] * head, self.rows + 1]),
+                        np.concatenate([[0] * head, self.row_ends]))
+        fmt.write_ranges(group["indices"], self.ranges, self.file_indices)
+        self.write_weight_like(group["data"], self.weight)
+        fmt.write_slice(group["bias"], self.rows, self.bias)
+
+    @contextmanager
+    def file_order(self, values: np.ndarray) -> Iterator[np.ndarray]:
+        in_file_order = np.empty_like(values)
+        in_file_order[self.order] = values
+        yield in_file_order
+
 
 def _permute_columns(values: np.ndarray, order: np.ndarray, block_bytes: int = 1 << 24) -> None:
     """``values[:] = values[:, order]`` in blocks of rows, so the copy is at most a block."""
@@ -79,8 +241,9 @@ class Shard:
     @staticmethod
     def check_fits(spec: ModelSpec, table: MetadataTable, rank: int, max_batch: int) -> None:
         """Refuse, before allocating, a share that cannot fit: rows, gradients and optimizer
-        state (about 4 copies of the rows) plus batch-sized work buffers."""
-        rows = sum(int(table.counts(ly.index)[rank]) * (ly.n_in + 1) for ly in spec.layers)
+        state (about 4 copies of the rows, CSR rows counted at the layer's mean fill) plus
+        batch-sized work buffers."""
+        rows = sum(int(table.counts(ly.index)[rank]) * (ly.nnz / ly.n_out + 1) for ly in spec.layers)
         work = sum(int(table.counts(ly.index)[rank]) * 4 + ly.n_in * 2 for ly in spec.layers)
         need = (4 * rows + work * max_batch) * spec.dtype.itemsize
         if need > fmt.available_memory():
@@ -89,18 +252,29 @@ class Shard:
                              "use more ranks or a smaller --batch-size")
 
     @classmethod
-    def load(cls, f: h5py.File, spec: ModelSpec, table: MetadataTable, rank: int) -> Shard:
+    def load(cls, f: h5py.File, spec: ModelSpec, table: MetadataTable, comm: MPI.Comm) -> Shard:
         """Read this rank's rows of every layer (collective over the file's communicator)."""
+        rank, size = comm.rank, comm.size
         inject_fault("load", rank)
-        layers = []
+        layers: list[LayerShard] = []
         for ly in spec.layers:
             rows = table.rows(ly.index, rank)
-            needed = np.arange(ly.n_in) if rows.size else np.zeros(0, dtype=np.int64)
-            inputs = receive_order(needed, table.layer_owner(ly.index - 1), rank, table.nranks)
+            owner = table.layer_owner(ly.index - 1)
             group = f["layers"][str(ly.index)]
+            if ly.sparse:
+                where = f"{f.filename}: /layers/{ly.index}"
+                csr = agree(comm, lambda group=group, rows=rows, where=where, ly=ly:
+                            fmt.read_csr_rows(group, rows, where, ly.n_in))
+                values = fmt.read_ranges(group["data"], csr.ranges)
+                bias = fmt.read_slice(group["bias"], rows)
+                layers.append(CsrLayerShard.build(ly, rows, csr, values, bias, owner, rank, size))
+                continue
+            needed = np.arange(ly.n_in) if rows.size else np.zeros(0, dtype=np.int64)
+            inputs = receive_order(needed, owner, rank, size)
             weight = fmt.read_slice(group["weight"], rows)
             bias = fmt.read_slice(group["bias"], rows)
-            shard = LayerShard(ly, rows, inputs, weight, bias)
+            n_local = int(np.count_nonzero(owner[inputs] == rank))
+            shard = LayerShard(ly, rows, inputs, weight, bias, n_local)
             shard.weight = shard.from_file_columns(weight)  # to receive order, in place
             layers.append(shard)
         return cls(spec, table, rank, layers)
@@ -108,10 +282,7 @@ class Shard:
     def save(self, f: h5py.File) -> None:
         """Write this rank's rows back into the model file (collective)."""
         for shard in self.layers:
-            group = f["layers"][str(shard.spec.index)]
-            with shard.file_columns(shard.weight) as weight:
-                fmt.write_slice(group["weight"], shard.rows, weight)
-            fmt.write_slice(group["bias"], shard.rows, shard.bias)
+            shard.save(f["layers"][str(shard.spec.index)])
 
     @property
     def nbytes(self) -> int:

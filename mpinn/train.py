@@ -26,7 +26,7 @@ from mpinn import format as fmt
 from mpinn.data import LocalData
 from mpinn.engine import Engine
 from mpinn.errors import MpinnError
-from mpinn.exchange import MAX, SUM, agree, allreduce
+from mpinn.exchange import MAX, SUM, agree, allreduce, on_root
 from mpinn.metadata import MetadataTable
 from mpinn.optim import Optimizer, make_optimizer
 from mpinn.shard import LayerShard, Shard
@@ -41,8 +41,8 @@ class PartitionChoice:
     params: dict[str, Any] = field(default_factory=dict)
 
 
-def resolve_owner(f: h5py.File, spec: fmt.ModelSpec, choice: PartitionChoice,
-                  nranks: int) -> tuple[np.ndarray, str]:
+def resolve_owner(f: h5py.File, spec: fmt.ModelSpec, choice: PartitionChoice, nranks: int,
+                  comm: MPI.Comm) -> tuple[np.ndarray, str]:
     """Owner array for this job and a one-line description of where it came from."""
     if choice.name is not None:
         owner, stored_ranks, strategy, _ = fmt.read_partition(f, choice.name)
@@ -50,14 +50,39 @@ def resolve_owner(f: h5py.File, spec: fmt.ModelSpec, choice: PartitionChoice,
             raise MpinnError(f"partition {choice.name!r} was made for {stored_ranks} ranks but "
                              f"the job has {nranks}")
         return owner, f"partition {choice.name!r} ({strategy})"
-    owner = distributor.partition(spec.sizes, nranks, choice.strategy, choice.params)
+    owner = owner_for_strategy(f, spec, nranks, choice.strategy, choice.params, comm)
     return owner, f"strategy {choice.strategy}"
+
+
+def owner_for_strategy(f: h5py.File, spec: fmt.ModelSpec, nranks: int, strategy: str,
+                       params: dict[str, Any], comm: MPI.Comm) -> np.ndarray:
+    """Owner array of ``strategy`` for this model (collective for the wiring-aware ones).
+
+    ``nnz`` reads every layer's indptr (one integer per neuron). ``mincut`` partitions the
+    wiring graph on rank 0, which reads the connections (never the weights) one layer at a
+    time, and hands the owners to every rank.
+    """
+    if strategy not in distributor.WIRED:
+        return distributor.partition(spec.sizes, nranks, strategy, params)
+    wiring = distributor.Wiring(fmt.read_row_nnz(f, spec))
+    if strategy == "nnz":
+        return distributor.partition(spec.sizes, nranks, strategy, params, wiring)
+    distributor.require_pymetis()  # on every rank: the same answer everywhere, before any wait
+
+    def mincut() -> np.ndarray:
+        layers = spec.layers
+        wiring.layer_edges = lambda i: (fmt.read_layer_wiring(f, layers[i - 1])
+                                        if layers[i - 1].sparse else None)
+        return distributor.partition(spec.sizes, nranks, strategy, params, wiring)
+
+    return on_root(comm, mincut)
 
 
 class DistributedModel:
     """A model file opened on every rank: its spec, partition, this rank's shard and engine."""
 
-    def __init__(self, path: str, comm: MPI.Comm, choice: PartitionChoice, max_batch: int) -> None:
+    def __init__(self, path: str, comm: MPI.Comm, choice: PartitionChoice, max_batch: int,
+                 training: bool = True) -> None:
         self.path = path
         self.comm = comm
         # opened read-only: saves write a new file and swap it in (format.Checkpoint)
@@ -65,12 +90,12 @@ class DistributedModel:
         try:
             self.spec = agree(comm, lambda: fmt.read_spec(self.file))
             owner, self.partition_text = agree(
-                comm, lambda: resolve_owner(self.file, self.spec, choice, comm.size))
+                comm, lambda: resolve_owner(self.file, self.spec, choice, comm.size, comm))
             self.table = agree(comm, lambda: MetadataTable.build(self.spec.sizes, owner, comm.size))
             agree(comm, lambda: Shard.check_fits(self.spec, self.table, comm.rank, max_batch))
-            self.shard = Shard.load(self.file, self.spec, self.table, comm.rank)
+            self.shard = Shard.load(self.file, self.spec, self.table, comm)
             agree(comm, self._check_finite)
-            self.engine = Engine(self.shard, comm, max_batch)
+            self.engine = Engine(self.shard, comm, max_batch, training)
             self.state = agree(comm, lambda: fmt.read_state_attrs(self.file))
             self.partitions = agree(comm, lambda: fmt.read_partitions(self.file))
         except BaseException as exc:
@@ -81,7 +106,8 @@ class DistributedModel:
 
     def _check_finite(self) -> None:
         for layer in self.shard.layers:
-            for name, values in (("weight", layer.weight), ("bias", layer.bias)):
+            weight = "data" if layer.spec.sparse else "weight"
+            for name, values in ((weight, layer.weight), ("bias", layer.bias)):
                 if not np.all(np.isfinite(values)):
                     raise MpinnError(f"{self.path}: /layers/{layer.spec.index}/{name} holds a "
                                      "NaN or infinite value")
@@ -101,7 +127,7 @@ class DistributedModel:
     def _slots(self, optimizer: Optimizer) -> Iterator[tuple[LayerShard, str, tuple[int, ...], np.ndarray]]:
         """(layer, dataset name, file shape, my array) of every optimizer-state slot."""
         for i, layer in enumerate(self.shard.layers):
-            shapes = {"weight": (layer.spec.n_out, layer.spec.n_in), "bias": (layer.spec.n_out,)}
+            shapes = {"weight": layer.weight_file_shape(), "bias": (layer.spec.n_out,)}
             for j, param in enumerate(("weight", "bias")):
                 for slot in optimizer.slots:
                     yield layer, f"{param}_{slot}", shapes[param], optimizer.state[slot][2 * i + j]
@@ -111,13 +137,16 @@ class DistributedModel:
         saved = self.state.get("optimizer")
         if not saved or saved.get("name") != optimizer.name:
             return False
-        slots = [(layer, fmt.read_state_slot(self.file, layer.spec.index, name, shape, self.spec.dtype),
-                  array) for layer, name, shape, array in self._slots(optimizer)]
-        if any(dset is None for _, dset, _ in slots):
+        slots = [(layer, name, fmt.read_state_slot(self.file, layer.spec.index, name, shape,
+                                                   self.spec.dtype), array)
+                 for layer, name, shape, array in self._slots(optimizer)]
+        if any(dset is None for _, _, dset, _ in slots):
             return False
-        for layer, dset, array in slots:
-            values = fmt.read_slice(dset, layer.rows)
-            array[...] = layer.from_file_columns(values) if array.ndim == 2 else values
+        for layer, name, dset, array in slots:
+            if name.startswith("weight"):
+                array[...] = layer.read_weight_like(dset)
+            else:
+                array[...] = fmt.read_slice(dset, layer.rows)
         optimizer.restore(saved)
         return True
 
@@ -136,9 +165,8 @@ class DistributedModel:
             if optimizer is not None:
                 for layer, name, shape, array in self._slots(optimizer):
                     dset = fmt.state_dataset(f, layer.spec.index, name, shape, self.spec.dtype)
-                    if array.ndim == 2:
-                        with layer.file_columns(array) as values:
-                            fmt.write_slice(dset, layer.rows, values)
+                    if name.startswith("weight"):
+                        layer.write_weight_like(dset, array)
                     else:
                         fmt.write_slice(dset, layer.rows, array)
                 self.state["optimizer"] = optimizer.config()

@@ -23,7 +23,7 @@ fi
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 pip() { "$VENV/bin/python" -m pip -q --disable-pip-version-check "$@"; }
 pip install --upgrade pip setuptools wheel
-pip install cython pkgconfig numpy scipy mpi4py threadpoolctl matplotlib pytest pytest-mpi pytest-timeout hypothesis ruff
+pip install cython pkgconfig numpy scipy mpi4py threadpoolctl matplotlib pymetis pytest pytest-mpi pytest-timeout hypothesis ruff
 
 if ! "$VENV/bin/python" -c 'import h5py, sys; sys.exit(0 if h5py.get_config().mpi else 1)' 2>/dev/null; then
     echo "setup: building h5py against parallel HDF5 (a few minutes)"

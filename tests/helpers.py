@@ -8,7 +8,8 @@ import numpy as np
 
 from mpinn import format as fmt
 
-STRATEGIES = ("balanced", "count", "percentage", "ids", "layers")
+STRATEGIES = ("balanced", "count", "percentage", "ids", "layers")  # from the layer sizes alone
+ALL_STRATEGIES = (*STRATEGIES, "nnz", "mincut")  # also from the wiring
 
 
 def strategy_params(strategy: str, sizes: list[int], nranks: int, tmp: str | None = None) -> dict:
@@ -47,7 +48,27 @@ def strategy_params(strategy: str, sizes: list[int], nranks: int, tmp: str | Non
         return {"ids": spec}
     if strategy == "layers":
         return {"layer_ranks": [(len(sizes) - 1 - i) % nranks for i in range(len(sizes))]}
+    if strategy in ("nnz", "mincut"):
+        return {}
     raise ValueError(strategy)
+
+
+def grouped_network(sizes: list[int], groups: int, fan_in: int, seed: int) -> list:
+    """CSR layers wired local by construction: every layer's neurons fall into ``groups``
+    groups and read only inputs of their own group; the groups are hidden by a random
+    numbering of each layer, so contiguous blocks of ids cut almost every connection."""
+    import scipy.sparse as sp
+    rng = np.random.default_rng(seed)
+    group = [rng.permutation(n) % groups for n in sizes]
+    layers = []
+    for layer in range(1, len(sizes)):
+        members = [np.flatnonzero(group[layer - 1] == g) for g in range(groups)]
+        columns = [np.sort(rng.choice(members[g], fan_in, replace=False)) for g in group[layer]]
+        indptr = np.arange(0, fan_in * (sizes[layer] + 1), fan_in)
+        values = rng.uniform(-0.5, 0.5, size=fan_in * sizes[layer])
+        layers.append(sp.csr_matrix((values, np.concatenate(columns), indptr),
+                                    shape=(sizes[layer], sizes[layer - 1])))
+    return layers
 
 
 def classification_data(n: int, n_in: int, n_out: int, seed: int, dtype: str):

@@ -10,32 +10,42 @@ from dataclasses import dataclass, field
 
 import h5py
 import numpy as np
+import scipy.sparse as sp
 
 
 @dataclass
 class Reference:
-    weights: list[np.ndarray]
+    weights: list  # dense arrays, or scipy CSR matrices for CSR layers
     biases: list[np.ndarray]
     activations: list[str]
+    caps: list[float | None] = field(default_factory=list)
     state: dict[str, list[np.ndarray]] = field(default_factory=dict)
     t: int = 0
 
     @classmethod
     def from_file(cls, path: str) -> Reference:
         with h5py.File(path, "r") as f:
-            n = len(f.attrs["sizes"]) - 1
-            layers = [f["layers"][str(i)] for i in range(1, n + 1)]
-            return cls([ly["weight"][...] for ly in layers], [ly["bias"][...] for ly in layers],
-                       [str(ly.attrs["activation"]) for ly in layers])
+            sizes = f.attrs["sizes"]
+            layers = [f["layers"][str(i)] for i in range(1, len(sizes))]
+            weights = [sp.csr_matrix((ly["data"][...], ly["indices"][...], ly["indptr"][...]),
+                                     shape=(sizes[i + 1], sizes[i]))
+                       if ly.attrs["storage"] == "csr" else ly["weight"][...]
+                       for i, ly in enumerate(layers)]
+            return cls(weights, [ly["bias"][...] for ly in layers],
+                       [str(ly.attrs["activation"]) for ly in layers],
+                       [float(ly.attrs["cap"]) if "cap" in ly.attrs else None for ly in layers])
 
     def forward(self, x: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """Pre-activations and activations of every layer for x (batch, n0); as[0] is x."""
         zs, acts = [], [x]
-        for w, b, act in zip(self.weights, self.biases, self.activations, strict=True):
-            z = acts[-1] @ w.T + b
+        for i, (w, b, act) in enumerate(zip(self.weights, self.biases, self.activations, strict=True)):
+            z = np.asarray(w @ acts[-1].T).T + b  # scipy.sparse for CSR layers
             zs.append(z)
-            acts.append(apply(act, z))
+            acts.append(apply(act, z, self.cap(i)))
         return zs, acts
+
+    def cap(self, i: int) -> float | None:
+        return self.caps[i] if self.caps else None
 
     def loss_and_grads(self, x: np.ndarray, y: np.ndarray) -> tuple[float, list, list]:
         """Mean loss and gradients of all weights and biases for one batch."""
@@ -54,17 +64,28 @@ class Reference:
             if self.activations[-1] == "softmax":
                 dz = out * (da - (out * da).sum(axis=1, keepdims=True))
             else:
-                dz = da * derivative(self.activations[-1], zs[-1], out)
+                dz = da * derivative(self.activations[-1], zs[-1], out, self.cap(len(zs) - 1))
         gw, gb = [None] * len(zs), [None] * len(zs)
         for i in range(len(zs) - 1, -1, -1):
-            gw[i] = dz.T @ acts[i]
+            w = self.weights[i]
+            full = dz.T @ acts[i]
+            if sp.issparse(w):  # only the stored connections have parameters
+                rows = np.repeat(np.arange(w.shape[0]), np.diff(w.indptr))
+                gw[i] = full[rows, w.indices]
+            else:
+                gw[i] = full
             gb[i] = dz.sum(axis=0)
             if i:
-                dz = (dz @ self.weights[i]) * derivative(self.activations[i - 1], zs[i - 1], acts[i])
+                dz = (np.asarray(w.T @ dz.T).T
+                      * derivative(self.activations[i - 1], zs[i - 1], acts[i], self.cap(i - 1)))
         return float(loss), gw, gb
 
+    def parameters(self) -> list[np.ndarray]:
+        """Weights (a CSR layer's stored values) then biases, as arrays updated in place."""
+        return [w.data if sp.issparse(w) else w for w in self.weights] + self.biases
+
     def step(self, gw: list, gb: list, optimizer: str, lr: float, momentum: float) -> None:
-        params = self.weights + self.biases
+        params = self.parameters()
         grads = gw + gb
         if optimizer == "sgd":
             if momentum:
@@ -104,11 +125,13 @@ class Reference:
         return losses
 
 
-def apply(act: str, z: np.ndarray) -> np.ndarray:
+def apply(act: str, z: np.ndarray, cap: float | None = None) -> np.ndarray:
     if act == "identity":
         return z.copy()
     if act == "relu":
         return np.maximum(z, 0)
+    if act == "relu_cap":
+        return np.minimum(np.maximum(z, 0), cap)
     if act == "sigmoid":
         return 1 / (1 + np.exp(-z))
     if act == "tanh":
@@ -119,11 +142,13 @@ def apply(act: str, z: np.ndarray) -> np.ndarray:
     raise ValueError(act)
 
 
-def derivative(act: str, z: np.ndarray, a: np.ndarray) -> np.ndarray:
+def derivative(act: str, z: np.ndarray, a: np.ndarray, cap: float | None = None) -> np.ndarray:
     if act == "identity":
         return np.ones_like(z)
     if act == "relu":
         return (z > 0).astype(z.dtype)
+    if act == "relu_cap":
+        return ((z > 0) & (z < cap)).astype(z.dtype)
     if act == "sigmoid":
         return a * (1 - a)
     if act == "tanh":

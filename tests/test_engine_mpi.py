@@ -12,10 +12,10 @@ from mpi4py import MPI
 
 from mpinn import format as fmt
 from mpinn.data import load
-from mpinn.describe import rank_traffic
+from mpinn.describe import file_wiring, rank_traffic
 from mpinn.errors import MpinnError
 from mpinn.train import DistributedModel, PartitionChoice, predict, train
-from tests.helpers import STRATEGIES, classification_data, regression_data, strategy_params
+from tests.helpers import ALL_STRATEGIES, classification_data, regression_data, strategy_params
 from tests.reference import Reference, assert_close
 
 pytestmark = pytest.mark.mpi
@@ -27,6 +27,14 @@ CASES = {
     # float targets, squared error, Adam
     "regression": dict(sizes=[6, 9, 4], acts=["sigmoid", "identity"], labels=False,
                        optimizer="adam", momentum=0.0, lr=0.01),
+    # every layer sparse, relu_cap hitting its cap, softmax split over ranks
+    "sparse": dict(sizes=[7, 13, 11, 5], acts=["relu", "relu_cap", "softmax"], labels=True,
+                   optimizer="sgd", momentum=0.9, lr=0.05, storage=["csr"] * 3,
+                   sparse=fmt.SparseInit(density=0.4), cap=0.6),
+    # dense and sparse layers mixed, Adam
+    "mixed": dict(sizes=[6, 9, 8, 4], acts=["tanh", "relu", "identity"], labels=False,
+                  optimizer="adam", momentum=0.0, lr=0.01, storage=["csr", "dense", "csr"],
+                  sparse=fmt.SparseInit(fan_in=3)),
 }
 N_SAMPLES, BATCH, EPOCHS = 30, 8, 2  # 30 = 3 full batches and a partial one
 
@@ -34,7 +42,8 @@ N_SAMPLES, BATCH, EPOCHS = 30, 8, 2  # 30 = 3 full batches and a partial one
 def make_files(tmp, case: dict, dtype: str, comm: MPI.Comm) -> tuple[str, str, np.ndarray, np.ndarray]:
     model, data = str(tmp / "model.h5"), str(tmp / "data.h5")
     sizes = case["sizes"]
-    fmt.create_model(model, sizes, case["acts"], dtype, seed=3, comm=comm)
+    fmt.create_model(model, sizes, case["acts"], dtype, seed=3, comm=comm,
+                     storages=case.get("storage"), sparse=case.get("sparse"), cap=case.get("cap"))
     make = classification_data if case["labels"] else regression_data
     x, y = make(N_SAMPLES, sizes[0], sizes[-1], seed=5, dtype=dtype)
     if comm.rank == 0:
@@ -64,21 +73,36 @@ def train_and_compare(tmp, case: str, dtype: str, strategy: str, micro_batches: 
     assert_close([h.loss for h in history.history], ref_losses, dtype, "epoch losses")
     trained = Reference.from_file(model_path)
     for i in range(len(ref.weights)):
-        assert_close(trained.weights[i], ref.weights[i], dtype, f"{case} layer {i + 1} weight")
+        if hasattr(ref.weights[i], "indptr"):  # the pattern is kept, only values change
+            assert np.array_equal(trained.weights[i].indices, ref.weights[i].indices)
+            assert np.array_equal(trained.weights[i].indptr, ref.weights[i].indptr)
+        assert_close(_values(trained.weights[i]), _values(ref.weights[i]), dtype,
+                     f"{case} layer {i + 1} weight")
         assert_close(trained.biases[i], ref.biases[i], dtype, f"{case} layer {i + 1} bias")
     comm.Barrier()  # nobody rewrites the files while another rank still reads them
 
 
+def _values(weight) -> np.ndarray:
+    return weight.data if hasattr(weight, "indptr") else weight
+
+
+def _rows_of(values: np.ndarray, weight, rows: np.ndarray) -> np.ndarray:
+    """The entries of ``rows`` of a weight-shaped array (a CSR layer's: its stored weights)."""
+    if not hasattr(weight, "indptr"):
+        return values[rows]
+    return np.concatenate([values[weight.indptr[r]:weight.indptr[r + 1]] for r in rows] + [[]])
+
+
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("strategy", ALL_STRATEGIES)
 def test_trained_weights_equal_reference_for_every_strategy(strategy, dtype, case, mpi_tmp_path):
     train_and_compare(mpi_tmp_path, case, dtype, strategy)
 
 
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("strategy", ALL_STRATEGIES)
 def test_predict_equals_reference_for_every_strategy(strategy, dtype, case, mpi_tmp_path):
     comm = MPI.COMM_WORLD
     c = CASES[case]
@@ -96,10 +120,11 @@ def test_predict_equals_reference_for_every_strategy(strategy, dtype, case, mpi_
     assert_close(written, acts[-1], dtype, "outputs")
 
 
-@pytest.mark.parametrize("strategy", STRATEGIES)
-def test_gradients_of_owned_rows_equal_reference(strategy, mpi_tmp_path):
+@pytest.mark.parametrize("case", ["softmax", "sparse"])
+@pytest.mark.parametrize("strategy", ALL_STRATEGIES)
+def test_gradients_of_owned_rows_equal_reference(strategy, case, mpi_tmp_path):
     comm = MPI.COMM_WORLD
-    c = CASES["softmax"]
+    c = CASES[case]
     model_path, data_path, x, y = make_files(mpi_tmp_path, c, "float64", comm)
     ref = Reference.from_file(model_path)
     _, gw, gb = ref.loss_and_grads(x[:BATCH], y[:BATCH])
@@ -110,40 +135,54 @@ def test_gradients_of_owned_rows_equal_reference(strategy, mpi_tmp_path):
         engine.loss_and_grad(engine.forward(xb), labels, None)
         engine.backward()
         for i, layer in enumerate(model.shard.layers):
-            with layer.file_columns(engine.grad_weight[i]) as grad_weight:
-                assert_close(grad_weight, gw[i][layer.rows], "float64", f"layer {i + 1} weight gradient")
+            with layer.file_order(engine.grad_weight[i]) as grad_weight:
+                assert_close(grad_weight, _rows_of(gw[i], ref.weights[i], layer.rows), "float64",
+                             f"layer {i + 1} weight gradient")
             assert_close(engine.grad_bias[i], gb[i][layer.rows], "float64", f"layer {i + 1} bias grad")
 
 
-@pytest.mark.parametrize("strategy", STRATEGIES)
-def test_each_rank_reads_only_its_own_rows(strategy, mpi_tmp_path):
+@pytest.mark.parametrize("case", ["softmax", "mixed"])
+@pytest.mark.parametrize("strategy", ALL_STRATEGIES)
+def test_each_rank_reads_only_its_own_rows(strategy, case, mpi_tmp_path):
     comm = MPI.COMM_WORLD
-    c = CASES["softmax"]
+    c = CASES[case]
     model_path, data_path, _, _ = make_files(mpi_tmp_path, c, "float32", comm)
+    ref = Reference.from_file(model_path)
+    comm.Barrier()
     fmt.READ_STATS.clear()
     with DistributedModel(model_path, comm, choice(strategy, c["sizes"], comm.size), BATCH) as model:
         load(data_path, model.table, model.spec.dtype, comm)
-        for ly in model.spec.layers:
-            rows = model.table.rows(ly.index, comm.rank).size
-            assert fmt.READ_STATS[f"/layers/{ly.index}/weight"] == rows * ly.n_in
-            assert fmt.READ_STATS[f"/layers/{ly.index}/bias"] == rows
+        share = 0
+        for ly, weight in zip(model.spec.layers, ref.weights, strict=True):
+            rows = model.table.rows(ly.index, comm.rank)
+            group = f"/layers/{ly.index}"
+            if ly.sparse:
+                entries = int(np.diff(weight.indptr)[rows].sum())
+                assert fmt.READ_STATS[f"{group}/data"] == entries
+                assert fmt.READ_STATS[f"{group}/indices"] == entries
+                assert fmt.READ_STATS[f"{group}/indptr"] == 2 * rows.size  # starts and ends
+            else:
+                entries = rows.size * ly.n_in
+                assert fmt.READ_STATS[f"{group}/weight"] == entries
+            assert fmt.READ_STATS[f"{group}/bias"] == rows.size
+            share += entries + rows.size
         assert fmt.READ_STATS["/X"] == model.table.rows(0, comm.rank).size * N_SAMPLES
-        share = sum(model.table.rows(ly.index, comm.rank).size * (ly.n_in + 1)
-                    for ly in model.spec.layers)
         assert model.shard.nbytes == share * 4  # its rows and nothing more
 
 
-@pytest.mark.parametrize("strategy", STRATEGIES)
-def test_exchanged_bytes_equal_the_partition_report(strategy, mpi_tmp_path):
+@pytest.mark.parametrize("case", ["softmax", "sparse", "mixed"])
+@pytest.mark.parametrize("strategy", ALL_STRATEGIES)
+def test_exchanged_bytes_equal_the_partition_report(strategy, case, mpi_tmp_path):
     comm = MPI.COMM_WORLD
-    c = CASES["softmax"]
+    c = CASES[case]
     model_path, data_path, x, y = make_files(mpi_tmp_path, c, "float32", comm)
     with DistributedModel(model_path, comm, choice(strategy, c["sizes"], comm.size), BATCH) as model:
         data = load(data_path, model.table, model.spec.dtype, comm)
-        xb, labels, _ = data.batch(np.arange(BATCH))
-        model.engine.loss_and_grad(model.engine.forward(xb), labels, None)
+        xb, labels, targets = data.batch(np.arange(BATCH))
+        model.engine.loss_and_grad(model.engine.forward(xb), labels, targets)
         model.engine.backward()
-        expected = rank_traffic(model.spec, model.table)
+        with h5py.File(model_path, "r") as f:
+            expected = rank_traffic(model.spec, model.table, file_wiring(f, model.spec))
         sent = sum(p.bytes_sent for p in model.engine.plans)
         received = sum(p.bytes_received for p in model.engine.plans)
     r = comm.rank
@@ -166,3 +205,25 @@ def test_stored_partition_for_another_rank_count_is_refused_on_every_rank(mpi_tm
 def test_pipelined_training_equals_reference(strategy, micro_batches, mpi_tmp_path):
     train_and_compare(mpi_tmp_path, "softmax", "float64", strategy, micro_batches)
     train_and_compare(mpi_tmp_path, "regression", "float32", strategy, micro_batches)
+    train_and_compare(mpi_tmp_path, "mixed", "float64", strategy, micro_batches)
+
+
+@pytest.mark.parametrize("case", ["sparse", "mixed"])
+@pytest.mark.parametrize("strategy", ALL_STRATEGIES)
+def test_sparse_exchange_moves_only_the_remote_inputs_rows_name(strategy, case, mpi_tmp_path):
+    """Forward volume = (remote input, reading rank) pairs x batch, counted from the wiring."""
+    comm = MPI.COMM_WORLD
+    c = CASES[case]
+    model_path, data_path, _, _ = make_files(mpi_tmp_path, c, "float64", comm)
+    ref = Reference.from_file(model_path)
+    with DistributedModel(model_path, comm, choice(strategy, c["sizes"], comm.size), BATCH) as model:
+        data = load(data_path, model.table, model.spec.dtype, comm)
+        xb, _, _ = data.batch(np.arange(BATCH))
+        model.engine.forward(xb)
+        table = model.table
+        for ly, weight, plan in zip(model.spec.layers, ref.weights, model.engine.plans, strict=True):
+            mine = np.isin(np.arange(ly.n_out), table.rows(ly.index, comm.rank))
+            named = (np.unique(weight[mine].indices) if ly.sparse  # inputs my rows name
+                     else np.arange(ly.n_in) if mine.any() else np.zeros(0, int))
+            remote = np.count_nonzero(table.layer_owner(ly.index - 1)[named] != comm.rank)
+            assert plan.bytes_received == remote * BATCH * 8, f"layer {ly.index}"
