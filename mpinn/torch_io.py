@@ -1,0 +1,452 @@
+"""Conversion between PyTorch ``nn.Sequential`` multilayer perceptrons and mpinn model files.
+
+``from_torch`` writes an mpinn model file from a Sequential of ``nn.Linear`` layers, each
+optionally followed by one activation module; ``to_torch`` builds such a Sequential back from
+a model file. Both give the same outputs as the model they convert (torch's ``Linear.weight``
+is already mpinn's (receiving neuron, sending neuron) layout, so weights are copied as is).
+
+=========================================  =========================================
+PyTorch module                             mpinn layer activation
+=========================================  =========================================
+``nn.Linear`` not followed by activation   ``identity`` (a Linear without bias: zero bias)
+``nn.ReLU``, ``nn.Sigmoid``, ``nn.Tanh``   ``relu``, ``sigmoid``, ``tanh``
+``nn.Hardtanh(0, c)``, ``nn.ReLU6``        ``relu_cap`` with ``cap`` c (6 for ReLU6)
+``nn.Softmax(dim=-1 or 1)``, last only     ``softmax``
+``nn.Identity``, ``nn.Dropout``,           skipped: the identity at inference, so the file
+``nn.Flatten``                             holds the model as ``model.eval()`` computes it
+=========================================  =========================================
+
+Nested Sequentials are flattened. Anything else (a convolution, a normalisation, a module
+class that overrides ``forward``, a module with forward hooks) is refused, naming the module:
+mpinn could not reproduce its outputs.
+
+``to_torch`` gives every layer a dense ``nn.Linear``: a CSR layer becomes a dense weight
+with zeros where the file has no connection. Torch does not keep the sparsity pattern, so
+writing that model back with ``from_torch`` stores the layer dense.
+
+**Torch model files.** A bare ``state_dict`` has no activations and pickling a whole
+``nn.Module`` means running arbitrary code on load, so ``save_torch_file`` and
+``load_torch_file`` use a small self-describing variant of a state_dict::
+
+    torch.save({"mpinn_sequential": [["linear", 784, 128, True], ["relu"],
+                                     ["linear", 128, 10, True], ["softmax", -1]],
+                "state_dict": model.state_dict()}, "model.pt")
+
+``mpinn_sequential`` describes the modules of a flat Sequential in order, and the
+state_dict's keys are that Sequential's (``"<position>.weight"``, ``"<position>.bias"``).
+The entries are ``["linear", in, out, has_bias]``, ``["relu"]``, ``["sigmoid"]``,
+``["tanh"]``, ``["identity"]``, ``["softmax", dim]``, ``["hardtanh", min, max]``,
+``["dropout", p]`` and ``["flatten", start_dim, end_dim]``. The file holds only lists,
+strings, numbers and tensors, so it is read with ``torch.load(weights_only=True)``, whose
+unpickler refuses everything else: loading never runs code from the file. From PyTorch
+alone the file is ``save_torch_file(model, path)`` or the ``torch.save`` call above.
+
+PyTorch is an optional dependency (``pip install 'mpinn[torch]'``), imported only when a
+function here is called.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
+
+import h5py
+import numpy as np
+
+from mpinn.errors import MpinnError
+from mpinn.format import (
+    DTYPES,
+    LayerArrays,
+    LayerSpec,
+    available_memory,
+    read_layer_wiring,
+    read_spec,
+    write_model,
+)
+
+if TYPE_CHECKING:
+    import torch
+
+FILE_KEYS = ("mpinn_sequential", "state_dict")
+
+
+def _torch() -> ModuleType:
+    """Import PyTorch on first use, with an actionable error when it is not installed."""
+    try:
+        import torch
+    except ImportError:
+        raise MpinnError("converting to or from PyTorch needs PyTorch: pip install 'mpinn[torch]'") from None
+    return torch
+
+
+# ---------------------------------------------------------------- reading a Sequential
+
+
+@dataclass
+class _Layer:
+    """One mpinn layer found in a Sequential: its Linear and the activation that follows."""
+
+    name: str  # the Linear's module index, dotted inside nested Sequentials
+    linear: torch.nn.Linear
+    activation: str = "identity"
+    activation_name: str | None = None  # module that set the activation
+    cap: float | None = None
+
+
+def _where(name: str, module: torch.nn.Module) -> str:
+    return f"module {name} ({type(module).__name__})"
+
+
+def _plain(module: torch.nn.Module, cls: type) -> bool:
+    """``module`` is a ``cls`` whose forward is ``cls``'s own: its outputs are known."""
+    return isinstance(module, cls) and type(module).forward is cls.forward
+
+
+def _check_hooks(name: str, module: torch.nn.Module) -> None:
+    """Refuse a module whose forward hooks could change what it computes."""
+    if getattr(module, "_forward_hooks", None) or getattr(module, "_forward_pre_hooks", None):
+        raise MpinnError(f"{_where(name, module)} has forward hooks, which mpinn cannot reproduce")
+
+
+def _flatten(module: torch.nn.Module, prefix: str = "") -> list[tuple[str, torch.nn.Module]]:
+    """The leaf modules of a Sequential, nested Sequentials expanded, with dotted names."""
+    nn = _torch().nn
+    leaves = []
+    for child_name, child in module.named_children():
+        name = f"{prefix}{child_name}"
+        if isinstance(child, nn.modules.lazy.LazyModuleMixin):
+            raise MpinnError(f"{_where(name, child)} is a lazy module: run the model once so its "
+                             "sizes are known")
+        _check_hooks(name, child)
+        if isinstance(child, nn.Sequential):
+            if not _plain(child, nn.Sequential):
+                raise MpinnError(f"{_where(name, child)} overrides forward; only plain nn.Sequential "
+                                 "containers can be converted")
+            leaves.extend(_flatten(child, f"{name}."))
+        else:
+            leaves.append((name, child))
+    return leaves
+
+
+def _classify(name: str, module: torch.nn.Module) -> tuple[str, float | None]:
+    """What a leaf module is to mpinn: ``linear``, ``skip`` or an activation (with its cap)."""
+    nn = _torch().nn
+    where = _where(name, module)
+    if _plain(module, nn.Linear):
+        return "linear", None
+    if any(_plain(module, cls) for cls in (nn.Identity, nn.Dropout, nn.Flatten)):
+        return "skip", None
+    for cls, activation in ((nn.ReLU, "relu"), (nn.Sigmoid, "sigmoid"), (nn.Tanh, "tanh")):
+        if _plain(module, cls):
+            return activation, None
+    if _plain(module, nn.Softmax):
+        if module.dim not in (-1, 1):
+            raise MpinnError(f"{where}: softmax over dim={module.dim}; mpinn's softmax is over the "
+                             "features (dim=-1 or dim=1)")
+        return "softmax", None
+    if _plain(module, nn.Hardtanh):  # nn.ReLU6 is Hardtanh(0, 6)
+        low, high = float(module.min_val), float(module.max_val)
+        if low != 0 or not (math.isfinite(high) and high > 0):
+            raise MpinnError(f"{where}: Hardtanh(min_val={low:g}, max_val={high:g}) has no mpinn "
+                             "activation (only min_val=0 with a positive max_val, relu_cap)")
+        return "relu_cap", high
+    raise MpinnError(f"{where} is not supported: mpinn converts nn.Linear layers, each optionally "
+                     "followed by ReLU, Sigmoid, Tanh, Hardtanh(0, c), ReLU6 or a final Softmax "
+                     "(Identity, Dropout and Flatten are skipped)")
+
+
+def _read_sequential(model: torch.nn.Module) -> tuple[list[tuple[str, torch.nn.Module]], list[_Layer]]:
+    """Check that ``model`` is a convertible Sequential; its leaf modules and mpinn layers."""
+    nn = _torch().nn
+    if not _plain(model, nn.Sequential):
+        raise MpinnError(f"expected a plain torch.nn.Sequential, got {type(model).__name__}")
+    if getattr(model, "_forward_hooks", None) or getattr(model, "_forward_pre_hooks", None):
+        raise MpinnError("the model has forward hooks, which mpinn cannot reproduce")
+    modules = _flatten(model)
+    layers: list[_Layer] = []
+    open_layer = False  # the last Linear has no activation module yet
+    for name, module in modules:
+        kind, cap = _classify(name, module)
+        where = _where(name, module)
+        if kind == "skip":
+            continue
+        if kind == "linear":
+            if layers and layers[-1].activation == "softmax":
+                raise MpinnError(f"{where} follows the softmax of module {layers[-1].activation_name}: "
+                                 "softmax must be the last module")
+            weight = module.weight
+            if tuple(weight.shape) != (module.out_features, module.in_features):
+                raise MpinnError(f"{where}: weight shape {tuple(weight.shape)} is not (out_features, "
+                                 f"in_features) = ({module.out_features}, {module.in_features})")
+            if layers and layers[-1].linear.out_features != module.in_features:
+                before = layers[-1]
+                raise MpinnError(f"{where} takes {module.in_features} input features but "
+                                 f"{_where(before.name, before.linear)} gives {before.linear.out_features}")
+            layers.append(_Layer(name, module))
+            open_layer = True
+        elif not layers:
+            raise MpinnError(f"{where} comes before any nn.Linear; mpinn applies activations to "
+                             "layer outputs only")
+        elif not open_layer:
+            raise MpinnError(f"{where}: two activations in a row (module {layers[-1].activation_name} "
+                             f"already set the activation of {_where(layers[-1].name, layers[-1].linear)})")
+        else:
+            layers[-1].activation, layers[-1].activation_name, layers[-1].cap = kind, name, cap
+            open_layer = False
+    if not layers:
+        raise MpinnError("the model has no nn.Linear layer: nothing to convert")
+    return modules, layers
+
+
+# ---------------------------------------------------------------- torch -> mpinn
+
+
+def from_torch(model: torch.nn.Module, path: str, dtype: str | None = None) -> None:
+    """Write the Sequential ``model`` as the mpinn model file ``path`` (see the module docstring).
+
+    ``dtype`` (float32 or float64) defaults to the Linear weights' dtype; the file is written
+    atomically by one process. Dropout is skipped, so the file computes ``model.eval()``.
+    """
+    torch = _torch()
+    _, layers = _read_sequential(model)
+    if dtype is None:
+        found = {str(p.dtype).removeprefix("torch.") for ly in layers for p in ly.linear.parameters()}
+        if len(found) != 1 or next(iter(found)) not in DTYPES:
+            raise MpinnError(f"the model's Linear parameters are {', '.join(sorted(found))}; pass "
+                             "dtype='float32' or 'float64' to convert them")
+        dtype = found.pop()
+    if dtype not in DTYPES:
+        raise MpinnError(f"dtype {dtype!r} is not supported (float32 or float64)")
+    torch_dtype = getattr(torch, dtype)
+    sizes = [layers[0].linear.in_features] + [ly.linear.out_features for ly in layers]
+
+    def arrays() -> Iterator[LayerArrays]:
+        with torch.no_grad():
+            for ly in layers:
+                weight = ly.linear.weight.detach().to(device="cpu", dtype=torch_dtype).numpy()
+                bias = (np.zeros(ly.linear.out_features, dtype=dtype) if ly.linear.bias is None
+                        else ly.linear.bias.detach().to(device="cpu", dtype=torch_dtype).numpy())
+                yield LayerArrays(ly.activation, weight, bias, ly.cap)
+
+    write_model(path, sizes, arrays(), dtype)
+
+
+# ---------------------------------------------------------------- mpinn -> torch
+
+
+def _open_model(path: str) -> h5py.File:
+    """Open a model file for reading in this process alone, with a clear error if it fails."""
+    if not os.path.exists(path):
+        raise MpinnError(f"{path}: no such file")
+    try:
+        return h5py.File(path, "r")
+    except OSError as exc:
+        if not h5py.is_hdf5(path):
+            raise MpinnError(f"{path}: not an HDF5 file") from None
+        raise MpinnError(f"{path}: cannot open ({exc})") from None
+
+
+def _dense_weight(f: h5py.File, ly: LayerSpec, dtype: np.dtype) -> np.ndarray:
+    """A layer's weight as a dense (n_out, n_in) array: zeros where a CSR layer has no entry."""
+    group = f["layers"][str(ly.index)]
+    if not ly.sparse:
+        return np.asarray(group["weight"][...], dtype=dtype)
+    indptr, indices = read_layer_wiring(f, ly)  # validated: indices in range, ascending per row
+    dense = np.zeros((ly.n_out, ly.n_in), dtype=dtype)
+    dense[np.repeat(np.arange(ly.n_out), np.diff(indptr)), indices] = group["data"][...]
+    return dense
+
+
+def to_torch(path: str) -> torch.nn.Sequential:
+    """Build the mpinn model file ``path`` as a Sequential of Linear and activation modules.
+
+    Every layer becomes a dense ``nn.Linear`` in the file's dtype (CSR layers with zeros off
+    their pattern: torch does not keep it) followed by its activation module; identity layers
+    get none. The model is returned in eval mode and gives the file's outputs.
+    """
+    torch = _torch()
+    nn = torch.nn
+    with _open_model(path) as f:
+        spec = read_spec(f)
+        dense_bytes = sum(ly.n_in * ly.n_out for ly in spec.layers) * spec.dtype.itemsize
+        if dense_bytes > available_memory():
+            raise MpinnError(f"{path}: its layers as dense torch weights need "
+                             f"{dense_bytes / 2**30:.1f} GiB, more than this machine has free")
+        torch_dtype = getattr(torch, spec.dtype.name)
+        modules: list[torch.nn.Module] = []
+        for ly in spec.layers:
+            linear = nn.utils.skip_init(nn.Linear, ly.n_in, ly.n_out, dtype=torch_dtype)
+            with torch.no_grad():
+                linear.weight.copy_(torch.from_numpy(_dense_weight(f, ly, spec.dtype)))
+                bias = np.asarray(f["layers"][str(ly.index)]["bias"][...], dtype=spec.dtype)
+                linear.bias.copy_(torch.from_numpy(bias))
+            modules.append(linear)
+            if ly.activation == "relu":
+                modules.append(nn.ReLU())
+            elif ly.activation == "relu_cap":
+                modules.append(nn.Hardtanh(0.0, float(ly.cap)))
+            elif ly.activation == "sigmoid":
+                modules.append(nn.Sigmoid())
+            elif ly.activation == "tanh":
+                modules.append(nn.Tanh())
+            elif ly.activation == "softmax":
+                modules.append(nn.Softmax(dim=-1))
+    return nn.Sequential(*modules).eval()
+
+
+# ---------------------------------------------------------------- torch model files
+
+
+def _describe(module: torch.nn.Module) -> list[Any]:
+    """The ``mpinn_sequential`` entry of one leaf module (already checked convertible)."""
+    nn = _torch().nn
+    if isinstance(module, nn.Linear):
+        return ["linear", module.in_features, module.out_features, module.bias is not None]
+    if isinstance(module, nn.Softmax):
+        return ["softmax", int(module.dim)]
+    if isinstance(module, nn.Hardtanh):
+        return ["hardtanh", float(module.min_val), float(module.max_val)]
+    if isinstance(module, nn.Dropout):
+        return ["dropout", float(module.p)]
+    if isinstance(module, nn.Flatten):
+        return ["flatten", int(module.start_dim), int(module.end_dim)]
+    simple = ((nn.ReLU, "relu"), (nn.Sigmoid, "sigmoid"), (nn.Tanh, "tanh"), (nn.Identity, "identity"))
+    for cls, kind in simple:
+        if isinstance(module, cls):
+            return [kind]
+    raise MpinnError(f"cannot describe {type(module).__name__}")  # unreachable after _read_sequential
+
+
+def save_torch_file(model: torch.nn.Sequential, path: str) -> None:
+    """Save a convertible Sequential in the safe file format of the module docstring.
+
+    Nested Sequentials are flattened; the file is written atomically and holds only
+    lists, numbers, strings and tensors, so ``load_torch_file`` never unpickles code.
+    """
+    torch = _torch()
+    modules, _ = _read_sequential(model)
+    description = [_describe(module) for _, module in modules]
+    state: dict[str, torch.Tensor] = {}
+    for position, (_, module) in enumerate(modules):
+        for key in ("weight", "bias"):
+            value = getattr(module, key, None) if isinstance(module, torch.nn.Linear) else None
+            if value is not None:
+                state[f"{position}.{key}"] = value.detach().to("cpu").clone().contiguous()
+    partial = f"{path}.partial"
+    try:
+        torch.save({"mpinn_sequential": description, "state_dict": state}, partial)
+    except BaseException:
+        if os.path.exists(partial):
+            os.remove(partial)
+        raise
+    os.replace(partial, path)
+
+
+def _number(value: Any, where: str, what: str, kind: type) -> Any:
+    """``value`` if it is a ``kind`` number (never a bool), else a clear error."""
+    ok = isinstance(value, int) if kind is int else isinstance(value, (int, float))
+    if not ok or isinstance(value, bool):
+        raise MpinnError(f"{where}: {what} must be {'an integer' if kind is int else 'a number'}, "
+                         f"got {value!r}")
+    return value
+
+
+def _build_module(entry: Any, position: int, state: dict[str, Any], where: str) -> torch.nn.Module:
+    """The module of one ``mpinn_sequential`` entry, its tensors checked against the entry."""
+    torch = _torch()
+    nn = torch.nn
+    where = f"{where}: mpinn_sequential[{position}]"
+    if not isinstance(entry, (list, tuple)) or not entry or not isinstance(entry[0], str):
+        raise MpinnError(f"{where} must be a list starting with the module kind, got {entry!r}")
+    kind, args = entry[0], list(entry[1:])
+    arity = {"linear": 3, "relu": 0, "sigmoid": 0, "tanh": 0, "identity": 0, "softmax": 1,
+             "hardtanh": 2, "dropout": 1, "flatten": 2}
+    if kind not in arity:
+        raise MpinnError(f"{where}: unknown module kind {kind!r} (known: {', '.join(arity)})")
+    if len(args) != arity[kind]:
+        raise MpinnError(f"{where}: {kind} takes {arity[kind]} parameters, got {len(args)}")
+    if kind == "linear":
+        n_in, n_out = (_number(v, where, name, int) for v, name in zip(args[:2], ("in", "out"), strict=True))
+        if not isinstance(args[2], bool):
+            raise MpinnError(f"{where}: has_bias must be true or false, got {args[2]!r}")
+        shapes = {"weight": (n_out, n_in), "bias": (n_out,)} if args[2] else {"weight": (n_out, n_in)}
+        tensors = {}
+        for key, shape in shapes.items():
+            value = state.get(f"{position}.{key}")
+            if not isinstance(value, torch.Tensor) or tuple(value.shape) != shape \
+                    or not value.is_floating_point():
+                found = (f"{value.dtype} {tuple(value.shape)}" if isinstance(value, torch.Tensor)
+                         else "nothing")
+                raise MpinnError(f"{where}: state_dict['{position}.{key}'] must be a float tensor of "
+                                 f"shape {shape}, found {found}")
+            tensors[key] = value
+        linear = nn.utils.skip_init(nn.Linear, n_in, n_out, bias=args[2], dtype=tensors["weight"].dtype)
+        with torch.no_grad():
+            for key, value in tensors.items():
+                getattr(linear, key).copy_(value)
+        return linear
+    if kind == "softmax":
+        return nn.Softmax(dim=_number(args[0], where, "dim", int))
+    if kind == "hardtanh":
+        low, high = (float(_number(v, where, name, float))
+                     for v, name in zip(args, ("min", "max"), strict=True))
+        return nn.Hardtanh(low, high)
+    if kind == "dropout":
+        p = float(_number(args[0], where, "p", float))
+        if not 0 <= p <= 1:
+            raise MpinnError(f"{where}: dropout probability {p} is not in [0, 1]")
+        return nn.Dropout(p)
+    if kind == "flatten":
+        return nn.Flatten(*(_number(v, where, "a flatten dim", int) for v in args))
+    return {"relu": nn.ReLU, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh, "identity": nn.Identity}[kind]()
+
+
+def _unpickler_detail(exc: Exception) -> str:
+    """The line of torch's weights_only error that names what was refused, if there is one."""
+    _, marker, rest = str(exc).partition("WeightsUnpickler error:")
+    lines = [line.strip() for line in rest.splitlines() if line.strip()]
+    if not marker or not lines:
+        return ""
+    return f" ({lines[0].split('. ')[0].rstrip('.')})"
+
+
+def load_torch_file(path: str) -> torch.nn.Module:
+    """Load a model saved by ``save_torch_file`` (format: module docstring) as a Sequential.
+
+    The file is read with ``torch.load(weights_only=True)``: a file holding anything but
+    lists, numbers, strings and tensors (a pickled ``nn.Module``, arbitrary objects) is
+    refused without running any of its code. The model is returned in eval mode.
+    """
+    torch = _torch()
+    if not os.path.exists(path):
+        raise MpinnError(f"{path}: no such file")
+    try:
+        content = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # the restricted unpickler's refusals and corrupt archives alike
+        raise MpinnError(f"{path}: refused by torch.load(weights_only=True){_unpickler_detail(exc)}: "
+                         "it is not a torch.save file of only tensors, numbers, strings and "
+                         "containers; other Python objects (a whole pickled nn.Module, for one) "
+                         "are never unpickled since that could run code from the file. Save the "
+                         "model with mpinn.torch_io.save_torch_file(model, path)") from None
+    if not isinstance(content, dict) or "mpinn_sequential" not in content:
+        what = "a bare state_dict" if isinstance(content, dict) else f"a {type(content).__name__}"
+        raise MpinnError(f"{path} holds {what}, not an mpinn_sequential description (a state_dict "
+                         "alone has no activations); save the model with "
+                         "mpinn.torch_io.save_torch_file(model, path)")
+    unknown = sorted(set(map(str, content)) - set(FILE_KEYS))
+    if unknown or not isinstance(content.get("state_dict"), dict):
+        raise MpinnError(f"{path}: expected exactly the keys {', '.join(FILE_KEYS)} (a dict of "
+                         f"tensors); unknown keys: {', '.join(unknown) or 'none'}")
+    description, state = content["mpinn_sequential"], content["state_dict"]
+    if not isinstance(description, (list, tuple)):
+        raise MpinnError(f"{path}: mpinn_sequential must be a list of module entries")
+    modules = [_build_module(entry, position, state, path) for position, entry in enumerate(description)]
+    model = torch.nn.Sequential(*modules)
+    extra = sorted(set(map(str, state)) - set(model.state_dict()))
+    if extra:
+        raise MpinnError(f"{path}: state_dict has entries no module uses: {', '.join(extra[:5])}")
+    return model.eval()

@@ -1,0 +1,279 @@
+"""PyTorch import and export (mpinn.torch_io): converted models compute the same outputs."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+from mpinn.errors import MpinnError
+from mpinn.format import LayerArrays, write_model
+from mpinn.torch_io import from_torch, load_torch_file, save_torch_file, to_torch
+
+torch = pytest.importorskip("torch")
+nn = torch.nn
+
+TOLERANCE = {"float32": 1e-6, "float64": 1e-12}
+
+
+def every_activation(dtype: str) -> torch.nn.Sequential:
+    """A Sequential using each supported activation once, weights large enough to hit the cap."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(6, 9), nn.ReLU(),
+        nn.Linear(9, 8), nn.Tanh(),
+        nn.Linear(8, 8), nn.Sigmoid(),
+        nn.Linear(8, 7), nn.Hardtanh(0, 4),
+        nn.Linear(7, 5), nn.Softmax(dim=-1),
+    ).to(getattr(torch, dtype))
+    with torch.no_grad():
+        model[6].weight.mul_(8.0)
+        model[6].bias.add_(2.5)
+    return model.eval()
+
+
+def numpy_forward(path: Path, x: np.ndarray) -> np.ndarray:
+    """The model file's outputs, computed from its datasets with numpy alone."""
+    with h5py.File(path, "r") as f:
+        a = x.astype(np.float64)
+        for index in range(1, len(f.attrs["sizes"])):
+            group = f["layers"][str(index)]
+            n_out, n_in = int(f.attrs["sizes"][index]), int(f.attrs["sizes"][index - 1])
+            if group.attrs["storage"] == "csr":
+                weight = sp.csr_matrix((group["data"][...], group["indices"][...], group["indptr"][...]),
+                                       shape=(n_out, n_in)).toarray()
+            else:
+                weight = group["weight"][...]
+            z = a @ weight.T.astype(np.float64) + group["bias"][...].astype(np.float64)
+            activation = group.attrs["activation"]
+            if activation == "relu":
+                a = np.maximum(z, 0)
+            elif activation == "relu_cap":
+                a = np.minimum(np.maximum(z, 0), float(group.attrs["cap"]))
+            elif activation == "sigmoid":
+                a = 1 / (1 + np.exp(-z))
+            elif activation == "tanh":
+                a = np.tanh(z)
+            elif activation == "softmax":
+                e = np.exp(z - z.max(axis=1, keepdims=True))
+                a = e / e.sum(axis=1, keepdims=True)
+            else:
+                a = z
+    return a
+
+
+def torch_outputs(model: torch.nn.Module, x: np.ndarray, dtype: str) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.from_numpy(x.astype(dtype))).double().numpy()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_torch_to_mpinn_to_torch_keeps_outputs(tmp_path: Path, dtype: str) -> None:
+    model = every_activation(dtype)
+    path = tmp_path / "model.h5"
+    from_torch(model, str(path))
+    back = to_torch(str(path))
+    x = np.random.default_rng(1).normal(size=(64, 6)) * 3
+    assert np.abs(torch_outputs(back, x, dtype) - torch_outputs(model, x, dtype)).max() <= TOLERANCE[dtype]
+    assert back[0].weight.dtype == getattr(torch, dtype)
+    assert [type(m) for m in back] == [type(m) for m in model]
+    capped = torch_outputs(nn.Sequential(*back[:8]), x, dtype)
+    assert capped.max() == 4.0 and 0 < (capped == 4.0).mean() < 0.9  # the relu_cap layer really caps
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_mpinn_file_from_torch_computes_torch_outputs(tmp_path: Path, dtype: str) -> None:
+    torch.manual_seed(2)
+    model = nn.Sequential(
+        nn.Flatten(),
+        nn.Sequential(nn.Linear(5, 7, bias=False), nn.ReLU6()),  # nested, no bias
+        nn.Dropout(0.3),
+        nn.Linear(7, 6), nn.Identity(),
+        nn.Linear(6, 6), nn.Hardtanh(0.0, 0.5),
+        nn.Linear(6, 4), nn.Sigmoid(),
+        nn.Linear(4, 3),  # no activation: identity
+    ).to(getattr(torch, dtype)).eval()
+    with torch.no_grad():
+        model[1][0].weight.mul_(6.0)
+    path = tmp_path / "model.h5"
+    from_torch(model, str(path))
+    with h5py.File(path, "r") as f:
+        assert f.attrs["sizes"].tolist() == [5, 7, 6, 6, 4, 3]
+        assert [f["layers"][str(i)].attrs["activation"] for i in range(1, 6)] == \
+            ["relu_cap", "identity", "relu_cap", "sigmoid", "identity"]
+        assert f["layers/1"].attrs["cap"] == 6.0 and f["layers/3"].attrs["cap"] == 0.5
+        assert not f["layers/1/bias"][...].any()
+        assert f["layers/1/weight"].dtype == np.dtype(dtype)
+    x = np.random.default_rng(3).normal(size=(50, 5))
+    expected = torch_outputs(model, x, dtype)
+    # numpy computes in float64 from the stored weights; torch in the model's dtype
+    assert np.abs(numpy_forward(path, x.astype(dtype)) - expected).max() <= \
+        (1e-5 if dtype == "float32" else 1e-12)
+
+
+def test_dtype_argument_overrides_the_weights_dtype(tmp_path: Path) -> None:
+    model = every_activation("float32")
+    path = tmp_path / "model.h5"
+    from_torch(model, str(path), dtype="float64")
+    with h5py.File(path, "r") as f:
+        assert f["layers/1/weight"].dtype == np.float64
+    assert to_torch(str(path))[0].weight.dtype == torch.float64
+    with pytest.raises(MpinnError, match="float16"):
+        from_torch(every_activation("float32").half(), str(path))
+
+
+def test_csr_layers_export_as_dense_weights_zero_off_pattern(tmp_path: Path) -> None:
+    rng = np.random.default_rng(4)
+    sizes = [10, 12, 8, 4]
+    sparse = [sp.random(sizes[i + 1], sizes[i], density=0.3, format="csr", random_state=rng,
+                        data_rvs=lambda n: rng.normal(size=n) + 3.0) for i in (0, 2)]
+    layers = [LayerArrays("relu_cap", sparse[0], rng.normal(size=12), cap=2.0),
+              LayerArrays("tanh", rng.normal(size=(8, 12)), rng.normal(size=8)),
+              LayerArrays("softmax", sparse[1], rng.normal(size=4))]
+    path = tmp_path / "sparse.h5"
+    write_model(str(path), sizes, layers, "float64")
+    model = to_torch(str(path))
+    for linear, matrix in ((model[0], sparse[0]), (model[4], sparse[1])):
+        weight = linear.weight.detach().numpy()
+        pattern = matrix.toarray() != 0
+        assert np.array_equal(weight[pattern], matrix.toarray()[pattern])
+        assert not weight[~pattern].any()
+    x = rng.normal(size=(40, 10))
+    assert np.abs(torch_outputs(model, x, "float64") - numpy_forward(path, x)).max() <= 1e-12
+
+
+@pytest.mark.parametrize(("model", "problem"), [
+    (lambda: nn.Sequential(nn.Linear(4, 4), nn.Conv1d(1, 1, 1)), r"module 1 \(Conv1d\) is not supported"),
+    (lambda: nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4)), r"module 1 \(BatchNorm1d\)"),
+    (lambda: nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Tanh()), r"module 2 \(Tanh\): two activations"),
+    (lambda: nn.Sequential(nn.Linear(4, 4), nn.Softmax(-1), nn.Linear(4, 2)),
+     r"module 2 \(Linear\) follows the softmax of module 1: softmax must be the last"),
+    (lambda: nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(4, 2)),
+     r"module 2 \(Linear\) takes 4 input features but module 0 \(Linear\) gives 5"),
+    (lambda: nn.Sequential(nn.ReLU(), nn.Linear(4, 2)), r"module 0 \(ReLU\) comes before any nn.Linear"),
+    (lambda: nn.Sequential(nn.Linear(4, 4), nn.Hardtanh(-1, 1)), r"module 1 \(Hardtanh\).*no mpinn"),
+    (lambda: nn.Sequential(nn.Linear(4, 4), nn.Softmax(dim=0)), r"module 1 \(Softmax\): softmax over dim=0"),
+    (lambda: nn.Sequential(nn.Dropout()), "no nn.Linear"),
+    (lambda: nn.Linear(4, 4), "expected a plain torch.nn.Sequential"),
+    (lambda: nn.Sequential(nn.Linear(4, 4), nn.LazyLinear(2)), r"module 1 \(LazyLinear\) is a lazy module"),
+])
+def test_unconvertible_models_are_refused_naming_the_module(
+        tmp_path: Path, model: Callable[[], torch.nn.Module], problem: str) -> None:
+    path = tmp_path / "model.h5"
+    with pytest.raises(MpinnError, match=problem):
+        from_torch(model(), str(path))
+    with pytest.raises(MpinnError, match=problem):
+        save_torch_file(model(), str(tmp_path / "model.pt"))
+    assert not os.listdir(tmp_path)  # nothing half-written
+
+
+def test_modules_with_custom_forward_or_hooks_are_refused(tmp_path: Path) -> None:
+    class Doubled(nn.ReLU):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return 2 * super().forward(x)
+
+    with pytest.raises(MpinnError, match=r"module 1 \(Doubled\) is not supported"):
+        from_torch(nn.Sequential(nn.Linear(3, 3), Doubled()), str(tmp_path / "m.h5"))
+    hooked = nn.Sequential(nn.Linear(3, 3), nn.ReLU())
+    hooked[1].register_forward_hook(lambda _m, _i, out: out * 2)
+    with pytest.raises(MpinnError, match=r"module 1 \(ReLU\) has forward hooks"):
+        from_torch(hooked, str(tmp_path / "m.h5"))
+
+
+def test_saved_torch_file_loads_back_with_the_same_outputs(tmp_path: Path) -> None:
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Sequential(nn.Linear(5, 6, bias=False), nn.ReLU6()), nn.Dropout(0.25),
+                          nn.Linear(6, 4), nn.Hardtanh(0, 2.5), nn.Linear(4, 3), nn.Softmax(dim=1)).eval()
+    path = tmp_path / "model.pt"
+    save_torch_file(model, str(path))
+    loaded = load_torch_file(str(path))
+    assert not loaded.training
+    assert [type(m) for m in loaded] == [nn.Linear, nn.Hardtanh, nn.Dropout, nn.Linear, nn.Hardtanh,
+                                         nn.Linear, nn.Softmax]
+    assert loaded[0].bias is None and loaded[2].p == 0.25 and loaded[4].max_val == 2.5
+    x = np.random.default_rng(6).normal(size=(30, 5))
+    assert np.array_equal(torch_outputs(loaded, x, "float32"), torch_outputs(model, x, "float32"))
+    # the CLI's path: torch file -> mpinn -> torch file
+    from_torch(loaded, str(tmp_path / "model.h5"))
+    save_torch_file(to_torch(str(tmp_path / "model.h5")), str(tmp_path / "back.pt"))
+    again = load_torch_file(str(tmp_path / "back.pt"))
+    assert np.abs(torch_outputs(again, x, "float32") - torch_outputs(model, x, "float32")).max() <= 1e-6
+
+
+def test_hand_written_torch_file_in_the_documented_format_loads(tmp_path: Path) -> None:
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    path = tmp_path / "model.pt"
+    torch.save({"mpinn_sequential": [["linear", 3, 4, True], ["tanh"], ["linear", 4, 2, True]],
+                "state_dict": model.state_dict()}, path)
+    x = np.random.default_rng(7).normal(size=(8, 3))
+    assert np.array_equal(torch_outputs(load_torch_file(str(path)), x, "float32"),
+                          torch_outputs(model, x, "float32"))
+
+
+class _Payload:
+    """Pickles as a call to os.system: what weights_only loading must never run."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Callable[[str], int], tuple[str]]:
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_torch_files_with_pickled_objects_are_refused_without_running_them(tmp_path: Path) -> None:
+    marker = tmp_path / "code-ran"
+    torch.save({"mpinn_sequential": [], "state_dict": {}, "x": _Payload(marker)}, tmp_path / "evil.pt")
+    with pytest.raises(MpinnError, match="weights_only"):
+        load_torch_file(str(tmp_path / "evil.pt"))
+    assert not marker.exists()
+    torch.save(nn.Sequential(nn.Linear(2, 2)), tmp_path / "module.pt")  # a whole pickled nn.Module
+    with pytest.raises(MpinnError, match=r"weights_only=True\) \(Unsupported global: .*Sequential"):
+        load_torch_file(str(tmp_path / "module.pt"))
+
+
+def test_torch_files_without_a_valid_description_are_refused(tmp_path: Path) -> None:
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU())
+    cases = {
+        "bare state_dict": (model.state_dict(), "bare state_dict"),
+        "unknown kind": ({"mpinn_sequential": [["conv", 1]], "state_dict": {}}, "unknown module kind"),
+        "wrong shape": ({"mpinn_sequential": [["linear", 3, 5, True]], "state_dict": model.state_dict()},
+                        r"state_dict\['0.weight'\] must be a float tensor of shape \(5, 3\)"),
+        "unused tensor": ({"mpinn_sequential": [["linear", 3, 4, False]], "state_dict": model.state_dict()},
+                          "no module uses: 0.bias"),
+        "not a torch file": (None, "refused by torch.load"),
+    }
+    for name, (content, problem) in cases.items():
+        path = tmp_path / f"{name}.pt"
+        if content is None:
+            path.write_text("not a zip archive")
+        else:
+            torch.save(content, path)
+        with pytest.raises(MpinnError, match=problem):
+            load_torch_file(str(path))
+    with pytest.raises(MpinnError, match="no such file"):
+        load_torch_file(str(tmp_path / "missing.pt"))
+
+
+def test_to_torch_refuses_files_that_are_not_mpinn_models(tmp_path: Path) -> None:
+    with pytest.raises(MpinnError, match="no such file"):
+        to_torch(str(tmp_path / "missing.h5"))
+    (tmp_path / "text.h5").write_text("hello")
+    with pytest.raises(MpinnError, match="not an HDF5 file"):
+        to_torch(str(tmp_path / "text.h5"))
+    with h5py.File(tmp_path / "other.h5", "w") as f:
+        f["x"] = np.zeros(3)
+    with pytest.raises(MpinnError, match="not an mpinn model"):
+        to_torch(str(tmp_path / "other.h5"))
+
+
+def test_missing_pytorch_is_reported_with_the_install_command(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "torch", None)  # makes `import torch` raise ImportError
+    with pytest.raises(MpinnError, match=r"needs PyTorch: pip install 'mpinn\[torch\]'"):
+        to_torch(str(tmp_path / "model.h5"))
