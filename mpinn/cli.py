@@ -122,6 +122,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ids")
     p.add_argument("--layer-ranks")
 
+    p = sub.add_parser("bench", help="benchmarks run by mpinn itself (sparse-dnn: the Graph "
+                       "Challenge's Sparse DNN inference)")
+    p.add_argument("kind", choices=["sparse-dnn"])
+    p.add_argument("--neurons", type=int, default=1024, help="neurons per layer (default 1024)")
+    p.add_argument("--layers", type=int, default=120, help="layers (default 120)")
+    p.add_argument("--samples", type=int, default=2000, help="input samples (default 2000)")
+    p.add_argument("--batch-size", type=int, default=0,
+                   help="samples per pass (default: all of them)")
+    p.add_argument("--seed", type=int, default=0, help="RadiX-Net relabelling and input seed")
+    p.add_argument("--dir", default=".", help="where the generated network is kept and reused")
+    p.add_argument("--model", help="an existing challenge model (instead of generating one)")
+    p.add_argument("--data", help="its inputs, with their categories")
+    p.add_argument("--json", action="store_true", help="print the figures as one JSON object")
+    _partition_flags(p)
+
+    p = sub.add_parser("import-graphchallenge",
+                       help="convert the Sparse DNN Challenge's TSV files to a model and inputs")
+    p.add_argument("layer_files", nargs="+", metavar="LAYER.tsv",
+                   help="one file per layer in order, e.g. neuron1024/n1024-l{1..120}.tsv")
+    p.add_argument("--neurons", type=int, required=True)
+    p.add_argument("--inputs", required=True, help="e.g. sparse-images-1024.tsv")
+    p.add_argument("--categories", help="truth, e.g. neuron1024-l120-categories.tsv (default: "
+                   "computed by a single-process run)")
+    p.add_argument("--samples", type=int, help="samples in the inputs file (default: the largest row)")
+    p.add_argument("--model", required=True, help="model file to write")
+    p.add_argument("--data", required=True, help="inputs file to write")
+
+    p = sub.add_parser("import-torch", help="convert a PyTorch Sequential (.pt from "
+                       "mpinn.torch_io.save_torch_file) to a model file")
+    p.add_argument("source", metavar="MODEL.pt")
+    p.add_argument("model", metavar="OUT.h5")
+    p.add_argument("--dtype", choices=["float32", "float64"])
+    p = sub.add_parser("export-torch", help="convert a model file to a PyTorch Sequential (.pt)")
+    p.add_argument("model", metavar="MODEL.h5")
+    p.add_argument("out", metavar="OUT.pt")
+
     p = sub.add_parser("data", help="make data files")
     p.add_argument("kind", choices=["classification", "regression"])
     p.add_argument("out")
@@ -223,6 +259,56 @@ def _plot(args: argparse.Namespace) -> None:
         print(f"{out}: written")
 
 
+def _bench(args: argparse.Namespace, comm) -> int:  # noqa: ANN001 - an MPI communicator
+    """``mpinn bench sparse-dnn``: generate (or reuse) the network, infer on all ranks, check."""
+    from mpinn import bench
+    from mpinn.exchange import on_root
+
+    model, data = args.model, args.data
+    if (model is None) != (data is None):
+        raise MpinnError("bench sparse-dnn: give both --model and --data, or neither")
+    if model is None:
+        model, data = bench.default_paths(args.dir, args.neurons, args.layers, args.samples, args.seed)
+
+        def make() -> float | None:
+            if os.path.exists(model) and os.path.exists(data):
+                return None
+            os.makedirs(args.dir, exist_ok=True)
+            return bench.make_challenge(model, data, args.neurons, args.layers, args.samples,
+                                        args.seed)
+
+        baseline = on_root(comm, make)
+        if comm.rank == 0 and not (args.quiet or args.json):
+            made = "generated" if baseline is not None else "reused"
+            print(f"{model}: {made}" + (f"; single-process scipy loop {baseline:.3f} s" if baseline
+                                        else ""), flush=True)
+    batch = args.batch_size or (args.samples if args.model is None else 2000)
+    result = bench.run_challenge(model, data, comm, _choice(args), batch)
+    if comm.rank == 0:
+        report = bench.challenge_json if args.json else bench.challenge_report
+        print(report(result, comm.size), flush=True)
+    return 0 if result.correct else EXIT_ERROR
+
+
+def _convert(args: argparse.Namespace) -> None:
+    """The converters: one process, whole layers (never under the engine)."""
+    if args.command == "import-graphchallenge":
+        from mpinn import bench
+        bench.import_challenge(args.layer_files, args.neurons, args.inputs, args.categories,
+                               args.model, args.data, args.samples)
+        written = f"{args.model} and {args.data}"
+    elif args.command == "import-torch":
+        from mpinn import torch_io
+        torch_io.from_torch(torch_io.load_torch_file(args.source), args.model, args.dtype)
+        written = args.model
+    else:
+        from mpinn import torch_io
+        torch_io.save_torch_file(torch_io.to_torch(args.model), args.out)
+        written = args.out
+    if not args.quiet:
+        print(f"{written}: written")
+
+
 def run(args: argparse.Namespace) -> int:
     """Carry out one parsed command on this rank."""
     from mpi4py import MPI
@@ -269,6 +355,13 @@ def run(args: argparse.Namespace) -> int:
     if args.command == "plot":
         if rank0:
             _plot(args)
+        return 0
+    if args.command == "bench":
+        return _bench(args, comm)
+    if args.command in ("import-graphchallenge", "import-torch", "export-torch"):
+        if rank0:  # one process converts; the others wait for it
+            _convert(args)
+        comm.Barrier()
         return 0
     if args.command == "data":
         make = synthetic_classification if args.kind == "classification" else synthetic_regression

@@ -93,12 +93,17 @@ class ExchangePlan:
                              "not own (ranks disagree on the partition)")
         # what each destination needs from me, as positions in my local activations
         self.send_index = local_index[requested]
+        n_send_total = requested.size
         self.n_local = int(table.counts(layer - 1)[rank])
         self.n_inputs = int(inputs.size)
         # my own inputs skip MPI: they are copied straight into the head of the receive buffer
         self.n_own_inputs = int(self.recv_counts[rank])
         self.self_send = slice(self.send_displs[rank], self.send_displs[rank] + self.send_counts[rank])
         self.self_recv = slice(0, self.n_own_inputs)
+        # what goes to other ranks: the send segments before and after my own
+        self.own_index = self.send_index[self.self_send]
+        self.own_contiguous = bool(np.array_equal(self.own_index, np.arange(self.own_index.size)))
+        self.remote_send = [slice(0, self.self_send.start), slice(self.self_send.stop, n_send_total)]
         self.mpi_send_counts = self.send_counts.copy()
         self.mpi_recv_counts = self.recv_counts.copy()
         self.mpi_send_counts[rank] = 0
@@ -167,8 +172,15 @@ class ExchangePlan:
         started = time.perf_counter()
         batch = self._batch = local.shape[1]
         send, recv = self._views(batch)
-        np.take(local, self.send_index, axis=0, out=send)
-        recv[self.self_recv] = send[self.self_send]
+        for part in self.remote_send:
+            if part.stop > part.start:
+                np.take(local, self.send_index[part], axis=0, out=send[part])
+        # my own inputs go straight to the head of the receive buffer (a plain copy when
+        # the rows read all of them in order, the common case)
+        if self.own_contiguous:
+            recv[self.self_recv] = local[: self.n_own_inputs]
+        elif self.n_own_inputs:
+            np.take(local, self.own_index, axis=0, out=recv[self.self_recv])
         self.seconds_pack += time.perf_counter() - started
         self._start(send, self.mpi_send_counts, self.send_displs,
                     recv, self.mpi_recv_counts, self.recv_displs, batch)

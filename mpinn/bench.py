@@ -1,0 +1,202 @@
+"""The Sparse DNN Graph Challenge as an mpinn run: make or import the network, infer, check.
+
+``make_challenge`` writes a RadiX-Net model and its inputs (one process, a layer at a
+time) with the categories of a single-process scipy run stored beside the inputs;
+``import_challenge`` converts the challenge's own TSV files into the same two files;
+``run_challenge`` is ``mpinn bench sparse-dnn``: every rank loads its rows, the batch goes
+through all layers with the engine, the categories are gathered and checked.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import h5py
+import numpy as np
+from mpi4py import MPI
+
+from mpinn import format as fmt
+from mpinn import sparse_dnn
+from mpinn.data import load
+from mpinn.errors import MpinnError
+from mpinn.exchange import MAX, SUM, agree, allreduce
+from mpinn.train import DistributedModel, PartitionChoice
+
+
+def challenge_layers(n: int, n_layers: int, seed: int | None) -> Iterator[fmt.LayerArrays]:
+    """The RadiX-Net layers with the challenge's bias and relu_cap, one at a time."""
+    bias = np.full(n, sparse_dnn.challenge_bias(n), dtype=np.float32)
+    for layer in range(1, n_layers + 1):
+        yield fmt.LayerArrays("relu_cap", sparse_dnn.radixnet_layer(n, layer, seed=seed), bias,
+                              cap=sparse_dnn.CAP)
+
+
+def _write_inputs(path: str, y0: np.ndarray, truth: np.ndarray, attrs: dict) -> None:
+    """The data file: X the inputs; y 1 for a sample in the categories, else 0 (integer
+    labels, so the file is also valid for evaluate); ``categories`` the truth itself."""
+    labels = np.zeros(y0.shape[0], dtype=np.int64)
+    labels[truth] = 1
+    fmt.write_data(path, y0, labels, attrs)
+    with h5py.File(path, "r+") as f:
+        f["categories"] = truth.astype(np.int64)
+
+
+def make_challenge(model: str, data: str, n: int, n_layers: int, samples: int,
+                   seed: int = 0, density: float = 0.2) -> float:
+    """Write a RadiX-Net model and inputs, with the single-process categories as truth.
+
+    Returns the seconds the single-process scipy inference took (a plain loop, every
+    layer's product over all samples), the baseline the benchmark prints.
+    """
+    fmt.write_model(model, [n] * (n_layers + 1), challenge_layers(n, n_layers, seed), "float32")
+    y0 = sparse_dnn.sparse_inputs(n, samples, density, seed)
+    started = time.perf_counter()
+    y = plain_inference(_model_layers(model), sparse_dnn.challenge_bias(n), y0)
+    seconds = time.perf_counter() - started
+    _write_inputs(data, y0, sparse_dnn.categories(y.T),
+                  {"neurons": n, "layers": n_layers, "seed": seed, "density": density})
+    return seconds
+
+
+def _model_layers(path: str) -> Iterator:
+    """The CSR layers of a model file, one at a time (for the single-process baseline)."""
+    import scipy.sparse as sp
+    with h5py.File(path, "r") as f:
+        sizes = f.attrs["sizes"]
+        for i in range(1, len(sizes)):
+            g = f["layers"][str(i)]
+            yield sp.csr_matrix((g["data"][...], g["indices"][...], g["indptr"][...]),
+                                shape=(sizes[i], sizes[i - 1]))
+
+
+def plain_inference(layers: Iterator, bias: float, y0: np.ndarray) -> np.ndarray:
+    """The plain scipy.sparse loop: Z = W @ Y + b, clip to [0, 32], every layer and sample.
+
+    Neuron-major (W @ Y, Y (n, samples)), the fastest layout for scipy's CSR kernels.
+    Returns Y of the last layer, (n, samples).
+    """
+    y = np.ascontiguousarray(y0.T, dtype=np.float32)
+    for weight in layers:
+        y = weight @ y
+        y += np.float32(bias)
+        np.clip(y, 0, sparse_dnn.CAP, out=y)
+    return y
+
+
+def import_challenge(layer_files: list[str], n: int, inputs: str, categories: str | None,
+                     model: str, data: str, samples: int | None = None) -> None:
+    """Convert the challenge's TSV files (one per layer, 1-based ``row col value``, W as
+    input x output) and its inputs and truth categories into a model and a data file."""
+    bias = np.full(n, sparse_dnn.challenge_bias(n), dtype=np.float32)
+    layers = (fmt.LayerArrays("relu_cap", sparse_dnn.read_tsv_layer(path, n), bias,
+                              cap=sparse_dnn.CAP) for path in layer_files)
+    fmt.write_model(model, [n] * (len(layer_files) + 1), layers, "float32")
+    y0 = sparse_dnn.read_tsv_inputs(inputs, n, samples)
+    if categories is not None:
+        truth = sparse_dnn.read_categories(categories)
+        if truth.size and truth.max() >= y0.shape[0]:
+            raise MpinnError(f"{categories}: category {truth.max() + 1} is beyond the "
+                             f"{y0.shape[0]} samples of {inputs}")
+    else:
+        truth = sparse_dnn.categories(plain_inference(_model_layers(model), bias[0], y0).T)
+    _write_inputs(data, y0, truth, {"neurons": n, "layers": len(layer_files)})
+
+
+@dataclass
+class ChallengeResult:
+    """What ``bench sparse-dnn`` measured: the wall time of the slowest rank, its split
+    averaged over the ranks."""
+
+    neurons: int         # of the first layer
+    layers: int
+    samples: int
+    edges: int           # stored weights over all layers
+    seconds: float       # inference wall time, all batches
+    compute: float
+    pack: float
+    wait: float
+    load: float          # reading the rows and inputs, computing the partition
+    found: np.ndarray    # the categories mpinn computed
+    truth: np.ndarray    # the ones stored with the inputs
+
+    @property
+    def edges_per_second(self) -> float:
+        return self.samples * self.edges / self.seconds
+
+    @property
+    def correct(self) -> bool:
+        return np.array_equal(self.found, self.truth)
+
+
+def run_challenge(model: str, data: str, comm: MPI.Comm, choice: PartitionChoice,
+                  batch_size: int) -> ChallengeResult:
+    """Inference of every sample through every layer on all ranks, then the categories."""
+    comm.Barrier()
+    started = time.perf_counter()
+    with DistributedModel(model, comm, choice, batch_size, training=False) as dm:
+        local = load(data, dm.table, dm.spec.dtype, comm)
+        with h5py.File(data, "r") as f:  # small: every rank reads the truth itself
+            truth = agree(comm, lambda: _truth(f, data))
+        load_seconds = time.perf_counter() - started
+        alive = np.zeros(local.n_samples, dtype=np.int64)
+        features = np.empty((local.features.shape[0], batch_size), dtype=dm.spec.dtype)
+        engine = dm.engine
+        comm.Barrier()
+        started = time.perf_counter()
+        for first in range(0, local.n_samples, batch_size):
+            index = np.arange(first, min(first + batch_size, local.n_samples))
+            x, _, _ = local.batch(index, features)
+            outputs = engine.forward(x)
+            alive[index] = outputs.any(axis=0) if outputs.shape[0] else 0
+        allreduce(comm, alive, MAX)  # a sample is in the categories if any rank's rows fire
+        seconds = allreduce(comm, np.array([time.perf_counter() - started]), MAX)[0]
+        split = np.array([engine.seconds_compute, sum(p.seconds_pack for p in engine.plans),
+                          sum(p.seconds_wait for p in engine.plans), load_seconds])
+        allreduce(comm, split, SUM)
+    edges = sum(ly.nnz for ly in dm.spec.layers)
+    return ChallengeResult(dm.spec.sizes[0], len(dm.spec.layers), local.n_samples, edges,
+                           float(seconds), *map(float, split / comm.size),
+                           np.flatnonzero(alive), truth)
+
+
+def _truth(f: h5py.File, path: str) -> np.ndarray:
+    if "categories" not in f:
+        raise MpinnError(f"{path}: no 'categories' dataset (make it with mpinn bench sparse-dnn "
+                         "or mpinn import-graphchallenge)")
+    return np.sort(f["categories"][...].astype(np.int64))
+
+
+def challenge_report(result: ChallengeResult, nranks: int) -> str:
+    """The lines ``bench sparse-dnn`` prints."""
+    other = result.seconds - result.compute - result.pack - result.wait
+    verdict = ("match" if result.correct else
+               f"MISMATCH ({np.setxor1d(result.found, result.truth).size} samples differ)")
+    return "\n".join([
+        f"sparse-dnn N={result.neurons} L={result.layers}: {result.samples} samples, {result.edges:,} edges, "
+        f"{nranks} ranks",
+        f"  {result.edges_per_second / 1e9:.3f} G edges/s  ({result.seconds:.3f} s)",
+        f"  time (mean over ranks): compute {result.compute:.3f} s, pack {result.pack:.3f} s, "
+        f"communication and waiting {result.wait:.3f} s, python and the rest {max(other, 0):.3f} s; "
+        f"load (I/O and partition) {result.load:.3f} s",
+        f"  categories: {result.found.size} of {result.samples} samples; single-process truth "
+        f"{result.truth.size}: {verdict}"])
+
+
+def challenge_json(result: ChallengeResult, nranks: int) -> str:
+    """The same figures as one JSON object (``--json``), for scripts and the benchmark."""
+    import json
+    return json.dumps({"neurons": result.neurons, "layers": result.layers, "ranks": nranks,
+                       "samples": result.samples, "edges": result.edges,
+                       "seconds": result.seconds, "edges_per_second": result.edges_per_second,
+                       "compute": result.compute, "pack": result.pack, "wait": result.wait,
+                       "load": result.load, "categories": int(result.found.size),
+                       "correct": result.correct})
+
+
+def default_paths(directory: str, n: int, n_layers: int, samples: int, seed: int) -> tuple[str, str]:
+    """Where ``bench sparse-dnn`` keeps the network it generates (reused when present)."""
+    stem = os.path.join(directory, f"radixnet-n{n}-l{n_layers}-s{seed}")
+    return f"{stem}.h5", f"{stem}-inputs{samples}.h5"
