@@ -1,0 +1,153 @@
+"""Sparse networks end to end: CLI on real files, partitions that follow the wiring, the
+Graph Challenge run and its file converters."""
+
+from __future__ import annotations
+
+import re
+
+import h5py
+import numpy as np
+import pytest
+
+from mpinn import bench, distributor, sparse_dnn
+from mpinn import format as fmt
+from mpinn.describe import rank_traffic
+from mpinn.metadata import MetadataTable
+from tests.helpers import grouped_network
+from tests.reference import Reference, assert_close
+from tests.test_cli import mpinn, ok
+
+
+def _traffic(sizes: list[int], layers: list, strategy: str, nranks: int):
+    wiring = distributor.Wiring([np.diff(w.indptr) for w in layers],
+                                lambda i: (layers[i - 1].indptr.astype(np.int64),
+                                           layers[i - 1].indices.astype(np.int64)))
+    owner = distributor.partition(sizes, nranks, strategy, {}, wiring)
+    spec = fmt.ModelSpec(tuple(sizes), tuple(
+        fmt.LayerSpec(i, sizes[i - 1], sizes[i], "relu", "csr", layers[i - 1].nnz)
+        for i in range(1, len(sizes))), np.dtype(np.float32))
+    return rank_traffic(spec, MetadataTable.build(sizes, owner, nranks), wiring.layer_edges)
+
+
+@pytest.mark.parametrize("nranks", [2, 3, 4])
+def test_mincut_exchanges_far_less_than_balanced_on_local_wiring(nranks, capsys):
+    sizes = [240, 240, 240, 240]
+    layers = grouped_network(sizes, groups=nranks, fan_in=8, seed=nranks)
+    balanced = _traffic(sizes, layers, "balanced", nranks)
+    mincut = _traffic(sizes, layers, "mincut", nranks)
+    sent = {name: int(t.forward_send.sum() + t.backward_send.sum())
+            for name, t in (("balanced", balanced), ("mincut", mincut))}
+    with capsys.disabled():
+        print(f"\n  local-by-construction network {sizes}, {nranks} ranks, bytes per sample "
+              f"(fwd + bwd): balanced {sent['balanced']:,}, mincut {sent['mincut']:,}; local edges "
+              f"{balanced.local_fraction:.0%} vs {mincut.local_fraction:.0%}; imbalance "
+              f"{balanced.imbalance:.2f} vs {mincut.imbalance:.2f}")
+    assert sent["mincut"] <= sent["balanced"] / 10
+    assert mincut.local_fraction > 0.9
+    assert mincut.imbalance < 1.25
+
+
+def test_nnz_strategy_balances_stored_weights_not_neurons():
+    row_nnz = [np.array([10] * 10 + [1] * 90)]
+    owner = distributor.by_nnz([5, 100], 2, row_nnz)[5:]
+    work = np.bincount(owner, weights=row_nnz[0], minlength=2)
+    assert abs(work[0] - work[1]) <= 10
+    assert np.all(np.diff(owner) >= 0)  # contiguous blocks
+
+
+def test_mincut_without_pymetis_says_how_to_install_it(monkeypatch):
+    import builtins
+    real_import = builtins.__import__
+
+    def no_pymetis(name, *args, **kwargs):
+        if name == "pymetis":
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_pymetis)
+    with pytest.raises(fmt.MpinnError, match=r"pip install 'mpinn\[partition\]'"):
+        distributor.require_pymetis()
+
+
+def test_sparse_model_trains_and_predicts_from_the_cli(tmp_path):
+    model, data, preds = tmp_path / "m.h5", tmp_path / "d.h5", tmp_path / "p.h5"
+    ok(mpinn(2, "init", str(model), "--sizes", "20,64,48,5", "--storage", "csr,csr,dense",
+             "--fan-in", "6", "--activation", "relu_cap", "--cap", "3", "--seed", "2"))
+    ok(mpinn(1, "data", "classification", str(data), "--samples", "60", "--features", "20",
+             "--outputs", "5"))
+    out = ok(mpinn(3, "partition", str(model), "--ranks", "3", "--compare"))
+    for strategy in ("balanced", "nnz", "mincut", "layers"):
+        assert re.search(rf"{strategy}\s+fwd\s+[\d,]+ B", out), out
+    ok(mpinn(1, "partition", str(model), "--ranks", "3", "--strategy", "mincut", "--name", "mc"))
+    out = ok(mpinn(1, "inspect", str(model)))
+    assert "relu_cap(3)" in out and "csr" in out and "partition 'mc': strategy mincut" in out
+    assert "local edges" in out
+    ok(mpinn(3, "train", str(model), "--data", str(data), "--partition", "mc", "--epochs", "2",
+             "--lr", "0.05"))
+    with h5py.File(model, "r") as f:  # the wiring is kept: 6 inputs per neuron still
+        assert np.array_equal(np.diff(f["layers/1/indptr"][...]), np.full(64, 6))
+    ok(mpinn(2, "predict", str(model), "--data", str(data), "--out", str(preds),
+             "--strategy", "nnz"))
+    with h5py.File(data, "r") as f:
+        x = f["X"][...]
+    with h5py.File(preds, "r") as f:
+        written = f["outputs"][...]
+    assert_close(written, Reference.from_file(str(model)).forward(x)[1][-1], "float32", "outputs")
+
+
+def test_bad_csr_structure_is_refused_on_every_rank(tmp_path):
+    model = tmp_path / "m.h5"
+    ok(mpinn(1, "init", str(model), "--sizes", "8,12,4", "--storage", "csr", "--fan-in", "3"))
+    for dataset, index, value, message in (("indices", 4, 99, "outside 0..7"),
+                                           ("indices", 1, 0, "strictly ascending"),
+                                           ("indptr", 5, 2, "indptr")):
+        broken = tmp_path / f"broken-{dataset}-{index}.h5"
+        broken.write_bytes(model.read_bytes())
+        with h5py.File(broken, "r+") as f:
+            f[f"layers/1/{dataset}"][index] = value
+        before = broken.read_bytes()
+        result = mpinn(3, "predict", str(broken), "--data", str(model), "--out", str(tmp_path / "o"))
+        assert result.returncode != 0 and message in result.stderr, result.stderr
+        assert broken.read_bytes() == before
+
+
+def test_bench_sparse_dnn_finds_the_single_process_categories(tmp_path):
+    out = ok(mpinn(2, "bench", "sparse-dnn", "--neurons", "1024", "--layers", "40",
+                   "--samples", "200", "--dir", str(tmp_path), "--strategy", "mincut",
+                   timeout=300))
+    assert "G edges/s" in out and "compute" in out and "communication" in out
+    found = re.search(r"categories: (\d+) of 200 samples; single-process truth (\d+): match", out)
+    assert found and 0 < int(found.group(1)) < 200, out
+
+
+def test_graphchallenge_files_convert_and_run(tmp_path):
+    n, n_layers = 64, 5
+    layers = [sparse_dnn.radixnet_layer(n, i, fan_in=8, seed=None) for i in range(1, n_layers + 1)]
+    files = []
+    for i, weight in enumerate(layers, start=1):
+        files.append(str(tmp_path / f"n{n}-l{i}.tsv"))
+        sparse_dnn.write_tsv_layer(files[-1], weight)
+    y0 = sparse_dnn.sparse_inputs(n, 40, density=0.5, seed=1)
+    bias = sparse_dnn.challenge_bias(n)
+    truth = sparse_dnn.categories(sparse_dnn.infer(layers, bias, y0))
+    sparse_dnn.write_tsv_inputs(tmp_path / "images.tsv", y0)
+    sparse_dnn.write_categories(tmp_path / "truth.tsv", truth)
+    model, data = tmp_path / "m.h5", tmp_path / "d.h5"
+    ok(mpinn(1, "import-graphchallenge", *files, "--neurons", str(n), "--inputs",
+             str(tmp_path / "images.tsv"), "--categories", str(tmp_path / "truth.tsv"),
+             "--samples", "40", "--model", str(model), "--data", str(data)))
+    ref = Reference.from_file(str(model))
+    for weight, expected in zip(ref.weights, layers, strict=True):
+        assert (weight != expected).nnz == 0
+    out = ok(mpinn(3, "bench", "sparse-dnn", "--model", str(model), "--data", str(data),
+                   "--json"))
+    assert f'"categories": {truth.size}' in out and '"correct": true' in out
+
+
+def test_challenge_truth_is_the_plain_loop():
+    n = 64
+    layers = [sparse_dnn.radixnet_layer(n, i, fan_in=8) for i in range(1, 4)]
+    y0 = sparse_dnn.sparse_inputs(n, 30, density=0.5)
+    plain = bench.plain_inference(iter(layers), -0.3, y0)
+    assert np.array_equal(sparse_dnn.categories(plain.T),
+                          sparse_dnn.categories(sparse_dnn.infer(layers, -0.3, y0)))
