@@ -25,6 +25,7 @@ from mpi4py import MPI
 from mpi4py.util.dtlib import from_numpy_dtype
 
 from mpinn.errors import MpinnError
+from mpinn.kernels import csr_matmul
 from mpinn.metadata import MetadataTable
 
 T = TypeVar("T")
@@ -114,6 +115,7 @@ class ExchangePlan:
             (np.ones(n_send, dtype=self.dtype), (self.send_index, np.arange(n_send))),
             shape=(self.n_local, n_send))
         self.n_send = n_send
+        self.sum_buffer = np.empty(0 if shared else self.n_local * max_batch, dtype=self.dtype)
         if not shared:
             self.send_buffer = np.empty(n_send * max_batch, dtype=self.dtype)
             self.recv_buffer = np.empty(self.n_inputs * max_batch, dtype=self.dtype)
@@ -215,12 +217,15 @@ class ExchangePlan:
                     send, self.mpi_send_counts, self.send_displs, batch)
 
     def finish_backward(self, partial: np.ndarray) -> np.ndarray:
-        """Wait, then add up the partial sums of the neurons I own: (n_local, batch)."""
+        """Wait, then add up the partial sums of the neurons I own: (n_local, batch), a view
+        of the plan's buffer, valid until the next ``finish_backward``."""
         self._wait()
         started = time.perf_counter()
         send, _ = self._views(self._batch)
         send[self.self_send] = partial[self.self_recv]
-        summed = self.accumulate @ send
+        summed = self.sum_buffer[: self.n_local * self._batch].reshape(self.n_local, self._batch)
+        acc = self.accumulate
+        csr_matmul(acc.indptr, acc.indices, acc.data, acc.shape[1], send, summed)
         self.seconds_pack += time.perf_counter() - started
         return summed
 
