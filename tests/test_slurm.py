@@ -98,3 +98,16 @@ def test_preempted_job_checkpoints_requeues_and_ends_as_an_uninterrupted_run(slu
     a, b = Reference.from_file(str(model)), Reference.from_file(str(reference))
     for wa, wb in zip(a.weights + a.biases, b.weights + b.biases, strict=True):
         assert np.array_equal(wa, wb)
+
+
+def test_sparse_benchmark_and_scaling_jobs_report_matching_categories(slurm, tmp_path):
+    small = dict(NEURONS="1024", LAYERS="30", SAMPLES="200", BATCH="100", DIR=str(tmp_path))
+    job = sbatch(slurm, "sparse-dnn.sbatch", tmp_path, **small)
+    log = (tmp_path / f"mpinn-sparse-dnn-{job}.out").read_text()
+    assert "2 ranks" in log and "G edges/s" in log and ": match" in log, log
+    assert (tmp_path / "radixnet-n1024-l30-s0.h5").exists()  # next to the log, reused below
+    job = sbatch(slurm, "scaling.sbatch", tmp_path, **small, STRATEGY="balanced")
+    log = (tmp_path / f"mpinn-scaling-{job}.out").read_text()
+    rows = [line.split() for line in log.splitlines() if line.strip()[:1].isdigit()]
+    assert [row[0] for row in rows] == ["1", "2"], log
+    assert rows[0][2] == "1.00x" and float(rows[1][1]) > 0, log
