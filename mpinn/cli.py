@@ -135,6 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="an existing challenge model (instead of generating one)")
     p.add_argument("--data", help="its inputs, with their categories")
     p.add_argument("--json", action="store_true", help="print the figures as one JSON object")
+    p.add_argument("--drop-dead", action="store_true",
+                   help="drop samples whose activations died out (ranks agree each layer), as "
+                   "the challenge's sparse reference does; default: every sample, every layer")
     _partition_flags(p)
 
     p = sub.add_parser("import-graphchallenge",
@@ -283,7 +286,7 @@ def _bench(args: argparse.Namespace, comm) -> int:  # noqa: ANN001 - an MPI comm
             print(f"{model}: {made}" + (f"; single-process scipy loop {baseline:.3f} s" if baseline
                                         else ""), flush=True)
     batch = args.batch_size or (args.samples if args.model is None else 2000)
-    result = bench.run_challenge(model, data, comm, _choice(args), batch)
+    result = bench.run_challenge(model, data, comm, _choice(args), batch, args.drop_dead)
     if comm.rank == 0:
         report = bench.challenge_json if args.json else bench.challenge_report
         print(report(result, comm.size), flush=True)

@@ -16,7 +16,7 @@ import numpy as np
 from mpi4py import MPI
 
 from mpinn import kernels
-from mpinn.errors import inject_fault
+from mpinn.errors import MpinnError, inject_fault
 from mpinn.exchange import MAX, MIN, SUM, ExchangePlan, allreduce
 from mpinn.shard import LayerShard, Shard
 
@@ -71,6 +71,8 @@ class Engine:
         self._sum = np.empty(max_batch, dtype)
         self._batch = 0
         self._batch_inputs: list[np.ndarray] | None = None  # the pipeline's per-batch inputs
+        self._compact: np.ndarray | None = None  # live samples, when forward drops dead ones
+        self.live = np.zeros(0, dtype=np.int64)
         self.seconds_compute = 0.0  # GEMMs and elementwise kernels, for the benchmarks
         # pipeline stages: a new one starts where any rank receives remote inputs (agreed by
         # one small allreduce, so every rank groups the layers alike)
@@ -83,12 +85,22 @@ class Engine:
 
     # ------------------------------------------------------------ forward
 
-    def forward(self, x_local: np.ndarray) -> np.ndarray:
-        """Outputs of my output rows, (rows, batch), from my owned input features (n, batch)."""
+    def forward(self, x_local: np.ndarray, drop_dead: bool = False) -> np.ndarray:
+        """Outputs of my output rows, (rows, batch), from my owned input features (n, batch).
+
+        ``drop_dead`` (inference of ReLU-family networks with no positive bias, the Graph
+        Challenge's case): a sample whose activations are zero on every rank stays zero in
+        every later layer, so after each layer the ranks agree on the live samples (one
+        small allreduce) and drop the others. The outputs then hold only the samples
+        ``self.live`` (indices into the batch).
+        """
         inject_fault("step", self.comm.rank)
         batch = x_local.shape[1]
         self._batch = batch
         self.inputs = []
+        self.live = np.arange(batch)
+        if drop_dead:
+            self._check_zero_stays_zero()
         activations = x_local
         last = len(self.shard.layers) - 1
         for i, (layer, plan) in enumerate(zip(self.shard.layers, self.plans, strict=True)):
@@ -110,7 +122,38 @@ class Engine:
                 kernels.activate(layer.spec.activation, z, out=a, cap=layer.spec.cap)
             self.seconds_compute += time.perf_counter() - started
             activations = a
+            if drop_dead and i < last:
+                activations = self._drop_dead(a)
+                batch = activations.shape[1]
         return activations
+
+    def _check_zero_stays_zero(self) -> None:
+        """Refuse ``drop_dead`` where a zero input need not give a zero output."""
+        if self.training:
+            raise MpinnError("dropping dead samples is for inference only")
+        worst = np.array([max((float(ly.bias.max()) for ly in self.shard.layers if ly.bias.size),
+                              default=-np.inf)])
+        allreduce(self.comm, worst, MAX)
+        acts = {ly.spec.activation for ly in self.shard.layers}
+        if worst[0] > 0 or not acts <= {"relu", "relu_cap"}:
+            raise MpinnError("dropping dead samples needs relu or relu_cap layers and no positive "
+                             f"bias (activations {sorted(acts)}, largest bias {worst[0]:g})")
+
+    def _drop_dead(self, a: np.ndarray) -> np.ndarray:
+        """``a`` without the samples that are zero on every rank (all ranks agree)."""
+        live = np.ascontiguousarray(a.any(axis=0) if a.shape[0] else np.zeros(a.shape[1], bool),
+                                    dtype=np.uint8)
+        allreduce(self.comm, live, MAX)
+        if live.all():
+            return a
+        keep = live.astype(bool)
+        self.live = self.live[keep]
+        if self._compact is None:
+            self._compact = np.empty(max(s.rows.size for s in self.shard.layers) * self.max_batch,
+                                     a.dtype)
+        out = self._compact[: a.shape[0] * self.live.size].reshape(a.shape[0], self.live.size)
+        np.compress(keep, a, axis=1, out=out)
+        return out
 
     def _softmax(self, z: np.ndarray, out: np.ndarray) -> None:
         """Softmax over output neurons spread across ranks: global max, then global sum."""

@@ -8,15 +8,43 @@ from mpinn.errors import MpinnError
 from tests.reference import apply, derivative
 
 
-@pytest.mark.parametrize("act", ["identity", "relu", "sigmoid", "tanh"])
+@pytest.mark.parametrize("act", ["identity", "relu", "relu_cap", "sigmoid", "tanh"])
 def test_activation_and_derivative_match_reference(act):
     rng = np.random.default_rng(0)
     z = rng.normal(size=(5, 7)) * 3
-    a = kernels.activate(act, z)
-    np.testing.assert_allclose(a, apply(act, z), rtol=1e-12)
+    a = kernels.activate(act, z, cap=2.0)
+    np.testing.assert_allclose(a, apply(act, z, 2.0), rtol=1e-12)
     g = rng.normal(size=z.shape)
-    np.testing.assert_allclose(kernels.activation_grad(act, z, a, g.copy()),
-                               g * derivative(act, z, a), rtol=1e-12)
+    np.testing.assert_allclose(kernels.activation_grad(act, z, a, g.copy(), 2.0),
+                               g * derivative(act, z, a, 2.0), rtol=1e-12)
+
+
+def test_csr_kernels_equal_dense_algebra_on_the_pattern():
+    import scipy.sparse as sp
+    rng = np.random.default_rng(3)
+    w = sp.random(9, 13, density=0.3, random_state=4, format="csr")
+    x, dz = rng.normal(size=(13, 5)), rng.normal(size=(9, 5))
+    z = np.full((9, 5), 7.0)
+    kernels.csr_matmul(w.indptr, w.indices, w.data, 13, x, z)
+    np.testing.assert_allclose(z, w.toarray() @ x, rtol=1e-12)
+    kernels.csr_matmul(w.indptr, w.indices, w.data, 13, x, z, accumulate=True)
+    np.testing.assert_allclose(z, 2 * w.toarray() @ x, rtol=1e-12)
+    partial = np.full((13, 5), 7.0)
+    kernels.csr_transpose_matmul(w.indptr, w.indices, w.data, 13, dz, partial)
+    np.testing.assert_allclose(partial, w.toarray().T @ dz, rtol=1e-12)
+    rows = np.repeat(np.arange(9), np.diff(w.indptr))
+    grad = np.full(w.nnz, 7.0)
+    kernels.csr_weight_grad(rows, w.indices, dz, x, grad, first=True, chunk_elements=7)
+    np.testing.assert_allclose(grad, (dz @ x.T)[rows, w.indices], rtol=1e-12)
+    kernels.csr_weight_grad(rows, w.indices, dz, x, grad, first=False)
+    np.testing.assert_allclose(grad, 2 * (dz @ x.T)[rows, w.indices], rtol=1e-12)
+
+
+def test_relu_cap_needs_a_finite_positive_cap():
+    assert kernels.check_cap(32, "layer 1") == 32.0
+    for bad in (None, 0, -1.0, float("inf"), True, "3"):
+        with pytest.raises(MpinnError, match="finite positive 'cap'"):
+            kernels.check_cap(bad, "layer 1")
 
 
 def test_sigmoid_saturates_without_overflow():

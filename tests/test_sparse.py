@@ -118,6 +118,24 @@ def test_bench_sparse_dnn_finds_the_single_process_categories(tmp_path):
     assert "G edges/s" in out and "compute" in out and "communication" in out
     found = re.search(r"categories: (\d+) of 200 samples; single-process truth (\d+): match", out)
     assert found and 0 < int(found.group(1)) < 200, out
+    # dropping the samples that die out on the way finds the same categories
+    out = ok(mpinn(3, "bench", "sparse-dnn", "--neurons", "1024", "--layers", "40",
+                   "--samples", "200", "--dir", str(tmp_path), "--drop-dead", "--batch-size", "64",
+                   timeout=300))
+    assert "dead samples dropped" in out and f"categories: {found.group(1)} of 200" in out, out
+
+
+def test_dropping_dead_samples_is_refused_where_zero_need_not_stay_zero(tmp_path):
+    model, data = tmp_path / "m.h5", tmp_path / "d.h5"
+    ok(mpinn(1, "init", str(model), "--sizes", "16,8,4", "--storage", "csr", "--fan-in", "4",
+             "--output", "softmax"))
+    ok(mpinn(1, "data", "classification", str(data), "--samples", "10", "--features", "16",
+             "--outputs", "4"))
+    with h5py.File(data, "r+") as f:
+        f["categories"] = np.arange(3)
+    result = mpinn(2, "bench", "sparse-dnn", "--model", str(model), "--data", str(data),
+                   "--drop-dead")
+    assert result.returncode != 0 and "needs relu or relu_cap layers" in result.stderr, result.stderr
 
 
 def test_graphchallenge_files_convert_and_run(tmp_path):
