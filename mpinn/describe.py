@@ -39,6 +39,7 @@ class RankTraffic:
     layer_nnz: np.ndarray  # (layers, ranks): stored weights of each rank's rows
     local_edges: int = 0   # connections whose input lives on the reading rank
     edges: int = 0
+    forward_matrix: np.ndarray | None = None  # (ranks, ranks) bytes per sample, sender -> receiver
 
     @property
     def imbalance(self) -> float:
@@ -88,6 +89,7 @@ def rank_traffic(spec: fmt.ModelSpec, table: MetadataTable,
     remote = np.zeros(p, dtype=np.int64)
     layer_nnz = np.zeros((len(spec.layers), p), dtype=np.int64)
     local_edges = edges = 0
+    matrix = np.zeros((p, p), dtype=np.int64)
     for ly in spec.layers:
         rows = table.counts(ly.index)
         own_prev = table.counts(ly.index - 1)
@@ -109,13 +111,14 @@ def rank_traffic(spec: fmt.ModelSpec, table: MetadataTable,
         parameters += nnz + rows
         local_edges += on_rank
         edges += ly.nnz
+        matrix += traffic * item
         fwd_send += traffic.sum(axis=1) * item
         fwd_recv += traffic.sum(axis=0) * item
         if ly.index > 1:  # input features get no gradient, so layer 1 sends nothing back
             bwd_send += traffic.sum(axis=0) * item
             bwd_recv += traffic.sum(axis=1) * item
     return RankTraffic(neurons, parameters, local, remote, fwd_send, fwd_recv, bwd_send, bwd_recv,
-                       layer_nnz, local_edges, edges)
+                       layer_nnz, local_edges, edges, matrix)
 
 
 def file_wiring(f: h5py.File, spec: fmt.ModelSpec) -> LayerEdges:

@@ -10,7 +10,6 @@ import json
 import numpy as np
 
 from mpinn.errors import MpinnError
-from mpinn.exchange import dense_traffic
 from mpinn.metadata import MetadataTable
 
 
@@ -53,12 +52,11 @@ def training_curves(log_path: str, out: str) -> None:
     plt.close(fig)
 
 
-def partition_picture(table: MetadataTable, itemsize: int, title: str, out: str) -> None:
-    """Heat map of forward bytes per sample between each pair of ranks, and neurons per rank
-    per layer."""
+def partition_picture(table: MetadataTable, traffic: np.ndarray, title: str, out: str) -> None:
+    """Heat map of forward bytes per sample between each pair of ranks (``traffic``, sender
+    x receiver, from ``describe.rank_traffic``), and neurons per rank per layer."""
     plt = _pyplot()
     p = table.nranks
-    traffic = sum(dense_traffic(table, layer) for layer in range(1, len(table.sizes))) * itemsize
     counts = np.array([table.counts(layer) for layer in range(len(table.sizes))])
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.4))
     image = left.imshow(traffic, cmap="viridis")

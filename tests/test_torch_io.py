@@ -277,3 +277,26 @@ def test_missing_pytorch_is_reported_with_the_install_command(tmp_path: Path,
     monkeypatch.setitem(sys.modules, "torch", None)  # makes `import torch` raise ImportError
     with pytest.raises(MpinnError, match=r"needs PyTorch: pip install 'mpinn\[torch\]'"):
         to_torch(str(tmp_path / "model.h5"))
+
+
+def test_cli_imports_a_torch_model_that_mpinn_then_predicts_and_exports_back(tmp_path: Path) -> None:
+    from tests.test_cli import mpinn, ok
+
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(12, 20), nn.Tanh(), nn.Linear(20, 16), nn.ReLU6(),
+                          nn.Linear(16, 5), nn.Softmax(dim=-1))
+    pt, h5, data, preds, back = (tmp_path / name for name in
+                                 ("in.pt", "m.h5", "d.h5", "p.h5", "out.pt"))
+    save_torch_file(model, str(pt))
+    ok(mpinn(1, "import-torch", str(pt), str(h5)))
+    ok(mpinn(1, "data", "classification", str(data), "--samples", "30", "--features", "12",
+             "--outputs", "5"))
+    ok(mpinn(3, "predict", str(h5), "--data", str(data), "--out", str(preds)))
+    with h5py.File(data, "r") as f:
+        x = torch.from_numpy(f["X"][...])
+    with h5py.File(preds, "r") as f, torch.no_grad():
+        np.testing.assert_allclose(f["outputs"][...], model(x).numpy(), rtol=1e-5, atol=1e-6)
+    ok(mpinn(2, "export-torch", str(h5), str(back)))
+    with torch.no_grad():
+        np.testing.assert_allclose(load_torch_file(str(back))(x).numpy(), model(x).numpy(),
+                                   rtol=1e-6, atol=1e-7)
