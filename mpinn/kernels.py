@@ -161,12 +161,14 @@ def csr_matmul(indptr: np.ndarray, indices: np.ndarray, values: np.ndarray, n_co
 
 
 def csr_transpose_matmul(indptr: np.ndarray, indices: np.ndarray, values: np.ndarray,
-                         n_cols: int, grad_z: np.ndarray, out: np.ndarray) -> None:
-    """``out = A^T @ grad_z`` (n_cols, batch): the partial sums a CSR block sends back.
+                         n_cols: int, grad_z: np.ndarray, out: np.ndarray,
+                         accumulate: bool = False) -> None:
+    """``out (+)= A^T @ grad_z`` (n_cols, batch): the partial sums a CSR block sends back.
 
     A's CSR arrays are A^T's CSC arrays, so scipy's CSC kernel does it without a transpose.
     """
-    out.fill(0)
+    if not accumulate:
+        out.fill(0)
     if values.size == 0:
         return
     if csc_matvecs is None:  # pragma: no cover

@@ -122,7 +122,7 @@ class CsrLayerShard(LayerShard):
 
     local_ptr: np.ndarray = None      # CSR row pointers of the local block
     remote_ptr: np.ndarray = None     # ... of the remote block
-    columns: np.ndarray = None        # entry -> position in the receive buffer
+    columns: np.ndarray = None        # entry -> position in the receive buffer (both blocks)
     entry_rows: np.ndarray = None     # entry -> my row, for the weight gradient
     order: np.ndarray = None          # memory position -> position among my file entries
     file_indices: np.ndarray = None   # my entries' input indices, file order (for saving)
@@ -149,7 +149,6 @@ class CsrLayerShard(LayerShard):
                     .astype(index_type) for block in (slice(0, n_local_entries),
                                                        slice(n_local_entries, None))]
         columns = columns[order]
-        columns[n_local_entries:] -= n_local  # the remote block's own column numbering
         shard = cls(spec, rows, inputs, np.ascontiguousarray(values[order]), bias, n_local,
                     local_ptr=pointers[0], remote_ptr=pointers[1],
                     columns=columns.astype(index_type), entry_rows=entry_rows[order],
@@ -160,36 +159,37 @@ class CsrLayerShard(LayerShard):
     def _blocks(self, array: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return array[: self.n_local_entries], array[self.n_local_entries:]
 
+    # Both blocks index the whole receive buffer: the local block only its head (my own
+    # inputs), the remote block only the rest, so neither needs its own numbering.
+
     def forward_local(self, gathered: np.ndarray, z: np.ndarray) -> None:
         w, _ = self._blocks(self.weight)
         c, _ = self._blocks(self.columns)
-        kernels.csr_matmul(self.local_ptr, c, w, self.n_local, gathered[: self.n_local], z)
+        kernels.csr_matmul(self.local_ptr, c, w, self.inputs.size, gathered, z)
 
     def forward_remote(self, gathered: np.ndarray, z: np.ndarray, scratch: np.ndarray) -> None:
         _, w = self._blocks(self.weight)
         _, c = self._blocks(self.columns)
-        n_remote = self.inputs.size - self.n_local
-        kernels.csr_matmul(self.remote_ptr, c, w, n_remote, gathered[self.n_local:], z,
-                           accumulate=True)
+        kernels.csr_matmul(self.remote_ptr, c, w, self.inputs.size, gathered, z, accumulate=True)
 
     def input_grad_local(self, grad_z: np.ndarray, partial: np.ndarray) -> None:
         w, _ = self._blocks(self.weight)
         c, _ = self._blocks(self.columns)
-        kernels.csr_transpose_matmul(self.local_ptr, c, w, self.n_local, grad_z,
-                                     partial[: self.n_local])
+        partial[: self.n_local].fill(0)
+        kernels.csr_transpose_matmul(self.local_ptr, c, w, self.inputs.size, grad_z, partial,
+                                     accumulate=True)
 
     def input_grad_remote(self, grad_z: np.ndarray, partial: np.ndarray) -> None:
         _, w = self._blocks(self.weight)
         _, c = self._blocks(self.columns)
-        kernels.csr_transpose_matmul(self.remote_ptr, c, w, self.inputs.size - self.n_local,
-                                     grad_z, partial[self.n_local:])
+        partial[self.n_local:].fill(0)
+        kernels.csr_transpose_matmul(self.remote_ptr, c, w, self.inputs.size, grad_z, partial,
+                                     accumulate=True)
 
     def weight_grad(self, grad_z: np.ndarray, inputs: np.ndarray, grad_weight: np.ndarray,
                     first: bool) -> None:
         """Gradients of the stored weights only: the sparsity pattern is kept."""
-        absolute = self.columns.astype(np.int64)
-        absolute[self.n_local_entries:] += self.n_local
-        kernels.csr_weight_grad(self.entry_rows, absolute, grad_z, inputs, grad_weight, first)
+        kernels.csr_weight_grad(self.entry_rows, self.columns, grad_z, inputs, grad_weight, first)
 
     def weight_file_shape(self) -> tuple[int, ...]:
         return (self.spec.nnz,)
