@@ -62,6 +62,7 @@ bench: setup
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0 || true
 	$(PY) benchmarks/train_mlp.py --ranks $(or $(P),2)
 	$(PY) benchmarks/memory.py
+	$(PY) benchmarks/sparse_dnn.py --ranks 1,$(or $(P),2)
 
 clean:
 	rm -rf $(VENV) $(PIP_VENV) .pytest_cache .ruff_cache *.egg-info build
