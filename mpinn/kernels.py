@@ -178,17 +178,30 @@ def csr_transpose_matmul(indptr: np.ndarray, indices: np.ndarray, values: np.nda
                 grad_z.reshape(-1), out.reshape(-1))
 
 
-def csr_weight_grad(entry_rows: np.ndarray, indices: np.ndarray, grad_z: np.ndarray,
-                    x: np.ndarray, out: np.ndarray, first: bool,
+def csr_weight_grad(indptr: np.ndarray, indices: np.ndarray, entry_rows: np.ndarray,
+                    grad_z: np.ndarray, x: np.ndarray, out: np.ndarray, first: bool,
                     chunk_elements: int = 1 << 21) -> None:
-    """``out[k] (+)= grad_z[row_k] . x[col_k]`` for every stored entry k (a sampled product).
+    """``out[k] (+)= grad_z[row_k] . x[col_k]`` for every entry k of a CSR block (a sampled
+    product): only stored connections get a gradient, so the pattern is kept.
 
-    Only existing connections get a gradient: the pattern is kept, and nothing the size of
-    the dense matrix is ever formed. Entries go in chunks so temporaries stay small.
+    Above a fill of 1/64 a GEMM of a few rows against all of ``x``, sampled afterwards,
+    beats gathering two rows per entry; below it, entries go in chunks. Either way the
+    temporaries stay under ``chunk_elements`` values, never the dense matrix.
     """
     if first:
         out.fill(0)
-    batch = max(1, grad_z.shape[1])
+    n_rows, batch = grad_z.shape[0], max(1, grad_z.shape[1])
+    if out.size == 0:
+        return
+    if out.size * 64 >= n_rows * x.shape[0]:
+        step = max(1, chunk_elements // max(1, x.shape[0]))
+        for r0 in range(0, n_rows, step):
+            r1 = min(r0 + step, n_rows)
+            lo, hi = int(indptr[r0]), int(indptr[r1])
+            if hi > lo:
+                full = grad_z[r0:r1] @ x.T
+                out[lo:hi] += full[entry_rows[lo:hi] - r0, indices[lo:hi]]
+        return
     step = max(1, chunk_elements // batch)
     for start in range(0, out.size, step):
         stop = min(start + step, out.size)

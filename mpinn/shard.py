@@ -189,7 +189,10 @@ class CsrLayerShard(LayerShard):
     def weight_grad(self, grad_z: np.ndarray, inputs: np.ndarray, grad_weight: np.ndarray,
                     first: bool) -> None:
         """Gradients of the stored weights only: the sparsity pattern is kept."""
-        kernels.csr_weight_grad(self.entry_rows, self.columns, grad_z, inputs, grad_weight, first)
+        for ptr, block in ((self.local_ptr, slice(0, self.n_local_entries)),
+                           (self.remote_ptr, slice(self.n_local_entries, None))):
+            kernels.csr_weight_grad(ptr, self.columns[block], self.entry_rows[block], grad_z,
+                                    inputs, grad_weight[block], first)
 
     def weight_file_shape(self) -> tuple[int, ...]:
         return (self.spec.nnz,)

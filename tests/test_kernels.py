@@ -33,11 +33,18 @@ def test_csr_kernels_equal_dense_algebra_on_the_pattern():
     kernels.csr_transpose_matmul(w.indptr, w.indices, w.data, 13, dz, partial)
     np.testing.assert_allclose(partial, w.toarray().T @ dz, rtol=1e-12)
     rows = np.repeat(np.arange(9), np.diff(w.indptr))
-    grad = np.full(w.nnz, 7.0)
-    kernels.csr_weight_grad(rows, w.indices, dz, x, grad, first=True, chunk_elements=7)
-    np.testing.assert_allclose(grad, (dz @ x.T)[rows, w.indices], rtol=1e-12)
-    kernels.csr_weight_grad(rows, w.indices, dz, x, grad, first=False)
-    np.testing.assert_allclose(grad, 2 * (dz @ x.T)[rows, w.indices], rtol=1e-12)
+    for fill in (0.3, 0.005):  # the GEMM-then-sample path and the gather path
+        w = sp.random(9, 13, density=fill, random_state=4, format="csr")
+        w.data[:] = 1
+        if w.nnz == 0:
+            w[2, 5] = 1
+        rows = np.repeat(np.arange(9), np.diff(w.indptr))
+        grad = np.full(w.nnz, 7.0)
+        kernels.csr_weight_grad(w.indptr, w.indices, rows, dz, x, grad, first=True,
+                                chunk_elements=20)
+        np.testing.assert_allclose(grad, (dz @ x.T)[rows, w.indices], rtol=1e-12)
+        kernels.csr_weight_grad(w.indptr, w.indices, rows, dz, x, grad, first=False)
+        np.testing.assert_allclose(grad, 2 * (dz @ x.T)[rows, w.indices], rtol=1e-12)
 
 
 def test_relu_cap_needs_a_finite_positive_cap():
