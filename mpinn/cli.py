@@ -128,8 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--neurons", type=int, default=1024, help="neurons per layer (default 1024)")
     p.add_argument("--layers", type=int, default=120, help="layers (default 120)")
     p.add_argument("--samples", type=int, default=2000, help="input samples (default 2000)")
-    p.add_argument("--batch-size", type=int, default=0,
-                   help="samples per pass (default: all of them)")
+    p.add_argument("--batch-size", type=int, default=250,
+                   help="samples per pass (default 250: a batch's activations stay in cache)")
     p.add_argument("--seed", type=int, default=0, help="RadiX-Net relabelling and input seed")
     p.add_argument("--dir", default=".", help="where the generated network is kept and reused")
     p.add_argument("--model", help="an existing challenge model (instead of generating one)")
@@ -286,7 +286,9 @@ def _bench(args: argparse.Namespace, comm) -> int:  # noqa: ANN001 - an MPI comm
             made = "generated" if baseline is not None else "reused"
             print(f"{model}: {made}" + (f"; single-process scipy loop {baseline:.3f} s" if baseline
                                         else ""), flush=True)
-    batch = args.batch_size or (args.samples if args.model is None else 2000)
+    if args.batch_size < 1:
+        raise MpinnError(f"--batch-size must be at least 1, got {args.batch_size}")
+    batch = args.batch_size
     result = bench.run_challenge(model, data, comm, _choice(args), batch, args.drop_dead)
     if comm.rank == 0:
         report = bench.challenge_json if args.json else bench.challenge_report
