@@ -52,7 +52,7 @@ def load(path: str, table: MetadataTable, dtype: np.dtype, comm: MPI.Comm) -> Lo
         features = np.ascontiguousarray(fmt.read_slice(f["X"], inputs, axis=1).T, dtype=dtype)
         labels = targets = None
         if spec.labels:
-            labels = fmt.read_slice(f["y"], np.arange(spec.n_samples)).astype(np.int64)
+            labels = fmt.read_whole(f["y"]).astype(np.int64)
         else:
             outputs = table.rows(len(table.sizes) - 1, comm.rank)
             targets = np.ascontiguousarray(fmt.read_slice(f["y"], outputs, axis=1).T, dtype=dtype)

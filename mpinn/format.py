@@ -597,6 +597,15 @@ def read_slice(dset: h5py.Dataset, index: np.ndarray, axis: int = 0) -> np.ndarr
     return out
 
 
+def read_whole(dset: h5py.Dataset) -> np.ndarray:
+    """A small dataset every rank needs whole (labels), read independently by each rank:
+    the ranks' selections would all overlap, and overlapping selections in one collective
+    read are what OpenMPI 4.1's OMPIO has returned wrong values for (see ``read_csr_rows``)."""
+    out = dset[...]
+    READ_STATS[dset.name] += out.size
+    return out
+
+
 def read_ranges(dset: h5py.Dataset, ranges: np.ndarray) -> np.ndarray:
     """Collectively read the [start, stop) ``ranges`` (ascending, disjoint) of a 1-D dataset,
     concatenated: a CSR layer's entries of a rank's rows."""
