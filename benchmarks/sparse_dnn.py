@@ -63,7 +63,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="mpinn-sparse-") as tmp:
         model, data = f"{tmp}/model.h5", f"{tmp}/inputs.h5"
         bench.make_challenge(model, data, n, layers, samples)
-        weights = list(bench._model_layers(model))
+        weights = list(bench.model_layers(model))
         import h5py
         with h5py.File(data, "r") as f:
             y0 = f["X"][...]

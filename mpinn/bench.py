@@ -54,14 +54,14 @@ def make_challenge(model: str, data: str, n: int, n_layers: int, samples: int,
     fmt.write_model(model, [n] * (n_layers + 1), challenge_layers(n, n_layers, seed), "float32")
     y0 = sparse_dnn.sparse_inputs(n, samples, density, seed)
     started = time.perf_counter()
-    y = plain_inference(_model_layers(model), sparse_dnn.challenge_bias(n), y0)
+    y = plain_inference(model_layers(model), sparse_dnn.challenge_bias(n), y0)
     seconds = time.perf_counter() - started
     _write_inputs(data, y0, sparse_dnn.categories(y.T),
                   {"neurons": n, "layers": n_layers, "seed": seed, "density": density})
     return seconds
 
 
-def _model_layers(path: str) -> Iterator:
+def model_layers(path: str) -> Iterator:
     """The CSR layers of a model file, one at a time (for the single-process baseline)."""
     import scipy.sparse as sp
     with h5py.File(path, "r") as f:
@@ -101,7 +101,7 @@ def import_challenge(layer_files: list[str], n: int, inputs: str, categories: st
             raise MpinnError(f"{categories}: category {truth.max() + 1} is beyond the "
                              f"{y0.shape[0]} samples of {inputs}")
     else:
-        truth = sparse_dnn.categories(plain_inference(_model_layers(model), bias[0], y0).T)
+        truth = sparse_dnn.categories(plain_inference(model_layers(model), bias[0], y0).T)
     _write_inputs(data, y0, truth, {"neurons": n, "layers": len(layer_files)})
 
 
