@@ -241,7 +241,7 @@ def _plot(args: argparse.Namespace) -> None:
 
     from mpinn import format as fmt
     from mpinn import plot
-    from mpinn.describe import file_wiring, rank_traffic
+    from mpinn.describe import rank_traffic
     from mpinn.metadata import MetadataTable
     from mpinn.train import resolve_owner
 
@@ -257,7 +257,7 @@ def _plot(args: argparse.Namespace) -> None:
                 nranks = fmt.read_partition(f, choice.name)[1]
             owner, text = resolve_owner(f, spec, choice, nranks, MPI.COMM_SELF)
             table = MetadataTable.build(spec.sizes, owner, nranks)
-            traffic = rank_traffic(spec, table, file_wiring(f, spec)).forward_matrix
+            traffic = rank_traffic(spec, table, fmt.wiring_reader(f, spec)).forward_matrix
         plot.partition_picture(table, traffic, f"{args.source}: {text}, {nranks} ranks", out)
     if not args.quiet:
         print(f"{out}: written")

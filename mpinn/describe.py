@@ -11,7 +11,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import h5py
 import numpy as np
 from mpi4py import MPI
 
@@ -20,6 +19,7 @@ from mpinn import format as fmt
 from mpinn.errors import MpinnError
 from mpinn.exchange import agree, dense_traffic, on_root
 from mpinn.metadata import MetadataTable
+from mpinn.train import owner_for_strategy
 
 LayerEdges = Callable[[int], tuple[np.ndarray, np.ndarray] | None]
 
@@ -121,11 +121,6 @@ def rank_traffic(spec: fmt.ModelSpec, table: MetadataTable,
                        layer_nnz, local_edges, edges, matrix)
 
 
-def file_wiring(f: h5py.File, spec: fmt.ModelSpec) -> LayerEdges:
-    """``layer_edges`` reading each CSR layer's connections from an open model file."""
-    return lambda i: fmt.read_layer_wiring(f, spec.layers[i - 1]) if spec.layers[i - 1].sparse else None
-
-
 def _table_text(traffic: RankTraffic) -> list[str]:
     head = (f"  {'rank':>4} {'neurons':>9} {'params':>12} {'local-in':>9} {'remote-in':>9} "
             f"{'fwd send':>10} {'fwd recv':>10} {'bwd send':>10} {'bwd recv':>10}")
@@ -153,7 +148,7 @@ def describe(path: str, comm: MPI.Comm) -> str:
         spec = agree(comm, lambda: fmt.read_spec(f))
         state = fmt.read_state_attrs(f)
         partitions = [(name, *fmt.read_partition(f, name)) for name in fmt.list_partitions(f)]
-        wiring = file_wiring(f, spec)
+        wiring = fmt.wiring_reader(f, spec)
         return on_root(comm, lambda: "\n".join(_describe_lines(path, spec, state, partitions,
                                                                wiring)))
 
@@ -195,12 +190,10 @@ def compare(path: str, nranks: int, comm: MPI.Comm, params: dict[str, Any] | Non
     Strategies that need parameters are compared with the ones given on the command line
     (``layers`` without them gets contiguous groups of layers balanced by stored weights).
     """
-    from mpinn.train import owner_for_strategy
-
     with fmt.opened(path, "r", comm) as f:
         spec = agree(comm, lambda: fmt.read_spec(f))
         row_nnz = fmt.read_row_nnz(f, spec)
-        wiring = file_wiring(f, spec)
+        wiring = fmt.wiring_reader(f, spec)
         rows = []
         for strategy in distributor.STRATEGIES:
             given = dict(params or {})
@@ -230,8 +223,6 @@ def compare(path: str, nranks: int, comm: MPI.Comm, params: dict[str, Any] | Non
 def store_partition(path: str, nranks: int, strategy: str, params: dict[str, Any], name: str,
                     comm: MPI.Comm) -> MetadataTable:
     """Compute a partition for ``nranks`` ranks and store it in the model file (collective)."""
-    from mpinn.train import owner_for_strategy
-
     with fmt.opened(path, "r", comm) as f:
         spec = agree(comm, lambda: fmt.read_spec(f))
 
@@ -240,7 +231,7 @@ def store_partition(path: str, nranks: int, strategy: str, params: dict[str, Any
             return MetadataTable.build(spec.sizes, owner, nranks)
 
         table = agree(comm, build)
-        wiring = file_wiring(f, spec)
+        wiring = fmt.wiring_reader(f, spec)
         report = on_root(comm, lambda: _table_text(rank_traffic(spec, table, wiring)))
     if fmt.MPI_IO:
         with fmt.opened(path, "r+", comm) as f:

@@ -12,7 +12,7 @@ import json
 import os
 import sys
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext, suppress
 from dataclasses import dataclass
 from typing import Any
@@ -702,6 +702,13 @@ def read_layer_wiring(f: h5py.File, ly: LayerSpec) -> tuple[np.ndarray, np.ndarr
     indices = group["indices"][...].astype(np.int64)
     check_csr_rows(f"{f.filename}: /layers/{ly.index}", indptr, indices, ly.n_in)
     return indptr, indices
+
+
+def wiring_reader(f: h5py.File, spec: ModelSpec
+                  ) -> Callable[[int], tuple[np.ndarray, np.ndarray] | None]:
+    """layer -> (indptr, indices) of that CSR layer, read when asked (None for a dense
+    layer): what partitioning and traffic reports walk, a layer at a time."""
+    return lambda i: read_layer_wiring(f, spec.layers[i - 1]) if spec.layers[i - 1].sparse else None
 
 
 # ---------------------------------------------------------------- partitions

@@ -64,18 +64,11 @@ def owner_for_strategy(f: h5py.File, spec: fmt.ModelSpec, nranks: int, strategy:
     """
     if strategy not in distributor.WIRED:
         return distributor.partition(spec.sizes, nranks, strategy, params)
-    wiring = distributor.Wiring(fmt.read_row_nnz(f, spec))
+    wiring = distributor.Wiring(fmt.read_row_nnz(f, spec), fmt.wiring_reader(f, spec))
     if strategy == "nnz":
         return distributor.partition(spec.sizes, nranks, strategy, params, wiring)
     distributor.require_pymetis()  # on every rank: the same answer everywhere, before any wait
-
-    def mincut() -> np.ndarray:
-        layers = spec.layers
-        wiring.layer_edges = lambda i: (fmt.read_layer_wiring(f, layers[i - 1])
-                                        if layers[i - 1].sparse else None)
-        return distributor.partition(spec.sizes, nranks, strategy, params, wiring)
-
-    return on_root(comm, mincut)
+    return on_root(comm, lambda: distributor.partition(spec.sizes, nranks, strategy, params, wiring))
 
 
 class DistributedModel:

@@ -12,7 +12,7 @@ from mpi4py import MPI
 
 from mpinn import format as fmt
 from mpinn.data import load
-from mpinn.describe import file_wiring, rank_traffic
+from mpinn.describe import rank_traffic
 from mpinn.errors import MpinnError
 from mpinn.train import DistributedModel, PartitionChoice, predict, train
 from tests.helpers import ALL_STRATEGIES, classification_data, regression_data, strategy_params
@@ -182,7 +182,7 @@ def test_exchanged_bytes_equal_the_partition_report(strategy, case, mpi_tmp_path
         model.engine.loss_and_grad(model.engine.forward(xb), labels, targets)
         model.engine.backward()
         with h5py.File(model_path, "r") as f:
-            expected = rank_traffic(model.spec, model.table, file_wiring(f, model.spec))
+            expected = rank_traffic(model.spec, model.table, fmt.wiring_reader(f, model.spec))
         sent = sum(p.bytes_sent for p in model.engine.plans)
         received = sum(p.bytes_received for p in model.engine.plans)
     r = comm.rank
