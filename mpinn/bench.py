@@ -62,14 +62,10 @@ def make_challenge(model: str, data: str, n: int, n_layers: int, samples: int,
 
 
 def model_layers(path: str) -> Iterator:
-    """The CSR layers of a model file, one at a time (for the single-process baseline)."""
-    import scipy.sparse as sp
-    with h5py.File(path, "r") as f:
-        sizes = f.attrs["sizes"]
-        for i in range(1, len(sizes)):
-            g = f["layers"][str(i)]
-            yield sp.csr_matrix((g["data"][...], g["indices"][...], g["indptr"][...]),
-                                shape=(sizes[i], sizes[i - 1]))
+    """The weights of a model file, one layer at a time (for the single-process baseline)."""
+    with fmt.opened(path, "r", MPI.COMM_SELF) as f:
+        for ly in fmt.read_spec(f).layers:
+            yield fmt.read_layer(f, ly)[0]
 
 
 def plain_inference(layers: Iterator, bias: float, y0: np.ndarray) -> np.ndarray:

@@ -704,6 +704,19 @@ def read_layer_wiring(f: h5py.File, ly: LayerSpec) -> tuple[np.ndarray, np.ndarr
     return indptr, indices
 
 
+def read_layer(f: h5py.File, ly: LayerSpec) -> tuple[Any, np.ndarray]:
+    """A whole layer read by this process alone, for converters and single-process baselines:
+    its weight (dense (n_out, n_in), or a scipy CSR matrix, validated) and its bias."""
+    group = f["layers"][str(ly.index)]
+    if ly.sparse:
+        import scipy.sparse as sp
+        indptr, indices = read_layer_wiring(f, ly)
+        weight = sp.csr_matrix((group["data"][...], indices, indptr), shape=(ly.n_out, ly.n_in))
+    else:
+        weight = group["weight"][...]
+    return weight, group["bias"][...]
+
+
 def wiring_reader(f: h5py.File, spec: ModelSpec
                   ) -> Callable[[int], tuple[np.ndarray, np.ndarray] | None]:
     """layer -> (indptr, indices) of that CSR layer, read when asked (None for a dense

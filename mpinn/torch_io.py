@@ -54,16 +54,16 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
-import h5py
 import numpy as np
+from mpi4py import MPI
 
 from mpinn.errors import MpinnError
 from mpinn.format import (
     DTYPES,
     LayerArrays,
-    LayerSpec,
     available_memory,
-    read_layer_wiring,
+    opened,
+    read_layer,
     read_spec,
     write_model,
 )
@@ -238,29 +238,6 @@ def from_torch(model: torch.nn.Module, path: str, dtype: str | None = None) -> N
 # ---------------------------------------------------------------- mpinn -> torch
 
 
-def _open_model(path: str) -> h5py.File:
-    """Open a model file for reading in this process alone, with a clear error if it fails."""
-    if not os.path.exists(path):
-        raise MpinnError(f"{path}: no such file")
-    try:
-        return h5py.File(path, "r")
-    except OSError as exc:
-        if not h5py.is_hdf5(path):
-            raise MpinnError(f"{path}: not an HDF5 file") from None
-        raise MpinnError(f"{path}: cannot open ({exc})") from None
-
-
-def _dense_weight(f: h5py.File, ly: LayerSpec, dtype: np.dtype) -> np.ndarray:
-    """A layer's weight as a dense (n_out, n_in) array: zeros where a CSR layer has no entry."""
-    group = f["layers"][str(ly.index)]
-    if not ly.sparse:
-        return np.asarray(group["weight"][...], dtype=dtype)
-    indptr, indices = read_layer_wiring(f, ly)  # validated: indices in range, ascending per row
-    dense = np.zeros((ly.n_out, ly.n_in), dtype=dtype)
-    dense[np.repeat(np.arange(ly.n_out), np.diff(indptr)), indices] = group["data"][...]
-    return dense
-
-
 def to_torch(path: str) -> torch.nn.Sequential:
     """Build the mpinn model file ``path`` as a Sequential of Linear and activation modules.
 
@@ -270,7 +247,7 @@ def to_torch(path: str) -> torch.nn.Sequential:
     """
     torch = _torch()
     nn = torch.nn
-    with _open_model(path) as f:
+    with opened(path, "r", MPI.COMM_SELF) as f:
         spec = read_spec(f)
         dense_bytes = sum(ly.n_in * ly.n_out for ly in spec.layers) * spec.dtype.itemsize
         if dense_bytes > available_memory():
@@ -280,10 +257,12 @@ def to_torch(path: str) -> torch.nn.Sequential:
         modules: list[torch.nn.Module] = []
         for ly in spec.layers:
             linear = nn.utils.skip_init(nn.Linear, ly.n_in, ly.n_out, dtype=torch_dtype)
+            weight, bias = read_layer(f, ly)
+            if ly.sparse:  # zeros where the layer has no connection
+                weight = weight.toarray()
             with torch.no_grad():
-                linear.weight.copy_(torch.from_numpy(_dense_weight(f, ly, spec.dtype)))
-                bias = np.asarray(f["layers"][str(ly.index)]["bias"][...], dtype=spec.dtype)
-                linear.bias.copy_(torch.from_numpy(bias))
+                linear.weight.copy_(torch.from_numpy(np.asarray(weight, dtype=spec.dtype)))
+                linear.bias.copy_(torch.from_numpy(np.asarray(bias, dtype=spec.dtype)))
             modules.append(linear)
             if ly.activation == "relu":
                 modules.append(nn.ReLU())
