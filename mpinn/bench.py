@@ -39,9 +39,7 @@ def _write_inputs(path: str, y0: np.ndarray, truth: np.ndarray, attrs: dict) -> 
     labels, so the file is also valid for evaluate); ``categories`` the truth itself."""
     labels = np.zeros(y0.shape[0], dtype=np.int64)
     labels[truth] = 1
-    fmt.write_data(path, y0, labels, attrs)
-    with h5py.File(path, "r+") as f:
-        f["categories"] = truth.astype(np.int64)
+    fmt.write_data(path, y0, labels, attrs, {"categories": truth.astype(np.int64)})
 
 
 def make_challenge(model: str, data: str, n: int, n_layers: int, samples: int,
@@ -139,7 +137,7 @@ def run_challenge(model: str, data: str, comm: MPI.Comm, choice: PartitionChoice
     started = time.perf_counter()
     with DistributedModel(model, comm, choice, batch_size, training=False) as dm:
         local = load(data, dm.table, dm.spec.dtype, comm)
-        with h5py.File(data, "r") as f:  # small: every rank reads the truth itself
+        with fmt.opened(data, "r", MPI.COMM_SELF) as f:  # small: every rank reads it whole
             truth = agree(comm, lambda: _truth(f, data))
         load_seconds = time.perf_counter() - started
         alive = np.zeros(local.n_samples, dtype=np.int64)
@@ -168,7 +166,7 @@ def _truth(f: h5py.File, path: str) -> np.ndarray:
     if "categories" not in f:
         raise MpinnError(f"{path}: no 'categories' dataset (make it with mpinn bench sparse-dnn "
                          "or mpinn import-graphchallenge)")
-    return np.sort(f["categories"][...].astype(np.int64))
+    return np.sort(fmt.read_whole(f["categories"]).astype(np.int64))
 
 
 def challenge_report(result: ChallengeResult, nranks: int) -> str:

@@ -860,11 +860,15 @@ def read_data_spec(f: h5py.File, n_inputs: int, n_outputs: int) -> DataSpec:
     return DataSpec(name, int(x.shape[0]), int(x.shape[1]), labels)
 
 
-def write_data(path: str, x: np.ndarray, y: np.ndarray, attrs: dict[str, Any] | None = None) -> None:
-    """Write a data file from one process (generators and converters)."""
+def write_data(path: str, x: np.ndarray, y: np.ndarray, attrs: dict[str, Any] | None = None,
+               extra: dict[str, np.ndarray] | None = None) -> None:
+    """Write a data file from one process (generators and converters); ``extra`` datasets
+    go beside X and y (the challenge's ``categories``)."""
     with h5py.File(path, "w") as f:
         f.create_dataset("X", data=x)
         f.create_dataset("y", data=y)
+        for key, value in (extra or {}).items():
+            f.create_dataset(key, data=value)
         for key, value in (attrs or {}).items():
             f.attrs[key] = value
 
