@@ -72,6 +72,7 @@ class Engine:
         self._batch = 0
         self._batch_inputs: list[np.ndarray] | None = None  # the pipeline's per-batch inputs
         self._compact: np.ndarray | None = None  # live samples, when forward drops dead ones
+        self._zero_stays_zero = False  # checked on the first forward that drops dead samples
         self.live = np.zeros(0, dtype=np.int64)
         self.seconds_compute = 0.0  # GEMMs and elementwise kernels, for the benchmarks
         # pipeline stages: a new one starts where any rank receives remote inputs (agreed by
@@ -99,8 +100,9 @@ class Engine:
         self._batch = batch
         self.inputs = []
         self.live = np.arange(batch)
-        if drop_dead:
-            self._check_zero_stays_zero()
+        if drop_dead and not self._zero_stays_zero:
+            self._check_zero_stays_zero()  # once: an inference engine's biases never change
+            self._zero_stays_zero = True
         activations = x_local
         last = len(self.shard.layers) - 1
         for i, (layer, plan) in enumerate(zip(self.shard.layers, self.plans, strict=True)):

@@ -94,7 +94,7 @@ class ExchangePlan:
                              "not own (ranks disagree on the partition)")
         # what each destination needs from me, as positions in my local activations
         self.send_index = local_index[requested]
-        n_send_total = requested.size
+        self.n_send = n_send = requested.size
         self.n_local = int(table.counts(layer - 1)[rank])
         self.n_inputs = int(inputs.size)
         # my own inputs skip MPI: they are copied straight into the head of the receive buffer
@@ -104,17 +104,15 @@ class ExchangePlan:
         # what goes to other ranks: the send segments before and after my own
         self.own_index = self.send_index[self.self_send]
         self.own_contiguous = bool(np.array_equal(self.own_index, np.arange(self.own_index.size)))
-        self.remote_send = [slice(0, self.self_send.start), slice(self.self_send.stop, n_send_total)]
+        self.remote_send = [slice(0, self.self_send.start), slice(self.self_send.stop, n_send)]
         self.mpi_send_counts = self.send_counts.copy()
         self.mpi_recv_counts = self.recv_counts.copy()
         self.mpi_send_counts[rank] = 0
         self.mpi_recv_counts[rank] = 0
         # sums the partial sums received in backward onto the owned neurons, in a fixed order
-        n_send = requested.size
         self.accumulate = sp.csr_matrix(
             (np.ones(n_send, dtype=self.dtype), (self.send_index, np.arange(n_send))),
             shape=(self.n_local, n_send))
-        self.n_send = n_send
         self.sum_buffer = np.empty(0 if shared else self.n_local * max_batch, dtype=self.dtype)
         if not shared:
             self.send_buffer = np.empty(n_send * max_batch, dtype=self.dtype)

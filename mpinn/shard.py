@@ -201,9 +201,8 @@ class CsrLayerShard(LayerShard):
         return np.ascontiguousarray(fmt.read_ranges(dset, self.ranges)[self.order])
 
     def write_weight_like(self, dset: h5py.Dataset, values: np.ndarray) -> None:
-        in_file_order = np.empty_like(values)
-        in_file_order[self.order] = values
-        fmt.write_ranges(dset, self.ranges, in_file_order)
+        with self.file_order(values) as in_file_order:
+            fmt.write_ranges(dset, self.ranges, in_file_order)
 
     def save(self, group: h5py.Group) -> None:
         # the wiring is written with the weights: the new file is complete on its own
