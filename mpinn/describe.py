@@ -238,6 +238,9 @@ def store_partition(path: str, nranks: int, strategy: str, params: dict[str, Any
             agree(comm, lambda: fmt.write_partition(f, name, table.owner, nranks, strategy, params,
                                                     comm))
     else:  # serial HDF5: rank 0 alone writes the small partition group
+        # serial HDF5 locks the file against a writer while any rank still has it open
+        comm.Barrier()
+
         def write() -> None:
             if comm.rank == 0:
                 with fmt.opened(path, "r+", MPI.COMM_SELF) as f:
