@@ -107,7 +107,9 @@ def open_file(path: str, mode: str, comm: MPI.Comm) -> h5py.File:
     except OSError as exc:
         if mode == "r" and not h5py.is_hdf5(path):
             raise MpinnError(f"{path}: not an HDF5 file") from None
-        raise MpinnError(f"{path}: cannot open ({exc})") from None
+        hint = ("; another process has it open, or the filesystem has no file locks: then "
+                "set HDF5_USE_FILE_LOCKING=FALSE") if "lock" in str(exc) else ""
+        raise MpinnError(f"{path}: cannot open ({exc}{hint})") from None
 
 
 def safe_to_close(exc: BaseException | None) -> bool:

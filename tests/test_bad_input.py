@@ -8,6 +8,8 @@ import contextlib
 import hashlib
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import h5py
@@ -189,3 +191,20 @@ def test_large_share_is_refused_before_allocation(tmp_path):
     path = declared_only(tmp_path / "big.h5", [2**21, 2**21, 2])
     with pytest.raises(MpinnError, match="needs about .* GiB but only"):
         DistributedModel(str(path), MPI.COMM_SELF, PartitionChoice(), 5)
+
+
+def test_a_locked_file_names_the_lock_and_the_way_out(tmp_path, monkeypatch):
+    """Serial HDF5 refuses a file another process writes; the message says what to do."""
+    path = tmp_path / "m.h5"
+    h5py.File(path, "w").close()
+    holder = subprocess.Popen([sys.executable, "-c", "import h5py, sys, time\n"
+                               "f = h5py.File(sys.argv[1], 'r+', driver='sec2'); print(flush=True)\n"
+                               "time.sleep(60)", str(path)], stdout=subprocess.PIPE, text=True)
+    try:
+        holder.stdout.readline()  # the other process holds its write lock now
+        monkeypatch.setattr(fmt, "MPI_IO", False)
+        with pytest.raises(MpinnError, match="cannot open .*lock.*HDF5_USE_FILE_LOCKING=FALSE"):
+            fmt.open_file(str(path), "r", MPI.COMM_SELF)
+    finally:
+        holder.kill()
+        holder.wait()
