@@ -86,9 +86,12 @@ def main() -> None:
         ranks = [int(p) for p in args.ranks.split(",")]
         for p in ranks:
             if p > 1:
-                subprocess.run([sys.executable, "-m", "mpinn", "--quiet", "partition", model,
-                                "--ranks", str(p), "--strategy", "mincut", "--name", f"mincut{p}"],
-                               check=True, env=child_env(1), cwd=ROOT, capture_output=True)
+                stored = subprocess.run([sys.executable, "-m", "mpinn", "--quiet", "partition",
+                                         model, "--ranks", str(p), "--strategy", "mincut",
+                                         "--name", f"mincut{p}"],
+                                        env=child_env(1), cwd=ROOT, capture_output=True, text=True)
+                if stored.returncode != 0:
+                    raise SystemExit(f"storing the mincut partition failed:\n{stored.stderr}")
             for label, flags in (("balanced", []), ("mincut", ["--partition", f"mincut{p}"]),
                                  ("mincut, dead samples dropped",
                                   ["--partition", f"mincut{p}", "--drop-dead"])):

@@ -36,8 +36,8 @@ def flops_per_sample(sizes: list[int]) -> int:
 def child_env(threads: int) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in BLAS_VARS and k != "MPINN_AUTO_THREADS"}
     env.update({k: str(threads) for k in BLAS_VARS})
-    env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
-               PYTHONPATH=str(ROOT))
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", PYTHONPATH=path)
     return env
 
 
