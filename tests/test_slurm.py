@@ -87,9 +87,15 @@ def test_preempted_job_checkpoints_requeues_and_ends_as_an_uninterrupted_run(slu
     # what SLURM does at --signal=B:USR1@120 before the time limit, or on preemption
     subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=slurm, check=True)
     deadline = time.monotonic() + 300
+    pending_since = None
     while (state := job_state(slurm, job)) != "COMPLETED":
         assert state in ("RUNNING", "PENDING", "REQUEUED", "COMPLETING"), state
-        if state == "PENDING":  # requeued jobs wait for a begin time; a scheduler would start it
+        # a requeued job waits for a begin time (cred_expire, 120 s) so that the revoked
+        # credential of its first run cannot match the new one; started in the same second,
+        # slurmd refuses it ("Job credential revoked") and the job fails. Wait past that
+        # second, then start it as the scheduler would.
+        pending_since = (pending_since or time.monotonic()) if state == "PENDING" else None
+        if pending_since is not None and time.monotonic() - pending_since > 3:
             subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now"], env=slurm)
         assert time.monotonic() < deadline, f"job {job} still {state}"
         time.sleep(1)
