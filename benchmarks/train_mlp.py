@@ -41,30 +41,36 @@ def child_env(threads: int) -> dict[str, str]:
     return env
 
 
-def run_json(cmd: list[str], threads: int, timeout: float = 1800, lines: int = 1) -> dict:
-    """The JSON object a worker prints last (with ``lines`` > 1, the last ``lines`` of them)."""
+def run_json(cmd: list[str], threads: int, timeout: float = 1800) -> dict:
+    """The JSON object a worker prints last."""
     out = subprocess.run(cmd, capture_output=True, text=True, env=child_env(threads),
                          timeout=timeout, cwd=ROOT)
     if out.returncode != 0:
         raise SystemExit(f"{' '.join(cmd[:6])} ... failed:\n{out.stdout}\n{out.stderr}")
-    found = [json.loads(line) for line in out.stdout.strip().splitlines()[-lines:]]
-    return found[0] if lines == 1 else {"all": found}
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 # ------------------------------------------------------------------ workers (child processes)
 
 
 def worker_gemm(args: argparse.Namespace) -> None:
+    """GEMM GFLOP/s of this process; under mpirun, all ranks at once, summed on rank 0."""
     import numpy as np
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
     n, k, m = 4096, 4096, args.batch
     a = np.random.default_rng(0).random((n, k)).astype(args.dtype)
     b = np.random.default_rng(1).random((k, m)).astype(args.dtype)
     a @ b
+    comm.Barrier()
     reps, start = 0, time.perf_counter()
     while time.perf_counter() - start < 4.0:
         a @ b
         reps += 1
-    print(json.dumps({"gflops": 2 * n * k * m * reps / (time.perf_counter() - start) / 1e9}))
+    total = comm.reduce(2 * n * k * m * reps / (time.perf_counter() - start) / 1e9)
+    if comm.rank == 0:  # one line: the ranks' lines could interleave in mpirun's output
+        print(json.dumps({"gflops": total}))
 
 
 def worker_mpinn(args: argparse.Namespace) -> None:
@@ -219,9 +225,8 @@ def main() -> None:
     peak1 = run_json([*me, "--worker", "gemm", *common], 1)["gflops"]
     threaded = run_json([*me, "--worker", "gemm", *common], p)["gflops"]
     # P single-threaded processes at once: the ceiling of P ranks with one BLAS thread each
-    concurrent = sum(r["gflops"] for r in run_json(
-        ["mpirun", "--oversubscribe", "-n", str(p), *me, "--worker", "gemm", *common], 1,
-        lines=p)["all"])
+    concurrent = run_json(["mpirun", "--oversubscribe", "-n", str(p), *me, "--worker", "gemm",
+                           *common], 1)["gflops"]
     peak_p = max(threaded, concurrent)
     print(f"GEMM peak ({args.dtype}, 4096x4096 @ 4096x{args.batch}): {peak1:.1f} GFLOP/s on 1 "
           f"thread; {threaded:.1f} GFLOP/s with {p} threads in one process; {concurrent:.1f} "
