@@ -37,12 +37,15 @@ h5py.get_config().mpi, "mpi4py", mpi4py.__version__)'
 
 # Open MPI's shared-memory transport copies large messages with cross-memory attach, which
 # containers may forbid: check with a 2-rank Alltoallv of 16 MB, else copy through the buffer.
-probe='from mpi4py import MPI; import numpy as np; c = MPI.COMM_WORLD; a = np.ones(1 << 22, "f4"); b = np.empty_like(a); c.Alltoallv(a, b); print("alltoallv ok" if b.all() else "alltoallv WRONG")'
-if ! timeout 60 mpirun --oversubscribe -n 2 "$PYTHON" -c "$probe" >> "$out/machine.txt" 2>&1; then
+probe() {
+    timeout 60 mpirun --oversubscribe -n 2 "$PYTHON" -c 'from mpi4py import MPI; import numpy as np
+a = np.ones(1 << 22, "f4"); b = np.empty_like(a); MPI.COMM_WORLD.Alltoallv(a, b)
+print("alltoallv ok" if b.all() else "alltoallv WRONG")' >> "$out/machine.txt" 2>&1
+}
+if ! probe; then
     export OMPI_MCA_btl_sm_single_copy_mechanism=none
     echo "retrying with OMPI_MCA_btl_sm_single_copy_mechanism=none" >> "$out/machine.txt"
-    timeout 60 mpirun --oversubscribe -n 2 "$PYTHON" -c "$probe" >> "$out/machine.txt" 2>&1 \
-        || { echo "mpirun does not work here: see $out/machine.txt"; cat "$out/machine.txt"; exit 1; }
+    probe || { echo "mpirun does not work here: see $out/machine.txt"; cat "$out/machine.txt"; exit 1; }
 fi
 tail -2 "$out/machine.txt"
 

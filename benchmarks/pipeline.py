@@ -10,14 +10,13 @@ k-1. Runs the same model, data and batch with M = 1 and larger M at P = 2 and 4.
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from train_mlp import ROOT, child_env, run_json  # noqa: E402
+from train_mlp import run, run_json  # noqa: E402
 
 LAYER_RANKS = {2: "0,0,0,1,1", 3: "0,0,1,2,2", 4: "0,0,1,2,3"}
 
@@ -38,8 +37,7 @@ def main() -> None:
         for cmd in (["init", model, "--sizes", args.sizes],
                     ["data", "classification", data, "--samples", str(args.batch * args.steps),
                      "--features", str(sizes[0]), "--outputs", str(sizes[-1])]):
-            subprocess.run([sys.executable, "-m", "mpinn", *cmd], check=True, env=child_env(2),
-                           capture_output=True, cwd=ROOT)
+            run([sys.executable, "-m", "mpinn", *cmd], 2)
         for p in (int(r) for r in args.ranks.split(",")):
             results = {}
             for m in (int(v) for v in args.micro_batches.split(",")):

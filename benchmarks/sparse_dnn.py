@@ -22,7 +22,6 @@ to each mpinn figure is P times the single-process loop (perfect scaling). Best 
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from train_mlp import ROOT, child_env, run_json  # noqa: E402
+from train_mlp import ROOT, run, run_json  # noqa: E402
 
 
 def best_seconds(action, repeat: int) -> float:  # noqa: ANN001 - a callable
@@ -86,12 +85,8 @@ def main() -> None:
         ranks = [int(p) for p in args.ranks.split(",")]
         for p in ranks:
             if p > 1:
-                stored = subprocess.run([sys.executable, "-m", "mpinn", "--quiet", "partition",
-                                         model, "--ranks", str(p), "--strategy", "mincut",
-                                         "--name", f"mincut{p}"],
-                                        env=child_env(1), cwd=ROOT, capture_output=True, text=True)
-                if stored.returncode != 0:
-                    raise SystemExit(f"storing the mincut partition failed:\n{stored.stderr}")
+                run([sys.executable, "-m", "mpinn", "--quiet", "partition", model, "--ranks",
+                     str(p), "--strategy", "mincut", "--name", f"mincut{p}"], 1)
             for label, flags in (("balanced", []), ("mincut", ["--partition", f"mincut{p}"]),
                                  ("mincut, dead samples dropped",
                                   ["--partition", f"mincut{p}", "--drop-dead"])):

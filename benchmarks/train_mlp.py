@@ -41,13 +41,18 @@ def child_env(threads: int) -> dict[str, str]:
     return env
 
 
-def run_json(cmd: list[str], threads: int, timeout: float = 1800) -> dict:
-    """The JSON object a worker prints last."""
+def run(cmd: list[str], threads: int, timeout: float = 1800) -> str:
+    """Run a child with ``threads`` BLAS threads; its stdout, or exit showing its output."""
     out = subprocess.run(cmd, capture_output=True, text=True, env=child_env(threads),
                          timeout=timeout, cwd=ROOT)
     if out.returncode != 0:
         raise SystemExit(f"{' '.join(cmd[:6])} ... failed:\n{out.stdout}\n{out.stderr}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return out.stdout
+
+
+def run_json(cmd: list[str], threads: int, timeout: float = 1800) -> dict:
+    """The JSON object a worker prints last."""
+    return json.loads(run(cmd, threads, timeout).strip().splitlines()[-1])
 
 
 # ------------------------------------------------------------------ workers (child processes)
@@ -241,7 +246,7 @@ def main() -> None:
                     [*env_cmd, "data", "classification", data, "--samples",
                      str(args.batch * args.steps), "--features", str(sizes[0]), "--outputs",
                      str(sizes[-1]), "--dtype", args.dtype]):
-            subprocess.run(cmd, check=True, capture_output=True, env=child_env(p), cwd=ROOT)
+            run(cmd, p)
         mp = run_json(["mpirun", "--oversubscribe", "-n", str(p), *me, "--worker", "mpinn",
                        "--model", model, "--data", data, "--strategy", args.strategy, *common], 1)
     rows.append((f"mpinn, mpirun -n {p}, 1 thread/rank", mp["samples_per_second"]))
