@@ -29,6 +29,7 @@ cd "$root"
 
 {
     date; nproc; grep -m1 "model name" /proc/cpuinfo; free -g | head -2
+    lscpu 2>/dev/null | grep -E "^(Thread|Core|Socket|NUMA node\(s\)|L3)"
     "$PYTHON" -c 'import sys, numpy, scipy, h5py, mpi4py; print(sys.version.split()[0], "numpy",
 numpy.__version__, "scipy", scipy.__version__, "h5py", h5py.__version__, "mpi:",
 h5py.get_config().mpi, "mpi4py", mpi4py.__version__)'
