@@ -248,7 +248,9 @@ def main() -> None:
                      str(sizes[-1]), "--dtype", args.dtype]):
             run(cmd, p)
         mp = run_json(["mpirun", "--oversubscribe", "-n", str(p), *me, "--worker", "mpinn",
-                       "--model", model, "--data", data, "--strategy", args.strategy, *common], 1)
+                       "--model", model, "--data", data, "--strategy", args.strategy,
+                       "--layer-ranks", args.layer_ranks, "--micro-batches",
+                       str(args.micro_batches), *common], 1)
     rows.append((f"mpinn, mpirun -n {p}, 1 thread/rank", mp["samples_per_second"]))
     if args.peer == "torch":
         try:
