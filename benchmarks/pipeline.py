@@ -39,7 +39,7 @@ def main() -> None:
                      "--features", str(sizes[0]), "--outputs", str(sizes[-1])]):
             run([sys.executable, "-m", "mpinn", *cmd], 2)
         for p in (int(r) for r in args.ranks.split(",")):
-            results = {}
+            results, splits = {}, {}
             for m in (int(v) for v in args.micro_batches.split(",")):
                 out = run_json(["mpirun", "--oversubscribe", "-n", str(p), *me, "--worker", "mpinn",
                                 "--model", model, "--data", data, "--strategy", "layers",
@@ -47,9 +47,24 @@ def main() -> None:
                                 "--sizes", args.sizes, "--batch", str(args.batch),
                                 "--steps", str(args.steps)], 1)
                 results[m] = out["samples_per_second"]
+                splits[m] = out["ranks"]
             base = results[min(results)]
             line = "  ".join(f"M={m}: {sps:7.1f} ({sps / base:.2f}x)" for m, sps in results.items())
             print(f"P={p} (layer ranks {LAYER_RANKS[p]}): {line}", flush=True)
+            print_split(splits)
+
+
+def print_split(splits: dict[int, list[dict]]) -> None:
+    """Where each rank's step goes, per M: the pipeline's bubbles show up as waiting."""
+    print("  ms per step, per rank: compute + pack | waiting for exchanges | all else "
+          "(optimizer, loss, Python)")
+    for m, ranks in splits.items():
+        cells = []
+        for entry in ranks:
+            part = {k: 1e3 * v for k, v in entry["parts"].items()}
+            other = part["optimizer"] + part["python_other"]
+            cells.append(f"{part['compute'] + part['pack']:5.0f} |{part['comm_wait']:5.0f} |{other:4.0f}")
+        print(f"    M={m:<3} " + "   ".join(f"r{r}: {c}" for r, c in enumerate(cells)), flush=True)
 
 
 if __name__ == "__main__":
