@@ -282,8 +282,8 @@ class Engine:
         finishes the exchanges between stages posted by the last one, computes, then posts
         its own; exchanges inside a stage complete at once. Every rank posts the same
         collectives in the same order, and a buffer is never rewritten while a message from
-        it is in flight. Weight gradients accumulate micro-batch by micro-batch, so the
-        result equals the unpipelined step up to rounding.
+        it is in flight. Weight gradients come last, one product over the whole batch, so
+        the result equals the unpipelined step up to rounding.
         """
         layers, plans, stage = self.shard.layers, self.plans, self.stages
         n, batch = len(layers), x_local.shape[1]
@@ -335,15 +335,11 @@ class Engine:
                                     a[i - 1][:, cols[k]], grad_a, below.spec.cap)
             grad_z[i - 1][:, cols[k]] = grad_a
 
-        def backward_layer(i: int, k: int) -> None:
-            gk = np.ascontiguousarray(grad_z[i][:, cols[k]])
+        def backward_layer(i: int, k: int) -> None:  # dL/dx only: weights wait (below)
             if i > 0:
+                gk = np.ascontiguousarray(grad_z[i][:, cols[k]])
                 layers[i].input_grad_local(gk, partial(i, k))
                 layers[i].input_grad_remote(gk, partial(i, k))
-            layers[i].weight_grad(gk, np.ascontiguousarray(inputs[i][:, cols[k]]),
-                                  self.grad_weight[i], first=k == 0)
-            if k == m - 1:
-                np.sum(grad_z[i], axis=1, out=self.grad_bias[i])
 
         plans[0].start_forward(source(0, 0))
         for t in range(m + n_stages - 1):
@@ -382,6 +378,14 @@ class Engine:
                 k = t - (n_stages - 1 - stage[i])
                 if first[i] and 0 <= k < m:
                     plans[i].start_backward(partial(i, k))
+        # Weight gradients need no other rank: one whole-batch GEMM per layer after the
+        # pipeline, not one per micro-batch inside it. The ticks carry only the work that
+        # others wait for, and a stage done early computes these while later ones drain.
+        started = time.perf_counter()
+        for i, layer in enumerate(layers):
+            layer.weight_grad(grad_z[i], inputs[i], self.grad_weight[i], first=True)
+            np.sum(grad_z[i], axis=1, out=self.grad_bias[i])
+        self.seconds_compute += time.perf_counter() - started
         self._batch = batch
         return total
 
