@@ -19,7 +19,7 @@ import numpy as np
 from mpi4py import MPI
 
 from mpinn import format as fmt
-from mpinn import sparse_dnn
+from mpinn import outputs, sparse_dnn
 from mpinn.data import load
 from mpinn.errors import MpinnError
 from mpinn.exchange import MAX, SUM, agree, allreduce
@@ -83,20 +83,35 @@ def plain_inference(layers: Iterator, bias: float, y0: np.ndarray) -> np.ndarray
 def import_challenge(layer_files: list[str], n: int, inputs: str, categories: str | None,
                      model: str, data: str, samples: int | None = None) -> None:
     """Convert the challenge's TSV files (one per layer, 1-based ``row col value``, W as
-    input x output) and its inputs and truth categories into a model and a data file."""
+    input x output) and its inputs and truth categories into a model and a data file.
+
+    The inputs and categories are read and checked first; both outputs are written under
+    temporary names and appear only once both are complete."""
     bias = np.full(n, sparse_dnn.challenge_bias(n), dtype=np.float32)
-    layers = (fmt.LayerArrays("relu_cap", sparse_dnn.read_tsv_layer(path, n), bias,
-                              cap=sparse_dnn.CAP) for path in layer_files)
-    fmt.write_model(model, [n] * (len(layer_files) + 1), layers, "float32")
-    y0 = sparse_dnn.read_tsv_inputs(inputs, n, samples)
+    y0 = sparse_dnn.read_tsv_inputs(inputs, n, samples, fmt.available_memory())
+    truth = None
     if categories is not None:
         truth = sparse_dnn.read_categories(categories)
         if truth.size and truth.max() >= y0.shape[0]:
             raise MpinnError(f"{categories}: category {truth.max() + 1} is beyond the "
                              f"{y0.shape[0]} samples of {inputs}")
-    else:
-        truth = sparse_dnn.categories(plain_inference(model_layers(model), bias[0], y0).T)
-    _write_inputs(data, y0, truth, {"neurons": n, "layers": len(layer_files)})
+    layers = (fmt.LayerArrays("relu_cap", sparse_dnn.read_tsv_layer(path, n), bias,
+                              cap=sparse_dnn.CAP) for path in layer_files)
+    with outputs.staged(model) as model_partial, outputs.staged(data) as data_partial:
+        fmt.write_model(model_partial, [n] * (len(layer_files) + 1), layers, "float32")
+        if truth is None:
+            truth = sparse_dnn.categories(plain_inference(model_layers(model_partial), bias[0], y0).T)
+        _write_inputs(data_partial, y0, truth, {"neurons": n, "layers": len(layer_files)})
+
+
+def check_room(directory: str, n: int, n_layers: int, samples: int) -> None:
+    """Refuse a generated challenge network that cannot fit the disk or memory, before any
+    of it is made: its weights (n x FAN_IN per layer), inputs and the truth's activations."""
+    fmt.check_space(os.path.join(directory, "network.h5"),
+                    n_layers * n * sparse_dnn.FAN_IN * 8 + 2 * samples * n * 4,
+                    n * sparse_dnn.FAN_IN * 24 + 3 * samples * n * 4,
+                    f"bench sparse-dnn's network of {n} neurons x {n_layers} layers and "
+                    f"{samples} samples")
 
 
 @dataclass

@@ -9,12 +9,13 @@ The format itself is documented in docs/format.md.
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext, suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import h5py
@@ -25,6 +26,7 @@ from mpinn.distributor import blockdist
 from mpinn.errors import MpinnError, inject_fault
 from mpinn.exchange import take_turn
 from mpinn.kernels import check_activation, check_cap, init_rows, random_pattern
+from mpinn.outputs import commit, partial_name, staged
 
 FORMAT_VERSION = 1
 DTYPES = {"float32": np.dtype(np.float32), "float64": np.dtype(np.float64)}
@@ -98,15 +100,20 @@ def open_file(path: str, mode: str, comm: MPI.Comm) -> h5py.File:
     ``exchange.take_turn`` for writing.
     """
     warn_without_mpi_io(comm)
-    if mode == "r" and not os.path.exists(path):
+    if os.path.isdir(path):  # before MPI-IO, which would print pages of driver errors first
+        raise MpinnError(f"{path} is a directory, not a model or data file")
+    if mode in ("r", "r+") and not os.path.exists(path):
         raise MpinnError(f"{path}: no such file")
     try:
         if MPI_IO:
             return h5py.File(path, mode, driver="mpio", comm=comm)
         return h5py.File(path, mode)
     except OSError as exc:
-        if mode == "r" and not h5py.is_hdf5(path):
+        if mode in ("r", "r+") and not h5py.is_hdf5(path):
             raise MpinnError(f"{path}: not an HDF5 file") from None
+        if "truncated" in str(exc) or "eof" in str(exc).lower():
+            raise MpinnError(f"{path}: the file is truncated or damaged ({exc}); restore it "
+                             f"from a copy or a checkpoint in {path}.checkpoints/") from None
         hint = ("; another process has it open, or the filesystem has no file locks: then "
                 "set HDF5_USE_FILE_LOCKING=FALSE") if "lock" in str(exc) else ""
         raise MpinnError(f"{path}: cannot open ({exc}{hint})") from None
@@ -158,13 +165,31 @@ def available_memory() -> int:
 # ---------------------------------------------------------------- schema
 
 
+@contextmanager
+def _links_refused(f: h5py.File) -> Iterator[None]:
+    """An object that cannot be opened (an external or dangling link) is a clear error
+    naming the file, not a KeyError."""
+    try:
+        yield
+    except KeyError as exc:
+        reason = str(exc.args[0]) if exc.args else "unknown reason"
+        raise MpinnError(f"{f.filename}: an object in the file cannot be opened ({reason}); "
+                         "mpinn files hold no external or dangling links") from None
+
+
 def read_spec(f: h5py.File) -> ModelSpec:
     """Validate the model file's declarations before anything large is read or allocated."""
+    with _links_refused(f):
+        return _read_spec(f)
+
+
+def _read_spec(f: h5py.File) -> ModelSpec:
     name = f.filename
     if "mpinn_format_version" not in f.attrs:
         raise MpinnError(f"{name}: not an mpinn model (no mpinn_format_version attribute)")
     version = f.attrs["mpinn_format_version"]
-    if np.ndim(version) != 0 or int(version) != FORMAT_VERSION:
+    if (np.ndim(version) != 0 or not np.issubdtype(np.asarray(version).dtype, np.number)
+            or np.iscomplexobj(version) or version != FORMAT_VERSION):
         raise MpinnError(f"{name}: format version {np.asarray(version).tolist()} is not supported "
                          f"(this mpinn reads version {FORMAT_VERSION})")
     sizes = np.asarray(f.attrs.get("sizes", []))
@@ -314,6 +339,8 @@ def create_model(path: str, sizes: Sequence[int], activations: Sequence[str], dt
         raise MpinnError(f"--storage gives {len(storages)} entries for {len(sizes) - 1} layers")
     if dtype not in DTYPES:
         raise MpinnError(f"--dtype {dtype!r} is not supported (float32 or float64)")
+    if seed < 0:
+        raise MpinnError(f"--seed must not be negative, got {seed}")
     layers, row_counts = [], {}
     for index, (act, storage) in enumerate(zip(activations, storages, strict=True), start=1):
         where = f"layer {index}"
@@ -326,9 +353,16 @@ def create_model(path: str, sizes: Sequence[int], activations: Sequence[str], dt
         if storage == "csr":
             sparse = sparse or SparseInit()
             sparse.check(n_in, where)
-            row_counts[index] = _csr_counts(seed, index, n_in, n_out, sparse, comm)
-            nnz = int(row_counts[index].sum())
+            # expected until the rows are drawn: enough to refuse a model that cannot fit
+            nnz = (sparse.fan_in * n_out if sparse.fan_in is not None
+                   else math.ceil(sparse.density * n_in * n_out))
         layers.append(LayerSpec(index, n_in, n_out, act, storage, nnz, layer_cap))
+    check_room(path, ModelSpec(tuple(sizes), tuple(layers), DTYPES[dtype]))
+    for i, ly in enumerate(layers):
+        if ly.sparse:
+            assert sparse is not None
+            row_counts[ly.index] = _csr_counts(seed, ly.index, ly.n_in, ly.n_out, sparse, comm)
+            layers[i] = replace(ly, nnz=int(row_counts[ly.index].sum()))
     spec = ModelSpec(tuple(sizes), tuple(layers), DTYPES[dtype])
     with Checkpoint(path, spec, {}, comm, keep=1) as f:
         for ly in spec.layers:
@@ -360,6 +394,56 @@ def create_model(path: str, sizes: Sequence[int], activations: Sequence[str], dt
         write_state_attrs(f, {"epoch": 0, "step": 0, "batch": 0, "init_seed": int(seed)})
 
 
+def file_bytes(spec: ModelSpec) -> int:
+    """Bytes a model's weights, biases and wiring take in its file."""
+    total = 0
+    for ly in spec.layers:
+        total += (ly.nnz + ly.n_out) * spec.dtype.itemsize
+        if ly.sparse:
+            total += 8 * (ly.n_out + 1) + ly.nnz * (4 if ly.n_in < 2**31 else 8)
+    return total
+
+
+def _size(n: float) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if n < 1024 or unit == "PiB":
+            return f"{n:,.0f} {unit}" if unit == "bytes" else f"{n:,.1f} {unit}"
+        n /= 1024
+    return f"{n:,.1f} EiB"
+
+
+def check_space(path: str, disk: int, memory: int, what: str) -> None:
+    """Refuse to make ``what`` before anything is written when its file (``disk`` bytes)
+    cannot fit the free space of ``path``'s filesystem (``statvfs``) or making it needs
+    more than the available ``memory``."""
+    directory = os.path.dirname(os.path.abspath(path))
+    try:
+        stat = os.statvfs(directory)
+    except OSError as exc:
+        raise MpinnError(f"{path}: cannot inspect directory {directory} ({exc.strerror})") from None
+    free = stat.f_bavail * stat.f_frsize
+    if disk > free:
+        raise MpinnError(f"{path}: {what} needs a {_size(disk)} file but {directory} has "
+                         f"{_size(free)} free")
+    available = available_memory()
+    if memory > available:
+        raise MpinnError(f"{path}: {what} needs {_size(memory)} of memory to make; "
+                         f"{_size(available)} are available")
+
+
+def check_room(path: str, spec: ModelSpec) -> None:
+    """Refuse a new model whose file cannot fit its filesystem, or whose metadata table or
+    a block of whose rows cannot fit in memory, before anything is written."""
+    sizes = f"sizes {','.join(map(str, spec.sizes))}"
+    block = 0
+    for ly in spec.layers:
+        per_row = ly.n_in if not ly.sparse else max(1, ly.nnz // ly.n_out)
+        block = max(block, 3 * 8 * min(INIT_BLOCK_ROWS, ly.n_out) * per_row)  # float64 draws
+    check_space(path, file_bytes(spec), max(block, 16 * spec.n_neurons),
+                f"a model of {sizes} ({spec.n_neurons:,} neurons, {spec.n_parameters:,} "
+                "parameters)")
+
+
 @dataclass
 class LayerArrays:
     """One layer given whole, for writers that build a model in one process (converters,
@@ -376,9 +460,8 @@ def write_model(path: str, sizes: Sequence[int], layers: Iterable[LayerArrays], 
     generator: a deep network is never held whole), then swap it in atomically."""
     if dtype not in DTYPES:
         raise MpinnError(f"dtype {dtype!r} is not supported (float32 or float64)")
-    partial = f"{path}.partial"
     count = 0
-    with h5py.File(partial, "w") as f:
+    with staged(path) as partial, h5py.File(partial, "w") as f:
         f.attrs["mpinn_format_version"] = FORMAT_VERSION
         f.attrs["sizes"] = np.asarray(sizes, dtype=np.int64)
         for index, ly in enumerate(layers, start=1):
@@ -407,11 +490,10 @@ def write_model(path: str, sizes: Sequence[int], layers: Iterable[LayerArrays], 
                 group.attrs["storage"] = "dense"
                 group["weight"] = np.asarray(ly.weight, dtype=dtype)
             group["bias"] = np.asarray(ly.bias, dtype=dtype)
+        if count != len(sizes) - 1:
+            raise MpinnError(f"{count} layers given but sizes {list(sizes)} declare "
+                             f"{len(sizes) - 1}")
         write_state_attrs(f, {"epoch": 0, "step": 0, "batch": 0})
-    if count != len(sizes) - 1:
-        os.remove(partial)
-        raise MpinnError(f"{count} layers given but sizes {list(sizes)} declare {len(sizes) - 1}")
-    os.replace(partial, path)
 
 
 def _csr_counts(seed: int, layer: int, n_in: int, n_out: int, sparse: SparseInit,
@@ -451,7 +533,7 @@ class Checkpoint:
             raise MpinnError(f"--keep must be at least 1, got {keep}")
         self.path, self.spec, self.partitions, self.comm = path, spec, partitions, comm
         self.keep, self.label = keep, label
-        self.partial = f"{path}.partial"
+        self.partial = partial_name(path)
         self.file: h5py.File | None = None
         self._turn: AbstractContextManager[None] = nullcontext()
 
@@ -518,11 +600,6 @@ class Checkpoint:
         self.comm.Barrier()
 
     def _commit(self) -> None:
-        data = os.open(self.partial, os.O_RDONLY)
-        try:
-            os.fsync(data)  # whatever the I/O driver did, the bytes are on storage first
-        finally:
-            os.close(data)
         history = f"{self.path}.checkpoints"
         if self.keep > 1 and os.path.exists(self.path):
             os.makedirs(history, exist_ok=True)
@@ -534,17 +611,13 @@ class Checkpoint:
                            key=os.path.getmtime)
             for stale in older[: max(0, len(older) - (self.keep - 1))]:
                 os.remove(stale)
-        os.replace(self.partial, self.path)
-        directory = os.open(os.path.dirname(os.path.abspath(self.path)), os.O_RDONLY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
+        commit(self.partial, self.path)  # whatever the I/O driver did, synced, then renamed
 
 
 def read_partitions(f: h5py.File) -> Partitions:
     """Every partition stored in the file (replicated metadata, small)."""
-    return {name: read_partition(f, name) for name in list_partitions(f)}
+    with _links_refused(f):
+        return {name: read_partition(f, name) for name in list_partitions(f)}
 
 
 # ---------------------------------------------------------------- rank slices
@@ -840,13 +913,22 @@ class DataSpec:
 
 def read_data_spec(f: h5py.File, n_inputs: int, n_outputs: int) -> DataSpec:
     """Validate a data file's shapes against the model's input and output sizes."""
+    with _links_refused(f):
+        return _read_data_spec(f, n_inputs, n_outputs)
+
+
+def _read_data_spec(f: h5py.File, n_inputs: int, n_outputs: int) -> DataSpec:
     name = f.filename
     for key in ("X", "y"):
         if key not in f or not isinstance(f[key], h5py.Dataset):
             raise MpinnError(f"{name}: missing dataset {key!r}")
     x, y = f["X"], f["y"]
-    if x.ndim != 2 or not np.issubdtype(x.dtype, np.number):
-        raise MpinnError(f"{name}: X must be a 2-D numeric array, got shape {x.shape}")
+    if x.ndim != 2 or not np.issubdtype(x.dtype, np.number) or np.issubdtype(x.dtype,
+                                                                             np.complexfloating):
+        raise MpinnError(f"{name}: X must be a 2-D array of real numbers, got {x.dtype} "
+                         f"of shape {x.shape}")
+    if x.shape[0] == 0:
+        raise MpinnError(f"{name}: X holds no samples")
     if x.shape[1] != n_inputs:
         raise MpinnError(f"{name}: X has {x.shape[1]} features but the model has "
                          f"{n_inputs} inputs")
@@ -862,11 +944,23 @@ def read_data_spec(f: h5py.File, n_inputs: int, n_outputs: int) -> DataSpec:
     return DataSpec(name, int(x.shape[0]), int(x.shape[1]), labels)
 
 
+def count_samples(path: str) -> int:
+    """Samples in a data file, read by this process alone before any work: batches and
+    their buffers are never sized beyond them, and an empty file is refused up front."""
+    with opened(path, "r", MPI.COMM_SELF) as f:
+        if "X" not in f or not isinstance(f["X"], h5py.Dataset) or f["X"].ndim != 2:
+            raise MpinnError(f"{path}: missing 2-D dataset 'X' (samples, features)")
+        if f["X"].shape[0] == 0:
+            raise MpinnError(f"{path}: X holds no samples")
+        return int(f["X"].shape[0])
+
+
 def write_data(path: str, x: np.ndarray, y: np.ndarray, attrs: dict[str, Any] | None = None,
                extra: dict[str, np.ndarray] | None = None) -> None:
-    """Write a data file from one process (generators and converters); ``extra`` datasets
-    go beside X and y (the challenge's ``categories``)."""
-    with h5py.File(path, "w") as f:
+    """Write a data file from one process (generators and converters), complete before it
+    appears under its name; ``extra`` datasets go beside X and y (the challenge's
+    ``categories``)."""
+    with staged(path) as partial, h5py.File(partial, "w") as f:
         f.create_dataset("X", data=x)
         f.create_dataset("y", data=y)
         for key, value in (extra or {}).items():

@@ -11,6 +11,7 @@ import numpy as np
 
 from mpinn.errors import MpinnError
 from mpinn.metadata import MetadataTable
+from mpinn.outputs import staged
 
 
 def _pyplot():
@@ -48,7 +49,8 @@ def training_curves(log_path: str, out: str) -> None:
     axes[2].plot(epochs, [r["samples_per_second"] for r in records], marker="o", color="tab:orange")
     axes[2].set(title="samples/s", xlabel="epoch")
     fig.tight_layout()
-    fig.savefig(out, dpi=110)
+    with staged(out) as partial:
+        fig.savefig(partial, dpi=110, format="png")
     plt.close(fig)
 
 
@@ -76,5 +78,6 @@ def partition_picture(table: MetadataTable, traffic: np.ndarray, title: str, out
     right.legend(fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(out, dpi=110)
+    with staged(out) as partial:
+        fig.savefig(partial, dpi=110, format="png")
     plt.close(fig)

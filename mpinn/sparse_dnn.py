@@ -346,11 +346,13 @@ def write_tsv_layer(path: str | Path, weight: sp.csr_matrix) -> None:
     Path(path).write_text(_triple_lines(coo.col[order], coo.row[order], coo.data[order]))
 
 
-def read_tsv_inputs(path: str | Path, n: int, samples: int | None = None) -> np.ndarray:
+def read_tsv_inputs(path: str | Path, n: int, samples: int | None = None,
+                    max_bytes: int | None = None) -> np.ndarray:
     """The challenge's input file (``sparse-images-1024.tsv``: sample<TAB>feature<TAB>value).
 
     Returns (samples, n) float32; ``samples`` defaults to the largest sample index in the
-    file (trailing all-zero samples are then lost: pass it when it is known).
+    file (trailing all-zero samples are then lost: pass it when it is known). An array
+    larger than ``max_bytes`` is refused before it is allocated.
     """
     n = _check_int("n", n, 1)
     if samples is not None:
@@ -358,6 +360,10 @@ def read_tsv_inputs(path: str | Path, n: int, samples: int | None = None) -> np.
     rows, cols, values = _read_triples(path, ("sample", "feature"), (samples, n))
     if samples is None:
         samples = int(rows.max()) + 1 if rows.size else 0
+    if max_bytes is not None and samples * n * 4 > max_bytes:
+        raise MpinnError(f"{path}: sample index {samples:,} with {n} features needs a "
+                         f"{samples * n * 4 / 2**30:,.1f} GiB input array, more than this "
+                         f"machine's memory; pass --samples or check the file")
     y = np.zeros((samples, n), dtype=np.float32)
     y[rows, cols] = values
     return y

@@ -67,6 +67,7 @@ from mpinn.format import (
     read_spec,
     write_model,
 )
+from mpinn.outputs import staged
 
 if TYPE_CHECKING:
     import torch
@@ -315,14 +316,8 @@ def save_torch_file(model: torch.nn.Sequential, path: str) -> None:
             value = getattr(module, key, None) if isinstance(module, torch.nn.Linear) else None
             if value is not None:
                 state[f"{position}.{key}"] = value.detach().to("cpu").clone().contiguous()
-    partial = f"{path}.partial"
-    try:
+    with staged(path) as partial:
         torch.save({"mpinn_sequential": description, "state_dict": state}, partial)
-    except BaseException:
-        if os.path.exists(partial):
-            os.remove(partial)
-        raise
-    os.replace(partial, path)
 
 
 def _number(value: Any, where: str, what: str, kind: type) -> Any:

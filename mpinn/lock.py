@@ -1,0 +1,136 @@
+"""One writer per file: a lock file ``PATH.lock`` beside what a job writes, held for its run.
+
+The lock is made with ``O_CREAT | O_EXCL``, which is atomic on local filesystems and on
+NFS (v3 and later) and Lustre, and needs no ``flock``. It records who holds it (host, pid,
+the process's start time, SLURM job id, the action and since when) so a second job can be
+told whom it waits for. A lock whose process is gone on the same host (SIGKILL, the OOM
+killer) is stale and is broken, under a second exclusive file so two jobs never break the
+same lock. A lock from another host cannot be checked from here: the message says how to
+remove it by hand.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+import time
+from contextlib import suppress
+from dataclasses import dataclass
+from typing import Any
+
+from mpinn.errors import MpinnError
+
+SUFFIX = ".lock"
+BREAK_TIMEOUT = 30.0  # a ``.lock.break`` older than this was left by a killed breaker
+
+
+def lock_name(path: str) -> str:
+    return f"{path}{SUFFIX}"
+
+
+def _process_start(pid: int) -> str | None:
+    """The kernel's start time of ``pid`` (clock ticks since boot), or None if it is gone:
+    with the pid it names one process, even after the pid is reused."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            stat = fh.read()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+def _me(action: str) -> dict[str, Any]:
+    pid = os.getpid()
+    return {"host": socket.gethostname(), "pid": pid, "start": _process_start(pid),
+            "job": os.environ.get("SLURM_JOB_ID"), "action": action,
+            "since": time.strftime("%Y-%m-%d %H:%M:%S"), "command": " ".join(sys.argv[1:])[:500]}
+
+
+def _read(lock: str) -> dict[str, Any] | None:
+    """The holder recorded in ``lock``; None if it is gone or unreadable (being written)."""
+    try:
+        with open(lock) as fh:
+            holder = json.load(fh)
+    except (OSError, ValueError):
+        return None
+    return holder if isinstance(holder, dict) else None
+
+
+def _stale(holder: dict[str, Any]) -> bool:
+    """Whether the holder is a process on this host that no longer runs."""
+    if holder.get("host") != socket.gethostname() or not isinstance(holder.get("pid"), int):
+        return False
+    return _process_start(holder["pid"]) != holder.get("start")
+
+
+def describe(path: str, holder: dict[str, Any] | None) -> str:
+    """``PATH is being trained by pid 4242 on node7 (job 17) since ...; ...`` for a refusal."""
+    lock = lock_name(path)
+    if holder is None:
+        return (f"{path} is locked by another job ({lock} exists but names no holder yet); wait "
+                f"for it, or remove {lock} if no job is using {path}")
+    job = f" (SLURM job {holder['job']})" if holder.get("job") else ""
+    return (f"{path} is being {holder.get('action', 'written')} by pid {holder.get('pid')} on "
+            f"{holder.get('host')}{job} since {holder.get('since')}; wait for it or remove "
+            f"{lock} if that job is gone")
+
+
+@dataclass
+class Lock:
+    """A held lock; ``release`` removes the file if it is still ours."""
+
+    path: str
+    record: dict[str, Any]
+    broke: dict[str, Any] | None = None  # the stale holder this lock replaced, if any
+
+    def release(self) -> None:
+        lock = lock_name(self.path)
+        if _read(lock) == self.record:
+            with suppress(OSError):
+                os.remove(lock)
+
+
+def acquire(path: str, action: str) -> Lock:
+    """Take the lock of ``path`` for ``action`` ("trained", "written", ...) or refuse, naming
+    the holder. Breaks a stale lock left on this host by a process that is gone."""
+    lock = lock_name(path)
+    record = _me(action)
+    broke = None
+    for _ in range(3):
+        try:
+            fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            holder = _read(lock)
+            if holder is None or not _stale(holder):
+                raise MpinnError(describe(path, holder)) from None
+            _break(lock, holder)
+            broke = holder
+            continue
+        except OSError as exc:
+            raise MpinnError(f"{path}: cannot create the lock file {lock} ({exc.strerror})") from None
+        with os.fdopen(fd, "w") as fh:
+            json.dump(record, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        return Lock(path, record, broke)
+    raise MpinnError(describe(path, _read(lock)))
+
+
+def _break(lock: str, holder: dict[str, Any]) -> None:
+    """Remove the stale ``lock`` unless another job replaced it meanwhile."""
+    breaker = f"{lock}.break"
+    with suppress(OSError):
+        if time.time() - os.path.getmtime(breaker) > BREAK_TIMEOUT:
+            os.remove(breaker)
+    try:
+        os.close(os.open(breaker, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+    except FileExistsError:
+        time.sleep(0.1)  # another job is breaking it: try again to take it
+        return
+    try:
+        if _read(lock) == holder:
+            os.remove(lock)
+    finally:
+        os.remove(breaker)
