@@ -7,16 +7,31 @@ one line on rank 0 (``--debug`` adds the traceback) and exit with status 1 on ev
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import os
+import re
 import sys
 import traceback
 from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, NoReturn
 
 from mpinn.errors import MpinnError
 
 EXIT_ERROR = 1
 AGREE_TIMEOUT = 5.0  # seconds a failing rank waits for the others before aborting
 REPORT_TIMEOUT = 3.0  # seconds it then waits for rank 0 to report it and abort the job
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are MpinnErrors: one ``mpinn: error:`` line, never a usage
+    dump, and the same failure path as every other error (so it is printed under mpirun)."""
+
+    def error(self, message: str) -> NoReturn:
+        command = self.prog.partition(" ")[2]
+        where = f"{command}: " if command else ""
+        raise MpinnError(f"{where}{message} (see mpinn {command + ' ' if command else ''}--help)")
 
 
 def _partition_flags(p: argparse.ArgumentParser, stored: bool = True) -> None:
@@ -35,7 +50,7 @@ def _partition_flags(p: argparse.ArgumentParser, stored: bool = True) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="mpinn", description="Neural networks partitioned across MPI ranks at neuron "
         "granularity. Run any command under mpirun -n N.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
@@ -62,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--density", type=float, metavar="D",
                    help="csr layers: each connection present with probability D")
     p.add_argument("--cap", type=float, help="ceiling of the relu_cap activation")
-    p.add_argument("--force", action="store_true", help="overwrite an existing file")
+    p.add_argument("--force", action="store_true",
+                   help="overwrite an existing file (not one that another job is writing)")
 
     p = sub.add_parser("partition", help="store a partition in the model file, or --compare")
     p.add_argument("model")
@@ -169,41 +185,152 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--outputs", type=int, default=10, help="classes or regression targets")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
-    for command in sub.choices.values():  # --quiet also after the command
+    for name, command in sub.choices.items():  # --quiet also after the command
         command.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS,
                              help="print only errors and results")
+        if name in FORCE_HELP:
+            command.add_argument("--force", action="store_true", help=FORCE_HELP[name])
     return parser
+
+
+FORCE_HELP = {
+    "partition": "replace a stored partition of the same name",
+    "predict": "overwrite an existing --out file (never the model or the data)",
+    "plot": "overwrite an existing --out file (never the source)",
+    "import-graphchallenge": "overwrite existing --model and --data files (never an input)",
+    "import-torch": "overwrite an existing OUT.h5",
+    "export-torch": "overwrite an existing OUT.pt",
+    "data": "overwrite an existing OUT file",
+}
 
 
 REQUIRED = {"init": ["sizes"], "partition": ["ranks"], "train": ["data"], "evaluate": ["data"],
             "predict": ["data", "out"]}
+LIST_FLAGS = {"sizes", "storage", "counts", "percentages", "layer_ranks"}  # "a,b,c" or a TOML list
+AT_LEAST = {"batch_size": 1, "epochs": 0, "keep": 1, "checkpoint_every": 0, "micro_batches": 1,
+            "seed": 0, "ranks": 1, "neurons": 1, "layers": 1, "samples": 1, "features": 1,
+            "outputs": 1, "fan_in": 1, "threads": 1}
+MAX_SEED = 2**63 - 1
+FLOAT_RANGES = {"lr": (lambda v: v > 0, "a positive number"),
+                "momentum": (lambda v: 0 <= v < 1, "in [0, 1)"),
+                "density": (lambda v: 0 < v <= 1, "in (0, 1]"),
+                "cap": (lambda v: v > 0, "a positive number")}
 
 
 def parse(argv: Sequence[str] | None) -> argparse.Namespace:
-    """Parse the command line over the settings of ``--config`` (the command line wins)."""
+    """Parse the command line over the settings of ``--config`` (the command line wins) and
+    check every value's type, range and combination: before any file is opened or written."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.config:
         settings = _read_config(args.config, args.command)
-        known = vars(args)
-        unknown = sorted(key for key in settings if key not in known or key in ("command", "config"))
+        subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        command = subparsers.choices[args.command]
+        actions = {a.dest: a for p in (parser, command) for a in p._actions
+                   if a.option_strings and a.dest not in ("help", "config")}
+        unknown = sorted(key for key in settings if key not in actions)
         if unknown:
             raise MpinnError(f"{args.config}: unknown setting(s) for '{args.command}': "
-                             f"{', '.join(unknown)}")
+                             f"{', '.join(k.replace('_', '-') for k in unknown)}")
+        for key, value in settings.items():
+            settings[key] = _setting(args.config, key, value, actions[key])
         parser.set_defaults(**settings)
-        subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-        subparsers.choices[args.command].set_defaults(**settings)
+        command.set_defaults(**settings)
         args = parser.parse_args(argv)
     missing = [f"--{name.replace('_', '-')}" for name in REQUIRED.get(args.command, [])
                if getattr(args, name) is None]
     if missing:
         raise MpinnError(f"{args.command} needs {' and '.join(missing)} (on the command line or "
                          "in --config)")
+    check_values(args)
     return args
 
 
-def _read_config(path: str, command: str) -> dict[str, object]:
+def _setting(path: str, key: str, value: Any, action: argparse.Action) -> Any:
+    """A config value checked against the type of its flag (a TOML ``true`` is no epoch count,
+    and ``"false"`` is no boolean)."""
+    flag = action.option_strings[-1]
+    where = f"{path}: {key.replace('_', '-')} = {_toml(value)}"
+    scalar = (str, int, float)
+    if isinstance(action, argparse._StoreTrueAction):
+        ok, kind = isinstance(value, bool), "true or false"
+    elif action.type is int:
+        ok, kind = isinstance(value, int) and not isinstance(value, bool), "a whole number"
+    elif action.type is float:
+        ok, kind = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
+        value = float(value) if ok else value
+    elif key in LIST_FLAGS:
+        ok = isinstance(value, str) or (isinstance(value, list) and all(
+            isinstance(v, scalar) and not isinstance(v, bool) for v in value))
+        kind = "text like \"a,b,c\" or a list of numbers or names"
+    else:
+        ok, kind = isinstance(value, str), "text"
+    if not ok:
+        raise MpinnError(f"{where}: {flag} takes {kind}, not {type(value).__name__}")
+    if action.choices is not None and value not in action.choices:
+        raise MpinnError(f"{where}: {flag} must be one of {', '.join(map(str, action.choices))}")
+    return value
+
+
+def _toml(value: Any) -> str:
+    """A config value as it was written in TOML, for messages."""
+    try:
+        return json.dumps(value)
+    except (TypeError, ValueError):
+        return repr(value)
+
+
+def check_values(args: argparse.Namespace) -> None:
+    """Ranges and combinations of the parsed settings: every mistake a flag alone can show is
+    refused here, before any work (a training never runs to its end to refuse ``--keep 0``)."""
+    from mpinn.distributor import STRATEGIES
+
+    values = vars(args)
+    for key, least in AT_LEAST.items():
+        value = values.get(key)
+        if value is not None and value < least:
+            raise MpinnError(f"--{key.replace('_', '-')} must be at least {least}, got {value}")
+    if values.get("seed") is not None and values["seed"] > MAX_SEED:
+        raise MpinnError(f"--seed must be at most {MAX_SEED}, got {values['seed']}")
+    for key, (inside, wanted) in FLOAT_RANGES.items():
+        value = values.get(key)
+        if value is not None and not (math.isfinite(value) and inside(value)):
+            raise MpinnError(f"--{key} must be {wanted}, got {value}")
+    strategy = values.get("strategy")
+    if strategy is not None:
+        if strategy not in STRATEGIES:
+            raise MpinnError(f"--strategy {strategy!r} is unknown (known: {', '.join(STRATEGIES)})")
+        for key, wants in (("counts", "count"), ("percentages", "percentage"), ("ids", "ids"),
+                           ("layer_ranks", "layers")):
+            if values.get(key) is not None and strategy != wants:
+                raise MpinnError(f"--{key.replace('_', '-')} applies to --strategy {wants}, "
+                                 f"not {strategy}")
+        if values.get("partition") is not None and strategy != "balanced":
+            raise MpinnError("give --partition (a stored partition) or --strategy, not both")
+    if args.command == "train" and args.micro_batches > args.batch_size:
+        raise MpinnError(f"--micro-batches {args.micro_batches} exceeds --batch-size "
+                         f"{args.batch_size}: every micro-batch needs a sample")
+    if args.command == "init":
+        args.sizes = _ints(args.sizes, "--sizes")
+        if len(args.sizes) < 2 or min(args.sizes) < 1:
+            raise MpinnError(f"--sizes needs at least two layers of at least 1 neuron, got "
+                             f"{','.join(map(str, args.sizes))}")
+        storages = args.storage.split(",") if isinstance(args.storage, str) else args.storage
+        args.storage = [str(v).strip() for v in storages]
+        if "csr" not in args.storage and (args.fan_in is not None or args.density is not None):
+            raise MpinnError("--fan-in and --density apply to --storage csr layers only")
+    if args.command == "partition" and args.name is not None and (
+            not re.fullmatch(r"[A-Za-z0-9_.+-]+", args.name) or args.name in (".", "..")):
+        raise MpinnError(f"--name {args.name!r}: a partition name is letters, digits and "
+                         "'_', '.', '+', '-' (not '.' or '..')")
+    if args.command == "bench" and (args.model is None) != (args.data is None):
+        raise MpinnError("bench sparse-dnn: give both --model and --data, or neither")
+
+
+def _read_config(path: str, command: str) -> dict[str, Any]:
     import tomllib
+    if os.path.isdir(path):
+        raise MpinnError(f"--config: {path} is a directory")
     try:
         with open(path, "rb") as fh:
             table = tomllib.load(fh)
@@ -211,7 +338,10 @@ def _read_config(path: str, command: str) -> dict[str, object]:
         raise MpinnError(f"--config: cannot read {path}: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
         raise MpinnError(f"--config: {path} is not valid TOML: {exc}") from None
-    commands = set(REQUIRED) | {"inspect", "data"}
+    except RecursionError:
+        raise MpinnError(f"--config: {path} nests too deeply") from None
+    commands = set(REQUIRED) | {"inspect", "data", "plot", "bench", "import-graphchallenge",
+                                "import-torch", "export-torch"}
     settings = {k: v for k, v in table.items() if not (isinstance(v, dict) and k in commands)}
     section = table.get(command, {})
     if not isinstance(section, dict):
@@ -235,6 +365,127 @@ def _choice(args: argparse.Namespace):  # -> PartitionChoice
     return PartitionChoice(getattr(args, "partition", None), args.strategy, params)
 
 
+@dataclass
+class FilePlan:
+    """What a command reads, what it writes new (checked by ``outputs.check``), and what it
+    writes at all, with the action its lock names (``locked``)."""
+
+    inputs: dict[str, str | list[str]] = field(default_factory=dict)
+    outputs: dict[str, str] = field(default_factory=dict)
+    locked: dict[str, str] = field(default_factory=dict)
+    force: bool = False
+    appended: dict[str, str] = field(default_factory=dict)  # written to, but never replaced
+
+
+def plot_out(args: argparse.Namespace) -> str:
+    return args.out or os.path.splitext(args.source)[0] + ".png"
+
+
+def file_plan(args: argparse.Namespace) -> FilePlan:
+    """The files of the parsed command, for the checks made before any work."""
+    plan = FilePlan(force=bool(getattr(args, "force", False)))
+    if args.config:
+        plan.inputs["--config"] = args.config
+    if getattr(args, "ids", None):
+        plan.inputs["--ids"] = args.ids
+    command = args.command
+
+    def writes(flag: str, path: str, action: str) -> None:
+        plan.outputs[flag] = path
+        plan.locked[path] = action
+
+    if command == "init":
+        writes("MODEL", args.model, "written by init")
+    elif command in ("partition", "inspect", "train", "evaluate", "predict"):
+        plan.inputs["MODEL"] = args.model
+        if command == "partition" and not args.compare:
+            plan.locked[args.model] = "partitioned"
+        if command == "train":
+            plan.locked[args.model] = "trained"
+            if args.log_json:
+                plan.appended["--log-json"] = args.log_json
+        if command in ("train", "evaluate", "predict"):
+            plan.inputs["--data"] = args.data
+        if command == "predict":
+            writes("--out", args.out, "written by predict")
+    elif command == "plot":
+        plan.inputs["SOURCE"] = args.source
+        writes("--out", plot_out(args), "drawn")
+    elif command == "bench":
+        if args.model is not None:
+            plan.inputs.update({"--model": args.model, "--data": args.data})
+        else:
+            from mpinn.bench import default_paths
+            if os.path.exists(args.dir) and not os.path.isdir(args.dir):
+                raise MpinnError(f"--dir {args.dir} is a file, not a directory")
+            model, data = default_paths(args.dir, args.neurons, args.layers, args.samples, args.seed)
+            if os.path.exists(model) and os.path.exists(data):  # made by an earlier run: reused
+                plan.inputs.update({"--dir model": model, "--dir data": data})
+            elif os.path.isdir(args.dir):
+                plan.force = True  # a half-made pair in --dir is made again
+                writes("--dir model", model, "generated")
+                writes("--dir data", data, "generated")
+    elif command == "import-graphchallenge":
+        plan.inputs["LAYER.tsv"] = list(args.layer_files)
+        plan.inputs["--inputs"] = args.inputs
+        if args.categories:
+            plan.inputs["--categories"] = args.categories
+        writes("--model", args.model, "written by import-graphchallenge")
+        writes("--data", args.data, "written by import-graphchallenge")
+    elif command == "import-torch":
+        plan.inputs["MODEL.pt"] = args.source
+        writes("OUT.h5", args.model, "written by import-torch")
+    elif command == "export-torch":
+        plan.inputs["MODEL.h5"] = args.model
+        writes("OUT.pt", args.out, "written by export-torch")
+    elif command == "data":
+        writes("OUT", args.out, "written by mpinn data")
+    return plan
+
+
+def check_files(plan: FilePlan) -> None:
+    """Inputs exist and are files; outputs follow ``outputs.check``; appended files are no input."""
+    from mpinn import outputs
+
+    for flag, paths in plan.inputs.items():
+        for path in [paths] if isinstance(paths, str) else paths:
+            if os.path.isdir(path):
+                raise MpinnError(f"{flag} {path} is a directory, not a file")
+            if not os.path.exists(path):
+                raise MpinnError(f"{flag} {path}: no such file")
+    outputs.check(plan.outputs, plan.inputs, plan.force)
+    outputs.check(plan.appended, plan.inputs, force=True)
+
+
+held_locks: list = []  # rank 0's locks of this command's outputs, released as it ends
+
+
+def take_locks(plan: FilePlan, comm, quiet: bool) -> None:  # noqa: ANN001 - a communicator
+    """Lock every file the command writes (rank 0), or refuse on every rank, naming the holder."""
+    from mpinn import lock
+    from mpinn.exchange import on_root
+
+    def take() -> list[str]:
+        notes = []
+        for path, action in plan.locked.items():
+            got = lock.acquire(path, action)
+            held_locks.append(got)
+            if got.broke:
+                notes.append(f"mpinn: note: {path}: removed a stale lock of pid "
+                             f"{got.broke.get('pid')} on {got.broke.get('host')} (since "
+                             f"{got.broke.get('since')}), whose process is gone")
+        return notes
+
+    for note in on_root(comm, take):
+        if not quiet:
+            print(note, file=sys.stderr, flush=True)
+
+
+def release_locks() -> None:
+    while held_locks:
+        held_locks.pop().release()
+
+
 def _plot(args: argparse.Namespace) -> None:
     """``mpinn plot``: one process draws; the pictures need no communication."""
     from mpi4py import MPI
@@ -245,7 +496,7 @@ def _plot(args: argparse.Namespace) -> None:
     from mpinn.metadata import MetadataTable
     from mpinn.train import resolve_owner
 
-    out = args.out or os.path.splitext(args.source)[0] + ".png"
+    out = plot_out(args)
     if args.kind == "curves":
         plot.training_curves(args.source, out)
     else:
@@ -269,8 +520,6 @@ def _bench(args: argparse.Namespace, comm) -> int:  # noqa: ANN001 - an MPI comm
     from mpinn.exchange import on_root
 
     model, data = args.model, args.data
-    if (model is None) != (data is None):
-        raise MpinnError("bench sparse-dnn: give both --model and --data, or neither")
     if model is None:
         model, data = bench.default_paths(args.dir, args.neurons, args.layers, args.samples, args.seed)
 
@@ -278,6 +527,7 @@ def _bench(args: argparse.Namespace, comm) -> int:  # noqa: ANN001 - an MPI comm
             if os.path.exists(model) and os.path.exists(data):
                 return None
             os.makedirs(args.dir, exist_ok=True)
+            bench.check_room(args.dir, args.neurons, args.layers, args.samples)
             return bench.make_challenge(model, data, args.neurons, args.layers, args.samples,
                                         args.seed)
 
@@ -286,9 +536,9 @@ def _bench(args: argparse.Namespace, comm) -> int:  # noqa: ANN001 - an MPI comm
             made = "generated" if baseline is not None else "reused"
             print(f"{model}: {made}" + (f"; single-process scipy loop {baseline:.3f} s" if baseline
                                         else ""), flush=True)
-    if args.batch_size < 1:
-        raise MpinnError(f"--batch-size must be at least 1, got {args.batch_size}")
-    batch = args.batch_size
+    from mpinn import format as fmt
+    from mpinn.exchange import agree
+    batch = min(args.batch_size, agree(comm, lambda: fmt.count_samples(data)))
     result = bench.run_challenge(model, data, comm, _choice(args), batch, args.drop_dead)
     if comm.rank == 0:
         report = bench.challenge_json if args.json else bench.challenge_report
@@ -316,30 +566,33 @@ def _convert(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Carry out one parsed command on this rank."""
+    """Carry out one parsed command on this rank: its files checked and locked, then the work."""
     from mpi4py import MPI
 
     from mpinn import format as fmt
+    from mpinn import outputs
     from mpinn import train as loop
     from mpinn.data import load, synthetic_classification, synthetic_regression
+    from mpinn.exchange import agree
 
     comm = MPI.COMM_WORLD
     rank0 = comm.rank == 0
+
+    def plan_and_check() -> FilePlan:
+        plan = file_plan(args)
+        check_files(plan)
+        return plan
+
+    take_locks(agree(comm, plan_and_check), comm, args.quiet)
     if args.command == "init":
-        sizes = _ints(args.sizes, "--sizes")
-        args.sizes = ",".join(map(str, sizes))
-        if os.path.exists(args.model) and not args.force:
-            raise MpinnError(f"{args.model} exists; pass --force to overwrite it")
+        sizes = args.sizes
         activations = [args.activation] * (len(sizes) - 2) + [args.output]
-        storages = [v.strip() for v in args.storage.split(",")] if isinstance(args.storage, str) \
-            else list(args.storage)
         sparse = fmt.SparseInit(args.fan_in, args.density)
-        if "csr" not in storages and (args.fan_in is not None or args.density is not None):
-            raise MpinnError("--fan-in and --density apply to --storage csr layers only")
         fmt.create_model(args.model, sizes, activations, args.dtype, args.seed, comm,
-                         storages, sparse, args.cap)
+                         args.storage, sparse, args.cap)
         if rank0 and not args.quiet:
-            print(f"{args.model}: {len(sizes) - 1} layers, sizes {args.sizes}, {args.dtype}")
+            print(f"{args.model}: {len(sizes) - 1} layers, sizes {','.join(map(str, sizes))}, "
+                  f"{args.dtype}")
         return 0
     if args.command == "partition":
         from mpinn.describe import compare, store_partition
@@ -350,7 +603,7 @@ def run(args: argparse.Namespace) -> int:
                 print(text)
             return 0
         store_partition(args.model, args.ranks, choice.strategy, choice.params,
-                        args.name or choice.strategy, comm)
+                        args.name or choice.strategy, comm, args.force)
         return 0
     if args.command == "inspect":
         from mpinn.describe import describe
@@ -365,19 +618,29 @@ def run(args: argparse.Namespace) -> int:
     if args.command == "bench":
         return _bench(args, comm)
     if args.command in ("import-graphchallenge", "import-torch", "export-torch"):
-        if rank0:  # one process converts; the others wait for it
-            _convert(args)
-        comm.Barrier()
+        from mpinn.exchange import on_root
+        on_root(comm, lambda: _convert(args))  # one process converts; the others wait for it
         return 0
     if args.command == "data":
         make = synthetic_classification if args.kind == "classification" else synthetic_regression
-        if rank0:
+
+        def write() -> None:
+            values = args.samples * (args.features + args.outputs)
+            fmt.check_space(args.out, values * 8, 3 * values * 8,
+                            f"a data set of {args.samples:,} samples x {args.features:,} features")
             x, y = make(args.samples, args.features, args.outputs, args.seed, args.dtype)
             fmt.write_data(args.out, x, y)
-            if not args.quiet:
-                print(f"{args.out}: {args.samples} samples, {args.features} features")
+
+        from mpinn.exchange import on_root
+        on_root(comm, write)
+        if rank0 and not args.quiet:
+            print(f"{args.out}: {args.samples} samples, {args.features} features")
         return 0
 
+    # a batch is never larger than the data: buffers are sized by it
+    args.batch_size = min(args.batch_size, agree(comm, lambda: fmt.count_samples(args.data)))
+    if args.command == "train":
+        args.micro_batches = min(args.micro_batches, args.batch_size)
     choice = _choice(args)
     with loop.DistributedModel(args.model, comm, choice, args.batch_size,
                                training=args.command == "train") as model:
@@ -402,25 +665,24 @@ def run(args: argparse.Namespace) -> int:
                 acc = f"  accuracy {accuracy:.4f}" if accuracy is not None else ""
                 print(f"loss {loss:.6f}{acc}  samples {data.n_samples}")
         else:
-            outputs = loop.predict(model, data, args.batch_size)
-            fmt.write_outputs(args.out, data.n_samples, model.spec.sizes[-1],
-                              model.shard.layers[-1].rows, outputs, comm)
+            values = loop.predict(model, data, args.batch_size)
+            with outputs.staged_collective(args.out, comm) as partial:
+                fmt.write_outputs(partial, data.n_samples, model.spec.sizes[-1],
+                                  model.shard.layers[-1].rows, values, comm)
             if rank0 and not args.quiet:
                 print(f"{args.out}: outputs of {data.n_samples} samples")
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Parse, check, lock, run; any error becomes one ``mpinn: error:`` line printed by rank 0
+    before any rank exits, and exit status 1 on every rank (130 after Ctrl-C)."""
+    args, early = None, None
     try:
         args = parse(argv)
-    except MpinnError as exc:  # the same on every rank, before any communication
-        if os.environ.get("OMPI_COMM_WORLD_RANK", os.environ.get("PMIX_RANK", "0")) == "0":
-            print(f"mpinn: error: {exc}", file=sys.stderr, flush=True)
-        return EXIT_ERROR
-    if args.threads is not None:
-        if args.threads < 1:
-            print("mpinn: error: --threads must be at least 1", file=sys.stderr)
-            return EXIT_ERROR
+    except MpinnError as exc:  # the same on every rank: reported below, once MPI is up
+        early = exc
+    if args is not None and args.threads is not None:
         from threadpoolctl import threadpool_limits
         threadpool_limits(args.threads)
     from mpi4py import MPI
@@ -429,25 +691,40 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     comm = MPI.COMM_WORLD
     channel = FailureChannel(comm)
+    debug = bool(args and args.debug) or "--debug" in (sys.argv if argv is None else argv)
     try:
+        if early is not None:
+            raise early
         return run(args)
+    except KeyboardInterrupt:
+        if comm.rank == 0:
+            print("mpinn: error: interrupted; nothing was written over (outputs appear only "
+                  "when complete, a model only at its checkpoints)", file=sys.stderr, flush=True)
+        release_locks()
+        sys.stdout.flush()
+        os._exit(130)
     except Exception as exc:
         user_error = isinstance(exc, MpinnError)
         agreed = user_error and exc.agreed  # every rank raised this same error already
         message = str(exc) if user_error else f"internal error: {type(exc).__name__}: {exc}"
-        if args.debug or not user_error:
+        if debug or not user_error:
             traceback.print_exc()
         failed = [(0, message)] if agreed else channel.gather_failures(message, AGREE_TIMEOUT)
+        release_locks()
         if failed is None:
             # the other ranks are elsewhere, possibly inside a collective: end the job
             channel.report_alone(message, REPORT_TIMEOUT)
         if comm.rank == 0:
-            text = message if agreed else combine_errors(failed, comm.size)
+            same = early is not None and all(m == message for _, m in failed or [])
+            text = message if agreed or same else combine_errors(failed, comm.size)
             print(f"mpinn: error: {text}", file=sys.stderr, flush=True)
-        if not agreed and comm.size > 1:
+        if comm.size > 1:
+            channel.comm.Barrier()  # no rank exits (and has mpirun end the job) before the line
+        if not agreed and early is None and comm.size > 1:
             # ranks may hold files whose collective close would not match: leave without it
             sys.stdout.flush()
             os._exit(EXIT_ERROR)
         return EXIT_ERROR
     finally:
+        release_locks()
         channel.close()

@@ -221,10 +221,18 @@ def compare(path: str, nranks: int, comm: MPI.Comm, params: dict[str, Any] | Non
 
 
 def store_partition(path: str, nranks: int, strategy: str, params: dict[str, Any], name: str,
-                    comm: MPI.Comm) -> MetadataTable:
-    """Compute a partition for ``nranks`` ranks and store it in the model file (collective)."""
+                    comm: MPI.Comm, force: bool = False) -> MetadataTable:
+    """Compute a partition for ``nranks`` ranks and store it in the model file (collective);
+    a stored partition of the same name is replaced only with ``force``."""
     with fmt.opened(path, "r", comm) as f:
         spec = agree(comm, lambda: fmt.read_spec(f))
+
+        def check_name() -> None:
+            if name in fmt.list_partitions(f) and not force:
+                raise MpinnError(f"{path}: a partition named {name!r} is stored already; pass "
+                                 "--force to replace it, or --name to store this one beside it")
+
+        agree(comm, check_name)
 
         def build() -> MetadataTable:
             owner = owner_for_strategy(f, spec, nranks, strategy, params, comm)

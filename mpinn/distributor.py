@@ -41,18 +41,22 @@ def blockdist(n: int, size: int, rank: int) -> tuple[int, int]:
     return length, start
 
 
-def _check_nranks(nranks: int) -> None:
+def _check_nranks(nranks: int, sizes: Sequence[int] | None = None) -> None:
     if nranks < 1:
         raise MpinnError(f"rank count must be at least 1, got {nranks}")
+    if sizes is not None and nranks > sum(sizes):
+        raise MpinnError(f"{nranks} ranks for a model of {sum(sizes)} neurons: some ranks would "
+                         "own no neuron at all; use at most as many ranks as neurons")
 
 
 def balanced(sizes: Sequence[int], nranks: int) -> np.ndarray:
     """Every layer split into contiguous, near-equal blocks across all ranks."""
     _check_nranks(nranks)
+    ranks = np.arange(nranks)
     parts = []
     for n in sizes:
-        lengths = [blockdist(n, nranks, r)[0] for r in range(nranks)]
-        parts.append(np.repeat(np.arange(nranks, dtype=np.int32), lengths))
+        lengths = n // nranks + (ranks < n % nranks)  # blockdist for every rank at once
+        parts.append(np.repeat(ranks.astype(np.int32), lengths))
     return np.concatenate(parts)
 
 
@@ -123,23 +127,23 @@ def by_ids(sizes: Sequence[int], nranks: int, spec: dict[str, Any]) -> np.ndarra
 
 
 def _id_range(item: Any, rank: int, total: int) -> np.ndarray:
-    if isinstance(item, bool):
-        item = None
-    if isinstance(item, int):
-        ids = np.array([item])
+    """The ids one entry names, its bounds checked before it is expanded."""
+    whole = (int, np.integer)
+    if isinstance(item, whole) and not isinstance(item, bool):
+        start, stop = int(item), int(item) + 1
     elif (isinstance(item, list) and len(item) == 2
-          and all(isinstance(v, int) and not isinstance(v, bool) for v in item)):
-        start, stop = item
+          and all(isinstance(v, whole) and not isinstance(v, bool) for v in item)):
+        start, stop = int(item[0]), int(item[1])
         if stop < start:
             raise MpinnError(f"--ids: rank {rank} has range [{start}, {stop}) with stop < start")
-        ids = np.arange(start, stop)
     else:
-        raise MpinnError(f"--ids: rank {rank} has entry {item!r}; expected a global id "
+        shown = json.dumps(item) if len(repr(item)) < 80 else repr(item)[:80] + "..."
+        raise MpinnError(f"--ids: rank {rank} has entry {shown}; expected a global id "
                          "or a [start, stop) pair")
-    if ids.size and (ids.min() < 0 or ids.max() >= total):
-        bad = int(ids.min()) if ids.min() < 0 else int(ids.max())
+    if stop > start and (start < 0 or stop > total):
+        bad = start if start < 0 else stop - 1
         raise MpinnError(f"--ids: global id {bad} of rank {rank} is out of range 0..{total - 1}")
-    return ids
+    return np.arange(start, stop)
 
 
 def by_layers(sizes: Sequence[int], nranks: int, layer_ranks: Sequence[int]) -> np.ndarray:
@@ -278,6 +282,7 @@ def partition(sizes: Sequence[int], nranks: int, strategy: str,
     """Owner array for ``strategy`` with its ``params`` (as stored in a partition's JSON);
     ``nnz`` and ``mincut`` also need the model's ``wiring``."""
     params = params or {}
+    _check_nranks(nranks, sizes)
     if strategy in WIRED and wiring is None:
         raise MpinnError(f"strategy {strategy!r} needs the model's wiring")
     if strategy == "nnz":
@@ -319,6 +324,8 @@ def params_from_flags(strategy: str, counts: str | None = None, percentages: str
             return {"ids": json.loads(path.read_text())}
         except OSError as exc:
             raise MpinnError(f"--ids: cannot read {path}: {exc.strerror}") from None
-        except json.JSONDecodeError as exc:
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise MpinnError(f"--ids: {path} is not valid JSON: {exc}") from None
+        except RecursionError:
+            raise MpinnError(f"--ids: {path} nests too deeply to be a map of ranks to ids") from None
     return {}

@@ -45,7 +45,7 @@ SlurmdLogFile=$DIR/slurmd.log
 SlurmctldPort=6817
 SlurmdPort=6818
 MinJobAge=600
-NodeName=$host CPUs=$(nproc) State=UNKNOWN
+NodeName=$host CPUs=$(nproc --all) State=UNKNOWN
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:4
 CONF
 export SLURM_CONF="$DIR/slurm.conf"

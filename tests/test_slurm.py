@@ -24,8 +24,11 @@ PYTHON = str(ROOT / ".venv/bin/python") if (ROOT / ".venv/bin/python").exists() 
 @pytest.fixture(scope="module")
 def slurm(tmp_path_factory) -> dict[str, str]:
     state = tmp_path_factory.mktemp("slurm")
+    # started as on a cluster that exports OMP_NUM_THREADS=1: the node must still get every
+    # CPU, or each 2-task job below would pend forever
     up = subprocess.run(["bash", str(ROOT / "scripts/slurm-up.sh"), str(state)],
-                        capture_output=True, text=True, timeout=300)
+                        capture_output=True, text=True, timeout=300,
+                        env={**ENV, "OMP_NUM_THREADS": "1"})
     if up.returncode != 0:
         pytest.skip(f"no SLURM cluster could be started here: {up.stderr.strip()[-300:]}")
     env = {**ENV, "SLURM_CONF": str(state / "slurm.conf")}
