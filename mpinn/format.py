@@ -46,7 +46,9 @@ _warned = False
 def warn_without_mpi_io(comm: MPI.Comm) -> None:
     """Say once, on rank 0, that writes are funnelled because HDF5 has no MPI support."""
     global _warned
-    if not MPI_IO and comm.size > 1 and comm.rank == 0 and not _warned:
+    if MPI_IO or comm.size == 1:  # a one-process open (a data file's size) says nothing yet
+        return
+    if comm.rank == 0 and not _warned:
         print("mpinn: warning: h5py has no MPI support (serial HDF5): ranks read their rows "
               "independently and write them one rank at a time", file=sys.stderr, flush=True)
     _warned = True

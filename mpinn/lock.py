@@ -5,7 +5,8 @@ NFS (v3 and later) and Lustre, and needs no ``flock``. It records who holds it (
 the process's start time, SLURM job id, the action and since when) so a second job can be
 told whom it waits for. A lock whose process is gone on the same host (SIGKILL, the OOM
 killer) is stale and is broken, under a second exclusive file so two jobs never break the
-same lock. A lock from another host cannot be checked from here: the message says how to
+same lock; so is one left by an earlier run of the same SLURM job before it was requeued.
+Any other lock from another host cannot be checked from here: the message says how to
 remove it by hand.
 """
 
@@ -44,7 +45,7 @@ def _process_start(pid: int) -> str | None:
 def _me(action: str) -> dict[str, Any]:
     pid = os.getpid()
     return {"host": socket.gethostname(), "pid": pid, "start": _process_start(pid),
-            "job": os.environ.get("SLURM_JOB_ID"), "action": action,
+            "job": os.environ.get("SLURM_JOB_ID"), "restart": _restarts(), "action": action,
             "since": time.strftime("%Y-%m-%d %H:%M:%S"), "command": " ".join(sys.argv[1:])[:500]}
 
 
@@ -58,8 +59,20 @@ def _read(lock: str) -> dict[str, Any] | None:
     return holder if isinstance(holder, dict) else None
 
 
+def _restarts() -> int:
+    try:
+        return int(os.environ.get("SLURM_RESTART_COUNT", "0"))
+    except ValueError:
+        return 0
+
+
 def _stale(holder: dict[str, Any]) -> bool:
-    """Whether the holder is a process on this host that no longer runs."""
+    """Whether the holder is gone: a process on this host that no longer runs, or an earlier
+    run of this very SLURM job, which SLURM ended before requeueing it (on any node)."""
+    job = os.environ.get("SLURM_JOB_ID")
+    restart = holder.get("restart")
+    if job and holder.get("job") == job and isinstance(restart, int) and restart < _restarts():
+        return True
     if holder.get("host") != socket.gethostname() or not isinstance(holder.get("pid"), int):
         return False
     return _process_start(holder["pid"]) != holder.get("start")
