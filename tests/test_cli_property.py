@@ -242,7 +242,7 @@ def check_success(ws: Workspace, argv: list[str], result: subprocess.CompletedPr
         assert Path(plot_out(args)).read_bytes()[:4] == b"\x89PNG"
 
 
-def check(ws: Workspace, nranks: int, argv: list[str], config: str | None) -> str:
+def check(ws: Workspace, nranks: int, argv: list[str], config: str | None) -> tuple[str, float]:
     if config is not None:
         (ws.root / "run.toml").write_text(config)
         argv = ["--config", "run.toml", *argv]
@@ -261,11 +261,11 @@ def check(ws: Workspace, nranks: int, argv: list[str], config: str | None) -> st
         assert not errors, f"{shown}\n{output}"
         changed = {k for k in after if before.get(k) != after[k]}
         check_success(ws, argv, result, changed)
-        return "ok"
+        return "ok", seconds
     assert len(errors) == 1, f"{shown}: exit {result.returncode}, {len(errors)} error lines\n{output}"
     assert seconds < REFUSAL_SECONDS, f"{shown}: refused only after {seconds:.1f} s\n{output}"
     assert after == before, f"{shown}: a refused command changed files"
-    return errors[0]
+    return errors[0], seconds
 
 
 @pytest.mark.timeout(60 * 60 if SEARCH else 900)  # ~3 s an example; minutes on a busy machine
@@ -279,12 +279,12 @@ def test_careless_command_lines_succeed_correctly_or_fail_cleanly(base, tmp_path
     def one(case: tuple[list[str], str | None]) -> None:
         argv, config = case
         ws = Workspace(tmp_path / "ws", base)
-        outcome = check(ws, nranks, argv, config)
+        outcome, seconds = check(ws, nranks, argv, config)
         outcomes.append(outcome)
         if os.environ.get("MPINN_PROPERTY_LOG"):
             with open(os.environ["MPINN_PROPERTY_LOG"], "a") as fh:
                 fh.write(json.dumps({"ranks": nranks, "argv": argv, "config": config,
-                                     "outcome": outcome}) + "\n")
+                                     "outcome": outcome, "seconds": round(seconds, 2)}) + "\n")
 
     one()
     print(f"\n{len(outcomes)} examples at {nranks} rank(s): "
