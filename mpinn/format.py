@@ -24,7 +24,7 @@ from mpi4py import MPI
 from mpinn.distributor import blockdist
 from mpinn.errors import MpinnError, inject_fault
 from mpinn.exchange import take_turn
-from mpinn.kernels import check_activation, check_cap, init_rows, random_pattern
+from mpinn.kernels import check_activation, check_cap, init_rows, pattern_counts, random_pattern
 
 FORMAT_VERSION = 1
 DTYPES = {"float32": np.dtype(np.float32), "float64": np.dtype(np.float64)}
@@ -416,14 +416,15 @@ def write_model(path: str, sizes: Sequence[int], layers: Iterable[LayerArrays], 
 
 def _csr_counts(seed: int, layer: int, n_in: int, n_out: int, sparse: SparseInit,
                 comm: MPI.Comm) -> np.ndarray:
-    """Stored weights per row of a new CSR layer (the same on every rank)."""
+    """Stored weights per row of a new CSR layer (the same on every rank): only the
+    counts, the first draw of each block's wiring stream, are drawn here."""
     if sparse.fan_in is not None:
         return np.full(n_out, sparse.fan_in, dtype=np.int64)
     n_blocks = -(-n_out // INIT_BLOCK_ROWS)
     count, first = blockdist(n_blocks, comm.size, comm.rank)
-    mine = [random_pattern(np.random.default_rng([seed, layer, block, 1]),
+    mine = [pattern_counts(np.random.default_rng([seed, layer, block, 1]),
                            min(INIT_BLOCK_ROWS, n_out - block * INIT_BLOCK_ROWS), n_in, None,
-                           sparse.density)[0] for block in range(first, first + count)]
+                           sparse.density) for block in range(first, first + count)]
     mine_counts = np.concatenate(mine) if mine else np.zeros(0, dtype=np.int64)
     return np.concatenate(comm.allgather(mine_counts))
 

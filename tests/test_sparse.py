@@ -95,6 +95,23 @@ def test_sparse_model_trains_and_predicts_from_the_cli(tmp_path):
     assert_close(written, Reference.from_file(str(model)).forward(x)[1][-1], "float32", "outputs")
 
 
+@pytest.mark.parametrize("wiring", [("--fan-in", "5"), ("--density", "0.3")])
+def test_sparse_init_under_mpirun_writes_the_same_file_as_one_process(tmp_path, wiring):
+    """Wiring and weights come per block of rows from the block's own streams: 1 rank and 3
+    ranks (2100 rows: three blocks, one short) must write bitwise the same arrays."""
+    files = []
+    for nranks in (1, 3):
+        files.append(tmp_path / f"{nranks}.h5")
+        ok(mpinn(nranks, "init", str(files[-1]), "--sizes", "40,2100,3", "--storage", "csr,dense",
+                 *wiring, "--seed", "9"))
+    with h5py.File(files[0], "r") as a, h5py.File(files[1], "r") as b:
+        for name in ("layers/1/indptr", "layers/1/indices", "layers/1/data", "layers/1/bias",
+                     "layers/2/weight", "layers/2/bias"):
+            assert np.array_equal(a[name][...], b[name][...]), name
+        counts = np.diff(a["layers/1/indptr"][...])
+    assert counts.min() > 0 and (wiring[0] == "--density" or np.all(counts == 5))
+
+
 def test_bad_csr_structure_is_refused_on_every_rank(tmp_path):
     model = tmp_path / "m.h5"
     ok(mpinn(1, "init", str(model), "--sizes", "8,12,4", "--storage", "csr", "--fan-in", "3"))
