@@ -174,10 +174,10 @@ def read_spec(f: h5py.File) -> ModelSpec:
         raise MpinnError(f"{name}: attribute 'sizes' {sizes.tolist()} has a layer with fewer than "
                          f"1 or a total above {MAX_NEURONS} neurons")
     sizes_t = tuple(int(n) for n in sizes)
-    table_bytes = 16 * sum(sizes_t)  # the replicated metadata table: owner + local index per gid
+    table_bytes = 4 * sum(sizes_t)  # the owner array the replicated metadata table is built from
     if table_bytes > available_memory():
         raise MpinnError(f"{name}: sizes {list(sizes_t)} declare {sum(sizes_t):,} neurons; their "
-                         f"metadata table alone ({table_bytes / 2**30:.1f} GiB) exceeds this "
+                         f"owner array alone ({table_bytes / 2**30:.1f} GiB) exceeds this "
                          f"machine's memory")
     if "layers" not in f:
         raise MpinnError(f"{name}: missing group /layers")

@@ -82,6 +82,9 @@ def test_sparse_model_trains_and_predicts_from_the_cli(tmp_path):
     out = ok(mpinn(1, "inspect", str(model)))
     assert "relu_cap(3)" in out and "csr" in out and "partition 'mc': strategy mincut" in out
     assert "local edges" in out
+    # the replicated table of a 3-rank mincut partition: one byte per neuron at most
+    memory = re.search(r"metadata table ([\d,]+) B \(([\d.e+-]+) B per neuron\), rows", out)
+    assert memory and float(memory.group(2)) <= 1.0 + 8 * 5 / (20 + 64 + 48 + 5), out
     ok(mpinn(3, "train", str(model), "--data", str(data), "--partition", "mc", "--epochs", "2",
              "--lr", "0.05"))
     with h5py.File(model, "r") as f:  # the wiring is kept: 6 inputs per neuron still
