@@ -22,3 +22,15 @@ def test_many_cores_script_runs_every_benchmark_at_tiny_sizes(tmp_path):
     assert sparse.count("categories match") == 5 and "WRONG" not in sparse, sparse
     train = (tmp_path / "train-p4.txt").read_text()
     assert "mpinn, mpirun -n 4" in train and "ceiling: GEMM peak" in train, train
+
+
+def test_scale_benchmark_times_every_stage_and_prints_its_slope():
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks/scale.py"), "--ranks", "2",
+                             "--grid", "1024x2,2048x2,1024x4", "--fan-in", "4"],
+                            capture_output=True, text=True, env=ENV, timeout=300, cwd=ROOT)
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout
+    assert re.search(r"^\s+2048\s+2\s+16,384(\s+\d+\.\d\d){6}$", out, re.M), out
+    for stage in ("init", "partition", "load", "plans", "inference", "checkpoint"):
+        assert re.search(rf"^  {stage}\s+-?\d+\.\d\d\s+-?\d+\.\d\d$", out, re.M), out
+    assert re.search(r"metadata / rows at \d+x\d+: \S+ \(ceiling 0.1\)", out), out
