@@ -1,7 +1,8 @@
 """The Sparse DNN Graph Challenge as an mpinn run: make or import the network, infer, check.
 
-``make_challenge`` writes a RadiX-Net model and its inputs (one process, a layer at a
-time) with the categories of a single-process scipy run stored beside the inputs;
+``make_challenge`` writes a RadiX-Net model and its inputs (ranks write disjoint blocks of
+layers) with the categories of a plain scipy loop (split over the ranks by samples)
+stored beside the inputs;
 ``import_challenge`` converts the challenge's own TSV files into the same two files;
 ``run_challenge`` is ``mpinn bench sparse-dnn``: every rank loads its rows, the batch goes
 through all layers with the engine, the categories are gathered and checked.
@@ -21,8 +22,9 @@ from mpi4py import MPI
 from mpinn import format as fmt
 from mpinn import sparse_dnn
 from mpinn.data import load
+from mpinn.distributor import blockdist
 from mpinn.errors import MpinnError
-from mpinn.exchange import MAX, SUM, agree, allreduce
+from mpinn.exchange import MAX, SUM, agree, allreduce, on_root
 from mpinn.train import DistributedModel, PartitionChoice
 
 
@@ -42,21 +44,47 @@ def _write_inputs(path: str, y0: np.ndarray, truth: np.ndarray, attrs: dict) -> 
     fmt.write_data(path, y0, labels, attrs, {"categories": truth.astype(np.int64)})
 
 
-def make_challenge(model: str, data: str, n: int, n_layers: int, samples: int,
-                   seed: int = 0, density: float = 0.2) -> float:
-    """Write a RadiX-Net model and inputs, with the single-process categories as truth.
+def challenge_spec(n: int, n_layers: int) -> fmt.ModelSpec:
+    """The layout of an ``n``-neuron, ``n_layers``-layer RadiX-Net challenge model."""
+    layers = tuple(fmt.LayerSpec(i, n, n, "relu_cap", "csr", n * sparse_dnn.FAN_IN, sparse_dnn.CAP)
+                   for i in range(1, n_layers + 1))
+    return fmt.ModelSpec((n,) * (n_layers + 1), layers, np.dtype(np.float32))
 
-    Returns the seconds the single-process scipy inference took (a plain loop, every
-    layer's product over all samples), the baseline the benchmark prints.
+
+def make_challenge(model: str, data: str, n: int, n_layers: int, samples: int,
+                   seed: int = 0, density: float = 0.2, comm: MPI.Comm = MPI.COMM_SELF) -> float:
+    """Write a RadiX-Net model and inputs, with the categories of a plain scipy loop as truth
+    (collective over ``comm``).
+
+    Each rank generates and writes a contiguous block of the layers (a layer is computable
+    alone, so the file is the same whatever the rank count); then each rank runs the plain
+    scipy loop, reading every layer from the file, on a block of the samples (samples are
+    independent, so the categories are those of one process doing all of them). Returns
+    the seconds that loop took on the slowest rank: the single-process baseline when
+    ``comm`` has one rank.
     """
-    fmt.write_model(model, [n] * (n_layers + 1), challenge_layers(n, n_layers, seed), "float32")
+    sparse_dnn.radix_plan(n)  # refuse a size before anything is written, alike on every rank
+    bias = sparse_dnn.challenge_bias(n)
+    count, first = blockdist(n_layers, comm.size, comm.rank)
+    with fmt.Checkpoint(model, challenge_spec(n, n_layers), {}, comm) as f:
+        for layer in range(first + 1, first + count + 1):
+            weight = sparse_dnn.radixnet_layer(n, layer, seed=seed)
+            group = f[f"layers/{layer}"]
+            group["indptr"][...] = weight.indptr.astype(np.int64)
+            group["indices"][...] = weight.indices
+            group["data"][...] = weight.data
+            group["bias"][...] = np.full(n, bias, dtype=np.float32)
+        fmt.write_state_attrs(f, {"epoch": 0, "step": 0, "batch": 0})
     y0 = sparse_dnn.sparse_inputs(n, samples, density, seed)
+    count, first = blockdist(samples, comm.size, comm.rank)
+    comm.Barrier()
     started = time.perf_counter()
-    y = plain_inference(model_layers(model), sparse_dnn.challenge_bias(n), y0)
-    seconds = time.perf_counter() - started
-    _write_inputs(data, y0, sparse_dnn.categories(y.T),
-                  {"neurons": n, "layers": n_layers, "seed": seed, "density": density})
-    return seconds
+    y = agree(comm, lambda: plain_inference(model_layers(model), bias, y0[first:first + count]))
+    seconds = allreduce(comm, np.array([time.perf_counter() - started]), MAX)[0]
+    truth = np.concatenate(comm.allgather(sparse_dnn.categories(y.T) + first))
+    on_root(comm, lambda: _write_inputs(data, y0, truth, {"neurons": n, "layers": n_layers,
+                                                          "seed": seed, "density": density}))
+    return float(seconds)
 
 
 def model_layers(path: str) -> Iterator:

@@ -266,7 +266,7 @@ def _plot(args: argparse.Namespace) -> None:
 def _bench(args: argparse.Namespace, comm) -> int:  # noqa: ANN001 - an MPI communicator
     """``mpinn bench sparse-dnn``: generate (or reuse) the network, infer on all ranks, check."""
     from mpinn import bench
-    from mpinn.exchange import on_root
+    from mpinn.exchange import agree
 
     model, data = args.model, args.data
     if (model is None) != (data is None):
@@ -279,13 +279,13 @@ def _bench(args: argparse.Namespace, comm) -> int:  # noqa: ANN001 - an MPI comm
                 return None
             os.makedirs(args.dir, exist_ok=True)
             return bench.make_challenge(model, data, args.neurons, args.layers, args.samples,
-                                        args.seed)
+                                        args.seed, comm=comm)
 
-        baseline = on_root(comm, make)
+        baseline = agree(comm, make)  # every rank writes layers and runs a share of the truth
         if comm.rank == 0 and not (args.quiet or args.json):
             made = "generated" if baseline is not None else "reused"
-            print(f"{model}: {made}" + (f"; single-process scipy loop {baseline:.3f} s" if baseline
-                                        else ""), flush=True)
+            loop = f"; scipy loop on {comm.size} processes {baseline:.3f} s" if baseline else ""
+            print(f"{model}: {made}{loop}", flush=True)
     if args.batch_size < 1:
         raise MpinnError(f"--batch-size must be at least 1, got {args.batch_size}")
     batch = args.batch_size

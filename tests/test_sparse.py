@@ -145,6 +145,32 @@ def test_bench_sparse_dnn_finds_the_single_process_categories(tmp_path):
     assert "dead samples dropped" in out and f"categories: {found.group(1)} of 200" in out, out
 
 
+def test_bench_network_made_under_mpirun_is_the_one_process_network(tmp_path):
+    """Ranks write disjoint layers and split the truth by samples: at 1 and 3 ranks the
+    files hold the same arrays, and the truth is that of sparse_dnn.infer, layer by layer."""
+    n, n_layers, samples = 1024, 7, 90
+    files = {}
+    for nranks in (1, 3):
+        directory = tmp_path / str(nranks)
+        out = ok(mpinn(nranks, "bench", "sparse-dnn", "--neurons", str(n), "--layers",
+                       str(n_layers), "--samples", str(samples), "--dir", str(directory),
+                       timeout=300))
+        assert f"scipy loop on {nranks} processes" in out and "match" in out, out
+        files[nranks] = bench.default_paths(str(directory), n, n_layers, samples, 0)
+    for one, three in zip(files[1], files[3], strict=True):
+        with h5py.File(one, "r") as a, h5py.File(three, "r") as b:
+            names: list[str] = []
+            a.visit(lambda name, names=names: names.append(name))
+            for name in names:
+                if isinstance(a[name], h5py.Dataset):
+                    assert np.array_equal(a[name][...], b[name][...]), name
+    y0 = sparse_dnn.sparse_inputs(n, samples)
+    layers = (sparse_dnn.radixnet_layer(n, i) for i in range(1, n_layers + 1))
+    truth = sparse_dnn.categories(sparse_dnn.infer(layers, sparse_dnn.challenge_bias(n), y0))
+    with h5py.File(files[3][1], "r") as f:
+        assert np.array_equal(f["categories"][...], truth) and 0 < truth.size < samples
+
+
 def test_dropping_dead_samples_is_refused_where_zero_need_not_stay_zero(tmp_path):
     model, data = tmp_path / "m.h5", tmp_path / "d.h5"
     ok(mpinn(1, "init", str(model), "--sizes", "16,8,4", "--storage", "csr", "--fan-in", "4",
