@@ -187,12 +187,12 @@ def main() -> None:
     connections = [r["connections"] for r in rows]
     print("\nlog-log slope against connections (ceiling: about 1; above 1.2 grows faster than "
           "the work)")
-    print(f"  {'stage':<8} {'time':>6} {'peak':>6}")
+    print(f"  {'stage':<10} {'time':>6} {'peak':>6}")
     for s in STAGES:
-        print(f"  {s:<8} {slope(connections, [r['seconds'][s] for r in rows]):>6.2f} "
+        print(f"  {s:<10} {slope(connections, [r['seconds'][s] for r in rows]):>6.2f} "
               f"{slope(connections, [r['peaks'][s] for r in rows]):>6.2f}")
     for part in ("rows", "metadata", "plans", "buffers"):
-        print(f"  {'held ' + part:<15} {slope(connections, [r['held'][part] for r in rows]):>6.2f}")
+        print(f"  {'held ' + part:<17} {slope(connections, [r['held'][part] for r in rows]):>6.2f}")
     worst = max(rows, key=lambda r: r["connections"])
     print(f"\nmetadata / rows at {worst['width']}x{worst['depth']}: "
           f"{worst['held']['metadata'] / max(worst['held']['rows'], 1):.2e} (ceiling 0.1)")

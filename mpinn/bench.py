@@ -11,6 +11,7 @@ through all layers with the engine, the categories are gathered and checked.
 from __future__ import annotations
 
 import os
+import resource
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -75,11 +76,16 @@ def make_challenge(model: str, data: str, n: int, n_layers: int, samples: int,
             group["data"][...] = weight.data
             group["bias"][...] = np.full(n, bias, dtype=np.float32)
         fmt.write_state_attrs(f, {"epoch": 0, "step": 0, "batch": 0})
-    y0 = sparse_dnn.sparse_inputs(n, samples, density, seed)
-    count, first = blockdist(samples, comm.size, comm.rank)
+    # rank 0 draws the inputs (the draw is not prefix-stable) and hands each rank its block
+    y0 = sparse_dnn.sparse_inputs(n, samples, density, seed) if comm.rank == 0 else None
+    counts = np.array([blockdist(samples, comm.size, r)[0] for r in range(comm.size)])
+    first = int(counts[:comm.rank].sum())
+    mine = np.empty((int(counts[comm.rank]), n), dtype=np.float32)
+    comm.Scatterv([y0, counts * n, (np.cumsum(counts) - counts) * n, MPI.FLOAT]
+                  if comm.rank == 0 else None, mine, root=0)
     comm.Barrier()
     started = time.perf_counter()
-    y = agree(comm, lambda: plain_inference(model_layers(model), bias, y0[first:first + count]))
+    y = agree(comm, lambda: plain_inference(model_layers(model), bias, mine))
     seconds = allreduce(comm, np.array([time.perf_counter() - started]), MAX)[0]
     truth = np.concatenate(comm.allgather(sparse_dnn.categories(y.T) + first))
     on_root(comm, lambda: _write_inputs(data, y0, truth, {"neurons": n, "layers": n_layers,
@@ -144,6 +150,9 @@ class ChallengeResult:
     dropped: bool        # whether dead samples were dropped as they died
     found: np.ndarray    # the categories mpinn computed
     truth: np.ndarray    # the ones stored with the inputs
+    peak_rss: int = 0    # bytes, the largest rank's peak resident set
+    rows_bytes: int = 0  # bytes of the largest rank's rows (weights, biases, their indices)
+    metadata_bytes: int = 0  # bytes of the replicated metadata table, on every rank
 
     @property
     def edges_per_second(self) -> float:
@@ -184,10 +193,15 @@ def run_challenge(model: str, data: str, comm: MPI.Comm, choice: PartitionChoice
         split = np.array([engine.seconds_compute, sum(p.seconds_pack for p in engine.plans),
                           sum(p.seconds_wait for p in engine.plans), load_seconds])
         allreduce(comm, split, SUM)
+        rows_bytes = sum(sum(v.nbytes for v in vars(layer).values() if isinstance(v, np.ndarray))
+                         for layer in dm.shard.layers)
+        memory = allreduce(comm, np.array([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+                                           * 1024, rows_bytes]), MAX)
     edges = sum(ly.nnz for ly in dm.spec.layers)
     return ChallengeResult(dm.spec.sizes[0], len(dm.spec.layers), local.n_samples, edges,
                            float(seconds), *map(float, split / comm.size), drop_dead,
-                           np.flatnonzero(alive), truth)
+                           np.flatnonzero(alive), truth, int(memory[0]), int(memory[1]),
+                           dm.table.nbytes)
 
 
 def _truth(f: h5py.File, path: str) -> np.ndarray:
@@ -209,6 +223,8 @@ def challenge_report(result: ChallengeResult, nranks: int) -> str:
         f"  time (mean over ranks): compute {result.compute:.3f} s, pack {result.pack:.3f} s, "
         f"communication and waiting {result.wait:.3f} s, python and the rest {max(other, 0):.3f} s; "
         f"load (I/O and partition) {result.load:.3f} s",
+        f"  memory per rank: peak RSS {result.peak_rss / 2**20:.0f} MiB, rows "
+        f"{result.rows_bytes / 2**20:.1f} MiB, metadata table {result.metadata_bytes:,} B (largest rank)",
         f"  categories: {result.found.size} of {result.samples} samples; single-process truth "
         f"{result.truth.size}: {verdict}"])
 
@@ -221,6 +237,8 @@ def challenge_json(result: ChallengeResult, nranks: int) -> str:
                        "seconds": result.seconds, "edges_per_second": result.edges_per_second,
                        "compute": result.compute, "pack": result.pack, "wait": result.wait,
                        "load": result.load, "drop_dead": result.dropped, "categories": int(result.found.size),
+                       "peak_rss": result.peak_rss, "rows_bytes": result.rows_bytes,
+                       "metadata_bytes": result.metadata_bytes,
                        "correct": result.correct})
 
 
