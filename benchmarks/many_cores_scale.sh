@@ -80,4 +80,4 @@ fi
 part sparse-16384 challenge 16 16384 120 2000
 part sparse-65536 challenge 16 65536 120 1000
 part scale "$PYTHON" benchmarks/scale.py --ranks 16 \
-    --grid 16384x4,65536x4,262144x4,1048576x4,16384x32,16384x128,65536x128 --json "$out/scale.jsonl"
+    --grid 16384x4,65536x4,262144x4,1048576x4,16384x32,16384x128,65536x32 --json "$out/scale.jsonl"
