@@ -1,7 +1,8 @@
 """The Sparse DNN Graph Challenge as an mpinn run: make or import the network, infer, check.
 
-``make_challenge`` writes a RadiX-Net model and its inputs (one process, a layer at a
-time) with the categories of a single-process scipy run stored beside the inputs;
+``make_challenge`` writes a RadiX-Net model and its inputs (ranks write disjoint blocks of
+layers) with the categories of a plain scipy loop (split over the ranks by samples)
+stored beside the inputs;
 ``import_challenge`` converts the challenge's own TSV files into the same two files;
 ``run_challenge`` is ``mpinn bench sparse-dnn``: every rank loads its rows, the batch goes
 through all layers with the engine, the categories are gathered and checked.
@@ -10,6 +11,7 @@ through all layers with the engine, the categories are gathered and checked.
 from __future__ import annotations
 
 import os
+import resource
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,8 +23,9 @@ from mpi4py import MPI
 from mpinn import format as fmt
 from mpinn import outputs, sparse_dnn
 from mpinn.data import load
+from mpinn.distributor import blockdist
 from mpinn.errors import MpinnError
-from mpinn.exchange import MAX, SUM, agree, allreduce
+from mpinn.exchange import MAX, SUM, agree, allreduce, on_root
 from mpinn.train import DistributedModel, PartitionChoice
 
 
@@ -42,21 +45,52 @@ def _write_inputs(path: str, y0: np.ndarray, truth: np.ndarray, attrs: dict) -> 
     fmt.write_data(path, y0, labels, attrs, {"categories": truth.astype(np.int64)})
 
 
-def make_challenge(model: str, data: str, n: int, n_layers: int, samples: int,
-                   seed: int = 0, density: float = 0.2) -> float:
-    """Write a RadiX-Net model and inputs, with the single-process categories as truth.
+def challenge_spec(n: int, n_layers: int) -> fmt.ModelSpec:
+    """The layout of an ``n``-neuron, ``n_layers``-layer RadiX-Net challenge model."""
+    layers = tuple(fmt.LayerSpec(i, n, n, "relu_cap", "csr", n * sparse_dnn.FAN_IN, sparse_dnn.CAP)
+                   for i in range(1, n_layers + 1))
+    return fmt.ModelSpec((n,) * (n_layers + 1), layers, np.dtype(np.float32))
 
-    Returns the seconds the single-process scipy inference took (a plain loop, every
-    layer's product over all samples), the baseline the benchmark prints.
+
+def make_challenge(model: str, data: str, n: int, n_layers: int, samples: int,
+                   seed: int = 0, density: float = 0.2, comm: MPI.Comm = MPI.COMM_SELF) -> float:
+    """Write a RadiX-Net model and inputs, with the categories of a plain scipy loop as truth
+    (collective over ``comm``).
+
+    Each rank generates and writes a contiguous block of the layers (a layer is computable
+    alone, so the file is the same whatever the rank count); then each rank runs the plain
+    scipy loop, reading every layer from the file, on a block of the samples (samples are
+    independent, so the categories are those of one process doing all of them). Returns
+    the seconds that loop took on the slowest rank: the single-process baseline when
+    ``comm`` has one rank.
     """
-    fmt.write_model(model, [n] * (n_layers + 1), challenge_layers(n, n_layers, seed), "float32")
-    y0 = sparse_dnn.sparse_inputs(n, samples, density, seed)
+    sparse_dnn.radix_plan(n)  # refuse a size before anything is written, alike on every rank
+    bias = sparse_dnn.challenge_bias(n)
+    count, first = blockdist(n_layers, comm.size, comm.rank)
+    with fmt.Checkpoint(model, challenge_spec(n, n_layers), {}, comm) as f:
+        for layer in range(first + 1, first + count + 1):
+            weight = sparse_dnn.radixnet_layer(n, layer, seed=seed)
+            group = f[f"layers/{layer}"]
+            group["indptr"][...] = weight.indptr.astype(np.int64)
+            group["indices"][...] = weight.indices
+            group["data"][...] = weight.data
+            group["bias"][...] = np.full(n, bias, dtype=np.float32)
+        fmt.write_state_attrs(f, {"epoch": 0, "step": 0, "batch": 0})
+    # rank 0 draws the inputs (the draw is not prefix-stable) and hands each rank its block
+    y0 = sparse_dnn.sparse_inputs(n, samples, density, seed) if comm.rank == 0 else None
+    counts = np.array([blockdist(samples, comm.size, r)[0] for r in range(comm.size)])
+    first = int(counts[:comm.rank].sum())
+    mine = np.empty((int(counts[comm.rank]), n), dtype=np.float32)
+    comm.Scatterv([y0, counts * n, (np.cumsum(counts) - counts) * n, MPI.FLOAT]
+                  if comm.rank == 0 else None, mine, root=0)
+    comm.Barrier()
     started = time.perf_counter()
-    y = plain_inference(model_layers(model), sparse_dnn.challenge_bias(n), y0)
-    seconds = time.perf_counter() - started
-    _write_inputs(data, y0, sparse_dnn.categories(y.T),
-                  {"neurons": n, "layers": n_layers, "seed": seed, "density": density})
-    return seconds
+    y = agree(comm, lambda: plain_inference(model_layers(model), bias, mine))
+    seconds = allreduce(comm, np.array([time.perf_counter() - started]), MAX)[0]
+    truth = np.concatenate(comm.allgather(sparse_dnn.categories(y.T) + first))
+    on_root(comm, lambda: _write_inputs(data, y0, truth, {"neurons": n, "layers": n_layers,
+                                                          "seed": seed, "density": density}))
+    return float(seconds)
 
 
 def model_layers(path: str) -> Iterator:
@@ -131,6 +165,9 @@ class ChallengeResult:
     dropped: bool        # whether dead samples were dropped as they died
     found: np.ndarray    # the categories mpinn computed
     truth: np.ndarray    # the ones stored with the inputs
+    peak_rss: int = 0    # bytes, the largest rank's peak resident set
+    rows_bytes: int = 0  # bytes of the largest rank's rows (weights, biases, their indices)
+    metadata_bytes: int = 0  # bytes of the replicated metadata table, on every rank
 
     @property
     def edges_per_second(self) -> float:
@@ -171,10 +208,15 @@ def run_challenge(model: str, data: str, comm: MPI.Comm, choice: PartitionChoice
         split = np.array([engine.seconds_compute, sum(p.seconds_pack for p in engine.plans),
                           sum(p.seconds_wait for p in engine.plans), load_seconds])
         allreduce(comm, split, SUM)
+        rows_bytes = sum(sum(v.nbytes for v in vars(layer).values() if isinstance(v, np.ndarray))
+                         for layer in dm.shard.layers)
+        memory = allreduce(comm, np.array([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+                                           * 1024, rows_bytes]), MAX)
     edges = sum(ly.nnz for ly in dm.spec.layers)
     return ChallengeResult(dm.spec.sizes[0], len(dm.spec.layers), local.n_samples, edges,
                            float(seconds), *map(float, split / comm.size), drop_dead,
-                           np.flatnonzero(alive), truth)
+                           np.flatnonzero(alive), truth, int(memory[0]), int(memory[1]),
+                           dm.table.nbytes)
 
 
 def _truth(f: h5py.File, path: str) -> np.ndarray:
@@ -196,6 +238,8 @@ def challenge_report(result: ChallengeResult, nranks: int) -> str:
         f"  time (mean over ranks): compute {result.compute:.3f} s, pack {result.pack:.3f} s, "
         f"communication and waiting {result.wait:.3f} s, python and the rest {max(other, 0):.3f} s; "
         f"load (I/O and partition) {result.load:.3f} s",
+        f"  memory per rank: peak RSS {result.peak_rss / 2**20:.0f} MiB, rows "
+        f"{result.rows_bytes / 2**20:.1f} MiB, metadata table {result.metadata_bytes:,} B (largest rank)",
         f"  categories: {result.found.size} of {result.samples} samples; single-process truth "
         f"{result.truth.size}: {verdict}"])
 
@@ -208,6 +252,8 @@ def challenge_json(result: ChallengeResult, nranks: int) -> str:
                        "seconds": result.seconds, "edges_per_second": result.edges_per_second,
                        "compute": result.compute, "pack": result.pack, "wait": result.wait,
                        "load": result.load, "drop_dead": result.dropped, "categories": int(result.found.size),
+                       "peak_rss": result.peak_rss, "rows_bytes": result.rows_bytes,
+                       "metadata_bytes": result.metadata_bytes,
                        "correct": result.correct})
 
 

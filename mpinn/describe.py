@@ -79,7 +79,7 @@ def rank_traffic(spec: fmt.ModelSpec, table: MetadataTable,
     """
     p = table.nranks
     item = spec.dtype.itemsize
-    neurons = np.bincount(table.owner, minlength=p)
+    neurons = sum(table.counts(layer) for layer in range(len(table.sizes)))
     parameters = np.zeros(p, dtype=np.int64)
     local = np.zeros(p, dtype=np.int64)
     fwd_send = np.zeros(p, dtype=np.int64)
@@ -181,7 +181,23 @@ def _describe_lines(path: str, spec: fmt.ModelSpec, state: dict[str, Any], parti
         traffic = rank_traffic(spec, table, wiring)
         lines.extend(_table_text(traffic))
         lines.append("  per sample: " + _summary(traffic))
+        lines.append("  " + _memory_text(spec, table, traffic))
     return lines
+
+
+def rows_bytes(spec: fmt.ModelSpec, traffic: RankTraffic) -> np.ndarray:
+    """Bytes of each rank's rows: weights and biases, and a column index per CSR weight."""
+    sparse = sum(traffic.layer_nnz[ly.index - 1] for ly in spec.layers if ly.sparse)
+    return traffic.parameters * spec.dtype.itemsize + 4 * np.asarray(sparse)
+
+
+def _memory_text(spec: fmt.ModelSpec, table: MetadataTable, traffic: RankTraffic) -> str:
+    """The replicated metadata table beside the rows it routes, per rank."""
+    rows = rows_bytes(spec, traffic)
+    return (f"memory per rank: metadata table {table.nbytes:,} B "
+            f"({table.nbytes / max(sum(table.sizes), 1):.3g} B per neuron), "
+            f"rows {rows.min():,} to {rows.max():,} B "
+            f"(metadata / rows {table.nbytes / max(int(rows.min()), 1):.3g})")
 
 
 def compare(path: str, nranks: int, comm: MPI.Comm, params: dict[str, Any] | None = None) -> str:

@@ -74,10 +74,9 @@ class ExchangePlan:
         self.dtype = np.dtype(dtype)
         self.mpi_type = from_numpy_dtype(self.dtype)
         rank, size = comm.rank, comm.size
-        owner = table.layer_owner(layer - 1)
-        local_index = table.layer_local_index(layer - 1)
-
-        self.recv_counts = np.bincount(owner[inputs], minlength=size).astype(np.int64)
+        # looked up for the inputs read and the neurons asked for, never for the whole layer
+        self.recv_counts = np.bincount(table.owner_of(layer - 1, inputs),
+                                       minlength=size).astype(np.int64)
         self.send_counts = np.zeros(size, dtype=np.int64)
         comm.Alltoall(self.recv_counts, self.send_counts)
         # receive buffer: my own inputs first, then ranks rank+1, rank+2, ... (receive_order)
@@ -89,11 +88,11 @@ class ExchangePlan:
         comm.Alltoallv([np.ascontiguousarray(inputs, dtype=np.int64),
                         (self.recv_counts, self.recv_displs), MPI.INT64_T],
                        [requested, (self.send_counts, self.send_displs), MPI.INT64_T])
-        if requested.size and np.any(owner[requested] != rank):
+        if requested.size and np.any(table.owner_of(layer - 1, requested) != rank):
             raise MpinnError(f"layer {layer}: exchange plan asked rank {rank} for neurons it does "
                              "not own (ranks disagree on the partition)")
         # what each destination needs from me, as positions in my local activations
-        self.send_index = local_index[requested]
+        self.send_index = table.local_index(layer - 1, requested)
         self.n_send = n_send = requested.size
         self.n_local = int(table.counts(layer - 1)[rank])
         self.n_inputs = int(inputs.size)

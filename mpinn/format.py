@@ -25,7 +25,7 @@ from mpi4py import MPI
 from mpinn.distributor import blockdist
 from mpinn.errors import MpinnError, inject_fault
 from mpinn.exchange import take_turn
-from mpinn.kernels import check_activation, check_cap, init_rows, random_pattern
+from mpinn.kernels import check_activation, check_cap, init_rows, pattern_counts, random_pattern
 from mpinn.outputs import commit, partial_name, staged
 
 FORMAT_VERSION = 1
@@ -201,10 +201,10 @@ def _read_spec(f: h5py.File) -> ModelSpec:
         raise MpinnError(f"{name}: attribute 'sizes' {sizes.tolist()} has a layer with fewer than "
                          f"1 or a total above {MAX_NEURONS} neurons")
     sizes_t = tuple(int(n) for n in sizes)
-    table_bytes = 16 * sum(sizes_t)  # the replicated metadata table: owner + local index per gid
+    table_bytes = 4 * sum(sizes_t)  # the owner array the replicated metadata table is built from
     if table_bytes > available_memory():
         raise MpinnError(f"{name}: sizes {list(sizes_t)} declare {sum(sizes_t):,} neurons; their "
-                         f"metadata table alone ({table_bytes / 2**30:.1f} GiB) exceeds this "
+                         f"owner array alone ({table_bytes / 2**30:.1f} GiB) exceeds this "
                          f"machine's memory")
     if "layers" not in f:
         raise MpinnError(f"{name}: missing group /layers")
@@ -441,7 +441,7 @@ def check_room(path: str, spec: ModelSpec) -> None:
     for ly in spec.layers:
         per_row = ly.n_in if not ly.sparse else max(1, ly.nnz // ly.n_out)
         block = max(block, 3 * 8 * min(INIT_BLOCK_ROWS, ly.n_out) * per_row)  # float64 draws
-    check_space(path, file_bytes(spec), max(block, 16 * spec.n_neurons),
+    check_space(path, file_bytes(spec), max(block, 4 * spec.n_neurons),  # the owner array
                 f"a model of {sizes} ({spec.n_neurons:,} neurons, {spec.n_parameters:,} "
                 "parameters)")
 
@@ -500,14 +500,15 @@ def write_model(path: str, sizes: Sequence[int], layers: Iterable[LayerArrays], 
 
 def _csr_counts(seed: int, layer: int, n_in: int, n_out: int, sparse: SparseInit,
                 comm: MPI.Comm) -> np.ndarray:
-    """Stored weights per row of a new CSR layer (the same on every rank)."""
+    """Stored weights per row of a new CSR layer (the same on every rank): only the
+    counts, the first draw of each block's wiring stream, are drawn here."""
     if sparse.fan_in is not None:
         return np.full(n_out, sparse.fan_in, dtype=np.int64)
     n_blocks = -(-n_out // INIT_BLOCK_ROWS)
     count, first = blockdist(n_blocks, comm.size, comm.rank)
-    mine = [random_pattern(np.random.default_rng([seed, layer, block, 1]),
+    mine = [pattern_counts(np.random.default_rng([seed, layer, block, 1]),
                            min(INIT_BLOCK_ROWS, n_out - block * INIT_BLOCK_ROWS), n_in, None,
-                           sparse.density)[0] for block in range(first, first + count)]
+                           sparse.density) for block in range(first, first + count)]
     mine_counts = np.concatenate(mine) if mine else np.zeros(0, dtype=np.int64)
     return np.concatenate(comm.allgather(mine_counts))
 

@@ -209,27 +209,83 @@ def csr_weight_grad(indptr: np.ndarray, indices: np.ndarray, entry_rows: np.ndar
                                      x[indices[start:stop]])
 
 
+def pattern_counts(rng: np.random.Generator, n_rows: int, n_in: int, fan_in: int | None,
+                   density: float | None) -> np.ndarray:
+    """Connections of each of ``n_rows`` new sparse neurons: ``fan_in`` each, or a
+    binomial(n_in, density) count (the number of successes of a Bernoulli row).
+
+    The first draw of a block's wiring stream, so the counts alone are cheap to redo.
+    """
+    if fan_in is not None:
+        return np.full(n_rows, fan_in, dtype=np.int64)
+    return rng.binomial(n_in, density, size=n_rows).astype(np.int64)
+
+
 def random_pattern(rng: np.random.Generator, n_rows: int, n_in: int, fan_in: int | None,
                    density: float | None) -> tuple[np.ndarray, np.ndarray]:
     """CSR pattern (row counts, sorted column indices) of ``n_rows`` new sparse neurons.
 
     ``fan_in`` K: K distinct random inputs per neuron. ``density`` D: each connection
-    exists with probability D. Drawn a few rows at a time so no dense block is formed.
+    exists with probability D, drawn as a binomial count per row and then that many
+    distinct positions (the same law as a Bernoulli per pair). O(connections) work.
     """
-    step = max(1, (1 << 22) // n_in)
-    counts, columns = [], []
-    for start in range(0, n_rows, step):
-        rows = min(step, n_rows - start)
-        if fan_in is not None:
-            keys = rng.random((rows, n_in))
-            chosen = np.sort(np.argpartition(keys, fan_in - 1, axis=1)[:, :fan_in], axis=1)
-            counts.append(np.full(rows, fan_in, dtype=np.int64))
-            columns.append(chosen.reshape(-1))
-        else:
-            mask = rng.random((rows, n_in)) < density
-            counts.append(mask.sum(axis=1).astype(np.int64))
-            columns.append(np.nonzero(mask)[1])
-    return np.concatenate(counts), np.concatenate(columns).astype(np.int64)
+    counts = pattern_counts(rng, n_rows, n_in, fan_in, density)
+    return counts, distinct_columns(rng, counts, n_in)
+
+
+def distinct_columns(rng: np.random.Generator, counts: np.ndarray, n_in: int,
+                     chunk_elements: int = 1 << 22) -> np.ndarray:
+    """``counts[i]`` distinct columns in 0..n_in-1 for each row i, each row's sorted, rows
+    concatenated; every subset of a row's size equally likely.
+
+    A row that takes at most a quarter of its inputs (or leaves out at most a quarter,
+    drawn as the complement) is sampled with replacement and its repeats redrawn until
+    none is left: about one draw per connection. A row in between ranks random keys over
+    all its inputs, at most four per connection. No Python loop runs over rows.
+    """
+    counts = np.asarray(counts, dtype=np.int64)
+    if counts.size and (counts.min() < 0 or counts.max() > n_in):
+        raise MpinnError(f"cannot draw {counts.max()} distinct inputs out of {n_in}")
+    full = 2 * counts > n_in
+    drawn = np.where(full, n_in - counts, counts)
+    middle = 4 * drawn > n_in
+    rows = np.arange(counts.size, dtype=np.int64)
+    parts = [_rejection_keys(rng, rows[~middle], drawn[~middle], n_in)]
+    middle_rows = rows[middle]
+    step = max(1, chunk_elements // n_in)
+    for start in range(0, middle_rows.size, step):
+        chunk = middle_rows[start:start + step]
+        order = np.argsort(rng.random((chunk.size, n_in)), axis=1)
+        taken = order[np.arange(n_in) < drawn[chunk, None]]
+        parts.append(np.repeat(chunk, drawn[chunk]) * n_in + taken)
+    keys = np.sort(np.concatenate(parts))
+    full_rows = np.flatnonzero(full)
+    if full_rows.size:  # what was drawn for these rows is the inputs they leave out
+        left_out = full[keys // n_in]
+        mask = np.ones((full_rows.size, n_in), dtype=bool)
+        mask[np.searchsorted(full_rows, keys[left_out] // n_in), keys[left_out] % n_in] = False
+        slot, column = np.nonzero(mask)
+        keys = np.sort(np.concatenate([keys[~left_out], full_rows[slot] * n_in + column]))
+    return keys % n_in
+
+
+def _rejection_keys(rng: np.random.Generator, rows: np.ndarray, drawn: np.ndarray,
+                    n_in: int) -> np.ndarray:
+    """Sorted keys ``row * n_in + column``, ``drawn[i]`` distinct columns for ``rows[i]``.
+
+    Drawn with replacement, then each repeat redrawn; every round treats all columns
+    alike, so the set it ends with is uniform among the sets of its size. With at most a
+    quarter of a row taken, each round leaves under a quarter of its redraws repeated.
+    """
+    row_of = np.repeat(rows, drawn)
+    keys = np.sort(row_of * n_in + rng.integers(0, n_in, size=row_of.size))
+    while True:
+        repeat = np.flatnonzero(keys[1:] == keys[:-1]) + 1
+        if repeat.size == 0:
+            return keys
+        again = keys[repeat] // n_in * n_in + rng.integers(0, n_in, size=repeat.size)
+        # the kept keys are still sorted: a stable sort (timsort) merges the two runs
+        keys = np.sort(np.concatenate([np.delete(keys, repeat), np.sort(again)]), kind="stable")
 
 
 def init_rows(rng: np.random.Generator, n_rows: int, n_in: int, n_out: int, activation: str,

@@ -22,3 +22,34 @@ def test_many_cores_script_runs_every_benchmark_at_tiny_sizes(tmp_path):
     assert sparse.count("categories match") == 5 and "WRONG" not in sparse, sparse
     train = (tmp_path / "train-p4.txt").read_text()
     assert "mpinn, mpirun -n 4" in train and "ceiling: GEMM peak" in train, train
+
+
+def test_scale_benchmark_times_every_stage_and_prints_its_slope():
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks/scale.py"), "--ranks", "2",
+                             "--grid", "1024x2,2048x2,1024x4", "--fan-in", "4"],
+                            capture_output=True, text=True, env=ENV, timeout=300, cwd=ROOT)
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout
+    assert re.search(r"^\s+2048\s+2\s+16,384(\s+\d+\.\d\d){6}$", out, re.M), out
+    for stage in ("init", "partition", "load", "plans", "inference", "checkpoint"):
+        assert re.search(rf"^  {stage}\s+-?\d+\.\d\d\s+-?\d+\.\d\d$", out, re.M), out
+    assert re.search(r"metadata / rows at \d+x\d+: \S+ \(ceiling 0.1\)", out), out
+
+
+def test_many_cores_scale_script_runs_every_part_at_tiny_sizes(tmp_path):
+    """QUICK=1: both challenge runs (generated in parallel, checked against their truth) and
+    the scale benchmark, each part's output in OUT_DIR."""
+    env = {**ENV, "QUICK": "1", "PYTHON": sys.executable, "TMPDIR": str(tmp_path)}
+    result = subprocess.run(["bash", str(ROOT / "benchmarks/many_cores_scale.sh"),
+                             str(tmp_path / "out")], capture_output=True, text=True, env=env,
+                            timeout=600, cwd=ROOT)
+    assert result.returncode == 0, result.stdout + result.stderr
+    for name in ("sparse-16384", "sparse-65536"):
+        text = (tmp_path / "out" / f"{name}.txt").read_text()
+        assert "scipy loop on 2 processes" in text and ": match" in text, text
+        assert re.search(r"G edges/s.*\n.*load \(I/O and partition\) [\d.]+ s\n"
+                         r"  memory per rank: peak RSS \d+ MiB", text), text
+        assert "exit 0, wall" in text, text
+    scale = (tmp_path / "out" / "scale.txt").read_text()
+    assert "log-log slope against connections" in scale and "exit 0, wall" in scale, scale
+    assert not list(tmp_path.glob("mpinn-scale-nets.*")), "the networks were not removed"

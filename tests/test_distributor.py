@@ -4,10 +4,12 @@ import json
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mpinn import distributor as d
 from mpinn.errors import MpinnError
-from mpinn.metadata import MetadataTable
+from mpinn.metadata import RUN_BYTES, MetadataTable, OwnerArray, OwnerRuns, owner_dtype
 from tests.helpers import STRATEGIES, strategy_params
 
 SIZES = [7, 13, 11, 5]
@@ -91,3 +93,86 @@ def test_metadata_local_index_is_position_among_owners_rows():
 def test_metadata_refuses_owner_outside_job():
     with pytest.raises(MpinnError, match="rank 3, outside 0..1"):
         MetadataTable.build(SIZES, np.full(36, 3), 2)
+
+
+def plain_lookups(owner: np.ndarray, nranks: int) -> tuple[np.ndarray, list[np.ndarray], np.ndarray]:
+    """What the table must answer, from the plain owner array: local index of each neuron
+    (its position among its owner's neurons), each rank's rows and counts."""
+    rows = [np.flatnonzero(owner == r) for r in range(nranks)]
+    local = np.empty(owner.size, dtype=np.int64)
+    for r in range(nranks):
+        local[rows[r]] = np.arange(rows[r].size)
+    return local, rows, np.array([x.size for x in rows])
+
+
+def check_table_against_owner(table: MetadataTable, owner: np.ndarray, sizes: list[int],
+                              nranks: int) -> None:
+    offsets = np.concatenate([[0], np.cumsum(sizes)])
+    for layer, n in enumerate(sizes):
+        layer_owner = owner[offsets[layer]:offsets[layer + 1]]
+        local, rows, counts = plain_lookups(layer_owner, nranks)
+        index = np.arange(n)
+        assert np.array_equal(table.owner_of(layer, index), layer_owner)
+        assert np.array_equal(table.local_index(layer, index), local)
+        assert np.array_equal(table.layer_owner(layer), layer_owner)
+        picked = index[::-1][::3]  # lookups of a subset, out of order
+        assert np.array_equal(table.owner_of(layer, picked), layer_owner[picked])
+        assert np.array_equal(table.local_index(layer, picked), local[picked])
+        assert np.array_equal(table.counts(layer), counts)
+        for r in range(nranks):
+            assert np.array_equal(table.rows(layer, r), rows[r])
+    assert np.array_equal(table.owner, owner)
+
+
+@settings(max_examples=150, deadline=None)
+@given(data=st.data(), sizes=st.lists(st.integers(1, 60), min_size=2, max_size=5),
+       nranks=st.integers(1, 6), run_length=st.integers(1, 40))
+def test_metadata_lookups_on_runs_and_arrays_equal_the_plain_owner_array(data, sizes, nranks,
+                                                                          run_length):
+    """Random partitions made of runs of random ranks: long runs are stored as runs, short
+    ones as an owner array; every lookup must agree with the owner array either way."""
+    total = sum(sizes)
+    ranks = data.draw(st.lists(st.integers(0, nranks - 1), min_size=-(-total // run_length),
+                               max_size=-(-total // run_length)))
+    owner = np.repeat(np.asarray(ranks, dtype=np.int32), run_length)[:total]
+    check_table_against_owner(MetadataTable.build(sizes, owner, nranks), owner, sizes, nranks)
+    # and both forms on every layer, whichever the table picked
+    layer_owner = owner[:sizes[0]]
+    local, rows, counts = plain_lookups(layer_owner, nranks)
+    index = np.arange(sizes[0])[::-1]
+    for form in (OwnerRuns.from_owner(layer_owner, nranks),
+                 OwnerArray(layer_owner.astype(owner_dtype(nranks)))):
+        assert np.array_equal(form.owner_of(index), layer_owner[index])
+        assert np.array_equal(form.local_index(index), local[index])
+        assert np.array_equal(form.counts(nranks), counts)
+        assert np.array_equal(form.owners(), layer_owner)
+        assert all(np.array_equal(form.rows(r), rows[r]) for r in range(nranks))
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("nranks", [1, 2, 3, 4])
+def test_metadata_of_every_strategy_answers_like_its_owner_array(strategy, nranks):
+    sizes = [40, 300, 260, 9]
+    owner = d.partition(sizes, nranks, strategy, strategy_params(strategy, sizes, nranks))
+    check_table_against_owner(MetadataTable.build(sizes, owner, nranks), owner, sizes, nranks)
+
+
+def test_metadata_of_contiguous_partitions_is_a_few_integers_per_rank_and_layer():
+    sizes = [2**20, 2**20, 16]
+    table = MetadataTable.build(sizes, d.balanced(sizes, 4), 4)
+    assert all(isinstance(layer, OwnerRuns) for layer in table.layers[:2])
+    # 4 runs per wide layer; the 16 outputs are cheaper as 16 one-byte owners
+    assert table.nbytes <= 2 * 5 * RUN_BYTES + 16 + 8 * (len(sizes) + 1)
+
+
+def test_metadata_of_scattered_owners_is_one_small_integer_per_neuron():
+    rng = np.random.default_rng(0)
+    sizes = [5000, 7000]
+    for nranks, width in ((3, 1), (256, 1), (257, 2), (70000, 4)):
+        owner = rng.integers(0, nranks, size=sum(sizes)).astype(np.int32)
+        table = MetadataTable.build(sizes, owner, nranks)
+        assert all(isinstance(layer, OwnerArray) for layer in table.layers)
+        assert table.nbytes == width * sum(sizes) + table.offsets.nbytes
+        assert owner_dtype(nranks).itemsize == width
+        # lookups are widened: subtracting a rank never wraps around
+        assert table.owner_of(0, np.arange(3)).dtype == np.int64

@@ -2,6 +2,8 @@
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mpinn import kernels
 from mpinn.errors import MpinnError
@@ -89,3 +91,56 @@ def test_softmax_only_allowed_last_and_unknown_refused():
 def test_init_rows_bounds_follow_fan_in():
     w, b = kernels.init_rows(np.random.default_rng(0), 50, 100, 10, "relu", np.float32)
     assert w.dtype == np.float32 and np.abs(w).max() <= np.sqrt(6 / 100) and not b.any()
+
+
+def pattern_rows(counts: np.ndarray, columns: np.ndarray) -> list[np.ndarray]:
+    return np.split(columns, np.cumsum(counts)[:-1])
+
+
+@settings(max_examples=60, deadline=None)
+@given(n_in=st.integers(1, 300), counts=st.lists(st.integers(0, 300), min_size=1, max_size=40),
+       seed=st.integers(0, 2**32 - 1))
+def test_distinct_columns_are_distinct_sorted_in_range_and_as_many_as_asked(n_in, counts, seed):
+    counts = np.minimum(np.asarray(counts), n_in)  # every regime: sparse, middle, complement
+    columns = kernels.distinct_columns(np.random.default_rng(seed), counts, n_in)
+    assert columns.size == counts.sum()
+    for row, count in zip(pattern_rows(counts, columns), counts, strict=True):
+        assert row.size == count and np.all(np.diff(row) > 0)
+        assert row.size == 0 or (row[0] >= 0 and row[-1] < n_in)
+
+
+@pytest.mark.parametrize("fan_in", [2, 4, 7, 9])  # rejection, middle (argsort), complement, rejection
+def test_fan_in_pattern_is_uniform_over_inputs_and_pairs(fan_in):
+    n_in, n_rows = 12 if fan_in < 9 else 40, 30000
+    counts, columns = kernels.random_pattern(np.random.default_rng(fan_in), n_rows, n_in,
+                                             fan_in, None)
+    assert np.array_equal(counts, np.full(n_rows, fan_in))
+    # each input is chosen with probability K/n, each pair of inputs with K(K-1)/(n(n-1))
+    hits = np.bincount(columns, minlength=n_in) / n_rows
+    sigma = np.sqrt(fan_in / n_in * (1 - fan_in / n_in) / n_rows)
+    assert np.abs(hits - fan_in / n_in).max() < 5 * sigma
+    rows = np.stack(pattern_rows(counts, columns))
+    together = np.mean(np.any(rows == 0, axis=1) & np.any(rows == 1, axis=1))
+    p_pair = fan_in * (fan_in - 1) / (n_in * (n_in - 1))
+    assert abs(together - p_pair) < 5 * np.sqrt(p_pair * (1 - p_pair) / n_rows)
+
+
+@pytest.mark.parametrize("density", [0.01, 0.3, 0.6, 0.95])
+def test_density_pattern_counts_are_binomial_and_positions_uniform(density):
+    n_in, n_rows = 200, 20000
+    counts, columns = kernels.random_pattern(np.random.default_rng(5), n_rows, n_in, None, density)
+    mean, var = n_in * density, n_in * density * (1 - density)
+    assert abs(counts.mean() - mean) < 5 * np.sqrt(var / n_rows)
+    assert abs(counts.var() / var - 1) < 0.1
+    hits = np.bincount(columns, minlength=n_in) / n_rows
+    assert np.abs(hits - density).max() < 5 * np.sqrt(density * (1 - density) / n_rows)
+    # the counts are the stream's first draw: a counts-only pass sees the same ones
+    again = kernels.pattern_counts(np.random.default_rng(5), n_rows, n_in, None, density)
+    assert np.array_equal(again, counts)
+
+
+def test_wide_fan_in_pattern_costs_connections_not_rows_times_inputs():
+    # 1024 rows of 8 inputs out of 2^30: a per-(row, input) draw could not even allocate this
+    counts, columns = kernels.random_pattern(np.random.default_rng(0), 1024, 2**30, 8, None)
+    assert columns.size == 8192 and columns.max() < 2**30
+    assert all(np.all(np.diff(row) > 0) for row in pattern_rows(counts, columns))

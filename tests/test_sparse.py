@@ -82,6 +82,9 @@ def test_sparse_model_trains_and_predicts_from_the_cli(tmp_path):
     out = ok(mpinn(1, "inspect", str(model)))
     assert "relu_cap(3)" in out and "csr" in out and "partition 'mc': strategy mincut" in out
     assert "local edges" in out
+    # the replicated table of a 3-rank mincut partition: one byte per neuron at most
+    memory = re.search(r"metadata table ([\d,]+) B \(([\d.e+-]+) B per neuron\), rows", out)
+    assert memory and float(memory.group(2)) <= 1.0 + 8 * 5 / (20 + 64 + 48 + 5), out
     ok(mpinn(3, "train", str(model), "--data", str(data), "--partition", "mc", "--epochs", "2",
              "--lr", "0.05"))
     with h5py.File(model, "r") as f:  # the wiring is kept: 6 inputs per neuron still
@@ -93,6 +96,23 @@ def test_sparse_model_trains_and_predicts_from_the_cli(tmp_path):
     with h5py.File(preds, "r") as f:
         written = f["outputs"][...]
     assert_close(written, Reference.from_file(str(model)).forward(x)[1][-1], "float32", "outputs")
+
+
+@pytest.mark.parametrize("wiring", [("--fan-in", "5"), ("--density", "0.3")])
+def test_sparse_init_under_mpirun_writes_the_same_file_as_one_process(tmp_path, wiring):
+    """Wiring and weights come per block of rows from the block's own streams: 1 rank and 3
+    ranks (2100 rows: three blocks, one short) must write bitwise the same arrays."""
+    files = []
+    for nranks in (1, 3):
+        files.append(tmp_path / f"{nranks}.h5")
+        ok(mpinn(nranks, "init", str(files[-1]), "--sizes", "40,2100,3", "--storage", "csr,dense",
+                 *wiring, "--seed", "9"))
+    with h5py.File(files[0], "r") as a, h5py.File(files[1], "r") as b:
+        for name in ("layers/1/indptr", "layers/1/indices", "layers/1/data", "layers/1/bias",
+                     "layers/2/weight", "layers/2/bias"):
+            assert np.array_equal(a[name][...], b[name][...]), name
+        counts = np.diff(a["layers/1/indptr"][...])
+    assert counts.min() > 0 and (wiring[0] == "--density" or np.all(counts == 5))
 
 
 def test_bad_csr_structure_is_refused_on_every_rank(tmp_path):
@@ -123,6 +143,32 @@ def test_bench_sparse_dnn_finds_the_single_process_categories(tmp_path):
                    "--samples", "200", "--dir", str(tmp_path), "--drop-dead", "--batch-size", "64",
                    timeout=300))
     assert "dead samples dropped" in out and f"categories: {found.group(1)} of 200" in out, out
+
+
+def test_bench_network_made_under_mpirun_is_the_one_process_network(tmp_path):
+    """Ranks write disjoint layers and split the truth by samples: at 1 and 3 ranks the
+    files hold the same arrays, and the truth is that of sparse_dnn.infer, layer by layer."""
+    n, n_layers, samples = 1024, 7, 90
+    files = {}
+    for nranks in (1, 3):
+        directory = tmp_path / str(nranks)
+        out = ok(mpinn(nranks, "bench", "sparse-dnn", "--neurons", str(n), "--layers",
+                       str(n_layers), "--samples", str(samples), "--dir", str(directory),
+                       timeout=300))
+        assert f"scipy loop on {nranks} processes" in out and "match" in out, out
+        files[nranks] = bench.default_paths(str(directory), n, n_layers, samples, 0)
+    for one, three in zip(files[1], files[3], strict=True):
+        with h5py.File(one, "r") as a, h5py.File(three, "r") as b:
+            names: list[str] = []
+            a.visit(lambda name, names=names: names.append(name))
+            for name in names:
+                if isinstance(a[name], h5py.Dataset):
+                    assert np.array_equal(a[name][...], b[name][...]), name
+    y0 = sparse_dnn.sparse_inputs(n, samples)
+    layers = (sparse_dnn.radixnet_layer(n, i) for i in range(1, n_layers + 1))
+    truth = sparse_dnn.categories(sparse_dnn.infer(layers, sparse_dnn.challenge_bias(n), y0))
+    with h5py.File(files[3][1], "r") as f:
+        assert np.array_equal(f["categories"][...], truth) and 0 < truth.size < samples
 
 
 def test_dropping_dead_samples_is_refused_where_zero_need_not_stay_zero(tmp_path):
