@@ -133,6 +133,30 @@ def test_failure_on_one_nodes_rank_ends_the_job_on_every_node(cluster, tmp_path,
     assert_nothing_left_on_the_nodes()
 
 
+THREADS_PROBE = (
+    "import os, mpinn, numpy; from threadpoolctl import threadpool_info; from mpi4py import MPI; "
+    "blas = [i['num_threads'] for i in threadpool_info() if i['user_api'] == 'blas']; "
+    "seen = MPI.COMM_WORLD.gather((MPI.Get_processor_name(), blas, "
+    "len(os.sched_getaffinity(0)))); MPI.COMM_WORLD.rank == 0 and print(repr(seen))")
+
+
+def assert_blas_threads_share_each_nodes_cores(seen: list[tuple[str, list[int], int]],
+                                               layout: Sequence[int]) -> None:
+    """Each rank's BLAS threads are its cores over the ranks on *its* node."""
+    hosts = [host for host, _, _ in seen]
+    assert sorted(hosts.count(h) for h in set(hosts)) == sorted(layout), seen
+    for host, blas, cores in seen:
+        assert blas and set(blas) == {max(1, cores // hosts.count(host))}, seen
+
+
+def test_blas_threads_per_rank_follow_the_ranks_on_its_own_node(cluster):
+    layout = (1, 3)  # rank 0 alone on node1, three ranks on node2
+    result = subprocess.run(across(layout, sys.executable, "-c", THREADS_PROBE),
+                            capture_output=True, text=True, timeout=60,
+                            env={k: v for k, v in ENV.items() if not k.endswith("_NUM_THREADS")})
+    assert_blas_threads_share_each_nodes_cores(eval(ok(result)), layout)
+
+
 @pytest.fixture(scope="module")
 def workload(tmp_path_factory) -> dict[str, Path]:
     """A model and data big enough to stop mid-checkpoint, and its uninterrupted run's
@@ -293,3 +317,12 @@ def test_sparse_dnn_job_on_two_nodes_reports_matching_categories(slurm, tmp_path
     log = (tmp_path / f"mpinn-sparse-dnn-{job}.out").read_text()
     assert "4 ranks" in log and "G edges/s" in log and ": match" in log, log
     assert job_nodes(slurm, job) == "node[1-2]"
+
+
+def test_srun_ranks_take_blas_threads_from_their_own_nodes_share(slurm):
+    """srun -N 2 -n 3 puts two tasks on node1 and one on node2: only the per-node list says so."""
+    env = {k: v for k, v in slurm.items() if not k.endswith("_NUM_THREADS")}
+    result = subprocess.run(["srun", f"--nodes={NODES}", "--ntasks=3", "--mpi=pmix", PYTHON, "-c",
+                             THREADS_PROBE], capture_output=True, text=True, timeout=120, env=env,
+                            cwd=ROOT)
+    assert_blas_threads_share_each_nodes_cores(eval(ok(result)), (2, 1))
