@@ -34,6 +34,10 @@ def _partition_flags(p: argparse.ArgumentParser, stored: bool = True) -> None:
                    help="owning rank of each layer, inputs first (strategy layers)")
 
 
+NODES_HELP = ("show bytes between nodes with K consecutive ranks per node (default: this "
+              "job's own nodes, when it has the partition's rank count)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mpinn", description="Neural networks partitioned across MPI ranks at neuron "
@@ -72,9 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print what every strategy would exchange, its imbalance and local "
                    "edges; store nothing")
     _partition_flags(p, stored=False)
+    p.add_argument("--ranks-per-node", type=int, metavar="K", help=NODES_HELP)
 
     p = sub.add_parser("inspect", help="print layers, partitions and their traffic")
     p.add_argument("model")
+    p.add_argument("--ranks-per-node", type=int, metavar="K", help=NODES_HELP)
 
     for name, text in (("train", "train the model in place"),
                        ("evaluate", "print loss and accuracy on a data file"),
@@ -345,7 +351,7 @@ def run(args: argparse.Namespace) -> int:
         from mpinn.describe import compare, store_partition
         choice = _choice(args)
         if args.compare:
-            text = compare(args.model, args.ranks, comm, choice.params)
+            text = compare(args.model, args.ranks, comm, choice.params, args.ranks_per_node)
             if rank0:
                 print(text)
             return 0
@@ -354,7 +360,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.command == "inspect":
         from mpinn.describe import describe
-        text = describe(args.model, comm)
+        text = describe(args.model, comm, args.ranks_per_node)
         if rank0:
             print(text)
         return 0

@@ -98,20 +98,48 @@ def test_ranks_run_on_two_nodes_with_their_own_hostnames_and_addresses(cluster):
                         (2, "node2", "10.77.0.2"), (3, "node2", "10.77.0.2")]), seen
 
 
+def mpi_tests_across(layout: Sequence[int], *pytest_args: str, timeout: float = 560
+                     ) -> subprocess.CompletedProcess:
+    """The MPI tests of ``pytest_args`` with their ranks on the nodes (rank 0 reports)."""
+    quiet_but_rank0 = ["sh", "-c", '[ "$OMPI_COMM_WORLD_RANK" = 0 ] || exec >/dev/null; '
+                       'exec "$0" "$@"']
+    return subprocess.run(
+        across(layout, *quiet_but_rank0, sys.executable, "-m", "pytest", "-q", "-p",
+               "no:cacheprovider", "--color=no", "--with-mpi", "-m", "mpi", *pytest_args),
+        capture_output=True, text=True, timeout=timeout, env=ENV, cwd=ROOT)
+
+
+def passed(result: subprocess.CompletedProcess) -> str:
+    """pytest's summary line, after checking the run passed."""
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout.strip().splitlines()[-1]
+
+
 def test_every_strategy_trains_and_predicts_as_the_reference_across_nodes(cluster):
     """tests/test_engine_mpi.py's equivalence tests (all seven strategies, dense, sparse and
     mixed models, float32 and float64) with their ranks on two nodes."""
-    quiet_but_rank0 = ["sh", "-c", '[ "$OMPI_COMM_WORLD_RANK" = 0 ] || exec >/dev/null; '
-                       'exec "$0" "$@"']
-    result = subprocess.run(
-        across(LAYOUT, *quiet_but_rank0, sys.executable, "-m", "pytest", "-q", "-p",
-               "no:cacheprovider", "--color=no", "--with-mpi", "-m", "mpi",
-               "tests/test_engine_mpi.py", "-k", "trained_weights_equal or predict_equals"),
-        capture_output=True, text=True, timeout=560, env=ENV, cwd=ROOT)
-    summary = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else ""
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    summary = passed(mpi_tests_across(LAYOUT, "tests/test_engine_mpi.py", "-k",
+                                      "trained_weights_equal or predict_equals"))
     # 7 strategies x 2 dtypes x 4 models, trained and predicted; nothing skipped
     assert re.fullmatch(r"112 passed, \d+ deselected in .*", summary), summary
+
+
+def test_bytes_between_nodes_are_reported_as_the_plans_send_them(cluster, tmp_path):
+    """tests/test_topology.py's MPI tests on two nodes, and partition --compare run across the
+    nodes telling the same bytes between nodes as when told the layout (--ranks-per-node)."""
+    summary = passed(mpi_tests_across(LAYOUT, "tests/test_topology.py", timeout=180))
+    assert re.fullmatch(r"10 passed, \d+ deselected in .*", summary), summary
+    model = tmp_path / "model.h5"
+    ok(mpinn(1, "init", str(model), "--sizes", "64,300,300,10", "--storage", "dense,csr,dense",
+             "--fan-in", "20", "--seed", "1"))
+    there = ok(on_cluster(LAYOUT, "partition", str(model), "--ranks", "4", "--compare"))
+    told = ok(mpinn(1, "partition", str(model), "--ranks", "4", "--compare",
+                    "--ranks-per-node", "2"))
+    assert "nodes: 2 nodes: 2+2 ranks (this job's placement)" in there, there
+    between = [line for line in there.splitlines() if "between nodes" in line]
+    assert len(between) == 4, there  # balanced, layers, nnz, mincut (the others need parameters)
+    assert between == [line for line in told.splitlines() if "between nodes" in line]
+    assert all(" 0 B" not in line.split("inside")[0] for line in between), between
 
 
 @pytest.mark.parametrize("fault, message", [
