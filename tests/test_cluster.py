@@ -128,7 +128,7 @@ def test_bytes_between_nodes_are_reported_as_the_plans_send_them(cluster, tmp_pa
     """tests/test_topology.py's MPI tests on two nodes, and partition --compare run across the
     nodes telling the same bytes between nodes as when told the layout (--ranks-per-node)."""
     summary = passed(mpi_tests_across(LAYOUT, "tests/test_topology.py", timeout=180))
-    assert re.fullmatch(r"10 passed, \d+ deselected in .*", summary), summary
+    assert re.fullmatch(r"7 passed, \d+ deselected in .*", summary), summary
     model = tmp_path / "model.h5"
     ok(mpinn(1, "init", str(model), "--sizes", "64,300,300,10", "--storage", "dense,csr,dense",
              "--fan-in", "20", "--seed", "1"))
