@@ -62,6 +62,9 @@ if ! why=$(ip netns add mpn1 2>&1) || ! why=$(ip link add mpnbr0 type bridge 2>&
     echo "cluster-up: cannot make network namespaces here: $why" >&2
     exit 2
 fi
+# from here on a failure leaves nothing half made
+trap 'echo "cluster-up: failed (line $LINENO); taking down what was made" >&2
+      bash "$HERE/cluster-down.sh"' ERR
 mkdir -p "$DIR"
 echo "$NODES $RATE" > "$DIR/nodes"
 ip addr add 10.77.0.254/24 dev mpnbr0

@@ -65,12 +65,20 @@ def on_cluster(layout: Sequence[int], *args: str, timeout: float = 180,
 
 
 def processes_on_nodes() -> list[int]:
-    """PIDs of every process inside the nodes' namespaces (all of them started by these tests)."""
+    """PIDs of the processes inside the nodes' namespaces (all started by these tests), but
+    the SLURM daemons'."""
     pids = []
     for i in range(1, NODES + 1):
         out = subprocess.run(["ip", "netns", "pids", f"mpn{i}"], capture_output=True, text=True)
-        pids += [int(p) for p in out.stdout.split()]
+        pids += [int(p) for p in out.stdout.split() if _command(int(p)) != "slurmd"]
     return pids
+
+
+def _command(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
 
 
 def assert_nothing_left_on_the_nodes(timeout: float = 20) -> None:
