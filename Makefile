@@ -10,7 +10,7 @@ export OMPI_MCA_mpi_yield_when_idle=1
 # a failing MPI run is killed after this many seconds rather than left to hang
 MPI_TIMEOUT ?= 900
 
-.PHONY: setup test test-serial test-mpi test-pip lint run bench clean
+.PHONY: setup test test-serial test-mpi test-cluster test-pip lint run bench clean
 
 setup: $(VENV)/.setup-done
 
@@ -18,10 +18,10 @@ $(VENV)/.setup-done: scripts/setup.sh pyproject.toml
 	bash scripts/setup.sh
 	touch $@
 
-test: setup lint test-serial test-mpi test-pip
+test: setup lint test-serial test-mpi test-cluster test-pip
 
 test-serial: setup
-	$(PY) -m pytest -q -p no:cacheprovider tests
+	$(PY) -m pytest -q -p no:cacheprovider -m "not cluster" tests
 
 # every rank runs the tests; only rank 0's report reaches stdout (failures on any rank are
 # printed to stderr by tests/conftest.py before the job is aborted)
@@ -36,6 +36,12 @@ test-mpi: setup
 	@MPINN_IO=independent timeout -k 10 $(MPI_TIMEOUT) $(MPIRUN) -n 3 sh -c \
 	  '[ "$$OMPI_COMM_WORLD_RANK" = 0 ] || exec >/dev/null; exec "$$0" "$$@"' $(PY) -m pytest -q \
 	  -p no:cacheprovider --color=no --with-mpi -m mpi tests
+
+# 2 nodes x 2 ranks over TCP on network namespaces (scripts/cluster-up.sh, root), once; the
+# nodes come down after it even when the time bound killed pytest before its teardown
+test-cluster: setup
+	@timeout -k 10 $(MPI_TIMEOUT) $(PY) -m pytest -q -p no:cacheprovider -m cluster \
+	  tests/test_cluster.py; status=$$?; bash scripts/cluster-down.sh 2>/dev/null; exit $$status
 
 # a second environment as a user without root builds it: MPI and serial h5py from PyPI
 PIP_VENV ?= .venv-pip

@@ -1,6 +1,7 @@
 """mpinn: neural networks partitioned across MPI ranks at neuron granularity."""
 
 import os as _os
+from collections.abc import Mapping
 
 
 def _default_blas_threads() -> None:
@@ -14,17 +15,38 @@ def _default_blas_threads() -> None:
     inherited = _os.environ.get("MPINN_AUTO_THREADS")
     if any(name in _os.environ and _os.environ[name] != inherited for name in names):
         return
-    local = (_os.environ.get("OMPI_COMM_WORLD_LOCAL_SIZE") or _os.environ.get("MPI_LOCALNRANKS")
-             or _os.environ.get("SLURM_NTASKS_PER_NODE") or "1")
-    try:
-        ranks = max(1, int(local.split("(")[0]))
-    except ValueError:
-        ranks = 1
+    ranks = _ranks_on_this_node(_os.environ)
     cores = len(_os.sched_getaffinity(0)) if hasattr(_os, "sched_getaffinity") else _os.cpu_count()
     threads = max(1, (cores or 1) // ranks)
     for name in names:
         _os.environ[name] = str(threads)
     _os.environ["MPINN_AUTO_THREADS"] = str(threads)
+
+
+def _ranks_on_this_node(env: Mapping[str, str]) -> int:
+    """How many ranks of the job share this node, from what the launcher tells each rank.
+
+    mpirun gives each rank its node's count; srun gives the step's counts of every node
+    (``SLURM_STEP_TASKS_PER_NODE``, e.g. ``2(x3),1``) and this node's index in them, which
+    differ from node to node when the tasks do not divide evenly.
+    """
+    local = env.get("OMPI_COMM_WORLD_LOCAL_SIZE") or env.get("MPI_LOCALNRANKS")
+    try:
+        if not local and env.get("SLURM_STEP_TASKS_PER_NODE") and env.get("SLURM_NODEID"):
+            local = _slurm_tasks_on_node(env["SLURM_STEP_TASKS_PER_NODE"], env["SLURM_NODEID"])
+        return max(1, int((local or env.get("SLURM_NTASKS_PER_NODE") or "1").split("(")[0]))
+    except ValueError:  # a launcher's value we cannot read: no worse than one rank per node
+        return 1
+
+
+def _slurm_tasks_on_node(counts: str, node: str) -> str:
+    """Node ``node``'s entry of SLURM's compressed per-node list: ``2(x3),1`` is 2, 2, 2, 1."""
+    expanded = []
+    for item in counts.split(","):
+        count, _, repeat = item.partition("(x")
+        expanded += [count] * (int(repeat.rstrip(")")) if repeat else 1)
+    index = int(node)
+    return expanded[index] if 0 <= index < len(expanded) else ""
 
 
 _default_blas_threads()

@@ -49,6 +49,10 @@ def _partition_flags(p: argparse.ArgumentParser, stored: bool = True) -> None:
                    help="owning rank of each layer, inputs first (strategy layers)")
 
 
+NODES_HELP = ("show bytes between nodes with K consecutive ranks per node (default: this "
+              "job's own nodes, when it has the partition's rank count)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="mpinn", description="Neural networks partitioned across MPI ranks at neuron "
@@ -88,9 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print what every strategy would exchange, its imbalance and local "
                    "edges; store nothing")
     _partition_flags(p, stored=False)
+    p.add_argument("--ranks-per-node", type=int, metavar="K", help=NODES_HELP)
 
     p = sub.add_parser("inspect", help="print layers, partitions and their traffic")
     p.add_argument("model")
+    p.add_argument("--ranks-per-node", type=int, metavar="K", help=NODES_HELP)
 
     for name, text in (("train", "train the model in place"),
                        ("evaluate", "print loss and accuracy on a data file"),
@@ -209,7 +215,7 @@ REQUIRED = {"init": ["sizes"], "partition": ["ranks"], "train": ["data"], "evalu
 LIST_FLAGS = {"sizes", "storage", "counts", "percentages", "layer_ranks"}  # "a,b,c" or a TOML list
 AT_LEAST = {"batch_size": 1, "epochs": 0, "keep": 1, "checkpoint_every": 0, "micro_batches": 1,
             "seed": 0, "ranks": 1, "neurons": 1, "layers": 1, "samples": 1, "features": 1,
-            "outputs": 1, "fan_in": 1, "threads": 1}
+            "outputs": 1, "fan_in": 1, "threads": 1, "ranks_per_node": 1}
 MAX_SEED = 2**63 - 1
 FLOAT_RANGES = {"lr": (lambda v: v > 0, "a positive number"),
                 "momentum": (lambda v: 0 <= v < 1, "in [0, 1)"),
@@ -597,7 +603,7 @@ def run(args: argparse.Namespace) -> int:
         from mpinn.describe import compare, store_partition
         choice = _choice(args)
         if args.compare:
-            text = compare(args.model, args.ranks, comm, choice.params)
+            text = compare(args.model, args.ranks, comm, choice.params, args.ranks_per_node)
             if rank0:
                 print(text)
             return 0
@@ -606,7 +612,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.command == "inspect":
         from mpinn.describe import describe
-        text = describe(args.model, comm)
+        text = describe(args.model, comm, args.ranks_per_node)
         if rank0:
             print(text)
         return 0

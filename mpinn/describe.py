@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 from mpi4py import MPI
 
-from mpinn import distributor
+from mpinn import distributor, topology
 from mpinn import format as fmt
 from mpinn.errors import MpinnError
 from mpinn.exchange import agree, dense_traffic, on_root
@@ -40,6 +40,7 @@ class RankTraffic:
     local_edges: int = 0   # connections whose input lives on the reading rank
     edges: int = 0
     forward_matrix: np.ndarray | None = None  # (ranks, ranks) bytes per sample, sender -> receiver
+    backward_matrix: np.ndarray | None = None  # the same for the partial sums sent back
 
     @property
     def imbalance(self) -> float:
@@ -90,6 +91,7 @@ def rank_traffic(spec: fmt.ModelSpec, table: MetadataTable,
     layer_nnz = np.zeros((len(spec.layers), p), dtype=np.int64)
     local_edges = edges = 0
     matrix = np.zeros((p, p), dtype=np.int64)
+    back = np.zeros((p, p), dtype=np.int64)
     for ly in spec.layers:
         rows = table.counts(ly.index)
         own_prev = table.counts(ly.index - 1)
@@ -117,8 +119,9 @@ def rank_traffic(spec: fmt.ModelSpec, table: MetadataTable,
         if ly.index > 1:  # input features get no gradient, so layer 1 sends nothing back
             bwd_send += traffic.sum(axis=0) * item
             bwd_recv += traffic.sum(axis=1) * item
+            back += traffic.T * item
     return RankTraffic(neurons, parameters, local, remote, fwd_send, fwd_recv, bwd_send, bwd_recv,
-                       layer_nnz, local_edges, edges, matrix)
+                       layer_nnz, local_edges, edges, matrix, back)
 
 
 def _table_text(traffic: RankTraffic) -> list[str]:
@@ -141,20 +144,58 @@ def _summary(traffic: RankTraffic) -> str:
             f"imbalance {traffic.imbalance:5.2f}  local edges {100 * traffic.local_fraction:5.1f}%")
 
 
-def describe(path: str, comm: MPI.Comm) -> str:
+def _node_summary(traffic: RankTraffic, node: np.ndarray) -> str:
+    """One line: the bytes per sample that cross between nodes and those that stay inside one."""
+    fwd_between, fwd_inside = topology.split_by_node(traffic.forward_matrix, node)
+    bwd_between, bwd_inside = topology.split_by_node(traffic.backward_matrix, node)
+    total = fwd_between + fwd_inside + bwd_between + bwd_inside
+    share = (fwd_between + bwd_between) / total if total else 0.0
+    return (f"between nodes fwd {fwd_between:>12,} B  bwd {bwd_between:>12,} B ({share:6.1%})  "
+            f"inside nodes fwd {fwd_inside:>12,} B  bwd {bwd_inside:>12,} B")
+
+
+def partition_nodes(comm: MPI.Comm, nranks: int, ranks_per_node: int | None) -> np.ndarray | None:
+    """The node of each of a partition's ranks (collective): ``ranks_per_node`` consecutive
+    ranks per node when given, else this job's own placement when it has ``nranks`` ranks,
+    else unknown (None)."""
+    job = topology.job_nodes(comm)
+    if ranks_per_node is not None:
+        return topology.block_nodes(nranks, ranks_per_node)
+    return job if comm.size == nranks else None
+
+
+def _nodes_line(node: np.ndarray | None, ranks_per_node: int | None) -> str:
+    if node is None:
+        return ("nodes: not known (run with the partition's rank count, or give "
+                "--ranks-per-node)")
+    how = "as given by --ranks-per-node" if ranks_per_node is not None else "this job's placement"
+    return f"nodes: {topology.describe_nodes(node)} ({how})"
+
+
+def describe(path: str, comm: MPI.Comm, ranks_per_node: int | None = None) -> str:
     """The text ``mpinn inspect`` prints (collective: every rank opens the file; rank 0
-    reads the wiring of sparse layers, one layer at a time, for the traffic figures)."""
+    reads the wiring of sparse layers, one layer at a time, for the traffic figures).
+    Bytes crossing between nodes are shown apart for a partition whose ranks' nodes are
+    known (``partition_nodes``)."""
+    job = topology.job_nodes(comm)
     with fmt.opened(path, "r", comm) as f:
         spec = agree(comm, lambda: fmt.read_spec(f))
         state = fmt.read_state_attrs(f)
         partitions = [(name, *fmt.read_partition(f, name)) for name in fmt.list_partitions(f)]
         wiring = fmt.wiring_reader(f, spec)
+
+        def nodes(nranks: int) -> np.ndarray | None:
+            if ranks_per_node is not None:
+                return topology.block_nodes(nranks, ranks_per_node)
+            return job if comm.size == nranks else None
+
         return on_root(comm, lambda: "\n".join(_describe_lines(path, spec, state, partitions,
-                                                               wiring)))
+                                                               wiring, nodes, ranks_per_node)))
 
 
 def _describe_lines(path: str, spec: fmt.ModelSpec, state: dict[str, Any], partitions: list,
-                    wiring: LayerEdges) -> list[str]:
+                    wiring: LayerEdges, nodes: Callable[[int], np.ndarray | None],
+                    ranks_per_node: int | None) -> list[str]:
     nbytes = spec.n_parameters * spec.dtype.itemsize
     lines = [f"{path}: mpinn format {fmt.FORMAT_VERSION}, {spec.dtype}, {len(spec.layers)} layers, "
              f"{spec.n_parameters:,} parameters ({nbytes / 2**20:.2f} MiB)",
@@ -182,6 +223,10 @@ def _describe_lines(path: str, spec: fmt.ModelSpec, state: dict[str, Any], parti
         lines.extend(_table_text(traffic))
         lines.append("  per sample: " + _summary(traffic))
         lines.append("  " + _memory_text(spec, table, traffic))
+        node = nodes(nranks)
+        lines.append("  " + _nodes_line(node, ranks_per_node))
+        if node is not None:
+            lines.append("  per sample: " + _node_summary(traffic, node))
     return lines
 
 
@@ -200,12 +245,16 @@ def _memory_text(spec: fmt.ModelSpec, table: MetadataTable, traffic: RankTraffic
             f"(metadata / rows {table.nbytes / max(int(rows.min()), 1):.3g})")
 
 
-def compare(path: str, nranks: int, comm: MPI.Comm, params: dict[str, Any] | None = None) -> str:
+def compare(path: str, nranks: int, comm: MPI.Comm, params: dict[str, Any] | None = None,
+            ranks_per_node: int | None = None) -> str:
     """``partition --compare``: what every strategy would cost this model on ``nranks`` ranks.
 
     Strategies that need parameters are compared with the ones given on the command line
     (``layers`` without them gets contiguous groups of layers balanced by stored weights).
+    Where the ranks' nodes are known (``partition_nodes``), each strategy's bytes between
+    nodes and inside nodes follow on a second line.
     """
+    node = partition_nodes(comm, nranks, ranks_per_node)
     with fmt.opened(path, "r", comm) as f:
         spec = agree(comm, lambda: fmt.read_spec(f))
         row_nnz = fmt.read_row_nnz(f, spec)
@@ -225,12 +274,15 @@ def compare(path: str, nranks: int, comm: MPI.Comm, params: dict[str, Any] | Non
 
         def text() -> str:
             lines = [f"{path}: {nranks} ranks, bytes exchanged per sample (forward: activations "
-                     "sent; backward: partial sums sent)"]
+                     "sent; backward: partial sums sent)", _nodes_line(node, ranks_per_node)]
             for strategy, table, why in rows:
                 if table is None:
                     lines.append(f"  {strategy:<10} not compared: {why}")
-                else:
-                    lines.append(f"  {strategy:<10} " + _summary(rank_traffic(spec, table, wiring)))
+                    continue
+                traffic = rank_traffic(spec, table, wiring)
+                lines.append(f"  {strategy:<10} " + _summary(traffic))
+                if node is not None:
+                    lines.append(f"  {'':<10} " + _node_summary(traffic, node))
             return "\n".join(lines)
 
         return on_root(comm, text)

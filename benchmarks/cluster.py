@@ -1,0 +1,143 @@
+"""Sparse DNN inference on 2 simulated nodes x 2 ranks at 1 Gbit/s, 10 Gbit/s and unlimited
+links, next to the same 4 ranks on one host and the communication model's prediction.
+
+The nodes are network namespaces made by scripts/cluster-up.sh (root): each has its own
+network stack and hostname, the link to the others is a veth pair through a bridge,
+limited both ways by ``tc tbf`` at the given rate. Ranks on one node talk through shared
+memory, ranks on different nodes over TCP. For each link and strategy (balanced, and
+mincut with its partitioner inside the timed load, as in a first run) it prints the best
+of ``--repeat`` runs of ``mpinn bench sparse-dnn``: G edges/s, the inference time split,
+and 'load (I/O and partition)'.
+
+The prediction (docs/scaling.md): the one-host time plus the time the bytes that cross
+between nodes take on the link, max over the two directions of the inter-node bytes the
+partition report counts, at the link's rate (capped at what this VM's veth pairs carry,
+--ceiling-gbit, 3.7 Gbit/s measured with a 16 MB ping-pong). Not a test: nothing asserted.
+
+    python benchmarks/cluster.py --neurons 1024 --layers 120 --samples 2000
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from train_mlp import ROOT, run, run_json  # noqa: E402
+
+CLUSTER = Path(os.environ.get("MPINN_CLUSTER_DIR", "/run/mpinn-cluster"))
+LINKS = ("1gbit", "10gbit", "unlimited")
+
+
+def link_gbit(rate: str, ceiling: float) -> float:
+    """A tc rate (``1gbit``, ``500mbit``) as Gbit/s, capped at what the veth pairs carry."""
+    if rate == "unlimited":
+        return ceiling
+    number, unit = re.fullmatch(r"([\d.]+)([gmk])bit", rate).groups()
+    return min(float(number) * {"g": 1.0, "m": 1e-3, "k": 1e-6}[unit], ceiling)
+
+
+def between_nodes(model: str, nranks: int, per_node: int, strategy: str) -> tuple[int, int]:
+    """Forward bytes per sample from node 0 to node 1 and back, from the partition report."""
+    code = (
+        "import sys, numpy as np, h5py; from mpi4py import MPI\n"
+        "from mpinn import format as fmt, topology\n"
+        "from mpinn.describe import rank_traffic\n"
+        "from mpinn.metadata import MetadataTable\n"
+        "from mpinn.train import owner_for_strategy\n"
+        "path, p, k, strategy = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]\n"
+        "with fmt.opened(path, 'r', MPI.COMM_SELF) as f:\n"
+        "    spec = fmt.read_spec(f)\n"
+        "    owner = owner_for_strategy(f, spec, p, strategy, {}, MPI.COMM_SELF)\n"
+        "    t = rank_traffic(spec, MetadataTable.build(spec.sizes, owner, p),"
+        " fmt.wiring_reader(f, spec))\n"
+        "node = topology.block_nodes(p, k)\n"
+        "m = t.forward_matrix\n"
+        "print(int(m[np.ix_(node == 0, node == 1)].sum()), int(m[np.ix_(node == 1, node == 0)].sum()))\n"
+    )
+    out = run([sys.executable, "-c", code, model, str(nranks), str(per_node), strategy], 1)
+    a, b = out.split()
+    return int(a), int(b)
+
+
+def bench(launch: list[str], model: str, data: str, strategy: str, batch: int, repeat: int) -> dict:
+    runs = [run_json([*launch, sys.executable, "-m", "mpinn", "bench", "sparse-dnn", "--model",
+                      model, "--data", data, "--strategy", strategy, "--batch-size", str(batch),
+                      "--json"], 1) for _ in range(repeat)]
+    best = max(runs, key=lambda r: r["edges_per_second"])
+    best["all_correct"] = all(r["correct"] for r in runs)
+    best["loads"] = [r["load"] for r in runs]
+    return best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--neurons", type=int, default=1024)
+    parser.add_argument("--layers", type=int, default=120)
+    parser.add_argument("--samples", type=int, default=2000)
+    parser.add_argument("--batch-size", type=int, default=250)
+    parser.add_argument("--per-node", type=int, default=2, help="ranks on each of the 2 nodes")
+    parser.add_argument("--links", default=",".join(LINKS))
+    parser.add_argument("--strategies", default="balanced,mincut")
+    parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--ceiling-gbit", type=float, default=3.7,
+                        help="what a veth pair between two namespaces carries on this machine")
+    args = parser.parse_args()
+    nodes, k = 2, args.per_node
+    p = nodes * k
+    strategies = args.strategies.split(",")
+    with tempfile.TemporaryDirectory(prefix="mpinn-cluster-") as tmp:
+        out = run([sys.executable, "-m", "mpinn", "bench", "sparse-dnn", "--neurons",
+                   str(args.neurons), "--layers", str(args.layers), "--samples",
+                   str(args.samples), "--dir", tmp, "--json"], 1)  # makes the network, 1 rank
+        model = next(str(f) for f in Path(tmp).glob("radixnet-*.h5") if "inputs" not in f.name)
+        data = next(str(f) for f in Path(tmp).glob("radixnet-*inputs*.h5"))
+        one_rank = run_json([sys.executable, "-m", "mpinn", "bench", "sparse-dnn", "--model",
+                             model, "--data", data, "--json"], 1)
+        del out
+        print(f"Sparse DNN N={args.neurons} L={args.layers}: {args.samples} samples, "
+              f"{one_rank['edges']:,} edges; {nodes} nodes x {k} ranks; best of {args.repeat}")
+        print(f"  1 rank, one host: {one_rank['edges_per_second'] / 1e9:.3f} G edges/s "
+              f"({one_rank['seconds']:.2f} s)")
+        host = {s: bench(["mpirun", "--oversubscribe", "-n", str(p)], model, data, s,
+                         args.batch_size, args.repeat) for s in strategies}
+        crossing = {s: between_nodes(model, p, k, s) for s in strategies}
+        head = (f"  {'link':<10} {'strategy':<9} {'G edges/s':>9} {'seconds':>8} {'predicted':>9} "
+                f"{'compute':>8} {'wait':>7} {'load':>14} {'MB node0->1':>11} {'categories':>10}")
+        print(head)
+        for s in strategies:
+            r = host[s]
+            print(f"  {'one host':<10} {s:<9} {r['edges_per_second'] / 1e9:9.3f} "
+                  f"{r['seconds']:8.2f} {'-':>9} {r['compute']:8.2f} {r['wait']:7.2f} "
+                  f"{'/'.join(f'{x:.1f}' for x in r['loads']):>14} {'-':>11} "
+                  f"{'match' if r['all_correct'] else 'WRONG':>10}", flush=True)
+        for link in args.links.split(","):
+            up = subprocess.run(["bash", str(ROOT / "scripts/cluster-up.sh"), str(nodes), link],
+                                capture_output=True, text=True)
+            if up.returncode != 0:
+                raise SystemExit(f"no cluster: {up.stderr.strip()}")
+            hosts = ",".join(f"10.77.0.{i + 1}:{k}" for i in range(nodes))
+            launch = [str(CLUSTER / "mpirun"), "--host", hosts, "-n", str(p)]
+            try:
+                for s in strategies:
+                    r = bench(launch, model, data, s, args.batch_size, args.repeat)
+                    wire = max(crossing[s]) * args.samples * 8 / (link_gbit(link, args.ceiling_gbit)
+                                                                  * 1e9)
+                    predicted = host[s]["seconds"] + wire
+                    print(f"  {link:<10} {s:<9} {r['edges_per_second'] / 1e9:9.3f} "
+                          f"{r['seconds']:8.2f} {predicted:9.2f} {r['compute']:8.2f} "
+                          f"{r['wait']:7.2f} {'/'.join(f'{x:.1f}' for x in r['loads']):>14} "
+                          f"{crossing[s][0] * args.samples / 1e6:11.1f} "
+                          f"{'match' if r['all_correct'] else 'WRONG':>10}", flush=True)
+            finally:
+                subprocess.run(["bash", str(ROOT / "scripts/cluster-down.sh")])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,365 @@
+"""Across servers: 2 nodes x 2 ranks over TCP on a cluster of network namespaces.
+
+scripts/cluster-up.sh makes the nodes (each its own network stack, address and hostname,
+linked at 1 Gbit/s through a bridge; the filesystem is shared, as a cluster's is) and
+scripts/cluster-down.sh takes them down when the module ends. mpirun reaches the nodes
+through the cluster's rsh agent, exactly as it would reach servers over ssh; ranks on one
+node talk through shared memory, ranks on different nodes over TCP.
+
+Run by ``make test-cluster`` (part of ``make test``); marked ``cluster`` so that the
+serial and per-rank-count runs leave it out. Skipped, with the reason, only where network
+namespaces cannot be made (not root, no netns support).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from tests.reference import Reference, assert_close
+from tests.test_cli import DIGITS_TEST, DIGITS_TRAIN, ENV, ROOT, digest, mpinn, ok
+from tests.test_slurm import PYTHON, job_state
+
+pytestmark = [pytest.mark.cluster, pytest.mark.timeout(600)]
+
+CLUSTER_DIR = Path(os.environ.get("MPINN_CLUSTER_DIR", "/run/mpinn-cluster"))
+NODES, RATE = 2, "1gbit"
+LAYOUT = (2, 2)  # ranks per node: ranks 0, 1 on node1 and 2, 3 on node2
+BOUND = 45  # seconds for a failed job to end everywhere, as tests/test_no_hangs.py
+
+
+@pytest.fixture(scope="module")
+def cluster() -> None:
+    """The nodes, up for this module and torn down after it whatever happened."""
+    up = subprocess.run(["bash", str(ROOT / "scripts/cluster-up.sh"), str(NODES), RATE],
+                        capture_output=True, text=True, timeout=120)
+    if up.returncode == 2:  # what cluster-up.sh says where namespaces cannot be made
+        pytest.skip(f"no cluster of network namespaces here: {up.stderr.strip()[-300:]}")
+    assert up.returncode == 0, up.stdout + up.stderr
+    try:
+        yield
+    finally:
+        subprocess.run(["bash", str(ROOT / "scripts/cluster-down.sh")], timeout=60)
+
+
+def across(layout: Sequence[int], *args: str) -> list[str]:
+    """The mpirun command line that runs ``args`` with ``layout[i]`` ranks on node i+1."""
+    hosts = ",".join(f"10.77.0.{i + 1}:{n}" for i, n in enumerate(layout) if n)
+    return [str(CLUSTER_DIR / "mpirun"), "--host", hosts, "-n", str(sum(layout)), *args]
+
+
+def on_cluster(layout: Sequence[int], *args: str, timeout: float = 180,
+               env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """``python -m mpinn ARGS`` across the nodes, bounded in time."""
+    return subprocess.run(across(layout, sys.executable, "-m", "mpinn", *args), capture_output=True,
+                          text=True, timeout=timeout, env=env or ENV, cwd=ROOT)
+
+
+def processes_on_nodes() -> list[int]:
+    """PIDs of the processes inside the nodes' namespaces (all started by these tests), but
+    the SLURM daemons'."""
+    pids = []
+    for i in range(1, NODES + 1):
+        out = subprocess.run(["ip", "netns", "pids", f"mpn{i}"], capture_output=True, text=True)
+        pids += [int(p) for p in out.stdout.split() if _command(int(p)) != "slurmd"]
+    return pids
+
+
+def _command(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
+
+
+def assert_nothing_left_on_the_nodes(timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while (left := processes_on_nodes()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not left, f"processes left on the nodes: {left}"
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    ra, rb = Reference.from_file(str(a)), Reference.from_file(str(b))
+    for wa, wb in zip(ra.weights + ra.biases, rb.weights + rb.biases, strict=True):
+        assert np.array_equal(wa, wb), "weights differ"
+
+
+def test_ranks_run_on_two_nodes_with_their_own_hostnames_and_addresses(cluster):
+    probe = ("from mpi4py import MPI; import socket; c = MPI.COMM_WORLD; "
+             "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.connect(('10.77.0.254', 9)); "
+             "seen = c.gather((c.rank, MPI.Get_processor_name(), s.getsockname()[0])); "
+             "c.rank == 0 and print(seen)")
+    result = subprocess.run(across(LAYOUT, sys.executable, "-c", probe), capture_output=True,
+                            text=True, timeout=60, env=ENV)
+    seen = ok(result).strip()
+    assert seen == str([(0, "node1", "10.77.0.1"), (1, "node1", "10.77.0.1"),
+                        (2, "node2", "10.77.0.2"), (3, "node2", "10.77.0.2")]), seen
+
+
+def mpi_tests_across(layout: Sequence[int], *pytest_args: str, timeout: float = 560
+                     ) -> subprocess.CompletedProcess:
+    """The MPI tests of ``pytest_args`` with their ranks on the nodes (rank 0 reports)."""
+    quiet_but_rank0 = ["sh", "-c", '[ "$OMPI_COMM_WORLD_RANK" = 0 ] || exec >/dev/null; '
+                       'exec "$0" "$@"']
+    return subprocess.run(
+        across(layout, *quiet_but_rank0, sys.executable, "-m", "pytest", "-q", "-p",
+               "no:cacheprovider", "--color=no", "--with-mpi", "-m", "mpi", *pytest_args),
+        capture_output=True, text=True, timeout=timeout, env=ENV, cwd=ROOT)
+
+
+def passed(result: subprocess.CompletedProcess) -> str:
+    """pytest's summary line, after checking the run passed."""
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout.strip().splitlines()[-1]
+
+
+def test_every_strategy_trains_and_predicts_as_the_reference_across_nodes(cluster):
+    """tests/test_engine_mpi.py's equivalence tests (all seven strategies, dense, sparse and
+    mixed models, float32 and float64) with their ranks on two nodes."""
+    summary = passed(mpi_tests_across(LAYOUT, "tests/test_engine_mpi.py", "-k",
+                                      "trained_weights_equal or predict_equals"))
+    # 7 strategies x 2 dtypes x 4 models, trained and predicted; nothing skipped
+    assert re.fullmatch(r"112 passed, \d+ deselected in .*", summary), summary
+
+
+def test_bytes_between_nodes_are_reported_as_the_plans_send_them(cluster, tmp_path):
+    """tests/test_topology.py's MPI tests on two nodes, and partition --compare run across the
+    nodes telling the same bytes between nodes as when told the layout (--ranks-per-node)."""
+    summary = passed(mpi_tests_across(LAYOUT, "tests/test_topology.py", timeout=180))
+    assert re.fullmatch(r"7 passed, \d+ deselected in .*", summary), summary
+    model = tmp_path / "model.h5"
+    ok(mpinn(1, "init", str(model), "--sizes", "64,300,300,10", "--storage", "dense,csr,dense",
+             "--fan-in", "20", "--seed", "1"))
+    there = ok(on_cluster(LAYOUT, "partition", str(model), "--ranks", "4", "--compare"))
+    told = ok(mpinn(1, "partition", str(model), "--ranks", "4", "--compare",
+                    "--ranks-per-node", "2"))
+    assert "nodes: 2 nodes: 2+2 ranks (this job's placement)" in there, there
+    between = [line for line in there.splitlines() if "between nodes" in line]
+    assert len(between) == 4, there  # balanced, layers, nnz, mincut (the others need parameters)
+    assert between == [line for line in told.splitlines() if "between nodes" in line]
+    assert all(" 0 B" not in line.split("inside")[0] for line in between), between
+
+
+@pytest.mark.parametrize("fault, message", [
+    ("load:2", "injected fault at load on rank 2"),    # a failed read on node2's first rank
+    ("step:3:5", "injected fault at step on rank 3"),  # an exception inside node2's engine
+])
+def test_failure_on_one_nodes_rank_ends_the_job_on_every_node(cluster, tmp_path, fault, message):
+    model = tmp_path / "model.h5"
+    ok(mpinn(1, "init", str(model), "--sizes", "64,48,10", "--seed", "1"))
+    before = digest(model)
+    started = time.monotonic()
+    result = on_cluster(LAYOUT, "train", str(model), "--data", DIGITS_TRAIN, "--epochs", "2",
+                        timeout=120, env={**ENV, "MPINN_FAULT": fault})
+    elapsed = time.monotonic() - started
+    assert result.returncode != 0
+    assert message in result.stderr and "mpinn: error:" in result.stderr, result.stderr
+    assert elapsed < BOUND, f"took {elapsed:.1f} s"
+    assert digest(model) == before
+    assert_nothing_left_on_the_nodes()
+
+
+THREADS_PROBE = (
+    "import os, mpinn, numpy; from threadpoolctl import threadpool_info; from mpi4py import MPI; "
+    "blas = [i['num_threads'] for i in threadpool_info() if i['user_api'] == 'blas']; "
+    "seen = MPI.COMM_WORLD.gather((MPI.Get_processor_name(), blas, "
+    "len(os.sched_getaffinity(0)))); MPI.COMM_WORLD.rank == 0 and print(repr(seen))")
+
+
+def assert_blas_threads_share_each_nodes_cores(seen: list[tuple[str, list[int], int]],
+                                               layout: Sequence[int]) -> None:
+    """Each rank's BLAS threads are its cores over the ranks on *its* node."""
+    hosts = [host for host, _, _ in seen]
+    assert sorted(hosts.count(h) for h in set(hosts)) == sorted(layout), seen
+    for host, blas, cores in seen:
+        assert blas and set(blas) == {max(1, cores // hosts.count(host))}, seen
+
+
+def test_blas_threads_per_rank_follow_the_ranks_on_its_own_node(cluster):
+    layout = (1, 3)  # rank 0 alone on node1, three ranks on node2
+    result = subprocess.run(across(layout, sys.executable, "-c", THREADS_PROBE),
+                            capture_output=True, text=True, timeout=60,
+                            env={k: v for k, v in ENV.items() if not k.endswith("_NUM_THREADS")})
+    assert_blas_threads_share_each_nodes_cores(eval(ok(result)), layout)
+
+
+@pytest.fixture(scope="module")
+def workload(tmp_path_factory) -> dict[str, Path]:
+    """A model and data big enough to stop mid-checkpoint, and its uninterrupted run's
+    weights, trained on one host at the same rank count."""
+    tmp = tmp_path_factory.mktemp("cluster")
+    data, initial, reference = tmp / "data.h5", tmp / "initial.h5", tmp / "reference.h5"
+    ok(mpinn(1, "data", "classification", str(data), "--samples", "3000", "--features", "64",
+             "--outputs", "10", "--seed", "1"))
+    ok(mpinn(1, "init", str(initial), "--sizes", "64,384,384,10", "--seed", "2"))
+    reference.write_bytes(initial.read_bytes())
+    ok(mpinn(sum(LAYOUT), "train", str(reference), "--data", str(data), *TRAIN, timeout=300))
+    return {"data": data, "initial": initial, "reference": reference}
+
+
+TRAIN = ["--epochs", "3", "--batch-size", "100", "--optimizer", "adam", "--lr", "0.001",
+         "--seed", "3"]
+
+
+def test_sigkill_mid_checkpoint_then_resume_equals_an_uninterrupted_run(cluster, workload,
+                                                                         tmp_path):
+    model = tmp_path / "model.h5"
+    model.write_bytes(workload["initial"].read_bytes())
+    partial = Path(f"{model}.partial")
+    proc = subprocess.Popen(across(LAYOUT, sys.executable, "-m", "mpinn", "train", str(model),
+                                   "--data", str(workload["data"]), "--checkpoint-every", "1",
+                                   *TRAIN),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
+                            cwd=ROOT, start_new_session=True)
+    try:
+        for line in proc.stdout:
+            if line.startswith("epoch 1 "):
+                break
+        else:
+            raise AssertionError(f"the run ended before epoch 1: {proc.stderr.read()}")
+        # epoch 1's checkpoint follows its line: kill while its new file is being written
+        deadline = time.monotonic() + 10
+        while not partial.exists():
+            assert time.monotonic() < deadline, "no checkpoint was started after epoch 1"
+            time.sleep(0.002)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        for pid in processes_on_nodes():
+            os.kill(pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    assert_nothing_left_on_the_nodes()
+    ok(on_cluster(LAYOUT, "evaluate", str(model), "--data", str(workload["data"])))
+    ok(on_cluster(LAYOUT, "train", str(model), "--data", str(workload["data"]), "--resume", *TRAIN,
+                  timeout=300))
+    # bitwise as the same run on one host: the nodes change where ranks run, not the sums
+    assert_same_weights(model, workload["reference"])
+
+
+def test_parallel_hdf5_from_both_nodes_writes_what_one_host_writes(cluster, tmp_path):
+    """The model, its checkpoint and the predictions written by ranks on two hosts into the
+    shared files are bitwise those of the same job on one host: with MPI-IO's collective
+    writes and with serial HDF5's one-writer-at-a-time fallback (MPINN_IO=independent)."""
+    files = {}
+    for where in ("one host", "mpio", "independent"):
+        env = {**ENV, "MPINN_IO": "mpio" if where == "one host" else where}
+        model, preds = tmp_path / f"{where}.h5", tmp_path / f"{where}-preds.h5"
+        steps = [("init", str(model), "--sizes", "64,300,10", "--seed", "3"),
+                 ("train", str(model), "--data", DIGITS_TRAIN, "--optimizer", "adam", "--lr",
+                  "0.01"),
+                 ("predict", str(model), "--data", DIGITS_TEST, "--out", str(preds))]
+        for args in steps:
+            if where == "one host":
+                ok(subprocess.run(["mpirun", "--oversubscribe", "-n", str(sum(LAYOUT)),
+                                   sys.executable, "-m", "mpinn", *args], capture_output=True,
+                                  text=True, timeout=180, env=env, cwd=ROOT))
+            else:
+                ok(on_cluster(LAYOUT, *args, env=env))
+        files[where] = (model, preds)
+    for where in ("mpio", "independent"):
+        assert_same_weights(files["one host"][0], files[where][0])
+        with h5py.File(files["one host"][1], "r") as f, h5py.File(files[where][1], "r") as g:
+            assert np.array_equal(f["outputs"][...], g["outputs"][...]), where
+
+
+@pytest.fixture(scope="module")
+def slurm(cluster) -> dict[str, str]:
+    """SLURM on the nodes: slurmctld here, slurmd node1 and node2 in their namespaces."""
+    up = subprocess.run(["bash", str(ROOT / "scripts/cluster-up.sh"), str(NODES), RATE, "--slurm"],
+                        capture_output=True, text=True, timeout=300)
+    if up.returncode != 0:
+        pytest.skip(f"no SLURM on the cluster: {up.stderr.strip()[-300:]}")
+    return {**ENV, "SLURM_CONF": str(CLUSTER_DIR / "slurm/slurm.conf")}
+
+
+def sbatch(env: dict[str, str], script: str, workdir: Path, wait: bool = True, **params: str) -> str:
+    """Submit jobs/SCRIPT on both nodes, two tasks each; the job id."""
+    exports = ",".join(["ALL", f"PYTHON={PYTHON}", *(f"{k}={v}" for k, v in params.items())])
+    cmd = ["sbatch", "--parsable", f"--chdir={workdir}", f"--nodes={NODES}",
+           f"--ntasks-per-node={LAYOUT[0]}", f"--export={exports}", str(ROOT / "jobs" / script)]
+    if wait:
+        cmd.insert(1, "--wait")
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=400)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout.strip().splitlines()[0].split(";")[0]
+
+
+def test_train_and_predict_jobs_run_on_two_nodes(slurm, tmp_path):
+    model, preds = tmp_path / "model.h5", tmp_path / "preds.h5"
+    ok(mpinn(1, "init", str(model), "--sizes", "64,32,10", "--seed", "1"))
+    job = sbatch(slurm, "train.sbatch", tmp_path, MODEL=str(model), DATA=DIGITS_TRAIN, EPOCHS="2")
+    log = (tmp_path / f"mpinn-train-{job}.out").read_text()
+    assert "on 4 ranks" in log and "epoch 2 " in log, log
+    assert job_nodes(slurm, job) == "node[1-2]"
+    job = sbatch(slurm, "predict.sbatch", tmp_path, MODEL=str(model), DATA=DIGITS_TEST,
+                 OUT=str(preds))
+    log = (tmp_path / f"mpinn-predict-{job}.out").read_text()
+    assert "accuracy" in log, log
+    with h5py.File(preds, "r") as f:
+        outputs = f["outputs"][...]
+    with h5py.File(DIGITS_TEST, "r") as d:
+        _, acts = Reference.from_file(str(model)).forward(d["X"][...])
+    assert_close(outputs, acts[-1], "float32", "predict outputs of the two-node job")
+
+
+def job_nodes(env: dict[str, str], job: str) -> str:
+    out = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True, env=env)
+    return next((f.split("=", 1)[1] for f in out.stdout.split() if f.startswith("NodeList=")), "")
+
+
+def test_preempted_two_node_job_requeues_and_ends_as_an_uninterrupted_run(slurm, workload,
+                                                                           tmp_path):
+    model = tmp_path / "model.h5"
+    model.write_bytes(workload["initial"].read_bytes())
+    job = sbatch(slurm, "train.sbatch", tmp_path, wait=False, MODEL=str(model),
+                 DATA=str(workload["data"]), EPOCHS="3",
+                 EXTRA="--optimizer adam --seed 3", BATCH="100", LR="0.001")
+    log = tmp_path / f"mpinn-train-{job}.out"
+    deadline = time.monotonic() + 120
+    while "epoch 1 " not in (log.read_text() if log.exists() else ""):
+        assert time.monotonic() < deadline and job_state(slurm, job) in ("PENDING", "RUNNING")
+        time.sleep(0.2)
+    # what SLURM does at --signal=B:USR1@120 before the time limit, or on preemption
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=slurm, check=True)
+    deadline = time.monotonic() + 300
+    pending_since = None
+    while (state := job_state(slurm, job)) != "COMPLETED":
+        assert state in ("RUNNING", "PENDING", "REQUEUED", "COMPLETING"), state
+        # as in tests/test_slurm.py: start the requeued job once its old credential's second
+        # has passed, rather than after cred_expire (120 s)
+        pending_since = (pending_since or time.monotonic()) if state == "PENDING" else None
+        if pending_since is not None and time.monotonic() - pending_since > 3:
+            subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now"], env=slurm)
+        assert time.monotonic() < deadline, f"job {job} still {state}"
+        time.sleep(1)
+    text = log.read_text()
+    # srun hands SIGUSR1 to every rank; whichever sees it first stops them all
+    assert "mpinn: stopped by " in text and f"requeueing job {job}" in text, text
+    assert_same_weights(model, workload["reference"])
+
+
+def test_sparse_dnn_job_on_two_nodes_reports_matching_categories(slurm, tmp_path):
+    job = sbatch(slurm, "sparse-dnn.sbatch", tmp_path, NEURONS="1024", LAYERS="30", SAMPLES="200",
+                 BATCH="100", DIR=str(tmp_path))
+    log = (tmp_path / f"mpinn-sparse-dnn-{job}.out").read_text()
+    assert "4 ranks" in log and "G edges/s" in log and ": match" in log, log
+    assert job_nodes(slurm, job) == "node[1-2]"
+
+
+def test_srun_ranks_take_blas_threads_from_their_own_nodes_share(slurm):
+    """srun -N 2 -n 3 puts two tasks on node1 and one on node2: only the per-node list says so."""
+    env = {k: v for k, v in slurm.items() if not k.endswith("_NUM_THREADS")}
+    result = subprocess.run(["srun", f"--nodes={NODES}", "--ntasks=3", "--mpi=pmix", PYTHON, "-c",
+                             THREADS_PROBE], capture_output=True, text=True, timeout=120, env=env,
+                            cwd=ROOT)
+    assert_blas_threads_share_each_nodes_cores(eval(ok(result)), (2, 1))
