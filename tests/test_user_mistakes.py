@@ -316,7 +316,7 @@ CASES = [
     (1, lambda t, m: ["bench", "sparse-dnn", "--layers", "0", "--dir", str(t)],
      "--layers must be at least 1"),
     (1, lambda t, m: ["bench", "sparse-dnn", "--neurons", "100", "--layers", "2", "--samples",
-                      "10", "--dir", str(t)], "neurons per layer must be a power of two"),
+                      "10", "--dir", str(t)], "100 neurons"),
     (1, lambda t, m: ["bench", "sparse-dnn", "--neurons", "1000000000", "--dir", str(t)],
      "bench sparse-dnn's network of 1000000000 neurons x 120 layers"),
     (1, lambda t, m: ["train", str(m), "--data", DIGITS_TRAIN, "--lr", "nan"],
