@@ -96,19 +96,35 @@ def test_sparse_model_trains_and_predicts_from_the_cli(tmp_path):
 
 
 def test_bad_csr_structure_is_refused_on_every_rank(tmp_path):
+    """Each corruption sits in rows that only rank 1 or rank 2 reads: every rank must refuse
+    together at the agreed check (one line naming that rank, exit 1), not by a bounded-wait
+    abort, and the file must stay as it was."""
+    sizes, fan_in = [8, 12, 4], 3
     model = tmp_path / "m.h5"
-    ok(mpinn(1, "init", str(model), "--sizes", "8,12,4", "--storage", "csr", "--fan-in", "3"))
-    for dataset, index, value, message in (("indices", 4, 99, "outside 0..7"),
-                                           ("indices", 1, 0, "strictly ascending"),
-                                           ("indptr", 5, 2, "indptr")):
-        broken = tmp_path / f"broken-{dataset}-{index}.h5"
-        broken.write_bytes(model.read_bytes())
-        with h5py.File(broken, "r+") as f:
-            f[f"layers/1/{dataset}"][index] = value
-        before = broken.read_bytes()
-        result = mpinn(3, "predict", str(broken), "--data", str(model), "--out", str(tmp_path / "o"))
-        assert result.returncode != 0 and message in result.stderr, result.stderr
-        assert broken.read_bytes() == before
+    ok(mpinn(1, "init", str(model), "--sizes", ",".join(map(str, sizes)), "--storage", "csr",
+             "--fan-in", str(fan_in)))
+    owner = distributor.partition(sizes, 3, "balanced")[sizes[0]:sizes[0] + sizes[1]]
+    with h5py.File(model, "r") as f:
+        indptr, indices = f["layers/1/indptr"][...], f["layers/1/indices"][...]
+    assert np.array_equal(indptr, np.arange(0, fan_in * (sizes[1] + 1), fan_in))
+    for rank in (1, 2):
+        row = int(np.flatnonzero(owner == rank)[1])  # a row of this rank's, not its first
+        first = fan_in * row
+        for dataset, index, value, message in (
+                ("indices", first + 1, 99, "/layers/1/indices holds 99, outside 0..7"),
+                ("indices", first + 2, indices[first + 1], "must be strictly ascending within each row"),
+                ("indptr", row + 1, indptr[row] - 1, f"/layers/1/indptr decreases (at row {row})")):
+            broken = tmp_path / f"broken-{rank}-{dataset}-{index}.h5"
+            broken.write_bytes(model.read_bytes())
+            with h5py.File(broken, "r+") as f:
+                f[f"layers/1/{dataset}"][index] = value
+            before = broken.read_bytes()
+            result = mpinn(3, "predict", str(broken), "--data", str(model), "--out", str(tmp_path / "o"))
+            errors = [ln for ln in result.stderr.splitlines() if ln.startswith("mpinn: error:")]
+            assert result.returncode == 1 and len(errors) == 1, result.stderr
+            assert message in errors[0] and errors[0].endswith(f"(rank {rank})"), errors
+            assert "aborting" not in result.stderr, result.stderr
+            assert broken.read_bytes() == before
 
 
 def test_bench_sparse_dnn_finds_the_single_process_categories(tmp_path):
