@@ -15,7 +15,7 @@ from mpinn import format as fmt
 from mpinn.data import load
 from mpinn.describe import rank_traffic
 from mpinn.errors import MpinnError
-from mpinn.train import DistributedModel, PartitionChoice, predict, train
+from mpinn.train import DistributedModel, PartitionChoice, evaluate, predict, train
 from tests.helpers import ALL_STRATEGIES, classification_data, regression_data, strategy_params
 from tests.reference import Reference, assert_close
 
@@ -219,6 +219,27 @@ def counted_traffic(ref: Reference, owners: list[np.ndarray], me: int, nranks: i
             sent += mine
             received += mine * (both_ways - 1)
     return sent, received
+
+
+@pytest.mark.parametrize("case", ["softmax", "regression", "sparse"])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("strategy", ["balanced", "ids", "layers"])
+def test_evaluate_loss_and_accuracy_equal_reference(strategy, dtype, case, mpi_tmp_path):
+    """Cross-entropy (softmax with labels) or squared error (float targets) and accuracy over
+    30 samples in batches of 8: the last batch is partial."""
+    comm = MPI.COMM_WORLD
+    c = CASES[case]
+    model_path, data_path, x, y = make_files(mpi_tmp_path, c, dtype, comm)
+    with DistributedModel(model_path, comm, choice(strategy, c["sizes"], comm.size), BATCH) as model:
+        loss, accuracy = evaluate(model, load(data_path, model.table, model.spec.dtype, comm), BATCH)
+    ref = Reference.from_file(model_path)
+    expected, _, _ = ref.loss_and_grads(x, y)  # the mean over all samples in one batch
+    assert_close(loss, expected, dtype, "evaluate's loss")
+    if c["labels"]:
+        assert accuracy == np.mean(ref.forward(x)[1][-1].argmax(axis=1) == y)
+        assert 0 < accuracy < 1  # a number that can be wrong
+    else:
+        assert accuracy is None
 
 
 def test_stored_partition_for_another_rank_count_is_refused_on_every_rank(mpi_tmp_path):
