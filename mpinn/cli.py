@@ -421,6 +421,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.threads < 1:
             print("mpinn: error: --threads must be at least 1", file=sys.stderr)
             return EXIT_ERROR
+        # before numpy loads the BLAS: its pool is sized from these at load time (the
+        # automatic value of mpinn/__init__ would cap it), and threadpoolctl can only limit
+        # libraries that are already loaded
+        for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+            os.environ[name] = str(args.threads)
+        import numpy  # noqa: F401
         from threadpoolctl import threadpool_limits
         threadpool_limits(args.threads)
     from mpi4py import MPI
