@@ -127,6 +127,15 @@ def test_bad_csr_structure_is_refused_on_every_rank(tmp_path):
             assert broken.read_bytes() == before
 
 
+def independent_categories(model: str, data: str) -> tuple[np.ndarray, np.ndarray]:
+    """The categories computed here by tests/reference.py (the samples with a nonzero output),
+    and the truth the package stored in the data file."""
+    with h5py.File(data, "r") as f:
+        x, stored = f["X"][...], np.sort(f["categories"][...])
+    outputs = Reference.from_file(model).forward(x.astype(np.float64))[1][-1]
+    return np.flatnonzero((outputs != 0).any(axis=1)), stored
+
+
 def test_bench_sparse_dnn_finds_the_single_process_categories(tmp_path):
     out = ok(mpinn(2, "bench", "sparse-dnn", "--neurons", "1024", "--layers", "40",
                    "--samples", "200", "--dir", str(tmp_path), "--strategy", "mincut",
@@ -134,6 +143,14 @@ def test_bench_sparse_dnn_finds_the_single_process_categories(tmp_path):
     assert "G edges/s" in out and "compute" in out and "communication" in out
     found = re.search(r"categories: (\d+) of 200 samples; single-process truth (\d+): match", out)
     assert found and 0 < int(found.group(1)) < 200, out
+    # the network is the challenge's (every layer Y = min(max(W Y - 0.3, 0), 32) for 1024
+    # neurons), and the truth the program compares with is what the test computes itself
+    model = str(tmp_path / "radixnet-n1024-l40-s0.h5")
+    ref = Reference.from_file(model)
+    assert set(ref.activations) == {"relu_cap"} and set(ref.caps) == {32.0}
+    assert all(np.all(b == np.float32(-0.3)) for b in ref.biases)
+    truth, stored = independent_categories(model, str(tmp_path / "radixnet-n1024-l40-s0-inputs200.h5"))
+    assert np.array_equal(stored, truth) and int(found.group(1)) == truth.size
     # dropping the samples that die out on the way finds the same categories
     out = ok(mpinn(3, "bench", "sparse-dnn", "--neurons", "1024", "--layers", "40",
                    "--samples", "200", "--dir", str(tmp_path), "--drop-dead", "--batch-size", "64",
@@ -157,11 +174,18 @@ def test_dropping_dead_samples_is_refused_where_zero_need_not_stay_zero(tmp_path
 def test_graphchallenge_files_convert_and_run(tmp_path):
     n, n_layers = 64, 5
     layers = [sparse_dnn.radixnet_layer(n, i, fan_in=8, seed=None) for i in range(1, n_layers + 1)]
+    # weights k/16 (exact in float32 and in text) and inputs of growing density: some samples
+    # reach the last layer and some die out on the way (plain RadiX-Net keeps all or none)
+    rng = np.random.default_rng(3)
+    for weight in layers:
+        weight.data *= rng.integers(0, 9, weight.nnz)
+        weight.eliminate_zeros()
     files = []
     for i, weight in enumerate(layers, start=1):
         files.append(str(tmp_path / f"n{n}-l{i}.tsv"))
         sparse_dnn.write_tsv_layer(files[-1], weight)
     y0 = sparse_dnn.sparse_inputs(n, 40, density=0.5, seed=1)
+    y0 = y0 * (rng.random(y0.shape) < np.linspace(0.05, 1, 40)[:, None])
     bias = sparse_dnn.challenge_bias(n)
     truth = sparse_dnn.categories(sparse_dnn.infer(layers, bias, y0))
     sparse_dnn.write_tsv_inputs(tmp_path / "images.tsv", y0)
@@ -176,6 +200,10 @@ def test_graphchallenge_files_convert_and_run(tmp_path):
     out = ok(mpinn(3, "bench", "sparse-dnn", "--model", str(model), "--data", str(data),
                    "--json"))
     assert f'"categories": {truth.size}' in out and '"correct": true' in out
+    # the truth file's categories are also what the test computes from the imported model
+    computed, stored = independent_categories(str(model), str(data))
+    assert np.array_equal(computed, truth) and np.array_equal(stored, truth)
+    assert 0 < truth.size < 40
 
 
 def test_challenge_truth_is_the_plain_loop():
