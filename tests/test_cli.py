@@ -56,6 +56,9 @@ def test_digits_train_evaluate_predict_reaches_95_percent(tmp_path):
     out = ok(mpinn(4, "train", str(model), "--data", DIGITS_TRAIN, "--epochs", "20",
                    "--batch-size", "64", "--lr", "0.1"))
     assert out.count("epoch ") == 20 and "samples/s" in out
+    # README's tour: 99% on the training set, 96.7% on the test set (measured: the test
+    # allows for other BLAS kernels' rounding on other machines)
+    assert float(re.search(r"epoch 20 .*accuracy (\S+)", out).group(1)) >= 0.99, out
     out = ok(mpinn(3, "evaluate", str(model), "--data", DIGITS_TEST))
     accuracy = float(re.search(r"accuracy (\S+)", out).group(1))
     assert accuracy >= 0.95, out

@@ -21,6 +21,9 @@ import pytest
 from tests.reference import Reference
 from tests.test_cli import ENV, ROOT, command, mpinn, ok
 
+# each run in here is bounded by its own limit (120 to 300 s); a test sums at most 600 s of them
+pytestmark = pytest.mark.timeout(630)
+
 TRAIN = ["--batch-size", "100", "--optimizer", "adam", "--lr", "0.001", "--seed", "3"]
 STEPS = 60  # batches per epoch: 6000 samples in batches of 100
 

@@ -54,6 +54,7 @@ def job_state(env: dict[str, str], job: str) -> str:
     return "UNKNOWN"
 
 
+@pytest.mark.timeout(1350)  # two jobs of at most 600 s each, one 120 s run
 def test_train_and_predict_jobs_run_and_log_next_to_the_model(slurm, tmp_path):
     model, preds = tmp_path / "model.h5", tmp_path / "preds.h5"
     ok(mpinn(1, "init", str(model), "--sizes", "64,32,10", "--seed", "1"))
@@ -71,6 +72,7 @@ def test_train_and_predict_jobs_run_and_log_next_to_the_model(slurm, tmp_path):
         assert f["outputs"].shape == (360, 10)
 
 
+@pytest.mark.timeout(1000)  # runs of 120, 120 and 300 s, then 120 s and 300 s of job waits
 def test_preempted_job_checkpoints_requeues_and_ends_as_an_uninterrupted_run(slurm, tmp_path):
     data, model, reference = tmp_path / "data.h5", tmp_path / "model.h5", tmp_path / "ref.h5"
     ok(mpinn(1, "data", "classification", str(data), "--samples", "30000", "--outputs", "10"))
@@ -108,6 +110,7 @@ def test_preempted_job_checkpoints_requeues_and_ends_as_an_uninterrupted_run(slu
         assert np.array_equal(wa, wb)
 
 
+@pytest.mark.timeout(1230)  # two jobs of at most 600 s each
 def test_sparse_benchmark_and_scaling_jobs_report_matching_categories(slurm, tmp_path):
     small = dict(NEURONS="1024", LAYERS="30", SAMPLES="200", BATCH="100", DIR=str(tmp_path))
     job = sbatch(slurm, "sparse-dnn.sbatch", tmp_path, **small)

@@ -42,9 +42,11 @@ def test_mincut_exchanges_far_less_than_balanced_on_local_wiring(nranks, capsys)
               f"(fwd + bwd): balanced {sent['balanced']:,}, mincut {sent['mincut']:,}; local edges "
               f"{balanced.local_fraction:.0%} vs {mincut.local_fraction:.0%}; imbalance "
               f"{balanced.imbalance:.2f} vs {mincut.imbalance:.2f}")
-    assert sent["mincut"] <= sent["balanced"] / 10
-    assert mincut.local_fraction > 0.9
-    assert mincut.imbalance < 1.25
+    # README's figures ("4,696 / 8,992 / 12,536 bytes per sample at 2 / 3 / 4 ranks", local
+    # edges 100% against 50% / 33% / 25%, imbalance 1.00 both): the wiring is seeded
+    assert sent == {"balanced": {2: 4696, 3: 8992, 4: 12536}[nranks], "mincut": 0}
+    assert mincut.local_fraction == 1.0 and round(balanced.local_fraction, 2) == round(1 / nranks, 2)
+    assert round(balanced.imbalance, 2) == round(mincut.imbalance, 2) == 1.0
 
 
 def test_nnz_strategy_balances_stored_weights_not_neurons():
@@ -136,6 +138,7 @@ def independent_categories(model: str, data: str) -> tuple[np.ndarray, np.ndarra
     return np.flatnonzero((outputs != 0).any(axis=1)), stored
 
 
+@pytest.mark.timeout(630)  # two runs of at most 300 s each
 def test_bench_sparse_dnn_finds_the_single_process_categories(tmp_path):
     out = ok(mpinn(2, "bench", "sparse-dnn", "--neurons", "1024", "--layers", "40",
                    "--samples", "200", "--dir", str(tmp_path), "--strategy", "mincut",
