@@ -186,7 +186,9 @@ def _edit(path: Path, change) -> None:
 # runs the CLI, then prints what threadpoolctl reports for that process's BLAS pools
 THREADS_REPORT = ("import sys\nfrom threadpoolctl import threadpool_info\nfrom mpinn.cli import main\n"
                   "code = main(sys.argv[1:])\n"
-                  "print('BLAS threads', sorted({p['num_threads'] for p in threadpool_info()}), flush=True)\n"
+                  "threads = sorted({p['num_threads'] for p in threadpool_info()})\n"
+                  "sys.stdout.write(f'BLAS threads {threads}\\n')\n"  # one write: ranks' lines stay whole
+                  "sys.stdout.flush()\n"
                   "sys.exit(code)")
 
 
