@@ -63,7 +63,7 @@ run: setup
 	  --epochs 20 --batch-size 64 --lr 0.1
 	$(MPIRUN) -n $(NP) $(PY) -m mpinn evaluate /tmp/mpinn-demo.h5 --data data/digits_test.h5
 
-# figures next to their ceilings; PyTorch (the peer) is installed here, not by setup
+# figures next to their ceilings; PyTorch (the peer) comes with setup, and is checked here
 bench: setup
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0 || true
 	$(PY) benchmarks/train_mlp.py --ranks $(or $(P),2)

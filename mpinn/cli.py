@@ -243,6 +243,12 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.set_defaults(**settings)
         command.set_defaults(**settings)
         args = parser.parse_args(argv)
+    if args.threads is not None and args.threads >= 1:
+        # before numpy loads the BLAS (check_values imports it): its pool is sized from these
+        # at load time (the automatic value of mpinn/__init__ would cap it), and
+        # threadpoolctl can only limit libraries that are already loaded
+        for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+            os.environ[name] = str(args.threads)
     missing = [f"--{name.replace('_', '-')}" for name in REQUIRED.get(args.command, [])
                if getattr(args, name) is None]
     if missing:
@@ -688,6 +694,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except MpinnError as exc:  # the same on every rank: reported below, once MPI is up
         early = exc
     if args is not None and args.threads is not None:
+        import numpy  # noqa: F401 - loads the BLAS with the thread count parse() set
         from threadpoolctl import threadpool_limits
         threadpool_limits(args.threads)
     from mpi4py import MPI

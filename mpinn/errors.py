@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import signal
+import sys
 
 
 class MpinnError(Exception):
@@ -21,28 +23,48 @@ def inject_fault(point: str, rank: int) -> bool:
     """Testing hook: fail here if MPINN_FAULT names this point and rank.
 
     ``MPINN_FAULT=POINT:RANK[:N]`` raises at the N-th (default first) pass through POINT
-    on RANK: ``load`` and ``save`` an OSError (a failed read or write), ``data`` a
-    MpinnError raised on that rank alone, ``step`` a RuntimeError inside the engine;
-    ``nan`` raises nothing but returns True, and the engine makes its loss share NaN. The
-    reliability tests use it to prove that a failure on one rank never hangs the others.
+    on RANK (``*``: on every rank): ``load``, ``save`` and ``sync`` an OSError (a failed
+    read, a failed write as a checkpoint begins, a failed flush once its rows are
+    written), ``data`` a MpinnError raised on that rank alone, ``step`` a RuntimeError
+    inside the engine. It first prints ``MPINN_FAULT: rank R fails at POINT`` to stderr,
+    the moment the tests measure the time to the end of the job from. ``nan`` raises
+    nothing but returns True, and the engine makes its loss share NaN. The reliability
+    tests use it to prove that a failure on one rank never hangs the others.
+
+    The points of ``HOLD_POINTS`` raise nothing: the rank prints ``MPINN_FAULT: rank R
+    (pid P) holds at POINT`` and waits there for a signal, so that a test can kill or
+    signal the job at a moment the program itself reports instead of after a guessed
+    delay. ``hold`` is the start of a training step (before the stop-signal check);
+    the ``save-*`` points are the phases of a checkpoint (``format.Checkpoint``).
     """
     spec = os.environ.get("MPINN_FAULT")
     if not spec:
         return False
     parts = spec.split(":")
-    if parts[0] != point or int(parts[1]) != rank:
+    if parts[0] != point or parts[1] not in ("*", str(rank)):
         return False
     _passes[point] = _passes.get(point, 0) + 1
     if _passes[point] != (int(parts[2]) if len(parts) > 2 else 1):
         return False
     if point == "nan":
         return True
+    if point in HOLD_POINTS:
+        print(f"MPINN_FAULT: rank {rank} (pid {os.getpid()}) holds at {point}", flush=True)
+        signal.pause()  # SIGKILL ends the rank here; a handled SIGTERM/SIGUSR1 lets it go on
+        return False
     message = f"injected fault at {point} on rank {rank}"
-    if point in ("load", "save"):
+    print(f"MPINN_FAULT: rank {rank} fails at {point}", file=sys.stderr, flush=True)
+    if point in ("load", "save", "sync"):
         raise OSError(message)
     if point == "data":
         raise MpinnError(message)
     raise RuntimeError(message)
 
+
+# the phases of a checkpoint save, in order: the new file's layout is written (its rows are
+# not), every row is written (not yet synced), the file is synced and closed, rank 0 is
+# about to rename it over the model, rank 0 has renamed it (the directory is not yet synced)
+SAVE_PHASES = ("save-begun", "save-written", "save-synced", "save-rename", "save-renamed")
+HOLD_POINTS = ("hold", *SAVE_PHASES)
 
 _passes: dict[str, int] = {}

@@ -549,6 +549,7 @@ class Checkpoint:
         try:
             if first:
                 self._layout(f)
+            inject_fault("save-begun", self.comm.rank)
         except BaseException as exc:
             if safe_to_close(exc):
                 f.close()
@@ -593,8 +594,11 @@ class Checkpoint:
                 self.file.close()
             self._abandon(exc)
             return  # the model file was not touched
+        inject_fault("save-written", self.comm.rank)
+        inject_fault("sync", self.comm.rank)
         self.file.flush()  # collective MPI_File_sync: the data is on storage before the rename
         self.file.close()
+        inject_fault("save-synced", self.comm.rank)
         if not MPI_IO:
             self._turn.__exit__(None, None, None)  # hand the file to the next rank
         self.comm.Barrier()
@@ -614,7 +618,9 @@ class Checkpoint:
                            key=os.path.getmtime)
             for stale in older[: max(0, len(older) - (self.keep - 1))]:
                 os.remove(stale)
-        commit(self.partial, self.path)  # whatever the I/O driver did, synced, then renamed
+        inject_fault("save-rename", self.comm.rank)
+        commit(self.partial, self.path)  # whatever the I/O driver did: synced, renamed, synced
+        inject_fault("save-renamed", self.comm.rank)
 
 
 def read_partitions(f: h5py.File) -> Partitions:

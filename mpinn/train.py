@@ -25,7 +25,7 @@ from mpinn import distributor
 from mpinn import format as fmt
 from mpinn.data import LocalData
 from mpinn.engine import Engine
-from mpinn.errors import MpinnError
+from mpinn.errors import MpinnError, inject_fault
 from mpinn.exchange import MAX, SUM, agree, allreduce, on_root
 from mpinn.metadata import MetadataTable
 from mpinn.optim import Optimizer, make_optimizer
@@ -311,6 +311,7 @@ def train(model: DistributedModel, data: LocalData, *, epochs: int, batch_size: 
     with StepGuard(model.comm) as guard:
         def step(loss_share: float) -> bool:
             nonlocal step_count, stopping
+            inject_fault("hold", model.comm.rank)
             if guard.stop_requested(loss_share, f"epoch {epoch}, step {step_count + 1}"):
                 stopping = True  # before the update: the checkpoint holds this step's start
                 return True

@@ -22,25 +22,47 @@ from mpi4py import MPI
 from mpinn import format as fmt
 from mpinn.data import load
 from mpinn.errors import MpinnError
-from mpinn.train import DistributedModel, PartitionChoice, evaluate, predict
+from mpinn.optim import make_optimizer
+from mpinn.train import DistributedModel, PartitionChoice, evaluate, predict, train
 from tests.reference import Reference, assert_close
 
 SIZES = [6, 9, 4]
 EXAMPLES = int(os.environ.get("MPINN_HYPOTHESIS_EXAMPLES", 60))  # raise it to search harder
+MPI_EXAMPLES = max(EXAMPLES // 3, 10)  # per rank count, under make test-mpi
 FIXTURES = [HealthCheck.function_scoped_fixture]  # each example copies into its own file
 ACTS = ["relu", "softmax"]
+STORAGES = ["csr", "dense"]  # the first layer's wiring is in the file too (indptr, indices)
+
+
+def build_pristine(tmp: Path, nranks: int) -> dict[str, Path]:
+    """A trained model (a CSR layer, Adam's state in /state) with a stored partition for
+    ``nranks`` ranks, and its data; written by this process alone."""
+    from mpinn.describe import store_partition
+    model, data = tmp / "model.h5", tmp / "data.h5"
+    fmt.create_model(str(model), SIZES, ACTS, "float64", seed=1, comm=MPI.COMM_SELF,
+                     storages=STORAGES, sparse=fmt.SparseInit(density=0.5))
+    rng = np.random.default_rng(0)
+    fmt.write_data(str(data), rng.random((12, 6)), rng.integers(0, 4, 12))
+    with DistributedModel(str(model), MPI.COMM_SELF, PartitionChoice(), 4) as dm:
+        train(dm, load(str(data), dm.table, dm.spec.dtype, MPI.COMM_SELF), epochs=1, batch_size=4,
+              lr=0.01, optimizer_name="adam")
+    store_partition(str(model), nranks, "balanced", {}, "p", MPI.COMM_SELF)
+    with h5py.File(model, "r") as f:  # what the mutations below aim at is really there
+        assert "state/layers/1/weight_m" in f and "layers/1/indptr" in f, list(f["state/layers/1"])
+    return {"model": model, "data": data}
 
 
 @pytest.fixture(scope="module")
 def pristine(tmp_path_factory) -> dict[str, Path]:
-    tmp = tmp_path_factory.mktemp("pristine")
-    model, data = tmp / "model.h5", tmp / "data.h5"
-    fmt.create_model(str(model), SIZES, ACTS, "float64", seed=1, comm=MPI.COMM_SELF)
-    from mpinn.describe import store_partition
-    store_partition(str(model), 1, "balanced", {}, "p", MPI.COMM_SELF)
-    rng = np.random.default_rng(0)
-    fmt.write_data(str(data), rng.random((12, 6)), rng.integers(0, 4, 12))
-    return {"model": model, "data": data}
+    return build_pristine(tmp_path_factory.mktemp("pristine"), 1)
+
+
+@pytest.fixture(scope="module")
+def pristine_world(tmp_path_factory) -> dict[str, Path]:
+    """``pristine`` for the ranks of COMM_WORLD: rank 0 writes it where every rank reads it."""
+    comm = MPI.COMM_WORLD
+    files = build_pristine(tmp_path_factory.mktemp("pristine"), comm.size) if comm.rank == 0 else None
+    return comm.bcast(files)
 
 
 VALUES = st.one_of(
@@ -49,17 +71,20 @@ VALUES = st.one_of(
         ["relu", "softmax", "tanh", "dense", "csr", "identity", "sigmoid"]))
 
 MODEL_ATTRS = ["mpinn_format_version", "sizes", "layers/1:activation", "layers/2:activation",
-               "layers/1:storage", "partitions/p:nranks", "partitions/p:strategy",
+               "layers/1:storage", "layers/2:storage", "partitions/p:nranks", "partitions/p:strategy",
                "partitions/p:params", "state:epoch", "state:batch", "state:optimizer"]
-OBJECTS = ["layers", "layers/1", "layers/2/weight", "layers/1/bias", "partitions/p/owner"]
-DATASETS = ["layers/1/weight", "layers/2/bias", "partitions/p/owner"]
+OBJECTS = ["layers", "layers/1", "layers/2/weight", "layers/1/bias", "layers/1/indices",
+           "partitions/p/owner", "state", "state/layers/2/weight_v", "state/layers/1/weight_m"]
+DATASETS = ["layers/1/data", "layers/1/indices", "layers/1/indptr", "layers/2/weight",
+            "layers/2/bias", "partitions/p/owner", "state/layers/1/weight_m", "state/layers/2/weight_v",
+            "state/layers/2/bias_m"]
 SHAPES = st.lists(st.integers(0, 12), min_size=0, max_size=3).map(tuple)
 DTYPES = st.sampled_from(["f4", "f8", "i4", "i8", "f2", "u1"])
 
 
 @st.composite
 def model_mutations(draw):
-    kind = draw(st.sampled_from(["attr", "delete", "reshape", "nonfinite", "owner"]))
+    kind = draw(st.sampled_from(["attr", "delete", "reshape", "nonfinite", "owner", "wiring"]))
     if kind == "attr":
         return kind, draw(st.sampled_from(MODEL_ATTRS)), draw(VALUES)
     if kind == "delete":
@@ -67,8 +92,12 @@ def model_mutations(draw):
     if kind == "reshape":
         return kind, draw(st.sampled_from(DATASETS)), (draw(SHAPES), draw(DTYPES))
     if kind == "nonfinite":
-        return kind, draw(st.sampled_from(["layers/1/weight", "layers/2/bias"])), \
+        return kind, draw(st.sampled_from(["layers/1/data", "layers/2/weight", "layers/2/bias",
+                                           "state/layers/2/weight_v"])), \
             draw(st.sampled_from([np.nan, np.inf, -np.inf]))
+    if kind == "wiring":  # one entry of the CSR index arrays set to any value
+        return kind, draw(st.sampled_from(["layers/1/indptr", "layers/1/indices"])), \
+            (draw(st.integers(0, 40)), draw(st.integers(-3, 40)))
     return kind, "partitions/p/owner", draw(st.lists(st.integers(-2, 3), min_size=19, max_size=19))
 
 
@@ -95,6 +124,10 @@ def apply(path: Path, mutation) -> None:
             flat = dset[...].reshape(-1)
             flat[len(flat) // 2] = value
             dset[...] = flat.reshape(dset.shape)
+        elif kind == "wiring":
+            position, entry = value
+            dset = f[target]
+            dset[position % dset.shape[0]] = entry
         else:
             f[target][...] = np.asarray(value, dtype=np.int32)
 
@@ -103,33 +136,85 @@ def digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def run_model(model: Path, data: Path, partition: str | None) -> np.ndarray | None:
-    """Predict with the library on one rank; None where it refused with an MpinnError."""
+Outcome = tuple[np.ndarray, float, float] | str  # (outputs, loss, accuracy), or an error message
+
+
+def run_model(model: Path, data: Path, partition: str | None, comm: MPI.Comm) -> Outcome:
+    """Load the model and its training state, evaluate and predict with the library on the
+    ranks of ``comm``; every rank returns all outputs, or the MpinnError's message."""
     try:
-        with DistributedModel(str(model), MPI.COMM_SELF, PartitionChoice(partition), 5) as dm:
-            local = load(str(data), dm.table, dm.spec.dtype, MPI.COMM_SELF)
-            evaluate(dm, local, 5)
-            return predict(dm, local, 5).T
+        with DistributedModel(str(model), comm, PartitionChoice(partition), 5) as dm:
+            dm.load_optimizer_state(make_optimizer("adam", dm.engine.parameters(), 0.01))
+            local = load(str(data), dm.table, dm.spec.dtype, comm)
+            loss, accuracy = evaluate(dm, local, 5)
+            mine = dm.shard.layers[-1].rows, predict(dm, local, 5)
     except MpinnError as exc:
         assert str(exc).strip(), "an error without a message"
-        return None
+        return str(exc)
+    pieces = comm.allgather(mine)
+    outputs = np.empty((local.n_samples, dm.spec.sizes[-1]), dtype=dm.spec.dtype)
+    for rows, values in pieces:
+        outputs[:, rows] = values.T
+    return outputs, loss, accuracy
 
 
-@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=FIXTURES)
-@given(mutation=model_mutations(), use_partition=st.booleans())
-def test_mutated_model_gives_clear_error_or_correct_result(pristine, tmp_path, mutation,
-                                                          use_partition):
-    model = tmp_path / "model.h5"
-    shutil.copy(pristine["model"], model)
-    apply(model, mutation)
+def assert_correct(outcome: Outcome, model: Path, data: Path) -> None:
+    """An accepted file gives the reference's outputs, loss and accuracy for what it holds."""
+    if isinstance(outcome, str):
+        return
+    outputs, loss, accuracy = outcome
+    with h5py.File(data, "r") as f:
+        x, y = f["X"][...].astype(outputs.dtype), f["y"][...].astype(np.int64)
+    _, acts = Reference.from_file(str(model)).forward(x)
+    assert_close(outputs, acts[-1], outputs.dtype, "outputs of an accepted file")
+    assert_close(loss, -np.log(acts[-1][np.arange(len(y)), y]).mean(), outputs.dtype, "loss")
+    assert accuracy == np.mean(acts[-1].argmax(axis=1) == y)
+
+
+def agreed(outcome: Outcome, comm: MPI.Comm) -> None:
+    """Every rank refused with the same message, or every rank accepted."""
+    messages = comm.allgather(outcome if isinstance(outcome, str) else None)
+    assert len(set(messages)) == 1, f"ranks disagree: {messages}"
+
+
+def check_model_mutation(files: dict[str, Path], work: Path, mutation, use_partition: bool,
+                         comm: MPI.Comm) -> None:
+    model = work / "model.h5"
+    if comm.rank == 0:
+        shutil.copy(files["model"], model)
+        apply(model, mutation)
+    comm.Barrier()
     before = digest(model)
-    outputs = run_model(model, pristine["data"], "p" if use_partition else None)
+    outcome = run_model(model, files["data"], "p" if use_partition else None, comm)
+    agreed(outcome, comm)
     assert digest(model) == before
-    if outputs is not None:
-        with h5py.File(pristine["data"], "r") as f:
-            x = f["X"][...]
-        _, acts = Reference.from_file(str(model)).forward(x.astype(outputs.dtype))
-        assert_close(outputs, acts[-1], outputs.dtype, "outputs of an accepted file")
+    assert_correct(outcome, model, files["data"])
+    comm.Barrier()  # before rank 0 writes the next example's file
+
+
+def check_data_mutation(files: dict[str, Path], work: Path, mutation, comm: MPI.Comm) -> None:
+    data = work / "data.h5"
+    if comm.rank == 0:
+        shutil.copy(files["data"], data)
+        kind, value = mutation
+        with h5py.File(data, "r+") as f:
+            if kind in ("x_shape", "y_shape"):
+                name = kind[0].upper() if kind == "x_shape" else "y"
+                del f[name]
+                f.create_dataset(name, shape=value[0], dtype=value[1])
+            elif kind == "labels":
+                f["y"][...] = np.asarray(value)
+            elif kind == "x_values":
+                f["X"][3, 2] = value
+            else:
+                del f[value]
+    comm.Barrier()
+    before_model, before_data = digest(files["model"]), digest(data)
+    outcome = run_model(files["model"], data, None, comm)
+    agreed(outcome, comm)
+    assert digest(files["model"]) == before_model and digest(data) == before_data
+    assert_correct(outcome, files["model"], data)
+    comm.Barrier()
 
 
 @st.composite
@@ -145,25 +230,42 @@ def data_mutations(draw):
 
 
 @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=FIXTURES)
+@given(mutation=model_mutations(), use_partition=st.booleans())
+def test_mutated_model_gives_clear_error_or_correct_result(pristine, tmp_path, mutation,
+                                                          use_partition):
+    check_model_mutation(pristine, tmp_path, mutation, use_partition, MPI.COMM_SELF)
+
+
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=FIXTURES)
 @given(mutation=data_mutations())
 def test_mutated_data_gives_clear_error_or_correct_result(pristine, tmp_path, mutation):
-    data = tmp_path / "data.h5"
-    shutil.copy(pristine["data"], data)
-    kind, value = mutation
-    with h5py.File(data, "r+") as f:
-        if kind in ("x_shape", "y_shape"):
-            name = kind[0].upper() if kind == "x_shape" else "y"
-            del f[name]
-            f.create_dataset(name, shape=value[0], dtype=value[1])
-        elif kind == "labels":
-            f["y"][...] = np.asarray(value)
-        elif kind == "x_values":
-            f["X"][3, 2] = value
-        else:
-            del f[value]
-    before_model, before_data = digest(pristine["model"]), digest(data)
-    run_model(pristine["model"], data, None)
-    assert digest(pristine["model"]) == before_model and digest(data) == before_data
+    check_data_mutation(pristine, tmp_path, mutation, MPI.COMM_SELF)
+
+
+# Under mpirun every rank draws the same examples (derandomized, no example database) and
+# takes rank 0's anyway; rank 0 writes each mutated file where every rank reads it.
+MPI_SETTINGS = settings(max_examples=MPI_EXAMPLES, deadline=None, suppress_health_check=FIXTURES,
+                        derandomize=True, database=None)
+
+
+@pytest.mark.mpi(min_size=2)
+@MPI_SETTINGS
+@given(mutation=model_mutations(), use_partition=st.booleans())
+def test_mutated_model_is_refused_by_every_rank_or_gives_correct_results(pristine_world, mpi_tmp_path,
+                                                                         mutation, use_partition):
+    comm = MPI.COMM_WORLD
+    mutation, use_partition, work = comm.bcast((mutation, use_partition, mpi_tmp_path))
+    check_model_mutation(pristine_world, work, mutation, use_partition, comm)
+
+
+@pytest.mark.mpi(min_size=2)
+@MPI_SETTINGS
+@given(mutation=data_mutations())
+def test_mutated_data_is_refused_by_every_rank_or_gives_correct_results(pristine_world, mpi_tmp_path,
+                                                                        mutation):
+    comm = MPI.COMM_WORLD
+    mutation, work = comm.bcast((mutation, mpi_tmp_path))
+    check_data_mutation(pristine_world, work, mutation, comm)
 
 
 def declared_only(path: Path, sizes: list[int]) -> Path:

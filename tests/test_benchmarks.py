@@ -6,9 +6,12 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from tests.test_cli import ENV, ROOT
 
 
+@pytest.mark.timeout(630)  # the script's run is bounded at 600 s
 def test_many_cores_script_runs_every_benchmark_at_tiny_sizes(tmp_path):
     """QUICK=1 runs the pipeline, Sparse DNN and dense training benchmarks, as on a big box."""
     env = {**ENV, "QUICK": "1", "PYTHON": sys.executable}

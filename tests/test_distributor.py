@@ -26,9 +26,31 @@ def test_blockdist_covers_range_without_overlap():
 @pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("nranks", [1, 2, 3, 4])
 def test_every_strategy_gives_every_neuron_exactly_one_rank(strategy, nranks):
-    owner = d.partition(SIZES, nranks, strategy, strategy_params(strategy, SIZES, nranks))
-    assert owner.shape == (sum(SIZES),) and owner.dtype == np.int32
+    """One owner per neuron, and the one the strategy's params ask for."""
+    params = strategy_params(strategy, SIZES, nranks)
+    owner = d.partition(SIZES, nranks, strategy, params)
+    total = sum(SIZES)
+    assert owner.shape == (total,) and owner.dtype == np.int32
     assert owner.min() >= 0 and owner.max() < nranks
+    per_rank = np.bincount(owner, minlength=nranks)
+    starts = np.cumsum([0, *SIZES])
+    if strategy == "balanced":  # every layer split evenly
+        for layer in range(len(SIZES)):
+            counts = np.bincount(owner[starts[layer]:starts[layer + 1]], minlength=nranks)
+            assert counts.max() - counts.min() <= 1, (layer, counts)
+    elif strategy == "count":
+        assert per_rank.tolist() == params["counts"]
+    elif strategy == "percentage":  # largest remainder: each within one neuron of its share
+        assert np.all(np.abs(per_rank - np.asarray(params["percentages"]) / 100 * total) < 1), per_rank
+    elif strategy == "ids":
+        expected = np.full(total, -1)
+        for rank, items in params["ids"].items():
+            for item in items:
+                start, stop = (item, item + 1) if isinstance(item, int) else item
+                expected[start:stop] = int(rank)
+        assert np.array_equal(owner, expected)
+    else:  # layers: each layer's neurons on its rank
+        assert np.array_equal(owner, np.repeat(params["layer_ranks"], SIZES))
 
 
 def test_balanced_splits_each_layer_evenly():

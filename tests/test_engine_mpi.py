@@ -8,13 +8,14 @@ from __future__ import annotations
 import h5py
 import numpy as np
 import pytest
+import scipy.sparse as sp
 from mpi4py import MPI
 
 from mpinn import format as fmt
 from mpinn.data import load
 from mpinn.describe import rank_traffic
 from mpinn.errors import MpinnError
-from mpinn.train import DistributedModel, PartitionChoice, predict, train
+from mpinn.train import DistributedModel, PartitionChoice, evaluate, predict, train
 from tests.helpers import ALL_STRATEGIES, classification_data, regression_data, strategy_params
 from tests.reference import Reference, assert_close
 
@@ -185,9 +186,60 @@ def test_exchanged_bytes_equal_the_partition_report(strategy, case, mpi_tmp_path
             expected = rank_traffic(model.spec, model.table, fmt.wiring_reader(f, model.spec))
         sent = sum(p.bytes_sent for p in model.engine.plans)
         received = sum(p.bytes_received for p in model.engine.plans)
+        owners = [model.table.layer_owner(i) for i in range(len(c["sizes"]))]
     r = comm.rank
     assert sent == (expected.forward_send[r] + expected.backward_send[r]) * BATCH
     assert received == (expected.forward_recv[r] + expected.backward_recv[r]) * BATCH
+    # and counted here from the partition and the wiring alone, without the package
+    counted_sent, counted_received = counted_traffic(Reference.from_file(model_path), owners, r, comm.size)
+    assert (sent, received) == (counted_sent * BATCH * 4, counted_received * BATCH * 4)
+
+
+def counted_traffic(ref: Reference, owners: list[np.ndarray], me: int, nranks: int
+                    ) -> tuple[int, int]:
+    """Values per sample that rank ``me`` sends and receives in one forward and backward
+    pass: a rank receives each input that one of its rows reads and another rank owns
+    (forward), and sends back its partial sums for those inputs (backward, not for the
+    data's features, which need no gradient)."""
+    sent = received = 0
+    for layer, weight in enumerate(ref.weights, start=1):
+        inputs_owner = owners[layer - 1]
+        for rank in range(nranks):
+            rows = np.flatnonzero(owners[layer] == rank)
+            if sp.issparse(weight):
+                needed = np.unique(weight[rows].indices)
+            else:
+                needed = np.arange(weight.shape[1]) if rows.size else np.zeros(0, dtype=np.int64)
+            remote = needed[inputs_owner[needed] != rank]
+            both_ways = 2 if layer > 1 else 1
+            if rank == me:
+                received += remote.size
+                sent += remote.size * (both_ways - 1)
+            mine = int(np.count_nonzero(inputs_owner[remote] == me))
+            sent += mine
+            received += mine * (both_ways - 1)
+    return sent, received
+
+
+@pytest.mark.parametrize("case", ["softmax", "regression", "sparse"])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("strategy", ["balanced", "ids", "layers"])
+def test_evaluate_loss_and_accuracy_equal_reference(strategy, dtype, case, mpi_tmp_path):
+    """Cross-entropy (softmax with labels) or squared error (float targets) and accuracy over
+    30 samples in batches of 8: the last batch is partial."""
+    comm = MPI.COMM_WORLD
+    c = CASES[case]
+    model_path, data_path, x, y = make_files(mpi_tmp_path, c, dtype, comm)
+    with DistributedModel(model_path, comm, choice(strategy, c["sizes"], comm.size), BATCH) as model:
+        loss, accuracy = evaluate(model, load(data_path, model.table, model.spec.dtype, comm), BATCH)
+    ref = Reference.from_file(model_path)
+    expected, _, _ = ref.loss_and_grads(x, y)  # the mean over all samples in one batch
+    assert_close(loss, expected, dtype, "evaluate's loss")
+    if c["labels"]:
+        assert accuracy == np.mean(ref.forward(x)[1][-1].argmax(axis=1) == y)
+        assert 0 < accuracy < 1  # a number that can be wrong
+    else:
+        assert accuracy is None
 
 
 def test_stored_partition_for_another_rank_count_is_refused_on_every_rank(mpi_tmp_path):

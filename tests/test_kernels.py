@@ -88,9 +88,21 @@ def test_softmax_only_allowed_last_and_unknown_refused():
         kernels.check_activation("gelu", False, "layer 1")
 
 
-def test_init_rows_bounds_follow_fan_in():
-    w, b = kernels.init_rows(np.random.default_rng(0), 50, 100, 10, "relu", np.float32)
-    assert w.dtype == np.float32 and np.abs(w).max() <= np.sqrt(6 / 100) and not b.any()
+@pytest.mark.parametrize(("activation", "bound"), [
+    ("relu", np.sqrt(6 / 100)), ("relu_cap", np.sqrt(6 / 100)),            # He: fan-in 100
+    ("tanh", np.sqrt(6 / 160)), ("sigmoid", np.sqrt(6 / 160)),             # Glorot: 100 in, 60 out
+    ("identity", np.sqrt(6 / 160)), ("softmax", np.sqrt(6 / 160))])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_init_rows_are_he_or_glorot_uniform(activation, bound, dtype):
+    """Uniform on [-bound, bound]: within the bound, filling it, mean 0, variance bound²/3."""
+    w, b = kernels.init_rows(np.random.default_rng(0), 400, 100, 60, activation, dtype)
+    assert w.shape == (400, 100) and w.dtype == dtype and b.shape == (400,) and b.dtype == dtype
+    assert not b.any()
+    assert np.abs(w).max() <= bound and np.abs(w).max() > 0.999 * bound
+    assert abs(w.mean()) < 4 * bound / np.sqrt(3 * w.size)  # four standard errors
+    assert w.var() == pytest.approx(bound**2 / 3, rel=0.03)
+    values, _ = kernels.init_rows(np.random.default_rng(0), 400, 100, 60, activation, dtype, n_values=900)
+    assert values.shape == (900,) and np.abs(values).max() <= bound  # sparse rows: n_in is the mean fan-in
 
 
 def pattern_rows(counts: np.ndarray, columns: np.ndarray) -> list[np.ndarray]:

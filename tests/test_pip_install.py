@@ -12,6 +12,7 @@ import os
 import subprocess
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 
@@ -21,6 +22,7 @@ from tests.test_cli import DIGITS_TEST, DIGITS_TRAIN, ENV, mpinn, ok
 VENV = os.environ.get("MPINN_PIP_VENV")
 
 
+@pytest.mark.timeout(1200)  # three runs of at most 300 s, two of 120 s
 @pytest.mark.skipif(not VENV, reason="MPINN_PIP_VENV not set (make test-pip builds that venv)")
 def test_pip_installed_mpinn_with_serial_h5py_matches_parallel_hdf5(tmp_path):
     venv = Path(VENV)
@@ -41,6 +43,10 @@ def test_pip_installed_mpinn_with_serial_h5py_matches_parallel_hdf5(tmp_path):
         assert result.returncode == 0, result.stdout + result.stderr
         if nranks > 1:
             assert result.stderr.count("h5py has no MPI support") == 1, result.stderr
+    with h5py.File(tmp_path / "preds.h5", "r") as f, h5py.File(DIGITS_TEST, "r") as d:
+        outputs, x = f["outputs"][...], d["X"][...]
+    _, acts = Reference.from_file(str(pip_model)).forward(x)  # what the trained file computes
+    assert_close(outputs, acts[-1], np.float32, "predictions of the pip-installed mpinn")
     ok(mpinn(1, "init", str(model), "--sizes", "64,48,10", "--seed", "5"))
     ok(mpinn(2, "train", str(model), "--data", DIGITS_TRAIN, "--epochs", "2"))
     a, b = Reference.from_file(str(pip_model)), Reference.from_file(str(model))

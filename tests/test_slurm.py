@@ -7,6 +7,7 @@ the reason.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import time
 from pathlib import Path
@@ -17,6 +18,7 @@ import pytest
 
 from tests.reference import Reference
 from tests.test_cli import ENV, ROOT, mpinn, ok
+from tests.test_sparse import independent_categories
 
 PYTHON = str(ROOT / ".venv/bin/python") if (ROOT / ".venv/bin/python").exists() else "python3"
 
@@ -55,6 +57,7 @@ def job_state(env: dict[str, str], job: str) -> str:
     return "UNKNOWN"
 
 
+@pytest.mark.timeout(1350)  # two jobs of at most 600 s each, one 120 s run
 def test_train_and_predict_jobs_run_and_log_next_to_the_model(slurm, tmp_path):
     model, preds = tmp_path / "model.h5", tmp_path / "preds.h5"
     ok(mpinn(1, "init", str(model), "--sizes", "64,32,10", "--seed", "1"))
@@ -72,6 +75,7 @@ def test_train_and_predict_jobs_run_and_log_next_to_the_model(slurm, tmp_path):
         assert f["outputs"].shape == (360, 10)
 
 
+@pytest.mark.timeout(1000)  # runs of 120, 120 and 300 s, then 120 s and 300 s of job waits
 def test_preempted_job_checkpoints_requeues_and_ends_as_an_uninterrupted_run(slurm, tmp_path):
     data, model, reference = tmp_path / "data.h5", tmp_path / "model.h5", tmp_path / "ref.h5"
     ok(mpinn(1, "data", "classification", str(data), "--samples", "30000", "--outputs", "10"))
@@ -109,14 +113,24 @@ def test_preempted_job_checkpoints_requeues_and_ends_as_an_uninterrupted_run(slu
         assert np.array_equal(wa, wb)
 
 
+@pytest.mark.timeout(1230)  # two jobs of at most 600 s each
 def test_sparse_benchmark_and_scaling_jobs_report_matching_categories(slurm, tmp_path):
     small = dict(NEURONS="1024", LAYERS="30", SAMPLES="200", BATCH="100", DIR=str(tmp_path))
     job = sbatch(slurm, "sparse-dnn.sbatch", tmp_path, **small)
     log = (tmp_path / f"mpinn-sparse-dnn-{job}.out").read_text()
     assert "2 ranks" in log and "G edges/s" in log and ": match" in log, log
-    assert (tmp_path / "radixnet-n1024-l30-s0.h5").exists()  # next to the log, reused below
+    # the categories the job found are the ones the test computes itself from the files
+    truth, stored = independent_categories(str(tmp_path / "radixnet-n1024-l30-s0.h5"),
+                                           str(tmp_path / "radixnet-n1024-l30-s0-inputs200.h5"))
+    assert np.array_equal(stored, truth) and 0 < truth.size < 200
+    assert f"categories: {truth.size} of 200 samples" in log, log
     job = sbatch(slurm, "scaling.sbatch", tmp_path, **small, STRATEGY="balanced")
     log = (tmp_path / f"mpinn-scaling-{job}.out").read_text()
     rows = [line.split() for line in log.splitlines() if line.strip()[:1].isdigit()]
     assert [row[0] for row in rows] == ["1", "2"], log
-    assert rows[0][2] == "1.00x" and float(rows[1][1]) > 0, log
+    runs = [json.loads((tmp_path / f"scaling-{job}-{p}.json").read_text()) for p in (1, 2)]
+    base = runs[0]["edges_per_second"]
+    for row, run, ranks in zip(rows, runs, (1, 2), strict=True):
+        assert run["ranks"] == ranks and run["categories"] == truth.size and run["correct"], run
+        rate = run["edges_per_second"]  # the table is the runs' own figures, not made up
+        assert row[1:] == [f"{rate / 1e9:.3f}", f"{rate / base:.2f}x", f"{rate / base / ranks:.0%}"], row

@@ -14,9 +14,15 @@ import scipy.sparse as sp
 
 from mpinn.errors import MpinnError
 from mpinn.format import LayerArrays, write_model
+from mpinn.optim import make_optimizer
 from mpinn.torch_io import from_torch, load_torch_file, save_torch_file, to_torch
+from tests.reference import Reference
 
-torch = pytest.importorskip("torch")
+try:
+    import torch
+except ImportError as exc:  # `make setup` installs it: without torch these tests fail, never skip
+    raise ImportError("PyTorch is not installed: `make setup` installs torch==2.13.0 (CPU build), "
+                      "which tests/test_torch_io.py needs") from exc
 nn = torch.nn
 
 TOLERANCE = {"float32": 1e-6, "float64": 1e-12}
@@ -300,3 +306,79 @@ def test_cli_imports_a_torch_model_that_mpinn_then_predicts_and_exports_back(tmp
     with torch.no_grad():
         np.testing.assert_allclose(load_torch_file(str(back))(x).numpy(), model(x).numpy(),
                                    rtol=1e-6, atol=1e-7)
+
+
+# ---------------------------------------------------------------- the optimizers, against torch.optim
+
+OPTIMIZERS = [("sgd", 0.0, 0.1), ("sgd", 0.9, 0.05), ("adam", 0.0, 0.01)]
+
+
+def torch_optimizer(name: str, momentum: float, lr: float, params: list) -> torch.optim.Optimizer:
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum)
+    return torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999), eps=1e-8)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize(("name", "momentum", "lr"), OPTIMIZERS)
+def test_optimizers_and_the_reference_step_like_torch_optim(dtype: str, name: str, momentum: float,
+                                                            lr: float) -> None:
+    """mpinn.optim and tests/reference.py's update both follow torch.optim, step by step."""
+    rng = np.random.default_rng(8)
+    shapes = [(7, 5), (7,), (3, 7)]
+    start = [rng.normal(size=shape).astype(dtype) for shape in shapes]
+    ours = [p.copy() for p in start]
+    grads = [np.zeros_like(p) for p in start]
+    optimizer = make_optimizer(name, list(zip(ours, grads, strict=True)), lr, momentum)
+    ref = Reference([start[0].copy(), start[2].copy()], [start[1].copy(), np.zeros(3, dtype)],
+                    ["relu", "identity"])
+    theirs = [torch.tensor(p, requires_grad=True) for p in start]
+    peer = torch_optimizer(name, momentum, lr, theirs)
+    for _ in range(6):
+        step = [rng.normal(size=shape).astype(dtype) for shape in shapes]
+        for grad, g in zip(grads, step, strict=True):
+            grad[...] = g  # the optimizer may use its gradient buffers as scratch
+        optimizer.step()
+        ref.step([step[0], step[2]], [step[1], np.zeros(3, dtype)], name, lr, momentum)
+        for tensor, g in zip(theirs, step, strict=True):
+            tensor.grad = torch.from_numpy(g.copy())
+        peer.step()
+    tolerance = 1e-6 if dtype == "float32" else 1e-13
+    expected = [t.detach().numpy() for t in theirs]
+    for what, got in (("mpinn.optim", ours), ("reference", [ref.weights[0], ref.biases[0], ref.weights[1]])):
+        for param, want in zip(got, expected, strict=True):
+            assert param.dtype == np.dtype(dtype)
+            err = np.abs(param - want).max() / np.abs(want).max()
+            assert err <= tolerance, f"{what}: relative error {err:.3g} from torch.optim"
+
+
+@pytest.mark.parametrize(("name", "momentum", "lr"), OPTIMIZERS)
+def test_training_at_two_ranks_equals_torch_training(tmp_path: Path, name: str, momentum: float,
+                                                     lr: float) -> None:
+    """A torch model trained by mpinn (2 ranks, cross-entropy on a softmax output) ends with
+    the weights that torch.optim and nn.CrossEntropyLoss give it, batch by batch."""
+    from tests.test_cli import mpinn, ok
+
+    torch.manual_seed(9)
+    model = nn.Sequential(nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 9), nn.ReLU(),
+                          nn.Linear(9, 5)).double()
+    h5, data = tmp_path / "m.h5", tmp_path / "d.h5"
+    from_torch(nn.Sequential(*model, nn.Softmax(dim=-1)), str(h5))
+    ok(mpinn(1, "data", "classification", str(data), "--samples", "70", "--features", "12",
+             "--outputs", "5", "--dtype", "float64"))
+    ok(mpinn(2, "train", str(h5), "--data", str(data), "--epochs", "2", "--batch-size", "32",
+             "--optimizer", name, "--momentum", str(momentum), "--lr", str(lr), "--no-shuffle"))
+    with h5py.File(data, "r") as f:
+        x, y = torch.from_numpy(f["X"][...]), torch.from_numpy(f["y"][...]).long()
+    peer = torch_optimizer(name, momentum, lr, list(model.parameters()))
+    for _ in range(2):
+        for start in range(0, 70, 32):  # the last batch is partial: 6 samples
+            peer.zero_grad()
+            nn.functional.cross_entropy(model(x[start:start + 32]), y[start:start + 32]).backward()
+            peer.step()
+    trained = Reference.from_file(str(h5))
+    linears = [m for m in model if isinstance(m, nn.Linear)]
+    for i, linear in enumerate(linears):
+        for ours, theirs in ((trained.weights[i], linear.weight), (trained.biases[i], linear.bias)):
+            want = theirs.detach().numpy()
+            assert np.abs(ours - want).max() <= 1e-10 * np.abs(want).max(), f"layer {i + 1}"
