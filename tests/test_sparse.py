@@ -125,6 +125,8 @@ def test_bad_csr_structure_is_refused_on_every_rank(tmp_path):
     model = tmp_path / "m.h5"
     ok(mpinn(1, "init", str(model), "--sizes", ",".join(map(str, sizes)), "--storage", "csr",
              "--fan-in", str(fan_in)))
+    data = tmp_path / "d.h5"
+    fmt.write_data(str(data), np.ones((5, sizes[0]), np.float32), np.arange(5) % sizes[-1])
     owner = distributor.partition(sizes, 3, "balanced")[sizes[0]:sizes[0] + sizes[1]]
     with h5py.File(model, "r") as f:
         indptr, indices = f["layers/1/indptr"][...], f["layers/1/indices"][...]
@@ -141,7 +143,7 @@ def test_bad_csr_structure_is_refused_on_every_rank(tmp_path):
             with h5py.File(broken, "r+") as f:
                 f[f"layers/1/{dataset}"][index] = value
             before = broken.read_bytes()
-            result = mpinn(3, "predict", str(broken), "--data", str(model), "--out", str(tmp_path / "o"))
+            result = mpinn(3, "predict", str(broken), "--data", str(data), "--out", str(tmp_path / "o"))
             errors = [ln for ln in result.stderr.splitlines() if ln.startswith("mpinn: error:")]
             assert result.returncode == 1 and len(errors) == 1, result.stderr
             assert message in errors[0] and errors[0].endswith(f"(rank {rank})"), errors
