@@ -1,4 +1,10 @@
-"""mpinn: neural networks partitioned across MPI ranks at neuron granularity."""
+"""mpinn: neural networks partitioned across MPI ranks at neuron granularity.
+
+The public surface: ``mpinn.Network`` and ``mpinn.History`` (the Python API, see
+docs/api.md), ``mpinn.MpinnError``, the optimizers ``mpinn.SGD`` and ``mpinn.Adam``.
+``import mpinn`` starts no MPI and imports no numpy: the names are loaded at first use,
+so a script can configure mpi4py (``mpi4py.rc``) and the BLAS threads beforehand.
+"""
 
 import os as _os
 
@@ -29,3 +35,24 @@ def _default_blas_threads() -> None:
 
 _default_blas_threads()
 __version__ = "0.1.0"
+
+from mpinn.errors import MpinnError  # noqa: E402 - after the thread defaults; imports nothing heavy
+
+# public name -> the module that defines it, imported on first access (PEP 562)
+_LAZY = {"Network": "mpinn.api", "History": "mpinn.api", "SGD": "mpinn.optim",
+         "Adam": "mpinn.optim", "OPTIMIZERS": "mpinn.optim"}
+
+__all__ = ["MpinnError", *_LAZY, "__version__"]
+
+
+def __getattr__(name: str) -> object:
+    if name in _LAZY:
+        import importlib
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'mpinn' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
