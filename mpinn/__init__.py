@@ -1,7 +1,8 @@
 """mpinn: neural networks partitioned across MPI ranks at neuron granularity.
 
 The public surface: ``mpinn.Network`` and ``mpinn.History`` (the Python API, see
-docs/api.md), ``mpinn.MpinnError``, the optimizers ``mpinn.SGD`` and ``mpinn.Adam``.
+docs/api.md), ``mpinn.MpinnError``, the optimizers ``mpinn.SGD``, ``mpinn.Adam``, ``mpinn.AdamW`` and
+the learning-rate ``mpinn.Schedule``.
 ``import mpinn`` starts no MPI and imports no numpy: the names are loaded at first use,
 so a script can configure mpi4py (``mpi4py.rc``) and the BLAS threads beforehand.
 """
@@ -40,7 +41,8 @@ from mpinn.errors import MpinnError  # noqa: E402 - after the thread defaults; i
 
 # public name -> the module that defines it, imported on first access (PEP 562)
 _LAZY = {"Network": "mpinn.api", "History": "mpinn.api", "SGD": "mpinn.optim",
-         "Adam": "mpinn.optim", "OPTIMIZERS": "mpinn.optim"}
+         "Adam": "mpinn.optim", "AdamW": "mpinn.optim", "Schedule": "mpinn.optim",
+         "OPTIMIZERS": "mpinn.optim", "SCHEDULES": "mpinn.optim"}
 
 __all__ = ["MpinnError", *_LAZY, "__version__"]
 

@@ -229,8 +229,10 @@ class Network:
             shuffle: bool = True, validation_data: Any = None,
             callbacks: Iterable[Callback] = (), checkpoint_every: int = 0, keep: int = 1,
             resume: bool = False, micro_batches: int = 1, patience: int = 0,
-            keep_best: bool = False, progress: bool = False, log_json: str | None = None,
-            verbose: bool = False) -> History:
+            keep_best: bool = False, schedule: str = "constant", step_size: int = 1,
+            gamma: float = 0.1, min_lr: float = 0.0, warmup_steps: int = 0,
+            weight_decay: float = 0.0, clip_norm: float = 0.0, progress: bool = False,
+            log_json: str | None = None, verbose: bool = False) -> History:
         """Train on ``x``, ``y`` (arrays, the same on every rank) or ``x`` a data file.
 
         The options are ``mpinn train``'s flags: ``epochs`` more epochs (with ``resume``:
@@ -239,7 +241,11 @@ class Network:
         kept; ``micro_batches`` > 1 pipelines each batch. ``validation_data``: (Xv, yv)
         or a data file, evaluated after every epoch; ``patience`` K stops after K epochs
         without a lower validation loss; ``keep_best`` commits each new best to
-        MODEL.best.h5. Each callback gets every epoch's dict on every rank; one that
+        MODEL.best.h5. ``optimizer`` sgd, adam or adamw, with ``weight_decay`` (L2 in the
+        gradient for sgd and adam, decoupled for adamw, as torch) and ``clip_norm`` (the
+        global gradient norm, as torch's clip_grad_norm_). ``schedule`` constant, step
+        (``step_size`` epochs, ``gamma``) or cosine (down to ``min_lr`` at the last step),
+        with ``warmup_steps``. Each callback gets every epoch's dict on every rank; one that
         returns False (on any rank) stops training after that epoch. ``verbose`` prints
         an epoch line on rank 0; ``log_json`` appends each epoch's dict to a file.
         """
@@ -268,7 +274,9 @@ class Network:
             momentum=momentum, seed=seed, shuffle=shuffle, checkpoint_every=checkpoint_every,
             keep=keep, resume=resume, micro_batches=micro_batches, progress=progress and rank0,
             report=loop.epoch_reporter(not verbose, log_json) if rank0 else None,
-            validation=validation, patience=patience, keep_best=keep_best, on_epoch=on_epoch)
+            validation=validation, patience=patience, keep_best=keep_best, on_epoch=on_epoch,
+            schedule=schedule, step_size=step_size, gamma=gamma, min_lr=min_lr,
+            warmup_steps=warmup_steps, weight_decay=weight_decay, clip_norm=clip_norm)
         history.stopped_by, history.stopped_early = result.stopped_by, result.stopped_early
         history.best_val_loss, history.epoch = result.best_val_loss, result.epoch
         return history

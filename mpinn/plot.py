@@ -40,11 +40,18 @@ def training_curves(log_path: str, out: str) -> None:
     plt = _pyplot()
     epochs = [r["epoch"] for r in records]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    axes[0].plot(epochs, [r["loss"] for r in records], marker="o")
-    axes[0].set(title="training loss", xlabel="epoch", yscale="log")
+    axes[0].plot(epochs, [r["loss"] for r in records], marker="o", label="training")
+    axes[0].set(title="loss", xlabel="epoch", yscale="log")
     if all(r.get("accuracy") is not None for r in records):
-        axes[1].plot(epochs, [r["accuracy"] for r in records], marker="o", color="tab:green")
-    axes[1].set(title="training accuracy", xlabel="epoch")
+        axes[1].plot(epochs, [r["accuracy"] for r in records], marker="o", color="tab:green",
+                     label="training")
+    axes[1].set(title="accuracy", xlabel="epoch")
+    # train --val-data / fit(validation_data=...) records: validation beside training
+    for ax, key in ((axes[0], "val_loss"), (axes[1], "val_accuracy")):
+        if all(r.get(key) is not None for r in records):
+            ax.plot(epochs, [r[key] for r in records], marker="s", linestyle="--",
+                    color="tab:red", label="validation")
+            ax.legend()
     axes[2].plot(epochs, [r["samples_per_second"] for r in records], marker="o", color="tab:orange")
     axes[2].set(title="samples/s", xlabel="epoch")
     fig.tight_layout()

@@ -29,7 +29,7 @@ from mpinn.engine import Engine
 from mpinn.errors import MpinnError
 from mpinn.exchange import MAX, SUM, agree, allreduce, on_root
 from mpinn.metadata import MetadataTable
-from mpinn.optim import OPTIMIZERS, Optimizer, make_optimizer
+from mpinn.optim import OPTIMIZERS, Optimizer, Schedule, clip_coefficient, make_optimizer
 from mpinn.shard import LayerShard, Shard
 
 
@@ -153,7 +153,8 @@ class DistributedModel:
         # never stepped: each parameter stands in for its own gradient buffer
         pairs = [(p, p) for layer in self.shard.layers for p in (layer.weight, layer.bias)]
         optimizer = make_optimizer(saved["name"], pairs, float(saved.get("lr", 0.1)),
-                                   float(saved.get("momentum", 0.0)))
+                                   float(saved.get("momentum", 0.0)),
+                                   float(saved.get("weight_decay", 0.0)))
         return optimizer if self.load_optimizer_state(optimizer) else None
 
     def use_engine(self, max_batch: int, training: bool) -> Engine:
@@ -362,7 +363,10 @@ def train(model: DistributedModel, data: LocalData, *, epochs: int, batch_size: 
           micro_batches: int = 1, progress: bool = False,
           report: Callable[[EpochStats], None] | None = None,
           validation: LocalData | None = None, patience: int = 0, keep_best: bool = False,
-          on_epoch: Callable[[EpochStats], bool | None] | None = None) -> TrainResult:
+          on_epoch: Callable[[EpochStats], bool | None] | None = None,
+          schedule: str = "constant", step_size: int = 1, gamma: float = 0.1,
+          min_lr: float = 0.0, warmup_steps: int = 0, weight_decay: float = 0.0,
+          clip_norm: float = 0.0) -> TrainResult:
     """Train from the epoch, batch and optimizer state stored in the file.
 
     Without ``resume``, ``epochs`` more epochs are run (an epoch left unfinished by a
@@ -379,6 +383,12 @@ def train(model: DistributedModel, data: LocalData, *, epochs: int, batch_size: 
     stopped so trains no further). ``keep_best``: each new best is also committed to
     MODEL.best.h5. ``report`` runs on rank 0 after each epoch; ``on_epoch`` on every
     rank, and training stops after the epoch if it returns False on any rank.
+
+    The rate of each step comes from ``optim.Schedule`` (``schedule`` with ``step_size``,
+    ``gamma``, ``min_lr``, ``warmup_steps``; cosine's T_max: the optimizer steps up to the
+    run's last epoch), counted over the steps stored in the file. ``weight_decay``: L2 in
+    the gradient for sgd and adam, decoupled for adamw. ``clip_norm`` C > 0: gradients
+    scaled as torch's ``clip_grad_norm_`` by their global L2 norm over all ranks.
     """
     if epochs < 0:
         raise MpinnError(f"--epochs must not be negative, got {epochs}")
@@ -393,8 +403,11 @@ def train(model: DistributedModel, data: LocalData, *, epochs: int, batch_size: 
     if (patience or keep_best) and validation is None:
         raise MpinnError(f"--{'patience' if patience else 'keep-best'} needs validation data "
                          "(--val-data)")
+    if not np.isfinite(clip_norm) or clip_norm < 0:
+        raise MpinnError(f"--clip-norm must be a non-negative number (0: off), got {clip_norm}")
     engine = model.use_engine(batch_size, training=True)
-    optimizer = make_optimizer(optimizer_name, engine.parameters(), lr, momentum)
+    params = engine.parameters()
+    optimizer = make_optimizer(optimizer_name, params, lr, momentum, weight_decay)
     model.load_optimizer_state(optimizer)
     done = int(model.state.get("epoch", 0))
     skip = int(model.state.get("batch", 0))
@@ -407,6 +420,8 @@ def train(model: DistributedModel, data: LocalData, *, epochs: int, batch_size: 
             last = done  # that run is over: resuming it trains no further
     else:
         last = done + epochs
+    rates = Schedule(schedule, lr, step_size, gamma, min_lr, warmup_steps,
+                     t_max=last * -(-data.n_samples // batch_size))
     result = TrainResult([], epoch=done)
     early = EarlyStopping(patience, model.state)
     result.best_val_loss = early.best
@@ -422,6 +437,9 @@ def train(model: DistributedModel, data: LocalData, *, epochs: int, batch_size: 
             if micro_batches == 1:
                 engine.backward()
             started = time.perf_counter()
+            if clip_norm:
+                _clip_gradients(model.comm, params, clip_norm)
+            optimizer.lr = rates.rate(step_count, epoch)
             optimizer.step()
             result.seconds_optimizer += time.perf_counter() - started
             step_count += 1
@@ -444,7 +462,8 @@ def train(model: DistributedModel, data: LocalData, *, epochs: int, batch_size: 
                 result.stopped_by = guard.received or "a signal on another rank"
                 result.epoch, result.batch = epoch - 1, skip + batches - 1
                 model.save(optimizer, keep, epoch=result.epoch, batch=result.batch,
-                           step=step_count, seed=seed, stopped_early=False, **early.state())
+                           step=step_count, seed=seed, stopped_early=False,
+                           schedule=rates.config(), **early.state())
                 return result
             seen = order.size
             loss, accuracy = _totals(model, seen, loss_sum, correct, data.labels is not None)
@@ -452,7 +471,8 @@ def train(model: DistributedModel, data: LocalData, *, epochs: int, batch_size: 
                 raise MpinnError(f"epoch {epoch}: the loss is {loss} (diverged); try a smaller --lr")
             stats = EpochStats(epoch, loss, accuracy, seen / (time.perf_counter() - start))
             counters: dict[str, Any] = {"epoch": epoch, "batch": 0, "step": step_count,
-                                        "seed": seed, "stopped_early": False}
+                                        "seed": seed, "stopped_early": False,
+                                        "schedule": rates.config()}
             improved = False
             if validation is not None:
                 stats.val_loss, stats.val_accuracy = evaluate(model, validation, batch_size)
@@ -477,6 +497,22 @@ def train(model: DistributedModel, data: LocalData, *, epochs: int, batch_size: 
             if result.stopped_early:
                 break
     return result
+
+
+def _clip_gradients(comm: MPI.Comm, params: list[tuple[np.ndarray, np.ndarray]],
+                    max_norm: float) -> None:
+    """Scale every rank's gradients by torch's ``clip_grad_norm_`` factor for their global
+    L2 norm: each rank sums the squares of its own rows, one allreduce adds them up."""
+    squares = np.zeros(1)
+    for _, grad in params:
+        flat = grad.reshape(-1)
+        squares[0] += float(np.dot(flat, flat)) if flat.dtype == np.float64 else \
+            float(np.einsum("i,i->", flat, flat, dtype=np.float64))
+    allreduce(comm, squares, SUM)
+    factor = clip_coefficient(float(np.sqrt(squares[0])), max_norm)
+    if factor < 1.0:  # torch multiplies by 1.0 then: the same numbers
+        for _, grad in params:
+            grad *= factor
 
 
 def _agreed_stop(comm: MPI.Comm, ask: Callable[[], bool]) -> bool:

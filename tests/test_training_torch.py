@@ -1,0 +1,191 @@
+"""Learning-rate schedules, weight decay, AdamW and gradient clipping against PyTorch.
+
+PyTorch is the oracle: the same initial weights (``torch_io.to_torch``), the same batches,
+torch's own optimizers, schedulers and ``clip_grad_norm_``, float64; mpinn's weights after
+``Network.fit`` must agree within 1e-10 at every rank count (``make test-mpi``) and for
+every partition strategy. Skipped where torch is not installed. The pure parts (the
+schedule's formulas, the clip factor) are checked without MPI.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+
+import h5py
+import numpy as np
+import pytest
+
+from mpinn.errors import MpinnError
+from mpinn.optim import Schedule, clip_coefficient
+from tests.helpers import STRATEGIES, classification_data, regression_data, strategy_params
+from tests.reference import assert_close
+
+N_SAMPLES, BATCH, EPOCHS = 30, 8, 3  # 4 steps per epoch, the last batch partial
+
+FEATURES = {
+    "sgd-momentum-decay-step": dict(optimizer="sgd", lr=0.1, momentum=0.9, weight_decay=0.1,
+                                    schedule="step", step_size=1, gamma=0.5),
+    "adam-decay-cosine": dict(optimizer="adam", lr=0.02, weight_decay=0.1, schedule="cosine",
+                              min_lr=0.001),
+    "adamw-warmup": dict(optimizer="adamw", lr=0.02, weight_decay=0.5, warmup_steps=5),
+    "sgd-clip-cosine-warmup": dict(optimizer="sgd", lr=0.2, clip_norm=0.05, schedule="cosine",
+                                   warmup_steps=3),
+    "adam-clip": dict(optimizer="adam", lr=0.02, clip_norm=0.05),
+}
+CASES = {  # (sizes, hidden, output, labels)
+    "softmax": ([7, 13, 11, 5], ["relu", "tanh"], "softmax", True),
+    "regression": ([6, 9, 4], ["sigmoid"], "identity", False),
+}
+
+
+def torch_run(path: str, x: np.ndarray, y: np.ndarray, labels: bool, epochs: int, seed: int,
+              optimizer: str = "sgd", lr: float = 0.1, momentum: float = 0.0,
+              weight_decay: float = 0.0, schedule: str = "constant", step_size: int = 1,
+              gamma: float = 0.1, min_lr: float = 0.0, warmup_steps: int = 0,
+              clip_norm: float = 0.0) -> tuple[list[np.ndarray], float]:
+    """Weights then biases after training with torch, and the largest gradient norm seen."""
+    torch = pytest.importorskip("torch")
+    from mpinn.torch_io import to_torch
+    model = to_torch(path).train()
+    if labels:
+        model = model[:-1]  # cross-entropy takes the logits
+    params = list(model.parameters())
+    if optimizer == "sgd":
+        opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    elif optimizer == "adam":
+        opt = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    else:
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    per_batch, per_epoch = [], []
+    steps = epochs * math.ceil(len(x) / BATCH)
+    if schedule == "cosine":
+        per_batch.append(torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps,
+                                                                    eta_min=min_lr))
+    elif schedule == "step":
+        per_epoch.append(torch.optim.lr_scheduler.StepLR(opt, step_size=step_size, gamma=gamma))
+    if warmup_steps:
+        per_batch.append(torch.optim.lr_scheduler.LinearLR(
+            opt, start_factor=1 / warmup_steps, end_factor=1.0, total_iters=warmup_steps - 1))
+    largest = 0.0
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    for epoch in range(1, epochs + 1):
+        order = np.random.default_rng([seed, epoch]).permutation(len(x))
+        for start in range(0, len(x), BATCH):
+            idx = torch.from_numpy(order[start:start + BATCH])
+            opt.zero_grad()
+            out = model(xt[idx])
+            if labels:
+                loss = torch.nn.functional.cross_entropy(out, yt[idx])
+            else:
+                loss = 0.5 * ((out - yt[idx]) ** 2).sum() / len(idx)
+            loss.backward()
+            if clip_norm:
+                largest = max(largest, float(torch.nn.utils.clip_grad_norm_(params, clip_norm)))
+            opt.step()
+            for scheduler in per_batch:
+                scheduler.step()
+        for scheduler in per_epoch:
+            scheduler.step()
+    linears = [m for m in model if isinstance(m, torch.nn.Linear)]
+    return ([m.weight.detach().numpy() for m in linears]
+            + [m.bias.detach().numpy() for m in linears]), largest
+
+
+def _weights(path: str) -> list[np.ndarray]:
+    with h5py.File(path, "r") as f:
+        n = len(f.attrs["sizes"]) - 1
+        return [f[f"layers/{i}/{name}"][...] for name in ("weight", "bias") for i in range(1, n + 1)]
+
+
+def _setup(tmp, case: str) -> tuple[str, np.ndarray, np.ndarray, bool, list[int]]:
+    from mpinn import Network
+    sizes, hidden, output, labels = CASES[case]
+    path = str(tmp / "model.h5")
+    Network.create(path, sizes, hidden, output, seed=3, dtype="float64", force=True)
+    make = classification_data if labels else regression_data
+    x, y = make(N_SAMPLES, sizes[0], sizes[-1], seed=5, dtype="float64")
+    return path, x, y, labels, sizes
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("feature", FEATURES)
+def test_training_features_equal_torch_for_every_strategy(feature, strategy, mpi_tmp_path):
+    pytest.importorskip("torch")
+    from mpi4py import MPI
+
+    from mpinn import Network
+    comm = MPI.COMM_WORLD
+    case = "regression" if "adam-clip" in feature else "softmax"
+    path, x, y, labels, sizes = _setup(mpi_tmp_path, case)
+    options = FEATURES[feature]
+    expected, largest = torch_run(path, x, y, labels, EPOCHS, seed=11, **options)
+    if options.get("clip_norm"):
+        assert largest > options["clip_norm"], "clipping must be active for the test to mean it"
+    comm.Barrier()  # every rank has built its torch model from the initial file
+    with Network.open(path, strategy, **strategy_params(strategy, sizes, comm.size)) as net:
+        net.fit(x, y, epochs=EPOCHS, batch_size=BATCH, seed=11, **options)
+    for i, (got, want) in enumerate(zip(_weights(path), expected, strict=True)):
+        assert_close(got, want, "float64", f"{feature} parameter {i}")
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("feature", ["sgd-momentum-decay-step", "sgd-clip-cosine-warmup"])
+def test_a_preempted_schedule_resumes_bitwise_as_an_uninterrupted_run(feature, mpi_tmp_path):
+    """SIGUSR1 on one rank after epoch 2 stops the run at its next step; --resume goes on."""
+    from mpi4py import MPI
+
+    from mpinn import Network
+    comm = MPI.COMM_WORLD
+    options = {**FEATURES[feature], "batch_size": BATCH, "seed": 11}
+    paths = {}
+    for name in ("whole", "split"):
+        os.makedirs(mpi_tmp_path / name, exist_ok=True)
+        paths[name], x, y, _, _ = _setup(mpi_tmp_path / name, "softmax")
+    with Network.open(paths["whole"]) as net:
+        uninterrupted = net.fit(x, y, epochs=5, **options)
+
+    def preempt(record: dict) -> None:
+        if record["epoch"] == 2 and comm.rank == comm.size - 1:
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+    with Network.open(paths["split"]) as net:
+        first = net.fit(x, y, epochs=5, callbacks=[preempt], **options)
+    assert first.stopped_by is not None and first.epoch == 2
+    with Network.open(paths["split"]) as net:
+        rest = net.fit(x, y, epochs=5, resume=True, **options)
+    assert first["loss"] + rest["loss"] == uninterrupted["loss"]
+    assert all(np.array_equal(a, b) for a, b in
+               zip(_weights(paths["split"]), _weights(paths["whole"]), strict=True))
+    with h5py.File(paths["split"], "r") as f:
+        assert '"name": "' + FEATURES[feature]["schedule"] + '"' in f["state"].attrs["schedule"]
+
+
+# ---------------------------------------------------------------- pure parts
+
+
+def test_schedule_formulas():
+    cosine = Schedule("cosine", lr=1.0, min_lr=0.1, t_max=10)
+    assert cosine.rate(0, 1) == 1.0
+    assert cosine.rate(5, 2) == pytest.approx(0.55)
+    assert cosine.rate(10, 3) == pytest.approx(0.1)
+    step = Schedule("step", lr=1.0, step_size=2, gamma=0.5)
+    assert [step.rate(0, e) for e in (1, 2, 3, 4, 5)] == [1.0, 1.0, 0.5, 0.5, 0.25]
+    warm = Schedule("constant", lr=1.0, warmup_steps=4)
+    assert [warm.rate(t, 1) for t in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+
+
+def test_clip_coefficient_is_torchs():
+    assert clip_coefficient(2.0, 1.0) == 1.0 / (2.0 + 1e-6)
+    assert clip_coefficient(0.5, 1.0) == 1.0
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(name="linear"), "unknown schedule"), (dict(step_size=0), "--step-size"),
+    (dict(gamma=0.0), "--gamma"), (dict(min_lr=2.0), "--min-lr"),
+    (dict(warmup_steps=-1), "--warmup-steps")])
+def test_bad_schedules_are_refused(bad, match):
+    with pytest.raises(MpinnError, match=match):
+        Schedule(**{"lr": 1.0, **bad})
