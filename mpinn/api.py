@@ -121,14 +121,16 @@ class Network:
     def create(cls, path: str | os.PathLike[str], sizes: Sequence[int] | str,
                activation: str | Sequence[str] = "relu", output: str = "softmax", seed: int = 0,
                *, storage: str | Sequence[str] = "dense", fan_in: int | None = None,
-               density: float | None = None, cap: float | None = None, dtype: str = "float32",
-               force: bool = False, comm: MPI.Comm | None = None) -> Network:
+               density: float | None = None, cap: float | None = None,
+               negative_slope: float = 0.01, dtype: str = "float32", force: bool = False,
+               comm: MPI.Comm | None = None) -> Network:
         """Write a new, initialised model file (what ``mpinn init`` does) and return it.
 
         ``sizes``: neurons per layer, inputs first. ``activation``: of the hidden layers
         (one name, or one per hidden layer); ``output``: of the last. ``storage``: dense
         or csr, for all layers or one per layer; csr layers take ``fan_in`` K (K random
-        inputs per neuron) or ``density`` D. ``cap``: the ceiling of relu_cap. An
+        inputs per neuron) or ``density`` D. ``cap``: the ceiling of relu_cap;
+        ``negative_slope``: leaky_relu's slope below zero. An
         existing file is refused unless ``force``. The file is the same whatever the
         number of ranks. The network returned uses the balanced partition and is loaded
         at its first use; ``Network.open`` chooses another.
@@ -157,7 +159,7 @@ class Network:
         # (node-local storage) stops them all
         layers, activations, storages = agree(comm, check)
         fmt.create_model(path, layers, activations, dtype, seed, comm, storages,
-                         fmt.SparseInit(fan_in, density), cap)
+                         fmt.SparseInit(fan_in, density), cap, negative_slope)
         return cls(path, loop.PartitionChoice(), comm)
 
     @classmethod

@@ -121,7 +121,8 @@ class Engine:
             if i == last and self.softmax:
                 self._softmax(z, a)
             else:
-                kernels.activate(layer.spec.activation, z, out=a, cap=layer.spec.cap)
+                kernels.activate(layer.spec.activation, z, out=a, cap=layer.spec.cap,
+                                 slope=layer.spec.negative_slope)
             self.seconds_compute += time.perf_counter() - started
             activations = a
             if drop_dead and i < last:
@@ -231,7 +232,8 @@ class Engine:
                 grad -= dot[None, :]
                 grad *= outputs
             else:
-                kernels.activation_grad(layer.spec.activation, z, outputs, grad, layer.spec.cap)
+                kernels.activation_grad(layer.spec.activation, z, outputs, grad, layer.spec.cap,
+                                         layer.spec.negative_slope)
         if inject_fault("nan", self.comm.rank):
             loss = float("nan")
         return BatchResult(loss, correct)
@@ -265,7 +267,8 @@ class Engine:
             started = time.perf_counter()
             z = self._buf(self.z[i - 1], below.rows.size, batch)
             a = self._buf(self.a[i - 1], below.rows.size, batch)
-            kernels.activation_grad(below.spec.activation, z, a, grad_a, below.spec.cap)
+            kernels.activation_grad(below.spec.activation, z, a, grad_a, below.spec.cap,
+                                    below.spec.negative_slope)
             self._buf(self.grad_z[i - 1], below.rows.size, batch)[...] = grad_a
             self.seconds_compute += time.perf_counter() - started
 
@@ -315,7 +318,8 @@ class Engine:
             if i == n - 1 and self.softmax:
                 self._softmax(zk, ak)
             else:
-                kernels.activate(layer.spec.activation, zk, out=ak, cap=layer.spec.cap)
+                kernels.activate(layer.spec.activation, zk, out=ak, cap=layer.spec.cap,
+                                 slope=layer.spec.negative_slope)
             z[i][:, cols[k]], a[i][:, cols[k]] = zk, ak
             if i == n - 1:
                 gk = np.empty_like(zk)
@@ -332,7 +336,8 @@ class Engine:
             grad_a = plans[i].finish_backward(partial(i, k))
             below = layers[i - 1]
             kernels.activation_grad(below.spec.activation, z[i - 1][:, cols[k]],
-                                    a[i - 1][:, cols[k]], grad_a, below.spec.cap)
+                                    a[i - 1][:, cols[k]], grad_a, below.spec.cap,
+                                    below.spec.negative_slope)
             grad_z[i - 1][:, cols[k]] = grad_a
 
         def backward_layer(i: int, k: int) -> None:  # dL/dx only: weights wait (below)

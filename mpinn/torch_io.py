@@ -11,6 +11,8 @@ PyTorch module                             mpinn layer activation
 ``nn.Linear`` not followed by activation   ``identity`` (a Linear without bias: zero bias)
 ``nn.ReLU``, ``nn.Sigmoid``, ``nn.Tanh``   ``relu``, ``sigmoid``, ``tanh``
 ``nn.Hardtanh(0, c)``, ``nn.ReLU6``        ``relu_cap`` with ``cap`` c (6 for ReLU6)
+``nn.GELU()`` (exact), ``nn.SiLU``         ``gelu``, ``silu``
+``nn.LeakyReLU(s)``                        ``leaky_relu`` with ``negative_slope`` s
 ``nn.Softmax(dim=-1 or 1)``, last only     ``softmax``
 ``nn.Identity``, ``nn.Dropout``,           skipped: the identity at inference, so the file
 ``nn.Flatten``                             holds the model as ``model.eval()`` computes it
@@ -95,6 +97,7 @@ class _Layer:
     activation: str = "identity"
     activation_name: str | None = None  # module that set the activation
     cap: float | None = None
+    negative_slope: float | None = None
 
 
 def _where(name: str, module: torch.nn.Module) -> str:
@@ -133,16 +136,25 @@ def _flatten(module: torch.nn.Module, prefix: str = "") -> list[tuple[str, torch
 
 
 def _classify(name: str, module: torch.nn.Module) -> tuple[str, float | None]:
-    """What a leaf module is to mpinn: ``linear``, ``skip`` or an activation (with its cap)."""
+    """What a leaf module is to mpinn: ``linear``, ``skip`` or an activation (with its cap,
+    or leaky_relu's negative slope)."""
     nn = _torch().nn
     where = _where(name, module)
     if _plain(module, nn.Linear):
         return "linear", None
     if any(_plain(module, cls) for cls in (nn.Identity, nn.Dropout, nn.Flatten)):
         return "skip", None
-    for cls, activation in ((nn.ReLU, "relu"), (nn.Sigmoid, "sigmoid"), (nn.Tanh, "tanh")):
+    for cls, activation in ((nn.ReLU, "relu"), (nn.Sigmoid, "sigmoid"), (nn.Tanh, "tanh"),
+                            (nn.SiLU, "silu")):
         if _plain(module, cls):
             return activation, None
+    if _plain(module, nn.GELU):
+        if module.approximate != "none":
+            raise MpinnError(f"{where}: GELU(approximate={module.approximate!r}) has no mpinn "
+                             "activation (gelu is the exact erf form, approximate='none')")
+        return "gelu", None
+    if _plain(module, nn.LeakyReLU):
+        return "leaky_relu", float(module.negative_slope)
     if _plain(module, nn.Softmax):
         if module.dim not in (-1, 1):
             raise MpinnError(f"{where}: softmax over dim={module.dim}; mpinn's softmax is over the "
@@ -155,7 +167,8 @@ def _classify(name: str, module: torch.nn.Module) -> tuple[str, float | None]:
                              "activation (only min_val=0 with a positive max_val, relu_cap)")
         return "relu_cap", high
     raise MpinnError(f"{where} is not supported: mpinn converts nn.Linear layers, each optionally "
-                     "followed by ReLU, Sigmoid, Tanh, Hardtanh(0, c), ReLU6 or a final Softmax "
+                     "followed by ReLU, Sigmoid, Tanh, GELU, SiLU, LeakyReLU, Hardtanh(0, c), "
+                     "ReLU6 or a final Softmax "
                      "(Identity, Dropout and Flatten are skipped)")
 
 
@@ -195,7 +208,11 @@ def _read_sequential(model: torch.nn.Module) -> tuple[list[tuple[str, torch.nn.M
             raise MpinnError(f"{where}: two activations in a row (module {layers[-1].activation_name} "
                              f"already set the activation of {_where(layers[-1].name, layers[-1].linear)})")
         else:
-            layers[-1].activation, layers[-1].activation_name, layers[-1].cap = kind, name, cap
+            layers[-1].activation, layers[-1].activation_name = kind, name
+            if kind == "leaky_relu":
+                layers[-1].negative_slope = cap
+            else:
+                layers[-1].cap = cap
             open_layer = False
     if not layers:
         raise MpinnError("the model has no nn.Linear layer: nothing to convert")
@@ -230,7 +247,7 @@ def from_torch(model: torch.nn.Module, path: str, dtype: str | None = None) -> N
                 weight = ly.linear.weight.detach().to(device="cpu", dtype=torch_dtype).numpy()
                 bias = (np.zeros(ly.linear.out_features, dtype=dtype) if ly.linear.bias is None
                         else ly.linear.bias.detach().to(device="cpu", dtype=torch_dtype).numpy())
-                yield LayerArrays(ly.activation, weight, bias, ly.cap)
+                yield LayerArrays(ly.activation, weight, bias, ly.cap, ly.negative_slope)
 
     write_model(path, sizes, arrays(), dtype)
 
@@ -272,6 +289,12 @@ def to_torch(path: str) -> torch.nn.Sequential:
                 modules.append(nn.Sigmoid())
             elif ly.activation == "tanh":
                 modules.append(nn.Tanh())
+            elif ly.activation == "gelu":
+                modules.append(nn.GELU())
+            elif ly.activation == "silu":
+                modules.append(nn.SiLU())
+            elif ly.activation == "leaky_relu":
+                modules.append(nn.LeakyReLU(ly.negative_slope))
             elif ly.activation == "softmax":
                 modules.append(nn.Softmax(dim=-1))
     return nn.Sequential(*modules).eval()
@@ -291,9 +314,12 @@ def _describe(module: torch.nn.Module) -> list[Any]:
         return ["hardtanh", float(module.min_val), float(module.max_val)]
     if isinstance(module, nn.Dropout):
         return ["dropout", float(module.p)]
+    if isinstance(module, nn.LeakyReLU):
+        return ["leaky_relu", float(module.negative_slope)]
     if isinstance(module, nn.Flatten):
         return ["flatten", int(module.start_dim), int(module.end_dim)]
-    simple = ((nn.ReLU, "relu"), (nn.Sigmoid, "sigmoid"), (nn.Tanh, "tanh"), (nn.Identity, "identity"))
+    simple = ((nn.ReLU, "relu"), (nn.Sigmoid, "sigmoid"), (nn.Tanh, "tanh"), (nn.Identity, "identity"),
+              (nn.GELU, "gelu"), (nn.SiLU, "silu"))
     for cls, kind in simple:
         if isinstance(module, cls):
             return [kind]
@@ -343,7 +369,7 @@ def _build_module(entry: Any, position: int, state: dict[str, Any], where: str) 
         raise MpinnError(f"{where} must be a list starting with the module kind, got {entry!r}")
     kind, args = entry[0], list(entry[1:])
     arity = {"linear": 3, "relu": 0, "sigmoid": 0, "tanh": 0, "identity": 0, "softmax": 1,
-             "hardtanh": 2, "dropout": 1, "flatten": 2}
+             "hardtanh": 2, "dropout": 1, "flatten": 2, "gelu": 0, "silu": 0, "leaky_relu": 1}
     if kind not in arity:
         raise MpinnError(f"{where}: unknown module kind {kind!r} (known: {', '.join(arity)})")
     if len(args) != arity[kind]:
@@ -381,7 +407,10 @@ def _build_module(entry: Any, position: int, state: dict[str, Any], where: str) 
         return nn.Dropout(p)
     if kind == "flatten":
         return nn.Flatten(*(_number(v, where, "a flatten dim", int) for v in args))
-    return {"relu": nn.ReLU, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh, "identity": nn.Identity}[kind]()
+    if kind == "leaky_relu":
+        return nn.LeakyReLU(float(_number(args[0], where, "negative_slope", float)))
+    return {"relu": nn.ReLU, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh, "identity": nn.Identity,
+            "gelu": nn.GELU, "silu": nn.SiLU}[kind]()
 
 
 def _unpickler_detail(exc: Exception) -> str:

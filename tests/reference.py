@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import h5py
 import numpy as np
 import scipy.sparse as sp
+from scipy.special import erf
 
 
 @dataclass
@@ -33,7 +34,10 @@ class Reference:
                        for i, ly in enumerate(layers)]
             return cls(weights, [ly["bias"][...] for ly in layers],
                        [str(ly.attrs["activation"]) for ly in layers],
-                       [float(ly.attrs["cap"]) if "cap" in ly.attrs else None for ly in layers])
+                       # the activation's one parameter: relu_cap's cap, leaky_relu's slope
+                       [float(ly.attrs["cap"]) if "cap" in ly.attrs
+                        else float(ly.attrs["negative_slope"]) if "negative_slope" in ly.attrs
+                        else None for ly in layers])
 
     def forward(self, x: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """Pre-activations and activations of every layer for x (batch, n0); as[0] is x."""
@@ -136,6 +140,12 @@ def apply(act: str, z: np.ndarray, cap: float | None = None) -> np.ndarray:
         return 1 / (1 + np.exp(-z))
     if act == "tanh":
         return np.tanh(z)
+    if act == "gelu":
+        return 0.5 * z * (1 + erf(z / np.sqrt(2)))
+    if act == "silu":
+        return z / (1 + np.exp(-z))
+    if act == "leaky_relu":
+        return np.where(z > 0, z, (0.01 if cap is None else cap) * z)
     if act == "softmax":
         e = np.exp(z - z.max(axis=1, keepdims=True))
         return e / e.sum(axis=1, keepdims=True)
@@ -153,6 +163,13 @@ def derivative(act: str, z: np.ndarray, a: np.ndarray, cap: float | None = None)
         return a * (1 - a)
     if act == "tanh":
         return 1 - a * a
+    if act == "gelu":
+        return 0.5 * (1 + erf(z / np.sqrt(2))) + z * np.exp(-z * z / 2) / np.sqrt(2 * np.pi)
+    if act == "silu":
+        s = 1 / (1 + np.exp(-z))
+        return s * (1 + z * (1 - s))
+    if act == "leaky_relu":
+        return np.where(z > 0, 1.0, 0.01 if cap is None else cap).astype(z.dtype)
     raise ValueError(act)
 
 

@@ -1,4 +1,5 @@
-"""Learning-rate schedules, weight decay, AdamW and gradient clipping against PyTorch.
+"""Learning-rate schedules, weight decay, AdamW, gradient clipping and the gelu, silu and
+leaky_relu activations against PyTorch.
 
 PyTorch is the oracle: the same initial weights (``torch_io.to_torch``), the same batches,
 torch's own optimizers, schedulers and ``clip_grad_norm_``, float64; mpinn's weights after
@@ -37,7 +38,10 @@ FEATURES = {
 CASES = {  # (sizes, hidden, output, labels)
     "softmax": ([7, 13, 11, 5], ["relu", "tanh"], "softmax", True),
     "regression": ([6, 9, 4], ["sigmoid"], "identity", False),
+    # the smooth and leaky activations, a leaky output on float targets
+    "activations": ([7, 13, 11, 9, 5], ["gelu", "silu", "leaky_relu"], "leaky_relu", False),
 }
+SLOPE = 0.2  # leaky_relu's negative slope in these tests (torch's default is 0.01)
 
 
 def torch_run(path: str, x: np.ndarray, y: np.ndarray, labels: bool, epochs: int, seed: int,
@@ -103,7 +107,8 @@ def _setup(tmp, case: str) -> tuple[str, np.ndarray, np.ndarray, bool, list[int]
     from mpinn import Network
     sizes, hidden, output, labels = CASES[case]
     path = str(tmp / "model.h5")
-    Network.create(path, sizes, hidden, output, seed=3, dtype="float64", force=True)
+    Network.create(path, sizes, hidden, output, seed=3, dtype="float64", negative_slope=SLOPE,
+                   force=True)
     make = classification_data if labels else regression_data
     x, y = make(N_SAMPLES, sizes[0], sizes[-1], seed=5, dtype="float64")
     return path, x, y, labels, sizes
@@ -119,6 +124,8 @@ def test_training_features_equal_torch_for_every_strategy(feature, strategy, mpi
     from mpinn import Network
     comm = MPI.COMM_WORLD
     case = "regression" if "adam-clip" in feature else "softmax"
+    if feature == "adamw-warmup":
+        case = "activations"
     path, x, y, labels, sizes = _setup(mpi_tmp_path, case)
     options = FEATURES[feature]
     expected, largest = torch_run(path, x, y, labels, EPOCHS, seed=11, **options)
@@ -163,7 +170,82 @@ def test_a_preempted_schedule_resumes_bitwise_as_an_uninterrupted_run(feature, m
         assert '"name": "' + FEATURES[feature]["schedule"] + '"' in f["state"].attrs["schedule"]
 
 
+@pytest.mark.mpi
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_gelu_silu_leaky_relu_train_as_the_reference_for_every_strategy(strategy, mpi_tmp_path):
+    """The new activations through the engine (forward, backward, micro-batches) against the
+    plain numpy reference, at every rank count."""
+    from mpi4py import MPI
+
+    from mpinn import Network
+    from tests.reference import Reference
+    comm = MPI.COMM_WORLD
+    path, x, y, _, sizes = _setup(mpi_tmp_path, "activations")
+    ref = Reference.from_file(path)
+    comm.Barrier()
+    losses = ref.train(x, y, 2, BATCH, 0.05, "sgd", 0.9, seed=4)
+    with Network.open(path, strategy, **strategy_params(strategy, sizes, comm.size)) as net:
+        history = net.fit(x, y, epochs=2, batch_size=BATCH, lr=0.05, momentum=0.9, seed=4,
+                          micro_batches=2)
+        probs = net.predict(x)
+    assert_close(history["loss"], losses, "float64", "epoch losses")
+    for i, (got, want) in enumerate(zip(_weights(path), ref.weights + ref.biases, strict=True)):
+        assert_close(got, want, "float64", f"parameter {i}")
+    assert_close(probs, ref.forward(x)[1][-1], "float64", "predict")
+
+
 # ---------------------------------------------------------------- pure parts
+
+
+@pytest.mark.parametrize("name", ["gelu", "silu", "leaky_relu"])
+def test_activation_and_derivative_equal_torch(name):
+    torch = pytest.importorskip("torch")
+    from mpinn import kernels
+    z = np.linspace(-6, 6, 240).reshape(3, -1)
+    z[1, 40] = 0.0  # the kink of leaky_relu
+    module = {"gelu": torch.nn.GELU(), "silu": torch.nn.SiLU(),
+              "leaky_relu": torch.nn.LeakyReLU(SLOPE)}[name]
+    zt = torch.from_numpy(z.copy()).requires_grad_()
+    at = module(zt)
+    upstream = np.cos(z)  # any dL/da
+    at.backward(torch.from_numpy(upstream))
+    a = kernels.activate(name, z, slope=SLOPE)
+    assert_close(a, at.detach().numpy(), "float64", f"{name}")
+    grad = kernels.activation_grad(name, z, a, upstream.copy(), slope=SLOPE)
+    assert_close(grad, zt.grad.numpy(), "float64", f"{name} derivative")
+    a32 = kernels.activate(name, z.astype(np.float32), slope=SLOPE)
+    assert a32.dtype == np.float32
+    assert_close(a32, a, "float32", f"{name} float32")
+
+
+def test_torch_models_with_the_new_activations_convert_both_ways(tmp_path):
+    torch = pytest.importorskip("torch")
+    from mpinn.torch_io import from_torch, load_torch_file, save_torch_file, to_torch
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.GELU(), torch.nn.Linear(8, 7),
+                                torch.nn.SiLU(), torch.nn.Linear(7, 6), torch.nn.LeakyReLU(0.3),
+                                torch.nn.Linear(6, 3)).double()
+    pt, h5 = str(tmp_path / "m.pt"), str(tmp_path / "m.h5")
+    save_torch_file(model, pt)
+    from_torch(load_torch_file(pt), h5)
+    with h5py.File(h5, "r") as f:
+        assert [f[f"layers/{i}"].attrs["activation"] for i in (1, 2, 3, 4)] == \
+            ["gelu", "silu", "leaky_relu", "identity"]
+        assert f["layers/3"].attrs["negative_slope"] == 0.3
+    x = torch.from_numpy(np.random.default_rng(0).normal(size=(4, 5)))
+    assert torch.equal(to_torch(h5)(x), model(x))
+    with pytest.raises(MpinnError, match="approximate='tanh'"):
+        from_torch(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.GELU("tanh")),
+                   str(tmp_path / "tanh.h5"))
+
+
+def test_a_leaky_relu_slope_must_be_a_number(tmp_path):
+    from mpi4py import MPI
+
+    from mpinn import format as fmt
+    with pytest.raises(MpinnError, match="negative_slope"):
+        fmt.create_model(str(tmp_path / "m.h5"), [3, 2], ["leaky_relu"], "float64", 0,
+                         MPI.COMM_SELF, negative_slope=float("nan"))
 
 
 def test_schedule_formulas():
