@@ -233,7 +233,8 @@ class Network:
             resume: bool = False, micro_batches: int = 1, patience: int = 0,
             keep_best: bool = False, schedule: str = "constant", step_size: int = 1,
             gamma: float = 0.1, min_lr: float = 0.0, warmup_steps: int = 0,
-            weight_decay: float = 0.0, clip_norm: float = 0.0, progress: bool = False,
+            weight_decay: float = 0.0, clip_norm: float = 0.0, dropout: float = 0.0,
+            progress: bool = False,
             log_json: str | None = None, verbose: bool = False) -> History:
         """Train on ``x``, ``y`` (arrays, the same on every rank) or ``x`` a data file.
 
@@ -247,7 +248,9 @@ class Network:
         gradient for sgd and adam, decoupled for adamw, as torch) and ``clip_norm`` (the
         global gradient norm, as torch's clip_grad_norm_). ``schedule`` constant, step
         (``step_size`` epochs, ``gamma``) or cosine (down to ``min_lr`` at the last step),
-        with ``warmup_steps``. Each callback gets every epoch's dict on every rank; one that
+        with ``warmup_steps``. ``dropout`` P: inverted dropout on the hidden layers while
+        training, the same masks at any rank count. Each callback gets every epoch's dict on
+        every rank; one that
         returns False (on any rank) stops training after that epoch. ``verbose`` prints
         an epoch line on rank 0; ``log_json`` appends each epoch's dict to a file.
         """
@@ -278,7 +281,8 @@ class Network:
             report=loop.epoch_reporter(not verbose, log_json) if rank0 else None,
             validation=validation, patience=patience, keep_best=keep_best, on_epoch=on_epoch,
             schedule=schedule, step_size=step_size, gamma=gamma, min_lr=min_lr,
-            warmup_steps=warmup_steps, weight_decay=weight_decay, clip_norm=clip_norm)
+            warmup_steps=warmup_steps, weight_decay=weight_decay, clip_norm=clip_norm,
+            dropout=dropout)
         history.stopped_by, history.stopped_early = result.stopped_by, result.stopped_early
         history.best_val_loss, history.epoch = result.best_val_loss, result.epoch
         return history

@@ -302,6 +302,31 @@ def init_rows(rng: np.random.Generator, n_rows: int, n_in: int, n_out: int, acti
     return weight, bias
 
 
+def dropout_mask(seed: int, step: int, gids: np.ndarray, samples: np.ndarray, p: float,
+                 out: np.ndarray) -> np.ndarray:
+    """Inverted-dropout mask (rows, batch): 1 / (1 - p) where neuron ``gids[r]`` is kept on
+    sample ``samples[b]`` at optimizer step ``step``, else 0.
+
+    A counter-based draw: splitmix64 of (seed, step, gid, sample) gives a uniform u in
+    [0, 1), kept when u >= p. Nothing depends on which rank holds the neuron or which
+    other samples share the batch, so any partition and rank count draw the same masks.
+    """
+    mix = (seed * 0x9E3779B97F4A7C15 + step * 0xD1B54A32D192ED03) & _MASK64
+    key = np.asarray(gids, np.uint64)[:, None] * np.uint64(0xBF58476D1CE4E5B9) \
+        + np.asarray(samples, np.uint64)[None, :] * np.uint64(0x94D049BB133111EB) + np.uint64(mix)
+    key ^= key >> np.uint64(31)
+    key *= np.uint64(0x7FB5D329728EA185)
+    key ^= key >> np.uint64(27)
+    key *= np.uint64(0x81DADEF4BC2DD44D)
+    key ^= key >> np.uint64(33)
+    uniform = (key >> np.uint64(11)).astype(np.float64) * 2.0 ** -53
+    np.multiply(uniform >= p, 1.0 / (1.0 - p), out=out, casting="unsafe")
+    return out
+
+
+_MASK64 = (1 << 64) - 1
+
+
 def softmax_shifted_exp(z: np.ndarray, global_max: np.ndarray, out: np.ndarray) -> np.ndarray:
     """``exp(z - max)`` of a rank's output rows, with the max taken over all ranks' rows."""
     np.subtract(z, global_max[None, :], out=out)

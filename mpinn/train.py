@@ -250,14 +250,14 @@ def _run_batches(model: DistributedModel, data: LocalData, order: np.ndarray, ba
         index = order[start:start + batch_size]
         x, labels, targets = data.batch(index, features)
         if micro_batches > 1 and step is not None:
-            result = engine.pipelined_step(x, labels, targets, micro_batches)
+            result = engine.pipelined_step(x, labels, targets, micro_batches, samples=index)
             loss_sum += result.loss_sum
             correct += result.correct
             batches += 1
             if step(result.loss_sum):
                 break
             continue
-        outputs = engine.forward(x)
+        outputs = engine.forward(x, samples=index if step is not None else None)
         batches += 1
         if on_outputs is not None:
             on_outputs(index, outputs)
@@ -366,7 +366,7 @@ def train(model: DistributedModel, data: LocalData, *, epochs: int, batch_size: 
           on_epoch: Callable[[EpochStats], bool | None] | None = None,
           schedule: str = "constant", step_size: int = 1, gamma: float = 0.1,
           min_lr: float = 0.0, warmup_steps: int = 0, weight_decay: float = 0.0,
-          clip_norm: float = 0.0) -> TrainResult:
+          clip_norm: float = 0.0, dropout: float = 0.0) -> TrainResult:
     """Train from the epoch, batch and optimizer state stored in the file.
 
     Without ``resume``, ``epochs`` more epochs are run (an epoch left unfinished by a
@@ -389,6 +389,8 @@ def train(model: DistributedModel, data: LocalData, *, epochs: int, batch_size: 
     run's last epoch), counted over the steps stored in the file. ``weight_decay``: L2 in
     the gradient for sgd and adam, decoupled for adamw. ``clip_norm`` C > 0: gradients
     scaled as torch's ``clip_grad_norm_`` by their global L2 norm over all ranks.
+    ``dropout`` P: inverted dropout on the hidden layers' outputs in training batches, its
+    masks drawn from (seed, step, neuron gid, sample index) (``Engine.set_dropout``).
     """
     if epochs < 0:
         raise MpinnError(f"--epochs must not be negative, got {epochs}")
@@ -422,6 +424,8 @@ def train(model: DistributedModel, data: LocalData, *, epochs: int, batch_size: 
         last = done + epochs
     rates = Schedule(schedule, lr, step_size, gamma, min_lr, warmup_steps,
                      t_max=last * -(-data.n_samples // batch_size))
+    engine.set_dropout(dropout, seed)
+    engine.dropout_step = step_count
     result = TrainResult([], epoch=done)
     early = EarlyStopping(patience, model.state)
     result.best_val_loss = early.best
@@ -443,6 +447,7 @@ def train(model: DistributedModel, data: LocalData, *, epochs: int, batch_size: 
             optimizer.step()
             result.seconds_optimizer += time.perf_counter() - started
             step_count += 1
+            engine.dropout_step = step_count
             if bar is not None:
                 bar.update(min(batch_size, bar.total - bar.n))
             return False

@@ -22,6 +22,7 @@ class Reference:
     caps: list[float | None] = field(default_factory=list)
     state: dict[str, list[np.ndarray]] = field(default_factory=dict)
     t: int = 0
+    masks: list[np.ndarray] | None = None  # dropout masks of the hidden layers, (batch, n)
 
     @classmethod
     def from_file(cls, path: str) -> Reference:
@@ -45,7 +46,10 @@ class Reference:
         for i, (w, b, act) in enumerate(zip(self.weights, self.biases, self.activations, strict=True)):
             z = np.asarray(w @ acts[-1].T).T + b  # scipy.sparse for CSR layers
             zs.append(z)
-            acts.append(apply(act, z, self.cap(i)))
+            a = apply(act, z, self.cap(i))
+            if self.masks is not None and i < len(self.weights) - 1:
+                a = a * self.masks[i]  # the next layer reads the dropped activations
+            acts.append(a)
         return zs, acts
 
     def cap(self, i: int) -> float | None:
@@ -80,8 +84,12 @@ class Reference:
                 gw[i] = full
             gb[i] = dz.sum(axis=0)
             if i:
-                dz = (np.asarray(w.T @ dz.T).T
-                      * derivative(self.activations[i - 1], zs[i - 1], acts[i], self.cap(i - 1)))
+                da = np.asarray(w.T @ dz.T).T
+                below = acts[i]
+                if self.masks is not None:  # through the mask, then the activation
+                    da = da * self.masks[i - 1]
+                    below = apply(self.activations[i - 1], zs[i - 1], self.cap(i - 1))
+                dz = da * derivative(self.activations[i - 1], zs[i - 1], below, self.cap(i - 1))
         return float(loss), gw, gb
 
     def parameters(self) -> list[np.ndarray]:
@@ -114,7 +122,13 @@ class Reference:
 
     def train(self, x: np.ndarray, y: np.ndarray, epochs: int, batch: int, lr: float,
               optimizer: str = "sgd", momentum: float = 0.0, seed: int = 0,
-              shuffle: bool = True, first_epoch: int = 1) -> list[float]:
+              shuffle: bool = True, first_epoch: int = 1, dropout: float = 0.0) -> list[float]:
+        """Mean loss per epoch. ``dropout``: masks from ``kernels.dropout_mask`` (the
+        definition of which neuron is dropped when), applied here batch-major."""
+        from mpinn.kernels import dropout_mask
+        sizes = [self.weights[0].shape[1]] + [w.shape[0] for w in self.weights]
+        first_gid = np.cumsum([0] + sizes)
+        steps = 0
         losses = []
         for epoch in range(first_epoch, first_epoch + epochs):
             order = (np.random.default_rng([seed, epoch]).permutation(len(x)) if shuffle
@@ -122,9 +136,15 @@ class Reference:
             total = 0.0
             for start in range(0, len(x), batch):
                 idx = order[start:start + batch]
+                if dropout:
+                    self.masks = [dropout_mask(seed, steps, first_gid[layer] + np.arange(n), idx,
+                                               dropout, np.empty((n, idx.size), x.dtype)).T
+                                  for layer, n in enumerate(sizes[1:-1], start=1)]
                 loss, gw, gb = self.loss_and_grads(x[idx], y[idx])
+                self.masks = None
                 total += loss * len(idx)
                 self.step(gw, gb, optimizer, lr, momentum)
+                steps += 1
             losses.append(total / len(x))
         return losses
 

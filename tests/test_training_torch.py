@@ -194,7 +194,54 @@ def test_gelu_silu_leaky_relu_train_as_the_reference_for_every_strategy(strategy
     assert_close(probs, ref.forward(x)[1][-1], "float64", "predict")
 
 
+@pytest.mark.mpi
+@pytest.mark.parametrize("micro_batches", [1, 3])
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_dropout_trains_as_the_reference_whatever_the_rank_count(strategy, micro_batches,
+                                                                 mpi_tmp_path):
+    """The masks depend on (seed, step, gid, sample) only: every partition and rank count
+    gives the weights of the single-process reference run with the same masks."""
+    from mpi4py import MPI
+
+    from mpinn import Network
+    from tests.reference import Reference
+    comm = MPI.COMM_WORLD
+    path, x, y, _, sizes = _setup(mpi_tmp_path, "softmax")  # relu, then tanh: a and z both used
+    ref = Reference.from_file(path)
+    comm.Barrier()
+    losses = ref.train(x, y, 3, BATCH, 0.05, "sgd", 0.9, seed=4, dropout=0.3)
+    with Network.open(path, strategy, **strategy_params(strategy, sizes, comm.size)) as net:
+        history = net.fit(x, y, epochs=3, batch_size=BATCH, lr=0.05, momentum=0.9, seed=4,
+                          dropout=0.3, micro_batches=micro_batches, validation_data=(x, y))
+        probs = net.predict(x)
+    assert_close(history["loss"], losses, "float64", "epoch losses")
+    for i, (got, want) in enumerate(zip(_weights(path), ref.weights + ref.biases, strict=True)):
+        assert_close(got, want, "float64", f"parameter {i}")
+    # inference and validation run without dropout
+    assert_close(probs, ref.forward(x)[1][-1], "float64", "predict")
+    assert_close(history["val_loss"][-1], ref.loss_and_grads(x, y)[0], "float64", "val loss")
+
+
 # ---------------------------------------------------------------- pure parts
+
+
+def test_dropout_masks_depend_only_on_seed_step_gid_and_sample():
+    from mpinn.kernels import dropout_mask
+    gids, samples = np.arange(100, 400), np.arange(1000)
+    mask = dropout_mask(7, 3, gids, samples, 0.25, np.empty((300, 1000)))
+    assert set(np.unique(mask)) == {0.0, 1 / 0.75}
+    assert abs(np.mean(mask == 0) - 0.25) < 0.01
+    # any subset of neurons and samples, in any order, draws the same entries
+    rows, cols = np.array([250, 3, 77]), np.array([999, 0, 512, 40])
+    part = dropout_mask(7, 3, gids[rows], samples[cols], 0.25, np.empty((3, 4), np.float32))
+    assert np.array_equal(part, mask[np.ix_(rows, cols)].astype(np.float32))
+    other_step = dropout_mask(7, 4, gids, samples, 0.25, np.empty((300, 1000)))
+    other_seed = dropout_mask(8, 3, gids, samples, 0.25, np.empty((300, 1000)))
+    assert np.mean(other_step != mask) > 0.3 and np.mean(other_seed != mask) > 0.3
+    # neighbouring neurons and samples are not correlated
+    kept = mask > 0
+    assert abs(np.corrcoef(kept[:-1].ravel(), kept[1:].ravel())[0, 1]) < 0.02
+    assert abs(np.corrcoef(kept[:, :-1].ravel(), kept[:, 1:].ravel())[0, 1]) < 0.02
 
 
 @pytest.mark.parametrize("name", ["gelu", "silu", "leaky_relu"])
