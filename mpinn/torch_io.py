@@ -422,9 +422,14 @@ def _unpickler_detail(exc: Exception) -> str:
     return f" ({lines[0].split('. ')[0].rstrip('.')})"
 
 
-def load_torch_file(path: str) -> torch.nn.Module:
+def load_torch_file(path: str, activation: str | None = None,
+                    output: str | None = None) -> torch.nn.Module:
     """Load a model saved by ``save_torch_file`` (format: module docstring) as a Sequential.
 
+    Also a plain ``torch.save(model.state_dict())`` of an ``nn.Sequential`` of ``Linear``
+    layers (keys ``<position>.weight`` and ``<position>.bias``, with an optional common
+    prefix such as ``net.``), whose activations are not in the file: ``activation`` (the
+    hidden layers') and ``output`` (the last layer's) name them, as mpinn activations.
     The file is read with ``torch.load(weights_only=True)``: a file holding anything but
     lists, numbers, strings and tensors (a pickled ``nn.Module``, arbitrary objects) is
     refused without running any of its code. The model is returned in eval mode.
@@ -440,6 +445,9 @@ def load_torch_file(path: str) -> torch.nn.Module:
                          "containers; other Python objects (a whole pickled nn.Module, for one) "
                          "are never unpickled since that could run code from the file. Save the "
                          "model with mpinn.torch_io.save_torch_file(model, path)") from None
+    if isinstance(content, dict) and "mpinn_sequential" not in content and content \
+            and all(isinstance(v, torch.Tensor) for v in content.values()):
+        return _from_state_dict(content, activation, output, path)
     if not isinstance(content, dict) or "mpinn_sequential" not in content:
         what = "a bare state_dict" if isinstance(content, dict) else f"a {type(content).__name__}"
         raise MpinnError(f"{path} holds {what}, not an mpinn_sequential description (a state_dict "
@@ -458,3 +466,75 @@ def load_torch_file(path: str) -> torch.nn.Module:
     if extra:
         raise MpinnError(f"{path}: state_dict has entries no module uses: {', '.join(extra[:5])}")
     return model.eval()
+
+
+def activation_module(name: str, slope: float | None = None) -> torch.nn.Module | None:
+    """The torch module of an mpinn activation (None for identity); relu_cap is refused here
+    (it needs its cap)."""
+    nn = _torch().nn
+    modules = {"relu": nn.ReLU, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh, "gelu": nn.GELU,
+               "silu": nn.SiLU}
+    if name == "identity":
+        return None
+    if name == "leaky_relu":
+        return nn.LeakyReLU(0.01 if slope is None else slope)
+    if name == "softmax":
+        return nn.Softmax(dim=-1)
+    if name not in modules:
+        known = ", ".join(["identity", "leaky_relu", "softmax", *modules])
+        raise MpinnError(f"activation {name!r} cannot be given for a state_dict (known: {known})")
+    return modules[name]()
+
+
+def _from_state_dict(state: dict[str, Any], activation: str | None, output: str | None,
+                     path: str) -> torch.nn.Module:
+    """A Sequential of the Linear layers in a bare state_dict and the named activations."""
+    torch = _torch()
+    nn = torch.nn
+    if activation is None or output is None:
+        raise MpinnError(f"{path} holds a bare state_dict: it has no activations, so give them "
+                         "(--activation for the hidden layers and --output for the last, e.g. "
+                         "--activation relu --output softmax)")
+    positions: dict[int, dict[str, Any]] = {}
+    prefixes = set()
+    for key, value in state.items():
+        head, _, name = str(key).rpartition(".")
+        prefix, _, position = head.rpartition(".")
+        if name not in ("weight", "bias") or not position.isdigit():
+            raise MpinnError(f"{path}: state_dict key {key!r} is not '<position>.weight' or "
+                             "'<position>.bias' of an nn.Sequential of Linear layers")
+        prefixes.add(prefix)
+        positions.setdefault(int(position), {})[name] = value
+    if len(prefixes) > 1:
+        raise MpinnError(f"{path}: state_dict keys have several prefixes "
+                         f"({', '.join(sorted(repr(p) for p in prefixes))}); expected one Sequential")
+    modules: list[torch.nn.Module] = []
+    previous_out: int | None = None
+    order = sorted(positions)
+    for i, position in enumerate(order):
+        tensors = positions[position]
+        weight = tensors.get("weight")
+        where = f"{path}: layer at position {position}"
+        if weight is None or weight.ndim != 2 or not weight.is_floating_point():
+            raise MpinnError(f"{where} has no 2-D float weight (only Linear layers are converted)")
+        n_out, n_in = weight.shape
+        bias = tensors.get("bias")
+        if bias is not None and tuple(bias.shape) != (n_out,):
+            raise MpinnError(f"{where}: bias shape {tuple(bias.shape)} is not ({n_out},)")
+        if previous_out is not None and previous_out != n_in:
+            raise MpinnError(f"{where} takes {n_in} inputs but the layer before gives "
+                             f"{previous_out}")
+        previous_out = n_out
+        linear = nn.utils.skip_init(nn.Linear, n_in, n_out, bias=bias is not None,
+                                    dtype=weight.dtype)
+        with torch.no_grad():
+            linear.weight.copy_(weight)
+            if bias is not None:
+                linear.bias.copy_(bias)
+        modules.append(linear)
+        act = activation_module(output if i == len(order) - 1 else activation)
+        if act is not None:
+            if isinstance(act, nn.Softmax) and i < len(order) - 1:
+                raise MpinnError("softmax is only allowed on the last layer (--output)")
+            modules.append(act)
+    return nn.Sequential(*modules).eval()

@@ -318,3 +318,31 @@ def test_clip_coefficient_is_torchs():
 def test_bad_schedules_are_refused(bad, match):
     with pytest.raises(MpinnError, match=match):
         Schedule(**{"lr": 1.0, **bad})
+
+
+def test_a_plain_state_dict_imports_with_the_activations_given(tmp_path):
+    torch = pytest.importorskip("torch")
+    from mpinn.torch_io import from_torch, load_torch_file, to_torch
+    torch.manual_seed(1)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.ReLU(), torch.nn.Linear(8, 6),
+                                torch.nn.ReLU(), torch.nn.Linear(6, 3), torch.nn.Softmax(dim=-1))
+    sd, h5 = str(tmp_path / "sd.pt"), str(tmp_path / "m.h5")
+    torch.save(model.state_dict(), sd)
+    with pytest.raises(MpinnError, match="bare state_dict: it has no activations"):
+        load_torch_file(sd)
+    from_torch(load_torch_file(sd, activation="relu", output="softmax"), h5)
+    x = torch.randn(4, 5)
+    assert torch.allclose(to_torch(h5)(x), model(x), rtol=1e-6, atol=0)
+    # a Sequential inside a module: one common prefix
+    wrapped = str(tmp_path / "wrapped.pt")
+    torch.save({f"net.{k}": v for k, v in model.state_dict().items()}, wrapped)
+    assert len(load_torch_file(wrapped, "relu", "softmax")) == 6
+    with pytest.raises(MpinnError, match="only allowed on the last layer"):
+        load_torch_file(sd, activation="softmax", output="softmax")
+    broken = str(tmp_path / "broken.pt")
+    torch.save({**model.state_dict(), "1.running_mean": torch.zeros(8)}, broken)
+    with pytest.raises(MpinnError, match="'1.running_mean' is not '<position>.weight'"):
+        load_torch_file(broken, "relu", "softmax")
+    torch.save({**model.state_dict(), "1.weight": torch.ones(8)}, broken)  # a LayerNorm's
+    with pytest.raises(MpinnError, match="position 1 has no 2-D float weight"):
+        load_torch_file(broken, "relu", "softmax")
