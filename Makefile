@@ -55,7 +55,7 @@ test-pip: setup $(PIP_VENV)/.done
 	MPINN_PIP_VENV=$(abspath $(PIP_VENV)) $(PY) -m pytest -q -p no:cacheprovider tests/test_pip_install.py
 
 lint: setup
-	$(VENV)/bin/ruff check mpinn tests scripts benchmarks
+	$(VENV)/bin/ruff check mpinn tests scripts benchmarks examples
 
 run: setup
 	$(PY) -m mpinn init /tmp/mpinn-demo.h5 --sizes 64,256,256,10 --seed 1 --force

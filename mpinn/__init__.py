@@ -1,4 +1,11 @@
-"""mpinn: neural networks partitioned across MPI ranks at neuron granularity."""
+"""mpinn: neural networks partitioned across MPI ranks at neuron granularity.
+
+The public surface: ``mpinn.Network`` and ``mpinn.History`` (the Python API, see
+docs/api.md), ``mpinn.MpinnError``, the optimizers ``mpinn.SGD``, ``mpinn.Adam``, ``mpinn.AdamW`` and
+the learning-rate ``mpinn.Schedule``.
+``import mpinn`` starts no MPI and imports no numpy: the names are loaded at first use,
+so a script can configure mpi4py (``mpi4py.rc``) and the BLAS threads beforehand.
+"""
 
 import os as _os
 from collections.abc import Mapping
@@ -51,3 +58,25 @@ def _slurm_tasks_on_node(counts: str, node: str) -> str:
 
 _default_blas_threads()
 __version__ = "0.1.0"
+
+from mpinn.errors import MpinnError  # noqa: E402 - after the thread defaults; imports nothing heavy
+
+# public name -> the module that defines it, imported on first access (PEP 562)
+_LAZY = {"Network": "mpinn.api", "History": "mpinn.api", "SGD": "mpinn.optim",
+         "Adam": "mpinn.optim", "AdamW": "mpinn.optim", "Schedule": "mpinn.optim",
+         "OPTIMIZERS": "mpinn.optim", "SCHEDULES": "mpinn.optim"}
+
+__all__ = ["MpinnError", *_LAZY, "__version__"]
+
+
+def __getattr__(name: str) -> object:
+    if name in _LAZY:
+        import importlib
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'mpinn' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -7,6 +7,7 @@ are small and read by every rank.
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -14,7 +15,7 @@ from mpi4py import MPI
 
 from mpinn import format as fmt
 from mpinn.errors import MpinnError, inject_fault
-from mpinn.exchange import agree
+from mpinn.exchange import agree, first_difference
 from mpinn.metadata import MetadataTable
 
 
@@ -57,19 +58,87 @@ def load(path: str, table: MetadataTable, dtype: np.dtype, comm: MPI.Comm) -> Lo
             outputs = table.rows(len(table.sizes) - 1, comm.rank)
             targets = np.ascontiguousarray(fmt.read_slice(f["y"], outputs, axis=1).T, dtype=dtype)
 
-    def check() -> None:
-        if not np.all(np.isfinite(features)):
-            col = inputs[np.flatnonzero(~np.isfinite(features).all(axis=1))[0]]
-            raise MpinnError(f"{path}: X has a NaN or infinite value in feature {col}")
-        if targets is not None and not np.all(np.isfinite(targets)):
-            raise MpinnError(f"{path}: y has a NaN or infinite target")
-        if labels is not None and labels.size and (labels.min() < 0 or labels.max() >= n_out):
-            bad = int(labels.min()) if labels.min() < 0 else int(labels.max())
-            raise MpinnError(f"{path}: label {bad} is out of range 0..{n_out - 1} "
-                             f"for a model with {n_out} outputs")
-
-    agree(comm, check)
+    agree(comm, lambda: _check_values(path, features, inputs, labels, targets, n_out))
     return LocalData(spec, features, labels, targets)
+
+
+def _check_values(source: str, features: np.ndarray, inputs: np.ndarray, labels: np.ndarray | None,
+                  targets: np.ndarray | None, n_out: int) -> None:
+    """Refuse a NaN or infinite feature or target, or a label outside the model's classes."""
+    if not np.all(np.isfinite(features)):
+        col = inputs[np.flatnonzero(~np.isfinite(features).all(axis=1))[0]]
+        raise MpinnError(f"{source}: X has a NaN or infinite value in feature {col}")
+    if targets is not None and not np.all(np.isfinite(targets)):
+        raise MpinnError(f"{source}: y has a NaN or infinite target")
+    if labels is not None and labels.size and (labels.min() < 0 or labels.max() >= n_out):
+        bad = int(labels.min()) if labels.min() < 0 else int(labels.max())
+        raise MpinnError(f"{source}: label {bad} is out of range 0..{n_out - 1} "
+                         f"for a model with {n_out} outputs")
+
+
+def from_arrays(x: object, y: object | None, table: MetadataTable, dtype: np.dtype,
+                comm: MPI.Comm, name: str = "X", source: str = "the arrays") -> LocalData:
+    """This rank's view of in-memory arrays ``x`` (samples, features) and ``y`` (collective).
+
+    ``x`` and ``y`` must be the same on every rank (as after loading the same file or
+    drawing from the same seed); each rank copies only its own feature columns (and, for
+    float targets, its own output columns), neuron-major, as ``load`` does from a file.
+    ``y`` None gives features only (prediction). The ranks compare shapes and a
+    fingerprint of up to FINGERPRINT_ROWS sampled rows, and refuse data that differs.
+    """
+    n_in, n_out = table.sizes[0], table.sizes[-1]
+
+    def spec() -> tuple[fmt.DataSpec, np.ndarray, np.ndarray | None]:
+        xs = np.asarray(x)
+        if xs.ndim != 2 or not np.issubdtype(xs.dtype, np.number):
+            raise MpinnError(f"{name} must be a 2-D numeric array (samples, features), got "
+                             f"{xs.dtype} of shape {xs.shape}")
+        if xs.shape[1] != n_in:
+            raise MpinnError(f"{name} has {xs.shape[1]} features but the model has {n_in} inputs")
+        if y is None:
+            return fmt.DataSpec(name, xs.shape[0], n_in, False), xs, None
+        ys = np.asarray(y)
+        if ys.shape[:1] != xs.shape[:1]:
+            raise MpinnError(f"y has {ys.shape[0] if ys.ndim else 0} rows but {name} has "
+                             f"{xs.shape[0]}")
+        if ys.ndim == 1 and np.issubdtype(ys.dtype, np.integer):
+            labels = True
+        elif ys.ndim == 2 and ys.shape[1] == n_out and np.issubdtype(ys.dtype, np.floating):
+            labels = False
+        else:
+            raise MpinnError(f"y must be integer labels of shape ({xs.shape[0]},) or float "
+                             f"targets of shape ({xs.shape[0]}, {n_out}); got {ys.dtype} {ys.shape}")
+        return fmt.DataSpec(name, xs.shape[0], n_in, labels), xs, ys
+
+    data_spec, xs, ys = agree(comm, spec)
+    differs = first_difference(comm, _fingerprint(xs, ys))
+    if differs is not None:
+        raise MpinnError(f"{source}: {name} and y must be the same on every rank, but rank "
+                         f"{differs}'s differ from rank 0's (load or draw them alike on every "
+                         "rank, or pass a data file)", agreed=True)
+    inputs = table.rows(0, comm.rank)
+    features = np.ascontiguousarray(xs[:, inputs].T, dtype=dtype)
+    labels = targets = None
+    if ys is not None and data_spec.labels:
+        labels = ys.astype(np.int64)
+    elif ys is not None:
+        outputs = table.rows(len(table.sizes) - 1, comm.rank)
+        targets = np.ascontiguousarray(ys[:, outputs].T, dtype=dtype)
+    agree(comm, lambda: _check_values(source, features, inputs, labels, targets, n_out))
+    return LocalData(data_spec, features, labels, targets)
+
+
+FINGERPRINT_ROWS = 1024
+
+
+def _fingerprint(x: np.ndarray, y: np.ndarray | None) -> tuple:
+    """Shapes, dtypes and a CRC of evenly spaced rows: cheap, and different for data split or
+    shuffled differently on each rank."""
+    stride = max(1, x.shape[0] // FINGERPRINT_ROWS)
+    crc = zlib.crc32(np.ascontiguousarray(x[::stride]).tobytes())
+    if y is not None:
+        crc = zlib.crc32(np.ascontiguousarray(y[::stride]).tobytes(), crc)
+    return (x.shape, str(x.dtype), None if y is None else (y.shape, str(y.dtype)), crc)
 
 
 def synthetic_classification(n_samples: int, n_features: int, n_classes: int, seed: int,

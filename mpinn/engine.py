@@ -74,6 +74,12 @@ class Engine:
         self._compact: np.ndarray | None = None  # live samples, when forward drops dead ones
         self._zero_stays_zero = False  # checked on the first forward that drops dead samples
         self.live = np.zeros(0, dtype=np.int64)
+        # inverted dropout on hidden layers while training (``set_dropout``): per layer the
+        # scaled mask of the last batch and the dropped activations the next layer reads
+        self.dropout, self.dropout_seed, self.dropout_step = 0.0, 0, 0
+        self._masks: list[np.ndarray] = []
+        self._dropped: list[np.ndarray] = []
+        self._masked = False  # the last forward applied masks (backward applies them too)
         self.seconds_compute = 0.0  # GEMMs and elementwise kernels, for the benchmarks
         # pipeline stages: a new one starts where any rank receives remote inputs (agreed by
         # one small allreduce, so every rank groups the layers alike)
@@ -84,10 +90,47 @@ class Engine:
     def _buf(self, flat: np.ndarray, rows: int, batch: int) -> np.ndarray:
         return flat[: rows * batch].reshape(rows, batch)
 
+    def set_dropout(self, p: float, seed: int) -> None:
+        """Drop each hidden neuron's activation with probability ``p`` in training batches
+        (those run with their sample indices), scaling the kept ones by 1 / (1 - p).
+
+        The mask of neuron gid g on sample s at optimizer step ``dropout_step`` depends on
+        (seed, step, g, s) alone (``kernels.dropout_mask``), never on the partition or the
+        rank count.
+        """
+        if not 0 <= p < 1:
+            raise MpinnError(f"--dropout must be in [0, 1), got {p}")
+        if p and not self.training:
+            raise MpinnError("dropout is for training engines only")
+        self.dropout, self.dropout_seed = p, seed
+        if p and not self._masks:
+            hidden = self.shard.layers[:-1]
+            self._masks = [np.empty(ly.rows.size * self.max_batch, ly.weight.dtype) for ly in hidden]
+            self._dropped = [np.empty(ly.rows.size * self.max_batch, ly.weight.dtype)
+                             for ly in hidden]
+
+    def _make_masks(self, samples: np.ndarray | None) -> list[np.ndarray] | None:
+        """The scaled masks of this batch's hidden layers, or None without dropout."""
+        self._masked = bool(self.dropout) and samples is not None
+        if not self._masked:
+            return None
+        masks = []
+        for i, layer in enumerate(self.shard.layers[:-1]):
+            mask = self._buf(self._masks[i], layer.rows.size, samples.size)
+            gids = self.shard.table.gid(layer.spec.index, layer.rows)
+            kernels.dropout_mask(self.dropout_seed, self.dropout_step, gids, samples,
+                                 self.dropout, mask)
+            masks.append(mask)
+        return masks
+
     # ------------------------------------------------------------ forward
 
-    def forward(self, x_local: np.ndarray, drop_dead: bool = False) -> np.ndarray:
+    def forward(self, x_local: np.ndarray, drop_dead: bool = False,
+                samples: np.ndarray | None = None) -> np.ndarray:
         """Outputs of my output rows, (rows, batch), from my owned input features (n, batch).
+
+        ``samples``: the batch's indices in the data set, given for training batches: with
+        dropout set, they pick the masks.
 
         ``drop_dead`` (inference of ReLU-family networks with no positive bias, the Graph
         Challenge's case): a sample whose activations are zero on every rank stays zero in
@@ -105,6 +148,7 @@ class Engine:
             self._zero_stays_zero = True
         activations = x_local
         last = len(self.shard.layers) - 1
+        masks = self._make_masks(samples)
         for i, (layer, plan) in enumerate(zip(self.shard.layers, self.plans, strict=True)):
             gathered = plan.start_forward(activations)
             self.inputs.append(gathered)
@@ -121,9 +165,13 @@ class Engine:
             if i == last and self.softmax:
                 self._softmax(z, a)
             else:
-                kernels.activate(layer.spec.activation, z, out=a, cap=layer.spec.cap)
-            self.seconds_compute += time.perf_counter() - started
+                kernels.activate(layer.spec.activation, z, out=a, cap=layer.spec.cap,
+                                 slope=layer.spec.negative_slope)
             activations = a
+            if masks is not None and i < last:  # a stays for the derivative, dropped goes on
+                activations = self._buf(self._dropped[i], layer.rows.size, batch)
+                np.multiply(a, masks[i], out=activations)
+            self.seconds_compute += time.perf_counter() - started
             if drop_dead and i < last:
                 activations = self._drop_dead(a)
                 batch = activations.shape[1]
@@ -231,7 +279,8 @@ class Engine:
                 grad -= dot[None, :]
                 grad *= outputs
             else:
-                kernels.activation_grad(layer.spec.activation, z, outputs, grad, layer.spec.cap)
+                kernels.activation_grad(layer.spec.activation, z, outputs, grad, layer.spec.cap,
+                                         layer.spec.negative_slope)
         if inject_fault("nan", self.comm.rank):
             loss = float("nan")
         return BatchResult(loss, correct)
@@ -263,16 +312,20 @@ class Engine:
             below = layers[i - 1]
             grad_a = plan.finish_backward(grad_inputs)
             started = time.perf_counter()
+            if self._masked:
+                grad_a *= self._buf(self._masks[i - 1], below.rows.size, batch)
             z = self._buf(self.z[i - 1], below.rows.size, batch)
             a = self._buf(self.a[i - 1], below.rows.size, batch)
-            kernels.activation_grad(below.spec.activation, z, a, grad_a, below.spec.cap)
+            kernels.activation_grad(below.spec.activation, z, a, grad_a, below.spec.cap,
+                                    below.spec.negative_slope)
             self._buf(self.grad_z[i - 1], below.rows.size, batch)[...] = grad_a
             self.seconds_compute += time.perf_counter() - started
 
     # ------------------------------------------------------------ micro-batch pipeline
 
     def pipelined_step(self, x_local: np.ndarray, labels: np.ndarray | None,
-                       targets: np.ndarray | None, micro_batches: int) -> BatchResult:
+                       targets: np.ndarray | None, micro_batches: int,
+                       samples: np.ndarray | None = None) -> BatchResult:
         """Forward, loss and backward of one batch as a GPipe-style pipeline of micro-batches.
 
         Layers are grouped into stages: a new stage starts at every layer whose inputs cross
@@ -300,9 +353,13 @@ class Engine:
         inputs = [buf[:, :batch] for buf in self._batch_inputs]
         first = [i == 0 or stage[i] != stage[i - 1] for i in range(n)]  # a stage's first layer
         total = BatchResult(0.0, 0)
+        masks = self._make_masks(samples)
+        # what layer i reads: the activations below, after dropout when it is on
+        below_out = a if masks is None else [
+            self._buf(self._dropped[i], ly.rows.size, batch) for i, ly in enumerate(layers[:-1])]
 
         def source(i: int, k: int) -> np.ndarray:
-            return x_local[:, cols[k]] if i == 0 else a[i - 1][:, cols[k]]
+            return x_local[:, cols[k]] if i == 0 else below_out[i - 1][:, cols[k]]
 
         def forward_layer(i: int, k: int) -> None:
             layer = layers[i]
@@ -315,8 +372,11 @@ class Engine:
             if i == n - 1 and self.softmax:
                 self._softmax(zk, ak)
             else:
-                kernels.activate(layer.spec.activation, zk, out=ak, cap=layer.spec.cap)
+                kernels.activate(layer.spec.activation, zk, out=ak, cap=layer.spec.cap,
+                                 slope=layer.spec.negative_slope)
             z[i][:, cols[k]], a[i][:, cols[k]] = zk, ak
+            if masks is not None and i < n - 1:
+                np.multiply(ak, masks[i][:, cols[k]], out=below_out[i][:, cols[k]])
             if i == n - 1:
                 gk = np.empty_like(zk)
                 part = self._output_grad(zk, ak, None if labels is None else labels[cols[k]],
@@ -331,8 +391,11 @@ class Engine:
         def take_grad(i: int, k: int) -> None:  # summed partial sums of layer i -> dL/dz of i-1
             grad_a = plans[i].finish_backward(partial(i, k))
             below = layers[i - 1]
+            if masks is not None:
+                grad_a *= masks[i - 1][:, cols[k]]
             kernels.activation_grad(below.spec.activation, z[i - 1][:, cols[k]],
-                                    a[i - 1][:, cols[k]], grad_a, below.spec.cap)
+                                    a[i - 1][:, cols[k]], grad_a, below.spec.cap,
+                                    below.spec.negative_slope)
             grad_z[i - 1][:, cols[k]] = grad_a
 
         def backward_layer(i: int, k: int) -> None:  # dL/dx only: weights wait (below)

@@ -288,6 +288,29 @@ def agree(comm: MPI.Comm, action: Callable[[], T]) -> T:
     return result  # type: ignore[return-value]
 
 
+def first_difference(comm: MPI.Comm, value: object) -> int | None:
+    """The lowest rank whose small picklable ``value`` differs from rank 0's, or None."""
+    values = comm.allgather(value)
+    return next((rank for rank, v in enumerate(values) if v != values[0]), None)
+
+
+def gather_layer(comm: MPI.Comm, owner: np.ndarray, local: np.ndarray) -> np.ndarray:
+    """A whole layer's values on every rank, (neurons, columns), from each rank's rows.
+
+    ``owner`` is the layer's owner per neuron (the metadata table's); ``local`` my rows,
+    (owned neurons, columns) in ascending neuron order. One Allgatherv: for outputs that
+    every rank must see (``Network.predict``), never for weights.
+    """
+    columns = local.shape[1]
+    counts = np.bincount(owner, minlength=comm.size).astype(np.int64) * columns
+    gathered = np.empty((owner.size, columns), dtype=local.dtype)
+    comm.Allgatherv([np.ascontiguousarray(local), from_numpy_dtype(local.dtype)],
+                    [gathered, (counts, _displacements(counts)), from_numpy_dtype(local.dtype)])
+    whole = np.empty_like(gathered)
+    whole[np.argsort(owner, kind="stable")] = gathered  # rank by rank, ascending within each
+    return whole
+
+
 class FailureChannel:
     """A private communicator on which failing ranks find out whether all ranks failed.
 

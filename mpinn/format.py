@@ -25,7 +25,15 @@ from mpi4py import MPI
 from mpinn.distributor import blockdist
 from mpinn.errors import MpinnError, inject_fault
 from mpinn.exchange import take_turn
-from mpinn.kernels import check_activation, check_cap, init_rows, pattern_counts, random_pattern
+from mpinn.kernels import (
+    NEGATIVE_SLOPE,
+    check_activation,
+    check_cap,
+    check_slope,
+    init_rows,
+    pattern_counts,
+    random_pattern,
+)
 from mpinn.outputs import commit, partial_name, staged
 
 FORMAT_VERSION = 1
@@ -65,6 +73,7 @@ class LayerSpec:
     storage: str  # "dense": weight (n_out, n_in); "csr": indptr, indices, data
     nnz: int = -1  # stored weights; n_out * n_in for dense layers
     cap: float | None = None  # relu_cap's ceiling
+    negative_slope: float | None = None  # leaky_relu's slope below 0
 
     def __post_init__(self) -> None:
         if self.nnz < 0:
@@ -217,6 +226,8 @@ def _read_spec(f: h5py.File) -> ModelSpec:
         activation = _text_attr(group, "activation", where)
         check_activation(activation, index == len(sizes_t) - 1, where)
         cap = check_cap(group.attrs.get("cap"), where) if activation == "relu_cap" else None
+        slope = (check_slope(group.attrs.get("negative_slope", NEGATIVE_SLOPE), where)
+                 if activation == "leaky_relu" else None)
         storage = _text_attr(group, "storage", where)
         if storage not in STORAGES:
             raise MpinnError(f"{where}: unknown storage {storage!r} (known: {', '.join(STORAGES)})")
@@ -239,7 +250,7 @@ def _read_spec(f: h5py.File) -> ModelSpec:
                 dtype = dset.dtype
             elif dset.dtype != dtype:
                 raise MpinnError(f"{where}/{dset_name} is {dset.dtype} but earlier layers are {dtype}")
-        layers.append(LayerSpec(index, n_in, n_out, activation, storage, nnz, cap))
+        layers.append(LayerSpec(index, n_in, n_out, activation, storage, nnz, cap, slope))
     return ModelSpec(sizes_t, tuple(layers), np.dtype(dtype))
 
 
@@ -320,7 +331,8 @@ class SparseInit:
 
 def create_model(path: str, sizes: Sequence[int], activations: Sequence[str], dtype: str,
                  seed: int, comm: MPI.Comm, storages: Sequence[str] | None = None,
-                 sparse: SparseInit | None = None, cap: float | None = None) -> None:
+                 sparse: SparseInit | None = None, cap: float | None = None,
+                 negative_slope: float = NEGATIVE_SLOPE) -> None:
     """Write a new, initialised model file; each rank draws and writes a share of the rows.
 
     Rows come in blocks of INIT_BLOCK_ROWS, each drawn from its own (seed, layer, block)
@@ -350,6 +362,7 @@ def create_model(path: str, sizes: Sequence[int], activations: Sequence[str], dt
         if storage not in STORAGES:
             raise MpinnError(f"{where}: unknown storage {storage!r} (known: {', '.join(STORAGES)})")
         layer_cap = check_cap(cap if cap is not None else None, where) if act == "relu_cap" else None
+        slope = check_slope(negative_slope, where) if act == "leaky_relu" else None
         n_in, n_out = sizes[index - 1], sizes[index]
         nnz = n_in * n_out
         if storage == "csr":
@@ -358,7 +371,7 @@ def create_model(path: str, sizes: Sequence[int], activations: Sequence[str], dt
             # expected until the rows are drawn: enough to refuse a model that cannot fit
             nnz = (sparse.fan_in * n_out if sparse.fan_in is not None
                    else math.ceil(sparse.density * n_in * n_out))
-        layers.append(LayerSpec(index, n_in, n_out, act, storage, nnz, layer_cap))
+        layers.append(LayerSpec(index, n_in, n_out, act, storage, nnz, layer_cap, slope))
     check_room(path, ModelSpec(tuple(sizes), tuple(layers), DTYPES[dtype]))
     for i, ly in enumerate(layers):
         if ly.sparse:
@@ -455,6 +468,7 @@ class LayerArrays:
     weight: Any
     bias: np.ndarray
     cap: float | None = None
+    negative_slope: float | None = None  # leaky_relu's (default 0.01)
 
 
 def write_model(path: str, sizes: Sequence[int], layers: Iterable[LayerArrays], dtype: str) -> None:
@@ -480,6 +494,9 @@ def write_model(path: str, sizes: Sequence[int], layers: Iterable[LayerArrays], 
             group.attrs["activation"] = ly.activation
             if ly.activation == "relu_cap":
                 group.attrs["cap"] = check_cap(ly.cap, where)
+            if ly.activation == "leaky_relu":
+                group.attrs["negative_slope"] = check_slope(
+                    NEGATIVE_SLOPE if ly.negative_slope is None else ly.negative_slope, where)
             if hasattr(ly.weight, "indptr"):  # scipy CSR
                 csr = ly.weight.tocsr()
                 csr.sum_duplicates()
@@ -576,6 +593,8 @@ class Checkpoint:
             group.attrs["storage"] = ly.storage
             if ly.cap is not None:
                 group.attrs["cap"] = ly.cap
+            if ly.negative_slope is not None:
+                group.attrs["negative_slope"] = ly.negative_slope
             if ly.sparse:
                 group.create_dataset("indptr", (ly.n_out + 1,), np.int64)
                 index_type = np.int32 if ly.n_in < 2**31 else np.int64

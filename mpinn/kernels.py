@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import scipy.sparse as sp
 from scipy.linalg.blas import get_blas_funcs
+from scipy.special import erf, expit
 
 from mpinn.errors import MpinnError
 
@@ -18,7 +19,10 @@ try:  # scipy's compiled CSR kernels accumulate into a given output: no per-call
 except ImportError:  # pragma: no cover - a scipy that moved them: the public (allocating) path
     csr_matvecs = csc_matvecs = None
 
-ACTIVATIONS = ("identity", "relu", "relu_cap", "sigmoid", "tanh", "softmax")
+ACTIVATIONS = ("identity", "relu", "relu_cap", "sigmoid", "tanh", "gelu", "silu", "leaky_relu",
+               "softmax")
+NEGATIVE_SLOPE = 0.01  # leaky_relu's default, torch's
+RELU_LIKE = ("relu", "relu_cap", "leaky_relu", "gelu", "silu")  # He-initialised
 
 
 def check_activation(name: str, last: bool, where: str) -> None:
@@ -37,11 +41,21 @@ def check_cap(cap: object, where: str) -> float:
     return float(cap)
 
 
+def check_slope(slope: object, where: str) -> float:
+    """The ``negative_slope`` of a leaky_relu layer: a finite number."""
+    if isinstance(slope, bool) or not isinstance(slope, (int, float, np.number)) \
+            or not np.isfinite(slope):
+        raise MpinnError(f"{where}: leaky_relu needs a finite 'negative_slope', got {slope!r}")
+    return float(slope)
+
+
 def activate(name: str, z: np.ndarray, out: np.ndarray | None = None,
-             cap: float | None = None) -> np.ndarray:
+             cap: float | None = None, slope: float | None = None) -> np.ndarray:
     """Elementwise activation of pre-activations ``z`` (softmax is handled by the engine).
 
     ``relu_cap`` is min(max(z, 0), cap), the Sparse DNN Graph Challenge's activation.
+    ``gelu`` is torch's exact form z Phi(z) = z (1 + erf(z / sqrt 2)) / 2; ``silu`` is
+    z sigmoid(z); ``leaky_relu`` is z for z > 0, else ``slope`` z (default 0.01).
     """
     if out is None:
         out = np.empty_like(z)
@@ -60,14 +74,34 @@ def activate(name: str, z: np.ndarray, out: np.ndarray | None = None,
         np.reciprocal(out, out=out)
     elif name == "tanh":
         np.tanh(z, out=out)
+    elif name == "gelu":
+        np.multiply(z, _SQRT_HALF, out=out)
+        erf(out, out=out)
+        out += 1
+        out *= z
+        out *= 0.5
+    elif name == "silu":
+        expit(z, out=out)
+        out *= z
+    elif name == "leaky_relu":
+        np.multiply(z, NEGATIVE_SLOPE if slope is None else slope, out=out)
+        np.copyto(out, z, where=z > 0)
     else:
         raise MpinnError(f"activation {name!r} has no elementwise form")
     return out
 
 
+_SQRT_HALF = float(np.sqrt(0.5))
+_INV_SQRT_2PI = float(1 / np.sqrt(2 * np.pi))
+
+
 def activation_grad(name: str, z: np.ndarray, a: np.ndarray, grad_a: np.ndarray,
-                    cap: float | None = None) -> np.ndarray:
-    """dL/dz from dL/da for an elementwise activation; overwrites and returns ``grad_a``."""
+                    cap: float | None = None, slope: float | None = None) -> np.ndarray:
+    """dL/dz from dL/da for an elementwise activation; overwrites and returns ``grad_a``.
+
+    gelu: Phi(z) + z phi(z); silu: s (1 + z (1 - s)) with s = sigmoid(z) (both from z,
+    in temporaries the size of ``z``).
+    """
     if name == "identity":
         pass
     elif name == "relu":
@@ -78,6 +112,24 @@ def activation_grad(name: str, z: np.ndarray, a: np.ndarray, grad_a: np.ndarray,
         grad_a *= a * (1 - a)
     elif name == "tanh":
         grad_a *= 1 - a * a
+    elif name == "gelu":
+        cdf = erf(z * _SQRT_HALF)
+        cdf += 1
+        cdf *= 0.5
+        pdf = np.exp(-0.5 * z * z)
+        pdf *= z
+        pdf *= _INV_SQRT_2PI
+        cdf += pdf
+        grad_a *= cdf
+    elif name == "silu":
+        s = expit(z)
+        d = 1 - s
+        d *= z
+        d += 1
+        d *= s
+        grad_a *= d
+    elif name == "leaky_relu":
+        grad_a *= np.where(z > 0, 1, NEGATIVE_SLOPE if slope is None else slope).astype(z.dtype)
     else:
         raise MpinnError(f"activation {name!r} has no elementwise derivative")
     return grad_a
@@ -296,7 +348,7 @@ def init_rows(rng: np.random.Generator, n_rows: int, n_in: int, n_out: int, acti
     number of weights to draw when they are not a dense (n_rows, n_in) block.
     """
     fan_in = max(n_in, 1)
-    if activation in ("relu", "relu_cap"):
+    if activation in RELU_LIKE:
         bound = np.sqrt(6.0 / fan_in)
     else:
         bound = np.sqrt(6.0 / (fan_in + n_out))
@@ -304,6 +356,31 @@ def init_rows(rng: np.random.Generator, n_rows: int, n_in: int, n_out: int, acti
     weight = rng.uniform(-bound, bound, size=shape).astype(dtype)
     bias = np.zeros(n_rows, dtype=dtype)
     return weight, bias
+
+
+def dropout_mask(seed: int, step: int, gids: np.ndarray, samples: np.ndarray, p: float,
+                 out: np.ndarray) -> np.ndarray:
+    """Inverted-dropout mask (rows, batch): 1 / (1 - p) where neuron ``gids[r]`` is kept on
+    sample ``samples[b]`` at optimizer step ``step``, else 0.
+
+    A counter-based draw: splitmix64 of (seed, step, gid, sample) gives a uniform u in
+    [0, 1), kept when u >= p. Nothing depends on which rank holds the neuron or which
+    other samples share the batch, so any partition and rank count draw the same masks.
+    """
+    mix = (seed * 0x9E3779B97F4A7C15 + step * 0xD1B54A32D192ED03) & _MASK64
+    key = np.asarray(gids, np.uint64)[:, None] * np.uint64(0xBF58476D1CE4E5B9) \
+        + np.asarray(samples, np.uint64)[None, :] * np.uint64(0x94D049BB133111EB) + np.uint64(mix)
+    key ^= key >> np.uint64(31)
+    key *= np.uint64(0x7FB5D329728EA185)
+    key ^= key >> np.uint64(27)
+    key *= np.uint64(0x81DADEF4BC2DD44D)
+    key ^= key >> np.uint64(33)
+    uniform = (key >> np.uint64(11)).astype(np.float64) * 2.0 ** -53
+    np.multiply(uniform >= p, 1.0 / (1.0 - p), out=out, casting="unsafe")
+    return out
+
+
+_MASK64 = (1 << 64) - 1
 
 
 def softmax_shifted_exp(z: np.ndarray, global_max: np.ndarray, out: np.ndarray) -> np.ndarray:

@@ -41,11 +41,18 @@ def training_curves(log_path: str, out: str) -> None:
     plt = _pyplot()
     epochs = [r["epoch"] for r in records]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    axes[0].plot(epochs, [r["loss"] for r in records], marker="o")
-    axes[0].set(title="training loss", xlabel="epoch", yscale="log")
+    axes[0].plot(epochs, [r["loss"] for r in records], marker="o", label="training")
+    axes[0].set(title="loss", xlabel="epoch", yscale="log")
     if all(r.get("accuracy") is not None for r in records):
-        axes[1].plot(epochs, [r["accuracy"] for r in records], marker="o", color="tab:green")
-    axes[1].set(title="training accuracy", xlabel="epoch")
+        axes[1].plot(epochs, [r["accuracy"] for r in records], marker="o", color="tab:green",
+                     label="training")
+    axes[1].set(title="accuracy", xlabel="epoch")
+    # train --val-data / fit(validation_data=...) records: validation beside training
+    for ax, key in ((axes[0], "val_loss"), (axes[1], "val_accuracy")):
+        if all(r.get(key) is not None for r in records):
+            ax.plot(epochs, [r[key] for r in records], marker="s", linestyle="--",
+                    color="tab:red", label="validation")
+            ax.legend()
     axes[2].plot(epochs, [r["samples_per_second"] for r in records], marker="o", color="tab:orange")
     axes[2].set(title="samples/s", xlabel="epoch")
     fig.tight_layout()
@@ -54,28 +61,73 @@ def training_curves(log_path: str, out: str) -> None:
     plt.close(fig)
 
 
+MAX_BARS = 24  # beyond this many distinct layer groups the ownership is drawn as a heat map
+
+
+def layer_groups(counts: np.ndarray) -> list[tuple[int, int]]:
+    """Runs of consecutive layers with the same neurons per rank, as (first, last) layers:
+    a 121-layer RadiX-Net network of identical layers is three groups, not 121 bars."""
+    groups: list[tuple[int, int]] = []
+    for layer in range(len(counts)):
+        if groups and np.array_equal(counts[layer], counts[groups[-1][1]]):
+            groups[-1] = (groups[-1][0], layer)
+        else:
+            groups.append((layer, layer))
+    return groups
+
+
 def partition_picture(table: MetadataTable, traffic: np.ndarray, title: str, out: str) -> None:
     """Heat map of forward bytes per sample between each pair of ranks (``traffic``, sender
-    x receiver, from ``describe.rank_traffic``), and neurons per rank per layer."""
+    x receiver, from ``describe.rank_traffic``), and each rank's share of every layer.
+
+    Shares, not neuron counts, so a 10-neuron output layer shows beside 1024-neuron ones;
+    runs of identical layers are one bar, and a deep model with many distinct layers is a
+    rank x layer heat map with thinned layer labels.
+    """
+    from matplotlib.ticker import MaxNLocator
+
     plt = _pyplot()
     p = table.nranks
     counts = np.array([table.counts(layer) for layer in range(len(table.sizes))])
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.4))
+    sizes = np.asarray(table.sizes)
+    share = counts / sizes[:, None]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.6))
     image = left.imshow(traffic, cmap="viridis")
     left.set(title="forward bytes per sample, sender -> receiver", xlabel="receiving rank",
-             ylabel="sending rank", xticks=range(p), yticks=range(p))
-    for s in range(p):
-        for d in range(p):
-            left.text(d, s, f"{traffic[s, d]:,}", ha="center", va="center", fontsize=8,
-                      color="white" if traffic[s, d] < traffic.max() / 2 else "black")
+             ylabel="sending rank")
+    left.xaxis.set_major_locator(MaxNLocator(integer=True))
+    left.yaxis.set_major_locator(MaxNLocator(integer=True))
+    if p <= 8:  # numbers stay legible up to 8 x 8 cells
+        for s in range(p):
+            for d in range(p):
+                left.text(d, s, f"{traffic[s, d]:,}", ha="center", va="center", fontsize=8,
+                          color="white" if traffic[s, d] < traffic.max() / 2 else "black")
     fig.colorbar(image, ax=left, shrink=0.8)
-    bottom = np.zeros(len(table.sizes))
-    for rank in range(p):
-        right.bar(range(len(table.sizes)), counts[:, rank], bottom=bottom, label=f"rank {rank}")
-        bottom += counts[:, rank]
-    right.set(title="neurons per rank in each layer", xlabel="layer (0 = inputs)",
-              ylabel="neurons", xticks=range(len(table.sizes)))
-    right.legend(fontsize=8)
+    groups = layer_groups(counts)
+    if len(groups) <= MAX_BARS:
+        bottom = np.zeros(len(groups))
+        firsts = [first for first, _ in groups]
+        for rank in range(p):
+            right.bar(range(len(groups)), share[firsts, rank], bottom=bottom,
+                      label=f"rank {rank}")
+            bottom += share[firsts, rank]
+        labels = [f"{a}" if a == b else f"{a}-{b}\n(x{b - a + 1})" for a, b in groups]
+        right.set_xticks(range(len(groups)), labels, fontsize=8 if len(groups) <= 12 else 6)
+        for x, (first, _) in enumerate(groups):
+            right.text(x, 1.01, f"{sizes[first]:,}", ha="center", va="bottom", fontsize=7)
+        right.set(title="share of each layer per rank (neurons on top)", ylim=(0, 1.12),
+                  xlabel="layer (0 = inputs; runs of identical layers grouped)",
+                  ylabel="fraction of the layer's neurons")
+        if p <= 16:
+            right.legend(fontsize=7, loc="lower right", ncol=1 + p // 9)
+    else:
+        heat = right.imshow(share.T, aspect="auto", cmap="magma", vmin=0, vmax=1,
+                            interpolation="nearest")
+        right.set(title="share of each layer per rank", xlabel="layer (0 = inputs)",
+                  ylabel="rank")
+        right.xaxis.set_major_locator(MaxNLocator(nbins=12, integer=True))
+        right.yaxis.set_major_locator(MaxNLocator(integer=True))
+        fig.colorbar(heat, ax=right, shrink=0.8, label="fraction of the layer's neurons")
     fig.suptitle(title)
     fig.tight_layout()
     with staged(out) as partial:

@@ -11,6 +11,8 @@ PyTorch module                             mpinn layer activation
 ``nn.Linear`` not followed by activation   ``identity`` (a Linear without bias: zero bias)
 ``nn.ReLU``, ``nn.Sigmoid``, ``nn.Tanh``   ``relu``, ``sigmoid``, ``tanh``
 ``nn.Hardtanh(0, c)``, ``nn.ReLU6``        ``relu_cap`` with ``cap`` c (6 for ReLU6)
+``nn.GELU()`` (exact), ``nn.SiLU``         ``gelu``, ``silu``
+``nn.LeakyReLU(s)``                        ``leaky_relu`` with ``negative_slope`` s
 ``nn.Softmax(dim=-1 or 1)``, last only     ``softmax``
 ``nn.Identity``, ``nn.Dropout``,           skipped: the identity at inference, so the file
 ``nn.Flatten``                             holds the model as ``model.eval()`` computes it
@@ -96,6 +98,7 @@ class _Layer:
     activation: str = "identity"
     activation_name: str | None = None  # module that set the activation
     cap: float | None = None
+    negative_slope: float | None = None
 
 
 def _where(name: str, module: torch.nn.Module) -> str:
@@ -134,16 +137,25 @@ def _flatten(module: torch.nn.Module, prefix: str = "") -> list[tuple[str, torch
 
 
 def _classify(name: str, module: torch.nn.Module) -> tuple[str, float | None]:
-    """What a leaf module is to mpinn: ``linear``, ``skip`` or an activation (with its cap)."""
+    """What a leaf module is to mpinn: ``linear``, ``skip`` or an activation (with its cap,
+    or leaky_relu's negative slope)."""
     nn = _torch().nn
     where = _where(name, module)
     if _plain(module, nn.Linear):
         return "linear", None
     if any(_plain(module, cls) for cls in (nn.Identity, nn.Dropout, nn.Flatten)):
         return "skip", None
-    for cls, activation in ((nn.ReLU, "relu"), (nn.Sigmoid, "sigmoid"), (nn.Tanh, "tanh")):
+    for cls, activation in ((nn.ReLU, "relu"), (nn.Sigmoid, "sigmoid"), (nn.Tanh, "tanh"),
+                            (nn.SiLU, "silu")):
         if _plain(module, cls):
             return activation, None
+    if _plain(module, nn.GELU):
+        if module.approximate != "none":
+            raise MpinnError(f"{where}: GELU(approximate={module.approximate!r}) has no mpinn "
+                             "activation (gelu is the exact erf form, approximate='none')")
+        return "gelu", None
+    if _plain(module, nn.LeakyReLU):
+        return "leaky_relu", float(module.negative_slope)
     if _plain(module, nn.Softmax):
         if module.dim not in (-1, 1):
             raise MpinnError(f"{where}: softmax over dim={module.dim}; mpinn's softmax is over the "
@@ -156,7 +168,8 @@ def _classify(name: str, module: torch.nn.Module) -> tuple[str, float | None]:
                              "activation (only min_val=0 with a positive max_val, relu_cap)")
         return "relu_cap", high
     raise MpinnError(f"{where} is not supported: mpinn converts nn.Linear layers, each optionally "
-                     "followed by ReLU, Sigmoid, Tanh, Hardtanh(0, c), ReLU6 or a final Softmax "
+                     "followed by ReLU, Sigmoid, Tanh, GELU, SiLU, LeakyReLU, Hardtanh(0, c), "
+                     "ReLU6 or a final Softmax "
                      "(Identity, Dropout and Flatten are skipped)")
 
 
@@ -196,7 +209,11 @@ def _read_sequential(model: torch.nn.Module) -> tuple[list[tuple[str, torch.nn.M
             raise MpinnError(f"{where}: two activations in a row (module {layers[-1].activation_name} "
                              f"already set the activation of {_where(layers[-1].name, layers[-1].linear)})")
         else:
-            layers[-1].activation, layers[-1].activation_name, layers[-1].cap = kind, name, cap
+            layers[-1].activation, layers[-1].activation_name = kind, name
+            if kind == "leaky_relu":
+                layers[-1].negative_slope = cap
+            else:
+                layers[-1].cap = cap
             open_layer = False
     if not layers:
         raise MpinnError("the model has no nn.Linear layer: nothing to convert")
@@ -231,7 +248,7 @@ def from_torch(model: torch.nn.Module, path: str, dtype: str | None = None) -> N
                 weight = ly.linear.weight.detach().to(device="cpu", dtype=torch_dtype).numpy()
                 bias = (np.zeros(ly.linear.out_features, dtype=dtype) if ly.linear.bias is None
                         else ly.linear.bias.detach().to(device="cpu", dtype=torch_dtype).numpy())
-                yield LayerArrays(ly.activation, weight, bias, ly.cap)
+                yield LayerArrays(ly.activation, weight, bias, ly.cap, ly.negative_slope)
 
     write_model(path, sizes, arrays(), dtype)
 
@@ -273,6 +290,12 @@ def to_torch(path: str) -> torch.nn.Sequential:
                 modules.append(nn.Sigmoid())
             elif ly.activation == "tanh":
                 modules.append(nn.Tanh())
+            elif ly.activation == "gelu":
+                modules.append(nn.GELU())
+            elif ly.activation == "silu":
+                modules.append(nn.SiLU())
+            elif ly.activation == "leaky_relu":
+                modules.append(nn.LeakyReLU(ly.negative_slope))
             elif ly.activation == "softmax":
                 modules.append(nn.Softmax(dim=-1))
     return nn.Sequential(*modules).eval()
@@ -292,9 +315,12 @@ def _describe(module: torch.nn.Module) -> list[Any]:
         return ["hardtanh", float(module.min_val), float(module.max_val)]
     if isinstance(module, nn.Dropout):
         return ["dropout", float(module.p)]
+    if isinstance(module, nn.LeakyReLU):
+        return ["leaky_relu", float(module.negative_slope)]
     if isinstance(module, nn.Flatten):
         return ["flatten", int(module.start_dim), int(module.end_dim)]
-    simple = ((nn.ReLU, "relu"), (nn.Sigmoid, "sigmoid"), (nn.Tanh, "tanh"), (nn.Identity, "identity"))
+    simple = ((nn.ReLU, "relu"), (nn.Sigmoid, "sigmoid"), (nn.Tanh, "tanh"), (nn.Identity, "identity"),
+              (nn.GELU, "gelu"), (nn.SiLU, "silu"))
     for cls, kind in simple:
         if isinstance(module, cls):
             return [kind]
@@ -338,7 +364,7 @@ def _build_module(entry: Any, position: int, state: dict[str, Any], where: str) 
         raise MpinnError(f"{where} must be a list starting with the module kind, got {entry!r}")
     kind, args = entry[0], list(entry[1:])
     arity = {"linear": 3, "relu": 0, "sigmoid": 0, "tanh": 0, "identity": 0, "softmax": 1,
-             "hardtanh": 2, "dropout": 1, "flatten": 2}
+             "hardtanh": 2, "dropout": 1, "flatten": 2, "gelu": 0, "silu": 0, "leaky_relu": 1}
     if kind not in arity:
         raise MpinnError(f"{where}: unknown module kind {kind!r} (known: {', '.join(arity)})")
     if len(args) != arity[kind]:
@@ -376,7 +402,10 @@ def _build_module(entry: Any, position: int, state: dict[str, Any], where: str) 
         return nn.Dropout(p)
     if kind == "flatten":
         return nn.Flatten(*(_number(v, where, "a flatten dim", int) for v in args))
-    return {"relu": nn.ReLU, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh, "identity": nn.Identity}[kind]()
+    if kind == "leaky_relu":
+        return nn.LeakyReLU(float(_number(args[0], where, "negative_slope", float)))
+    return {"relu": nn.ReLU, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh, "identity": nn.Identity,
+            "gelu": nn.GELU, "silu": nn.SiLU}[kind]()
 
 
 def _unpickler_detail(exc: Exception) -> str:
@@ -388,9 +417,14 @@ def _unpickler_detail(exc: Exception) -> str:
     return f" ({lines[0].split('. ')[0].rstrip('.')})"
 
 
-def load_torch_file(path: str) -> torch.nn.Module:
+def load_torch_file(path: str, activation: str | None = None,
+                    output: str | None = None) -> torch.nn.Module:
     """Load a model saved by ``save_torch_file`` (format: module docstring) as a Sequential.
 
+    Also a plain ``torch.save(model.state_dict())`` of an ``nn.Sequential`` of ``Linear``
+    layers (keys ``<position>.weight`` and ``<position>.bias``, with an optional common
+    prefix such as ``net.``), whose activations are not in the file: ``activation`` (the
+    hidden layers') and ``output`` (the last layer's) name them, as mpinn activations.
     The file is read with ``torch.load(weights_only=True)``: a file holding anything but
     lists, numbers, strings and tensors (a pickled ``nn.Module``, arbitrary objects) is
     refused without running any of its code. The model is returned in eval mode.
@@ -406,6 +440,9 @@ def load_torch_file(path: str) -> torch.nn.Module:
                          "containers; other Python objects (a whole pickled nn.Module, for one) "
                          "are never unpickled since that could run code from the file. Save the "
                          "model with mpinn.torch_io.save_torch_file(model, path)") from None
+    if isinstance(content, dict) and "mpinn_sequential" not in content and content \
+            and all(isinstance(v, torch.Tensor) for v in content.values()):
+        return _from_state_dict(content, activation, output, path)
     if not isinstance(content, dict) or "mpinn_sequential" not in content:
         what = "a bare state_dict" if isinstance(content, dict) else f"a {type(content).__name__}"
         raise MpinnError(f"{path} holds {what}, not an mpinn_sequential description (a state_dict "
@@ -424,3 +461,75 @@ def load_torch_file(path: str) -> torch.nn.Module:
     if extra:
         raise MpinnError(f"{path}: state_dict has entries no module uses: {', '.join(extra[:5])}")
     return model.eval()
+
+
+def activation_module(name: str, slope: float | None = None) -> torch.nn.Module | None:
+    """The torch module of an mpinn activation (None for identity); relu_cap is refused here
+    (it needs its cap)."""
+    nn = _torch().nn
+    modules = {"relu": nn.ReLU, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh, "gelu": nn.GELU,
+               "silu": nn.SiLU}
+    if name == "identity":
+        return None
+    if name == "leaky_relu":
+        return nn.LeakyReLU(0.01 if slope is None else slope)
+    if name == "softmax":
+        return nn.Softmax(dim=-1)
+    if name not in modules:
+        known = ", ".join(["identity", "leaky_relu", "softmax", *modules])
+        raise MpinnError(f"activation {name!r} cannot be given for a state_dict (known: {known})")
+    return modules[name]()
+
+
+def _from_state_dict(state: dict[str, Any], activation: str | None, output: str | None,
+                     path: str) -> torch.nn.Module:
+    """A Sequential of the Linear layers in a bare state_dict and the named activations."""
+    torch = _torch()
+    nn = torch.nn
+    if activation is None or output is None:
+        raise MpinnError(f"{path} holds a bare state_dict: it has no activations, so give them "
+                         "(--activation for the hidden layers and --output for the last, e.g. "
+                         "--activation relu --output softmax)")
+    positions: dict[int, dict[str, Any]] = {}
+    prefixes = set()
+    for key, value in state.items():
+        head, _, name = str(key).rpartition(".")
+        prefix, _, position = head.rpartition(".")
+        if name not in ("weight", "bias") or not position.isdigit():
+            raise MpinnError(f"{path}: state_dict key {key!r} is not '<position>.weight' or "
+                             "'<position>.bias' of an nn.Sequential of Linear layers")
+        prefixes.add(prefix)
+        positions.setdefault(int(position), {})[name] = value
+    if len(prefixes) > 1:
+        raise MpinnError(f"{path}: state_dict keys have several prefixes "
+                         f"({', '.join(sorted(repr(p) for p in prefixes))}); expected one Sequential")
+    modules: list[torch.nn.Module] = []
+    previous_out: int | None = None
+    order = sorted(positions)
+    for i, position in enumerate(order):
+        tensors = positions[position]
+        weight = tensors.get("weight")
+        where = f"{path}: layer at position {position}"
+        if weight is None or weight.ndim != 2 or not weight.is_floating_point():
+            raise MpinnError(f"{where} has no 2-D float weight (only Linear layers are converted)")
+        n_out, n_in = weight.shape
+        bias = tensors.get("bias")
+        if bias is not None and tuple(bias.shape) != (n_out,):
+            raise MpinnError(f"{where}: bias shape {tuple(bias.shape)} is not ({n_out},)")
+        if previous_out is not None and previous_out != n_in:
+            raise MpinnError(f"{where} takes {n_in} inputs but the layer before gives "
+                             f"{previous_out}")
+        previous_out = n_out
+        linear = nn.utils.skip_init(nn.Linear, n_in, n_out, bias=bias is not None,
+                                    dtype=weight.dtype)
+        with torch.no_grad():
+            linear.weight.copy_(weight)
+            if bias is not None:
+                linear.bias.copy_(bias)
+        modules.append(linear)
+        act = activation_module(output if i == len(order) - 1 else activation)
+        if act is not None:
+            if isinstance(act, nn.Softmax) and i < len(order) - 1:
+                raise MpinnError("softmax is only allowed on the last layer (--output)")
+            modules.append(act)
+    return nn.Sequential(*modules).eval()

@@ -9,6 +9,7 @@ new model file, collectively, and swap it in atomically (``format.Checkpoint``).
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 import threading
@@ -28,7 +29,7 @@ from mpinn.engine import Engine
 from mpinn.errors import MpinnError, inject_fault
 from mpinn.exchange import MAX, SUM, agree, allreduce, on_root
 from mpinn.metadata import MetadataTable
-from mpinn.optim import Optimizer, make_optimizer
+from mpinn.optim import OPTIMIZERS, Optimizer, Schedule, clip_coefficient, make_optimizer
 from mpinn.shard import LayerShard, Shard
 
 
@@ -143,17 +144,58 @@ class DistributedModel:
         optimizer.restore(saved)
         return True
 
+    def stored_optimizer(self) -> Optimizer | None:
+        """The optimizer whose state the file holds, restored, or None (for ``save`` outside
+        ``train``: a rewrite must not drop Adam's moments)."""
+        saved = self.state.get("optimizer")
+        if not saved or saved.get("name") not in OPTIMIZERS:
+            return None
+        # never stepped: each parameter stands in for its own gradient buffer
+        pairs = [(p, p) for layer in self.shard.layers for p in (layer.weight, layer.bias)]
+        optimizer = make_optimizer(saved["name"], pairs, float(saved.get("lr", 0.1)),
+                                   float(saved.get("momentum", 0.0)),
+                                   float(saved.get("weight_decay", 0.0)))
+        return optimizer if self.load_optimizer_state(optimizer) else None
+
+    def use_engine(self, max_batch: int, training: bool) -> Engine:
+        """An engine for batches of up to ``max_batch``: the current one, or a new one
+        (collective) when it is too small or cannot train."""
+        current = self.engine
+        if current.max_batch >= max_batch and (current.training or not training):
+            return current
+        agree(self.comm, lambda: Shard.check_fits(self.spec, self.table, self.comm.rank, max_batch))
+        self.engine = None  # type: ignore[assignment] - the old buffers go before the new come
+        self.engine = Engine(self.shard, self.comm, max_batch, training)
+        return self.engine
+
     def save(self, optimizer: Optimizer | None = None, keep: int = 1, **state: Any) -> None:
         """Commit my rows, my optimizer state and the training counters (collective).
 
         Written as a whole new file swapped in atomically (``format.Checkpoint``), so a
-        job killed mid-write leaves the previous checkpoint intact.
+        job killed mid-write leaves the previous checkpoint intact. The model file is then
+        reopened, so later reads (the optimizer state of the next ``train``) see this one.
         """
         # the file being replaced is kept (keep > 1) under the name of the state it holds
         label = f"epoch{self.state.get('epoch', 0)}-step{self.state.get('step', 0)}.h5"
         self.state.update(state)
+        self._write(self.path, optimizer, keep, label)
+        self.file.close()
+        self.file = fmt.open_file(self.path, "r", self.comm)
+
+    def save_best(self, optimizer: Optimizer | None, **state: Any) -> str:
+        """Write the current rows and state to ``MODEL.best.h5`` (complete, then renamed)."""
+        path = best_path(self.path)
+        saved = self.state
+        self.state = {**saved, **state}
+        try:
+            self._write(path, optimizer, 1, "")
+        finally:
+            self.state = saved
+        return path
+
+    def _write(self, path: str, optimizer: Optimizer | None, keep: int, label: str) -> None:
         started = time.perf_counter()
-        with fmt.Checkpoint(self.path, self.spec, self.partitions, self.comm, keep, label) as f:
+        with fmt.Checkpoint(path, self.spec, self.partitions, self.comm, keep, label) as f:
             self.shard.save(f)
             if optimizer is not None:
                 for layer, name, shape, array in self._slots(optimizer):
@@ -167,12 +209,28 @@ class DistributedModel:
         self.seconds_io += time.perf_counter() - started
 
 
+def best_path(path: str) -> str:
+    """Where ``keep_best`` keeps the checkpoint of the best validation loss: MODEL.best.h5."""
+    stem, ext = os.path.splitext(path)
+    return f"{stem}.best{ext or '.h5'}"
+
+
 @dataclass
 class EpochStats:
     epoch: int
     loss: float
     accuracy: float | None
     samples_per_second: float
+    val_loss: float | None = None
+    val_accuracy: float | None = None
+
+    def record(self, validation: bool) -> dict[str, Any]:
+        """The epoch as one ``--log-json`` object (and one ``History.epochs`` entry)."""
+        record = {"epoch": self.epoch, "loss": self.loss, "accuracy": self.accuracy,
+                  "samples_per_second": self.samples_per_second, "time": time.time()}
+        if validation:
+            record.update(val_loss=self.val_loss, val_accuracy=self.val_accuracy)
+        return record
 
 
 def _run_batches(model: DistributedModel, data: LocalData, order: np.ndarray, batch_size: int,
@@ -192,14 +250,14 @@ def _run_batches(model: DistributedModel, data: LocalData, order: np.ndarray, ba
         index = order[start:start + batch_size]
         x, labels, targets = data.batch(index, features)
         if micro_batches > 1 and step is not None:
-            result = engine.pipelined_step(x, labels, targets, micro_batches)
+            result = engine.pipelined_step(x, labels, targets, micro_batches, samples=index)
             loss_sum += result.loss_sum
             correct += result.correct
             batches += 1
             if step(result.loss_sum):
                 break
             continue
-        outputs = engine.forward(x)
+        outputs = engine.forward(x, samples=index if step is not None else None)
         batches += 1
         if on_outputs is not None:
             on_outputs(index, outputs)
@@ -266,13 +324,49 @@ class TrainResult:
     epoch: int = 0                 # epochs completed when it ended
     batch: int = 0                 # batches done of the next epoch (preemption only)
     seconds_optimizer: float = 0.0
+    stopped_early: str | None = None  # "patience" or "callback": ended before its last epoch
+    best_val_loss: float | None = None
+
+
+class EarlyStopping:
+    """Patience on the validation loss: stop after ``patience`` epochs without a new best.
+
+    Its counters live in the file's training state, so a run resumed in the middle stops
+    at the same epoch as an uninterrupted one.
+    """
+
+    def __init__(self, patience: int, state: dict[str, Any]) -> None:
+        self.patience = patience
+        best = state.get("best_val_loss")
+        self.best = float(best) if best is not None else None
+        self.bad_epochs = int(state.get("bad_epochs", 0))
+
+    def update(self, val_loss: float) -> bool:
+        """Record an epoch's validation loss; True when it is a new best (strictly lower)."""
+        if self.best is None or val_loss < self.best:
+            self.best, self.bad_epochs = val_loss, 0
+            return True
+        self.bad_epochs += 1
+        return False
+
+    @property
+    def exhausted(self) -> bool:
+        return self.patience > 0 and self.bad_epochs >= self.patience
+
+    def state(self) -> dict[str, Any]:
+        return {"best_val_loss": self.best, "bad_epochs": self.bad_epochs}
 
 
 def train(model: DistributedModel, data: LocalData, *, epochs: int, batch_size: int, lr: float,
           optimizer_name: str = "sgd", momentum: float = 0.0, seed: int = 0,
           shuffle: bool = True, checkpoint_every: int = 0, keep: int = 1, resume: bool = False,
           micro_batches: int = 1, progress: bool = False,
-          report: Callable[[EpochStats], None] | None = None) -> TrainResult:
+          report: Callable[[EpochStats], None] | None = None,
+          validation: LocalData | None = None, patience: int = 0, keep_best: bool = False,
+          on_epoch: Callable[[EpochStats], bool | None] | None = None,
+          schedule: str = "constant", step_size: int = 1, gamma: float = 0.1,
+          min_lr: float = 0.0, warmup_steps: int = 0, weight_decay: float = 0.0,
+          clip_norm: float = 0.0, dropout: float = 0.0) -> TrainResult:
     """Train from the epoch, batch and optimizer state stored in the file.
 
     Without ``resume``, ``epochs`` more epochs are run (an epoch left unfinished by a
@@ -283,6 +377,20 @@ def train(model: DistributedModel, data: LocalData, *, epochs: int, batch_size: 
     every rank finish its step, commit a checkpoint and return. ``micro_batches`` > 1 runs
     each batch as a pipeline of that many micro-batches (same gradients, up to rounding).
     ``progress`` shows a tqdm bar per epoch on stderr (when tqdm is installed).
+
+    ``validation``: its loss and accuracy after every epoch. ``patience`` K > 0: stop
+    after K epochs in a row without a lower validation loss (a resumed run that had
+    stopped so trains no further). ``keep_best``: each new best is also committed to
+    MODEL.best.h5. ``report`` runs on rank 0 after each epoch; ``on_epoch`` on every
+    rank, and training stops after the epoch if it returns False on any rank.
+
+    The rate of each step comes from ``optim.Schedule`` (``schedule`` with ``step_size``,
+    ``gamma``, ``min_lr``, ``warmup_steps``; cosine's T_max: the optimizer steps up to the
+    run's last epoch), counted over the steps stored in the file. ``weight_decay``: L2 in
+    the gradient for sgd and adam, decoupled for adamw. ``clip_norm`` C > 0: gradients
+    scaled as torch's ``clip_grad_norm_`` by their global L2 norm over all ranks.
+    ``dropout`` P: inverted dropout on the hidden layers' outputs in training batches, its
+    masks drawn from (seed, step, neuron gid, sample index) (``Engine.set_dropout``).
     """
     if epochs < 0:
         raise MpinnError(f"--epochs must not be negative, got {epochs}")
@@ -292,8 +400,16 @@ def train(model: DistributedModel, data: LocalData, *, epochs: int, batch_size: 
         raise MpinnError(f"--checkpoint-every must not be negative, got {checkpoint_every}")
     if micro_batches < 1:
         raise MpinnError(f"--micro-batches must be at least 1, got {micro_batches}")
-    engine = model.engine
-    optimizer = make_optimizer(optimizer_name, engine.parameters(), lr, momentum)
+    if patience < 0:
+        raise MpinnError(f"--patience must not be negative, got {patience}")
+    if (patience or keep_best) and validation is None:
+        raise MpinnError(f"--{'patience' if patience else 'keep-best'} needs validation data "
+                         "(--val-data)")
+    if not np.isfinite(clip_norm) or clip_norm < 0:
+        raise MpinnError(f"--clip-norm must be a non-negative number (0: off), got {clip_norm}")
+    engine = model.use_engine(batch_size, training=True)
+    params = engine.parameters()
+    optimizer = make_optimizer(optimizer_name, params, lr, momentum, weight_decay)
     model.load_optimizer_state(optimizer)
     done = int(model.state.get("epoch", 0))
     skip = int(model.state.get("batch", 0))
@@ -302,9 +418,17 @@ def train(model: DistributedModel, data: LocalData, *, epochs: int, batch_size: 
         if done or skip:  # an interrupted run keeps its own shuffling seed
             seed = int(model.state.get("seed", seed))
         last = epochs
+        if model.state.get("stopped_early"):
+            last = done  # that run is over: resuming it trains no further
     else:
         last = done + epochs
+    rates = Schedule(schedule, lr, step_size, gamma, min_lr, warmup_steps,
+                     t_max=last * -(-data.n_samples // batch_size))
+    engine.set_dropout(dropout, seed)
+    engine.dropout_step = step_count
     result = TrainResult([], epoch=done)
+    early = EarlyStopping(patience, model.state)
+    result.best_val_loss = early.best
 
     stopping = False
     bar = None
@@ -318,9 +442,13 @@ def train(model: DistributedModel, data: LocalData, *, epochs: int, batch_size: 
             if micro_batches == 1:
                 engine.backward()
             started = time.perf_counter()
+            if clip_norm:
+                _clip_gradients(model.comm, params, clip_norm)
+            optimizer.lr = rates.rate(step_count, epoch)
             optimizer.step()
             result.seconds_optimizer += time.perf_counter() - started
             step_count += 1
+            engine.dropout_step = step_count
             if bar is not None:
                 bar.update(min(batch_size, bar.total - bar.n))
             return False
@@ -340,30 +468,76 @@ def train(model: DistributedModel, data: LocalData, *, epochs: int, batch_size: 
                 result.stopped_by = guard.received or "a signal on another rank"
                 result.epoch, result.batch = epoch - 1, skip + batches - 1
                 model.save(optimizer, keep, epoch=result.epoch, batch=result.batch,
-                           step=step_count, seed=seed)
+                           step=step_count, seed=seed, stopped_early=False,
+                           schedule=rates.config(), **early.state())
                 return result
             seen = order.size
             loss, accuracy = _totals(model, seen, loss_sum, correct, data.labels is not None)
             if not np.isfinite(loss):
                 raise MpinnError(f"epoch {epoch}: the loss is {loss} (diverged); try a smaller --lr")
             stats = EpochStats(epoch, loss, accuracy, seen / (time.perf_counter() - start))
+            counters: dict[str, Any] = {"epoch": epoch, "batch": 0, "step": step_count,
+                                        "seed": seed, "stopped_early": False,
+                                        "schedule": rates.config()}
+            improved = False
+            if validation is not None:
+                stats.val_loss, stats.val_accuracy = evaluate(model, validation, batch_size)
+                improved = early.update(stats.val_loss)
+                counters.update(early.state())
+                result.best_val_loss = early.best
             result.history.append(stats)
             result.epoch, skip = epoch, 0
             if report is not None:
                 report(stats)
-            if epoch == last or (checkpoint_every and epoch % checkpoint_every == 0):
-                model.save(optimizer, keep, epoch=epoch, batch=0, step=step_count, seed=seed)
+            if early.exhausted:
+                result.stopped_early = "patience"
+            if on_epoch is not None and _agreed_stop(model.comm, lambda s=stats: on_epoch(s) is False):
+                result.stopped_early = result.stopped_early or "callback"
+            if result.stopped_early:
+                counters["stopped_early"] = True
+            if improved and keep_best:
+                model.save_best(optimizer, **counters)
+            if (epoch == last or result.stopped_early
+                    or (checkpoint_every and epoch % checkpoint_every == 0)):
+                model.save(optimizer, keep, **counters)
+            if result.stopped_early:
+                break
     return result
+
+
+def _clip_gradients(comm: MPI.Comm, params: list[tuple[np.ndarray, np.ndarray]],
+                    max_norm: float) -> None:
+    """Scale every rank's gradients by torch's ``clip_grad_norm_`` factor for their global
+    L2 norm: each rank sums the squares of its own rows, one allreduce adds them up."""
+    squares = np.zeros(1)
+    for _, grad in params:
+        flat = grad.reshape(-1)
+        squares[0] += float(np.dot(flat, flat)) if flat.dtype == np.float64 else \
+            float(np.einsum("i,i->", flat, flat, dtype=np.float64))
+    allreduce(comm, squares, SUM)
+    factor = clip_coefficient(float(np.sqrt(squares[0])), max_norm)
+    if factor < 1.0:  # torch multiplies by 1.0 then: the same numbers
+        for _, grad in params:
+            grad *= factor
+
+
+def _agreed_stop(comm: MPI.Comm, ask: Callable[[], bool]) -> bool:
+    """Ask every rank (a user's callback, which may fail on one rank); True on every rank
+    if any rank answers True, the same error on every rank if any rank raised."""
+    flag = np.array([int(agree(comm, ask))], dtype=np.int32)
+    return bool(allreduce(comm, flag, MAX)[0])
 
 
 def evaluate(model: DistributedModel, data: LocalData, batch_size: int) -> tuple[float, float | None]:
     """Mean loss and accuracy (None for float targets) over the whole data set."""
+    model.use_engine(batch_size, training=False)
     loss_sum, correct, _ = _run_batches(model, data, np.arange(data.n_samples), batch_size)
     return _totals(model, data.n_samples, loss_sum, correct, data.labels is not None)
 
 
 def predict(model: DistributedModel, data: LocalData, batch_size: int) -> np.ndarray:
     """Last-layer activations of my output neurons for every sample, (owned outputs, samples)."""
+    model.use_engine(batch_size, training=False)
     outputs = np.empty((model.shard.layers[-1].rows.size, data.n_samples), dtype=model.spec.dtype)
 
     def keep(index: np.ndarray, batch_outputs: np.ndarray) -> None:
@@ -392,14 +566,14 @@ def epoch_reporter(quiet: bool, log_json: str | None) -> Callable[[EpochStats], 
             print_epoch(stats)
         if log_json:
             with open(log_json, "a") as fh:
-                fh.write(json.dumps({"epoch": stats.epoch, "loss": stats.loss,
-                                     "accuracy": stats.accuracy,
-                                     "samples_per_second": stats.samples_per_second,
-                                     "time": time.time()}) + "\n")
+                fh.write(json.dumps(stats.record(stats.val_loss is not None)) + "\n")
     return report
 
 
 def print_epoch(stats: EpochStats) -> None:
     acc = f"  accuracy {stats.accuracy:.4f}" if stats.accuracy is not None else ""
-    print(f"epoch {stats.epoch}  loss {stats.loss:.6f}{acc}  "
+    val = f"  val_loss {stats.val_loss:.6f}" if stats.val_loss is not None else ""
+    if stats.val_accuracy is not None:
+        val += f"  val_accuracy {stats.val_accuracy:.4f}"
+    print(f"epoch {stats.epoch}  loss {stats.loss:.6f}{acc}{val}  "
           f"samples/s {stats.samples_per_second:,.0f}", flush=True, file=sys.stdout)

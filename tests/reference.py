@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import h5py
 import numpy as np
 import scipy.sparse as sp
+from scipy.special import erf
 
 
 @dataclass
@@ -21,6 +22,7 @@ class Reference:
     caps: list[float | None] = field(default_factory=list)
     state: dict[str, list[np.ndarray]] = field(default_factory=dict)
     t: int = 0
+    masks: list[np.ndarray] | None = None  # dropout masks of the hidden layers, (batch, n)
 
     @classmethod
     def from_file(cls, path: str) -> Reference:
@@ -33,7 +35,10 @@ class Reference:
                        for i, ly in enumerate(layers)]
             return cls(weights, [ly["bias"][...] for ly in layers],
                        [str(ly.attrs["activation"]) for ly in layers],
-                       [float(ly.attrs["cap"]) if "cap" in ly.attrs else None for ly in layers])
+                       # the activation's one parameter: relu_cap's cap, leaky_relu's slope
+                       [float(ly.attrs["cap"]) if "cap" in ly.attrs
+                        else float(ly.attrs["negative_slope"]) if "negative_slope" in ly.attrs
+                        else None for ly in layers])
 
     def forward(self, x: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """Pre-activations and activations of every layer for x (batch, n0); as[0] is x."""
@@ -41,7 +46,10 @@ class Reference:
         for i, (w, b, act) in enumerate(zip(self.weights, self.biases, self.activations, strict=True)):
             z = np.asarray(w @ acts[-1].T).T + b  # scipy.sparse for CSR layers
             zs.append(z)
-            acts.append(apply(act, z, self.cap(i)))
+            a = apply(act, z, self.cap(i))
+            if self.masks is not None and i < len(self.weights) - 1:
+                a = a * self.masks[i]  # the next layer reads the dropped activations
+            acts.append(a)
         return zs, acts
 
     def cap(self, i: int) -> float | None:
@@ -76,8 +84,12 @@ class Reference:
                 gw[i] = full
             gb[i] = dz.sum(axis=0)
             if i:
-                dz = (np.asarray(w.T @ dz.T).T
-                      * derivative(self.activations[i - 1], zs[i - 1], acts[i], self.cap(i - 1)))
+                da = np.asarray(w.T @ dz.T).T
+                below = acts[i]
+                if self.masks is not None:  # through the mask, then the activation
+                    da = da * self.masks[i - 1]
+                    below = apply(self.activations[i - 1], zs[i - 1], self.cap(i - 1))
+                dz = da * derivative(self.activations[i - 1], zs[i - 1], below, self.cap(i - 1))
         return float(loss), gw, gb
 
     def parameters(self) -> list[np.ndarray]:
@@ -110,7 +122,13 @@ class Reference:
 
     def train(self, x: np.ndarray, y: np.ndarray, epochs: int, batch: int, lr: float,
               optimizer: str = "sgd", momentum: float = 0.0, seed: int = 0,
-              shuffle: bool = True, first_epoch: int = 1) -> list[float]:
+              shuffle: bool = True, first_epoch: int = 1, dropout: float = 0.0) -> list[float]:
+        """Mean loss per epoch. ``dropout``: masks from ``kernels.dropout_mask`` (the
+        definition of which neuron is dropped when), applied here batch-major."""
+        from mpinn.kernels import dropout_mask
+        sizes = [self.weights[0].shape[1]] + [w.shape[0] for w in self.weights]
+        first_gid = np.cumsum([0] + sizes)
+        steps = 0
         losses = []
         for epoch in range(first_epoch, first_epoch + epochs):
             order = (np.random.default_rng([seed, epoch]).permutation(len(x)) if shuffle
@@ -118,9 +136,15 @@ class Reference:
             total = 0.0
             for start in range(0, len(x), batch):
                 idx = order[start:start + batch]
+                if dropout:
+                    self.masks = [dropout_mask(seed, steps, first_gid[layer] + np.arange(n), idx,
+                                               dropout, np.empty((n, idx.size), x.dtype)).T
+                                  for layer, n in enumerate(sizes[1:-1], start=1)]
                 loss, gw, gb = self.loss_and_grads(x[idx], y[idx])
+                self.masks = None
                 total += loss * len(idx)
                 self.step(gw, gb, optimizer, lr, momentum)
+                steps += 1
             losses.append(total / len(x))
         return losses
 
@@ -136,6 +160,12 @@ def apply(act: str, z: np.ndarray, cap: float | None = None) -> np.ndarray:
         return 1 / (1 + np.exp(-z))
     if act == "tanh":
         return np.tanh(z)
+    if act == "gelu":
+        return 0.5 * z * (1 + erf(z / np.sqrt(2)))
+    if act == "silu":
+        return z / (1 + np.exp(-z))
+    if act == "leaky_relu":
+        return np.where(z > 0, z, (0.01 if cap is None else cap) * z)
     if act == "softmax":
         e = np.exp(z - z.max(axis=1, keepdims=True))
         return e / e.sum(axis=1, keepdims=True)
@@ -153,6 +183,13 @@ def derivative(act: str, z: np.ndarray, a: np.ndarray, cap: float | None = None)
         return a * (1 - a)
     if act == "tanh":
         return 1 - a * a
+    if act == "gelu":
+        return 0.5 * (1 + erf(z / np.sqrt(2))) + z * np.exp(-z * z / 2) / np.sqrt(2 * np.pi)
+    if act == "silu":
+        s = 1 / (1 + np.exp(-z))
+        return s * (1 + z * (1 - s))
+    if act == "leaky_relu":
+        return np.where(z > 0, 1.0, 0.01 if cap is None else cap).astype(z.dtype)
     raise ValueError(act)
 
 

@@ -1,0 +1,351 @@
+"""The Python API: ``Network`` (create, open, fit, predict, evaluate, save) and ``History``.
+
+A script runs under ``mpirun -n N python -m mpi4py script.py``; every rank runs the same
+calls (they are collective), each rank holds only its own neurons, and results that a
+user reads (``History``, ``predict``, ``evaluate``) are the same on every rank::
+
+    import mpinn
+
+    net = mpinn.Network.create("m.h5", sizes=[64, 128, 10], seed=1, force=True)
+    with mpinn.Network.open("m.h5", strategy="percentage", percentages=[30, 30, 40]) as net:
+        history = net.fit(X, y, epochs=20, batch_size=64, optimizer="adam", lr=1e-3,
+                          validation_data=(Xv, yv))
+        probs = net.predict(Xv)                 # (samples, outputs) on every rank
+
+The API is a thin layer over ``train`` (the loop), ``data`` (a rank's columns of the
+data) and ``format`` (the file): the command line runs the same code.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from mpi4py import MPI
+
+from mpinn import distributor
+from mpinn import format as fmt
+from mpinn import train as loop
+from mpinn.data import LocalData, from_arrays, load
+from mpinn.errors import MpinnError
+from mpinn.exchange import agree, gather_layer
+
+Callback = Callable[[dict[str, Any]], Any]
+
+OPEN_BATCH = 256  # batch an opened network is ready for before fit or predict ask for more
+
+# each strategy parameter and the strategy it belongs to
+STRATEGY_OF = {"counts": "count", "percentages": "percentage", "ids": "ids",
+               "layer_ranks": "layers"}
+
+
+@dataclass
+class History:
+    """What ``fit`` did: one dict per epoch, the same on every rank but for the timings.
+
+    Each entry has the keys of ``train --log-json`` (epoch, loss, accuracy,
+    samples_per_second, time) and val_loss, val_accuracy (None without validation data).
+    """
+
+    epochs: list[dict[str, Any]] = field(default_factory=list)
+    stopped_by: str | None = None     # a signal (SIGTERM, SIGUSR1) that preempted the run
+    stopped_early: str | None = None  # "patience" or "callback"
+    best_val_loss: float | None = None
+    epoch: int = 0                    # epochs complete in the file when fit returned
+
+    def __len__(self) -> int:
+        return len(self.epochs)
+
+    def __getitem__(self, key: str) -> list[Any]:
+        """One key over the epochs, Keras-style: ``history["val_loss"]``."""
+        return [record[key] for record in self.epochs]
+
+
+def partition_choice(strategy: str | None = None, *, counts: Any = None, percentages: Any = None,
+                     ids: Any = None, layer_ranks: Any = None,
+                     partition: str | None = None) -> loop.PartitionChoice:
+    """A stored ``partition`` by name, or a strategy with its parameters.
+
+    Parameters are lists (``counts=[10, 20]``) or the command line's text (``"10,20"``);
+    ``ids`` a dict {rank: [gid or [start, stop)]} or the path of such a JSON file. The
+    strategy may be left out when one parameter names it (``counts`` -> count).
+    """
+    given = {key: value for key, value in (("counts", counts), ("percentages", percentages),
+                                           ("ids", ids), ("layer_ranks", layer_ranks))
+             if value is not None}
+    if partition is not None:
+        if strategy is not None or given:
+            raise MpinnError("give partition= (a stored partition) or strategy= with its "
+                             "parameters, not both")
+        return loop.PartitionChoice(str(partition))
+    if strategy is None:
+        implied = {STRATEGY_OF[key] for key in given}
+        strategy = implied.pop() if len(implied) == 1 else "balanced"
+    if strategy not in distributor.STRATEGIES:
+        raise MpinnError(f"unknown partition strategy {strategy!r} "
+                         f"(known: {', '.join(distributor.STRATEGIES)})")
+    for key in given:
+        if STRATEGY_OF[key] != strategy:
+            raise MpinnError(f"{key}= applies to strategy={STRATEGY_OF[key]!r}, not {strategy!r}")
+    if isinstance(ids, dict):
+        params: dict[str, Any] = {"ids": {str(rank): spec for rank, spec in ids.items()}}
+    else:
+        params = distributor.params_from_flags(
+            strategy, counts, percentages, None if ids is None else os.fspath(ids), layer_ranks)
+    return loop.PartitionChoice(None, strategy, params)
+
+
+class Network:
+    """A model file opened on every rank of ``comm``, partitioned at neuron granularity.
+
+    Every method is collective: call it on every rank with the same arguments. Errors
+    are raised as ``MpinnError`` on every rank. Build one with ``Network.create`` or
+    ``Network.open``; close it with ``close()`` or a ``with`` block.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], choice: loop.PartitionChoice,
+                 comm: MPI.Comm | None = None, dtype: str | None = None) -> None:
+        self.path = os.fspath(path)
+        self.comm = comm if comm is not None else MPI.COMM_WORLD
+        self._choice = choice
+        self._dtype = dtype
+        self._model: loop.DistributedModel | None = None
+        self._closed = False
+
+    # ------------------------------------------------------------ making and opening
+
+    @classmethod
+    def create(cls, path: str | os.PathLike[str], sizes: Sequence[int] | str,
+               activation: str | Sequence[str] = "relu", output: str = "softmax", seed: int = 0,
+               *, storage: str | Sequence[str] = "dense", fan_in: int | None = None,
+               density: float | None = None, cap: float | None = None,
+               negative_slope: float = 0.01, dtype: str = "float32", force: bool = False,
+               comm: MPI.Comm | None = None) -> Network:
+        """Write a new, initialised model file (what ``mpinn init`` does) and return it.
+
+        ``sizes``: neurons per layer, inputs first. ``activation``: of the hidden layers
+        (one name, or one per hidden layer); ``output``: of the last. ``storage``: dense
+        or csr, for all layers or one per layer; csr layers take ``fan_in`` K (K random
+        inputs per neuron) or ``density`` D. ``cap``: the ceiling of relu_cap;
+        ``negative_slope``: leaky_relu's slope below zero. An
+        existing file is refused unless ``force``. The file is the same whatever the
+        number of ranks. The network returned uses the balanced partition and is loaded
+        at its first use; ``Network.open`` chooses another.
+        """
+        path = os.fspath(path)
+        comm = comm if comm is not None else MPI.COMM_WORLD
+
+        def check() -> tuple[list[int], list[str], list[str]]:
+            layers = _ints(sizes, "sizes")
+            if len(layers) < 2:
+                raise MpinnError(f"sizes needs at least two layers, got {layers}")
+            hidden = [activation] * (len(layers) - 2) if isinstance(activation, str) \
+                else list(activation)
+            if len(hidden) != len(layers) - 2:
+                raise MpinnError(f"activation gives {len(hidden)} names for "
+                                 f"{len(layers) - 2} hidden layers")
+            storages = [s.strip() for s in storage.split(",")] if isinstance(storage, str) \
+                else list(storage)
+            if "csr" not in storages and (fan_in is not None or density is not None):
+                raise MpinnError("fan_in and density apply to storage csr layers only")
+            if os.path.exists(path) and not force:
+                raise MpinnError(f"{path} exists; pass force=True to overwrite it")
+            return layers, [*hidden, output], storages
+
+        # every rank agrees before anything is written: a file seen by one rank only
+        # (node-local storage) stops them all
+        layers, activations, storages = agree(comm, check)
+        fmt.create_model(path, layers, activations, dtype, seed, comm, storages,
+                         fmt.SparseInit(fan_in, density), cap, negative_slope)
+        return cls(path, loop.PartitionChoice(), comm)
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str], strategy: str | None = None, *,
+             counts: Any = None, percentages: Any = None, ids: Any = None,
+             layer_ranks: Any = None, partition: str | None = None, dtype: str | None = None,
+             comm: MPI.Comm | None = None) -> Network:
+        """Open a model file on every rank of ``comm`` (default ``MPI.COMM_WORLD``).
+
+        The partition: ``partition=`` a name stored in the file (``mpinn partition``), or
+        ``strategy=`` balanced (the default), count (``counts``), percentage
+        (``percentages``), ids (``ids``), layers (``layer_ranks``), nnz or mincut.
+        ``dtype``: refuse a file whose weights are of another precision.
+        """
+        def check() -> loop.PartitionChoice:
+            if dtype is not None and dtype not in fmt.DTYPES:
+                raise MpinnError(f"dtype {dtype!r} is not supported (float32 or float64)")
+            return partition_choice(strategy, counts=counts, percentages=percentages, ids=ids,
+                                    layer_ranks=layer_ranks, partition=partition)
+
+        choice = agree(comm if comm is not None else MPI.COMM_WORLD, check)
+        net = cls(path, choice, comm, dtype)
+        net.model  # noqa: B018 - loaded now, so a bad file or partition fails here
+        return net
+
+    @property
+    def model(self) -> loop.DistributedModel:
+        """The opened model: spec, partition table, this rank's shard and engine."""
+        if self._closed:
+            raise MpinnError(f"{self.path}: the network is closed")
+        if self._model is None:
+            model = loop.DistributedModel(self.path, self.comm, self._choice, OPEN_BATCH,
+                                          training=False)
+            if self._dtype is not None and np.dtype(self._dtype) != model.spec.dtype:
+                model.close()  # every rank read the same spec: they all close here
+                raise MpinnError(f"{self.path} holds {model.spec.dtype} weights, not "
+                                 f"{np.dtype(self._dtype)}", agreed=True)
+            self._model = model
+        return self._model
+
+    # ------------------------------------------------------------ what it is
+
+    @property
+    def sizes(self) -> tuple[int, ...]:
+        return self.model.spec.sizes
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.model.spec.dtype
+
+    @property
+    def partition_text(self) -> str:
+        """Where the partition came from, e.g. "strategy balanced"."""
+        return self.model.partition_text
+
+    @property
+    def epoch(self) -> int:
+        """Epochs trained so far (the file's training state)."""
+        return int(self.model.state.get("epoch", 0))
+
+    def rows(self, layer: int) -> np.ndarray:
+        """The in-layer indices of the neurons of ``layer`` this rank owns (0: the inputs)."""
+        return self.model.table.rows(layer, self.comm.rank)
+
+    # ------------------------------------------------------------ training and inference
+
+    def fit(self, x: Any, y: Any = None, *, epochs: int = 1, batch_size: int = 64,
+            optimizer: str = "sgd", lr: float = 0.1, momentum: float = 0.0, seed: int = 0,
+            shuffle: bool = True, validation_data: Any = None,
+            callbacks: Iterable[Callback] = (), checkpoint_every: int = 0, keep: int = 1,
+            resume: bool = False, micro_batches: int = 1, patience: int = 0,
+            keep_best: bool = False, schedule: str = "constant", step_size: int = 1,
+            gamma: float = 0.1, min_lr: float = 0.0, warmup_steps: int = 0,
+            weight_decay: float = 0.0, clip_norm: float = 0.0, dropout: float = 0.0,
+            progress: bool = False,
+            log_json: str | None = None, verbose: bool = False) -> History:
+        """Train on ``x``, ``y`` (arrays, the same on every rank) or ``x`` a data file.
+
+        The options are ``mpinn train``'s flags: ``epochs`` more epochs (with ``resume``:
+        until ``epochs`` are complete in all), shuffled per epoch from ``seed``; a
+        checkpoint every ``checkpoint_every`` epochs and at the end, ``keep`` of them
+        kept; ``micro_batches`` > 1 pipelines each batch. ``validation_data``: (Xv, yv)
+        or a data file, evaluated after every epoch; ``patience`` K stops after K epochs
+        without a lower validation loss; ``keep_best`` commits each new best to
+        MODEL.best.h5. ``optimizer`` sgd, adam or adamw, with ``weight_decay`` (L2 in the
+        gradient for sgd and adam, decoupled for adamw, as torch) and ``clip_norm`` (the
+        global gradient norm, as torch's clip_grad_norm_). ``schedule`` constant, step
+        (``step_size`` epochs, ``gamma``) or cosine (down to ``min_lr`` at the last step),
+        with ``warmup_steps``. ``dropout`` P: inverted dropout on the hidden layers while
+        training, the same masks at any rank count. Each callback gets every epoch's dict on
+        every rank; one that
+        returns False (on any rank) stops training after that epoch. ``verbose`` prints
+        an epoch line on rank 0; ``log_json`` appends each epoch's dict to a file.
+        """
+        model = self.model
+        data = self._data(x, y, "X", "fit data")
+        validation = None
+        if validation_data is not None:
+            if isinstance(validation_data, (str, os.PathLike)):
+                validation = self._data(validation_data, None, "Xv", "validation_data")
+            elif isinstance(validation_data, tuple) and len(validation_data) == 2:
+                validation = self._data(*validation_data, "Xv", "validation_data")
+            else:
+                raise MpinnError("validation_data must be a tuple (Xv, yv) or a data file path")
+        history = History()
+        callbacks = list(callbacks)
+
+        def on_epoch(stats: loop.EpochStats) -> bool:
+            record = stats.record(validation=True)
+            history.epochs.append(record)
+            answers = [callback(record) for callback in callbacks]
+            return not any(answer is False for answer in answers)
+
+        rank0 = self.comm.rank == 0
+        result = loop.train(
+            model, data, epochs=epochs, batch_size=batch_size, lr=lr, optimizer_name=optimizer,
+            momentum=momentum, seed=seed, shuffle=shuffle, checkpoint_every=checkpoint_every,
+            keep=keep, resume=resume, micro_batches=micro_batches, progress=progress and rank0,
+            report=loop.epoch_reporter(not verbose, log_json) if rank0 else None,
+            validation=validation, patience=patience, keep_best=keep_best, on_epoch=on_epoch,
+            schedule=schedule, step_size=step_size, gamma=gamma, min_lr=min_lr,
+            warmup_steps=warmup_steps, weight_decay=weight_decay, clip_norm=clip_norm,
+            dropout=dropout)
+        history.stopped_by, history.stopped_early = result.stopped_by, result.stopped_early
+        history.best_val_loss, history.epoch = result.best_val_loss, result.epoch
+        return history
+
+    def predict(self, x: Any, batch_size: int | None = None) -> np.ndarray:
+        """The output layer's activations, (samples, outputs), the same array on every rank."""
+        model = self.model
+        data = self._data(x, None, "X", "predict data")
+        local = loop.predict(model, data, batch_size or model.engine.max_batch)
+        whole = gather_layer(self.comm, model.table.layer_owner(len(model.spec.sizes) - 1), local)
+        return np.ascontiguousarray(whole.T)
+
+    def evaluate(self, x: Any, y: Any = None, batch_size: int | None = None) -> dict[str, Any]:
+        """{"loss": mean loss, "accuracy": fraction right (None for float targets)}."""
+        model = self.model
+        data = self._data(x, y, "X", "evaluate data")
+        if data.labels is None and data.targets is None:
+            raise MpinnError("evaluate needs y (labels or targets)")
+        loss, accuracy = loop.evaluate(model, data, batch_size or model.engine.max_batch)
+        return {"loss": loss, "accuracy": accuracy}
+
+    def save(self) -> None:
+        """Commit the weights, the optimizer state and the training counters to the file
+        (complete, then swapped in). ``fit`` already does after its last epoch."""
+        model = self.model
+        model.save(model.stored_optimizer())
+
+    def close(self) -> None:
+        """Close the file on every rank (the network cannot be used afterwards)."""
+        if self._model is not None and not self._closed:
+            self._model.close()
+        self._model = None
+        self._closed = True
+
+    def __enter__(self) -> Network:
+        return self
+
+    def __exit__(self, _type: type | None, exc: BaseException | None, _tb: object) -> None:
+        if fmt.safe_to_close(exc):  # never a collective close that only some ranks reach
+            self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "open" if self._model else "not loaded"
+        return f"Network({self.path!r}, {state}, ranks={self.comm.size})"
+
+    # ------------------------------------------------------------ data
+
+    def _data(self, x: Any, y: Any, name: str, source: str) -> LocalData:
+        model = self.model
+        if isinstance(x, (str, os.PathLike)):
+            if y is not None:
+                raise MpinnError(f"{source}: give arrays X and y, or a data file without y")
+            return load(os.fspath(x), model.table, model.spec.dtype, self.comm)
+        return from_arrays(x, y, model.table, model.spec.dtype, self.comm, name, source)
+
+
+def _ints(values: Sequence[int] | str, name: str) -> list[int]:
+    """``[64, 128, 10]`` or the command line's ``"64,128,10"`` as whole numbers."""
+    items = values.split(",") if isinstance(values, str) else list(values)
+    try:
+        numbers = [int(v) for v in items]
+    except (TypeError, ValueError):
+        raise MpinnError(f"{name}: cannot read {values!r} as whole numbers") from None
+    if any(isinstance(v, float) and not float(v).is_integer() for v in items):
+        raise MpinnError(f"{name}: {values!r} are not whole numbers")
+    return numbers

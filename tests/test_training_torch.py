@@ -1,0 +1,348 @@
+"""Learning-rate schedules, weight decay, AdamW, gradient clipping and the gelu, silu and
+leaky_relu activations against PyTorch.
+
+PyTorch is the oracle: the same initial weights (``torch_io.to_torch``), the same batches,
+torch's own optimizers, schedulers and ``clip_grad_norm_``, float64; mpinn's weights after
+``Network.fit`` must agree within 1e-10 at every rank count (``make test-mpi``) and for
+every partition strategy. Skipped where torch is not installed. The pure parts (the
+schedule's formulas, the clip factor) are checked without MPI.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+
+import h5py
+import numpy as np
+import pytest
+
+from mpinn.errors import MpinnError
+from mpinn.optim import Schedule, clip_coefficient
+from tests.helpers import STRATEGIES, classification_data, regression_data, strategy_params
+from tests.reference import assert_close
+
+N_SAMPLES, BATCH, EPOCHS = 30, 8, 3  # 4 steps per epoch, the last batch partial
+
+FEATURES = {
+    "sgd-momentum-decay-step": dict(optimizer="sgd", lr=0.1, momentum=0.9, weight_decay=0.1,
+                                    schedule="step", step_size=1, gamma=0.5),
+    "adam-decay-cosine": dict(optimizer="adam", lr=0.02, weight_decay=0.1, schedule="cosine",
+                              min_lr=0.001),
+    "adamw-warmup": dict(optimizer="adamw", lr=0.02, weight_decay=0.5, warmup_steps=5),
+    "sgd-clip-cosine-warmup": dict(optimizer="sgd", lr=0.2, clip_norm=0.05, schedule="cosine",
+                                   warmup_steps=3),
+    "adam-clip": dict(optimizer="adam", lr=0.02, clip_norm=0.05),
+}
+CASES = {  # (sizes, hidden, output, labels)
+    "softmax": ([7, 13, 11, 5], ["relu", "tanh"], "softmax", True),
+    "regression": ([6, 9, 4], ["sigmoid"], "identity", False),
+    # the smooth and leaky activations, a leaky output on float targets
+    "activations": ([7, 13, 11, 9, 5], ["gelu", "silu", "leaky_relu"], "leaky_relu", False),
+}
+SLOPE = 0.2  # leaky_relu's negative slope in these tests (torch's default is 0.01)
+
+
+def torch_run(path: str, x: np.ndarray, y: np.ndarray, labels: bool, epochs: int, seed: int,
+              optimizer: str = "sgd", lr: float = 0.1, momentum: float = 0.0,
+              weight_decay: float = 0.0, schedule: str = "constant", step_size: int = 1,
+              gamma: float = 0.1, min_lr: float = 0.0, warmup_steps: int = 0,
+              clip_norm: float = 0.0) -> tuple[list[np.ndarray], float]:
+    """Weights then biases after training with torch, and the largest gradient norm seen."""
+    torch = pytest.importorskip("torch")
+    from mpinn.torch_io import to_torch
+    model = to_torch(path).train()
+    if labels:
+        model = model[:-1]  # cross-entropy takes the logits
+    params = list(model.parameters())
+    if optimizer == "sgd":
+        opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    elif optimizer == "adam":
+        opt = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    else:
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    per_batch, per_epoch = [], []
+    steps = epochs * math.ceil(len(x) / BATCH)
+    if schedule == "cosine":
+        per_batch.append(torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps,
+                                                                    eta_min=min_lr))
+    elif schedule == "step":
+        per_epoch.append(torch.optim.lr_scheduler.StepLR(opt, step_size=step_size, gamma=gamma))
+    if warmup_steps:
+        per_batch.append(torch.optim.lr_scheduler.LinearLR(
+            opt, start_factor=1 / warmup_steps, end_factor=1.0, total_iters=warmup_steps - 1))
+    largest = 0.0
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    for epoch in range(1, epochs + 1):
+        order = np.random.default_rng([seed, epoch]).permutation(len(x))
+        for start in range(0, len(x), BATCH):
+            idx = torch.from_numpy(order[start:start + BATCH])
+            opt.zero_grad()
+            out = model(xt[idx])
+            if labels:
+                loss = torch.nn.functional.cross_entropy(out, yt[idx])
+            else:
+                loss = 0.5 * ((out - yt[idx]) ** 2).sum() / len(idx)
+            loss.backward()
+            if clip_norm:
+                largest = max(largest, float(torch.nn.utils.clip_grad_norm_(params, clip_norm)))
+            opt.step()
+            for scheduler in per_batch:
+                scheduler.step()
+        for scheduler in per_epoch:
+            scheduler.step()
+    linears = [m for m in model if isinstance(m, torch.nn.Linear)]
+    return ([m.weight.detach().numpy() for m in linears]
+            + [m.bias.detach().numpy() for m in linears]), largest
+
+
+def _weights(path: str) -> list[np.ndarray]:
+    with h5py.File(path, "r") as f:
+        n = len(f.attrs["sizes"]) - 1
+        return [f[f"layers/{i}/{name}"][...] for name in ("weight", "bias") for i in range(1, n + 1)]
+
+
+def _setup(tmp, case: str) -> tuple[str, np.ndarray, np.ndarray, bool, list[int]]:
+    from mpinn import Network
+    sizes, hidden, output, labels = CASES[case]
+    path = str(tmp / "model.h5")
+    Network.create(path, sizes, hidden, output, seed=3, dtype="float64", negative_slope=SLOPE,
+                   force=True)
+    make = classification_data if labels else regression_data
+    x, y = make(N_SAMPLES, sizes[0], sizes[-1], seed=5, dtype="float64")
+    return path, x, y, labels, sizes
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("feature", FEATURES)
+def test_training_features_equal_torch_for_every_strategy(feature, strategy, mpi_tmp_path):
+    pytest.importorskip("torch")
+    from mpi4py import MPI
+
+    from mpinn import Network
+    comm = MPI.COMM_WORLD
+    case = "regression" if "adam-clip" in feature else "softmax"
+    if feature == "adamw-warmup":
+        case = "activations"
+    path, x, y, labels, sizes = _setup(mpi_tmp_path, case)
+    options = FEATURES[feature]
+    expected, largest = torch_run(path, x, y, labels, EPOCHS, seed=11, **options)
+    if options.get("clip_norm"):
+        assert largest > options["clip_norm"], "clipping must be active for the test to mean it"
+    comm.Barrier()  # every rank has built its torch model from the initial file
+    with Network.open(path, strategy, **strategy_params(strategy, sizes, comm.size)) as net:
+        net.fit(x, y, epochs=EPOCHS, batch_size=BATCH, seed=11, **options)
+    for i, (got, want) in enumerate(zip(_weights(path), expected, strict=True)):
+        assert_close(got, want, "float64", f"{feature} parameter {i}")
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("feature", ["sgd-momentum-decay-step", "sgd-clip-cosine-warmup"])
+def test_a_preempted_schedule_resumes_bitwise_as_an_uninterrupted_run(feature, mpi_tmp_path):
+    """SIGUSR1 on one rank after epoch 2 stops the run at its next step; --resume goes on."""
+    from mpi4py import MPI
+
+    from mpinn import Network
+    comm = MPI.COMM_WORLD
+    options = {**FEATURES[feature], "batch_size": BATCH, "seed": 11}
+    paths = {}
+    for name in ("whole", "split"):
+        os.makedirs(mpi_tmp_path / name, exist_ok=True)
+        paths[name], x, y, _, _ = _setup(mpi_tmp_path / name, "softmax")
+    with Network.open(paths["whole"]) as net:
+        uninterrupted = net.fit(x, y, epochs=5, **options)
+
+    def preempt(record: dict) -> None:
+        if record["epoch"] == 2 and comm.rank == comm.size - 1:
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+    with Network.open(paths["split"]) as net:
+        first = net.fit(x, y, epochs=5, callbacks=[preempt], **options)
+    assert first.stopped_by is not None and first.epoch == 2
+    with Network.open(paths["split"]) as net:
+        rest = net.fit(x, y, epochs=5, resume=True, **options)
+    assert first["loss"] + rest["loss"] == uninterrupted["loss"]
+    assert all(np.array_equal(a, b) for a, b in
+               zip(_weights(paths["split"]), _weights(paths["whole"]), strict=True))
+    with h5py.File(paths["split"], "r") as f:
+        assert '"name": "' + FEATURES[feature]["schedule"] + '"' in f["state"].attrs["schedule"]
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_gelu_silu_leaky_relu_train_as_the_reference_for_every_strategy(strategy, mpi_tmp_path):
+    """The new activations through the engine (forward, backward, micro-batches) against the
+    plain numpy reference, at every rank count."""
+    from mpi4py import MPI
+
+    from mpinn import Network
+    from tests.reference import Reference
+    comm = MPI.COMM_WORLD
+    path, x, y, _, sizes = _setup(mpi_tmp_path, "activations")
+    ref = Reference.from_file(path)
+    comm.Barrier()
+    losses = ref.train(x, y, 2, BATCH, 0.05, "sgd", 0.9, seed=4)
+    with Network.open(path, strategy, **strategy_params(strategy, sizes, comm.size)) as net:
+        history = net.fit(x, y, epochs=2, batch_size=BATCH, lr=0.05, momentum=0.9, seed=4,
+                          micro_batches=2)
+        probs = net.predict(x)
+    assert_close(history["loss"], losses, "float64", "epoch losses")
+    for i, (got, want) in enumerate(zip(_weights(path), ref.weights + ref.biases, strict=True)):
+        assert_close(got, want, "float64", f"parameter {i}")
+    assert_close(probs, ref.forward(x)[1][-1], "float64", "predict")
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("micro_batches", [1, 3])
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_dropout_trains_as_the_reference_whatever_the_rank_count(strategy, micro_batches,
+                                                                 mpi_tmp_path):
+    """The masks depend on (seed, step, gid, sample) only: every partition and rank count
+    gives the weights of the single-process reference run with the same masks."""
+    from mpi4py import MPI
+
+    from mpinn import Network
+    from tests.reference import Reference
+    comm = MPI.COMM_WORLD
+    path, x, y, _, sizes = _setup(mpi_tmp_path, "softmax")  # relu, then tanh: a and z both used
+    ref = Reference.from_file(path)
+    comm.Barrier()
+    losses = ref.train(x, y, 3, BATCH, 0.05, "sgd", 0.9, seed=4, dropout=0.3)
+    with Network.open(path, strategy, **strategy_params(strategy, sizes, comm.size)) as net:
+        history = net.fit(x, y, epochs=3, batch_size=BATCH, lr=0.05, momentum=0.9, seed=4,
+                          dropout=0.3, micro_batches=micro_batches, validation_data=(x, y))
+        probs = net.predict(x)
+    assert_close(history["loss"], losses, "float64", "epoch losses")
+    for i, (got, want) in enumerate(zip(_weights(path), ref.weights + ref.biases, strict=True)):
+        assert_close(got, want, "float64", f"parameter {i}")
+    # inference and validation run without dropout
+    assert_close(probs, ref.forward(x)[1][-1], "float64", "predict")
+    assert_close(history["val_loss"][-1], ref.loss_and_grads(x, y)[0], "float64", "val loss")
+
+
+# ---------------------------------------------------------------- pure parts
+
+
+def test_dropout_masks_depend_only_on_seed_step_gid_and_sample():
+    from mpinn.kernels import dropout_mask
+    gids, samples = np.arange(100, 400), np.arange(1000)
+    mask = dropout_mask(7, 3, gids, samples, 0.25, np.empty((300, 1000)))
+    assert set(np.unique(mask)) == {0.0, 1 / 0.75}
+    assert abs(np.mean(mask == 0) - 0.25) < 0.01
+    # any subset of neurons and samples, in any order, draws the same entries
+    rows, cols = np.array([250, 3, 77]), np.array([999, 0, 512, 40])
+    part = dropout_mask(7, 3, gids[rows], samples[cols], 0.25, np.empty((3, 4), np.float32))
+    assert np.array_equal(part, mask[np.ix_(rows, cols)].astype(np.float32))
+    other_step = dropout_mask(7, 4, gids, samples, 0.25, np.empty((300, 1000)))
+    other_seed = dropout_mask(8, 3, gids, samples, 0.25, np.empty((300, 1000)))
+    assert np.mean(other_step != mask) > 0.3 and np.mean(other_seed != mask) > 0.3
+    # neighbouring neurons and samples are not correlated
+    kept = mask > 0
+    assert abs(np.corrcoef(kept[:-1].ravel(), kept[1:].ravel())[0, 1]) < 0.02
+    assert abs(np.corrcoef(kept[:, :-1].ravel(), kept[:, 1:].ravel())[0, 1]) < 0.02
+
+
+@pytest.mark.parametrize("name", ["gelu", "silu", "leaky_relu"])
+def test_activation_and_derivative_equal_torch(name):
+    torch = pytest.importorskip("torch")
+    from mpinn import kernels
+    z = np.linspace(-6, 6, 240).reshape(3, -1)
+    z[1, 40] = 0.0  # the kink of leaky_relu
+    module = {"gelu": torch.nn.GELU(), "silu": torch.nn.SiLU(),
+              "leaky_relu": torch.nn.LeakyReLU(SLOPE)}[name]
+    zt = torch.from_numpy(z.copy()).requires_grad_()
+    at = module(zt)
+    upstream = np.cos(z)  # any dL/da
+    at.backward(torch.from_numpy(upstream))
+    a = kernels.activate(name, z, slope=SLOPE)
+    assert_close(a, at.detach().numpy(), "float64", f"{name}")
+    grad = kernels.activation_grad(name, z, a, upstream.copy(), slope=SLOPE)
+    assert_close(grad, zt.grad.numpy(), "float64", f"{name} derivative")
+    a32 = kernels.activate(name, z.astype(np.float32), slope=SLOPE)
+    assert a32.dtype == np.float32
+    assert_close(a32, a, "float32", f"{name} float32")
+
+
+def test_torch_models_with_the_new_activations_convert_both_ways(tmp_path):
+    torch = pytest.importorskip("torch")
+    from mpinn.torch_io import from_torch, load_torch_file, save_torch_file, to_torch
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.GELU(), torch.nn.Linear(8, 7),
+                                torch.nn.SiLU(), torch.nn.Linear(7, 6), torch.nn.LeakyReLU(0.3),
+                                torch.nn.Linear(6, 3)).double()
+    pt, h5 = str(tmp_path / "m.pt"), str(tmp_path / "m.h5")
+    save_torch_file(model, pt)
+    from_torch(load_torch_file(pt), h5)
+    with h5py.File(h5, "r") as f:
+        assert [f[f"layers/{i}"].attrs["activation"] for i in (1, 2, 3, 4)] == \
+            ["gelu", "silu", "leaky_relu", "identity"]
+        assert f["layers/3"].attrs["negative_slope"] == 0.3
+    x = torch.from_numpy(np.random.default_rng(0).normal(size=(4, 5)))
+    assert torch.equal(to_torch(h5)(x), model(x))
+    with pytest.raises(MpinnError, match="approximate='tanh'"):
+        from_torch(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.GELU("tanh")),
+                   str(tmp_path / "tanh.h5"))
+
+
+def test_a_leaky_relu_slope_must_be_a_number(tmp_path):
+    from mpi4py import MPI
+
+    from mpinn import format as fmt
+    with pytest.raises(MpinnError, match="negative_slope"):
+        fmt.create_model(str(tmp_path / "m.h5"), [3, 2], ["leaky_relu"], "float64", 0,
+                         MPI.COMM_SELF, negative_slope=float("nan"))
+
+
+def test_schedule_formulas():
+    cosine = Schedule("cosine", lr=1.0, min_lr=0.1, t_max=10)
+    assert cosine.rate(0, 1) == 1.0
+    assert cosine.rate(5, 2) == pytest.approx(0.55)
+    assert cosine.rate(10, 3) == pytest.approx(0.1)
+    step = Schedule("step", lr=1.0, step_size=2, gamma=0.5)
+    assert [step.rate(0, e) for e in (1, 2, 3, 4, 5)] == [1.0, 1.0, 0.5, 0.5, 0.25]
+    warm = Schedule("constant", lr=1.0, warmup_steps=4)
+    assert [warm.rate(t, 1) for t in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+
+
+def test_clip_coefficient_is_torchs():
+    assert clip_coefficient(2.0, 1.0) == 1.0 / (2.0 + 1e-6)
+    assert clip_coefficient(0.5, 1.0) == 1.0
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(name="linear"), "unknown schedule"), (dict(step_size=0), "--step-size"),
+    (dict(gamma=0.0), "--gamma"), (dict(min_lr=2.0), "--min-lr"),
+    (dict(warmup_steps=-1), "--warmup-steps")])
+def test_bad_schedules_are_refused(bad, match):
+    with pytest.raises(MpinnError, match=match):
+        Schedule(**{"lr": 1.0, **bad})
+
+
+def test_a_plain_state_dict_imports_with_the_activations_given(tmp_path):
+    torch = pytest.importorskip("torch")
+    from mpinn.torch_io import from_torch, load_torch_file, to_torch
+    torch.manual_seed(1)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.ReLU(), torch.nn.Linear(8, 6),
+                                torch.nn.ReLU(), torch.nn.Linear(6, 3), torch.nn.Softmax(dim=-1))
+    sd, h5 = str(tmp_path / "sd.pt"), str(tmp_path / "m.h5")
+    torch.save(model.state_dict(), sd)
+    with pytest.raises(MpinnError, match="bare state_dict: it has no activations"):
+        load_torch_file(sd)
+    from_torch(load_torch_file(sd, activation="relu", output="softmax"), h5)
+    x = torch.randn(4, 5)
+    assert torch.allclose(to_torch(h5)(x), model(x), rtol=1e-6, atol=0)
+    # a Sequential inside a module: one common prefix
+    wrapped = str(tmp_path / "wrapped.pt")
+    torch.save({f"net.{k}": v for k, v in model.state_dict().items()}, wrapped)
+    assert len(load_torch_file(wrapped, "relu", "softmax")) == 6
+    with pytest.raises(MpinnError, match="only allowed on the last layer"):
+        load_torch_file(sd, activation="softmax", output="softmax")
+    broken = str(tmp_path / "broken.pt")
+    torch.save({**model.state_dict(), "1.running_mean": torch.zeros(8)}, broken)
+    with pytest.raises(MpinnError, match="'1.running_mean' is not '<position>.weight'"):
+        load_torch_file(broken, "relu", "softmax")
+    torch.save({**model.state_dict(), "1.weight": torch.ones(8)}, broken)  # a LayerNorm's
+    with pytest.raises(MpinnError, match="position 1 has no 2-D float weight"):
+        load_torch_file(broken, "relu", "softmax")
