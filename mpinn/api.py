@@ -55,6 +55,7 @@ class History:
     stopped_early: str | None = None  # "patience" or "callback"
     best_val_loss: float | None = None
     epoch: int = 0                    # epochs complete in the file when fit returned
+    batch: int = 0                    # batches done of the next epoch (a preempted run)
 
     def __len__(self) -> int:
         return len(self.epochs)
@@ -285,6 +286,7 @@ class Network:
             dropout=dropout)
         history.stopped_by, history.stopped_early = result.stopped_by, result.stopped_early
         history.best_val_loss, history.epoch = result.best_val_loss, result.epoch
+        history.batch = result.batch
         return history
 
     def predict(self, x: Any, batch_size: int | None = None) -> np.ndarray:

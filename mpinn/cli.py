@@ -81,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--density", type=float, metavar="D",
                    help="csr layers: each connection present with probability D")
     p.add_argument("--cap", type=float, help="ceiling of the relu_cap activation")
+    p.add_argument("--negative-slope", type=float, default=0.01,
+                   help="leaky_relu's slope below zero (default 0.01)")
     p.add_argument("--force", action="store_true",
                    help="overwrite an existing file (not one that another job is writing)")
 
@@ -109,7 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "train":
             p.add_argument("--epochs", type=int, default=1)
             p.add_argument("--lr", type=float, default=0.1)
-            p.add_argument("--optimizer", default="sgd", choices=["sgd", "adam"])
+            p.add_argument("--optimizer", default="sgd", choices=["sgd", "adam", "adamw"],
+                           help="adamw: Adam with decoupled weight decay (torch AdamW)")
             p.add_argument("--momentum", type=float, default=0.0)
             p.add_argument("--seed", type=int, default=0, help="shuffling seed")
             p.add_argument("--no-shuffle", action="store_true")
@@ -128,6 +131,30 @@ def build_parser() -> argparse.ArgumentParser:
                            help="append one JSON object per epoch to FILE (rank 0)")
             p.add_argument("--resume", action="store_true",
                            help="continue the stored run until --epochs epochs are complete in all")
+            g = p.add_argument_group("validation, schedules and regularisation (docs/api.md)")
+            g.add_argument("--val-data", metavar="FILE",
+                           help="data file evaluated after every epoch (val_loss, val_accuracy)")
+            g.add_argument("--patience", type=int, default=0, metavar="K",
+                           help="stop after K epochs without a lower validation loss (0: never)")
+            g.add_argument("--keep-best", action="store_true",
+                           help="also commit each new best validation loss to MODEL.best.h5 "
+                           "(m.h5 -> m.best.h5)")
+            g.add_argument("--schedule", default="constant", choices=["constant", "step", "cosine"],
+                           help="learning rate per step: constant, step (StepLR) or cosine "
+                           "(CosineAnnealingLR over all the run's steps)")
+            g.add_argument("--step-size", type=int, default=1, metavar="E",
+                           help="step schedule: multiply the rate by --gamma every E epochs")
+            g.add_argument("--gamma", type=float, default=0.1)
+            g.add_argument("--min-lr", type=float, default=0.0, help="cosine schedule's floor")
+            g.add_argument("--warmup-steps", type=int, default=0, metavar="W",
+                           help="scale the rate by (t+1)/W over the first W steps")
+            g.add_argument("--weight-decay", type=float, default=0.0, metavar="WD",
+                           help="L2 added to the gradient (sgd, adam); decoupled for adamw")
+            g.add_argument("--clip-norm", type=float, default=0.0, metavar="C",
+                           help="clip the global gradient norm over all ranks to C (0: off)")
+            g.add_argument("--dropout", type=float, default=0.0, metavar="P",
+                           help="inverted dropout on hidden layers while training; the same "
+                           "masks at any rank count")
         if name == "predict":
             p.add_argument("--out", help="HDF5 file to write 'outputs' to")
 
@@ -179,6 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source", metavar="MODEL.pt")
     p.add_argument("model", metavar="OUT.h5")
     p.add_argument("--dtype", choices=["float32", "float64"])
+    p.add_argument("--activation", help="hidden activation, for a plain state_dict (.pt of "
+                   "torch.save(model.state_dict()))")
+    p.add_argument("--output", help="output activation, for a plain state_dict")
     p = sub.add_parser("export-torch", help="convert a model file to a PyTorch Sequential (.pt)")
     p.add_argument("model", metavar="MODEL.h5")
     p.add_argument("out", metavar="OUT.pt")
@@ -215,12 +245,19 @@ REQUIRED = {"init": ["sizes"], "partition": ["ranks"], "train": ["data"], "evalu
 LIST_FLAGS = {"sizes", "storage", "counts", "percentages", "layer_ranks"}  # "a,b,c" or a TOML list
 AT_LEAST = {"batch_size": 1, "epochs": 0, "keep": 1, "checkpoint_every": 0, "micro_batches": 1,
             "seed": 0, "ranks": 1, "neurons": 1, "layers": 1, "samples": 1, "features": 1,
-            "outputs": 1, "fan_in": 1, "threads": 1, "ranks_per_node": 1}
+            "outputs": 1, "fan_in": 1, "threads": 1, "ranks_per_node": 1, "patience": 0,
+            "step_size": 1, "warmup_steps": 0}
 MAX_SEED = 2**63 - 1
 FLOAT_RANGES = {"lr": (lambda v: v > 0, "a positive number"),
                 "momentum": (lambda v: 0 <= v < 1, "in [0, 1)"),
                 "density": (lambda v: 0 < v <= 1, "in (0, 1]"),
-                "cap": (lambda v: v > 0, "a positive number")}
+                "cap": (lambda v: v > 0, "a positive number"),
+                "gamma": (lambda v: v > 0, "a positive number"),
+                "min_lr": (lambda v: v >= 0, "zero or more"),
+                "weight_decay": (lambda v: v >= 0, "zero or more"),
+                "clip_norm": (lambda v: v >= 0, "zero (off) or more"),
+                "dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
+                "negative_slope": (lambda v: True, "a finite number")}
 
 
 def parse(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -319,6 +356,8 @@ def check_values(args: argparse.Namespace) -> None:
                                  f"not {strategy}")
         if values.get("partition") is not None and strategy != "balanced":
             raise MpinnError("give --partition (a stored partition) or --strategy, not both")
+    if args.command == "train" and (args.patience or args.keep_best) and not args.val_data:
+        raise MpinnError("--patience and --keep-best watch the validation loss: give --val-data")
     if args.command == "train" and args.micro_batches > args.batch_size:
         raise MpinnError(f"--micro-batches {args.micro_batches} exceeds --batch-size "
                          f"{args.batch_size}: every micro-batch needs a sample")
@@ -416,6 +455,12 @@ def file_plan(args: argparse.Namespace) -> FilePlan:
             plan.locked[args.model] = "trained"
             if args.log_json:
                 plan.appended["--log-json"] = args.log_json
+            if args.val_data:
+                plan.inputs["--val-data"] = args.val_data
+            if args.keep_best:  # the model's own companion, replaced at each new best
+                from mpinn.train import best_path
+                plan.appended["--keep-best"] = best_path(args.model)
+                plan.locked[best_path(args.model)] = "written by --keep-best"
         if command in ("train", "evaluate", "predict"):
             plan.inputs["--data"] = args.data
         if command == "predict":
@@ -566,7 +611,8 @@ def _convert(args: argparse.Namespace) -> None:
         written = f"{args.model} and {args.data}"
     elif args.command == "import-torch":
         from mpinn import torch_io
-        torch_io.from_torch(torch_io.load_torch_file(args.source), args.model, args.dtype)
+        torch_io.from_torch(torch_io.load_torch_file(args.source, args.activation, args.output),
+                            args.model, args.dtype)
         written = args.model
     else:
         from mpinn import torch_io
@@ -600,7 +646,7 @@ def run(args: argparse.Namespace) -> int:
         activations = [args.activation] * (len(sizes) - 2) + [args.output]
         sparse = fmt.SparseInit(args.fan_in, args.density)
         fmt.create_model(args.model, sizes, activations, args.dtype, args.seed, comm,
-                         args.storage, sparse, args.cap)
+                         args.storage, sparse, args.cap, args.negative_slope)
         if rank0 and not args.quiet:
             print(f"{args.model}: {len(sizes) - 1} layers, sizes {','.join(map(str, sizes))}, "
                   f"{args.dtype}")
@@ -652,30 +698,39 @@ def run(args: argparse.Namespace) -> int:
     args.batch_size = min(args.batch_size, agree(comm, lambda: fmt.count_samples(args.data)))
     if args.command == "train":
         args.micro_batches = min(args.micro_batches, args.batch_size)
-    choice = _choice(args)
-    with loop.DistributedModel(args.model, comm, choice, args.batch_size,
-                               training=args.command == "train") as model:
-        data = load(args.data, model.table, model.spec.dtype, comm)
+    from mpinn.api import Network
+    with Network(args.model, _choice(args), comm) as net:
         if args.command == "train":
             if rank0 and not args.quiet:
-                print(f"training {args.model} on {comm.size} ranks ({model.partition_text}), "
-                      f"{data.n_samples} samples", flush=True)
-            result = loop.train(
-                model, data, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                optimizer_name=args.optimizer, momentum=args.momentum, seed=args.seed,
-                shuffle=not args.no_shuffle, checkpoint_every=args.checkpoint_every,
-                keep=args.keep, resume=args.resume, micro_batches=args.micro_batches,
-                progress=rank0 and not args.quiet and (args.progress or sys.stderr.isatty()),
-                report=loop.epoch_reporter(args.quiet, args.log_json) if rank0 else None)
-            if rank0 and result.stopped_by:
-                print(f"mpinn: stopped by {result.stopped_by}: checkpoint committed at epoch "
-                      f"{result.epoch}, batch {result.batch}; continue with --resume", flush=True)
+                print(f"training {args.model} on {comm.size} ranks ({net.partition_text}), "
+                      f"{fmt.count_samples(args.data)} samples", flush=True)
+            history = net.fit(
+                args.data, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                optimizer=args.optimizer, momentum=args.momentum, seed=args.seed,
+                shuffle=not args.no_shuffle, validation_data=args.val_data,
+                checkpoint_every=args.checkpoint_every, keep=args.keep, resume=args.resume,
+                micro_batches=args.micro_batches, patience=args.patience,
+                keep_best=args.keep_best, schedule=args.schedule, step_size=args.step_size,
+                gamma=args.gamma, min_lr=args.min_lr, warmup_steps=args.warmup_steps,
+                weight_decay=args.weight_decay, clip_norm=args.clip_norm, dropout=args.dropout,
+                progress=not args.quiet and (args.progress or sys.stderr.isatty()),
+                log_json=args.log_json, verbose=not args.quiet)
+            if rank0 and history.stopped_by:
+                print(f"mpinn: stopped by {history.stopped_by}: checkpoint committed at epoch "
+                      f"{history.epoch}, batch {history.batch}; continue with --resume",
+                      flush=True)
+            if rank0 and history.stopped_early == "patience" and not args.quiet:
+                print(f"stopped early: no lower validation loss for {args.patience} epochs "
+                      f"(best {history.best_val_loss:.6f})", flush=True)
         elif args.command == "evaluate":
-            loss, accuracy = loop.evaluate(model, data, args.batch_size)
+            metrics = net.evaluate(args.data, batch_size=args.batch_size)
             if rank0:
-                acc = f"  accuracy {accuracy:.4f}" if accuracy is not None else ""
-                print(f"loss {loss:.6f}{acc}  samples {data.n_samples}")
-        else:
+                acc = (f"  accuracy {metrics['accuracy']:.4f}" if metrics["accuracy"] is not None
+                       else "")
+                print(f"loss {metrics['loss']:.6f}{acc}  samples {fmt.count_samples(args.data)}")
+        else:  # each rank writes its own output columns: no rank gathers them all
+            model = net.model
+            data = load(args.data, model.table, model.spec.dtype, comm)
             values = loop.predict(model, data, args.batch_size)
             with outputs.staged_collective(args.out, comm) as partial:
                 fmt.write_outputs(partial, data.n_samples, model.spec.sizes[-1],
@@ -683,7 +738,6 @@ def run(args: argparse.Namespace) -> int:
             if rank0 and not args.quiet:
                 print(f"{args.out}: outputs of {data.n_samples} samples")
     return 0
-
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse, check, lock, run; any error becomes one ``mpinn: error:`` line printed by rank 0

@@ -74,18 +74,22 @@ def activate(name: str, z: np.ndarray, out: np.ndarray | None = None,
         np.reciprocal(out, out=out)
     elif name == "tanh":
         np.tanh(z, out=out)
-    elif name == "gelu":
-        np.multiply(z, _SQRT_HALF, out=out)
-        erf(out, out=out)
-        out += 1
-        out *= z
-        out *= 0.5
-    elif name == "silu":
-        expit(z, out=out)
-        out *= z
+    elif name in ("gelu", "silu"):
+        # the factor of z goes through a scratch array when the result overwrites z
+        # (inference engines activate in place)
+        factor = np.empty_like(z) if np.shares_memory(out, z) else out
+        if name == "gelu":
+            np.multiply(z, _SQRT_HALF, out=factor)
+            erf(factor, out=factor)
+            factor += 1
+            factor *= 0.5
+        else:
+            expit(z, out=factor)
+        np.multiply(z, factor, out=out)
     elif name == "leaky_relu":
-        np.multiply(z, NEGATIVE_SLOPE if slope is None else slope, out=out)
-        np.copyto(out, z, where=z > 0)
+        if not np.shares_memory(out, z):
+            np.copyto(out, z)
+        np.multiply(out, NEGATIVE_SLOPE if slope is None else slope, out=out, where=out < 0)
     else:
         raise MpinnError(f"activation {name!r} has no elementwise form")
     return out

@@ -90,7 +90,8 @@ def _hostile(dest: str, action: argparse.Action) -> st.SearchStrategy:
     if action.type is float:
         return st.one_of(floats.map(str), numbers.map(str), junk)
     if dest in ("activation", "output"):
-        return st.sampled_from(["relu", "sigmoid", "tanh", "softmax", "swish", "relu_cap", ""])
+        return st.sampled_from(["relu", "sigmoid", "tanh", "gelu", "silu", "leaky_relu", "softmax",
+                                "swish", "relu_cap", ""])
     if dest in ("partition", "name"):
         return st.sampled_from(["p", "balanced", ".", "a/b", ""])
     return st.one_of(st.sampled_from(["balanced", "count", "ids", "mincut", "x"]), junk)
