@@ -211,4 +211,9 @@ class Schedule:
         return rate
 
     def config(self) -> dict[str, Any]:
-        return asdict(self)
+        """What the file records of the schedule. T_max only where it sets the rates (cosine):
+        a constant run's checkpoint must not depend on how many epochs it was asked for."""
+        record = asdict(self)
+        if self.name != "cosine":
+            del record["t_max"]
+        return record
