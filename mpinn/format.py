@@ -14,7 +14,7 @@ import os
 import sys
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager, nullcontext, suppress
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -34,7 +34,7 @@ from mpinn.kernels import (
     pattern_counts,
     random_pattern,
 )
-from mpinn.outputs import commit, partial_name, staged
+from mpinn.outputs import commit, discard, partial_name, staged
 
 FORMAT_VERSION = 1
 DTYPES = {"float32": np.dtype(np.float32), "float64": np.dtype(np.float64)}
@@ -575,10 +575,12 @@ class Checkpoint:
         return f
 
     def _abandon(self, exc: BaseException) -> None:
-        """Drop the unfinished file (unlinking is safe while open) and say what happened."""
-        if self.comm.rank == 0:
-            with suppress(OSError):
-                os.remove(self.partial)
+        """Drop the unfinished file (unlinking is safe while open) and say what happened.
+
+        Any failing rank removes it: a rank that failed alone (a full disk seen by one
+        writer) may leave rank 0 inside a collective until the job is aborted, and the
+        others never rename a file they did not finish."""
+        discard(self.partial)
         if isinstance(exc, OSError):
             raise MpinnError(f"{self.path}: writing the checkpoint failed ({exc}; is the disk "
                              "full?); the previous checkpoint in the file is intact") from exc

@@ -32,14 +32,17 @@ def lock_name(path: str) -> str:
 
 
 def _process_start(pid: int) -> str | None:
-    """The kernel's start time of ``pid`` (clock ticks since boot), or None if it is gone:
-    with the pid it names one process, even after the pid is reused."""
+    """The kernel's start time of ``pid`` (clock ticks since boot), or None if it is gone
+    (or a zombie): with the pid it names one process, even after the pid is reused."""
     try:
         with open(f"/proc/{pid}/stat") as fh:
             stat = fh.read()
     except OSError:
         return None
-    return stat.rsplit(")", 1)[1].split()[19]
+    fields = stat.rsplit(")", 1)[1].split()
+    if fields[0] in ("Z", "X"):  # killed, not yet reaped by its parent (mpirun): gone
+        return None
+    return fields[19]
 
 
 def _me(action: str) -> dict[str, Any]:

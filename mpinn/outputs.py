@@ -116,8 +116,7 @@ def staged_collective(path: str, comm: Any) -> Iterator[str]:
     try:
         yield partial
     except BaseException:
-        if comm.rank == 0:
-            discard(partial)
+        discard(partial)  # on any failing rank: rank 0 may be held in a collective
         raise
     comm.Barrier()
     error = None

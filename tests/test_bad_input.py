@@ -28,6 +28,7 @@ from tests.reference import Reference, assert_close
 
 SIZES = [6, 9, 4]
 EXAMPLES = int(os.environ.get("MPINN_HYPOTHESIS_EXAMPLES", 60))  # raise it to search harder
+SEARCH = "MPINN_HYPOTHESIS_EXAMPLES" in os.environ  # random examples; else a fixed set for CI
 MPI_EXAMPLES = max(EXAMPLES // 3, 10)  # per rank count, under make test-mpi
 FIXTURES = [HealthCheck.function_scoped_fixture]  # each example copies into its own file
 ACTS = ["relu", "softmax"]
@@ -165,9 +166,13 @@ def assert_correct(outcome: Outcome, model: Path, data: Path) -> None:
     outputs, loss, accuracy = outcome
     with h5py.File(data, "r") as f:
         x, y = f["X"][...].astype(outputs.dtype), f["y"][...].astype(np.int64)
-    _, acts = Reference.from_file(str(model)).forward(x)
+    zs, acts = Reference.from_file(str(model)).forward(x)
     assert_close(outputs, acts[-1], outputs.dtype, "outputs of an accepted file")
-    assert_close(loss, -np.log(acts[-1][np.arange(len(y)), y]).mean(), outputs.dtype, "loss")
+    # cross-entropy from the logits (log-softmax): -log(p) overflows to inf where a huge
+    # input drives p to 0, while the true loss, and mpinn's, is large but finite
+    z = zs[-1] - zs[-1].max(axis=1, keepdims=True)
+    log_p = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+    assert_close(loss, -log_p[np.arange(len(y)), y].mean(), outputs.dtype, "loss")
     assert accuracy == np.mean(acts[-1].argmax(axis=1) == y)
 
 
@@ -229,14 +234,16 @@ def data_mutations(draw):
     return kind, draw(st.sampled_from(["X", "y"]))
 
 
-@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=FIXTURES)
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=FIXTURES,
+          derandomize=not SEARCH)
 @given(mutation=model_mutations(), use_partition=st.booleans())
 def test_mutated_model_gives_clear_error_or_correct_result(pristine, tmp_path, mutation,
                                                           use_partition):
     check_model_mutation(pristine, tmp_path, mutation, use_partition, MPI.COMM_SELF)
 
 
-@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=FIXTURES)
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=FIXTURES,
+          derandomize=not SEARCH)
 @given(mutation=data_mutations())
 def test_mutated_data_gives_clear_error_or_correct_result(pristine, tmp_path, mutation):
     check_data_mutation(pristine, tmp_path, mutation, MPI.COMM_SELF)
