@@ -98,16 +98,7 @@ def from_arrays(x: object, y: object | None, table: MetadataTable, dtype: np.dty
         if y is None:
             return fmt.DataSpec(name, xs.shape[0], n_in, False), xs, None
         ys = np.asarray(y)
-        if ys.shape[:1] != xs.shape[:1]:
-            raise MpinnError(f"y has {ys.shape[0] if ys.ndim else 0} rows but {name} has "
-                             f"{xs.shape[0]}")
-        if ys.ndim == 1 and np.issubdtype(ys.dtype, np.integer):
-            labels = True
-        elif ys.ndim == 2 and ys.shape[1] == n_out and np.issubdtype(ys.dtype, np.floating):
-            labels = False
-        else:
-            raise MpinnError(f"y must be integer labels of shape ({xs.shape[0]},) or float "
-                             f"targets of shape ({xs.shape[0]}, {n_out}); got {ys.dtype} {ys.shape}")
+        labels = fmt.targets_are_labels("", name, xs.shape[0], ys.shape, ys.dtype, n_out)
         return fmt.DataSpec(name, xs.shape[0], n_in, labels), xs, ys
 
     data_spec, xs, ys = agree(comm, spec)

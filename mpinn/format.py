@@ -962,16 +962,24 @@ def _read_data_spec(f: h5py.File, n_inputs: int, n_outputs: int) -> DataSpec:
     if x.shape[1] != n_inputs:
         raise MpinnError(f"{name}: X has {x.shape[1]} features but the model has "
                          f"{n_inputs} inputs")
-    if y.shape[:1] != x.shape[:1]:
-        raise MpinnError(f"{name}: y has {y.shape[0] if y.ndim else 0} rows but X has {x.shape[0]}")
-    if y.ndim == 1 and np.issubdtype(y.dtype, np.integer):
-        labels = True
-    elif y.ndim == 2 and y.shape[1] == n_outputs and np.issubdtype(y.dtype, np.floating):
-        labels = False
-    else:
-        raise MpinnError(f"{name}: y must be integer labels of shape ({x.shape[0]},) or float "
-                         f"targets of shape ({x.shape[0]}, {n_outputs}); got {y.dtype} {y.shape}")
+    labels = targets_are_labels(f"{name}: ", "X", int(x.shape[0]), y.shape, y.dtype, n_outputs)
     return DataSpec(name, int(x.shape[0]), int(x.shape[1]), labels)
+
+
+def targets_are_labels(where: str, x_name: str, n_samples: int, y_shape: tuple[int, ...],
+                       y_dtype: np.dtype, n_outputs: int) -> bool:
+    """Whether y holds integer class labels (True) or float targets, one per output (False),
+    for ``n_samples`` samples of ``x_name``; anything else is refused. Shared by data files
+    and the API's in-memory arrays."""
+    if tuple(y_shape[:1]) != (n_samples,):
+        raise MpinnError(f"{where}y has {y_shape[0] if len(y_shape) else 0} rows but {x_name} "
+                         f"has {n_samples}")
+    if len(y_shape) == 1 and np.issubdtype(y_dtype, np.integer):
+        return True
+    if len(y_shape) == 2 and y_shape[1] == n_outputs and np.issubdtype(y_dtype, np.floating):
+        return False
+    raise MpinnError(f"{where}y must be integer labels of shape ({n_samples},) or float "
+                     f"targets of shape ({n_samples}, {n_outputs}); got {y_dtype} {tuple(y_shape)}")
 
 
 def count_samples(path: str) -> int:

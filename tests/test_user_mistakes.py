@@ -213,20 +213,19 @@ def test_ctrl_c_leaves_the_model_and_no_lock(model, tmp_path):
 # ---------------------------------------------------------------- one clear line (cases 5-18)
 
 
-def _empty_data(tmp: Path) -> str:
-    path = tmp / "empty.h5"
+def _data(tmp: Path, name: str, x: np.ndarray, y: np.ndarray) -> str:
+    path = tmp / name
     with h5py.File(path, "w") as f:
-        f["X"] = np.zeros((0, 64), np.float32)
-        f["y"] = np.zeros(0, np.int64)
+        f["X"], f["y"] = x, y
     return str(path)
+
+
+def _empty_data(tmp: Path) -> str:
+    return _data(tmp, "empty.h5", np.zeros((0, 64), np.float32), np.zeros(0, np.int64))
 
 
 def _complex_data(tmp: Path) -> str:
-    path = tmp / "complex.h5"
-    with h5py.File(path, "w") as f:
-        f["X"] = np.ones((5, 64), np.complex64)
-        f["y"] = np.zeros(5, np.int64)
-    return str(path)
+    return _data(tmp, "complex.h5", np.ones((5, 64), np.complex64), np.zeros(5, np.int64))
 
 
 def _model_copy(tmp: Path, model: Path, change) -> str:  # noqa: ANN001 - h5py callback
