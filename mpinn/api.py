@@ -123,7 +123,8 @@ class Network:
                activation: str | Sequence[str] = "relu", output: str = "softmax", seed: int = 0,
                *, storage: str | Sequence[str] = "dense", fan_in: int | None = None,
                density: float | None = None, cap: float | None = None,
-               negative_slope: float = 0.01, dtype: str = "float32", force: bool = False,
+               negative_slope: float = 0.01, dropout: float | Sequence[float] = 0.0,
+               dtype: str = "float32", force: bool = False,
                comm: MPI.Comm | None = None) -> Network:
         """Write a new, initialised model file (what ``mpinn init`` does) and return it.
 
@@ -131,7 +132,9 @@ class Network:
         (one name, or one per hidden layer); ``output``: of the last. ``storage``: dense
         or csr, for all layers or one per layer; csr layers take ``fan_in`` K (K random
         inputs per neuron) or ``density`` D. ``cap``: the ceiling of relu_cap;
-        ``negative_slope``: leaky_relu's slope below zero. An
+        ``negative_slope``: leaky_relu's slope below zero. ``dropout``: the rate at which
+        training drops the hidden layers' activations (one rate, or one per hidden layer),
+        stored in the file; ``fit`` uses it unless given its own ``dropout``. An
         existing file is refused unless ``force``. The file is the same whatever the
         number of ranks. The network returned uses the balanced partition and is loaded
         at its first use; ``Network.open`` chooses another.
@@ -160,7 +163,7 @@ class Network:
         # (node-local storage) stops them all
         layers, activations, storages = agree(comm, check)
         fmt.create_model(path, layers, activations, dtype, seed, comm, storages,
-                         fmt.SparseInit(fan_in, density), cap, negative_slope)
+                         fmt.SparseInit(fan_in, density), cap, negative_slope, dropout)
         return cls(path, loop.PartitionChoice(), comm)
 
     @classmethod
@@ -234,7 +237,7 @@ class Network:
             resume: bool = False, micro_batches: int = 1, patience: int = 0,
             keep_best: bool = False, schedule: str = "constant", step_size: int = 1,
             gamma: float = 0.1, min_lr: float = 0.0, warmup_steps: int = 0,
-            weight_decay: float = 0.0, clip_norm: float = 0.0, dropout: float = 0.0,
+            weight_decay: float = 0.0, clip_norm: float = 0.0, dropout: float | None = None,
             progress: bool = False,
             log_json: str | None = None, verbose: bool = False) -> History:
         """Train on ``x``, ``y`` (arrays, the same on every rank) or ``x`` a data file.
@@ -250,10 +253,11 @@ class Network:
         global gradient norm, as torch's clip_grad_norm_). ``schedule`` constant, step
         (``step_size`` epochs, ``gamma``) or cosine (down to ``min_lr`` at the last step),
         with ``warmup_steps``. ``dropout`` P: inverted dropout on the hidden layers while
-        training, the same masks at any rank count. Each callback gets every epoch's dict on
-        every rank; one that
-        returns False (on any rank) stops training after that epoch. ``verbose`` prints
-        an epoch line on rank 0; ``log_json`` appends each epoch's dict to a file.
+        training, the same masks at any rank count; None (the default) uses the rates the
+        file stores per layer (``create(dropout=)``, import-torch), a number overrides them.
+        Each callback gets every epoch's dict on every rank; one that returns False (on any
+        rank) stops training after that epoch. ``verbose`` prints an epoch line on rank 0;
+        ``log_json`` appends each epoch's dict to a file.
         """
         model = self.model
         data = self._data(x, y, "X", "fit data")

@@ -83,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cap", type=float, help="ceiling of the relu_cap activation")
     p.add_argument("--negative-slope", type=float, default=0.01,
                    help="leaky_relu's slope below zero (default 0.01)")
+    p.add_argument("--dropout", type=float, default=0.0, metavar="P",
+                   help="dropout rate of the hidden layers, stored in the file: train uses it "
+                   "unless given its own --dropout (default 0)")
     p.add_argument("--force", action="store_true",
                    help="overwrite an existing file (not one that another job is writing)")
 
@@ -152,9 +155,10 @@ def build_parser() -> argparse.ArgumentParser:
                            help="L2 added to the gradient (sgd, adam); decoupled for adamw")
             g.add_argument("--clip-norm", type=float, default=0.0, metavar="C",
                            help="clip the global gradient norm over all ranks to C (0: off)")
-            g.add_argument("--dropout", type=float, default=0.0, metavar="P",
+            g.add_argument("--dropout", type=float, metavar="P",
                            help="inverted dropout on hidden layers while training; the same "
-                           "masks at any rank count")
+                           "masks at any rank count (default: the rates the model file stores, "
+                           "set by init --dropout or import-torch; 0 turns them off)")
         if name == "predict":
             p.add_argument("--out", help="HDF5 file to write 'outputs' to")
 
@@ -646,7 +650,7 @@ def run(args: argparse.Namespace) -> int:
         activations = [args.activation] * (len(sizes) - 2) + [args.output]
         sparse = fmt.SparseInit(args.fan_in, args.density)
         fmt.create_model(args.model, sizes, activations, args.dtype, args.seed, comm,
-                         args.storage, sparse, args.cap, args.negative_slope)
+                         args.storage, sparse, args.cap, args.negative_slope, args.dropout)
         if rank0 and not args.quiet:
             print(f"{args.model}: {len(sizes) - 1} layers, sizes {','.join(map(str, sizes))}, "
                   f"{args.dtype}")

@@ -197,15 +197,18 @@ def _describe_lines(path: str, spec: fmt.ModelSpec, state: dict[str, Any], parti
                     wiring: LayerEdges, nodes: Callable[[int], np.ndarray | None],
                     ranks_per_node: int | None) -> list[str]:
     nbytes = spec.n_parameters * spec.dtype.itemsize
+    dropout = any(ly.dropout for ly in spec.layers)  # a column only for models that train with it
     lines = [f"{path}: mpinn format {fmt.FORMAT_VERSION}, {spec.dtype}, {len(spec.layers)} layers, "
              f"{spec.n_parameters:,} parameters ({nbytes / 2**20:.2f} MiB)",
              f"  {'layer':>5} {'neurons':>9} {'inputs':>9} {'activation':>10} {'storage':>8} "
-             f"{'parameters':>12} {'fill':>7}",
+             f"{'parameters':>12} {'fill':>7}" + (f" {'dropout':>7}" if dropout else ""),
              f"  {0:>5} {spec.sizes[0]:>9,} {'-':>9} {'(inputs)':>10}"]
     for ly in spec.layers:
         act = f"{ly.activation}({ly.cap:g})" if ly.cap is not None else ly.activation
+        rate = f" {ly.dropout:>7g}" if dropout else ""
         lines.append(f"  {ly.index:>5} {ly.n_out:>9,} {ly.n_in:>9,} {act:>10} "
-                     f"{ly.storage:>8} {ly.nnz + ly.n_out:>12,} {ly.nnz / (ly.n_in * ly.n_out):>7.2%}")
+                     f"{ly.storage:>8} {ly.nnz + ly.n_out:>12,} {ly.nnz / (ly.n_in * ly.n_out):>7.2%}"
+                     f"{rate}")
     opt = state.get("optimizer")
     opt_text = f", optimizer {json.dumps(opt)}" if opt else ""
     lines.append(f"training state: epoch {state.get('epoch', 0)}, step {state.get('step', 0)}"

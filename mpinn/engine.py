@@ -10,6 +10,7 @@ calls MPI itself: every message goes through exchange.py.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -76,7 +77,8 @@ class Engine:
         self.live = np.zeros(0, dtype=np.int64)
         # inverted dropout on hidden layers while training (``set_dropout``): per layer the
         # scaled mask of the last batch and the dropped activations the next layer reads
-        self.dropout, self.dropout_seed, self.dropout_step = 0.0, 0, 0
+        self.dropout: list[float] = []  # per hidden layer
+        self.dropout_seed, self.dropout_step = 0, 0
         self._masks: list[np.ndarray] = []
         self._dropped: list[np.ndarray] = []
         self._masked = False  # the last forward applied masks (backward applies them too)
@@ -90,36 +92,44 @@ class Engine:
     def _buf(self, flat: np.ndarray, rows: int, batch: int) -> np.ndarray:
         return flat[: rows * batch].reshape(rows, batch)
 
-    def set_dropout(self, p: float, seed: int) -> None:
+    def set_dropout(self, p: float | Sequence[float], seed: int) -> None:
         """Drop each hidden neuron's activation with probability ``p`` in training batches
         (those run with their sample indices), scaling the kept ones by 1 / (1 - p).
 
-        The mask of neuron gid g on sample s at optimizer step ``dropout_step`` depends on
-        (seed, step, g, s) alone (``kernels.dropout_mask``), never on the partition or the
-        rank count.
+        ``p``: one rate for every hidden layer, or one per hidden layer (the rates a model
+        file stores). The mask of neuron gid g on sample s at optimizer step
+        ``dropout_step`` depends on (seed, step, g, s) alone (``kernels.dropout_mask``),
+        never on the partition or the rank count.
         """
-        if not 0 <= p < 1:
-            raise MpinnError(f"--dropout must be in [0, 1), got {p}")
-        if p and not self.training:
+        hidden = self.shard.layers[:-1]
+        rates = [p] * len(hidden) if isinstance(p, (int, float, np.number)) else list(p)
+        if len(rates) != len(hidden):
+            raise MpinnError(f"dropout gives {len(rates)} rates for {len(hidden)} hidden layers")
+        for rate in rates:
+            if not 0 <= rate < 1:
+                raise MpinnError(f"--dropout must be in [0, 1), got {rate}")
+        if any(rates) and not self.training:
             raise MpinnError("dropout is for training engines only")
-        self.dropout, self.dropout_seed = p, seed
-        if p and not self._masks:
-            hidden = self.shard.layers[:-1]
+        self.dropout, self.dropout_seed = [float(rate) for rate in rates], seed
+        if any(rates) and not self._masks:
             self._masks = [np.empty(ly.rows.size * self.max_batch, ly.weight.dtype) for ly in hidden]
             self._dropped = [np.empty(ly.rows.size * self.max_batch, ly.weight.dtype)
                              for ly in hidden]
 
     def _make_masks(self, samples: np.ndarray | None) -> list[np.ndarray] | None:
         """The scaled masks of this batch's hidden layers, or None without dropout."""
-        self._masked = bool(self.dropout) and samples is not None
+        self._masked = any(self.dropout) and samples is not None
         if not self._masked:
             return None
         masks = []
         for i, layer in enumerate(self.shard.layers[:-1]):
             mask = self._buf(self._masks[i], layer.rows.size, samples.size)
-            gids = self.shard.table.gid(layer.spec.index, layer.rows)
-            kernels.dropout_mask(self.dropout_seed, self.dropout_step, gids, samples,
-                                 self.dropout, mask)
+            if self.dropout[i]:
+                gids = self.shard.table.gid(layer.spec.index, layer.rows)
+                kernels.dropout_mask(self.dropout_seed, self.dropout_step, gids, samples,
+                                     self.dropout[i], mask)
+            else:
+                mask.fill(1)  # a layer stored without dropout keeps every activation
             masks.append(mask)
         return masks
 

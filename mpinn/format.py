@@ -29,6 +29,7 @@ from mpinn.kernels import (
     NEGATIVE_SLOPE,
     check_activation,
     check_cap,
+    check_dropout,
     check_slope,
     init_rows,
     pattern_counts,
@@ -74,6 +75,7 @@ class LayerSpec:
     nnz: int = -1  # stored weights; n_out * n_in for dense layers
     cap: float | None = None  # relu_cap's ceiling
     negative_slope: float | None = None  # leaky_relu's slope below 0
+    dropout: float = 0.0  # the rate training drops this hidden layer's activations at
 
     def __post_init__(self) -> None:
         if self.nnz < 0:
@@ -228,6 +230,7 @@ def _read_spec(f: h5py.File) -> ModelSpec:
         cap = check_cap(group.attrs.get("cap"), where) if activation == "relu_cap" else None
         slope = (check_slope(group.attrs.get("negative_slope", NEGATIVE_SLOPE), where)
                  if activation == "leaky_relu" else None)
+        dropout = check_dropout(group.attrs.get("dropout", 0.0), index == len(sizes_t) - 1, where)
         storage = _text_attr(group, "storage", where)
         if storage not in STORAGES:
             raise MpinnError(f"{where}: unknown storage {storage!r} (known: {', '.join(STORAGES)})")
@@ -250,7 +253,7 @@ def _read_spec(f: h5py.File) -> ModelSpec:
                 dtype = dset.dtype
             elif dset.dtype != dtype:
                 raise MpinnError(f"{where}/{dset_name} is {dset.dtype} but earlier layers are {dtype}")
-        layers.append(LayerSpec(index, n_in, n_out, activation, storage, nnz, cap, slope))
+        layers.append(LayerSpec(index, n_in, n_out, activation, storage, nnz, cap, slope, dropout))
     return ModelSpec(sizes_t, tuple(layers), np.dtype(dtype))
 
 
@@ -332,8 +335,11 @@ class SparseInit:
 def create_model(path: str, sizes: Sequence[int], activations: Sequence[str], dtype: str,
                  seed: int, comm: MPI.Comm, storages: Sequence[str] | None = None,
                  sparse: SparseInit | None = None, cap: float | None = None,
-                 negative_slope: float = NEGATIVE_SLOPE) -> None:
+                 negative_slope: float = NEGATIVE_SLOPE,
+                 dropout: float | Sequence[float] = 0.0) -> None:
     """Write a new, initialised model file; each rank draws and writes a share of the rows.
+
+    ``dropout``: the training dropout rate of every hidden layer, or one per hidden layer.
 
     Rows come in blocks of INIT_BLOCK_ROWS, each drawn from its own (seed, layer, block)
     stream, so the file is the same whatever the rank count, and no rank holds more than
@@ -355,6 +361,11 @@ def create_model(path: str, sizes: Sequence[int], activations: Sequence[str], dt
         raise MpinnError(f"--dtype {dtype!r} is not supported (float32 or float64)")
     if seed < 0:
         raise MpinnError(f"--seed must not be negative, got {seed}")
+    rates = ([dropout] * (len(sizes) - 2) if isinstance(dropout, (int, float, np.number))
+             else list(dropout))
+    if len(rates) != len(sizes) - 2:
+        raise MpinnError(f"--dropout gives {len(rates)} rates for {len(sizes) - 2} hidden layers")
+    rates.append(0.0)  # the output layer's
     layers, row_counts = [], {}
     for index, (act, storage) in enumerate(zip(activations, storages, strict=True), start=1):
         where = f"layer {index}"
@@ -363,6 +374,7 @@ def create_model(path: str, sizes: Sequence[int], activations: Sequence[str], dt
             raise MpinnError(f"{where}: unknown storage {storage!r} (known: {', '.join(STORAGES)})")
         layer_cap = check_cap(cap if cap is not None else None, where) if act == "relu_cap" else None
         slope = check_slope(negative_slope, where) if act == "leaky_relu" else None
+        rate = check_dropout(rates[index - 1], index == len(sizes) - 1, where)
         n_in, n_out = sizes[index - 1], sizes[index]
         nnz = n_in * n_out
         if storage == "csr":
@@ -371,7 +383,7 @@ def create_model(path: str, sizes: Sequence[int], activations: Sequence[str], dt
             # expected until the rows are drawn: enough to refuse a model that cannot fit
             nnz = (sparse.fan_in * n_out if sparse.fan_in is not None
                    else math.ceil(sparse.density * n_in * n_out))
-        layers.append(LayerSpec(index, n_in, n_out, act, storage, nnz, layer_cap, slope))
+        layers.append(LayerSpec(index, n_in, n_out, act, storage, nnz, layer_cap, slope, rate))
     check_room(path, ModelSpec(tuple(sizes), tuple(layers), DTYPES[dtype]))
     for i, ly in enumerate(layers):
         if ly.sparse:
@@ -469,6 +481,7 @@ class LayerArrays:
     bias: np.ndarray
     cap: float | None = None
     negative_slope: float | None = None  # leaky_relu's (default 0.01)
+    dropout: float = 0.0  # training dropout rate of a hidden layer
 
 
 def write_model(path: str, sizes: Sequence[int], layers: Iterable[LayerArrays], dtype: str) -> None:
@@ -497,6 +510,8 @@ def write_model(path: str, sizes: Sequence[int], layers: Iterable[LayerArrays], 
             if ly.activation == "leaky_relu":
                 group.attrs["negative_slope"] = check_slope(
                     NEGATIVE_SLOPE if ly.negative_slope is None else ly.negative_slope, where)
+            if check_dropout(ly.dropout, index == len(sizes) - 1, where):
+                group.attrs["dropout"] = float(ly.dropout)
             if hasattr(ly.weight, "indptr"):  # scipy CSR
                 csr = ly.weight.tocsr()
                 csr.sum_duplicates()
@@ -597,6 +612,8 @@ class Checkpoint:
                 group.attrs["cap"] = ly.cap
             if ly.negative_slope is not None:
                 group.attrs["negative_slope"] = ly.negative_slope
+            if ly.dropout:
+                group.attrs["dropout"] = ly.dropout
             if ly.sparse:
                 group.create_dataset("indptr", (ly.n_out + 1,), np.int64)
                 index_type = np.int32 if ly.n_in < 2**31 else np.int64

@@ -49,6 +49,17 @@ def check_slope(slope: object, where: str) -> float:
     return float(slope)
 
 
+def check_dropout(p: object, last: bool, where: str) -> float:
+    """A layer's stored ``dropout`` rate: a number in [0, 1), and 0 on the output layer
+    (mpinn drops hidden activations only)."""
+    if isinstance(p, bool) or not isinstance(p, (int, float, np.number)) or not 0 <= p < 1:
+        raise MpinnError(f"{where}: dropout must be a number in [0, 1), got {p!r}")
+    if p and last:
+        raise MpinnError(f"{where}: dropout {p:g} on the output layer; mpinn drops the "
+                         "activations of hidden layers only")
+    return float(p)
+
+
 def activate(name: str, z: np.ndarray, out: np.ndarray | None = None,
              cap: float | None = None, slope: float | None = None) -> np.ndarray:
     """Elementwise activation of pre-activations ``z`` (softmax is handled by the engine).

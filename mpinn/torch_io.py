@@ -14,9 +14,15 @@ PyTorch module                             mpinn layer activation
 ``nn.GELU()`` (exact), ``nn.SiLU``         ``gelu``, ``silu``
 ``nn.LeakyReLU(s)``                        ``leaky_relu`` with ``negative_slope`` s
 ``nn.Softmax(dim=-1 or 1)``, last only     ``softmax``
-``nn.Identity``, ``nn.Dropout``,           skipped: the identity at inference, so the file
-``nn.Flatten``                             holds the model as ``model.eval()`` computes it
+``nn.Dropout(p)`` after a hidden layer     the layer's ``dropout`` rate p (training only)
+``nn.Identity``, ``nn.Flatten``            skipped
 =========================================  =========================================
+
+A Dropout belongs to the hidden layer whose activation it follows (or whose Linear, for
+a layer without activation): training drops that layer's activations, inference ignores
+it, as ``model.eval()`` does. A Dropout that mpinn cannot express so is refused: before
+the first Linear (input dropout), between a Linear and its activation, on the output
+layer, or two in a row. ``nn.Dropout(0)`` is the identity and is skipped anywhere.
 
 Nested Sequentials are flattened. Anything else (a convolution, a normalisation, a module
 class that overrides ``forward``, a module with forward hooks) is refused, naming the module:
@@ -99,6 +105,8 @@ class _Layer:
     activation_name: str | None = None  # module that set the activation
     cap: float | None = None
     negative_slope: float | None = None
+    dropout: float = 0.0
+    dropout_name: str | None = None  # module that set the dropout
 
 
 def _where(name: str, module: torch.nn.Module) -> str:
@@ -143,7 +151,9 @@ def _classify(name: str, module: torch.nn.Module) -> tuple[str, float | None]:
     where = _where(name, module)
     if _plain(module, nn.Linear):
         return "linear", None
-    if any(_plain(module, cls) for cls in (nn.Identity, nn.Dropout, nn.Flatten)):
+    if _plain(module, nn.Dropout):
+        return ("dropout", float(module.p)) if module.p else ("skip", None)
+    if any(_plain(module, cls) for cls in (nn.Identity, nn.Flatten)):
         return "skip", None
     for cls, activation in ((nn.ReLU, "relu"), (nn.Sigmoid, "sigmoid"), (nn.Tanh, "tanh"),
                             (nn.SiLU, "silu")):
@@ -169,8 +179,8 @@ def _classify(name: str, module: torch.nn.Module) -> tuple[str, float | None]:
         return "relu_cap", high
     raise MpinnError(f"{where} is not supported: mpinn converts nn.Linear layers, each optionally "
                      "followed by ReLU, Sigmoid, Tanh, GELU, SiLU, LeakyReLU, Hardtanh(0, c), "
-                     "ReLU6 or a final Softmax "
-                     "(Identity, Dropout and Flatten are skipped)")
+                     "ReLU6 or a final Softmax, and by Dropout "
+                     "(Identity and Flatten are skipped)")
 
 
 def _read_sequential(model: torch.nn.Module) -> tuple[list[tuple[str, torch.nn.Module]], list[_Layer]]:
@@ -187,6 +197,9 @@ def _read_sequential(model: torch.nn.Module) -> tuple[list[tuple[str, torch.nn.M
         kind, cap = _classify(name, module)
         where = _where(name, module)
         if kind == "skip":
+            continue
+        if kind == "dropout":
+            _read_dropout(name, module, layers, open_layer)
             continue
         if kind == "linear":
             if layers and layers[-1].activation == "softmax":
@@ -205,6 +218,10 @@ def _read_sequential(model: torch.nn.Module) -> tuple[list[tuple[str, torch.nn.M
         elif not layers:
             raise MpinnError(f"{where} comes before any nn.Linear; mpinn applies activations to "
                              "layer outputs only")
+        elif layers[-1].dropout_name is not None and open_layer:
+            raise MpinnError(f"{where} follows module {layers[-1].dropout_name} (Dropout), which "
+                             "follows a Linear: mpinn drops a layer's activations after its "
+                             "activation, so put the Dropout after the activation")
         elif not open_layer:
             raise MpinnError(f"{where}: two activations in a row (module {layers[-1].activation_name} "
                              f"already set the activation of {_where(layers[-1].name, layers[-1].linear)})")
@@ -217,7 +234,26 @@ def _read_sequential(model: torch.nn.Module) -> tuple[list[tuple[str, torch.nn.M
             open_layer = False
     if not layers:
         raise MpinnError("the model has no nn.Linear layer: nothing to convert")
+    if layers[-1].dropout_name is not None:
+        raise MpinnError(f"module {layers[-1].dropout_name} (Dropout) follows the output layer "
+                         f"{_where(layers[-1].name, layers[-1].linear)}; mpinn drops the "
+                         "activations of hidden layers only")
     return modules, layers
+
+
+def _read_dropout(name: str, module: torch.nn.Module, layers: list[_Layer],
+                  open_layer: bool) -> None:
+    """Make a Dropout the rate of the hidden layer it follows, or refuse where it cannot be."""
+    where, p = _where(name, module), float(module.p)
+    if not layers:
+        raise MpinnError(f"{where} comes before any nn.Linear: mpinn has no dropout on the "
+                         "inputs, only on the activations of hidden layers")
+    if layers[-1].dropout_name is not None:
+        raise MpinnError(f"{where} follows module {layers[-1].dropout_name}, another Dropout; "
+                         "mpinn keeps one dropout rate per layer")
+    if not 0 < p < 1:
+        raise MpinnError(f"{where}: dropout probability {p:g} is not in (0, 1)")
+    layers[-1].dropout, layers[-1].dropout_name = p, name
 
 
 # ---------------------------------------------------------------- torch -> mpinn
@@ -227,7 +263,8 @@ def from_torch(model: torch.nn.Module, path: str, dtype: str | None = None) -> N
     """Write the Sequential ``model`` as the mpinn model file ``path`` (see the module docstring).
 
     ``dtype`` (float32 or float64) defaults to the Linear weights' dtype; the file is written
-    atomically by one process. Dropout is skipped, so the file computes ``model.eval()``.
+    atomically by one process. Each Dropout becomes the dropout rate of the hidden layer
+    it follows (used by training; inference computes ``model.eval()``).
     """
     torch = _torch()
     _, layers = _read_sequential(model)
@@ -248,7 +285,8 @@ def from_torch(model: torch.nn.Module, path: str, dtype: str | None = None) -> N
                 weight = ly.linear.weight.detach().to(device="cpu", dtype=torch_dtype).numpy()
                 bias = (np.zeros(ly.linear.out_features, dtype=dtype) if ly.linear.bias is None
                         else ly.linear.bias.detach().to(device="cpu", dtype=torch_dtype).numpy())
-                yield LayerArrays(ly.activation, weight, bias, ly.cap, ly.negative_slope)
+                yield LayerArrays(ly.activation, weight, bias, ly.cap, ly.negative_slope,
+                                  ly.dropout)
 
     write_model(path, sizes, arrays(), dtype)
 
@@ -261,7 +299,8 @@ def to_torch(path: str) -> torch.nn.Sequential:
 
     Every layer becomes a dense ``nn.Linear`` in the file's dtype (CSR layers with zeros off
     their pattern: torch does not keep it) followed by its activation module; identity layers
-    get none. The model is returned in eval mode and gives the file's outputs.
+    get none; a layer with a dropout rate p gets an ``nn.Dropout(p)`` after it. The model
+    is returned in eval mode and gives the file's outputs.
     """
     torch = _torch()
     nn = torch.nn
@@ -298,6 +337,8 @@ def to_torch(path: str) -> torch.nn.Sequential:
                 modules.append(nn.LeakyReLU(ly.negative_slope))
             elif ly.activation == "softmax":
                 modules.append(nn.Softmax(dim=-1))
+            if ly.dropout:
+                modules.append(nn.Dropout(ly.dropout))
     return nn.Sequential(*modules).eval()
 
 

@@ -366,7 +366,7 @@ def train(model: DistributedModel, data: LocalData, *, epochs: int, batch_size: 
           on_epoch: Callable[[EpochStats], bool | None] | None = None,
           schedule: str = "constant", step_size: int = 1, gamma: float = 0.1,
           min_lr: float = 0.0, warmup_steps: int = 0, weight_decay: float = 0.0,
-          clip_norm: float = 0.0, dropout: float = 0.0) -> TrainResult:
+          clip_norm: float = 0.0, dropout: float | None = None) -> TrainResult:
     """Train from the epoch, batch and optimizer state stored in the file.
 
     Without ``resume``, ``epochs`` more epochs are run (an epoch left unfinished by a
@@ -391,6 +391,8 @@ def train(model: DistributedModel, data: LocalData, *, epochs: int, batch_size: 
     scaled as torch's ``clip_grad_norm_`` by their global L2 norm over all ranks.
     ``dropout`` P: inverted dropout on the hidden layers' outputs in training batches, its
     masks drawn from (seed, step, neuron gid, sample index) (``Engine.set_dropout``).
+    None (the default) uses the rates the file stores per layer; a number overrides them
+    for every hidden layer (0: none).
     """
     if epochs < 0:
         raise MpinnError(f"--epochs must not be negative, got {epochs}")
@@ -424,7 +426,8 @@ def train(model: DistributedModel, data: LocalData, *, epochs: int, batch_size: 
         last = done + epochs
     rates = Schedule(schedule, lr, step_size, gamma, min_lr, warmup_steps,
                      t_max=last * -(-data.n_samples // batch_size))
-    engine.set_dropout(dropout, seed)
+    stored = [ly.dropout for ly in model.spec.layers[:-1]]
+    engine.set_dropout(stored if dropout is None else dropout, seed)
     engine.dropout_step = step_count
     result = TrainResult([], epoch=done)
     early = EarlyStopping(patience, model.state)

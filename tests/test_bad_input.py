@@ -73,7 +73,8 @@ VALUES = st.one_of(
 
 MODEL_ATTRS = ["mpinn_format_version", "sizes", "layers/1:activation", "layers/2:activation",
                "layers/1:storage", "layers/2:storage", "partitions/p:nranks", "partitions/p:strategy",
-               "partitions/p:params", "state:epoch", "state:batch", "state:optimizer"]
+               "partitions/p:params", "state:epoch", "state:batch", "state:optimizer",
+               "layers/1:dropout", "layers/2:dropout"]  # 2 is the output layer: refused
 OBJECTS = ["layers", "layers/1", "layers/2/weight", "layers/1/bias", "layers/1/indices",
            "partitions/p/owner", "state", "state/layers/2/weight_v", "state/layers/1/weight_m"]
 DATASETS = ["layers/1/data", "layers/1/indices", "layers/1/indptr", "layers/2/weight",

@@ -165,7 +165,23 @@ def test_csr_layers_export_as_dense_weights_zero_off_pattern(tmp_path: Path) -> 
     (lambda: nn.Sequential(nn.ReLU(), nn.Linear(4, 2)), r"module 0 \(ReLU\) comes before any nn.Linear"),
     (lambda: nn.Sequential(nn.Linear(4, 4), nn.Hardtanh(-1, 1)), r"module 1 \(Hardtanh\).*no mpinn"),
     (lambda: nn.Sequential(nn.Linear(4, 4), nn.Softmax(dim=0)), r"module 1 \(Softmax\): softmax over dim=0"),
-    (lambda: nn.Sequential(nn.Dropout()), "no nn.Linear"),
+    (lambda: nn.Sequential(nn.Dropout(0)), "no nn.Linear"),
+    # a Dropout mpinn cannot store as a hidden layer's rate
+    (lambda: nn.Sequential(nn.Dropout(0.2), nn.Linear(4, 2)),
+     r"module 0 \(Dropout\) comes before any nn.Linear: mpinn has no dropout on the inputs"),
+    (lambda: nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.2), nn.ReLU(), nn.Linear(4, 2)),
+     r"module 2 \(ReLU\) follows module 1 \(Dropout\), which follows a Linear"),
+    (lambda: nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2), nn.Softmax(-1),
+                           nn.Dropout(0.2)),
+     r"module 4 \(Dropout\) follows the output layer module 2 \(Linear\); mpinn drops the "
+     "activations of hidden layers only"),
+    (lambda: nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.2), nn.Linear(4, 2), nn.Dropout(0.1)),
+     r"module 3 \(Dropout\) follows the output layer"),
+    (lambda: nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Dropout(0.2), nn.Dropout(0.3),
+                           nn.Linear(4, 2)),
+     r"module 3 \(Dropout\) follows module 2, another Dropout"),
+    (lambda: nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Dropout(1.0), nn.Linear(4, 2)),
+     r"module 2 \(Dropout\): dropout probability 1 is not in \(0, 1\)"),
     (lambda: nn.Linear(4, 4), "expected a plain torch.nn.Sequential"),
     (lambda: nn.Sequential(nn.Linear(4, 4), nn.LazyLinear(2)), r"module 1 \(LazyLinear\) is a lazy module"),
 ])
@@ -177,6 +193,36 @@ def test_unconvertible_models_are_refused_naming_the_module(
     with pytest.raises(MpinnError, match=problem):
         save_torch_file(model(), str(tmp_path / "model.pt"))
     assert not os.listdir(tmp_path)  # nothing half-written
+
+
+def test_dropout_after_a_hidden_layer_is_its_stored_rate_and_exports_back(tmp_path: Path) -> None:
+    """import: an nn.Dropout(p) after a hidden layer's activation (or after its Linear when
+    it has none) is the layer's ``dropout`` attribute; export writes it back where it was."""
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(6, 9), nn.ReLU(), nn.Dropout(0.3),
+                          nn.Linear(9, 8), nn.Dropout(0.125),  # an identity layer's
+                          nn.Linear(8, 7), nn.Tanh(), nn.Dropout(0),  # the identity: skipped
+                          nn.Linear(7, 5), nn.Softmax(dim=-1)).double().eval()
+    path = tmp_path / "model.h5"
+    from_torch(model, str(path))
+    with h5py.File(path, "r") as f:
+        rates = [f[f"layers/{i}"].attrs.get("dropout", 0.0) for i in range(1, 5)]
+    assert rates == [0.3, 0.125, 0.0, 0.0]
+    back = to_torch(str(path))
+    assert [(type(m).__name__, getattr(m, "p", None)) for m in back] == [
+        ("Linear", None), ("ReLU", None), ("Dropout", 0.3), ("Linear", None), ("Dropout", 0.125),
+        ("Linear", None), ("Tanh", None), ("Linear", None), ("Softmax", None)]
+    assert not back.training  # eval: the outputs are the model's, without dropout
+    x = np.random.default_rng(1).normal(size=(32, 6))
+    assert np.abs(torch_outputs(back, x, "float64") - torch_outputs(model, x, "float64")).max() <= 1e-12
+    again = tmp_path / "again.h5"
+    from_torch(back, str(again))  # the round trip keeps the rates
+    with h5py.File(again, "r") as f:
+        assert [f[f"layers/{i}"].attrs.get("dropout", 0.0) for i in range(1, 5)] == rates
+    saved = tmp_path / "model.pt"
+    save_torch_file(back, str(saved))
+    assert [getattr(m, "p", None) for m in load_torch_file(str(saved))
+            if isinstance(m, nn.Dropout)] == [0.3, 0.125]
 
 
 def test_modules_with_custom_forward_or_hooks_are_refused(tmp_path: Path) -> None:

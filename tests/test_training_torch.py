@@ -48,11 +48,15 @@ def torch_run(path: str, x: np.ndarray, y: np.ndarray, labels: bool, epochs: int
               optimizer: str = "sgd", lr: float = 0.1, momentum: float = 0.0,
               weight_decay: float = 0.0, schedule: str = "constant", step_size: int = 1,
               gamma: float = 0.1, min_lr: float = 0.0, warmup_steps: int = 0,
-              clip_norm: float = 0.0) -> tuple[list[np.ndarray], float]:
-    """Weights then biases after training with torch, and the largest gradient norm seen."""
+              clip_norm: float = 0.0, dropout: bool = False) -> tuple[list[np.ndarray], float]:
+    """Weights then biases after training with torch, and the largest gradient norm seen.
+
+    The file's dropout layers (``to_torch`` gives each an ``nn.Dropout``) apply mpinn's
+    masks of each step when ``dropout`` is set (torch's own generator would draw others),
+    and nothing otherwise."""
     torch = pytest.importorskip("torch")
     from mpinn.torch_io import to_torch
-    model = to_torch(path).train()
+    model = fed_masks(to_torch(path), seed, dropout).train()
     if labels:
         model = model[:-1]  # cross-entropy takes the logits
     params = list(model.parameters())
@@ -74,10 +78,15 @@ def torch_run(path: str, x: np.ndarray, y: np.ndarray, labels: bool, epochs: int
             opt, start_factor=1 / warmup_steps, end_factor=1.0, total_iters=warmup_steps - 1))
     largest = 0.0
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    step = 0
     for epoch in range(1, epochs + 1):
         order = np.random.default_rng([seed, epoch]).permutation(len(x))
         for start in range(0, len(x), BATCH):
             idx = torch.from_numpy(order[start:start + BATCH])
+            for module in model:
+                if hasattr(module, "draw"):
+                    module.draw(step, order[start:start + BATCH])
+            step += 1
             opt.zero_grad()
             out = model(xt[idx])
             if labels:
@@ -95,6 +104,40 @@ def torch_run(path: str, x: np.ndarray, y: np.ndarray, labels: bool, epochs: int
     linears = [m for m in model if isinstance(m, torch.nn.Linear)]
     return ([m.weight.detach().numpy() for m in linears]
             + [m.bias.detach().numpy() for m in linears]), largest
+
+
+def fed_masks(model, seed: int, dropout: bool):
+    """``model`` with each ``nn.Dropout`` replaced by a module that multiplies by mpinn's
+    mask of the step (``kernels.dropout_mask`` of the neurons of the Linear before it), or
+    by nothing without ``dropout``."""
+    torch = pytest.importorskip("torch")
+    from mpinn.kernels import dropout_mask
+
+    class FedMask(torch.nn.Module):
+        def __init__(self, p: float, gids: np.ndarray) -> None:
+            super().__init__()
+            self.p, self.gids, self.mask = p, gids, None
+
+        def draw(self, step: int, samples: np.ndarray) -> None:
+            self.mask = torch.from_numpy(dropout_mask(
+                seed, step, self.gids, samples, self.p,
+                np.empty((self.gids.size, samples.size))).T.copy())
+
+        def forward(self, a):
+            return a * self.mask
+
+    modules, first_gid = [], 0
+    for module in model:
+        if isinstance(module, torch.nn.Linear):
+            n_in, n_out = module.in_features, module.out_features
+            first_gid += n_in if not modules else 0
+            gids, first_gid = np.arange(first_gid, first_gid + n_out), first_gid + n_out
+        if isinstance(module, torch.nn.Dropout):
+            if not dropout:
+                continue
+            module = FedMask(module.p, gids)
+        modules.append(module)
+    return torch.nn.Sequential(*modules)
 
 
 def _weights(path: str) -> list[np.ndarray]:
@@ -222,7 +265,92 @@ def test_dropout_trains_as_the_reference_whatever_the_rank_count(strategy, micro
     assert_close(history["val_loss"][-1], ref.loss_and_grads(x, y)[0], "float64", "val loss")
 
 
+@pytest.mark.mpi
+@pytest.mark.parametrize("given", ["stored", "override"])
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_dropout_imported_from_torch_trains_as_torch_with_the_same_masks(given, strategy,
+                                                                         mpi_tmp_path):
+    """A torch Sequential's nn.Dropout layers become the file's per-layer rates; ``fit``
+    without ``dropout`` trains with them (torch with mpinn's masks fed in place of
+    nn.Dropout's is the oracle), ``fit(dropout=0)`` overrides them (plain torch is)."""
+    torch = pytest.importorskip("torch")
+    from mpi4py import MPI
+
+    from mpinn import Network
+    from mpinn.torch_io import from_torch
+    nn = torch.nn
+    comm = MPI.COMM_WORLD
+    path = str(mpi_tmp_path / "model.h5")
+    sizes = [7, 13, 11, 9, 5]
+    if comm.rank == 0:
+        torch.manual_seed(6)
+        from_torch(nn.Sequential(nn.Linear(7, 13), nn.ReLU(), nn.Dropout(0.3),
+                                 nn.Linear(13, 11), nn.Tanh(),  # no dropout here
+                                 nn.Linear(11, 9), nn.Sigmoid(), nn.Dropout(0.5),
+                                 nn.Linear(9, 5), nn.Softmax(dim=-1)).double(), path)
+    comm.Barrier()
+    x, y = classification_data(N_SAMPLES, sizes[0], sizes[-1], seed=5, dtype="float64")
+    options = dict(optimizer="sgd", lr=0.1, momentum=0.9)
+    with_masks, _ = torch_run(path, x, y, True, EPOCHS, seed=11, dropout=True, **options)
+    without, _ = torch_run(path, x, y, True, EPOCHS, seed=11, **options)
+    assert not np.allclose(with_masks[0], without[0], rtol=1e-6), "dropout must change the run"
+    comm.Barrier()  # every rank has built its torch models from the initial file
+    with Network.open(path, strategy, **strategy_params(strategy, sizes, comm.size)) as net:
+        net.fit(x, y, epochs=EPOCHS, batch_size=BATCH, seed=11,
+                **({} if given == "stored" else {"dropout": 0.0}), **options)
+    expected = with_masks if given == "stored" else without
+    for i, (got, want) in enumerate(zip(_weights(path), expected, strict=True)):
+        assert_close(got, want, "float64", f"{given} dropout, parameter {i}")
+    with h5py.File(path, "r") as f:  # the checkpoints keep the rates
+        assert [f[f"layers/{i}"].attrs.get("dropout", 0.0) for i in range(1, 5)] == [0.3, 0, 0.5, 0]
+
+
 # ---------------------------------------------------------------- pure parts
+
+
+def test_dropout_rates_are_stored_per_hidden_layer_and_older_files_have_none(tmp_path):
+    """create/init store a rate per hidden layer (the ``dropout`` attribute); a file
+    without it (written before it existed) reads as 0; a bad rate is refused by name."""
+    from mpi4py import MPI
+
+    from mpinn import Network
+    from mpinn.format import opened, read_spec
+    from tests.test_cli import mpinn, ok
+
+    def rates(path) -> list[float]:
+        with opened(str(path), "r", MPI.COMM_SELF) as f:
+            return [ly.dropout for ly in read_spec(f).layers]
+
+    path = tmp_path / "m.h5"
+    Network.create(path, [4, 6, 5, 3], seed=1, dropout=[0.25, 0.0])
+    assert rates(path) == [0.25, 0.0, 0.0]
+    with h5py.File(path, "r") as f:
+        assert ["dropout" in f[f"layers/{i}"].attrs for i in (1, 2, 3)] == [True, False, False]
+    with pytest.raises(MpinnError, match="dropout gives 1 rates for 2 hidden layers"):
+        Network.create(path, [4, 6, 5, 3], dropout=[0.25], force=True)
+    with pytest.raises(MpinnError, match=r"layer 2: dropout must be a number in \[0, 1\), got 1"):
+        Network.create(path, [4, 6, 5, 3], dropout=[0.25, 1], force=True)
+    with h5py.File(path, "r+") as f:
+        del f["layers/1"].attrs["dropout"]  # as every file before the attribute
+    assert rates(path) == [0.0, 0.0, 0.0]
+    for layer, value, problem in ((3, 0.5, "dropout 0.5 on the output layer"),
+                                  (1, -0.1, "dropout must be a number in"),
+                                  (2, "0.5", "dropout must be a number in")):
+        with h5py.File(path, "r+") as f:
+            f[f"layers/{layer}"].attrs["dropout"] = value
+        with pytest.raises(MpinnError, match=f"/layers/{layer}: {problem}"):
+            rates(path)
+        with h5py.File(path, "r+") as f:
+            del f[f"layers/{layer}"].attrs["dropout"]
+    # the command line: init --dropout, shown by inspect
+    cli = tmp_path / "cli.h5"
+    ok(mpinn(1, "init", str(cli), "--sizes", "4,6,5,3", "--dropout", "0.2"))
+    assert rates(cli) == [0.2, 0.2, 0.0]
+    text = ok(mpinn(1, "inspect", str(cli)))
+    header = next(line for line in text.splitlines() if "activation" in line)
+    assert header.split()[-1] == "dropout"
+    assert [line.split()[-1] for line in text.splitlines()
+            if line.split()[:1] in (["1"], ["2"], ["3"])][:3] == ["0.2", "0.2", "0"]
 
 
 def test_dropout_masks_depend_only_on_seed_step_gid_and_sample():
