@@ -470,9 +470,11 @@ def train(model: DistributedModel, data: LocalData, *, epochs: int, batch_size: 
             if stopping:
                 result.stopped_by = guard.received or "a signal on another rank"
                 result.epoch, result.batch = epoch - 1, skip + batches - 1
+                # early-stopping counters only where epochs write them: with validation
                 model.save(optimizer, keep, epoch=result.epoch, batch=result.batch,
                            step=step_count, seed=seed, stopped_early=False,
-                           schedule=rates.config(), **early.state())
+                           schedule=rates.config(),
+                           **(early.state() if validation is not None else {}))
                 return result
             seen = order.size
             loss, accuracy = _totals(model, seen, loss_sum, correct, data.labels is not None)

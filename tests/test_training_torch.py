@@ -10,6 +10,7 @@ schedule's formulas, the clip factor) are checked without MPI.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
@@ -213,6 +214,102 @@ def test_a_preempted_schedule_resumes_bitwise_as_an_uninterrupted_run(feature, m
         assert '"name": "' + FEATURES[feature]["schedule"] + '"' in f["state"].attrs["schedule"]
 
 
+def file_content(path: str) -> dict[str, object]:
+    """Every dataset and attribute of an HDF5 file by name: all that a checkpoint holds."""
+    items: dict[str, object] = {}
+    with h5py.File(path, "r") as f:
+        def visit(name: str, obj) -> None:
+            items.update({f"{name}@{key}": value for key, value in obj.attrs.items()})
+            if isinstance(obj, h5py.Dataset):
+                items[name] = obj[...]
+        visit("/", f)
+        f.visititems(visit)
+    return items
+
+
+def assert_same_file(got: str, want: str) -> None:
+    have, expected = file_content(got), file_content(want)
+    assert have.keys() == expected.keys(), sorted(set(have) ^ set(expected))
+    differ = [name for name in expected if not np.array_equal(have[name], expected[name])]
+    assert not differ, f"{got} differs from {want} in {differ}"
+
+
+# interrupted in the middle of an epoch: schedules stepped per batch and per epoch, and
+# early stopping with its best file, whose counters must carry over the interruption
+MID_EPOCH = {
+    "cosine-warmup": dict(optimizer="adam", lr=0.02, schedule="cosine", min_lr=0.001,
+                          warmup_steps=6, epochs=4),
+    "step": dict(optimizer="sgd", lr=0.1, momentum=0.9, schedule="step", step_size=2,
+                 gamma=0.5, epochs=4),
+    "early-stopping": dict(optimizer="adam", lr=0.08, patience=2, keep_best=True, epochs=12,
+                           dropout=0.3),
+}
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("feature, step", [  # 4 steps per epoch: step 6 is epoch 2's second
+    ("cosine-warmup", 6), ("cosine-warmup", 11), ("step", 6), ("step", 11),
+    # validation losses of the run: 3 new bests, then 2 worse: patience stops it after epoch
+    # 5. Step 11 is in epoch 3 (a best to come); step 18 in epoch 5, one bad epoch counted
+    ("early-stopping", 11), ("early-stopping", 18)])
+def test_a_run_preempted_mid_epoch_resumes_bitwise_as_an_uninterrupted_run(feature, step,
+                                                                            mpi_tmp_path,
+                                                                            monkeypatch):
+    """SIGUSR1 reaches the last rank at the start of optimizer step ``step``, in the middle
+    of an epoch: the run commits the state before that step and ``resume`` goes on. The
+    model file (weights, optimizer state, schedule, early-stopping counters: every dataset
+    and attribute) and MODEL.best.h5 equal those of an uninterrupted run, bit for bit."""
+    from mpi4py import MPI
+
+    from mpinn import Network
+    from mpinn import train as loop
+    from mpinn.train import best_path
+    comm = MPI.COMM_WORLD
+    options = {**MID_EPOCH[feature], "batch_size": BATCH, "seed": 11}
+    paths = {}
+    for name in ("whole", "split"):
+        os.makedirs(mpi_tmp_path / name, exist_ok=True)
+        paths[name], x, y, _, _ = _setup(mpi_tmp_path / name, "softmax")
+    xv, yv = classification_data(12, x.shape[1], 5, seed=9, dtype="float64")
+    if options.get("patience"):
+        options["validation_data"] = (xv, yv)
+    with Network.open(paths["whole"]) as net:
+        uninterrupted = net.fit(x, y, **options)
+    if options.get("patience"):  # the run the test means: a best, then patience runs out
+        assert uninterrupted.stopped_early == "patience"
+        assert len(uninterrupted) >= (step - 1) // 4 + 1  # it reached the step
+
+    steps = 0
+
+    def signal_at_step(point: str, rank: int) -> bool:
+        nonlocal steps
+        steps += point == "hold"
+        if point == "hold" and steps == step and rank == comm.size - 1:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return False
+
+    with monkeypatch.context() as patch:
+        patch.setattr(loop, "inject_fault", signal_at_step)
+        with Network.open(paths["split"]) as net:
+            first = net.fit(x, y, **options)
+    assert first.stopped_by is not None
+    assert (first.epoch, first.batch) == divmod(step - 1, 4)  # mid-epoch: batch > 0
+    if options.get("patience"):  # the counters the interrupted run committed
+        losses = uninterrupted["val_loss"][:first.epoch]
+        with h5py.File(paths["split"], "r") as f:
+            assert json.loads(f["state"].attrs["best_val_loss"]) == min(losses)
+            assert json.loads(f["state"].attrs["bad_epochs"]) == \
+                len(losses) - 1 - losses.index(min(losses)) == (step == 18)
+    with Network.open(paths["split"]) as net:
+        rest = net.fit(x, y, resume=True, **options)
+    assert rest.stopped_early == uninterrupted.stopped_early
+    assert rest["val_loss"] == uninterrupted["val_loss"][first.epoch:]
+    comm.Barrier()  # every rank's files are closed
+    assert_same_file(paths["split"], paths["whole"])
+    if options.get("keep_best"):
+        assert_same_file(best_path(paths["split"]), best_path(paths["whole"]))
+
+
 @pytest.mark.mpi
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_gelu_silu_leaky_relu_train_as_the_reference_for_every_strategy(strategy, mpi_tmp_path):
@@ -266,8 +363,8 @@ def test_dropout_trains_as_the_reference_whatever_the_rank_count(strategy, micro
 
 
 @pytest.mark.mpi
-@pytest.mark.parametrize("given", ["stored", "override"])
-@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("given, strategy", [  # the override under one uneven partition
+    *(("stored", strategy) for strategy in STRATEGIES), ("override", "count")])
 def test_dropout_imported_from_torch_trains_as_torch_with_the_same_masks(given, strategy,
                                                                          mpi_tmp_path):
     """A torch Sequential's nn.Dropout layers become the file's per-layer rates; ``fit``
