@@ -1,7 +1,8 @@
 """Learning-rate schedules, weight decay, AdamW, gradient clipping and the gelu, silu and
 leaky_relu activations against PyTorch.
 
-PyTorch is the oracle: the same initial weights (``torch_io.to_torch``), the same batches,
+PyTorch is the oracle (also for validation, patience, keep-best and dropout, with mpinn's
+masks fed in place of nn.Dropout's): the same initial weights (``torch_io.to_torch``), the same batches,
 torch's own optimizers, schedulers and ``clip_grad_norm_``, float64; mpinn's weights after
 ``Network.fit`` must agree within 1e-10 at every rank count (``make test-mpi``) and for
 every partition strategy. Skipped where torch is not installed. The pure parts (the
@@ -49,12 +50,13 @@ def torch_run(path: str, x: np.ndarray, y: np.ndarray, labels: bool, epochs: int
               optimizer: str = "sgd", lr: float = 0.1, momentum: float = 0.0,
               weight_decay: float = 0.0, schedule: str = "constant", step_size: int = 1,
               gamma: float = 0.1, min_lr: float = 0.0, warmup_steps: int = 0,
-              clip_norm: float = 0.0, dropout: bool = False) -> tuple[list[np.ndarray], float]:
+              clip_norm: float = 0.0, dropout: bool | float = False,
+              on_epoch=None) -> tuple[list[np.ndarray], float]:
     """Weights then biases after training with torch, and the largest gradient norm seen.
 
-    The file's dropout layers (``to_torch`` gives each an ``nn.Dropout``) apply mpinn's
-    masks of each step when ``dropout`` is set (torch's own generator would draw others),
-    and nothing otherwise."""
+    ``dropout``: True trains with the file's dropout rates, a number with that rate on
+    every hidden layer, with mpinn's masks (``fed_masks``). ``on_epoch(model)`` runs after
+    each epoch (the model in eval mode); returning False stops training."""
     torch = pytest.importorskip("torch")
     from mpinn.torch_io import to_torch
     model = fed_masks(to_torch(path), seed, dropout).train()
@@ -102,15 +104,21 @@ def torch_run(path: str, x: np.ndarray, y: np.ndarray, labels: bool, epochs: int
                 scheduler.step()
         for scheduler in per_epoch:
             scheduler.step()
+        if on_epoch is not None:
+            stop = on_epoch(model.eval()) is False
+            model.train()
+            if stop:
+                break
     linears = [m for m in model if isinstance(m, torch.nn.Linear)]
     return ([m.weight.detach().numpy() for m in linears]
             + [m.bias.detach().numpy() for m in linears]), largest
 
 
-def fed_masks(model, seed: int, dropout: bool):
-    """``model`` with each ``nn.Dropout`` replaced by a module that multiplies by mpinn's
-    mask of the step (``kernels.dropout_mask`` of the neurons of the Linear before it), or
-    by nothing without ``dropout``."""
+def fed_masks(model, seed: int, dropout: bool | float):
+    """``model`` with mpinn's dropout masks of each step (``kernels.dropout_mask``) where
+    mpinn drops: with ``dropout`` True, in place of each ``nn.Dropout`` (the file's stored
+    rates); with a number P, after every hidden layer (``fit(dropout=P)``); else nowhere.
+    torch's own generator would draw other masks than nn.Dropout's."""
     torch = pytest.importorskip("torch")
     from mpinn.kernels import dropout_mask
 
@@ -125,18 +133,26 @@ def fed_masks(model, seed: int, dropout: bool):
                 np.empty((self.gids.size, samples.size))).T.copy())
 
         def forward(self, a):
-            return a * self.mask
+            return a * self.mask if self.training else a
 
-    modules, first_gid = [], 0
+    linears = [m for m in model if isinstance(m, torch.nn.Linear)]
+    sizes = [linears[0].in_features] + [m.out_features for m in linears]
+    starts = np.cumsum([0] + sizes)
+
+    def gids(layer: int) -> np.ndarray:
+        return np.arange(starts[layer], starts[layer + 1])
+
+    override = dropout if not isinstance(dropout, bool) else 0.0
+    modules, layer = [], 0
     for module in model:
         if isinstance(module, torch.nn.Linear):
-            n_in, n_out = module.in_features, module.out_features
-            first_gid += n_in if not modules else 0
-            gids, first_gid = np.arange(first_gid, first_gid + n_out), first_gid + n_out
+            if layer and override:
+                modules.append(FedMask(override, gids(layer)))
+            layer += 1
         if isinstance(module, torch.nn.Dropout):
-            if not dropout:
-                continue
-            module = FedMask(module.p, gids)
+            if dropout is True:
+                modules.append(FedMask(module.p, gids(layer)))
+            continue
         modules.append(module)
     return torch.nn.Sequential(*modules)
 
@@ -308,6 +324,54 @@ def test_a_run_preempted_mid_epoch_resumes_bitwise_as_an_uninterrupted_run(featu
     assert_same_file(paths["split"], paths["whole"])
     if options.get("keep_best"):
         assert_same_file(best_path(paths["split"]), best_path(paths["whole"]))
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_validation_patience_and_keep_best_equal_torch_for_every_strategy(strategy,
+                                                                          mpi_tmp_path):
+    """Validation losses and accuracies after every epoch, the epoch patience stops at, the
+    final and the best weights (MODEL.best.h5) against torch; with dropout=P given to fit
+    (torch with mpinn's masks), which validation runs without."""
+    torch = pytest.importorskip("torch")
+    from mpi4py import MPI
+
+    from mpinn import Network
+    from mpinn.train import best_path
+    comm = MPI.COMM_WORLD
+    path, x, y, labels, sizes = _setup(mpi_tmp_path, "softmax")
+    xv, yv = classification_data(12, sizes[0], sizes[-1], seed=9, dtype="float64")
+    options = dict(optimizer="adam", lr=0.08)  # overfits the 30 samples: patience stops it
+    patience, epochs = 2, 12
+    seen: list[tuple[float, float, list[np.ndarray]]] = []
+
+    def validate(model) -> bool:
+        with torch.no_grad():
+            logits = model(torch.from_numpy(xv))
+            loss = float(torch.nn.functional.cross_entropy(logits, torch.from_numpy(yv)))
+            accuracy = float((logits.argmax(dim=1).numpy() == yv).mean())
+        linears = [m for m in model if isinstance(m, torch.nn.Linear)]
+        seen.append((loss, accuracy, [m.weight.detach().numpy().copy() for m in linears]
+                     + [m.bias.detach().numpy().copy() for m in linears]))
+        losses = [v for v, _, _ in seen]
+        return len(losses) - 1 - losses.index(min(losses)) < patience
+
+    final, _ = torch_run(path, x, y, labels, epochs, seed=11, dropout=0.2, on_epoch=validate,
+                         **options)
+    assert len(seen) < epochs, "patience must stop the run for the test to mean it"
+    best = min(range(len(seen)), key=lambda e: seen[e][0])
+    comm.Barrier()  # every rank has built its torch model from the initial file
+    with Network.open(path, strategy, **strategy_params(strategy, sizes, comm.size)) as net:
+        history = net.fit(x, y, epochs=epochs, batch_size=BATCH, seed=11, dropout=0.2,
+                          validation_data=(xv, yv), patience=patience, keep_best=True,
+                          **options)
+    assert history.stopped_early == "patience" and len(history) == len(seen)
+    assert_close(history["val_loss"], [v for v, _, _ in seen], "float64", "validation losses")
+    assert history["val_accuracy"] == [a for _, a, _ in seen]
+    for i, (got, want) in enumerate(zip(_weights(path), final, strict=True)):
+        assert_close(got, want, "float64", f"final parameter {i}")
+    for i, (got, want) in enumerate(zip(_weights(best_path(path)), seen[best][2], strict=True)):
+        assert_close(got, want, "float64", f"best parameter {i}")
 
 
 @pytest.mark.mpi
