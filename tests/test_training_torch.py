@@ -1,12 +1,13 @@
-"""Learning-rate schedules, weight decay, AdamW, gradient clipping and the gelu, silu and
-leaky_relu activations against PyTorch.
+"""Learning-rate schedules, weight decay, AdamW, gradient clipping, validation with
+patience and keep-best, dropout, and the gelu, silu and leaky_relu activations against
+PyTorch; resuming a run preempted in the middle of an epoch.
 
-PyTorch is the oracle (also for validation, patience, keep-best and dropout, with mpinn's
-masks fed in place of nn.Dropout's): the same initial weights (``torch_io.to_torch``), the same batches,
-torch's own optimizers, schedulers and ``clip_grad_norm_``, float64; mpinn's weights after
-``Network.fit`` must agree within 1e-10 at every rank count (``make test-mpi``) and for
-every partition strategy. Skipped where torch is not installed. The pure parts (the
-schedule's formulas, the clip factor) are checked without MPI.
+PyTorch is the oracle: the same initial weights (``torch_io.to_torch``), the same batches,
+torch's own optimizers, schedulers and ``clip_grad_norm_``, mpinn's dropout masks fed in
+place of ``nn.Dropout``'s, float64; mpinn's weights after ``Network.fit`` must agree within
+1e-10 at every rank count (``make test-mpi``) and for every partition strategy. Skipped
+where torch is not installed. The pure parts (the schedule's formulas, the clip factor)
+are checked without MPI.
 """
 
 from __future__ import annotations
