@@ -23,7 +23,7 @@ import pytest
 
 from mpinn.errors import MpinnError
 from mpinn.optim import Schedule, clip_coefficient
-from tests.helpers import STRATEGIES, classification_data, regression_data, strategy_params
+from tests.helpers import ALL_STRATEGIES, STRATEGIES, classification_data, regression_data, strategy_params
 from tests.reference import assert_close
 
 N_SAMPLES, BATCH, EPOCHS = 30, 8, 3  # 4 steps per epoch, the last batch partial
@@ -429,7 +429,7 @@ def test_dropout_trains_as_the_reference_whatever_the_rank_count(strategy, micro
 
 @pytest.mark.mpi
 @pytest.mark.parametrize("given, strategy", [  # the override under one uneven partition
-    *(("stored", strategy) for strategy in STRATEGIES), ("override", "count")])
+    *(("stored", strategy) for strategy in ALL_STRATEGIES), ("override", "count")])
 def test_dropout_imported_from_torch_trains_as_torch_with_the_same_masks(given, strategy,
                                                                          mpi_tmp_path):
     """A torch Sequential's nn.Dropout layers become the file's per-layer rates; ``fit``
