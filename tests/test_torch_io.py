@@ -335,12 +335,15 @@ def test_cli_imports_a_torch_model_that_mpinn_then_predicts_and_exports_back(tmp
     from tests.test_cli import mpinn, ok
 
     torch.manual_seed(3)
-    model = nn.Sequential(nn.Linear(12, 20), nn.Tanh(), nn.Linear(20, 16), nn.ReLU6(),
-                          nn.Linear(16, 5), nn.Softmax(dim=-1))
+    model = nn.Sequential(nn.Linear(12, 20), nn.Tanh(), nn.Dropout(0.25), nn.Linear(20, 16),
+                          nn.ReLU6(), nn.Linear(16, 5), nn.Softmax(dim=-1)).eval()
     pt, h5, data, preds, back = (tmp_path / name for name in
                                  ("in.pt", "m.h5", "d.h5", "p.h5", "out.pt"))
     save_torch_file(model, str(pt))
     ok(mpinn(1, "import-torch", str(pt), str(h5)))
+    layer_lines = [line.split() for line in ok(mpinn(1, "inspect", str(h5))).splitlines()
+                   if line.split()[:1] in (["1"], ["2"], ["3"])]
+    assert [words[-1] for words in layer_lines[:3]] == ["0.25", "0", "0"]  # the dropout column
     ok(mpinn(1, "data", "classification", str(data), "--samples", "30", "--features", "12",
              "--outputs", "5"))
     ok(mpinn(3, "predict", str(h5), "--data", str(data), "--out", str(preds)))
@@ -349,9 +352,10 @@ def test_cli_imports_a_torch_model_that_mpinn_then_predicts_and_exports_back(tmp
     with h5py.File(preds, "r") as f, torch.no_grad():
         np.testing.assert_allclose(f["outputs"][...], model(x).numpy(), rtol=1e-5, atol=1e-6)
     ok(mpinn(2, "export-torch", str(h5), str(back)))
+    exported = load_torch_file(str(back))
+    assert [m.p for m in exported if isinstance(m, nn.Dropout)] == [0.25]
     with torch.no_grad():
-        np.testing.assert_allclose(load_torch_file(str(back))(x).numpy(), model(x).numpy(),
-                                   rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(exported(x).numpy(), model(x).numpy(), rtol=1e-6, atol=1e-7)
 
 
 # ---------------------------------------------------------------- the optimizers, against torch.optim
