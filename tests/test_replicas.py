@@ -256,9 +256,10 @@ def test_cli_trains_evaluates_and_predicts_with_replicas_and_refuses_bad_ones(tm
     assert_weights_equal(str(paths[2]), Reference.from_file(str(paths[1])), "float32", "CLI R=2")
     with h5py.File(tmp_path / "p1.h5") as f1, h5py.File(tmp_path / "p2.h5") as f2:
         assert_close(f2["outputs"][...], f1["outputs"][...], "float32", "predict --replicas 2")
-    evaluated = [ok(mpinn(2, "evaluate", str(paths[1]), "--data", str(data), "--replicas", r)).stdout
-                 for r in ("1", "2")]
-    assert evaluated[0] == evaluated[1]
+    evaluated = [ok(mpinn(2, "evaluate", str(paths[1]), "--data", str(data), "--replicas", r)).split()
+                 for r in ("1", "2")]  # "loss L  accuracy A  samples N"
+    assert evaluated[0][2:] == evaluated[1][2:]
+    assert_close(float(evaluated[1][1]), float(evaluated[0][1]), "float32", "evaluate --replicas 2")
     before = digest(paths[1])
     refused(mpinn(2, "train", str(paths[1]), "--data", str(data), "--replicas", "0"),
             "--replicas must be at least 1, got 0")
