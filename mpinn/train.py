@@ -503,8 +503,8 @@ def train(model: DistributedModel, data: LocalData, *, epochs: int, batch_size: 
                     engine.post_gradients()
                 else:
                     engine.backward()
-            started = time.perf_counter()
             engine.finish_gradients()  # summed over the groups (replicas)
+            started = time.perf_counter()
             if clip_norm:  # over my group's ranks: together they hold every row once
                 _clip_gradients(model.group, params, clip_norm)
             optimizer.lr = rates.rate(step_count, epoch)
