@@ -96,6 +96,8 @@ def worker_mpinn(args: argparse.Namespace) -> None:
               micro_batches=args.micro_batches)
         engine, plans = model.engine, model.engine.plans
         engine.seconds_compute = model.seconds_io = 0.0
+        if engine.reducer is not None:
+            engine.reducer.seconds_wait = 0.0
         for plan in plans:
             plan.seconds_pack = plan.seconds_wait = 0.0
             plan.bytes_sent = plan.bytes_received = 0
@@ -107,7 +109,8 @@ def worker_mpinn(args: argparse.Namespace) -> None:
         steps = data.n_samples // args.batch
         parts = {"compute": engine.seconds_compute,
                  "pack": sum(p.seconds_pack for p in plans),
-                 "comm_wait": sum(p.seconds_wait for p in plans),
+                 "comm_wait": sum(p.seconds_wait for p in plans)  # and the gradient allreduce
+                 + (engine.reducer.seconds_wait if engine.reducer is not None else 0.0),
                  "optimizer": result.seconds_optimizer,
                  "io": model.seconds_io}
         parts["python_other"] = total - sum(parts.values())

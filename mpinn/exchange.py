@@ -499,6 +499,8 @@ class GradientReducer:
         """Layer ``layer``'s gradients are final here: post it, and any layers below it
         already waiting, in the fixed order."""
         self._ready[layer] = True
+        if self._requests:  # a call into MPI lets the ones in flight progress (libnbc)
+            MPI.Request.Testall(self._requests)
         while self._next >= 0 and self._ready[self._next]:
             # the buffer alone: mpi4py then names the predefined MPI type, which reductions
             # need (from_numpy_dtype's is a derived one, refused with MPI_ERR_OP)
