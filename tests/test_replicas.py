@@ -183,6 +183,44 @@ def test_resume_from_a_replicated_checkpoint_equals_reference(replicas, mpi_tmp_
 
 
 @pytest.mark.mpi
+@pytest.mark.parametrize("micro_batches", [1, 2])
+@pytest.mark.parametrize("replicas", (2, 3, 4))
+def test_a_preempted_replicated_run_resumes_bitwise_as_an_uninterrupted_one(
+        replicas, micro_batches, mpi_tmp_path):
+    """SIGUSR1 on the last rank after epoch 2 stops every group at its next step (the
+    pipeline has posted its gradient sums by then: they are completed, unused); --resume
+    goes on to the uninterrupted run's weights. Batch 5 leaves a group idle at R = 4
+    and in the last, partial batch."""
+    import os
+    import signal
+    comm = MPI.COMM_WORLD
+    layout(replicas)
+    c = CASES["softmax"]
+    paths = {}
+    for name in ("whole", "split"):
+        (mpi_tmp_path / name).mkdir(exist_ok=True)
+        paths[name], data_path, _, _ = make_files(mpi_tmp_path / name, c, "float64", comm)
+    options = dict(batch_size=5, lr=0.1, momentum=0.9, seed=11, micro_batches=micro_batches)
+    with Network.open(paths["whole"], replicas=replicas) as net:
+        uninterrupted = net.fit(data_path, epochs=4, **options)
+
+    def preempt(record: dict) -> None:
+        if record["epoch"] == 2 and comm.rank == comm.size - 1:
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+    with Network.open(paths["split"], replicas=replicas) as net:
+        first = net.fit(data_path, epochs=4, callbacks=[preempt], **options)
+    assert first.stopped_by is not None and first.epoch == 2
+    with Network.open(paths["split"], replicas=replicas) as net:
+        rest = net.fit(data_path, epochs=4, resume=True, **options)
+    assert first["loss"] + rest["loss"] == uninterrupted["loss"]
+    whole, split = Reference.from_file(paths["whole"]), Reference.from_file(paths["split"])
+    for a, b in zip(whole.weights + whole.biases, split.weights + split.biases, strict=True):
+        assert np.array_equal(_values(a), _values(b))
+    comm.Barrier()
+
+
+@pytest.mark.mpi
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("case", ["softmax", "regression", "sparse"])
 @pytest.mark.parametrize("replicas", (2, 3, 4))
