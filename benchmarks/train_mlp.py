@@ -89,13 +89,15 @@ def worker_mpinn(args: argparse.Namespace) -> None:
     params = ({"layer_ranks": [int(r) for r in args.layer_ranks.split(",")]}
               if args.layer_ranks else {})
     choice = PartitionChoice(None, args.strategy, params)
-    with DistributedModel(args.model, comm, choice, args.batch) as model:
-        data = load(args.data, model.table, model.spec.dtype, comm)
+    with DistributedModel(args.model, comm, choice, args.batch, replicas=args.replicas) as model:
+        data = load(args.data, model.table, model.spec.dtype, comm, model.group)
         # one warm-up epoch: first-touch of buffers and BLAS start-up are not measured
         train(model, data, epochs=1, batch_size=args.batch, lr=1e-3, shuffle=False,
               micro_batches=args.micro_batches)
         engine, plans = model.engine, model.engine.plans
         engine.seconds_compute = model.seconds_io = 0.0
+        if engine.reducer is not None:
+            engine.reducer.seconds_wait = 0.0
         for plan in plans:
             plan.seconds_pack = plan.seconds_wait = 0.0
             plan.bytes_sent = plan.bytes_received = 0
@@ -107,12 +109,15 @@ def worker_mpinn(args: argparse.Namespace) -> None:
         steps = data.n_samples // args.batch
         parts = {"compute": engine.seconds_compute,
                  "pack": sum(p.seconds_pack for p in plans),
-                 "comm_wait": sum(p.seconds_wait for p in plans),
+                 "comm_wait": sum(p.seconds_wait for p in plans)  # and the gradient allreduce
+                 + (engine.reducer.seconds_wait if engine.reducer is not None else 0.0),
                  "optimizer": result.seconds_optimizer,
                  "io": model.seconds_io}
         parts["python_other"] = total - sum(parts.values())
         parts = {k: v / steps for k, v in parts.items()}
         sent = sum(p.bytes_sent for p in plans) / steps
+        if engine.reducer is not None:  # the gradient allreduce over the replicas, per step
+            sent += engine.reducer.bytes_per_step
         rss = _peak_rss()
     everything = comm.gather({"parts": parts, "sent": sent, "rss": rss,
                               "train_seconds": total - model.seconds_io}, root=0)
@@ -205,6 +210,8 @@ def main() -> None:
     parser.add_argument("--strategy", default="balanced")
     parser.add_argument("--layer-ranks", default="", help="owner of each layer (strategy layers)")
     parser.add_argument("--micro-batches", type=int, default=1)
+    parser.add_argument("--replicas", type=int, default=1,
+                        help="R copies of the model over R groups of P/R ranks (mpinn --replicas)")
     parser.add_argument("--peer", default="torch", choices=["torch", "none"])
     parser.add_argument("--worker", choices=["gemm", "mpinn", "torch", "numpy"], help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
@@ -250,8 +257,9 @@ def main() -> None:
         mp = run_json(["mpirun", "--oversubscribe", "-n", str(p), *me, "--worker", "mpinn",
                        "--model", model, "--data", data, "--strategy", args.strategy,
                        "--layer-ranks", args.layer_ranks, "--micro-batches",
-                       str(args.micro_batches), *common], 1)
-    rows.append((f"mpinn, mpirun -n {p}, 1 thread/rank", mp["samples_per_second"]))
+                       str(args.micro_batches), "--replicas", str(args.replicas), *common], 1)
+    layout = f", R = {args.replicas} x Q = {p // args.replicas}" if args.replicas > 1 else ""
+    rows.append((f"mpinn, mpirun -n {p}{layout}, 1 thread/rank", mp["samples_per_second"]))
     if args.peer == "torch":
         try:
             torch = run_json([*me, "--worker", "torch", "--threads", str(p), *common], p)

@@ -108,8 +108,10 @@ class Network:
     """
 
     def __init__(self, path: str | os.PathLike[str], choice: loop.PartitionChoice,
-                 comm: MPI.Comm | None = None, dtype: str | None = None) -> None:
+                 comm: MPI.Comm | None = None, dtype: str | None = None,
+                 replicas: int = 1) -> None:
         self.path = os.fspath(path)
+        self._replicas = replicas
         self.comm = comm if comm is not None else MPI.COMM_WORLD
         self._choice = choice
         self._dtype = dtype
@@ -170,13 +172,19 @@ class Network:
     def open(cls, path: str | os.PathLike[str], strategy: str | None = None, *,
              counts: Any = None, percentages: Any = None, ids: Any = None,
              layer_ranks: Any = None, partition: str | None = None, dtype: str | None = None,
-             comm: MPI.Comm | None = None) -> Network:
+             replicas: int = 1, comm: MPI.Comm | None = None) -> Network:
         """Open a model file on every rank of ``comm`` (default ``MPI.COMM_WORLD``).
 
         The partition: ``partition=`` a name stored in the file (``mpinn partition``), or
         ``strategy=`` balanced (the default), count (``counts``), percentage
         (``percentages``), ids (``ids``), layers (``layer_ranks``), nnz or mincut.
         ``dtype``: refuse a file whose weights are of another precision.
+
+        ``replicas`` R (data x neuron parallelism): the P ranks form R groups of Q = P / R
+        contiguous ranks; the partition (strategy, or a stored one made for Q ranks) is
+        computed for Q, every group holds a whole copy of the model, fit splits each batch
+        over the groups and sums their gradients, predict and evaluate split the samples.
+        Results equal those of R = 1 (docs/scaling.md).
         """
         def check() -> loop.PartitionChoice:
             if dtype is not None and dtype not in fmt.DTYPES:
@@ -185,7 +193,7 @@ class Network:
                                     layer_ranks=layer_ranks, partition=partition)
 
         choice = agree(comm if comm is not None else MPI.COMM_WORLD, check)
-        net = cls(path, choice, comm, dtype)
+        net = cls(path, choice, comm, dtype, replicas)
         net.model  # noqa: B018 - loaded now, so a bad file or partition fails here
         return net
 
@@ -196,7 +204,7 @@ class Network:
             raise MpinnError(f"{self.path}: the network is closed")
         if self._model is None:
             model = loop.DistributedModel(self.path, self.comm, self._choice, OPEN_BATCH,
-                                          training=False)
+                                          training=False, replicas=self._replicas)
             if self._dtype is not None and np.dtype(self._dtype) != model.spec.dtype:
                 model.close()  # every rank read the same spec: they all close here
                 raise MpinnError(f"{self.path} holds {model.spec.dtype} weights, not "
@@ -224,9 +232,14 @@ class Network:
         """Epochs trained so far (the file's training state)."""
         return int(self.model.state.get("epoch", 0))
 
+    @property
+    def replicas(self) -> int:
+        """R, the copies of the model over the ranks (``open(replicas=)``)."""
+        return self.model.replicas
+
     def rows(self, layer: int) -> np.ndarray:
         """The in-layer indices of the neurons of ``layer`` this rank owns (0: the inputs)."""
-        return self.model.table.rows(layer, self.comm.rank)
+        return self.model.table.rows(layer, self.model.group.rank)
 
     # ------------------------------------------------------------ training and inference
 
@@ -298,7 +311,8 @@ class Network:
         model = self.model
         data = self._data(x, None, "X", "predict data")
         local = loop.predict(model, data, batch_size or model.engine.max_batch)
-        whole = gather_layer(self.comm, model.table.layer_owner(len(model.spec.sizes) - 1), local)
+        whole = gather_layer(model.group, model.table.layer_owner(len(model.spec.sizes) - 1),
+                             local)
         return np.ascontiguousarray(whole.T)
 
     def evaluate(self, x: Any, y: Any = None, batch_size: int | None = None) -> dict[str, Any]:
@@ -332,7 +346,8 @@ class Network:
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open" if self._model else "not loaded"
-        return f"Network({self.path!r}, {state}, ranks={self.comm.size})"
+        replicas = f", replicas={self._replicas}" if self._replicas != 1 else ""
+        return f"Network({self.path!r}, {state}, ranks={self.comm.size}{replicas})"
 
     # ------------------------------------------------------------ data
 
@@ -341,8 +356,9 @@ class Network:
         if isinstance(x, (str, os.PathLike)):
             if y is not None:
                 raise MpinnError(f"{source}: give arrays X and y, or a data file without y")
-            return load(os.fspath(x), model.table, model.spec.dtype, self.comm)
-        return from_arrays(x, y, model.table, model.spec.dtype, self.comm, name, source)
+            return load(os.fspath(x), model.table, model.spec.dtype, self.comm, model.group)
+        return from_arrays(x, y, model.table, model.spec.dtype, self.comm, name, source,
+                           model.group)
 
 
 def _ints(values: Sequence[int] | str, name: str) -> list[int]:

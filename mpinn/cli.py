@@ -111,6 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--data", help="HDF5 data file with X and y")
         p.add_argument("--batch-size", type=int, default=64 if name == "train" else 256)
         _partition_flags(p)
+        p.add_argument("--replicas", type=int, default=1, metavar="R",
+                       help="R copies of the model over R groups of P/R contiguous ranks (data "
+                       "x neuron parallelism): each group takes a share of every batch; the "
+                       "partition is made for P/R ranks (docs/scaling.md)")
         if name == "train":
             p.add_argument("--epochs", type=int, default=1)
             p.add_argument("--lr", type=float, default=0.1)
@@ -250,7 +254,7 @@ LIST_FLAGS = {"sizes", "storage", "counts", "percentages", "layer_ranks"}  # "a,
 AT_LEAST = {"batch_size": 1, "epochs": 0, "keep": 1, "checkpoint_every": 0, "micro_batches": 1,
             "seed": 0, "ranks": 1, "neurons": 1, "layers": 1, "samples": 1, "features": 1,
             "outputs": 1, "fan_in": 1, "threads": 1, "ranks_per_node": 1, "patience": 0,
-            "step_size": 1, "warmup_steps": 0}
+            "step_size": 1, "warmup_steps": 0, "replicas": 1}
 MAX_SEED = 2**63 - 1
 FLOAT_RANGES = {"lr": (lambda v: v > 0, "a positive number"),
                 "momentum": (lambda v: 0 <= v < 1, "in [0, 1)"),
@@ -703,10 +707,12 @@ def run(args: argparse.Namespace) -> int:
     if args.command == "train":
         args.micro_batches = min(args.micro_batches, args.batch_size)
     from mpinn.api import Network
-    with Network(args.model, _choice(args), comm) as net:
+    with Network(args.model, _choice(args), comm, replicas=args.replicas) as net:
         if args.command == "train":
             if rank0 and not args.quiet:
-                print(f"training {args.model} on {comm.size} ranks ({net.partition_text}), "
+                layout = (f" = {args.replicas} replicas x {comm.size // args.replicas}"
+                          if args.replicas > 1 else "")
+                print(f"training {args.model} on {comm.size} ranks{layout} ({net.partition_text}), "
                       f"{fmt.count_samples(args.data)} samples", flush=True)
             history = net.fit(
                 args.data, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
@@ -734,11 +740,14 @@ def run(args: argparse.Namespace) -> int:
                 print(f"loss {metrics['loss']:.6f}{acc}  samples {fmt.count_samples(args.data)}")
         else:  # each rank writes its own output columns: no rank gathers them all
             model = net.model
-            data = load(args.data, model.table, model.spec.dtype, comm)
+            data = load(args.data, model.table, model.spec.dtype, comm, model.group)
             values = loop.predict(model, data, args.batch_size)
+            columns = model.shard.layers[-1].rows
+            if model.groups.index > 0:  # with replicas every group has them: group 0 writes
+                columns, values = columns[:0], values[:0]
             with outputs.staged_collective(args.out, comm) as partial:
                 fmt.write_outputs(partial, data.n_samples, model.spec.sizes[-1],
-                                  model.shard.layers[-1].rows, values, comm)
+                                  columns, values, comm)
             if rank0 and not args.quiet:
                 print(f"{args.out}: outputs of {data.n_samples} samples")
     return 0

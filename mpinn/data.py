@@ -43,19 +43,24 @@ class LocalData:
         return x, labels, targets
 
 
-def load(path: str, table: MetadataTable, dtype: np.dtype, comm: MPI.Comm) -> LocalData:
-    """Read this rank's columns of ``path`` and validate them (collective)."""
+def load(path: str, table: MetadataTable, dtype: np.dtype, comm: MPI.Comm,
+         group: MPI.Comm | None = None) -> LocalData:
+    """Read this rank's columns of ``path`` and validate them (collective).
+
+    ``group``: the ranks ``table`` partitions (one replica group, ``ReplicaGroups``), when
+    ``comm`` holds several copies of the model; each group reads the file on its own."""
     n_in, n_out = table.sizes[0], table.sizes[-1]
-    with fmt.opened(path, "r", comm) as f:
+    group = comm if group is None else group
+    with fmt.opened(path, "r", group) as f:
         spec = agree(comm, lambda: fmt.read_data_spec(f, n_in, n_out))
         inject_fault("data", comm.rank)
-        inputs = table.rows(0, comm.rank)
+        inputs = table.rows(0, group.rank)
         features = np.ascontiguousarray(fmt.read_slice(f["X"], inputs, axis=1).T, dtype=dtype)
         labels = targets = None
         if spec.labels:
             labels = fmt.read_whole(f["y"]).astype(np.int64)
         else:
-            outputs = table.rows(len(table.sizes) - 1, comm.rank)
+            outputs = table.rows(len(table.sizes) - 1, group.rank)
             targets = np.ascontiguousarray(fmt.read_slice(f["y"], outputs, axis=1).T, dtype=dtype)
 
     agree(comm, lambda: _check_values(path, features, inputs, labels, targets, n_out))
@@ -77,7 +82,8 @@ def _check_values(source: str, features: np.ndarray, inputs: np.ndarray, labels:
 
 
 def from_arrays(x: object, y: object | None, table: MetadataTable, dtype: np.dtype,
-                comm: MPI.Comm, name: str = "X", source: str = "the arrays") -> LocalData:
+                comm: MPI.Comm, name: str = "X", source: str = "the arrays",
+                group: MPI.Comm | None = None) -> LocalData:
     """This rank's view of in-memory arrays ``x`` (samples, features) and ``y`` (collective).
 
     ``x`` and ``y`` must be the same on every rank (as after loading the same file or
@@ -85,7 +91,9 @@ def from_arrays(x: object, y: object | None, table: MetadataTable, dtype: np.dty
     float targets, its own output columns), neuron-major, as ``load`` does from a file.
     ``y`` None gives features only (prediction). The ranks compare shapes and a
     fingerprint of up to FINGERPRINT_ROWS sampled rows, and refuse data that differs.
+    ``group``: the ranks ``table`` partitions, as in ``load``.
     """
+    rank = (comm if group is None else group).rank
     n_in, n_out = table.sizes[0], table.sizes[-1]
 
     def spec() -> tuple[fmt.DataSpec, np.ndarray, np.ndarray | None]:
@@ -107,13 +115,13 @@ def from_arrays(x: object, y: object | None, table: MetadataTable, dtype: np.dty
         raise MpinnError(f"{source}: {name} and y must be the same on every rank, but rank "
                          f"{differs}'s differ from rank 0's (load or draw them alike on every "
                          "rank, or pass a data file)", agreed=True)
-    inputs = table.rows(0, comm.rank)
+    inputs = table.rows(0, rank)
     features = np.ascontiguousarray(xs[:, inputs].T, dtype=dtype)
     labels = targets = None
     if ys is not None and data_spec.labels:
         labels = ys.astype(np.int64)
     elif ys is not None:
-        outputs = table.rows(len(table.sizes) - 1, comm.rank)
+        outputs = table.rows(len(table.sizes) - 1, rank)
         targets = np.ascontiguousarray(ys[:, outputs].T, dtype=dtype)
     agree(comm, lambda: _check_values(source, features, inputs, labels, targets, n_out))
     return LocalData(data_spec, features, labels, targets)

@@ -18,7 +18,7 @@ from mpi4py import MPI
 
 from mpinn import kernels
 from mpinn.errors import MpinnError, inject_fault
-from mpinn.exchange import MAX, MIN, SUM, ExchangePlan, allreduce
+from mpinn.exchange import MAX, MIN, SUM, ExchangePlan, GradientReducer, allreduce
 from mpinn.shard import LayerShard, Shard
 
 
@@ -51,8 +51,13 @@ class Engine:
             self.a = [np.empty(s.rows.size * max_batch, dtype) for s in layers]
             self.grad_z = [np.empty(s.rows.size * max_batch, dtype) for s in layers]
             self.grad_inputs = [np.empty(s.inputs.size * max_batch, dtype) for s in layers]
-            self.grad_weight = [np.zeros_like(s.weight) for s in layers]
-            self.grad_bias = [np.zeros_like(s.bias) for s in layers]
+            # a layer's weight and bias gradients share one flat buffer: with replicas
+            # they are summed over the groups by one allreduce per layer (GradientReducer)
+            self.grad_flat = [np.zeros(s.weight.size + s.bias.size, dtype) for s in layers]
+            self.grad_weight = [flat[: s.weight.size].reshape(s.weight.shape)
+                                for flat, s in zip(self.grad_flat, layers, strict=True)]
+            self.grad_bias = [flat[s.weight.size:] for flat, s in zip(self.grad_flat, layers,
+                                                                       strict=True)]
         else:
             # layer i reads layer i-1's activations only until its exchange is posted
             widest = max(s.rows.size for s in layers) * max_batch
@@ -65,6 +70,9 @@ class Engine:
             self.z[-1] = pool[2]  # softmax and the class argmax need z beside the outputs
             self.grad_z = [pool[(i + 1) % 2] for i in range(len(layers))]  # remote-block scratch
             self.grad_inputs, self.grad_weight, self.grad_bias = [], [], []
+            self.grad_flat = []
+        self.reducer: GradientReducer | None = None  # set_replicas: sums over the groups
+        self.idle = False  # no_samples: this group sat the last batch out
         self.inputs: list[np.ndarray] = []
         self.output_rows = shard.layers[-1].rows
         self.softmax = shard.layers[-1].spec.activation == "softmax"
@@ -91,6 +99,31 @@ class Engine:
 
     def _buf(self, flat: np.ndarray, rows: int, batch: int) -> np.ndarray:
         return flat[: rows * batch].reshape(rows, batch)
+
+    def set_replicas(self, across: MPI.Comm | None) -> None:
+        """Sum every layer's gradients over ``across`` (the ranks holding my rows in the
+        other groups) after each backward; None: one group, nothing to sum."""
+        if not self.training:
+            raise MpinnError("summing gradients over replicas is for training engines only")
+        self.reducer = None if across is None else GradientReducer(across, self.grad_flat)
+
+    def finish_gradients(self) -> None:
+        """Wait for the sums over the groups posted during backward (no-op with one group)."""
+        if self.reducer is not None:
+            self.reducer.wait()
+
+    def no_samples(self) -> None:
+        """This group got no sample of the batch (smaller than R): its gradients are zero,
+        still summed with the other groups' (``post_gradients``), as every rank must post
+        the same collectives."""
+        for flat in self.grad_flat:
+            flat.fill(0)
+        self.idle = True
+
+    def post_gradients(self) -> None:
+        """Post the sums of every layer not posted yet (an idle group's zeros)."""
+        if self.reducer is not None:
+            self.reducer.post_all()
 
     def set_dropout(self, p: float | Sequence[float], seed: int) -> None:
         """Drop each hidden neuron's activation with probability ``p`` in training batches
@@ -251,12 +284,15 @@ class Engine:
     # ------------------------------------------------------------ loss
 
     def loss_and_grad(self, outputs: np.ndarray, labels: np.ndarray | None,
-                      targets: np.ndarray | None) -> BatchResult:
-        """Loss of the batch and dL/dz of my output rows (stored for ``backward``)."""
+                      targets: np.ndarray | None, divisor: int | None = None) -> BatchResult:
+        """Loss of the batch and dL/dz of my output rows (stored for ``backward``).
+
+        ``divisor``: the size of the whole batch when these samples are one group's share
+        of it (replicas), so the gradients summed over the groups are the whole batch's."""
         batch = outputs.shape[1]
         rows = self.output_rows.size
         return self._output_grad(self._buf(self.z[-1], rows, batch), outputs, labels, targets,
-                                 self._buf(self.grad_z[-1], rows, batch), batch)
+                                 self._buf(self.grad_z[-1], rows, batch), divisor or batch)
 
     def _output_grad(self, z: np.ndarray, outputs: np.ndarray, labels: np.ndarray | None,
                      targets: np.ndarray | None, grad: np.ndarray, divisor: int) -> BatchResult:
@@ -317,6 +353,8 @@ class Engine:
             layer.weight_grad(grad_z, self.inputs[i], self.grad_weight[i], first=True)
             np.sum(grad_z, axis=1, out=self.grad_bias[i])
             self.seconds_compute += time.perf_counter() - started
+            if self.reducer is not None:  # summed over the groups while backward goes on
+                self.reducer.post(i)
             if i == 0:
                 break
             below = layers[i - 1]
@@ -335,7 +373,8 @@ class Engine:
 
     def pipelined_step(self, x_local: np.ndarray, labels: np.ndarray | None,
                        targets: np.ndarray | None, micro_batches: int,
-                       samples: np.ndarray | None = None) -> BatchResult:
+                       samples: np.ndarray | None = None,
+                       divisor: int | None = None) -> BatchResult:
         """Forward, loss and backward of one batch as a GPipe-style pipeline of micro-batches.
 
         Layers are grouped into stages: a new stage starts at every layer whose inputs cross
@@ -390,7 +429,8 @@ class Engine:
             if i == n - 1:
                 gk = np.empty_like(zk)
                 part = self._output_grad(zk, ak, None if labels is None else labels[cols[k]],
-                                         None if targets is None else targets[:, cols[k]], gk, batch)
+                                         None if targets is None else targets[:, cols[k]], gk,
+                                         divisor or batch)
                 grad_z[i][:, cols[k]] = gk
                 total.loss_sum += part.loss_sum
                 total.correct += part.correct
@@ -458,6 +498,8 @@ class Engine:
         for i, layer in enumerate(layers):
             layer.weight_grad(grad_z[i], inputs[i], self.grad_weight[i], first=True)
             np.sum(grad_z[i], axis=1, out=self.grad_bias[i])
+            if self.reducer is not None:
+                self.reducer.post(i)
         self.seconds_compute += time.perf_counter() - started
         self._batch = batch
         return total

@@ -400,3 +400,125 @@ def combine_errors(failed: list[tuple[int, str]], size: int) -> str:
             parts.append(f"{msg} (rank{'s' if len(ranks) > 1 else ''} "
                          f"{','.join(map(str, ranks))})")
     return "; ".join(parts)
+
+
+# ---------------------------------------------------------------- data x neuron parallelism
+
+
+def replica_shares(n: int, replicas: int) -> np.ndarray:
+    """Bounds of ``replicas`` contiguous shares of ``n`` samples: group g takes
+    ``[b[g], b[g + 1])``. The shares differ by at most one sample; a group gets none when
+    ``n < replicas``. Pure."""
+    return (np.arange(replicas + 1, dtype=np.int64) * n) // replicas
+
+
+class ReplicaGroups:
+    """P = R x Q ranks seen as R groups of Q ranks (data x neuron parallelism).
+
+    Group g is the contiguous world ranks ``g*Q .. g*Q + Q - 1``; each group holds one copy
+    of a Q-rank partition, so the neuron exchange (``ExchangePlan``) stays inside a group,
+    within one node when the ranks are placed by node. ``across`` joins the R ranks that
+    hold the same rows in every group (world ranks r, r+Q, r+2Q, ...): the gradients of
+    those rows are summed on it (``GradientReducer``). Both communicators are made once.
+    """
+
+    def __init__(self, comm: MPI.Comm, replicas: int) -> None:
+        """Split ``comm`` (collective; every rank passes the same ``replicas``)."""
+        if replicas < 1:
+            raise MpinnError(f"--replicas must be at least 1, got {replicas}")
+        if comm.size % replicas:
+            raise MpinnError(f"--replicas {replicas} does not divide the {comm.size} ranks "
+                             "(P = R x Q: run a multiple of R ranks)")
+        self.world = comm
+        self.replicas = replicas
+        self.ranks_per_group = comm.size // replicas
+        self.index = comm.rank // self.ranks_per_group  # my group
+        if replicas == 1:  # the plain layout: no new communicator, nothing changes
+            self.group: MPI.Comm = comm
+            self.across: MPI.Comm | None = None
+        else:
+            self.group = comm.Split(self.index, comm.rank)
+            self.across = comm.Split(comm.rank % self.ranks_per_group, comm.rank)
+
+    def share(self, n: int) -> slice:
+        """My group's contiguous share of ``n`` samples (of a batch, or of a data set)."""
+        bounds = replica_shares(n, self.replicas)
+        return slice(int(bounds[self.index]), int(bounds[self.index + 1]))
+
+    def sum_across(self, value: int | float) -> float:
+        """A per-group number (hits of its share) summed over the groups."""
+        if self.across is None:
+            return value
+        return float(allreduce(self.across, np.array([value], dtype=np.float64), SUM)[0])
+
+    def gather_samples(self, local: np.ndarray, n: int) -> np.ndarray:
+        """(rows, n) on every rank from each group's columns ``share(n)`` of it, (rows, share):
+        one Allgatherv over ``across``, for ``predict`` (each rank keeps only its rows)."""
+        if self.across is None:
+            return local
+        bounds = replica_shares(n, self.replicas)
+        counts = np.diff(bounds) * local.shape[0]
+        mpi_type = from_numpy_dtype(local.dtype)
+        gathered = np.empty((n, local.shape[0]), dtype=local.dtype)  # sample-major: contiguous
+        self.across.Allgatherv([np.ascontiguousarray(local.T), mpi_type],
+                               [gathered, (counts, _displacements(counts)), mpi_type])
+        return np.ascontiguousarray(gathered.T)
+
+    def free(self) -> None:
+        """Release the communicators made here (collective)."""
+        if self.across is not None:
+            self.group.Free()
+            self.across.Free()
+            self.across = None
+            self.group = self.world
+
+
+class GradientReducer:
+    """Sums each layer's weight and bias gradients over the R groups, one nonblocking
+    allreduce per layer, overlapped with the rest of backward.
+
+    ``buffers[i]`` holds layer i's weight gradient followed by its bias gradient, one
+    contiguous array, so a layer is one ``Iallreduce`` (in place). ``post(i)`` is called as
+    soon as layer i's gradients exist; every rank of ``comm`` must post nonblocking
+    collectives in the same order, so layers go out in one fixed order, last layer first
+    (backward's order): a layer ready early (the pipeline computes layer 0 first) waits
+    until the layers above it are posted. ``wait`` before the optimizer reads them.
+    """
+
+    def __init__(self, comm: MPI.Comm, buffers: list[np.ndarray]) -> None:
+        self.comm = comm
+        self.buffers = buffers
+        self._ready = [False] * len(buffers)
+        self._next = len(buffers) - 1
+        self._requests: list[MPI.Request] = []
+        # per rank and step, what a ring allreduce moves: 2 (R - 1) / R of the buffers
+        self.bytes_per_step = int(2 * (comm.size - 1) / comm.size * sum(b.nbytes for b in buffers))
+        self.seconds_wait = 0.0
+
+    def post(self, layer: int) -> None:
+        """Layer ``layer``'s gradients are final here: post it, and any layers below it
+        already waiting, in the fixed order."""
+        self._ready[layer] = True
+        if self._requests:  # a call into MPI lets the ones in flight progress (libnbc)
+            MPI.Request.Testall(self._requests)
+        while self._next >= 0 and self._ready[self._next]:
+            # the buffer alone: mpi4py then names the predefined MPI type, which reductions
+            # need (from_numpy_dtype's is a derived one, refused with MPI_ERR_OP)
+            self._requests.append(self.comm.Iallreduce(MPI.IN_PLACE, self.buffers[self._next],
+                                                       op=SUM))
+            self._next -= 1
+
+    def post_all(self) -> None:
+        """Post every layer (a group with no samples in this batch: its gradients are 0)."""
+        for layer in range(len(self.buffers)):
+            self.post(layer)
+
+    def wait(self) -> None:
+        """Wait until every layer is summed; the buffers then hold the whole batch's gradients."""
+        assert self._next < 0, "wait before every layer was posted"
+        started = time.perf_counter()
+        MPI.Request.Waitall(self._requests)
+        self.seconds_wait += time.perf_counter() - started
+        self._requests = []
+        self._ready = [False] * len(self.buffers)
+        self._next = len(self.buffers) - 1

@@ -27,7 +27,7 @@ from mpinn import format as fmt
 from mpinn.data import LocalData
 from mpinn.engine import Engine
 from mpinn.errors import MpinnError, inject_fault
-from mpinn.exchange import MAX, SUM, agree, allreduce, on_root
+from mpinn.exchange import MAX, SUM, ReplicaGroups, agree, allreduce, on_root
 from mpinn.metadata import MetadataTable
 from mpinn.optim import OPTIMIZERS, Optimizer, Schedule, clip_coefficient, make_optimizer
 from mpinn.shard import LayerShard, Shard
@@ -76,20 +76,28 @@ class DistributedModel:
     """A model file opened on every rank: its spec, partition, this rank's shard and engine."""
 
     def __init__(self, path: str, comm: MPI.Comm, choice: PartitionChoice, max_batch: int,
-                 training: bool = True) -> None:
+                 training: bool = True, replicas: int = 1) -> None:
+        """``replicas`` R: the P ranks of ``comm`` are R groups of Q = P / R contiguous ranks,
+        each holding the whole model partitioned over its Q ranks (``ReplicaGroups``); every
+        group reads its own rows from the file, and each takes a share of every batch."""
         self.path = path
         self.comm = comm
+        self.replicas = agree(comm, lambda: _check_replicas(replicas, comm.size))
+        self.groups = ReplicaGroups(comm, self.replicas)
+        group = self.group = self.groups.group  # the neuron partition lives here
         # opened read-only: saves write a new file and swap it in (format.Checkpoint)
-        self.file = fmt.open_file(path, "r", comm)
+        self.file = fmt.open_file(path, "r", group)
         try:
             self.spec = agree(comm, lambda: fmt.read_spec(self.file))
+            # the owners come from world rank 0 where a strategy is not a pure function
+            # (mincut), so every group holds the same partition
             owner, self.partition_text = agree(
-                comm, lambda: resolve_owner(self.file, self.spec, choice, comm.size, comm))
-            self.table = agree(comm, lambda: MetadataTable.build(self.spec.sizes, owner, comm.size))
-            agree(comm, lambda: Shard.check_fits(self.spec, self.table, comm.rank, max_batch))
-            self.shard = Shard.load(self.file, self.spec, self.table, comm)
+                comm, lambda: resolve_owner(self.file, self.spec, choice, group.size, comm))
+            self.table = agree(comm, lambda: MetadataTable.build(self.spec.sizes, owner, group.size))
+            agree(comm, lambda: Shard.check_fits(self.spec, self.table, group.rank, max_batch))
+            self.shard = Shard.load(self.file, self.spec, self.table, group)
             agree(comm, self._check_finite)
-            self.engine = Engine(self.shard, comm, max_batch, training)
+            self.engine = self._engine(max_batch, training)
             self.state = agree(comm, lambda: fmt.read_state_attrs(self.file))
             self.partitions = agree(comm, lambda: fmt.read_partitions(self.file))
         except BaseException as exc:
@@ -97,6 +105,12 @@ class DistributedModel:
                 self.file.close()
             raise
         self.seconds_io = 0.0  # spent writing checkpoints
+
+    def _engine(self, max_batch: int, training: bool) -> Engine:
+        engine = Engine(self.shard, self.group, max_batch, training)
+        if training:
+            engine.set_replicas(self.groups.across)
+        return engine
 
     def _check_finite(self) -> None:
         for layer in self.shard.layers:
@@ -108,6 +122,7 @@ class DistributedModel:
 
     def close(self) -> None:
         self.file.close()
+        self.groups.free()
 
     def __enter__(self) -> DistributedModel:
         return self
@@ -163,9 +178,10 @@ class DistributedModel:
         current = self.engine
         if current.max_batch >= max_batch and (current.training or not training):
             return current
-        agree(self.comm, lambda: Shard.check_fits(self.spec, self.table, self.comm.rank, max_batch))
+        agree(self.comm, lambda: Shard.check_fits(self.spec, self.table, self.group.rank,
+                                                  max_batch))
         self.engine = None  # type: ignore[assignment] - the old buffers go before the new come
-        self.engine = Engine(self.shard, self.comm, max_batch, training)
+        self.engine = self._engine(max_batch, training)
         return self.engine
 
     def save(self, optimizer: Optimizer | None = None, keep: int = 1, **state: Any) -> None:
@@ -180,7 +196,7 @@ class DistributedModel:
         self.state.update(state)
         self._write(self.path, optimizer, keep, label)
         self.file.close()
-        self.file = fmt.open_file(self.path, "r", self.comm)
+        self.file = fmt.open_file(self.path, "r", self.group)
 
     def save_best(self, optimizer: Optimizer | None, **state: Any) -> str:
         """Write the current rows and state to ``MODEL.best.h5`` (complete, then renamed)."""
@@ -194,8 +210,19 @@ class DistributedModel:
         return path
 
     def _write(self, path: str, optimizer: Optimizer | None, keep: int, label: str) -> None:
+        """Only group 0 writes (every group holds the same rows and optimizer state: the file
+        is the one R = 1 writes); the other groups wait, and fail with it if it fails."""
+        if self.replicas > 1:
+            agree(self.comm, lambda: self._write_group(path, optimizer, keep, label)
+                  if self.groups.index == 0 else None)
+            if optimizer is not None:
+                self.state["optimizer"] = optimizer.config()
+            return
+        self._write_group(path, optimizer, keep, label)
+
+    def _write_group(self, path: str, optimizer: Optimizer | None, keep: int, label: str) -> None:
         started = time.perf_counter()
-        with fmt.Checkpoint(path, self.spec, self.partitions, self.comm, keep, label) as f:
+        with fmt.Checkpoint(path, self.spec, self.partitions, self.group, keep, label) as f:
             self.shard.save(f)
             if optimizer is not None:
                 for layer, name, shape, array in self._slots(optimizer):
@@ -207,6 +234,18 @@ class DistributedModel:
                 self.state["optimizer"] = optimizer.config()
             fmt.write_state_attrs(f, self.state)
         self.seconds_io += time.perf_counter() - started
+
+
+def _check_replicas(replicas: int, nranks: int) -> int:
+    """``replicas`` if it is a whole number >= 1 that divides the rank count."""
+    if isinstance(replicas, bool) or not isinstance(replicas, (int, np.integer)):
+        raise MpinnError(f"--replicas must be a whole number, got {replicas!r}")
+    if replicas < 1:
+        raise MpinnError(f"--replicas must be at least 1, got {replicas}")
+    if nranks % replicas:
+        raise MpinnError(f"--replicas {replicas} does not divide the {nranks} ranks (P = R x Q: "
+                         f"run a multiple of {replicas} ranks)")
+    return int(replicas)
 
 
 def best_path(path: str) -> str:
@@ -241,16 +280,30 @@ def _run_batches(model: DistributedModel, data: LocalData, order: np.ndarray, ba
 
     ``step`` returns True when training must stop after this batch (a preemption signal).
     With ``micro_batches`` > 1 (training only) forward and backward run as a pipeline and
-    ``step`` only updates.
+    ``step`` only updates. With replicas, a training batch is split: my group runs its
+    contiguous share, the loss divided by the whole batch's size (hits and loss are then
+    my group's; the caller sums them over the groups).
     """
     engine = model.engine
     features = np.empty((data.features.shape[0], batch_size), dtype=model.spec.dtype)
     loss_sum, correct, batches = 0.0, 0, 0
     for start in range(0, order.size, batch_size):
         index = order[start:start + batch_size]
+        divisor = index.size
+        if step is not None and model.replicas > 1:
+            index = index[model.groups.share(index.size)]
+            if index.size == 0:  # a batch smaller than R: this group sits it out
+                engine.no_samples()
+                if micro_batches > 1:  # the others' pipelined steps have posted their sums
+                    engine.post_gradients()
+                batches += 1
+                if step(0.0):
+                    break
+                continue
         x, labels, targets = data.batch(index, features)
         if micro_batches > 1 and step is not None:
-            result = engine.pipelined_step(x, labels, targets, micro_batches, samples=index)
+            result = engine.pipelined_step(x, labels, targets, micro_batches, samples=index,
+                                           divisor=divisor)
             loss_sum += result.loss_sum
             correct += result.correct
             batches += 1
@@ -263,7 +316,7 @@ def _run_batches(model: DistributedModel, data: LocalData, order: np.ndarray, ba
             on_outputs(index, outputs)
         if labels is None and targets is None:
             continue
-        result = engine.loss_and_grad(outputs, labels, targets)
+        result = engine.loss_and_grad(outputs, labels, targets, divisor)
         loss_sum += result.loss_sum
         correct += result.correct
         if step is not None and step(result.loss_sum):
@@ -312,7 +365,10 @@ class StepGuard:
 
 def _totals(model: DistributedModel, n_samples: int, loss_sum: float, correct: int, labels: bool
             ) -> tuple[float, float | None]:
+    """Mean loss and accuracy: the loss shares of all ranks summed, the hits (the same on
+    every rank of a group) summed over the groups."""
     total = allreduce(model.comm, np.array([loss_sum]), SUM)[0]
+    correct = int(round(model.groups.sum_across(correct))) if labels else 0
     n = max(n_samples, 1)
     return float(total / n), (correct / n if labels else None)
 
@@ -439,14 +495,21 @@ def train(model: DistributedModel, data: LocalData, *, epochs: int, batch_size: 
         def step(loss_share: float) -> bool:
             nonlocal step_count, stopping
             inject_fault("hold", model.comm.rank)
+            idle, engine.idle = engine.idle, False
             if guard.stop_requested(loss_share, f"epoch {epoch}, step {step_count + 1}"):
+                if micro_batches > 1:
+                    engine.finish_gradients()  # posted by the pipeline: completed, unused
                 stopping = True  # before the update: the checkpoint holds this step's start
                 return True
             if micro_batches == 1:
-                engine.backward()
+                if idle:
+                    engine.post_gradients()
+                else:
+                    engine.backward()
+            engine.finish_gradients()  # summed over the groups (replicas)
             started = time.perf_counter()
-            if clip_norm:
-                _clip_gradients(model.comm, params, clip_norm)
+            if clip_norm:  # over my group's ranks: together they hold every row once
+                _clip_gradients(model.group, params, clip_norm)
             optimizer.lr = rates.rate(step_count, epoch)
             optimizer.step()
             result.seconds_optimizer += time.perf_counter() - started
@@ -534,24 +597,31 @@ def _agreed_stop(comm: MPI.Comm, ask: Callable[[], bool]) -> bool:
 
 
 def evaluate(model: DistributedModel, data: LocalData, batch_size: int) -> tuple[float, float | None]:
-    """Mean loss and accuracy (None for float targets) over the whole data set."""
+    """Mean loss and accuracy (None for float targets) over the whole data set; with
+    replicas each group runs a contiguous share of the samples."""
     model.use_engine(batch_size, training=False)
-    loss_sum, correct, _ = _run_batches(model, data, np.arange(data.n_samples), batch_size)
+    order = np.arange(data.n_samples)[model.groups.share(data.n_samples)]
+    loss_sum, correct, _ = _run_batches(model, data, order, batch_size)
     return _totals(model, data.n_samples, loss_sum, correct, data.labels is not None)
 
 
 def predict(model: DistributedModel, data: LocalData, batch_size: int) -> np.ndarray:
-    """Last-layer activations of my output neurons for every sample, (owned outputs, samples)."""
+    """Last-layer activations of my output neurons for every sample, (owned outputs, samples).
+
+    With replicas each group predicts a contiguous share of the samples, and the shares
+    are gathered over the groups (my rows only: no rank holds the other rows)."""
     model.use_engine(batch_size, training=False)
-    outputs = np.empty((model.shard.layers[-1].rows.size, data.n_samples), dtype=model.spec.dtype)
+    share = model.groups.share(data.n_samples)
+    outputs = np.empty((model.shard.layers[-1].rows.size, share.stop - share.start),
+                       dtype=model.spec.dtype)
 
     def keep(index: np.ndarray, batch_outputs: np.ndarray) -> None:
-        outputs[:, index] = batch_outputs
+        outputs[:, index - share.start] = batch_outputs
 
-    order = np.arange(data.n_samples)
+    order = np.arange(data.n_samples)[share]
     stripped = LocalData(data.spec, data.features, None, None)
     _run_batches(model, stripped, order, batch_size, on_outputs=keep)
-    return outputs
+    return model.groups.gather_samples(outputs, data.n_samples)
 
 
 def _progress_bar(epoch: int, samples: int) -> Any:

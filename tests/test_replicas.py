@@ -1,0 +1,310 @@
+"""Data x neuron parallelism (``--replicas R``): R groups of Q ranks, each a copy of the
+partitioned model taking a share of every batch, give the single-process reference's
+results with the same global batch.
+
+Run under mpirun at 1, 2, 3 and 4 ranks (``make test-mpi``): R x Q covers 1x2, 2x1, 1x3,
+3x1, 2x2, 4x1 (and 1x1, 1x4). R = 1 with every strategy is also test_engine_mpi's case.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import h5py
+import numpy as np
+import pytest
+from mpi4py import MPI
+
+from mpinn import format as fmt
+from mpinn.api import Network
+from mpinn.data import load
+from mpinn.errors import MpinnError
+from mpinn.exchange import replica_shares
+from mpinn.train import DistributedModel, PartitionChoice, evaluate, predict, train
+from tests.helpers import ALL_STRATEGIES, strategy_params
+from tests.reference import Reference, assert_close
+from tests.test_engine_mpi import BATCH, CASES, EPOCHS, N_SAMPLES, _values, make_files
+
+REPLICAS = (1, 2, 3, 4)
+
+
+def layout(replicas: int) -> int:
+    """Q, the ranks of a group, or skip where R does not divide this job's ranks."""
+    size = MPI.COMM_WORLD.size
+    if size % replicas:
+        pytest.skip(f"R = {replicas} does not divide {size} ranks")
+    return size // replicas
+
+
+def choice(strategy: str, sizes: list[int], group_size: int) -> PartitionChoice:
+    """The strategy's params for a Q-rank partition (what every group holds)."""
+    return PartitionChoice(None, strategy, strategy_params(strategy, sizes, group_size))
+
+
+def assert_weights_equal(path: str, ref: Reference, dtype: str, what: str) -> None:
+    trained = Reference.from_file(path)
+    for i in range(len(ref.weights)):
+        assert_close(_values(trained.weights[i]), _values(ref.weights[i]), dtype,
+                     f"{what}: layer {i + 1} weight")
+        assert_close(trained.biases[i], ref.biases[i], dtype, f"{what}: layer {i + 1} bias")
+
+
+def train_replicated(tmp, case: str, dtype: str, strategy: str, replicas: int,
+                     batch: int = BATCH, micro_batches: int = 1) -> None:
+    """Train EPOCHS epochs with R replicas and in the reference; losses and weights agree."""
+    comm = MPI.COMM_WORLD
+    q = layout(replicas)
+    c = CASES[case]
+    model_path, data_path, x, y = make_files(tmp, c, dtype, comm)
+    ref = Reference.from_file(model_path)
+    comm.Barrier()
+    ref_losses = ref.train(x, y, EPOCHS, batch, c["lr"], c["optimizer"], c["momentum"], seed=11)
+    with DistributedModel(model_path, comm, choice(strategy, c["sizes"], q), batch,
+                          replicas=replicas) as model:
+        assert model.group.size == q and model.groups.index == comm.rank // q  # contiguous
+        data = load(data_path, model.table, model.spec.dtype, comm, model.group)
+        history = train(model, data, epochs=EPOCHS, batch_size=batch, lr=c["lr"],
+                        optimizer_name=c["optimizer"], momentum=c["momentum"], seed=11,
+                        micro_batches=micro_batches)
+    assert_close([h.loss for h in history.history], ref_losses, dtype, "epoch losses")
+    assert_weights_equal(model_path, ref, dtype, f"{case} R={replicas} Q={q}")
+    comm.Barrier()
+
+
+def test_shares_are_contiguous_and_cover_the_batch():
+    for n in range(0, 12):
+        for r in range(1, 6):
+            bounds = replica_shares(n, r)
+            assert bounds[0] == 0 and bounds[-1] == n
+            sizes = np.diff(bounds)
+            assert sizes.min() >= 0 and sizes.max() - sizes.min() <= 1
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("strategy", ALL_STRATEGIES)
+@pytest.mark.parametrize("replicas", REPLICAS)
+def test_replicated_training_equals_reference_for_every_strategy(replicas, strategy, dtype, case,
+                                                                mpi_tmp_path):
+    if replicas == 1 and (strategy, case) != ("balanced", "softmax"):
+        pytest.skip("R = 1 is the plain layout: test_engine_mpi covers every strategy")
+    train_replicated(mpi_tmp_path, case, dtype, strategy, replicas)
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("replicas", (2, 3, 4))
+def test_batches_smaller_than_replicas_leave_groups_idle_and_still_equal_reference(
+        replicas, mpi_tmp_path):
+    """Batch R - 1: one group has no sample in every batch (zero gradients, still summed)."""
+    train_replicated(mpi_tmp_path, "softmax", "float64", "balanced", replicas, batch=replicas - 1)
+    train_replicated(mpi_tmp_path, "mixed", "float64", "ids", replicas, batch=replicas - 1)
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("micro_batches", [2, 3])
+@pytest.mark.parametrize("replicas", (2, 3, 4))
+def test_pipelined_replicated_training_equals_reference(replicas, micro_batches, mpi_tmp_path):
+    train_replicated(mpi_tmp_path, "softmax", "float64", "layers", replicas,
+                     micro_batches=micro_batches)
+    train_replicated(mpi_tmp_path, "regression", "float32", "balanced", replicas,
+                     micro_batches=micro_batches)
+    train_replicated(mpi_tmp_path, "sparse", "float64", "balanced", replicas, batch=3,
+                     micro_batches=micro_batches)
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("replicas", (2, 3, 4))
+def test_every_training_option_agrees_with_one_replica(replicas, mpi_tmp_path):
+    """Dropout (masks by global sample index), clipping (the global norm), weight decay,
+    a schedule with warmup, validation and patience: R replicas train the same model as
+    R = 1 on the same ranks (the reference has no clipping or schedules)."""
+    comm = MPI.COMM_WORLD
+    q = layout(replicas)
+    c = CASES["softmax"]
+    model_path, data_path, _, _ = make_files(mpi_tmp_path, c, "float64", comm)
+    plain = str(mpi_tmp_path / "plain.h5")
+    if comm.rank == 0:
+        shutil.copy(model_path, plain)
+    comm.Barrier()
+    options = dict(epochs=3, batch_size=BATCH, lr=0.2, optimizer="adamw", seed=4,
+                   validation_data=data_path, patience=1, schedule="cosine", warmup_steps=3,
+                   weight_decay=0.01, clip_norm=0.05, dropout=0.3)
+    histories = []
+    for path, r, strategy in ((plain, 1, "balanced"), (model_path, replicas, "ids")):
+        with Network.open(path, strategy, replicas=r,
+                          **_api_params(strategy, c["sizes"], comm.size // r)) as net:
+            histories.append(net.fit(data_path, **options))
+    plain_h, replicated_h = histories
+    assert len(plain_h) == len(replicated_h)
+    for key in ("loss", "accuracy", "val_loss", "val_accuracy"):
+        assert_close(np.array(replicated_h[key], dtype=float), np.array(plain_h[key], dtype=float),
+                     "float64", key)
+    assert replicated_h.stopped_early == plain_h.stopped_early
+    assert_weights_equal(model_path, Reference.from_file(plain), "float64", f"R={replicas} Q={q}")
+    comm.Barrier()
+
+
+def _api_params(strategy: str, sizes: list[int], nranks: int) -> dict:
+    params = strategy_params(strategy, sizes, nranks)
+    return {"ids": params["ids"]} if strategy == "ids" else {}
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("replicas", REPLICAS)
+def test_resume_from_a_replicated_checkpoint_equals_reference(replicas, mpi_tmp_path):
+    """Adam's moments and the counters written by group 0 with R replicas carry a run
+    resumed with R replicas and with R = 1 on to the reference's weights."""
+    comm = MPI.COMM_WORLD
+    q = layout(replicas)
+    c = CASES["regression"]
+    model_path, data_path, x, y = make_files(mpi_tmp_path, c, "float64", comm)
+    ref = Reference.from_file(model_path)
+    comm.Barrier()
+    ref.train(x, y, 3, BATCH, c["lr"], "adam", seed=11)
+    other = str(mpi_tmp_path / "other.h5")
+    with DistributedModel(model_path, comm, choice("percentage", c["sizes"], q), BATCH,
+                          replicas=replicas) as model:
+        data = load(data_path, model.table, model.spec.dtype, comm, model.group)
+        train(model, data, epochs=2, batch_size=BATCH, lr=c["lr"], optimizer_name="adam", seed=11)
+    if comm.rank == 0:
+        shutil.copy(model_path, other)
+        with h5py.File(model_path, "r") as f:
+            assert fmt.read_state_attrs(f)["epoch"] == 2
+    comm.Barrier()
+    for path, r in ((model_path, replicas), (other, 1)):
+        with DistributedModel(path, comm, choice("balanced", c["sizes"], comm.size // r), BATCH,
+                              replicas=r) as model:
+            data = load(data_path, model.table, model.spec.dtype, comm, model.group)
+            train(model, data, epochs=3, batch_size=BATCH, lr=c["lr"], optimizer_name="adam",
+                  seed=11, resume=True)
+        assert_weights_equal(path, ref, "float64", f"resumed with R={r} from R={replicas}")
+    comm.Barrier()
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("micro_batches", [1, 2])
+@pytest.mark.parametrize("replicas", (2, 3, 4))
+def test_a_preempted_replicated_run_resumes_bitwise_as_an_uninterrupted_one(
+        replicas, micro_batches, mpi_tmp_path):
+    """SIGUSR1 on the last rank after epoch 2 stops every group at its next step (the
+    pipeline has posted its gradient sums by then: they are completed, unused); --resume
+    goes on to the uninterrupted run's weights. Batch 5 leaves a group idle at R = 4
+    and in the last, partial batch."""
+    import os
+    import signal
+    comm = MPI.COMM_WORLD
+    layout(replicas)
+    c = CASES["softmax"]
+    paths = {}
+    for name in ("whole", "split"):
+        (mpi_tmp_path / name).mkdir(exist_ok=True)
+        paths[name], data_path, _, _ = make_files(mpi_tmp_path / name, c, "float64", comm)
+    options = dict(batch_size=5, lr=0.1, momentum=0.9, seed=11, micro_batches=micro_batches)
+    with Network.open(paths["whole"], replicas=replicas) as net:
+        uninterrupted = net.fit(data_path, epochs=4, **options)
+
+    def preempt(record: dict) -> None:
+        if record["epoch"] == 2 and comm.rank == comm.size - 1:
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+    with Network.open(paths["split"], replicas=replicas) as net:
+        first = net.fit(data_path, epochs=4, callbacks=[preempt], **options)
+    assert first.stopped_by is not None and first.epoch == 2
+    with Network.open(paths["split"], replicas=replicas) as net:
+        rest = net.fit(data_path, epochs=4, resume=True, **options)
+    assert first["loss"] + rest["loss"] == uninterrupted["loss"]
+    whole, split = Reference.from_file(paths["whole"]), Reference.from_file(paths["split"])
+    for a, b in zip(whole.weights + whole.biases, split.weights + split.biases, strict=True):
+        assert np.array_equal(_values(a), _values(b))
+    comm.Barrier()
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("case", ["softmax", "regression", "sparse"])
+@pytest.mark.parametrize("replicas", (2, 3, 4))
+def test_replicated_evaluate_and_predict_equal_reference(replicas, case, dtype, mpi_tmp_path):
+    comm = MPI.COMM_WORLD
+    q = layout(replicas)
+    c = CASES[case]
+    model_path, data_path, x, y = make_files(mpi_tmp_path, c, dtype, comm)
+    ref = Reference.from_file(model_path)
+    expected_loss, _, _ = ref.loss_and_grads(x, y)
+    _, acts = ref.forward(x)
+    with DistributedModel(model_path, comm, choice("ids", c["sizes"], q), 7,
+                          replicas=replicas) as model:
+        data = load(data_path, model.table, model.spec.dtype, comm, model.group)
+        loss, accuracy = evaluate(model, data, 7)
+        outputs = predict(model, data, 7)
+        rows = model.shard.layers[-1].rows
+    assert_close(loss, expected_loss, dtype, "evaluate's loss")
+    if c["labels"]:
+        assert accuracy == np.mean(acts[-1].argmax(axis=1) == y)
+    assert outputs.shape == (rows.size, N_SAMPLES)
+    assert_close(outputs, acts[-1][:, rows].T, dtype, "my rows of the outputs")
+    with Network.open(model_path, "ids", ids=strategy_params("ids", c["sizes"], q)["ids"],
+                      replicas=replicas) as net:
+        assert_close(net.predict(x), acts[-1], dtype, "Network.predict")
+    comm.Barrier()
+
+
+@pytest.mark.mpi
+def test_replicas_that_do_not_divide_the_ranks_are_refused_on_every_rank(mpi_tmp_path):
+    comm = MPI.COMM_WORLD
+    model_path, _, _, _ = make_files(mpi_tmp_path, CASES["softmax"], "float32", comm)
+    with pytest.raises(MpinnError, match=f"--replicas {comm.size + 1} does not divide the "
+                                         f"{comm.size} ranks"):
+        DistributedModel(model_path, comm, PartitionChoice(), BATCH, replicas=comm.size + 1)
+    with pytest.raises(MpinnError, match="--replicas must be at least 1, got 0"):
+        Network.open(model_path, replicas=0)
+    if comm.size % 2 == 0:  # a stored partition must be made for Q ranks, not P
+        from mpinn.describe import store_partition
+        store_partition(model_path, comm.size, "balanced", {}, "whole", comm)
+        with pytest.raises(MpinnError, match=f"made for {comm.size} ranks but the job has "
+                                             f"{comm.size // 2}"):
+            DistributedModel(model_path, comm, PartitionChoice("whole"), BATCH, replicas=2)
+
+
+# ---------------------------------------------------------------- the command line
+
+
+def test_cli_trains_evaluates_and_predicts_with_replicas_and_refuses_bad_ones(tmp_path):
+    """2 ranks: --replicas 2 trains the same file as --replicas 1 (the config-file key too),
+    predicts the same outputs; --replicas 0 and 3 are one-line refusals that change nothing."""
+    from tests.test_cli import digest, mpinn, ok
+    from tests.test_user_mistakes import refused
+    base = tmp_path / "m.h5"
+    data = tmp_path / "d.h5"
+    ok(mpinn(1, "init", str(base), "--sizes", "12,16,5", "--seed", "2"))
+    ok(mpinn(1, "data", "classification", str(data), "--samples", "50", "--features", "12",
+             "--outputs", "5", "--seed", "3"))
+    paths = {}
+    for r in (1, 2):
+        path = tmp_path / f"r{r}.h5"
+        shutil.copy(base, path)
+        config = tmp_path / f"r{r}.toml"
+        config.write_text(f"[train]\nreplicas = {r}\nepochs = 2\nbatch-size = 9\nlr = 0.3\n"
+                          "momentum = 0.5\n")
+        out = ok(mpinn(2, "--config", str(config), "train", str(path), "--data", str(data)))
+        assert ("on 2 ranks = 2 replicas x 1" in out) == (r == 2)
+        ok(mpinn(2, "predict", str(path), "--data", str(data), "--out",
+                 str(tmp_path / f"p{r}.h5"), "--replicas", str(r)))
+        paths[r] = path
+    assert_weights_equal(str(paths[2]), Reference.from_file(str(paths[1])), "float32", "CLI R=2")
+    with h5py.File(tmp_path / "p1.h5") as f1, h5py.File(tmp_path / "p2.h5") as f2:
+        assert_close(f2["outputs"][...], f1["outputs"][...], "float32", "predict --replicas 2")
+    evaluated = [ok(mpinn(2, "evaluate", str(paths[1]), "--data", str(data), "--replicas", r)).split()
+                 for r in ("1", "2")]  # "loss L  accuracy A  samples N"
+    assert evaluated[0][2:] == evaluated[1][2:]
+    assert_close(float(evaluated[1][1]), float(evaluated[0][1]), "float32", "evaluate --replicas 2")
+    before = digest(paths[1])
+    refused(mpinn(2, "train", str(paths[1]), "--data", str(data), "--replicas", "0"),
+            "--replicas must be at least 1, got 0")
+    refused(mpinn(2, "train", str(paths[1]), "--data", str(data), "--replicas", "3"),
+            "--replicas 3 does not divide the 2 ranks")
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[evaluate]\nreplicas = "two"\n')
+    result = mpinn(2, "--config", str(bad), "evaluate", str(paths[1]), "--data", str(data))
+    assert result.returncode == 1 and "replicas" in result.stderr
+    assert digest(paths[1]) == before
