@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -332,7 +333,6 @@ def measure_pairs(runs: list[tuple[str, list[str], int]],
 def print_pairs(rounds: list[dict[str, float]], flops: int, peak: float) -> None:
     """Per run: the median samples/s over the rounds, its range, and mpinn (the first run)
     over it as the median of the per-round ratios."""
-    import statistics
     names = list(rounds[0])
     mine = names[0]
     print(f"\nmedian of {len(rounds)} rounds, each run once per round")
@@ -346,6 +346,38 @@ def print_pairs(rounds: list[dict[str, float]], flops: int, peak: float) -> None
         gflops = sps * flops / 1e9
         print(f"{name:<44} {sps:>10.1f} {spread:>15} {gflops:>9.1f} {100 * gflops / peak:>8.0f}% "
               f"{ratio:>9.2f}x")
+
+
+def worker_plan(args: argparse.Namespace) -> None:
+    """The cost model's prediction for this run's layout, from a probe of these ranks."""
+    import numpy as np
+    from mpi4py import MPI
+
+    from mpinn import layout
+    comm = MPI.COMM_WORLD
+    sizes = [int(n) for n in args.sizes.split(",")]
+    machine = layout.probe(comm, sizes, args.batch, args.dtype)
+    replicas = int(getattr(args, "replicas", 1) or 1)
+    strategy = args.strategy if args.strategy in ("balanced", "layers") else "balanced"
+    lay = layout.Layout(replicas, comm.size // replicas, strategy,
+                        args.micro_batches if strategy == "layers" else 1)
+    p = layout.predict(sizes, args.batch, np.dtype(args.dtype).itemsize, lay, machine)
+    chosen, _ = layout.choose(sizes, args.batch, comm.size, machine, np.dtype(args.dtype).itemsize)
+    if comm.rank == 0:
+        print(json.dumps({"layout": str(lay), "step": p.step, "compute": p.compute,
+                          "exchange": p.exchange, "allreduce": p.allreduce,
+                          "chosen": str(chosen.layout), "chosen_step": chosen.step}))
+
+
+def print_prediction(plan: dict, measured_sps: float, batch: int) -> None:
+    """The cost model's step time next to the measured one (median of the rounds)."""
+    measured = batch / measured_sps
+    off = 100 * (plan["step"] - measured) / measured
+    print(f"\ncost model (mpinn/layout.py, probed on these ranks): {plan['layout']} predicted "
+          f"{1e3 * plan['step']:.1f} ms per step (compute {1e3 * plan['compute']:.1f}, exchange "
+          f"{1e3 * plan['exchange']:.1f}, allreduce {1e3 * plan['allreduce']:.1f}); measured "
+          f"{1e3 * measured:.1f} ms: {off:+.0f}%. Its choice for these ranks: {plan['chosen']}, "
+          f"predicted {1e3 * plan['chosen_step']:.1f} ms")
 
 
 def _peak_rss() -> int:
@@ -372,7 +404,7 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=3,
                         help="rounds of every run; figures are medians over them")
     parser.add_argument("--torch-mode", choices=["ddp", "tp"], help=argparse.SUPPRESS)
-    parser.add_argument("--worker", choices=["gemm", "mpinn", "torch", "torch_dist", "numpy"],
+    parser.add_argument("--worker", choices=["gemm", "mpinn", "torch", "torch_dist", "numpy", "plan"],
                         help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
@@ -380,7 +412,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.worker:
         {"gemm": worker_gemm, "mpinn": worker_mpinn, "torch": worker_torch,
-         "torch_dist": worker_torch_dist, "numpy": worker_numpy}[args.worker](args)
+         "torch_dist": worker_torch_dist, "numpy": worker_numpy, "plan": worker_plan}[args.worker](args)
         return
 
     sizes = [int(n) for n in args.sizes.split(",")]
@@ -421,6 +453,9 @@ def main() -> None:
                 *peer_runs(args, me, common)]
         rounds, mp = measure_pairs(runs, args.pairs)
     print_pairs(rounds, flops, peak_p)
+    plan = run_json(["mpirun", "--oversubscribe", "-n", str(p), *me, "--worker", "plan",
+                     "--strategy", args.strategy, "--micro-batches", str(args.micro_batches),
+                     *common], 1)
     print(f"{'ceiling: GEMM peak, ' + str(p) + ' threads':<44} {peak_p * 1e9 / flops:>10.1f} "
           f"{'':>15} {peak_p:>9.1f} {100:>8.0f}%")
 
@@ -432,6 +467,7 @@ def main() -> None:
               + f" {entry['sent'] / 1e6:>8.1f} {entry['rss'] / 2**20:>11.0f}")
     print(f"  checkpoint write (I/O), once per run: {mp['io_seconds']:.2f} s; "
           f"model {params * (4 if args.dtype == 'float32' else 8) / 2**20:.0f} MiB")
+    print_prediction(plan, statistics.median(r[next(iter(r))] for r in rounds), args.batch)
 
 
 if __name__ == "__main__":

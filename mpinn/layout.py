@@ -29,6 +29,9 @@ ASSUMED_LATENCY = 5e-6
 # Python and bookkeeping per layer and pass (forward or backward) of one micro-batch: the
 # "python_other" share of benchmarks/train_mlp.py's split on small models.
 OVERHEAD_PER_LAYER = 60e-6
+# An SGD update reads a weight and its gradient and writes the weight: memory-bound, about
+# 0.6 ns per float32 parameter here; the probe measures it.
+UPDATE_PER_PARAMETER = 0.6e-9
 
 
 @dataclass(frozen=True)
@@ -46,6 +49,7 @@ class Machine:
     bandwidth: float
     latency: float
     overhead: float = OVERHEAD_PER_LAYER
+    update: float = UPDATE_PER_PARAMETER  # optimizer seconds per parameter a rank holds
     measured_links: bool = True  # False: bandwidth and latency are the assumed defaults
 
     def gemm_seconds(self, m: int, k: int, n: int) -> float:
@@ -82,6 +86,7 @@ class Prediction:
     exchange: float
     allreduce: float
     overhead: float
+    optimizer: float
     exchange_bytes: float
     allreduce_bytes: float
     rank_parameters: int  # weights and biases the busiest rank holds
@@ -89,7 +94,7 @@ class Prediction:
     @property
     def step(self) -> float:
         """Predicted seconds per step: the parts add (no overlap is assumed)."""
-        return self.compute + self.exchange + self.allreduce + self.overhead
+        return self.compute + self.exchange + self.allreduce + self.overhead + self.optimizer
 
 
 def predict(sizes: Sequence[int], batch: int, itemsize: int, layout: Layout,
@@ -115,8 +120,8 @@ def predict(sizes: Sequence[int], batch: int, itemsize: int, layout: Layout,
     allreduce = 0.0
     if r > 1:
         allreduce = ring_bytes / machine.bandwidth + 2 * (r - 1) * (len(sizes) - 1) * machine.latency
-    return Prediction(layout, compute, exchange, allreduce, passes * machine.overhead, nbytes,
-                      ring_bytes, params)
+    return Prediction(layout, compute, exchange, allreduce, passes * machine.overhead,
+                      params * machine.update, nbytes, ring_bytes, params)
 
 
 def _check(sizes: Sequence[int], batch: int, layout: Layout) -> None:
@@ -226,11 +231,12 @@ def choose(sizes: Sequence[int], batch: int, ranks: int, machine: Machine, items
 def format_table(chosen: Prediction, table: Sequence[Prediction], batch: int) -> str:
     """The candidates as ``partition --plan`` prints them, the chosen one marked."""
     lines = [f"  {'layout R x Q':<22} {'step ms':>8} {'compute':>8} {'exchange':>8} "
-             f"{'allreduce':>9} {'python':>7} {'sent MB':>8} {'samples/s':>10}"]
+             f"{'allreduce':>9} {'python':>7} {'update':>7} {'sent MB':>8} {'samples/s':>10}"]
     for p in table:
         mark = "  <- chosen" if p is chosen else ""
         lines.append(f"  {str(p.layout):<22} {1e3 * p.step:>8.2f} {1e3 * p.compute:>8.2f} "
                      f"{1e3 * p.exchange:>8.2f} {1e3 * p.allreduce:>9.2f} {1e3 * p.overhead:>7.2f} "
+                     f"{1e3 * p.optimizer:>7.2f} "
                      f"{(p.exchange_bytes + p.allreduce_bytes) / 1e6:>8.2f} "
                      f"{batch / p.step:>10.0f}{mark}")
     return "\n".join(lines)
@@ -268,15 +274,29 @@ def _gemm_rate(m: int, k: int, n: int, dtype: np.dtype, seconds: float) -> float
     return 2.0 * m * k * n / best / 1e9
 
 
+def _update_seconds(n: int, dtype: np.dtype, seconds: float) -> float:
+    """Seconds per parameter of an SGD step ``w -= lr * g`` on ``n`` values, best run."""
+    w, g = np.ones(n, dtype), np.ones(n, dtype)
+    scaled = np.empty_like(g)
+    best, start = math.inf, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        t = time.perf_counter()
+        np.multiply(g, 1e-3, out=scaled)
+        w -= scaled
+        best = min(best, time.perf_counter() - t)
+    return best / n
+
+
 def probe(comm: object, sizes: Sequence[int], batch: int, dtype: str = "float32",
           seconds: float = 1.0) -> Machine:
     """Measure a ``Machine`` on the job's ranks, all at once, in a few times ``seconds``.
 
     GEMM: every rank multiplies the widest layer's weights by a batch-wide block, and by a
     thin one (16 samples), at the same time as the others (so memory bandwidth is shared
-    as in training); the slowest rank's rates fit ``d_half``. Links: an alltoall through
-    exchange.py of a small and a large block per rank pair; with one rank there is
-    nothing to time and the assumed shared-memory figures are used.
+    as in training); the slowest rank's rates fit ``d_half``. The SGD update's seconds per
+    parameter, the same way. Links: an alltoall through exchange.py of a small and a large
+    block per rank pair; with one rank there is nothing to time and the assumed
+    shared-memory figures are used.
     """
     from mpinn.exchange import MAX, MIN, allreduce, time_alltoall
 
@@ -291,12 +311,15 @@ def probe(comm: object, sizes: Sequence[int], batch: int, dtype: str = "float32"
         gflops, d_half = fit_d_half(rates[0], min(m, k, wide), rates[1], min(m, k, thin))
     else:
         gflops, d_half = rates[0], 0.0
+    update = np.array([_update_seconds(min(m * k, 1 << 22), dt, seconds / 2)])
+    allreduce(comm, update, MAX)
     size = comm.Get_size()
     if size == 1:
-        return Machine(gflops, d_half, ASSUMED_BANDWIDTH, ASSUMED_LATENCY, measured_links=False)
+        return Machine(gflops, d_half, ASSUMED_BANDWIDTH, ASSUMED_LATENCY, update=float(update[0]),
+                       measured_links=False)
     small, large = 64, 1 << 20  # bytes per rank pair
     t_small = time_alltoall(comm, small, seconds / 2)
     t_large = time_alltoall(comm, large, seconds / 2)
     # an alltoall is P - 1 messages of each size per rank, one after another at worst
     bandwidth, latency = fit_link(t_small / (size - 1), small, t_large / (size - 1), large)
-    return Machine(gflops, d_half, bandwidth, latency)
+    return Machine(gflops, d_half, bandwidth, latency, update=float(update[0]))

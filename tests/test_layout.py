@@ -37,6 +37,7 @@ def test_allreduce_moves_2_r_minus_1_over_r_of_a_ranks_parameters():
         params = sum(m * (n + 1) for m, n in zip(rows, WIDE[:-1], strict=True))
         assert p.rank_parameters == params
         assert p.allreduce_bytes == pytest.approx(2 * (r - 1) / r * params * 4)
+        assert p.optimizer == pytest.approx(params * CORE.update)  # each rank updates its rows
     assert layout.predict(WIDE, 256, 4, Layout(1, 4), CORE).allreduce == 0
 
 
