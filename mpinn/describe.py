@@ -337,8 +337,10 @@ def plan(path: str, nranks: int, batch: int, comm: MPI.Comm, seconds: float = 1.
 
     with fmt.opened(path, "r", comm) as f:
         spec = agree(comm, lambda: fmt.read_spec(f))
+    candidates = layout.candidates(nranks, spec.sizes, batch)  # refuses a bad count before probing
     machine = layout.probe(comm, spec.sizes, batch, spec.dtype.name, seconds)
-    chosen, table = layout.choose(spec.sizes, batch, nranks, machine, spec.dtype.itemsize)
+    chosen, table = layout.choose(spec.sizes, batch, nranks, machine, spec.dtype.itemsize,
+                                  layouts=candidates)
 
     def text() -> str:
         links = (f"links {machine.bandwidth / 1e9:.2f} GB/s, latency {1e6 * machine.latency:.1f} us "

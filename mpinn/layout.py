@@ -32,6 +32,7 @@ OVERHEAD_PER_LAYER = 60e-6
 # An SGD update reads a weight and its gradient and writes the weight: memory-bound, about
 # 0.6 ns per float32 parameter here; the probe measures it.
 UPDATE_PER_PARAMETER = 0.6e-9
+MAX_RANKS = 1 << 20  # candidates are enumerated, one per divisor
 
 
 @dataclass(frozen=True)
@@ -196,6 +197,8 @@ def candidates(ranks: int, sizes: Sequence[int], batch: int,
                micro_batches: Iterable[int] = (1, 2, 4, 8, 16)) -> list[Layout]:
     """Every R x Q = ``ranks`` with R <= batch: balanced for each Q, and for 1 < Q <= the
     layer count also ``layers`` at each micro-batch count that leaves samples in each."""
+    if not 1 <= ranks <= MAX_RANKS:
+        raise MpinnError(f"the cost model compares layouts of 1 to {MAX_RANKS:,} ranks, not {ranks:,}")
     out = []
     for q in range(1, ranks + 1):
         r = ranks // q

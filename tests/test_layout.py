@@ -122,6 +122,9 @@ def test_bad_layouts_are_refused_with_a_message():
         layout.predict(DIGITS, 64, 4, Layout(1, 2, "balanced", 4), CORE)
     with pytest.raises(MpinnError, match="not 'mincut'"):
         layout.predict(DIGITS, 64, 4, Layout(1, 2, "mincut"), CORE)
+    for ranks in (0, -3, 2**63):
+        with pytest.raises(MpinnError, match="layouts of 1 to 1,048,576 ranks"):
+            layout.choose(DIGITS, 64, ranks, CORE)
     with pytest.raises(MpinnError, match="no layout of 4 ranks fits"):
         layout.choose(DIGITS, 64, 4, CORE, max_rank_parameters=1)
 
