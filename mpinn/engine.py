@@ -371,21 +371,22 @@ class Engine:
             return scratch[which][: rows * width].reshape(rows, width)
 
         def forward_layer(i: int, k: int) -> None:
-            # Dense layers work in place on the micro-batch's columns of the whole-batch
-            # buffers (BLAS takes the row stride as the leading dimension); CSR kernels need
-            # C-contiguous operands, so theirs go through the reused tick arrays.
+            # Dense layers read the micro-batch's columns of the whole-batch inputs in place
+            # (BLAS takes the row stride as the leading dimension); CSR kernels need
+            # C-contiguous operands, so theirs are copied into a reused tick array. The
+            # pre-activations go to a tick array for every layer: numpy sums a one-column
+            # product into a strided output in another order than into a contiguous one,
+            # and float32 Adam amplified that rounding past the equivalence tests.
             layer = layers[i]
-            xk, zk, ak = inputs[i][:, cols[k]], z[i][:, cols[k]], a[i][:, cols[k]]
+            xk, zk, ak = inputs[i][:, cols[k]], tick_view(1, layer.rows.size, k), a[i][:, cols[k]]
             if contiguous[i]:
                 xk = tick_view(0, layer.inputs.size, k)
                 xk[...] = inputs[i][:, cols[k]]
-                zk = tick_view(1, layer.rows.size, k)
             layer.forward_local(xk, zk)
             # the scratch is for the dense remote block; CSR rows add in place without it
             layer.forward_remote(xk, zk, tick_view(0, layer.rows.size, k))
             zk += layer.bias[:, None]
-            if contiguous[i]:
-                z[i][:, cols[k]] = zk
+            z[i][:, cols[k]] = zk
             if i == n - 1 and self.softmax:
                 self._softmax(zk, ak)
             else:
