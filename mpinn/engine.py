@@ -374,9 +374,10 @@ class Engine:
             # Dense layers read the micro-batch's columns of the whole-batch inputs in place
             # (BLAS takes the row stride as the leading dimension); CSR kernels need
             # C-contiguous operands, so theirs are copied into a reused tick array. The
-            # pre-activations go to a tick array for every layer: numpy sums a one-column
-            # product into a strided output in another order than into a contiguous one,
-            # and float32 Adam amplified that rounding past the equivalence tests.
+            # pre-activations go to a tick array for every layer and are copied in after:
+            # written in place into the strided buffer, replicated float32 Adam training
+            # (test_replicas, one-column micro-batches) left the reference's tolerance, for
+            # a reason not yet found (see the commit that made this change).
             layer = layers[i]
             xk, zk, ak = inputs[i][:, cols[k]], tick_view(1, layer.rows.size, k), a[i][:, cols[k]]
             if contiguous[i]:
