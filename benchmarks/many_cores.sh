@@ -3,7 +3,9 @@
 #   1. the micro-batch pipeline against the unpipelined `layers` schedule at P = 2 and 4,
 #   2. Sparse DNN strong scaling at P = 1..16 next to the single-process scipy loop,
 #   3. the dense training benchmark at P = 4 and 16 next to PyTorch and the GEMM peak,
-#   4. Sparse DNN strong scaling of a 4x wider network (N = 4096).
+#   4. Sparse DNN strong scaling of a 4x wider network (N = 4096),
+#   5. issue 14: P = 16, 784-4096x3-10, batch 256 at R x Q in {1x16, 2x8, 4x4, 16x1}
+#      (--replicas), next to PyTorch with 16 threads, and the cost model's plan of the same.
 # Most important first: each part's output is written to OUT_DIR as it runs, so a run cut
 # short still leaves the parts it finished.
 #   bash benchmarks/many_cores.sh [OUT_DIR]            (default ./many-cores-out)
@@ -56,14 +58,35 @@ part() {  # part NAME COMMAND...: run one benchmark, its output to the terminal 
     "$@" 2>&1 | tee "$out/$name.txt"
 }
 
+replicas_table() {  # replicas_table P SIZES BATCH STEPS PAIRS RxQ,...: a train_mlp run per layout
+    local p=$1 sizes=$2 batch=$3 steps=$4 pairs=$5 layouts=$6 rq r peer=torch
+    if ! "$PYTHON" benchmarks/train_mlp.py --help | grep -q -- "--replicas"; then
+        echo "(train_mlp.py has no --replicas yet: R x Q table skipped)" | tee "$out/replicas-p$p.txt"
+        return 0
+    fi
+    for rq in ${layouts//,/ }; do
+        r=${rq%x*}
+        part "replicas-p$p-$rq" "$PYTHON" benchmarks/train_mlp.py --ranks "$p" --replicas "$r" \
+            --sizes "$sizes" --batch "$batch" --steps "$steps" --pairs "$pairs" --peer "$peer"
+        peer=none  # PyTorch with P threads once, beside the first layout
+    done
+    "$PYTHON" -m mpinn init "$out/plan-model.h5" --sizes "$sizes" --force --quiet
+    part "plan-p$p" mpirun --oversubscribe -n "$p" "$PYTHON" -m mpinn partition \
+        "$out/plan-model.h5" --ranks "$p" --plan --batch-size "$batch"
+    rm -f "$out/plan-model.h5"
+}
+
 if [ -n "${QUICK:-}" ]; then
-    part pipeline "$PYTHON" benchmarks/pipeline.py --ranks 2,4 --sizes 256,256,256,256,256 \
+    part pipeline "$PYTHON" benchmarks/pipeline.py --ranks 2,4 --sizes 256,256,256,256,256 --repeat 1 \
         --batch 64 --steps 2 --micro-batches 1,4
     part sparse-scaling "$PYTHON" benchmarks/sparse_dnn.py --neurons 1024 --layers 8 \
         --samples 100 --ranks 1,2 --repeat 1
-    part train-p4 "$PYTHON" benchmarks/train_mlp.py --ranks 4 --sizes 64,128,10 --batch 32 --steps 2
+    part train-p4 "$PYTHON" benchmarks/train_mlp.py --ranks 4 --sizes 64,128,10 --batch 32 --steps 2 \
+        --pairs 1
+    replicas_table 4 64,128,128,10 32 2 1 1x4,2x2,4x1
     exit 0
 fi
+replicas_table 16 784,4096,4096,4096,10 256 8 3 1x16,2x8,4x4,16x1
 part pipeline "$PYTHON" benchmarks/pipeline.py --ranks 2,4
 part sparse-scaling "$PYTHON" benchmarks/sparse_dnn.py --neurons 1024 --layers 120 \
     --samples 2000 --ranks 1,2,4,8,16 --repeat 2

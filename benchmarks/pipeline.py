@@ -2,9 +2,11 @@
 
 Each rank owns whole layers; unpipelined, they take turns. The pipeline (``--micro-batches
 M``) lets the owner of layer l work on micro-batch k while the owner of layer l+1 works on
-k-1. Runs the same model, data and batch with M = 1 and larger M at P = 2 and 4.
+k-1. Runs the same model, data and batch with M = 1 and larger M at P = 2 and 4, each
+configuration ``--repeat`` times, the values of M alternating within each round, and
+reports the best run of each (its split per rank beside it).
 
-    python benchmarks/pipeline.py --sizes 2048,2048,2048,2048,2048 --batch 1024
+    python benchmarks/pipeline.py --sizes 2048,2048,2048,2048,2048 --batch 1024 --repeat 3
 """
 
 from __future__ import annotations
@@ -28,10 +30,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--ranks", default="2,4")
     parser.add_argument("--micro-batches", default="1,4,8,16")
+    parser.add_argument("--repeat", type=int, default=3, help="runs of each configuration; best kept")
     args = parser.parse_args()
     sizes = [int(n) for n in args.sizes.split(",")]
     me = [sys.executable, str(Path(__file__).resolve().parent / "train_mlp.py")]
-    print(f"dense MLP {args.sizes}, float32, batch {args.batch}, strategy layers; samples/s")
+    print(f"dense MLP {args.sizes}, float32, batch {args.batch}, strategy layers; samples/s, "
+          f"best of {args.repeat} runs")
     with tempfile.TemporaryDirectory(prefix="mpinn-pipe-") as tmp:
         model, data = f"{tmp}/model.h5", f"{tmp}/data.h5"
         for cmd in (["init", model, "--sizes", args.sizes],
@@ -39,15 +43,17 @@ def main() -> None:
                      "--features", str(sizes[0]), "--outputs", str(sizes[-1])]):
             run([sys.executable, "-m", "mpinn", *cmd], 2)
         for p in (int(r) for r in args.ranks.split(",")):
-            results, splits = {}, {}
-            for m in (int(v) for v in args.micro_batches.split(",")):
-                out = run_json(["mpirun", "--oversubscribe", "-n", str(p), *me, "--worker", "mpinn",
-                                "--model", model, "--data", data, "--strategy", "layers",
-                                "--layer-ranks", LAYER_RANKS[p], "--micro-batches", str(m),
-                                "--sizes", args.sizes, "--batch", str(args.batch),
-                                "--steps", str(args.steps)], 1)
-                results[m] = out["samples_per_second"]
-                splits[m] = out["ranks"]
+            results: dict[int, float] = {}
+            splits: dict[int, list[dict]] = {}
+            for _ in range(args.repeat):  # rounds: load on the machine hits every M alike
+                for m in (int(v) for v in args.micro_batches.split(",")):
+                    out = run_json(["mpirun", "--oversubscribe", "-n", str(p), *me, "--worker",
+                                    "mpinn", "--model", model, "--data", data, "--strategy",
+                                    "layers", "--layer-ranks", LAYER_RANKS[p], "--micro-batches",
+                                    str(m), "--sizes", args.sizes, "--batch", str(args.batch),
+                                    "--steps", str(args.steps)], 1)
+                    if out["samples_per_second"] > results.get(m, 0.0):
+                        results[m], splits[m] = out["samples_per_second"], out["ranks"]
             base = results[min(results)]
             line = "  ".join(f"M={m}: {sps:7.1f} ({sps / base:.2f}x)" for m, sps in results.items())
             print(f"P={p} (layer ranks {LAYER_RANKS[p]}): {line}", flush=True)

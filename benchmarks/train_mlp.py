@@ -5,9 +5,13 @@ One invocation runs, on the same layer sizes, batch and step count:
   * mpinn under ``mpirun -n P`` with one BLAS thread per rank, through the real ``train``
     path (exchange plans, step guard, optimizer), with its time split per step,
   * PyTorch (CPU) in one process with P threads (``--peer torch``; needs torch),
+  * PyTorch's own parallel training under ``torchrun``, P processes x 1 thread, gloo on
+    127.0.0.1: DistributedDataParallel (``ddp``) and DTensor tensor parallelism (``tp``),
   * a plain single-process numpy loop with P BLAS threads, the no-MPI baseline.
+Every run goes once per round, ``--pairs`` rounds, alternating; the table gives medians.
 
     python benchmarks/train_mlp.py --ranks 2 --sizes 784,4096,4096,4096,10 --batch 256 --steps 8
+    python benchmarks/train_mlp.py --ranks 2 --sizes 64,256,256,10 --batch 64 --steps 200
 
 FLOPs per sample and step count the forward GEMM (2 n_in n_out per layer), the weight
 gradient (2 n_in n_out) and the input gradient (2 n_in n_out, not for the first layer).
@@ -18,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -37,7 +42,8 @@ def child_env(threads: int) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in BLAS_VARS and k != "MPINN_AUTO_THREADS"}
     env.update({k: str(threads) for k in BLAS_VARS})
     path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
-    env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", PYTHONPATH=path)
+    env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", PYTHONPATH=path,
+               GLOO_SOCKET_IFNAME="lo")  # torchrun peers: gloo on the loopback only
     return env
 
 
@@ -158,6 +164,90 @@ def worker_torch(args: argparse.Namespace) -> None:
                       "version": torch.__version__}))
 
 
+def _torch_net(sizes: list[int], dtype: object) -> object:
+    """The benchmark's MLP as a torch ``Sequential``: Linear layers with ReLU between them."""
+    import torch
+    layers: list[torch.nn.Module] = []
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
+        layers.append(torch.nn.Linear(a, b, dtype=dtype))
+        if i < len(sizes) - 2:
+            layers.append(torch.nn.ReLU())
+    return torch.nn.Sequential(*layers)
+
+
+def worker_torch_dist(args: argparse.Namespace) -> None:
+    """PyTorch's own parallel training, one process per ``torchrun`` worker, 1 thread each.
+
+    ``ddp``: DistributedDataParallel, every process a whole copy of the model and 1/P of
+    the global batch, gradients allreduced by gloo. ``tp``: tensor parallelism with
+    DTensor, the Linear layers alternating ``ColwiseParallel`` (rows split, outputs stay
+    sharded) and ``RowwiseParallel`` (columns split, outputs summed), so one allreduce per
+    pair of layers, every process the whole batch; an odd last layer is column-split with
+    its outputs gathered. Same global batch, dtype and SGD as the other runs.
+    """
+    import torch
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    sizes = [int(n) for n in args.sizes.split(",")]
+    dtype = getattr(torch, args.dtype)
+    torch.manual_seed(0)
+    net = _torch_net(sizes, dtype)
+    x = torch.rand(args.batch, sizes[0], dtype=dtype)
+    y = torch.randint(0, sizes[-1], (args.batch,))
+    if args.torch_mode == "ddp":
+        lo, hi = rank * args.batch // world, (rank + 1) * args.batch // world
+        x, y = x[lo:hi], y[lo:hi]  # the global batch split as DistributedSampler would
+        net = torch.nn.parallel.DistributedDataParallel(net)
+    else:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor import Replicate
+        from torch.distributed.tensor import parallel as tp
+        mesh = init_device_mesh("cpu", (world,))
+        linear = [str(i) for i, m in enumerate(net) if isinstance(m, torch.nn.Linear)]
+        plan: dict[str, object] = {}
+        for j, name in enumerate(linear):
+            if j % 2:
+                plan[name] = tp.RowwiseParallel()
+            elif j == len(linear) - 1:
+                plan[name] = tp.ColwiseParallel(output_layouts=Replicate())
+            else:
+                plan[name] = tp.ColwiseParallel()
+        net = tp.parallelize_module(net, mesh, plan)
+    opt = torch.optim.SGD(net.parameters(), lr=1e-3)
+    loss_fn = torch.nn.CrossEntropyLoss()
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=False)
+        loss_fn(net(x), y).backward()
+        opt.step()
+
+    step()
+    dist.barrier()
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    dist.barrier()
+    elapsed = time.perf_counter() - start
+    if rank == 0:
+        print(json.dumps({"samples_per_second": args.steps * args.batch / elapsed,
+                          "version": torch.__version__}), flush=True)
+    dist.destroy_process_group()
+
+
+def torchrun(script: list[str], processes: int) -> list[str]:
+    """``torchrun`` on one node running ``script`` (a path and its arguments) with this
+    interpreter, its rendezvous and gloo on 127.0.0.1 (a free port)."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    launcher = str(Path(sys.executable).with_name("torchrun"))
+    return [launcher, "--nnodes", "1", "--nproc-per-node", str(processes), "--master-addr",
+            "127.0.0.1", "--master-port", str(port), *script]
+
+
 def worker_numpy(args: argparse.Namespace) -> None:
     import numpy as np
     sizes = [int(n) for n in args.sizes.split(",")]
@@ -192,6 +282,109 @@ def worker_numpy(args: argparse.Namespace) -> None:
     print(json.dumps({"samples_per_second": args.steps * args.batch / (time.perf_counter() - start)}))
 
 
+def peer_runs(args: argparse.Namespace, me: list[str],
+              common: list[str]) -> list[tuple[str, list[str], int]]:
+    """(name, command, BLAS threads) of each peer ``--peer`` names, in the order given."""
+    p, runs = args.ranks, []
+    for peer in (name for name in args.peer.split(",") if name != "none"):
+        if peer == "torch":
+            runs.append((f"PyTorch, 1 process, {p} threads",
+                         [*me, "--worker", "torch", "--threads", str(p), *common], p))
+        elif peer in ("ddp", "tp"):
+            title = "DDP (gloo)" if peer == "ddp" else "TP (DTensor, gloo)"
+            runs.append((f"PyTorch {title}, torchrun {p}x1",
+                         torchrun([me[-1], "--worker", "torch_dist", "--torch-mode", peer, *common],
+                                  p), 1))
+        elif peer == "numpy":
+            runs.append((f"numpy loop, 1 process, {p} threads", [*me, "--worker", "numpy", *common], p))
+        else:
+            raise SystemExit(f"--peer: unknown peer {peer!r} (torch, ddp, tp, numpy or none)")
+    return runs
+
+
+def measure_pairs(runs: list[tuple[str, list[str], int]],
+                  pairs: int) -> tuple[list[dict[str, float]], dict]:
+    """Samples/s of every run, all of them once per round, ``pairs`` rounds: the runs of a
+    round share the machine's state of the moment (other load, clocks), so their ratios
+    are fairer than runs taken minutes apart. Also the first run's (mpinn's) last output.
+
+    A peer that fails (torch missing, a gloo that cannot start) is dropped with a note.
+    """
+    rounds: list[dict[str, float]] = []
+    first: dict = {}
+    failed: set[str] = set()
+    for _ in range(pairs):
+        one: dict[str, float] = {}
+        for i, (name, cmd, threads) in enumerate(runs):
+            if name in failed:
+                continue
+            try:
+                out = run_json(cmd, threads)
+            except SystemExit as exc:
+                if i == 0:
+                    raise
+                lines = str(exc).splitlines()
+                why = next((line for line in lines if "Error" in line), lines[-1])
+                print(f"({name} skipped: {why.strip()})", flush=True)
+                failed.add(name)
+                continue
+            one[name] = out["samples_per_second"]
+            if i == 0:
+                first = out
+        rounds.append(one)
+    return rounds, first
+
+
+def print_pairs(rounds: list[dict[str, float]], flops: int, peak: float) -> None:
+    """Per run: the median samples/s over the rounds, its range, and mpinn (the first run)
+    over it as the median of the per-round ratios."""
+    names = list(rounds[0])
+    mine = names[0]
+    print(f"\nmedian of {len(rounds)} rounds, each run once per round")
+    print(f"{'run':<44} {'samples/s':>10} {'range':>15} {'GFLOP/s':>9} {'% of peak':>9} "
+          f"{'mpinn/this':>10}")
+    for name in names:
+        values = [r[name] for r in rounds if name in r]
+        sps = statistics.median(values)
+        spread = f"{min(values):.0f}-{max(values):.0f}"
+        ratio = statistics.median(r[mine] / r[name] for r in rounds if name in r)
+        gflops = sps * flops / 1e9
+        print(f"{name:<44} {sps:>10.1f} {spread:>15} {gflops:>9.1f} {100 * gflops / peak:>8.0f}% "
+              f"{ratio:>9.2f}x")
+
+
+def worker_plan(args: argparse.Namespace) -> None:
+    """The cost model's prediction for this run's layout, from a probe of these ranks."""
+    import numpy as np
+    from mpi4py import MPI
+
+    from mpinn import layout
+    comm = MPI.COMM_WORLD
+    sizes = [int(n) for n in args.sizes.split(",")]
+    machine = layout.probe(comm, sizes, args.batch, args.dtype)
+    replicas = int(getattr(args, "replicas", 1) or 1)
+    strategy = args.strategy if args.strategy in ("balanced", "layers") else "balanced"
+    lay = layout.Layout(replicas, comm.size // replicas, strategy,
+                        args.micro_batches if strategy == "layers" else 1)
+    p = layout.predict(sizes, args.batch, np.dtype(args.dtype).itemsize, lay, machine)
+    chosen, _ = layout.choose(sizes, args.batch, comm.size, machine, np.dtype(args.dtype).itemsize)
+    if comm.rank == 0:
+        print(json.dumps({"layout": str(lay), "step": p.step, "compute": p.compute,
+                          "exchange": p.exchange, "allreduce": p.allreduce,
+                          "chosen": str(chosen.layout), "chosen_step": chosen.step}))
+
+
+def print_prediction(plan: dict, measured_sps: float, batch: int) -> None:
+    """The cost model's step time next to the measured one (median of the rounds)."""
+    measured = batch / measured_sps
+    off = 100 * (plan["step"] - measured) / measured
+    print(f"\ncost model (mpinn/layout.py, probed on these ranks): {plan['layout']} predicted "
+          f"{1e3 * plan['step']:.1f} ms per step (compute {1e3 * plan['compute']:.1f}, exchange "
+          f"{1e3 * plan['exchange']:.1f}, allreduce {1e3 * plan['allreduce']:.1f}); measured "
+          f"{1e3 * measured:.1f} ms: {off:+.0f}%. Its choice for these ranks: {plan['chosen']}, "
+          f"predicted {1e3 * plan['chosen_step']:.1f} ms")
+
+
 def _peak_rss() -> int:
     import resource
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -212,15 +405,21 @@ def main() -> None:
     parser.add_argument("--micro-batches", type=int, default=1)
     parser.add_argument("--replicas", type=int, default=1,
                         help="R copies of the model over R groups of P/R ranks (mpinn --replicas)")
-    parser.add_argument("--peer", default="torch", choices=["torch", "none"])
-    parser.add_argument("--worker", choices=["gemm", "mpinn", "torch", "numpy"], help=argparse.SUPPRESS)
+    parser.add_argument("--peer", default="torch,ddp,tp,numpy",
+                        help="comma list of peers run beside mpinn: torch (1 process, P threads), "
+                        "ddp and tp (torchrun P processes x 1 thread), numpy; or none")
+    parser.add_argument("--pairs", type=int, default=3,
+                        help="rounds of every run; figures are medians over them")
+    parser.add_argument("--torch-mode", choices=["ddp", "tp"], help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=["gemm", "mpinn", "torch", "torch_dist", "numpy", "plan"],
+                        help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         {"gemm": worker_gemm, "mpinn": worker_mpinn, "torch": worker_torch,
-         "numpy": worker_numpy}[args.worker](args)
+         "torch_dist": worker_torch_dist, "numpy": worker_numpy, "plan": worker_plan}[args.worker](args)
         return
 
     sizes = [int(n) for n in args.sizes.split(",")]
@@ -245,7 +444,6 @@ def main() -> None:
           f"GFLOP/s with {p} single-threaded processes at once. Ceiling: {peak_p:.1f} GFLOP/s",
           flush=True)
 
-    rows = []
     with tempfile.TemporaryDirectory(prefix="mpinn-bench-") as tmp:
         model, data = f"{tmp}/model.h5", f"{tmp}/data.h5"
         env_cmd = [sys.executable, "-m", "mpinn"]
@@ -254,29 +452,20 @@ def main() -> None:
                      str(args.batch * args.steps), "--features", str(sizes[0]), "--outputs",
                      str(sizes[-1]), "--dtype", args.dtype]):
             run(cmd, p)
-        mp = run_json(["mpirun", "--oversubscribe", "-n", str(p), *me, "--worker", "mpinn",
-                       "--model", model, "--data", data, "--strategy", args.strategy,
-                       "--layer-ranks", args.layer_ranks, "--micro-batches",
-                       str(args.micro_batches), "--replicas", str(args.replicas), *common], 1)
-    layout = f", R = {args.replicas} x Q = {p // args.replicas}" if args.replicas > 1 else ""
-    rows.append((f"mpinn, mpirun -n {p}{layout}, 1 thread/rank", mp["samples_per_second"]))
-    if args.peer == "torch":
-        try:
-            torch = run_json([*me, "--worker", "torch", "--threads", str(p), *common], p)
-            rows.append((f"PyTorch {torch['version']}, {p} threads", torch["samples_per_second"]))
-        except SystemExit as exc:
-            print(f"(PyTorch peer skipped: {str(exc).splitlines()[-1]})")
-    numpy_row = run_json([*me, "--worker", "numpy", *common], p)
-    rows.append((f"numpy loop, 1 process, {p} threads", numpy_row["samples_per_second"]))
-
-    torch_sps = next((sps for name, sps in rows if name.startswith("PyTorch")), None)
-    print(f"\n{'run':<40} {'samples/s':>10} {'GFLOP/s':>9} {'% of peak':>9} {'vs torch':>9}")
-    for name, sps in rows:
-        gflops = sps * flops / 1e9
-        ratio = f"{sps / torch_sps:.2f}x" if torch_sps else "-"
-        print(f"{name:<40} {sps:>10.1f} {gflops:>9.1f} {100 * gflops / peak_p:>8.0f}% {ratio:>9}")
-    print(f"{'ceiling: GEMM peak, ' + str(p) + ' threads':<40} {peak_p * 1e9 / flops:>10.1f} "
-          f"{peak_p:>9.1f} {100:>8.0f}%")
+        mpinn_cmd = ["mpirun", "--oversubscribe", "-n", str(p), *me, "--worker", "mpinn",
+                     "--model", model, "--data", data, "--strategy", args.strategy,
+                     "--layer-ranks", args.layer_ranks, "--micro-batches",
+                     str(args.micro_batches), "--replicas", str(args.replicas), *common]
+        layout = f", R = {args.replicas} x Q = {p // args.replicas}" if args.replicas > 1 else ""
+        runs = [(f"mpinn, mpirun -n {p}{layout}, 1 thread/rank", mpinn_cmd, 1),
+                *peer_runs(args, me, common)]
+        rounds, mp = measure_pairs(runs, args.pairs)
+    print_pairs(rounds, flops, peak_p)
+    plan = run_json(["mpirun", "--oversubscribe", "-n", str(p), *me, "--worker", "plan",
+                     "--strategy", args.strategy, "--micro-batches", str(args.micro_batches),
+                     "--replicas", str(args.replicas), *common], 1)
+    print(f"{'ceiling: GEMM peak, ' + str(p) + ' threads':<44} {peak_p * 1e9 / flops:>10.1f} "
+          f"{'':>15} {peak_p:>9.1f} {100:>8.0f}%")
 
     print("\nmpinn time per step, per rank (ms):")
     keys = ["compute", "pack", "comm_wait", "optimizer", "python_other"]
@@ -286,6 +475,7 @@ def main() -> None:
               + f" {entry['sent'] / 1e6:>8.1f} {entry['rss'] / 2**20:>11.0f}")
     print(f"  checkpoint write (I/O), once per run: {mp['io_seconds']:.2f} s; "
           f"model {params * (4 if args.dtype == 'float32' else 8) / 2**20:.0f} MiB")
+    print_prediction(plan, statistics.median(r[next(iter(r))] for r in rounds), args.batch)
 
 
 if __name__ == "__main__":

@@ -96,6 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare", action="store_true",
                    help="print what every strategy would exchange, its imbalance and local "
                    "edges; store nothing")
+    p.add_argument("--plan", action="store_true",
+                   help="probe this job's ranks for a few seconds and print the predicted step "
+                   "time of every layout (replicas x ranks per group, strategy, micro-batches) "
+                   "next to the chosen one; store nothing")
+    p.add_argument("--batch-size", type=int, default=256, help="global batch for --plan")
     _partition_flags(p, stored=False)
     p.add_argument("--ranks-per-node", type=int, metavar="K", help=NODES_HELP)
 
@@ -457,7 +462,7 @@ def file_plan(args: argparse.Namespace) -> FilePlan:
         writes("MODEL", args.model, "written by init")
     elif command in ("partition", "inspect", "train", "evaluate", "predict"):
         plan.inputs["MODEL"] = args.model
-        if command == "partition" and not args.compare:
+        if command == "partition" and not (args.compare or args.plan):
             plan.locked[args.model] = "partitioned"
         if command == "train":
             plan.locked[args.model] = "trained"
@@ -664,6 +669,12 @@ def run(args: argparse.Namespace) -> int:
         choice = _choice(args)
         if args.compare:
             text = compare(args.model, args.ranks, comm, choice.params, args.ranks_per_node)
+            if rank0:
+                print(text)
+            return 0
+        if args.plan:
+            from mpinn.describe import plan
+            text = plan(args.model, args.ranks, args.batch_size, comm)
             if rank0:
                 print(text)
             return 0

@@ -330,3 +330,34 @@ def store_partition(path: str, nranks: int, strategy: str, params: dict[str, Any
         print(f"{path}: stored partition {name!r} ({strategy}, {nranks} ranks)")
         print("\n".join(report))
     return table
+
+
+def plan(path: str, nranks: int, batch: int, comm: MPI.Comm, seconds: float = 1.0) -> str:
+    """``partition --plan``: the cost model's prediction for every layout of ``nranks`` ranks
+    (R replicas x Q ranks, strategy, micro-batches) of this model at ``batch``, with the
+    machine measured by a few seconds of probing on this job's ranks (collective)."""
+    from mpinn import layout
+
+    with fmt.opened(path, "r", comm) as f:
+        spec = agree(comm, lambda: fmt.read_spec(f))
+    candidates = layout.candidates(nranks, spec.sizes, batch)  # refuses a bad count before probing
+    machine = layout.probe(comm, spec.sizes, batch, spec.dtype.name, seconds)
+    chosen, table = layout.choose(spec.sizes, batch, nranks, machine, spec.dtype.itemsize,
+                                  layouts=candidates)
+
+    def text() -> str:
+        links = (f"links {machine.bandwidth / 1e9:.2f} GB/s, latency {1e6 * machine.latency:.1f} us "
+                 f"(alltoall on {comm.size} ranks)" if machine.measured_links else
+                 f"links assumed {machine.bandwidth / 1e9:.2f} GB/s, {1e6 * machine.latency:.1f} us "
+                 "(one rank: run under mpirun -n P to measure them)")
+        lines = [f"{path}: {nranks} ranks, batch {batch}; measured GEMM {machine.gflops:.1f} "
+                 f"GFLOP/s per rank (half of it at {machine.d_half:.0f} columns), {links}"]
+        if any(ly.storage == "csr" for ly in spec.layers):
+            lines.append("  (CSR layers are costed as dense: their exchange is at most this)")
+        lines.append(layout.format_table(chosen, table, batch))
+        lines.append(f"chosen: --replicas {chosen.layout.replicas} --strategy "
+                     f"{chosen.layout.strategy} --micro-batches {chosen.layout.micro_batches}, "
+                     f"predicted {1e3 * chosen.step:.1f} ms per step")
+        return "\n".join(lines)
+
+    return on_root(comm, text)

@@ -19,7 +19,7 @@ from mpi4py import MPI
 from mpinn import kernels
 from mpinn.errors import MpinnError, inject_fault
 from mpinn.exchange import MAX, MIN, SUM, ExchangePlan, GradientReducer, allreduce
-from mpinn.shard import LayerShard, Shard
+from mpinn.shard import CsrLayerShard, LayerShard, Shard
 
 
 @dataclass
@@ -80,6 +80,7 @@ class Engine:
         self._sum = np.empty(max_batch, dtype)
         self._batch = 0
         self._batch_inputs: list[np.ndarray] | None = None  # the pipeline's per-batch inputs
+        self._scratch: list[np.ndarray] | None = None  # the pipeline's tick arrays
         self._compact: np.ndarray | None = None  # live samples, when forward drops dead ones
         self._zero_stays_zero = False  # checked on the first forward that drops dead samples
         self.live = np.zeros(0, dtype=np.int64)
@@ -350,7 +351,7 @@ class Engine:
                 plan.start_backward(grad_inputs)
                 started = time.perf_counter()
                 layer.input_grad_local(grad_z, grad_inputs)
-            layer.weight_grad(grad_z, self.inputs[i], self.grad_weight[i], first=True)
+            layer.weight_grad(grad_z, self.inputs[i], self.grad_weight[i])
             np.sum(grad_z, axis=1, out=self.grad_bias[i])
             self.seconds_compute += time.perf_counter() - started
             if self.reducer is not None:  # summed over the groups while backward goes on
@@ -410,20 +411,37 @@ class Engine:
         def source(i: int, k: int) -> np.ndarray:
             return x_local[:, cols[k]] if i == 0 else below_out[i - 1][:, cols[k]]
 
+        contiguous = [isinstance(ly, CsrLayerShard) for ly in layers]  # CSR kernels need it
+        scratch = self._tick_scratch()
+
+        def tick_view(which: int, rows: int, k: int) -> np.ndarray:
+            """A (rows, micro-batch) C-contiguous work array, reused every tick."""
+            width = cols[k].stop - cols[k].start
+            return scratch[which][: rows * width].reshape(rows, width)
+
         def forward_layer(i: int, k: int) -> None:
+            # Dense layers read the micro-batch's columns of the whole-batch inputs in place
+            # (BLAS takes the row stride as the leading dimension); CSR kernels need
+            # C-contiguous operands, so theirs are copied into a reused tick array. The
+            # pre-activations go to a tick array for every layer and are copied in after:
+            # written in place into the strided buffer, replicated float32 Adam training
+            # (test_replicas, one-column micro-batches) left the reference's tolerance, for
+            # a reason not yet found (see the commit that made this change).
             layer = layers[i]
-            xk = np.ascontiguousarray(inputs[i][:, cols[k]])
-            zk = np.empty((layer.rows.size, xk.shape[1]), xk.dtype)
+            xk, zk, ak = inputs[i][:, cols[k]], tick_view(1, layer.rows.size, k), a[i][:, cols[k]]
+            if contiguous[i]:
+                xk = tick_view(0, layer.inputs.size, k)
+                xk[...] = inputs[i][:, cols[k]]
             layer.forward_local(xk, zk)
-            layer.forward_remote(xk, zk, np.empty_like(zk))
+            # the scratch is for the dense remote block; CSR rows add in place without it
+            layer.forward_remote(xk, zk, tick_view(0, layer.rows.size, k))
             zk += layer.bias[:, None]
-            ak = np.empty_like(zk)
+            z[i][:, cols[k]] = zk
             if i == n - 1 and self.softmax:
                 self._softmax(zk, ak)
             else:
                 kernels.activate(layer.spec.activation, zk, out=ak, cap=layer.spec.cap,
                                  slope=layer.spec.negative_slope)
-            z[i][:, cols[k]], a[i][:, cols[k]] = zk, ak
             if masks is not None and i < n - 1:
                 np.multiply(ak, masks[i][:, cols[k]], out=below_out[i][:, cols[k]])
             if i == n - 1:
@@ -450,7 +468,10 @@ class Engine:
 
         def backward_layer(i: int, k: int) -> None:  # dL/dx only: weights wait (below)
             if i > 0:
-                gk = np.ascontiguousarray(grad_z[i][:, cols[k]])
+                gk = grad_z[i][:, cols[k]]
+                if contiguous[i]:
+                    gk = tick_view(1, layers[i].rows.size, k)
+                    gk[...] = grad_z[i][:, cols[k]]
                 layers[i].input_grad_local(gk, partial(i, k))
                 layers[i].input_grad_remote(gk, partial(i, k))
 
@@ -496,13 +517,22 @@ class Engine:
         # others wait for, and a stage done early computes these while later ones drain.
         started = time.perf_counter()
         for i, layer in enumerate(layers):
-            layer.weight_grad(grad_z[i], inputs[i], self.grad_weight[i], first=True)
+            layer.weight_grad(grad_z[i], inputs[i], self.grad_weight[i])
             np.sum(grad_z[i], axis=1, out=self.grad_bias[i])
             if self.reducer is not None:
                 self.reducer.post(i)
         self.seconds_compute += time.perf_counter() - started
         self._batch = batch
         return total
+
+    def _tick_scratch(self) -> list[np.ndarray]:
+        """Two flat work arrays of the pipeline, each as large as the widest layer's inputs
+        or rows times the largest batch; made on the first pipelined step."""
+        if self._scratch is None:
+            widest = max(max(ly.inputs.size, ly.rows.size) for ly in self.shard.layers)
+            dtype = self.shard.spec.dtype
+            self._scratch = [np.empty(widest * self.max_batch, dtype) for _ in range(2)]
+        return self._scratch
 
     def parameters(self) -> list[tuple[np.ndarray, np.ndarray]]:
         """(parameter, gradient) pairs of my rows, weights then bias per layer."""

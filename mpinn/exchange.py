@@ -522,3 +522,23 @@ class GradientReducer:
         self._requests = []
         self._ready = [False] * len(self.buffers)
         self._next = len(self.buffers) - 1
+
+def time_alltoall(comm: MPI.Comm, nbytes: int, seconds: float) -> float:
+    """Seconds of one Alltoall with ``nbytes`` per rank pair on ``comm``: the best of as many
+    runs as fit in about ``seconds``, the slowest rank's (for the cost model's probe)."""
+    size = comm.Get_size()
+    send = np.ones(size * nbytes, dtype=np.uint8)
+    recv = np.empty_like(send)
+    comm.Alltoall(send, recv)
+    best, start, runs = np.inf, time.perf_counter(), np.zeros(1)
+    while True:  # every rank runs as many as rank 0 decides, so none waits on a missing one
+        runs[0] = time.perf_counter() - start < seconds
+        comm.Bcast(runs, root=0)
+        if not runs[0]:
+            break
+        comm.Barrier()
+        started = time.perf_counter()
+        comm.Alltoall(send, recv)
+        best = min(best, time.perf_counter() - started)
+    worst = np.array([best])
+    return float(allreduce(comm, worst, MAX)[0])

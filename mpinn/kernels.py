@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import numpy as np
 import scipy.sparse as sp
-from scipy.linalg.blas import get_blas_funcs
 from scipy.special import erf, expit
 
 from mpinn.errors import MpinnError
@@ -184,18 +183,13 @@ def block_input_grad(weight: np.ndarray, grad_z: np.ndarray, columns: slice,
         np.matmul(weight[:, columns].T, grad_z, out=grad_inputs[columns])
 
 
-def accumulate_weight_grad(grad_weight: np.ndarray, grad_z: np.ndarray, inputs: np.ndarray,
-                           first: bool) -> None:
-    """``grad_weight (+)= grad_z @ inputs.T`` without a temporary the size of the weights.
+def dense_weight_grad(grad_z: np.ndarray, inputs: np.ndarray, grad_weight: np.ndarray) -> None:
+    """``grad_weight = grad_z @ inputs.T`` over the whole batch, into the preallocated array.
 
-    Micro-batches add their share in place: BLAS gemm with beta = 1 on the transposed,
-    Fortran-ordered view of the C-ordered gradient.
+    The pipeline computes it once after its last tick rather than adding one product per
+    micro-batch: one large GEMM, and nothing accumulates in place.
     """
-    if first or grad_weight.size == 0:
-        np.matmul(grad_z, inputs.T, out=grad_weight)
-        return
-    gemm = get_blas_funcs("gemm", (grad_weight,))
-    gemm(1.0, inputs, grad_z, beta=1.0, c=grad_weight.T, trans_b=1, overwrite_c=1)
+    np.matmul(grad_z, inputs.T, out=grad_weight)
 
 
 def dense_backward(inputs: np.ndarray, grad_z: np.ndarray, grad_weight: np.ndarray,
@@ -205,7 +199,7 @@ def dense_backward(inputs: np.ndarray, grad_z: np.ndarray, grad_weight: np.ndarr
     The partial sums ``W^T dz`` for the inputs come from ``block_input_grad``, a block at a
     time, so the remote ones can travel while the rest is computed.
     """
-    np.matmul(grad_z, inputs.T, out=grad_weight)
+    dense_weight_grad(grad_z, inputs, grad_weight)
     np.sum(grad_z, axis=1, out=grad_bias)
 
 
@@ -246,17 +240,16 @@ def csr_transpose_matmul(indptr: np.ndarray, indices: np.ndarray, values: np.nda
 
 
 def csr_weight_grad(indptr: np.ndarray, indices: np.ndarray, entry_rows: np.ndarray,
-                    grad_z: np.ndarray, x: np.ndarray, out: np.ndarray, first: bool,
+                    grad_z: np.ndarray, x: np.ndarray, out: np.ndarray,
                     chunk_elements: int = 1 << 21) -> None:
-    """``out[k] (+)= grad_z[row_k] . x[col_k]`` for every entry k of a CSR block (a sampled
+    """``out[k] = grad_z[row_k] . x[col_k]`` for every entry k of a CSR block (a sampled
     product): only stored connections get a gradient, so the pattern is kept.
 
     Above a fill of 1/64 a GEMM of a few rows against all of ``x``, sampled afterwards,
     beats gathering two rows per entry; below it, entries go in chunks. Either way the
     temporaries stay under ``chunk_elements`` values, never the dense matrix.
     """
-    if first:
-        out.fill(0)
+    out.fill(0)  # both paths below add into it chunk by chunk
     n_rows, batch = grad_z.shape[0], max(1, grad_z.shape[1])
     if out.size == 0:
         return

@@ -81,10 +81,9 @@ class LayerShard:
         """Partial sums ``W_remote^T dz``, sent back to the inputs' owners."""
         kernels.block_input_grad(self.weight, grad_z, slice(self.n_local, None), partial)
 
-    def weight_grad(self, grad_z: np.ndarray, inputs: np.ndarray, grad_weight: np.ndarray,
-                    first: bool) -> None:
-        """``grad_weight (+)= dz @ x^T`` (accumulated over micro-batches unless ``first``)."""
-        kernels.accumulate_weight_grad(grad_weight, grad_z, inputs, first)
+    def weight_grad(self, grad_z: np.ndarray, inputs: np.ndarray, grad_weight: np.ndarray) -> None:
+        """``grad_weight = dz @ x^T`` of my rows over the whole batch."""
+        kernels.dense_weight_grad(grad_z, inputs, grad_weight)
 
     # ---- file I/O of weight-shaped arrays (weights, optimizer state)
 
@@ -186,13 +185,12 @@ class CsrLayerShard(LayerShard):
         kernels.csr_transpose_matmul(self.remote_ptr, c, w, self.inputs.size, grad_z, partial,
                                      accumulate=True)
 
-    def weight_grad(self, grad_z: np.ndarray, inputs: np.ndarray, grad_weight: np.ndarray,
-                    first: bool) -> None:
+    def weight_grad(self, grad_z: np.ndarray, inputs: np.ndarray, grad_weight: np.ndarray) -> None:
         """Gradients of the stored weights only: the sparsity pattern is kept."""
         for ptr, block in ((self.local_ptr, slice(0, self.n_local_entries)),
                            (self.remote_ptr, slice(self.n_local_entries, None))):
             kernels.csr_weight_grad(ptr, self.columns[block], self.entry_rows[block], grad_z,
-                                    inputs, grad_weight[block], first)
+                                    inputs, grad_weight[block])
 
     def weight_file_shape(self) -> tuple[int, ...]:
         return (self.spec.nnz,)

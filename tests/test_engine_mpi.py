@@ -258,6 +258,7 @@ def test_pipelined_training_equals_reference(strategy, micro_batches, mpi_tmp_pa
     train_and_compare(mpi_tmp_path, "softmax", "float64", strategy, micro_batches)
     train_and_compare(mpi_tmp_path, "regression", "float32", strategy, micro_batches)
     train_and_compare(mpi_tmp_path, "mixed", "float64", strategy, micro_batches)
+    train_and_compare(mpi_tmp_path, "sparse", "float32", strategy, micro_batches)
 
 
 @pytest.mark.parametrize("case", ["sparse", "mixed"])

@@ -1,0 +1,328 @@
+"""The cost model of a layout: the predicted step time of R replicas x Q ranks per group.
+
+A layout runs P = R x Q ranks: Q ranks hold one copy of the partitioned model (a strategy
+computed for Q), R such groups each take 1/R of every batch, and after backward each rank
+sums its weight gradients with the R - 1 ranks that own the same rows in the other groups.
+Numbers in, predictions out: the model's layer widths, the global batch, bytes per value,
+and a ``Machine`` (GEMM rate, link bandwidth and latency) that ``probe`` measures in a few
+seconds. docs/scaling.md derives every term; ``choose`` is what ``--replicas auto`` and
+``partition --plan`` call. Nothing here talks to MPI except ``probe``, and it only through
+exchange.py.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from mpinn import distributor
+from mpinn.errors import MpinnError
+
+# Shared memory between processes of one host, as measured here (docs/scaling.md: 2-4.5
+# GB/s), for a probe that has a single rank and so cannot time an exchange.
+ASSUMED_BANDWIDTH = 3e9
+ASSUMED_LATENCY = 5e-6
+# Python and bookkeeping per layer and pass (forward or backward) of one micro-batch: the
+# "python_other" share of benchmarks/train_mlp.py's split on small models.
+OVERHEAD_PER_LAYER = 60e-6
+# An SGD update reads a weight and its gradient and writes the weight: memory-bound, about
+# 0.6 ns per float32 parameter here; the probe measures it.
+UPDATE_PER_PARAMETER = 0.6e-9
+MAX_RANKS = 1 << 20  # candidates are enumerated, one per divisor
+
+
+@dataclass(frozen=True)
+class Machine:
+    """What one rank can do while all ranks work at once.
+
+    GEMMs follow Hockney's model: a product whose smallest dimension is d runs at
+    ``gflops * d / (d + d_half)`` GFLOP/s, so thin products (few rows per rank, few
+    samples per group) are slower per FLOP. A message of m bytes takes
+    ``latency + m / bandwidth`` seconds.
+    """
+
+    gflops: float
+    d_half: float
+    bandwidth: float
+    latency: float
+    overhead: float = OVERHEAD_PER_LAYER
+    update: float = UPDATE_PER_PARAMETER  # optimizer seconds per parameter a rank holds
+    measured_links: bool = True  # False: bandwidth and latency are the assumed defaults
+
+    def gemm_seconds(self, m: int, k: int, n: int) -> float:
+        """Seconds of an (m x k) @ (k x n) product on one rank."""
+        d = min(m, k, n)
+        if d == 0:
+            return 0.0
+        return 2.0 * m * k * n / (self.gflops * 1e9 * d / (d + self.d_half))
+
+    def message_seconds(self, nbytes: float) -> float:
+        return self.latency + nbytes / self.bandwidth
+
+
+@dataclass(frozen=True)
+class Layout:
+    """R replicas of a Q-rank partition with ``strategy``, batches cut in ``micro_batches``."""
+
+    replicas: int
+    group: int
+    strategy: str = "balanced"
+    micro_batches: int = 1
+
+    def __str__(self) -> str:
+        text = f"{self.replicas}x{self.group} {self.strategy}"
+        return text + (f" M={self.micro_batches}" if self.micro_batches > 1 else "")
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """Seconds per step of one layout, by part, and the bytes one rank sends per step."""
+
+    layout: Layout
+    compute: float
+    exchange: float
+    allreduce: float
+    overhead: float
+    optimizer: float
+    exchange_bytes: float
+    allreduce_bytes: float
+    rank_parameters: int  # weights and biases the busiest rank holds
+
+    @property
+    def step(self) -> float:
+        """Predicted seconds per step: the parts add (no overlap is assumed)."""
+        return self.compute + self.exchange + self.allreduce + self.overhead + self.optimizer
+
+
+def predict(sizes: Sequence[int], batch: int, itemsize: int, layout: Layout,
+            machine: Machine) -> Prediction:
+    """Predicted step time of a dense MLP with widths ``sizes`` on ``layout``.
+
+    Each group runs ceil(batch / R) samples (the largest share). ``balanced``: every layer
+    split in Q row blocks, each rank reading all inputs (docs/scaling.md, "Per
+    strategy"). ``layers``: contiguous groups of layers per rank as ``partition`` makes
+    them, run as a GPipe pipeline of ``micro_batches``.
+    """
+    _check(sizes, batch, layout)
+    b = -(-batch // layout.replicas)
+    if layout.strategy == "balanced":
+        compute, exchange, nbytes, params = _balanced(sizes, b, itemsize, layout.group, machine)
+        passes = 2 * (len(sizes) - 1)
+    else:
+        compute, exchange, nbytes, params = _layers(sizes, b, itemsize, layout, machine)
+        passes = 2 * (len(sizes) - 1) * layout.micro_batches
+    r = layout.replicas
+    # one ring allreduce per layer of the rank's rows: 2(R-1)/R of their bytes, 2(R-1) steps
+    ring_bytes = 2.0 * (r - 1) / r * params * itemsize
+    allreduce = 0.0
+    if r > 1:
+        allreduce = ring_bytes / machine.bandwidth + 2 * (r - 1) * (len(sizes) - 1) * machine.latency
+    return Prediction(layout, compute, exchange, allreduce, passes * machine.overhead,
+                      params * machine.update, nbytes, ring_bytes, params)
+
+
+def _check(sizes: Sequence[int], batch: int, layout: Layout) -> None:
+    if len(sizes) < 2 or min(sizes) < 1:
+        raise MpinnError(f"layer sizes {list(sizes)}: need at least two positive widths")
+    if layout.replicas < 1 or layout.group < 1:
+        raise MpinnError(f"layout {layout}: replicas and group size must be positive")
+    if batch < layout.replicas:
+        raise MpinnError(f"a batch of {batch} cannot be shared by {layout.replicas} replicas")
+    if layout.strategy not in ("balanced", "layers"):
+        raise MpinnError(f"the cost model knows balanced and layers, not {layout.strategy!r}")
+    if layout.micro_batches < 1 or (layout.strategy == "balanced" and layout.micro_batches > 1):
+        raise MpinnError(f"layout {layout}: micro-batches are for the layers strategy")
+
+
+def _balanced(sizes: Sequence[int], b: int, itemsize: int, q: int,
+              machine: Machine) -> tuple[float, float, float, int]:
+    """(compute s, exchange s, bytes sent, parameters) of the busiest rank, balanced on Q."""
+    compute = exchange = nbytes = 0.0
+    params = 0
+    for layer, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=True), start=1):
+        rows = -(-n_out // q)
+        params += rows * (n_in + 1)
+        passes = 3 if layer > 1 else 2  # forward, weight gradient, input gradient
+        compute += passes * machine.gemm_seconds(rows, n_in, b)
+        if q > 1:
+            # each of the Q-1 others sends its n_in/Q inputs of b samples; backward returns
+            # as many partial sums (not for the first layer: inputs need no gradient)
+            block = -(-n_in // q) * b * itemsize
+            directions = 2 if layer > 1 else 1
+            exchange += directions * (q - 1) * machine.message_seconds(block)
+            nbytes += directions * (q - 1) * block
+    if q > 1:  # softmax max and sum, loss: three reductions of b values
+        exchange += 3 * math.ceil(math.log2(q)) * machine.message_seconds(b * itemsize)
+    return compute, exchange, nbytes, params
+
+
+def _layers(sizes: Sequence[int], b: int, itemsize: int, layout: Layout,
+            machine: Machine) -> tuple[float, float, float, int]:
+    """The same for whole layers per rank as a pipeline of M micro-batches.
+
+    Stage s computes micro-batch k at tick k + s: M + S - 1 ticks forward and as many
+    backward, each as long as the slowest stage's share of one micro-batch plus the one
+    message across a stage boundary; weight gradients follow over the whole batch.
+    """
+    n_layers, m = len(sizes) - 1, layout.micro_batches
+    nnz = [np.full(n_out, n_in) for n_in, n_out in zip(sizes[:-1], sizes[1:], strict=True)]
+    owner = distributor.layer_blocks(sizes, layout.group, nnz)[1:]  # the rank of each layer
+    mb = -(-b // m)
+    stages = sorted(set(owner))
+    fwd = {s: 0.0 for s in stages}
+    bwd = {s: 0.0 for s in stages}
+    wgrad = {s: 0.0 for s in stages}
+    params = {s: 0 for s in stages}
+    for layer in range(n_layers):
+        n_in, n_out, s = sizes[layer], sizes[layer + 1], owner[layer]
+        fwd[s] += machine.gemm_seconds(n_out, n_in, mb)
+        if layer > 0:
+            bwd[s] += machine.gemm_seconds(n_out, n_in, mb)
+        wgrad[s] += machine.gemm_seconds(n_out, n_in, b)
+        params[s] += n_out * (n_in + 1)
+    crossings = [sizes[layer] for layer in range(1, n_layers) if owner[layer] != owner[layer - 1]]
+    message = max((machine.message_seconds(n * mb * itemsize) for n in crossings), default=0.0)
+    ticks = m + len(stages) - 1
+    compute = ticks * (max(fwd.values()) + max(bwd.values())) + max(wgrad.values())
+    exchange = 2 * ticks * message if crossings else 0.0
+    nbytes = 2.0 * max(crossings, default=0) * b * itemsize
+    return compute, exchange, nbytes, max(params.values())
+
+
+def candidates(ranks: int, sizes: Sequence[int], batch: int,
+               micro_batches: Iterable[int] = (1, 2, 4, 8, 16)) -> list[Layout]:
+    """Every R x Q = ``ranks`` with R <= batch: balanced for each Q, and for 1 < Q <= the
+    layer count also ``layers`` at each micro-batch count that leaves samples in each."""
+    if not 1 <= ranks <= MAX_RANKS:
+        raise MpinnError(f"the cost model compares layouts of 1 to {MAX_RANKS:,} ranks, not {ranks:,}")
+    out = []
+    for q in range(1, ranks + 1):
+        r = ranks // q
+        if r * q != ranks or r > batch:
+            continue
+        out.append(Layout(r, q))
+        if 1 < q <= len(sizes) - 1:
+            b = -(-batch // r)
+            out.extend(Layout(r, q, "layers", m) for m in micro_batches if m <= b)
+    return out
+
+
+def choose(sizes: Sequence[int], batch: int, ranks: int, machine: Machine, itemsize: int = 4,
+           max_rank_parameters: int | None = None,
+           layouts: Sequence[Layout] | None = None) -> tuple[Prediction, list[Prediction]]:
+    """The layout of least predicted step time for ``ranks`` ranks, and every candidate's
+    prediction, fastest first.
+
+    ``max_rank_parameters`` drops layouts whose busiest rank would hold more weights and
+    biases (a memory bound; R = P holds the whole model on every rank).
+    """
+    table = [predict(sizes, batch, itemsize, lay, machine)
+             for lay in (layouts if layouts is not None else candidates(ranks, sizes, batch))]
+    if max_rank_parameters is not None:
+        table = [p for p in table if p.rank_parameters <= max_rank_parameters]
+    if not table:
+        raise MpinnError(f"no layout of {ranks} ranks fits (batch {batch}, at most "
+                         f"{max_rank_parameters} parameters per rank)")
+    table.sort(key=lambda p: (p.step, p.layout.replicas))
+    return table[0], table
+
+
+def format_table(chosen: Prediction, table: Sequence[Prediction], batch: int) -> str:
+    """The candidates as ``partition --plan`` prints them, the chosen one marked."""
+    lines = [f"  {'layout R x Q':<22} {'step ms':>8} {'compute':>8} {'exchange':>8} "
+             f"{'allreduce':>9} {'python':>7} {'update':>7} {'sent MB':>8} {'samples/s':>10}"]
+    for p in table:
+        mark = "  <- chosen" if p is chosen else ""
+        lines.append(f"  {str(p.layout):<22} {1e3 * p.step:>8.2f} {1e3 * p.compute:>8.2f} "
+                     f"{1e3 * p.exchange:>8.2f} {1e3 * p.allreduce:>9.2f} {1e3 * p.overhead:>7.2f} "
+                     f"{1e3 * p.optimizer:>7.2f} "
+                     f"{(p.exchange_bytes + p.allreduce_bytes) / 1e6:>8.2f} "
+                     f"{batch / p.step:>10.0f}{mark}")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------ measuring the machine
+
+
+def fit_d_half(rate_wide: float, d_wide: int, rate_thin: float, d_thin: int) -> tuple[float, float]:
+    """(peak GFLOP/s, d_half) of Hockney's GEMM model through two measured rates."""
+    slope = rate_wide / d_wide - rate_thin / d_thin
+    d_half = max(0.0, (rate_thin - rate_wide) / slope) if slope else 0.0
+    return rate_wide * (d_wide + d_half) / d_wide, d_half
+
+
+def fit_link(seconds_small: float, bytes_small: int, seconds_large: float,
+             bytes_large: int) -> tuple[float, float]:
+    """(bandwidth bytes/s, latency s) of one message through two measured message times."""
+    bandwidth = (bytes_large - bytes_small) / max(seconds_large - seconds_small, 1e-12)
+    latency = max(0.0, seconds_small - bytes_small / bandwidth)
+    return bandwidth, latency
+
+
+def _gemm_rate(m: int, k: int, n: int, dtype: np.dtype, seconds: float) -> float:
+    """GFLOP/s of an (m x k) @ (k x n) product on this process, best of repeated runs."""
+    rng = np.random.default_rng(0)
+    a, x = rng.random((m, k)).astype(dtype), rng.random((k, n)).astype(dtype)
+    out = np.empty((m, n), dtype)
+    np.matmul(a, x, out=out)
+    best, start = math.inf, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        t = time.perf_counter()
+        np.matmul(a, x, out=out)
+        best = min(best, time.perf_counter() - t)
+    return 2.0 * m * k * n / best / 1e9
+
+
+def _update_seconds(n: int, dtype: np.dtype, seconds: float) -> float:
+    """Seconds per parameter of an SGD step ``w -= lr * g`` on ``n`` values, best run."""
+    w, g = np.ones(n, dtype), np.ones(n, dtype)
+    scaled = np.empty_like(g)
+    best, start = math.inf, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        t = time.perf_counter()
+        np.multiply(g, 1e-3, out=scaled)
+        w -= scaled
+        best = min(best, time.perf_counter() - t)
+    return best / n
+
+
+def probe(comm: object, sizes: Sequence[int], batch: int, dtype: str = "float32",
+          seconds: float = 1.0) -> Machine:
+    """Measure a ``Machine`` on the job's ranks, all at once, in a few times ``seconds``.
+
+    GEMM: every rank multiplies the widest layer's weights by a batch-wide block, and by a
+    thin one (16 samples), at the same time as the others (so memory bandwidth is shared
+    as in training); the slowest rank's rates fit ``d_half``. The SGD update's seconds per
+    parameter, the same way. Links: an alltoall through exchange.py of a small and a large
+    block per rank pair; with one rank there is nothing to time and the assumed
+    shared-memory figures are used.
+    """
+    from mpinn.exchange import MAX, MIN, allreduce, time_alltoall
+
+    dt = np.dtype(dtype)
+    widest = max(range(len(sizes) - 1), key=lambda i: sizes[i] * sizes[i + 1])
+    m, k = sizes[widest + 1], sizes[widest]
+    wide, thin = max(16, min(batch, 1024)), 16
+    allreduce(comm, np.zeros(1), MAX)  # start together
+    rates = np.array([_gemm_rate(m, k, wide, dt, seconds), _gemm_rate(m, k, thin, dt, seconds)])
+    allreduce(comm, rates, MIN)
+    if wide > thin:
+        gflops, d_half = fit_d_half(rates[0], min(m, k, wide), rates[1], min(m, k, thin))
+    else:
+        gflops, d_half = rates[0], 0.0
+    update = np.array([_update_seconds(min(m * k, 1 << 22), dt, seconds / 2)])
+    allreduce(comm, update, MAX)
+    size = comm.Get_size()
+    if size == 1:
+        return Machine(gflops, d_half, ASSUMED_BANDWIDTH, ASSUMED_LATENCY, update=float(update[0]),
+                       measured_links=False)
+    small, large = 64, 1 << 20  # bytes per rank pair
+    t_small = time_alltoall(comm, small, seconds / 2)
+    t_large = time_alltoall(comm, large, seconds / 2)
+    # an alltoall is P - 1 messages of each size per rank, one after another at worst
+    bandwidth, latency = fit_link(t_small / (size - 1), small, t_large / (size - 1), large)
+    return Machine(gflops, d_half, bandwidth, latency, update=float(update[0]))

@@ -1,0 +1,181 @@
+"""The cost model of layouts (mpinn/layout.py): pure arithmetic, checked without MPI, plus
+its probe on the ranks a test has."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from mpinn import layout
+from mpinn.errors import MpinnError
+from mpinn.layout import Layout, Machine
+
+WIDE = [784, 4096, 4096, 4096, 10]
+DIGITS = [64, 256, 256, 10]
+# about one core of this machine and its shared-memory links
+CORE = Machine(gflops=50.0, d_half=32.0, bandwidth=3e9, latency=5e-6)
+
+
+def test_exchange_bytes_equal_the_formula_of_docs_scaling():
+    """balanced on Q ranks: Q ranks together send (Q-1) B s (sum of n_{l-1} forward, l >= 1,
+    and backward, l >= 2): the figures of docs/scaling.md's traffic table."""
+    sizes = [784, 1024, 1024, 1024, 10]
+    for q, megabytes in ((2, 7.09), (4, 21.28)):
+        p = layout.predict(sizes, 256, 4, Layout(1, q), CORE)
+        assert round(q * p.exchange_bytes / 1e6, 2) == megabytes
+        forward, backward = sum(sizes[:-1]), sum(sizes[1:-1])
+        assert q * p.exchange_bytes == (q - 1) * (forward + backward) * 256 * 4
+    assert layout.predict(sizes, 256, 4, Layout(4, 1), CORE).exchange_bytes == 0
+
+
+def test_allreduce_moves_2_r_minus_1_over_r_of_a_ranks_parameters():
+    for r, q in ((2, 1), (4, 1), (2, 2), (4, 4)):
+        p = layout.predict(WIDE, 256, 4, Layout(r, q), CORE)
+        rows = [-(-n // q) for n in WIDE[1:]]
+        params = sum(m * (n + 1) for m, n in zip(rows, WIDE[:-1], strict=True))
+        assert p.rank_parameters == params
+        assert p.allreduce_bytes == pytest.approx(2 * (r - 1) / r * params * 4)
+        assert p.optimizer == pytest.approx(params * CORE.update)  # each rank updates its rows
+    assert layout.predict(WIDE, 256, 4, Layout(1, 4), CORE).allreduce == 0
+
+
+def test_one_rank_costs_the_gemms_alone():
+    """R = Q = 1: no exchange, no allreduce; compute is the step's FLOPs at the GEMM rate."""
+    fast = dataclasses.replace(CORE, d_half=0.0)
+    p = layout.predict(WIDE, 256, 4, Layout(1, 1), fast)
+    pairs = list(zip(WIDE[:-1], WIDE[1:], strict=True))
+    flops = 256 * (sum(6 * a * b for a, b in pairs) - 2 * pairs[0][0] * pairs[0][1])
+    assert p.exchange == p.allreduce == 0
+    assert p.compute == pytest.approx(flops / 50e9)
+
+
+def test_predictions_never_grow_with_bandwidth_or_gemm_rate():
+    for sizes, batch, ranks in ((WIDE, 256, 4), (DIGITS, 64, 4), (DIGITS, 4096, 6)):
+        for lay in layout.candidates(ranks, sizes, batch):
+            steps = [layout.predict(sizes, batch, 4, lay, dataclasses.replace(CORE, bandwidth=bw)).step
+                     for bw in (1e8, 1e9, 1e10, 1e11)]
+            assert steps == sorted(steps, reverse=True), lay
+            if lay.replicas > 1 or lay.group > 1:  # bytes travel: strictly faster
+                assert steps[0] > steps[-1], lay
+            rates = [layout.predict(sizes, batch, 4, lay, dataclasses.replace(CORE, gflops=g)).step
+                     for g in (10.0, 50.0, 200.0)]
+            assert rates[0] > rates[1] > rates[2], lay
+
+
+def test_tiny_model_with_a_big_batch_takes_every_rank_as_a_replica():
+    for ranks in (2, 4, 16):
+        chosen, _ = layout.choose(DIGITS, 8192, ranks, CORE)
+        assert (chosen.layout.replicas, chosen.layout.group) == (ranks, 1)
+
+
+def test_wide_layers_at_moderate_batch_keep_one_partitioned_copy():
+    for ranks in (2, 4):
+        chosen, _ = layout.choose(WIDE, 256, ranks, CORE)
+        assert chosen.layout == Layout(1, ranks, "balanced"), chosen.layout
+
+
+def test_a_slow_network_pushes_toward_the_layout_that_sends_least():
+    """At 10 MB/s the wide model's activations (balanced) cost more than pipelining whole
+    layers, whose one boundary carries a single layer's activations."""
+    slow = dataclasses.replace(CORE, bandwidth=1e7)
+    fast_choice, _ = layout.choose(WIDE, 256, 4, CORE)
+    slow_choice, table = layout.choose(WIDE, 256, 4, slow)
+    assert fast_choice.layout.strategy == "balanced"
+    balanced = next(p for p in table if p.layout == Layout(1, 4))
+    assert slow_choice.exchange_bytes + slow_choice.allreduce_bytes \
+        < balanced.exchange_bytes + balanced.allreduce_bytes
+    assert slow_choice.step < balanced.step
+
+
+def test_the_pipeline_beats_taking_turns_when_compute_dominates():
+    """layers on Q ranks unpipelined is serial; micro-batches overlap the stages."""
+    turns = layout.predict(WIDE, 1024, 4, Layout(1, 2, "layers", 1), CORE)
+    piped = layout.predict(WIDE, 1024, 4, Layout(1, 2, "layers", 8), CORE)
+    assert piped.compute < 0.8 * turns.compute
+
+
+def test_choose_returns_every_candidate_fastest_first_and_respects_a_memory_bound():
+    chosen, table = layout.choose(DIGITS, 8192, 4, CORE)
+    assert table[0] is chosen and len(table) == len(layout.candidates(4, DIGITS, 8192))
+    assert [p.step for p in table] == sorted(p.step for p in table)
+    whole = sum(a * b + b for a, b in zip(DIGITS, DIGITS[1:], strict=False))
+    bounded, table = layout.choose(DIGITS, 8192, 4, CORE, max_rank_parameters=whole // 2)
+    assert all(p.rank_parameters <= whole // 2 for p in table)
+    assert bounded.layout.group >= 2
+    text = layout.format_table(chosen, table, 8192)
+    assert text.count("<- chosen") == (1 if chosen in table else 0)
+
+
+def test_candidates_are_every_factorisation_with_a_sample_per_replica():
+    lays = layout.candidates(12, DIGITS, 4)
+    assert {(lay.replicas, lay.group) for lay in lays} == {(4, 3), (3, 4), (2, 6), (1, 12)}
+    assert all(lay.group <= 3 for lay in lays if lay.strategy == "layers")
+    assert all(lay.micro_batches <= -(-4 // lay.replicas) for lay in lays)
+
+
+def test_bad_layouts_are_refused_with_a_message():
+    with pytest.raises(MpinnError, match="cannot be shared by 8 replicas"):
+        layout.predict(DIGITS, 4, 4, Layout(8, 1), CORE)
+    with pytest.raises(MpinnError, match="micro-batches are for the layers strategy"):
+        layout.predict(DIGITS, 64, 4, Layout(1, 2, "balanced", 4), CORE)
+    with pytest.raises(MpinnError, match="not 'mincut'"):
+        layout.predict(DIGITS, 64, 4, Layout(1, 2, "mincut"), CORE)
+    for ranks in (0, -3, 2**63):
+        with pytest.raises(MpinnError, match="layouts of 1 to 1,048,576 ranks"):
+            layout.choose(DIGITS, 64, ranks, CORE)
+    with pytest.raises(MpinnError, match="no layout of 4 ranks fits"):
+        layout.choose(DIGITS, 64, 4, CORE, max_rank_parameters=1)
+
+
+def test_fits_recover_the_parameters_of_their_model():
+    machine = Machine(gflops=40.0, d_half=24.0, bandwidth=2e9, latency=7e-6)
+    rate = [2 * 512 * 512 * d / machine.gemm_seconds(512, 512, d) / 1e9 for d in (256, 16)]
+    assert layout.fit_d_half(rate[0], 256, rate[1], 16) == pytest.approx((40.0, 24.0))
+    small, large = 64, 1 << 20
+    got = layout.fit_link(machine.message_seconds(small), small, machine.message_seconds(large), large)
+    assert got == pytest.approx((2e9, 7e-6))
+
+
+def test_probe_on_one_rank_measures_gemms_and_assumes_the_links():
+    from mpi4py import MPI
+    machine = layout.probe(MPI.COMM_SELF, [32, 64, 10], 32, "float64", seconds=0.05)
+    assert machine.gflops > 0 and machine.d_half >= 0
+    assert not machine.measured_links and machine.bandwidth == layout.ASSUMED_BANDWIDTH
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.timeout(120)
+def test_probe_measures_the_links_on_every_rank_alike():
+    from mpi4py import MPI
+    comm = MPI.COMM_WORLD
+    machine = layout.probe(comm, [32, 64, 10], 32, "float32", seconds=0.1)
+    assert machine.measured_links and machine.bandwidth > 0 and machine.latency >= 0
+    values = np.array([machine.gflops, machine.d_half, machine.bandwidth, machine.latency])
+    everyone = comm.allgather(values)
+    assert all(np.array_equal(v, values) for v in everyone)
+
+
+def test_partition_plan_prints_every_candidate_and_stores_nothing(tmp_path):
+    """``partition --plan``: the table with one chosen row and the flags to use; the model
+    file is only read."""
+    import hashlib
+    import subprocess
+    import sys
+
+    from tests.test_cli import ENV, ROOT
+    model = tmp_path / "m.h5"
+    subprocess.run([sys.executable, "-m", "mpinn", "init", str(model), "--sizes", "16,32,32,4"],
+                   check=True, env=ENV, cwd=ROOT, capture_output=True, timeout=120)
+    before = hashlib.sha256(model.read_bytes()).hexdigest()
+    out = subprocess.run([sys.executable, "-m", "mpinn", "partition", str(model), "--ranks", "4",
+                          "--plan", "--batch-size", "64"], env=ENV, cwd=ROOT, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    for row in ("4x1 balanced", "2x2 balanced", "1x4 balanced", "2x2 layers", "2x2 layers M=2"):
+        assert f"  {row} " in out.stdout, out.stdout
+    assert "1x4 layers" not in out.stdout  # 4 ranks cannot each own one of 3 layers
+    assert out.stdout.count("<- chosen") == 1 and "chosen: --replicas " in out.stdout
+    assert "links assumed" in out.stdout
+    assert hashlib.sha256(model.read_bytes()).hexdigest() == before
