@@ -76,9 +76,10 @@ class DistributedModel:
     """A model file opened on every rank: its spec, partition, this rank's shard and engine."""
 
     def __init__(self, path: str, comm: MPI.Comm, choice: PartitionChoice, max_batch: int,
-                 training: bool = True) -> None:
+                 training: bool = True, exchange: str = "auto") -> None:
         self.path = path
         self.comm = comm
+        self.exchange = exchange  # the kind of every layer's exchange (exchange.make_plans)
         # opened read-only: saves write a new file and swap it in (format.Checkpoint)
         self.file = fmt.open_file(path, "r", comm)
         try:
@@ -89,7 +90,7 @@ class DistributedModel:
             agree(comm, lambda: Shard.check_fits(self.spec, self.table, comm.rank, max_batch))
             self.shard = Shard.load(self.file, self.spec, self.table, comm)
             agree(comm, self._check_finite)
-            self.engine = Engine(self.shard, comm, max_batch, training)
+            self.engine = Engine(self.shard, comm, max_batch, training, self.exchange)
             self.state = agree(comm, lambda: fmt.read_state_attrs(self.file))
             self.partitions = agree(comm, lambda: fmt.read_partitions(self.file))
         except BaseException as exc:
@@ -165,7 +166,7 @@ class DistributedModel:
             return current
         agree(self.comm, lambda: Shard.check_fits(self.spec, self.table, self.comm.rank, max_batch))
         self.engine = None  # type: ignore[assignment] - the old buffers go before the new come
-        self.engine = Engine(self.shard, self.comm, max_batch, training)
+        self.engine = Engine(self.shard, self.comm, max_batch, training, self.exchange)
         return self.engine
 
     def save(self, optimizer: Optimizer | None = None, keep: int = 1, **state: Any) -> None:
