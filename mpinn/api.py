@@ -176,7 +176,8 @@ class Network:
         ``strategy=`` balanced (the default), count (``counts``), percentage
         (``percentages``), ids (``ids``), layers (``layer_ranks``), nnz or mincut.
         ``dtype``: refuse a file whose weights are of another precision. ``exchange``: how
-        layers exchange activations, auto (the default), alltoallv, collective or neighbor
+        layers exchange activations, auto (the default), alltoallv, allgather, collective or
+        neighbor
         (docs/scaling.md, 'Exchange kinds'); the results are the same.
         """
         def check() -> loop.PartitionChoice:

@@ -54,15 +54,17 @@ NODES_HELP = ("show bytes between nodes with K consecutive ranks per node (defau
 
 
 # exchange.EXCHANGES, spelled out here so that parsing the flags does not start MPI
-EXCHANGES = ("auto", "alltoallv", "collective", "neighbor")
+EXCHANGES = ("auto", "alltoallv", "allgather", "collective", "neighbor")
 
 
 def _exchange_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--exchange", default="auto", choices=EXCHANGES,
-                   help="how layers exchange activations: auto (default: the collective pair "
-                   "for dense layers, alltoallv otherwise), alltoallv, collective (allgather "
-                   "forward, reduce-scatter backward, for dense layers) or neighbor (MPI "
-                   "neighbourhood alltoallv); the same results whichever runs")
+                   help="how layers exchange activations: auto (the default: allgather for "
+                   "layers every rank reads whole, alltoallv otherwise), alltoallv, allgather "
+                   "(allgather forward, alltoallv backward), collective (allgather forward, "
+                   "reduce-scatter backward), both where every rank reads the layer whole, or "
+                   "neighbor (MPI neighbourhood alltoallv); the same results whichever runs "
+                   "(docs/scaling.md, 'Exchange kinds')")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -5,11 +5,14 @@ activations of layer l-1 from their owners to every rank whose rows read them, w
 Alltoallv of numpy buffers; ``backward`` sends the partial sums ``W^T dz`` the other way
 and adds them up at the owners. Buffers are allocated once, for the largest batch.
 
-Three kinds of exchange carry the same bytes (``make_plans`` picks one per layer, every
+Four kinds of exchange carry the same bytes (``make_plans`` picks one per layer, every
 rank alike): ``alltoallv``, one Ialltoallv over the whole communicator; ``collective``, for
-a layer every rank reads whole (a dense layer), forward one Iallgatherv and backward one
-Ireduce_scatter; ``neighbor``, one Ineighbor_alltoallv over a graph communicator of the
-ranks that actually exchange (``Dist_graph_create_adjacent``, built once per pattern).
+a layer every rank reads whole (a dense layer, or a sparse one whose rows on every rank
+name all of the layer below), forward one Iallgatherv and backward one Ireduce_scatter;
+``allgather``, the same Iallgatherv forward and the Alltoallv backward (bitwise the
+Alltoallv's results: the forward only moves values, the backward sums in the same order);
+``neighbor``, one Ineighbor_alltoallv over a graph communicator of the ranks that actually
+exchange (``Dist_graph_create_adjacent``, built once per pattern).
 
 A rank's gathered inputs are laid out in *receive order*: grouped by owning rank, ascending
 index within each owner. The receive buffer is then directly the GEMM operand, and the
@@ -36,7 +39,7 @@ from mpinn.metadata import MetadataTable
 
 T = TypeVar("T")
 
-EXCHANGES = ("auto", "alltoallv", "collective", "neighbor")
+EXCHANGES = ("auto", "alltoallv", "allgather", "collective", "neighbor")
 
 
 def receive_order(needed: np.ndarray, owner: np.ndarray, rank: int, size: int) -> np.ndarray:
@@ -145,8 +148,9 @@ class ExchangePlan:
         its neurons, in its local order): a dense layer's pattern."""
         return bool(np.array_equal(self.recv_counts, self.table_counts))
 
-    def use_collective(self) -> None:
-        """Forward as one Iallgatherv, backward as one Ireduce_scatter; only for a layer every
+    def use_collective(self, reduce_scatter: bool = True) -> None:
+        """Forward as one Iallgatherv, backward as one Ireduce_scatter (or, without
+        ``reduce_scatter``, as the Alltoallv: kind ``allgather``); only for a layer every
         rank reads whole (``reads_whole_layer`` on every rank, agreed by ``make_plans``).
 
         The gather puts each owner's block where the receive order wants it; my own block,
@@ -158,7 +162,7 @@ class ExchangePlan:
         the remote sums travel).
         """
         size, rank = self.comm.size, self.comm.rank
-        self.kind = "collective"
+        self.kind = "collective" if reduce_scatter else "allgather"
         # reductions need MPI's predefined type (from_numpy_dtype gives a duplicate)
         self.sum_type = {4: MPI.FLOAT, 8: MPI.DOUBLE}[self.dtype.itemsize]
         self.layer_displs = _displacements(self.table_counts)
@@ -238,7 +242,7 @@ class ExchangePlan:
         Returns the receive buffer (n_inputs, batch): its first ``n_own_inputs`` rows, my own
         inputs, are ready at once; the rest after ``finish_forward``.
         """
-        if self.kind == "collective":
+        if self.kind in ("collective", "allgather"):
             return self._start_gather(local)
         started = time.perf_counter()
         batch = self._batch = local.shape[1]
@@ -362,9 +366,9 @@ def make_plans(comm: MPI.Comm, table: MetadataTable, layers: list[tuple[int, np.
     """One ``ExchangePlan`` per (layer, inputs) pair, each of the kind ``exchange`` asks for
     (collective; every rank decides alike).
 
-    ``collective`` applies only to a layer every rank reads whole and ``neighbor`` only
-    with more than one rank; a layer where the kind asked for does not apply uses
-    ``alltoallv``. ``auto`` follows ``auto_kind``. Graph communicators are built once per
+    ``collective`` and ``allgather`` apply only to a layer every rank reads whole and
+    ``neighbor`` only with more than one rank; a layer where the kind asked for does not
+    apply uses ``alltoallv``. ``auto`` follows ``auto_kind``. Graph communicators are built once per
     distinct pattern of who exchanges with whom and shared by the layers that have it.
     """
     if exchange not in EXCHANGES:
@@ -378,8 +382,8 @@ def make_plans(comm: MPI.Comm, table: MetadataTable, layers: list[tuple[int, np.
     graphs: dict[bytes, MPI.Distgraphcomm] = {}
     for plan, dense in zip(plans, whole, strict=True):
         kind = auto_kind(bool(dense), comm.size) if exchange == "auto" else exchange
-        if kind == "collective" and dense:
-            plan.use_collective()
+        if kind in ("collective", "allgather") and dense:
+            plan.use_collective(reduce_scatter=kind == "collective")
         elif kind == "neighbor":
             talks = (plan.mpi_send_counts > 0) | (plan.mpi_recv_counts > 0)
             neighbors = np.flatnonzero(talks).astype(np.int64)
@@ -396,9 +400,15 @@ def make_plans(comm: MPI.Comm, table: MetadataTable, layers: list[tuple[int, np.
 
 
 def auto_kind(dense: bool, size: int) -> str:
-    """The exchange ``auto`` picks for a layer: the collective pair for a layer every rank
-    reads whole, else the Alltoallv (see docs/scaling.md, 'Exchange kinds')."""
-    return "collective" if dense and size > 1 else "alltoallv"
+    """The exchange ``auto`` picks for a layer: for a layer every rank reads whole, the
+    allgather forward and the Alltoallv backward, else the Alltoallv.
+
+    Measured (docs/scaling.md, 'Exchange kinds'): the Iallgatherv forward beat the
+    Ialltoallv at 4 ranks; Open MPI's nonblocking reduce-scatter (libnbc: a binomial reduce
+    to rank 0, then a scatter) moves more bytes than the Alltoallv and through one rank,
+    so the backward stays on the Alltoallv. Results are bitwise those of the Alltoallv.
+    """
+    return "allgather" if dense and size > 1 else "alltoallv"
 
 
 def _displacements(counts: np.ndarray) -> np.ndarray:

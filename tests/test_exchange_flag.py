@@ -32,13 +32,20 @@ def test_api_refuses_an_unknown_exchange(tmp_path):
         Network.open(path, exchange="smoke-signals")
 
 
-@pytest.mark.parametrize("kind", ["collective", "neighbor"])
-def test_every_exchange_trains_the_weights_of_alltoallv_from_the_cli(kind, tmp_path):
-    """Dense layers (digits, 64-32-32-10) at 3 ranks, with a pipelined run too."""
+@pytest.mark.timeout(1440)  # twelve runs of at most 120 s each
+def test_every_exchange_trains_the_weights_of_alltoallv_from_the_cli(tmp_path):
+    """Dense layers (digits, 64-32-32-10) at 3 ranks. The allgather and the neighbourhood
+    Alltoallv move the same values and sum them in the same order: bitwise the Alltoallv's
+    weights. The reduce-scatter sums in MPI's order: equal within float32 rounding, also
+    pipelined."""
     trained = {}
     for name, flags in (("alltoallv", ["--exchange", "alltoallv"]),
-                        (kind, ["--exchange", kind]),
-                        (f"{kind}-pipelined", ["--exchange", kind, "--micro-batches", "3"])):
+                        ("auto", []),
+                        ("allgather", ["--exchange", "allgather"]),
+                        ("neighbor", ["--exchange", "neighbor"]),
+                        ("collective", ["--exchange", "collective"]),
+                        ("collective-pipelined", ["--exchange", "collective", "--micro-batches",
+                                                  "3"])):
         model = tmp_path / f"{name}.h5"
         ok(mpinn(1, "init", str(model), "--sizes", "64,32,32,10", "--seed", "2"))
         ok(mpinn(3, "train", str(model), "--data", DIGITS_TRAIN, "--epochs", "1",
@@ -47,5 +54,10 @@ def test_every_exchange_trains_the_weights_of_alltoallv_from_the_cli(kind, tmp_p
     base = trained.pop("alltoallv")
     for name, ref in trained.items():
         for i, (w, b) in enumerate(zip(ref.weights, ref.biases, strict=True)):
-            assert_close(np.asarray(w), np.asarray(base.weights[i]), "float32", f"{name} layer {i + 1}")
-            assert_close(b, base.biases[i], "float32", f"{name} layer {i + 1} bias")
+            if name.startswith("collective"):
+                assert_close(np.asarray(w), np.asarray(base.weights[i]), "float32",
+                             f"{name} layer {i + 1}")
+                assert_close(b, base.biases[i], "float32", f"{name} layer {i + 1} bias")
+            else:
+                assert np.array_equal(w, base.weights[i]), f"{name} layer {i + 1}"
+                assert np.array_equal(b, base.biases[i]), f"{name} layer {i + 1} bias"

@@ -1,8 +1,10 @@
 """Every kind of exchange gives the single-process reference's results, at 1 to 4 ranks.
 
-The Alltoallv is the engine's default elsewhere in the suite; here the collective pair
-(Iallgatherv forward, Ireduce_scatter backward), the neighbourhood Alltoallv and ``auto``
-run training (plain and pipelined) and prediction on dense, sparse and mixed models.
+The rest of the suite runs ``auto`` (the allgather where every rank reads a layer whole,
+else the Alltoallv); here the allgather (Iallgatherv forward, Alltoallv backward), the
+collective pair (Iallgatherv forward, Ireduce_scatter backward) and the neighbourhood
+Alltoallv are forced and run training (plain and pipelined) and prediction on dense, sparse
+and mixed models.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from tests.test_engine_mpi import BATCH, CASES, EPOCHS, N_SAMPLES, _values, choi
 
 pytestmark = pytest.mark.mpi
 
-KINDS = ("collective", "neighbor", "auto")
+# auto (allgather or alltoallv per layer) is what every other test of the suite runs
+KINDS = ("allgather", "collective", "neighbor")
 # contiguous blocks, scattered owners, and whole layers on one rank (ranks without rows)
 STRATEGIES = ("balanced", "ids", "layers")
 
@@ -91,10 +94,11 @@ def test_predict_equals_reference_for_every_exchange(exchange, strategy, dtype, 
     assert_close(written, acts[-1], dtype, "outputs")
 
 
-@pytest.mark.parametrize("exchange", ["alltoallv", *KINDS])
+@pytest.mark.parametrize("exchange", ["alltoallv", *KINDS, "auto"])
 def test_each_layer_runs_the_kind_asked_for_where_it_applies(exchange, mpi_tmp_path):
-    """Dense layers read whole by every rank take the collective pair when asked (and under
-    auto); sparse layers never do; one rank has nothing to exchange."""
+    """Dense layers read whole by every rank take the allgather or the collective pair when
+    asked (the allgather under auto); these sparse ones never do; one rank exchanges
+    nothing."""
     comm = MPI.COMM_WORLD
     c = CASES["mixed"]  # csr, dense, csr
     model_path, _, _, _ = make_files(mpi_tmp_path, c, "float64", comm)
@@ -106,7 +110,8 @@ def test_each_layer_runs_the_kind_asked_for_where_it_applies(exchange, mpi_tmp_p
     elif exchange == "neighbor":
         expected = ["neighbor"] * 3
     else:
-        expected = ["alltoallv", "collective", "alltoallv"]
+        expected = ["alltoallv", "collective" if exchange == "collective" else "allgather",
+                    "alltoallv"]
     assert kinds == expected
 
 
