@@ -177,7 +177,8 @@ class ExchangePlan:
         self.own_rank_rows = slice(int(self.layer_displs[rank]),
                                    int(self.layer_displs[rank]) + self.n_own_inputs)
         assert self.own_contiguous and size > 1
-        self.send_rows = max(self.n_send, self.n_inputs)
+        # the reduce-scatter's rank-ordered partial sums; else a micro-batch's own columns
+        self.send_rows = max(self.n_send, self.n_inputs if reduce_scatter else self.n_local)
         self.recv_rows = self.n_inputs + self.n_own_inputs
         self._allocate()
 
