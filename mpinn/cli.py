@@ -60,7 +60,8 @@ EXCHANGES = ("auto", "alltoallv", "allgather", "collective", "neighbor")
 def _exchange_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--exchange", default="auto", choices=EXCHANGES,
                    help="how layers exchange activations: auto (the default: allgather for "
-                   "layers every rank reads whole, alltoallv otherwise), alltoallv, allgather "
+                   "layers every rank reads whole at 3 ranks or more, alltoallv otherwise), "
+                   "alltoallv, allgather "
                    "(allgather forward, alltoallv backward), collective (allgather forward, "
                    "reduce-scatter backward), both where every rank reads the layer whole, or "
                    "neighbor (MPI neighbourhood alltoallv); the same results whichever runs "

@@ -401,15 +401,17 @@ def make_plans(comm: MPI.Comm, table: MetadataTable, layers: list[tuple[int, np.
 
 
 def auto_kind(dense: bool, size: int) -> str:
-    """The exchange ``auto`` picks for a layer: for a layer every rank reads whole, the
-    allgather forward and the Alltoallv backward, else the Alltoallv.
+    """The exchange ``auto`` picks for a layer: for a layer every rank reads whole and more
+    than two ranks, the allgather forward and the Alltoallv backward, else the Alltoallv.
 
     Measured (docs/scaling.md, 'Exchange kinds'): the Iallgatherv forward beat the
-    Ialltoallv at 4 ranks; Open MPI's nonblocking reduce-scatter (libnbc: a binomial reduce
-    to rank 0, then a scatter) moves more bytes than the Alltoallv and through one rank,
-    so the backward stays on the Alltoallv. Results are bitwise those of the Alltoallv.
+    Ialltoallv at 4 ranks and lost to it at 2 (where it is one message each way and
+    the gather's extra copy of my own block counts); Open MPI's nonblocking
+    reduce-scatter (libnbc: a binomial reduce to rank 0, then a scatter) moves more bytes
+    than the Alltoallv and through one rank, so the backward stays on the Alltoallv.
+    Results are bitwise those of the Alltoallv.
     """
-    return "allgather" if dense and size > 1 else "alltoallv"
+    return "allgather" if dense and size > 2 else "alltoallv"
 
 
 def _displacements(counts: np.ndarray) -> np.ndarray:
