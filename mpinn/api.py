@@ -31,7 +31,7 @@ from mpinn import format as fmt
 from mpinn import train as loop
 from mpinn.data import LocalData, from_arrays, load
 from mpinn.errors import MpinnError
-from mpinn.exchange import agree, gather_layer
+from mpinn.exchange import EXCHANGES, agree, gather_layer
 
 Callback = Callable[[dict[str, Any]], Any]
 
@@ -109,12 +109,13 @@ class Network:
 
     def __init__(self, path: str | os.PathLike[str], choice: loop.PartitionChoice,
                  comm: MPI.Comm | None = None, dtype: str | None = None,
-                 replicas: int = 1) -> None:
+                 replicas: int = 1, exchange: str = "auto") -> None:
         self.path = os.fspath(path)
         self._replicas = replicas
         self.comm = comm if comm is not None else MPI.COMM_WORLD
         self._choice = choice
         self._dtype = dtype
+        self._exchange = exchange
         self._model: loop.DistributedModel | None = None
         self._closed = False
 
@@ -172,13 +173,16 @@ class Network:
     def open(cls, path: str | os.PathLike[str], strategy: str | None = None, *,
              counts: Any = None, percentages: Any = None, ids: Any = None,
              layer_ranks: Any = None, partition: str | None = None, dtype: str | None = None,
-             replicas: int = 1, comm: MPI.Comm | None = None) -> Network:
+             replicas: int = 1, exchange: str = "auto",
+             comm: MPI.Comm | None = None) -> Network:
         """Open a model file on every rank of ``comm`` (default ``MPI.COMM_WORLD``).
 
         The partition: ``partition=`` a name stored in the file (``mpinn partition``), or
         ``strategy=`` balanced (the default), count (``counts``), percentage
         (``percentages``), ids (``ids``), layers (``layer_ranks``), nnz or mincut.
-        ``dtype``: refuse a file whose weights are of another precision.
+        ``dtype``: refuse a file whose weights are of another precision. ``exchange``: how
+        layers exchange activations, auto (the default), alltoallv, allgather, collective or
+        neighbor (docs/scaling.md, 'Exchange kinds'); the results are the same.
 
         ``replicas`` R (data x neuron parallelism): the P ranks form R groups of Q = P / R
         contiguous ranks; the partition (strategy, or a stored one made for Q ranks) is
@@ -189,11 +193,14 @@ class Network:
         def check() -> loop.PartitionChoice:
             if dtype is not None and dtype not in fmt.DTYPES:
                 raise MpinnError(f"dtype {dtype!r} is not supported (float32 or float64)")
+            if exchange not in EXCHANGES:
+                raise MpinnError(f"exchange must be one of {', '.join(EXCHANGES)}, "
+                                 f"got {exchange!r}")
             return partition_choice(strategy, counts=counts, percentages=percentages, ids=ids,
                                     layer_ranks=layer_ranks, partition=partition)
 
         choice = agree(comm if comm is not None else MPI.COMM_WORLD, check)
-        net = cls(path, choice, comm, dtype, replicas)
+        net = cls(path, choice, comm, dtype, replicas, exchange)
         net.model  # noqa: B018 - loaded now, so a bad file or partition fails here
         return net
 
@@ -204,7 +211,8 @@ class Network:
             raise MpinnError(f"{self.path}: the network is closed")
         if self._model is None:
             model = loop.DistributedModel(self.path, self.comm, self._choice, OPEN_BATCH,
-                                          training=False, replicas=self._replicas)
+                                          training=False, replicas=self._replicas,
+                                          exchange=self._exchange)
             if self._dtype is not None and np.dtype(self._dtype) != model.spec.dtype:
                 model.close()  # every rank read the same spec: they all close here
                 raise MpinnError(f"{self.path} holds {model.spec.dtype} weights, not "

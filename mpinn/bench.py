@@ -179,7 +179,8 @@ class ChallengeResult:
 
 
 def run_challenge(model: str, data: str, comm: MPI.Comm, choice: PartitionChoice,
-                  batch_size: int, drop_dead: bool = False) -> ChallengeResult:
+                  batch_size: int, drop_dead: bool = False, exchange: str = "auto"
+                  ) -> ChallengeResult:
     """Inference of every sample through every layer on all ranks, then the categories.
 
     With ``drop_dead`` samples whose activations die out are dropped as they die (the
@@ -187,7 +188,8 @@ def run_challenge(model: str, data: str, comm: MPI.Comm, choice: PartitionChoice
     """
     comm.Barrier()
     started = time.perf_counter()
-    with DistributedModel(model, comm, choice, batch_size, training=False) as dm:
+    with DistributedModel(model, comm, choice, batch_size, training=False,
+                          exchange=exchange) as dm:
         local = load(data, dm.table, dm.spec.dtype, comm)
         with fmt.opened(data, "r", MPI.COMM_SELF) as f:  # small: every rank reads it whole
             truth = agree(comm, lambda: _truth(f, data))

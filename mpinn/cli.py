@@ -53,6 +53,21 @@ NODES_HELP = ("show bytes between nodes with K consecutive ranks per node (defau
               "job's own nodes, when it has the partition's rank count)")
 
 
+# exchange.EXCHANGES, spelled out here so that parsing the flags does not start MPI
+EXCHANGES = ("auto", "alltoallv", "allgather", "collective", "neighbor")
+
+
+def _exchange_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--exchange", default="auto", choices=EXCHANGES,
+                   help="how layers exchange activations: auto (the default: allgather for "
+                   "layers every rank reads whole at 3 ranks or more, alltoallv otherwise), "
+                   "alltoallv, allgather "
+                   "(allgather forward, alltoallv backward), collective (allgather forward, "
+                   "reduce-scatter backward), both where every rank reads the layer whole, or "
+                   "neighbor (MPI neighbourhood alltoallv); the same results whichever runs "
+                   "(docs/scaling.md, 'Exchange kinds')")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="mpinn", description="Neural networks partitioned across MPI ranks at neuron "
@@ -120,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="R copies of the model over R groups of P/R contiguous ranks (data "
                        "x neuron parallelism): each group takes a share of every batch; the "
                        "partition is made for P/R ranks (docs/scaling.md)")
+        _exchange_flag(p)
         if name == "train":
             p.add_argument("--epochs", type=int, default=1)
             p.add_argument("--lr", type=float, default=0.1)
@@ -201,6 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="drop samples whose activations died out (ranks agree each layer), as "
                    "the challenge's sparse reference does; default: every sample, every layer")
     _partition_flags(p)
+    _exchange_flag(p)
 
     p = sub.add_parser("import-graphchallenge",
                        help="convert the Sparse DNN Challenge's TSV files to a model and inputs")
@@ -608,7 +625,8 @@ def _bench(args: argparse.Namespace, comm) -> int:  # noqa: ANN001 - an MPI comm
             print(f"{model}: {made}{loop}", flush=True)
     from mpinn import format as fmt
     batch = min(args.batch_size, agree(comm, lambda: fmt.count_samples(data)))
-    result = bench.run_challenge(model, data, comm, _choice(args), batch, args.drop_dead)
+    result = bench.run_challenge(model, data, comm, _choice(args), batch, args.drop_dead,
+                                 args.exchange)
     if comm.rank == 0:
         report = bench.challenge_json if args.json else bench.challenge_report
         print(report(result, comm.size), flush=True)
@@ -718,7 +736,8 @@ def run(args: argparse.Namespace) -> int:
     if args.command == "train":
         args.micro_batches = min(args.micro_batches, args.batch_size)
     from mpinn.api import Network
-    with Network(args.model, _choice(args), comm, replicas=args.replicas) as net:
+    with Network(args.model, _choice(args), comm, replicas=args.replicas,
+                 exchange=args.exchange) as net:
         if args.command == "train":
             if rank0 and not args.quiet:
                 layout = (f" = {args.replicas} replicas x {comm.size // args.replicas}"

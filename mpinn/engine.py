@@ -18,7 +18,7 @@ from mpi4py import MPI
 
 from mpinn import kernels
 from mpinn.errors import MpinnError, inject_fault
-from mpinn.exchange import MAX, MIN, SUM, ExchangePlan, GradientReducer, allreduce
+from mpinn.exchange import MAX, MIN, SUM, ExchangePlan, GradientReducer, allreduce, make_plans
 from mpinn.shard import CsrLayerShard, LayerShard, Shard
 
 
@@ -34,10 +34,12 @@ class BatchResult:
 class Engine:
     """Runs batches through one rank's shard; plans and work buffers are built once."""
 
-    def __init__(self, shard: Shard, comm: MPI.Comm, max_batch: int, training: bool = True) -> None:
+    def __init__(self, shard: Shard, comm: MPI.Comm, max_batch: int, training: bool = True,
+                 exchange: str = "auto") -> None:
         """``training=False`` (evaluate, predict, benchmarks) keeps no per-layer state for
         backward: all layers share two activation buffers and one pair of exchange buffers,
-        so memory does not grow with depth."""
+        so memory does not grow with depth. ``exchange``: the kind of exchange of every
+        layer (``exchange.make_plans``)."""
         self.shard = shard
         self.comm = comm
         self.max_batch = max_batch
@@ -45,8 +47,8 @@ class Engine:
         dtype = shard.spec.dtype
         layers = shard.layers
         if training:
-            self.plans = [ExchangePlan(comm, shard.table, s.spec.index, s.inputs, max_batch, dtype)
-                          for s in layers]
+            self.plans = make_plans(comm, shard.table, [(s.spec.index, s.inputs) for s in layers],
+                                    max_batch, dtype, exchange=exchange)
             self.z = [np.empty(s.rows.size * max_batch, dtype) for s in layers]
             self.a = [np.empty(s.rows.size * max_batch, dtype) for s in layers]
             self.grad_z = [np.empty(s.rows.size * max_batch, dtype) for s in layers]
@@ -62,8 +64,8 @@ class Engine:
             # layer i reads layer i-1's activations only until its exchange is posted
             widest = max(s.rows.size for s in layers) * max_batch
             pool = [np.empty(widest, dtype) for _ in range(3)]
-            self.plans = [ExchangePlan(comm, shard.table, s.spec.index, s.inputs, max_batch, dtype,
-                                       shared=True) for s in layers]
+            self.plans = make_plans(comm, shard.table, [(s.spec.index, s.inputs) for s in layers],
+                                    max_batch, dtype, shared=True, exchange=exchange)
             ExchangePlan.share_buffers(self.plans)
             self.z = [pool[i % 2] for i in range(len(layers))]
             self.a = [pool[i % 2] for i in range(len(layers))]

@@ -5,6 +5,15 @@ activations of layer l-1 from their owners to every rank whose rows read them, w
 Alltoallv of numpy buffers; ``backward`` sends the partial sums ``W^T dz`` the other way
 and adds them up at the owners. Buffers are allocated once, for the largest batch.
 
+Four kinds of exchange carry the same bytes (``make_plans`` picks one per layer, every
+rank alike): ``alltoallv``, one Ialltoallv over the whole communicator; ``collective``, for
+a layer every rank reads whole (a dense layer, or a sparse one whose rows on every rank
+name all of the layer below), forward one Iallgatherv and backward one Ireduce_scatter;
+``allgather``, the same Iallgatherv forward and the Alltoallv backward (bitwise the
+Alltoallv's results: the forward only moves values, the backward sums in the same order);
+``neighbor``, one Ineighbor_alltoallv over a graph communicator of the ranks that actually
+exchange (``Dist_graph_create_adjacent``, built once per pattern).
+
 A rank's gathered inputs are laid out in *receive order*: grouped by owning rank, ascending
 index within each owner. The receive buffer is then directly the GEMM operand, and the
 shard stores its weight columns in the same order, so nothing is unpacked on the hot path.
@@ -29,6 +38,8 @@ from mpinn.kernels import csr_matmul
 from mpinn.metadata import MetadataTable
 
 T = TypeVar("T")
+
+EXCHANGES = ("auto", "alltoallv", "allgather", "collective", "neighbor")
 
 
 def receive_order(needed: np.ndarray, owner: np.ndarray, rank: int, size: int) -> np.ndarray:
@@ -69,6 +80,8 @@ class ExchangePlan:
         buffers come from ``share_buffers`` (plans used one after another, inference).
         """
         self.comm = comm
+        self.kind = "alltoallv"  # make_plans may switch it: use_collective, use_neighbor
+        self.shared = shared
         self.layer = layer
         self.max_batch = max_batch
         self.dtype = np.dtype(dtype)
@@ -84,6 +97,7 @@ class ExchangePlan:
         self.recv_displs = np.empty(size, dtype=np.int64)
         self.recv_displs[rotation] = _displacements(self.recv_counts[rotation])
         self.send_displs = _displacements(self.send_counts)
+        self.table_counts = table.counts(layer - 1).astype(np.int64)  # neurons per owner
         requested = np.empty(int(self.send_counts.sum()), dtype=np.int64)
         comm.Alltoallv([np.ascontiguousarray(inputs, dtype=np.int64),
                         (self.recv_counts, self.recv_displs), MPI.INT64_T],
@@ -113,9 +127,9 @@ class ExchangePlan:
             (np.ones(n_send, dtype=self.dtype), (self.send_index, np.arange(n_send))),
             shape=(self.n_local, n_send))
         self.sum_buffer = np.empty(0 if shared else self.n_local * max_batch, dtype=self.dtype)
-        if not shared:
-            self.send_buffer = np.empty(n_send * max_batch, dtype=self.dtype)
-            self.recv_buffer = np.empty(self.n_inputs * max_batch, dtype=self.dtype)
+        # rows of the send and receive buffers (the collective kind needs more of both)
+        self.send_rows, self.recv_rows = n_send, self.n_inputs
+        self._allocate()
         self._request: MPI.Request | None = None
         self._batch = 0
         # counted per call, for benchmarks and the traffic tests
@@ -124,6 +138,58 @@ class ExchangePlan:
         self.seconds_pack = 0.0  # packing, unpacking and summing partial sums
         self.seconds_wait = 0.0  # posting the Ialltoallv and waiting for it
 
+    def _allocate(self) -> None:
+        if not self.shared:
+            self.send_buffer = np.empty(self.send_rows * self.max_batch, dtype=self.dtype)
+            self.recv_buffer = np.empty(self.recv_rows * self.max_batch, dtype=self.dtype)
+
+    def reads_whole_layer(self) -> bool:
+        """Whether my rows read every neuron of layer l-1 (then I ask every owner for all of
+        its neurons, in its local order): a dense layer's pattern."""
+        return bool(np.array_equal(self.recv_counts, self.table_counts))
+
+    def use_collective(self, reduce_scatter: bool = True) -> None:
+        """Forward as one Iallgatherv, backward as one Ireduce_scatter (or, without
+        ``reduce_scatter``, as the Alltoallv: kind ``allgather``); only for a layer every
+        rank reads whole (``reads_whole_layer`` on every rank, agreed by ``make_plans``).
+
+        The gather puts each owner's block where the receive order wants it; my own block,
+        which I copy to the head myself so it is ready before the gather ends, is also
+        delivered by the gather, into a spare tail that nobody reads (MPI may write a
+        receive buffer until the request completes, so the head cannot be the target). The
+        reduce-scatter wants its input in rank order: the partial sums are copied there,
+        my own block zero, and added at the owner after the wait (they are computed while
+        the remote sums travel).
+        """
+        size, rank = self.comm.size, self.comm.rank
+        self.kind = "collective" if reduce_scatter else "allgather"
+        # reductions need MPI's predefined type (from_numpy_dtype gives a duplicate)
+        self.sum_type = {4: MPI.FLOAT, 8: MPI.DOUBLE}[self.dtype.itemsize]
+        self.layer_displs = _displacements(self.table_counts)
+        self.gather_displs = self.recv_displs.copy()
+        self.gather_displs[rank] = self.n_inputs  # my copy of my own block: the spare tail
+        after = int(self.table_counts[rank + 1:].sum())
+        # partial sums (receive order) -> rank order: ranks after me, then ranks before me
+        self.after_me = (slice(self.n_own_inputs, self.n_own_inputs + after),
+                         slice(int(self.layer_displs[rank]) + self.n_own_inputs, self.n_inputs))
+        self.before_me = (slice(self.n_own_inputs + after, self.n_inputs),
+                          slice(0, int(self.layer_displs[rank])))
+        self.own_rank_rows = slice(int(self.layer_displs[rank]),
+                                   int(self.layer_displs[rank]) + self.n_own_inputs)
+        assert self.own_contiguous and size > 1
+        # the reduce-scatter's rank-ordered partial sums; else a micro-batch's own columns
+        self.send_rows = max(self.n_send, self.n_inputs if reduce_scatter else self.n_local)
+        self.recv_rows = self.n_inputs + self.n_own_inputs
+        self._allocate()
+
+    def use_neighbor(self, graph: MPI.Distgraphcomm, neighbors: np.ndarray) -> None:
+        """Exchange over ``graph``, whose sources and destinations are both ``neighbors``
+        (the other ranks I send to or receive from, ascending): the same buffers as the
+        Alltoallv, without the empty entries for ranks that exchange nothing with me."""
+        self.kind = "neighbor"
+        self.graph = graph
+        self.neighbors = neighbors
+
     @staticmethod
     def share_buffers(plans: list[ExchangePlan]) -> None:
         """One send and one receive buffer for plans that never have messages in flight at
@@ -131,8 +197,8 @@ class ExchangePlan:
         if not plans:
             return
         batch, dtype = plans[0].max_batch, plans[0].dtype
-        send = np.empty(max(p.n_send for p in plans) * batch, dtype=dtype)
-        recv = np.empty(max(p.n_inputs for p in plans) * batch, dtype=dtype)
+        send = np.empty(max(p.send_rows for p in plans) * batch, dtype=dtype)
+        recv = np.empty(max(p.recv_rows for p in plans) * batch, dtype=dtype)
         for plan in plans:
             plan.send_buffer, plan.recv_buffer = send, recv
 
@@ -147,10 +213,19 @@ class ExchangePlan:
                recv: np.ndarray, recv_counts: np.ndarray, recv_displs: np.ndarray,
                batch: int) -> None:
         started = time.perf_counter()
-        self._request = self.comm.Ialltoallv(
-            [send, (send_counts * batch, send_displs * batch), self.mpi_type],
-            [recv, (recv_counts * batch, recv_displs * batch), self.mpi_type])
+        if self.kind == "neighbor":
+            nb = self.neighbors
+            self._request = self.graph.Ineighbor_alltoallv(
+                [send, (send_counts[nb] * batch, send_displs[nb] * batch), self.mpi_type],
+                [recv, (recv_counts[nb] * batch, recv_displs[nb] * batch), self.mpi_type])
+        else:
+            self._request = self.comm.Ialltoallv(
+                [send, (send_counts * batch, send_displs * batch), self.mpi_type],
+                [recv, (recv_counts * batch, recv_displs * batch), self.mpi_type])
         self.seconds_wait += time.perf_counter() - started
+        self._count(send_counts, recv_counts, batch)
+
+    def _count(self, send_counts: np.ndarray, recv_counts: np.ndarray, batch: int) -> None:
         itemsize = self.dtype.itemsize
         self.bytes_sent += int(send_counts.sum()) * batch * itemsize
         self.bytes_received += int(recv_counts.sum()) * batch * itemsize
@@ -168,6 +243,8 @@ class ExchangePlan:
         Returns the receive buffer (n_inputs, batch): its first ``n_own_inputs`` rows, my own
         inputs, are ready at once; the rest after ``finish_forward``.
         """
+        if self.kind in ("collective", "allgather"):
+            return self._start_gather(local)
         started = time.perf_counter()
         batch = self._batch = local.shape[1]
         send, recv = self._views(batch)
@@ -183,6 +260,28 @@ class ExchangePlan:
         self.seconds_pack += time.perf_counter() - started
         self._start(send, self.mpi_send_counts, self.send_displs,
                     recv, self.mpi_recv_counts, self.recv_displs, batch)
+        return recv
+
+    def _start_gather(self, local: np.ndarray) -> np.ndarray:
+        """``start_forward`` of the collective kind: one Iallgatherv of my whole layer."""
+        started = time.perf_counter()
+        batch = self._batch = local.shape[1]
+        if batch > self.max_batch:
+            raise MpinnError(f"batch of {batch} exceeds the plan's {self.max_batch}")
+        whole = self.recv_buffer[: self.recv_rows * batch]
+        recv = whole[: self.n_inputs * batch].reshape(-1, batch)
+        recv[self.self_recv] = local
+        if not local.flags.c_contiguous:  # a micro-batch's columns: MPI wants one block
+            source = self.send_buffer[: local.size].reshape(local.shape)
+            source[...] = local
+            local = source
+        self.seconds_pack += time.perf_counter() - started
+        started = time.perf_counter()
+        self._request = self.comm.Iallgatherv(
+            [local, self.mpi_type],
+            [whole, (self.table_counts * batch, self.gather_displs * batch), self.mpi_type])
+        self.seconds_wait += time.perf_counter() - started
+        self._count(self.mpi_send_counts, self.mpi_recv_counts, batch)
         return recv
 
     def finish_forward(self) -> None:
@@ -209,6 +308,9 @@ class ExchangePlan:
         my own rows are read by ``finish_backward``.
         """
         batch = self._batch = partial.shape[1]
+        if self.kind == "collective":
+            self._start_reduce(partial)
+            return
         send, _ = self._views(batch)
         self._start(partial, self.mpi_recv_counts, self.recv_displs,
                     send, self.mpi_send_counts, self.send_displs, batch)
@@ -218,6 +320,11 @@ class ExchangePlan:
         of the plan's buffer, valid until the next ``finish_backward``."""
         self._wait()
         started = time.perf_counter()
+        if self.kind == "collective":
+            summed = self.sum_buffer[: self.n_local * self._batch].reshape(self.n_local, self._batch)
+            summed += partial[self.self_recv]
+            self.seconds_pack += time.perf_counter() - started
+            return summed
         send, _ = self._views(self._batch)
         send[self.self_send] = partial[self.self_recv]
         summed = self.sum_buffer[: self.n_local * self._batch].reshape(self.n_local, self._batch)
@@ -226,6 +333,25 @@ class ExchangePlan:
         self.seconds_pack += time.perf_counter() - started
         return summed
 
+    def _start_reduce(self, partial: np.ndarray) -> None:
+        """``start_backward`` of the collective kind: one Ireduce_scatter, in rank order."""
+        started = time.perf_counter()
+        batch = self._batch
+        if batch > self.max_batch:
+            raise MpinnError(f"batch of {batch} exceeds the plan's {self.max_batch}")
+        ordered = self.send_buffer[: self.n_inputs * batch].reshape(-1, batch)
+        for source, target in (self.after_me, self.before_me):
+            ordered[target] = partial[source]
+        ordered[self.own_rank_rows] = 0  # mine are added after the wait, not sent
+        summed = self.sum_buffer[: self.n_local * batch]
+        self.seconds_pack += time.perf_counter() - started
+        started = time.perf_counter()
+        self._request = self.comm.Ireduce_scatter(
+            [self.send_buffer[: self.n_inputs * batch], self.sum_type],
+            [summed, self.sum_type], self.table_counts * batch, op=MPI.SUM)
+        self.seconds_wait += time.perf_counter() - started
+        self._count(self.mpi_recv_counts, self.mpi_send_counts, batch)
+
     def backward(self, partial: np.ndarray) -> np.ndarray:
         """Add up, at their owners, the partial sums ``partial`` (n_inputs, batch) of my rows.
 
@@ -233,6 +359,59 @@ class ExchangePlan:
         """
         self.start_backward(partial)
         return self.finish_backward(partial)
+
+
+def make_plans(comm: MPI.Comm, table: MetadataTable, layers: list[tuple[int, np.ndarray]],
+               max_batch: int, dtype: np.dtype, shared: bool = False,
+               exchange: str = "auto") -> list[ExchangePlan]:
+    """One ``ExchangePlan`` per (layer, inputs) pair, each of the kind ``exchange`` asks for
+    (collective; every rank decides alike).
+
+    ``collective`` and ``allgather`` apply only to a layer every rank reads whole and
+    ``neighbor`` only with more than one rank; a layer where the kind asked for does not
+    apply uses ``alltoallv``. ``auto`` follows ``auto_kind``. Graph communicators are built once per
+    distinct pattern of who exchanges with whom and shared by the layers that have it.
+    """
+    if exchange not in EXCHANGES:
+        raise MpinnError(f"--exchange must be one of {', '.join(EXCHANGES)}, got {exchange!r}")
+    plans = [ExchangePlan(comm, table, layer, inputs, max_batch, dtype, shared)
+             for layer, inputs in layers]
+    if comm.size == 1 or exchange == "alltoallv" or not plans:
+        return plans
+    whole = np.array([int(p.reads_whole_layer()) for p in plans], dtype=np.int64)
+    allreduce(comm, whole, MIN)
+    graphs: dict[bytes, MPI.Distgraphcomm] = {}
+    for plan, dense in zip(plans, whole, strict=True):
+        kind = auto_kind(bool(dense), comm.size) if exchange == "auto" else exchange
+        if kind in ("collective", "allgather") and dense:
+            plan.use_collective(reduce_scatter=kind == "collective")
+        elif kind == "neighbor":
+            talks = (plan.mpi_send_counts > 0) | (plan.mpi_recv_counts > 0)
+            neighbors = np.flatnonzero(talks).astype(np.int64)
+            # the whole pattern as the key, so every rank finds (or misses) the same graph
+            pattern = np.zeros((comm.size, comm.size), dtype=np.uint8)
+            pattern[comm.rank, neighbors] = 1
+            allreduce(comm, pattern, MAX)
+            key = pattern.tobytes()
+            if key not in graphs:
+                graphs[key] = comm.Create_dist_graph_adjacent(
+                    neighbors.tolist(), neighbors.tolist(), reorder=False)
+            plan.use_neighbor(graphs[key], neighbors)
+    return plans
+
+
+def auto_kind(dense: bool, size: int) -> str:
+    """The exchange ``auto`` picks for a layer: for a layer every rank reads whole and more
+    than two ranks, the allgather forward and the Alltoallv backward, else the Alltoallv.
+
+    Measured (docs/scaling.md, 'Exchange kinds'): the Iallgatherv forward beat the
+    Ialltoallv at 4 ranks and lost to it at 2 (where it is one message each way and
+    the gather's extra copy of my own block counts); Open MPI's nonblocking
+    reduce-scatter (libnbc: a binomial reduce to rank 0, then a scatter) moves more bytes
+    than the Alltoallv and through one rank, so the backward stays on the Alltoallv.
+    Results are bitwise those of the Alltoallv.
+    """
+    return "allgather" if dense and size > 2 else "alltoallv"
 
 
 def _displacements(counts: np.ndarray) -> np.ndarray:

@@ -76,12 +76,14 @@ class DistributedModel:
     """A model file opened on every rank: its spec, partition, this rank's shard and engine."""
 
     def __init__(self, path: str, comm: MPI.Comm, choice: PartitionChoice, max_batch: int,
-                 training: bool = True, replicas: int = 1) -> None:
+                 training: bool = True, replicas: int = 1,
+                 exchange: str = "auto") -> None:
         """``replicas`` R: the P ranks of ``comm`` are R groups of Q = P / R contiguous ranks,
         each holding the whole model partitioned over its Q ranks (``ReplicaGroups``); every
         group reads its own rows from the file, and each takes a share of every batch."""
         self.path = path
         self.comm = comm
+        self.exchange = exchange  # the kind of every layer's exchange (exchange.make_plans)
         self.replicas = agree(comm, lambda: _check_replicas(replicas, comm.size))
         self.groups = ReplicaGroups(comm, self.replicas)
         group = self.group = self.groups.group  # the neuron partition lives here
@@ -107,7 +109,7 @@ class DistributedModel:
         self.seconds_io = 0.0  # spent writing checkpoints
 
     def _engine(self, max_batch: int, training: bool) -> Engine:
-        engine = Engine(self.shard, self.group, max_batch, training)
+        engine = Engine(self.shard, self.group, max_batch, training, self.exchange)
         if training:
             engine.set_replicas(self.groups.across)
         return engine

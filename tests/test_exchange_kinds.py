@@ -1,0 +1,126 @@
+"""Every kind of exchange gives the single-process reference's results, at 1 to 4 ranks.
+
+The rest of the suite runs ``auto`` (the allgather where every rank reads a layer whole,
+else the Alltoallv); here the allgather (Iallgatherv forward, Alltoallv backward), the
+collective pair (Iallgatherv forward, Ireduce_scatter backward) and the neighbourhood
+Alltoallv are forced and run training (plain and pipelined) and prediction on dense, sparse
+and mixed models.
+"""
+
+from __future__ import annotations
+
+import h5py
+import numpy as np
+import pytest
+from mpi4py import MPI
+
+from mpinn import format as fmt
+from mpinn.data import load
+from mpinn.errors import MpinnError
+from mpinn.train import DistributedModel, predict, train
+from tests.reference import Reference, assert_close
+from tests.test_engine_mpi import BATCH, CASES, EPOCHS, N_SAMPLES, _values, choice, make_files
+
+pytestmark = pytest.mark.mpi
+
+# auto (allgather or alltoallv per layer) is what every other test of the suite runs
+KINDS = ("allgather", "collective", "neighbor")
+# contiguous blocks, scattered owners, and whole layers on one rank (ranks without rows)
+STRATEGIES = ("balanced", "ids", "layers")
+
+
+def train_with(tmp, case: str, dtype: str, strategy: str, exchange: str,
+               micro_batches: int = 1) -> DistributedModel:
+    """Train 2 epochs with ``exchange``; losses and weights must equal the reference's."""
+    comm = MPI.COMM_WORLD
+    c = CASES[case]
+    model_path, data_path, x, y = make_files(tmp, c, dtype, comm)
+    ref = Reference.from_file(model_path)
+    comm.Barrier()  # every rank has read the initial weights before anyone writes
+    ref_losses = ref.train(x, y, EPOCHS, BATCH, c["lr"], c["optimizer"], c["momentum"], seed=11)
+    with DistributedModel(model_path, comm, choice(strategy, c["sizes"], comm.size), BATCH,
+                          exchange=exchange) as model:
+        data = load(data_path, model.table, model.spec.dtype, comm)
+        history = train(model, data, epochs=EPOCHS, batch_size=BATCH, lr=c["lr"],
+                        optimizer_name=c["optimizer"], momentum=c["momentum"], seed=11,
+                        micro_batches=micro_batches)
+    assert_close([h.loss for h in history.history], ref_losses, dtype, "epoch losses")
+    trained = Reference.from_file(model_path)
+    for i in range(len(ref.weights)):
+        assert_close(_values(trained.weights[i]), _values(ref.weights[i]), dtype,
+                     f"{case} layer {i + 1} weight")
+        assert_close(trained.biases[i], ref.biases[i], dtype, f"{case} layer {i + 1} bias")
+    comm.Barrier()  # nobody rewrites the files while another rank still reads them
+    return model
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("exchange", KINDS)
+def test_trained_weights_equal_reference_for_every_exchange(exchange, strategy, dtype, case,
+                                                            mpi_tmp_path):
+    train_with(mpi_tmp_path, case, dtype, strategy, exchange)
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("strategy", ["balanced", "layers"])
+@pytest.mark.parametrize("exchange", KINDS)
+def test_pipelined_training_equals_reference_for_every_exchange(exchange, strategy, case,
+                                                                mpi_tmp_path):
+    train_with(mpi_tmp_path, case, "float64", strategy, exchange, micro_batches=3)
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("strategy", ["balanced", "ids"])
+@pytest.mark.parametrize("exchange", KINDS)
+def test_predict_equals_reference_for_every_exchange(exchange, strategy, dtype, case,
+                                                     mpi_tmp_path):
+    """Inference engines share one pair of buffers between all layers' plans."""
+    comm = MPI.COMM_WORLD
+    c = CASES[case]
+    model_path, data_path, x, _ = make_files(mpi_tmp_path, c, dtype, comm)
+    out_path = str(mpi_tmp_path / "preds.h5")
+    with DistributedModel(model_path, comm, choice(strategy, c["sizes"], comm.size), 7,
+                          training=False, exchange=exchange) as model:
+        data = load(data_path, model.table, model.spec.dtype, comm)
+        outputs = predict(model, data, 7)
+        fmt.write_outputs(out_path, N_SAMPLES, c["sizes"][-1], model.shard.layers[-1].rows,
+                          outputs, comm)
+    with h5py.File(out_path, "r") as f:
+        written = f["outputs"][...]
+    _, acts = Reference.from_file(model_path).forward(x)
+    assert_close(written, acts[-1], dtype, "outputs")
+
+
+@pytest.mark.parametrize("exchange", ["alltoallv", *KINDS, "auto"])
+def test_each_layer_runs_the_kind_asked_for_where_it_applies(exchange, mpi_tmp_path):
+    """Dense layers read whole by every rank take the allgather or the collective pair when
+    asked (the allgather under auto from 3 ranks on); these sparse ones never do; one rank
+    exchanges nothing."""
+    comm = MPI.COMM_WORLD
+    c = CASES["mixed"]  # csr, dense, csr
+    model_path, _, _, _ = make_files(mpi_tmp_path, c, "float64", comm)
+    with DistributedModel(model_path, comm, choice("balanced", c["sizes"], comm.size), BATCH,
+                          exchange=exchange) as model:
+        kinds = [plan.kind for plan in model.engine.plans]
+    if comm.size == 1 or exchange == "alltoallv" or (exchange == "auto" and comm.size == 2):
+        expected = ["alltoallv"] * 3
+    elif exchange == "neighbor":
+        expected = ["neighbor"] * 3
+    else:
+        expected = ["alltoallv", "collective" if exchange == "collective" else "allgather",
+                    "alltoallv"]
+    assert kinds == expected
+
+
+def test_an_unknown_exchange_is_refused(mpi_tmp_path):
+    comm = MPI.COMM_WORLD
+    c = CASES["softmax"]
+    model_path, _, _, _ = make_files(mpi_tmp_path, c, "float64", comm)
+    with pytest.raises(MpinnError, match="--exchange must be one of"):
+        DistributedModel(model_path, comm, choice("balanced", c["sizes"], comm.size), BATCH,
+                         exchange="smoke-signals")
+    comm.Barrier()
+    np.testing.assert_equal(comm.allgather(1), [1] * comm.size)
