@@ -34,6 +34,16 @@ class _Parser(argparse.ArgumentParser):
         raise MpinnError(f"{where}{message} (see mpinn {command + ' ' if command else ''}--help)")
 
 
+def replicas_value(text: str) -> int | str:
+    """``--replicas``: a whole number (checked >= 1 with the other ranges) or ``auto``."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"takes a whole number or auto, not {text!r}") from None
+
+
 def _partition_flags(p: argparse.ArgumentParser, stored: bool = True) -> None:
     g = p.add_argument_group("partition")
     if stored:
@@ -131,10 +141,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--data", help="HDF5 data file with X and y")
         p.add_argument("--batch-size", type=int, default=64 if name == "train" else 256)
         _partition_flags(p)
-        p.add_argument("--replicas", type=int, default=1, metavar="R",
+        p.add_argument("--replicas", type=replicas_value, default=1, metavar="R|auto",
                        help="R copies of the model over R groups of P/R contiguous ranks (data "
                        "x neuron parallelism): each group takes a share of every batch; the "
-                       "partition is made for P/R ranks (docs/scaling.md)")
+                       "partition is made for P/R ranks; auto: the layout the cost model "
+                       "predicts fastest, printed with its candidates (docs/scaling.md)")
         _exchange_flag(p)
         if name == "train":
             p.add_argument("--epochs", type=int, default=1)
@@ -335,6 +346,9 @@ def _setting(path: str, key: str, value: Any, action: argparse.Action) -> Any:
         ok, kind = isinstance(value, bool), "true or false"
     elif action.type is int:
         ok, kind = isinstance(value, int) and not isinstance(value, bool), "a whole number"
+    elif action.type is replicas_value:
+        ok = value == "auto" or (isinstance(value, int) and not isinstance(value, bool))
+        kind = "a whole number or \"auto\""
     elif action.type is float:
         ok, kind = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
         value = float(value) if ok else value
@@ -367,7 +381,7 @@ def check_values(args: argparse.Namespace) -> None:
     values = vars(args)
     for key, least in AT_LEAST.items():
         value = values.get(key)
-        if value is not None and value < least:
+        if isinstance(value, (int, float)) and value < least:  # not --replicas auto
             raise MpinnError(f"--{key.replace('_', '-')} must be at least {least}, got {value}")
     if values.get("seed") is not None and values["seed"] > MAX_SEED:
         raise MpinnError(f"--seed must be at most {MAX_SEED}, got {values['seed']}")
@@ -436,6 +450,24 @@ def _ints(text: str | list, flag: str) -> list[int]:
         return [int(v) for v in (text if isinstance(text, list) else text.split(","))]
     except ValueError:
         raise MpinnError(f"{flag}: cannot read {text!r} as comma-separated integers") from None
+
+
+def _choose_layout(args: argparse.Namespace, comm: Any, rank0: bool) -> None:
+    """``--replicas auto``: R (and, for training with the partition left to mpinn, the
+    strategy and micro-batches) from the cost model, after a few seconds of probing."""
+    from mpinn.describe import choose_layout
+
+    fixed = (args.command != "train" or getattr(args, "partition", None) is not None
+             or args.strategy != "balanced" or args.micro_batches > 1)
+    chosen, table, layer_ranks = choose_layout(args.model, comm.size, args.batch_size, comm,
+                                               pipelines=not fixed,
+                                               partition=getattr(args, "partition", None))
+    args.replicas = chosen.replicas
+    if layer_ranks is not None:
+        args.strategy, args.micro_batches = "layers", chosen.micro_batches
+        args.layer_ranks = ",".join(map(str, layer_ranks))
+    if rank0 and not args.quiet:
+        print(f"--replicas auto:\n{table}", flush=True)
 
 
 def _choice(args: argparse.Namespace):  # -> PartitionChoice
@@ -735,6 +767,8 @@ def run(args: argparse.Namespace) -> int:
     args.batch_size = min(args.batch_size, agree(comm, lambda: fmt.count_samples(args.data)))
     if args.command == "train":
         args.micro_batches = min(args.micro_batches, args.batch_size)
+    if args.replicas == "auto":
+        _choose_layout(args, comm, rank0)
     from mpinn.api import Network
     with Network(args.model, _choice(args), comm, replicas=args.replicas,
                  exchange=args.exchange) as net:

@@ -336,11 +336,34 @@ def plan(path: str, nranks: int, batch: int, comm: MPI.Comm, seconds: float = 1.
     """``partition --plan``: the cost model's prediction for every layout of ``nranks`` ranks
     (R replicas x Q ranks, strategy, micro-batches) of this model at ``batch``, with the
     machine measured by a few seconds of probing on this job's ranks (collective)."""
+    return choose_layout(path, nranks, batch, comm, seconds=seconds)[1]
+
+
+def choose_layout(path: str, nranks: int, batch: int, comm: MPI.Comm, *,
+                  pipelines: bool = True, partition: str | None = None,
+                  seconds: float = 1.0) -> tuple[Any, str, list[int] | None]:
+    """The cost model's fastest layout of ``nranks`` ranks for this model at ``batch``, the
+    table of every candidate beside it, and for a ``layers`` layout its ``layer_ranks``
+    (collective: it probes the job's ranks).
+
+    ``pipelines=False`` leaves out the ``layers`` strategy's micro-batch pipelines (for
+    inference, or when the user fixed the partition), so only R varies; a stored
+    ``partition`` of Q parts leaves only R = nranks / Q.
+    ``--replicas auto`` and ``partition --plan`` both come here."""
     from mpinn import layout
 
     with fmt.opened(path, "r", comm) as f:
         spec = agree(comm, lambda: fmt.read_spec(f))
+        parts = None if partition is None else agree(
+            comm, lambda: fmt.read_partition(f, partition)[1])
     candidates = layout.candidates(nranks, spec.sizes, batch)  # refuses a bad count before probing
+    if not pipelines:
+        candidates = [c for c in candidates if c.strategy == "balanced"]
+    if parts is not None:
+        candidates = [c for c in candidates if c.group == parts]
+        if not candidates:
+            raise MpinnError(f"{path}: partition {partition!r} has {parts} parts, which do not "
+                             f"divide the {nranks} ranks into replicas", agreed=True)
     machine = layout.probe(comm, spec.sizes, batch, spec.dtype.name, seconds)
     chosen, table = layout.choose(spec.sizes, batch, nranks, machine, spec.dtype.itemsize,
                                   layouts=candidates)
@@ -360,4 +383,9 @@ def plan(path: str, nranks: int, batch: int, comm: MPI.Comm, seconds: float = 1.
                      f"predicted {1e3 * chosen.step:.1f} ms per step")
         return "\n".join(lines)
 
-    return on_root(comm, text)
+    layer_ranks = None
+    if chosen.layout.strategy == "layers":  # costed as dense layers: placed as dense layers
+        nnz = [np.full(n_out, n_in) for n_in, n_out in zip(spec.sizes[:-1], spec.sizes[1:],
+                                                            strict=True)]
+        layer_ranks = distributor.layer_blocks(spec.sizes, chosen.layout.group, nnz)
+    return chosen.layout, on_root(comm, text), layer_ranks

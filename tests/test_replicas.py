@@ -8,6 +8,7 @@ Run under mpirun at 1, 2, 3 and 4 ranks (``make test-mpi``): R x Q covers 1x2, 2
 
 from __future__ import annotations
 
+import re
 import shutil
 
 import h5py
@@ -308,3 +309,41 @@ def test_cli_trains_evaluates_and_predicts_with_replicas_and_refuses_bad_ones(tm
     result = mpinn(2, "--config", str(bad), "evaluate", str(paths[1]), "--data", str(data))
     assert result.returncode == 1 and "replicas" in result.stderr
     assert digest(paths[1]) == before
+
+
+def test_replicas_auto_trains_the_layout_it_prints_and_equals_one_replica(tmp_path):
+    """2 ranks: --replicas auto probes, prints every candidate with the chosen one marked,
+    and trains to the weights of --replicas 1 (any layout equals the reference); "auto" is
+    a config value too; a stored partition fixes Q; anything else is a one-line refusal."""
+    from tests.test_cli import digest, mpinn, ok
+    from tests.test_user_mistakes import refused
+    base = tmp_path / "m.h5"
+    data = tmp_path / "d.h5"
+    ok(mpinn(1, "init", str(base), "--sizes", "12,16,16,5", "--seed", "4", "--dtype", "float64"))
+    ok(mpinn(1, "data", "classification", str(data), "--samples", "40", "--features", "12",
+             "--outputs", "5", "--seed", "5", "--dtype", "float64"))
+    one, auto = tmp_path / "one.h5", tmp_path / "auto.h5"
+    shutil.copy(base, one)
+    shutil.copy(base, auto)
+    flags = ["--data", str(data), "--epochs", "2", "--batch-size", "8", "--lr", "0.2"]
+    ok(mpinn(2, "train", str(one), *flags))
+    config = tmp_path / "auto.toml"
+    config.write_text('[train]\nreplicas = "auto"\n')
+    out = ok(mpinn(2, "--config", str(config), "train", str(auto), *flags))
+    assert "--replicas auto:" in out and "<- chosen" in out and "2x1 balanced" in out, out
+    chosen = next(line for line in out.splitlines() if line.startswith("chosen:"))
+    assert re.match(r"chosen: --replicas [12] --strategy (balanced|layers) --micro-batches \d+",
+                    chosen), chosen
+    assert_weights_equal(str(auto), Reference.from_file(str(one)), "float64", "--replicas auto")
+
+    ok(mpinn(1, "partition", str(one), "--ranks", "2", "--name", "p2"))
+    out = ok(mpinn(2, "evaluate", str(one), "--data", str(data), "--partition", "p2",
+                   "--replicas", "auto"))
+    assert "chosen: --replicas 1 --strategy balanced" in out, out  # Q = 2 parts: R = 1
+    ok(mpinn(1, "partition", str(one), "--ranks", "3", "--name", "p3"))
+    before = digest(one)
+    refused(mpinn(2, "train", str(one), *flags, "--replicas", "many"),
+            "--replicas: takes a whole number or auto, not 'many'")
+    refused(mpinn(2, "train", str(one), *flags, "--partition", "p3", "--replicas", "auto"),
+            "partition 'p3' has 3 parts, which do not divide the 2 ranks")
+    assert digest(one) == before
