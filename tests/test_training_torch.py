@@ -23,7 +23,7 @@ import pytest
 
 from mpinn.errors import MpinnError
 from mpinn.optim import Schedule, clip_coefficient
-from tests.helpers import ALL_STRATEGIES, STRATEGIES, classification_data, regression_data, strategy_params
+from tests.helpers import ALL_STRATEGIES, classification_data, regression_data, strategy_params
 from tests.reference import assert_close
 
 N_SAMPLES, BATCH, EPOCHS = 30, 8, 3  # 4 steps per epoch, the last batch partial
@@ -176,7 +176,7 @@ def _setup(tmp, case: str) -> tuple[str, np.ndarray, np.ndarray, bool, list[int]
 
 
 @pytest.mark.mpi
-@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("strategy", ALL_STRATEGIES)
 @pytest.mark.parametrize("feature", FEATURES)
 def test_training_features_equal_torch_for_every_strategy(feature, strategy, mpi_tmp_path):
     pytest.importorskip("torch")
@@ -328,7 +328,7 @@ def test_a_run_preempted_mid_epoch_resumes_bitwise_as_an_uninterrupted_run(featu
 
 
 @pytest.mark.mpi
-@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("strategy", ALL_STRATEGIES)
 def test_validation_patience_and_keep_best_equal_torch_for_every_strategy(strategy,
                                                                           mpi_tmp_path):
     """Validation losses and accuracies after every epoch, the epoch patience stops at, the
@@ -376,7 +376,7 @@ def test_validation_patience_and_keep_best_equal_torch_for_every_strategy(strate
 
 
 @pytest.mark.mpi
-@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("strategy", ALL_STRATEGIES)
 def test_gelu_silu_leaky_relu_train_as_the_reference_for_every_strategy(strategy, mpi_tmp_path):
     """The new activations through the engine (forward, backward, micro-batches) against the
     plain numpy reference, at every rank count."""
@@ -401,7 +401,7 @@ def test_gelu_silu_leaky_relu_train_as_the_reference_for_every_strategy(strategy
 
 @pytest.mark.mpi
 @pytest.mark.parametrize("micro_batches", [1, 3])
-@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("strategy", ALL_STRATEGIES)
 def test_dropout_trains_as_the_reference_whatever_the_rank_count(strategy, micro_batches,
                                                                  mpi_tmp_path):
     """The masks depend on (seed, step, gid, sample) only: every partition and rank count
