@@ -5,6 +5,9 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import threading
+import time
+from typing import Any
 
 
 class MpinnError(Exception):
@@ -49,8 +52,7 @@ def inject_fault(point: str, rank: int) -> bool:
     if point == "nan":
         return True
     if point in HOLD_POINTS:
-        print(f"MPINN_FAULT: rank {rank} (pid {os.getpid()}) holds at {point}", flush=True)
-        signal.pause()  # SIGKILL ends the rank here; a handled SIGTERM/SIGUSR1 lets it go on
+        _hold(f"MPINN_FAULT: rank {rank} (pid {os.getpid()}) holds at {point}")
         return False
     message = f"injected fault at {point} on rank {rank}"
     print(f"MPINN_FAULT: rank {rank} fails at {point}", file=sys.stderr, flush=True)
@@ -68,3 +70,37 @@ SAVE_PHASES = ("save-begun", "save-written", "save-synced", "save-rename", "save
 HOLD_POINTS = ("hold", *SAVE_PHASES)
 
 _passes: dict[str, int] = {}
+
+
+def _hold(line: str) -> None:
+    """Print ``line`` and wait for a signal; SIGKILL ends the rank here, a handled SIGTERM,
+    SIGUSR1 or SIGINT runs its handler and lets the rank go on (unhandled: its default).
+
+    The handlers that note the signal are installed before the line is printed, and the
+    wait polls: a signal sent the moment the test reads the line (before a ``pause()``
+    would have started) or delivered to another thread is never missed."""
+    if threading.current_thread() is not threading.main_thread():
+        print(line, flush=True)
+        signal.pause()
+        return
+    got: list[int] = []
+    previous: dict[int, Any] = {}
+
+    def note(signum: int, frame: Any) -> None:
+        got.append(signum)
+        handler = previous[signum]
+        if callable(handler):
+            handler(signum, frame)
+        elif handler == signal.SIG_DFL:  # its default action, as if never caught
+            signal.signal(signum, signal.SIG_DFL)
+            signal.raise_signal(signum)
+
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        previous[sig] = signal.signal(sig, note)
+    try:
+        print(line, flush=True)
+        while not got:
+            time.sleep(0.01)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
