@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 
+import h5py
 import numpy as np
 
 from mpinn import format as fmt
@@ -79,3 +81,24 @@ def classification_data(n: int, n_in: int, n_out: int, seed: int, dtype: str):
 def regression_data(n: int, n_in: int, n_out: int, seed: int, dtype: str):
     rng = np.random.default_rng(seed)
     return rng.normal(size=(n, n_in)).astype(dtype), rng.normal(size=(n, n_out)).astype(dtype)
+
+
+def file_content(path: str | os.PathLike[str]) -> dict[str, object]:
+    """Every dataset and attribute of an HDF5 file by name: all that a checkpoint holds."""
+    items: dict[str, object] = {}
+    with h5py.File(path, "r") as f:
+        def visit(name: str, obj: h5py.HLObject) -> None:
+            items.update({f"{name}@{key}": value for key, value in obj.attrs.items()})
+            if isinstance(obj, h5py.Dataset):
+                items[name] = obj[...]
+        visit("/", f)
+        f.visititems(visit)
+    return items
+
+
+def assert_same_checkpoint(model: str | os.PathLike[str], expected: str | os.PathLike[str]) -> None:
+    """``model`` holds exactly what ``expected`` holds: weights, optimizer state, counters."""
+    have, want = file_content(model), file_content(expected)
+    assert have.keys() == want.keys(), sorted(set(have) ^ set(want))
+    differ = [name for name in want if not np.array_equal(have[name], want[name])]
+    assert not differ, f"{model} differs from {os.path.basename(expected)} in {differ}"

@@ -57,18 +57,25 @@ def choice(strategy: str, sizes: list[int], nranks: int) -> PartitionChoice:
     return PartitionChoice(None, strategy, strategy_params(strategy, sizes, nranks))
 
 
-def train_and_compare(tmp, case: str, dtype: str, strategy: str, micro_batches: int = 1) -> None:
-    """Train 2 epochs distributed and in the reference; losses and weights must agree."""
+def train_and_compare(tmp, case: str, dtype: str, strategy: str, micro_batches: int = 1, *,
+                      exchange: str = "auto", replicas: int = 1, batch: int = BATCH) -> None:
+    """Train 2 epochs distributed and in the reference; losses and weights must agree.
+
+    ``exchange``: the kind of every layer's exchange; ``replicas`` R: R contiguous groups of
+    Q = P / R ranks, each holding a Q-rank partition (R must divide the job's ranks)."""
     comm = MPI.COMM_WORLD
+    q = comm.size // replicas
     c = CASES[case]
     model_path, data_path, x, y = make_files(tmp, c, dtype, comm)
     ref = Reference.from_file(model_path)
     comm.Barrier()  # every rank has read the initial weights before anyone writes
-    ref_losses = ref.train(x, y, EPOCHS, BATCH, c["lr"], c["optimizer"], c["momentum"], seed=11)
+    ref_losses = ref.train(x, y, EPOCHS, batch, c["lr"], c["optimizer"], c["momentum"], seed=11)
 
-    with DistributedModel(model_path, comm, choice(strategy, c["sizes"], comm.size), BATCH) as model:
-        data = load(data_path, model.table, model.spec.dtype, comm)
-        history = train(model, data, epochs=EPOCHS, batch_size=BATCH, lr=c["lr"],
+    with DistributedModel(model_path, comm, choice(strategy, c["sizes"], q), batch,
+                          replicas=replicas, exchange=exchange) as model:
+        assert model.group.size == q and model.groups.index == comm.rank // q  # contiguous
+        data = load(data_path, model.table, model.spec.dtype, comm, model.group)
+        history = train(model, data, epochs=EPOCHS, batch_size=batch, lr=c["lr"],
                         optimizer_name=c["optimizer"], momentum=c["momentum"], seed=11,
                         micro_batches=micro_batches)
     assert_close([h.loss for h in history.history], ref_losses, dtype, "epoch losses")

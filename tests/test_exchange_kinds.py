@@ -17,9 +17,16 @@ from mpi4py import MPI
 from mpinn import format as fmt
 from mpinn.data import load
 from mpinn.errors import MpinnError
-from mpinn.train import DistributedModel, predict, train
+from mpinn.train import DistributedModel, predict
 from tests.reference import Reference, assert_close
-from tests.test_engine_mpi import BATCH, CASES, EPOCHS, N_SAMPLES, _values, choice, make_files
+from tests.test_engine_mpi import (
+    BATCH,
+    CASES,
+    N_SAMPLES,
+    choice,
+    make_files,
+    train_and_compare,
+)
 
 pytestmark = pytest.mark.mpi
 
@@ -29,38 +36,13 @@ KINDS = ("allgather", "collective", "neighbor")
 STRATEGIES = ("balanced", "ids", "layers")
 
 
-def train_with(tmp, case: str, dtype: str, strategy: str, exchange: str,
-               micro_batches: int = 1) -> DistributedModel:
-    """Train 2 epochs with ``exchange``; losses and weights must equal the reference's."""
-    comm = MPI.COMM_WORLD
-    c = CASES[case]
-    model_path, data_path, x, y = make_files(tmp, c, dtype, comm)
-    ref = Reference.from_file(model_path)
-    comm.Barrier()  # every rank has read the initial weights before anyone writes
-    ref_losses = ref.train(x, y, EPOCHS, BATCH, c["lr"], c["optimizer"], c["momentum"], seed=11)
-    with DistributedModel(model_path, comm, choice(strategy, c["sizes"], comm.size), BATCH,
-                          exchange=exchange) as model:
-        data = load(data_path, model.table, model.spec.dtype, comm)
-        history = train(model, data, epochs=EPOCHS, batch_size=BATCH, lr=c["lr"],
-                        optimizer_name=c["optimizer"], momentum=c["momentum"], seed=11,
-                        micro_batches=micro_batches)
-    assert_close([h.loss for h in history.history], ref_losses, dtype, "epoch losses")
-    trained = Reference.from_file(model_path)
-    for i in range(len(ref.weights)):
-        assert_close(_values(trained.weights[i]), _values(ref.weights[i]), dtype,
-                     f"{case} layer {i + 1} weight")
-        assert_close(trained.biases[i], ref.biases[i], dtype, f"{case} layer {i + 1} bias")
-    comm.Barrier()  # nobody rewrites the files while another rank still reads them
-    return model
-
-
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("exchange", KINDS)
 def test_trained_weights_equal_reference_for_every_exchange(exchange, strategy, dtype, case,
                                                             mpi_tmp_path):
-    train_with(mpi_tmp_path, case, dtype, strategy, exchange)
+    train_and_compare(mpi_tmp_path, case, dtype, strategy, exchange=exchange)
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -68,7 +50,7 @@ def test_trained_weights_equal_reference_for_every_exchange(exchange, strategy, 
 @pytest.mark.parametrize("exchange", KINDS)
 def test_pipelined_training_equals_reference_for_every_exchange(exchange, strategy, case,
                                                                 mpi_tmp_path):
-    train_with(mpi_tmp_path, case, "float64", strategy, exchange, micro_batches=3)
+    train_and_compare(mpi_tmp_path, case, "float64", strategy, 3, exchange=exchange)
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -18,6 +18,7 @@ import h5py
 import numpy as np
 import pytest
 
+from tests.helpers import assert_same_checkpoint
 from tests.reference import Reference
 from tests.test_cli import ENV, ROOT, command, mpinn, ok
 
@@ -136,27 +137,6 @@ def kill_all(run: Run, model: Path) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
     run.finish(timeout=30)
-
-
-def content(path: Path) -> dict[str, object]:
-    """Every dataset and attribute of an HDF5 file by name: all that a checkpoint holds."""
-    items: dict[str, object] = {}
-    with h5py.File(path, "r") as f:
-        def visit(name: str, obj: h5py.HLObject) -> None:
-            items.update({f"{name}@{key}": value for key, value in obj.attrs.items()})
-            if isinstance(obj, h5py.Dataset):
-                items[name] = obj[...]
-        visit("/", f)
-        f.visititems(visit)
-    return items
-
-
-def assert_same_checkpoint(model: Path, expected: Path) -> None:
-    """``model`` holds exactly what ``expected`` holds: weights, optimizer state, counters."""
-    have, want = content(model), content(expected)
-    assert have.keys() == want.keys(), sorted(set(have) ^ set(want))
-    differ = [name for name in want if not np.array_equal(have[name], want[name])]
-    assert not differ, f"{model} differs from {expected.name} in {differ}"
 
 
 def assert_same_weights(a: Path, b: Path) -> None:

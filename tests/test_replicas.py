@@ -24,7 +24,15 @@ from mpinn.exchange import replica_shares
 from mpinn.train import DistributedModel, PartitionChoice, evaluate, predict, train
 from tests.helpers import ALL_STRATEGIES, strategy_params
 from tests.reference import Reference, assert_close
-from tests.test_engine_mpi import BATCH, CASES, EPOCHS, N_SAMPLES, _values, make_files
+from tests.test_engine_mpi import (
+    BATCH,
+    CASES,
+    N_SAMPLES,
+    _values,
+    choice,
+    make_files,
+    train_and_compare,
+)
 
 REPLICAS = (1, 2, 3, 4)
 
@@ -37,11 +45,6 @@ def layout(replicas: int) -> int:
     return size // replicas
 
 
-def choice(strategy: str, sizes: list[int], group_size: int) -> PartitionChoice:
-    """The strategy's params for a Q-rank partition (what every group holds)."""
-    return PartitionChoice(None, strategy, strategy_params(strategy, sizes, group_size))
-
-
 def assert_weights_equal(path: str, ref: Reference, dtype: str, what: str) -> None:
     trained = Reference.from_file(path)
     for i in range(len(ref.weights)):
@@ -52,24 +55,10 @@ def assert_weights_equal(path: str, ref: Reference, dtype: str, what: str) -> No
 
 def train_replicated(tmp, case: str, dtype: str, strategy: str, replicas: int,
                      batch: int = BATCH, micro_batches: int = 1) -> None:
-    """Train EPOCHS epochs with R replicas and in the reference; losses and weights agree."""
-    comm = MPI.COMM_WORLD
-    q = layout(replicas)
-    c = CASES[case]
-    model_path, data_path, x, y = make_files(tmp, c, dtype, comm)
-    ref = Reference.from_file(model_path)
-    comm.Barrier()
-    ref_losses = ref.train(x, y, EPOCHS, batch, c["lr"], c["optimizer"], c["momentum"], seed=11)
-    with DistributedModel(model_path, comm, choice(strategy, c["sizes"], q), batch,
-                          replicas=replicas) as model:
-        assert model.group.size == q and model.groups.index == comm.rank // q  # contiguous
-        data = load(data_path, model.table, model.spec.dtype, comm, model.group)
-        history = train(model, data, epochs=EPOCHS, batch_size=batch, lr=c["lr"],
-                        optimizer_name=c["optimizer"], momentum=c["momentum"], seed=11,
-                        micro_batches=micro_batches)
-    assert_close([h.loss for h in history.history], ref_losses, dtype, "epoch losses")
-    assert_weights_equal(model_path, ref, dtype, f"{case} R={replicas} Q={q}")
-    comm.Barrier()
+    """Train EPOCHS epochs with R replicas and in the reference; losses and weights agree
+    (skipped where R does not divide this job's ranks)."""
+    layout(replicas)
+    train_and_compare(tmp, case, dtype, strategy, micro_batches, replicas=replicas, batch=batch)
 
 
 def test_shares_are_contiguous_and_cover_the_batch():

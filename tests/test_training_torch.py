@@ -23,7 +23,13 @@ import pytest
 
 from mpinn.errors import MpinnError
 from mpinn.optim import Schedule, clip_coefficient
-from tests.helpers import ALL_STRATEGIES, classification_data, regression_data, strategy_params
+from tests.helpers import (
+    ALL_STRATEGIES,
+    assert_same_checkpoint,
+    classification_data,
+    regression_data,
+    strategy_params,
+)
 from tests.reference import assert_close
 
 N_SAMPLES, BATCH, EPOCHS = 30, 8, 3  # 4 steps per epoch, the last batch partial
@@ -199,6 +205,16 @@ def test_training_features_equal_torch_for_every_strategy(feature, strategy, mpi
         assert_close(got, want, "float64", f"{feature} parameter {i}")
 
 
+def _whole_and_split(tmp) -> tuple[dict[str, str], np.ndarray, np.ndarray]:
+    """The same softmax model twice: for an uninterrupted run ("whole") and one interrupted
+    and resumed ("split"); and its data."""
+    paths = {}
+    for name in ("whole", "split"):
+        os.makedirs(tmp / name, exist_ok=True)
+        paths[name], x, y, _, _ = _setup(tmp / name, "softmax")
+    return paths, x, y
+
+
 @pytest.mark.mpi
 @pytest.mark.parametrize("feature", ["sgd-momentum-decay-step", "sgd-clip-cosine-warmup"])
 def test_a_preempted_schedule_resumes_bitwise_as_an_uninterrupted_run(feature, mpi_tmp_path):
@@ -208,10 +224,7 @@ def test_a_preempted_schedule_resumes_bitwise_as_an_uninterrupted_run(feature, m
     from mpinn import Network
     comm = MPI.COMM_WORLD
     options = {**FEATURES[feature], "batch_size": BATCH, "seed": 11}
-    paths = {}
-    for name in ("whole", "split"):
-        os.makedirs(mpi_tmp_path / name, exist_ok=True)
-        paths[name], x, y, _, _ = _setup(mpi_tmp_path / name, "softmax")
+    paths, x, y = _whole_and_split(mpi_tmp_path)
     with Network.open(paths["whole"]) as net:
         uninterrupted = net.fit(x, y, epochs=5, **options)
 
@@ -229,26 +242,6 @@ def test_a_preempted_schedule_resumes_bitwise_as_an_uninterrupted_run(feature, m
                zip(_weights(paths["split"]), _weights(paths["whole"]), strict=True))
     with h5py.File(paths["split"], "r") as f:
         assert '"name": "' + FEATURES[feature]["schedule"] + '"' in f["state"].attrs["schedule"]
-
-
-def file_content(path: str) -> dict[str, object]:
-    """Every dataset and attribute of an HDF5 file by name: all that a checkpoint holds."""
-    items: dict[str, object] = {}
-    with h5py.File(path, "r") as f:
-        def visit(name: str, obj) -> None:
-            items.update({f"{name}@{key}": value for key, value in obj.attrs.items()})
-            if isinstance(obj, h5py.Dataset):
-                items[name] = obj[...]
-        visit("/", f)
-        f.visititems(visit)
-    return items
-
-
-def assert_same_file(got: str, want: str) -> None:
-    have, expected = file_content(got), file_content(want)
-    assert have.keys() == expected.keys(), sorted(set(have) ^ set(expected))
-    differ = [name for name in expected if not np.array_equal(have[name], expected[name])]
-    assert not differ, f"{got} differs from {want} in {differ}"
 
 
 # interrupted in the middle of an epoch: schedules stepped per batch and per epoch, and
@@ -283,10 +276,7 @@ def test_a_run_preempted_mid_epoch_resumes_bitwise_as_an_uninterrupted_run(featu
     from mpinn.train import best_path
     comm = MPI.COMM_WORLD
     options = {**MID_EPOCH[feature], "batch_size": BATCH, "seed": 11}
-    paths = {}
-    for name in ("whole", "split"):
-        os.makedirs(mpi_tmp_path / name, exist_ok=True)
-        paths[name], x, y, _, _ = _setup(mpi_tmp_path / name, "softmax")
+    paths, x, y = _whole_and_split(mpi_tmp_path)
     xv, yv = classification_data(12, x.shape[1], 5, seed=9, dtype="float64")
     if options.get("patience"):
         options["validation_data"] = (xv, yv)
@@ -322,9 +312,9 @@ def test_a_run_preempted_mid_epoch_resumes_bitwise_as_an_uninterrupted_run(featu
     assert rest.stopped_early == uninterrupted.stopped_early
     assert rest["val_loss"] == uninterrupted["val_loss"][first.epoch:]
     comm.Barrier()  # every rank's files are closed
-    assert_same_file(paths["split"], paths["whole"])
+    assert_same_checkpoint(paths["split"], paths["whole"])
     if options.get("keep_best"):
-        assert_same_file(best_path(paths["split"]), best_path(paths["whole"]))
+        assert_same_checkpoint(best_path(paths["split"]), best_path(paths["whole"]))
 
 
 @pytest.mark.mpi
