@@ -27,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -140,22 +141,10 @@ def worker_torch(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     sizes = [int(n) for n in args.sizes.split(",")]
     dtype = getattr(torch, args.dtype)
-    layers: list[torch.nn.Module] = []
-    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
-        layers.append(torch.nn.Linear(a, b, dtype=dtype))
-        if i < len(sizes) - 2:
-            layers.append(torch.nn.ReLU())
-    net = torch.nn.Sequential(*layers)
-    opt = torch.optim.SGD(net.parameters(), lr=1e-3)
+    net = _torch_net(sizes, dtype)
     x = torch.rand(args.batch, sizes[0], dtype=dtype)
     y = torch.randint(0, sizes[-1], (args.batch,))
-    loss_fn = torch.nn.CrossEntropyLoss()
-
-    def step() -> None:
-        opt.zero_grad(set_to_none=False)
-        loss_fn(net(x), y).backward()
-        opt.step()
-
+    step = _torch_step(net, x, y)
     step()
     start = time.perf_counter()
     for _ in range(args.steps):
@@ -173,6 +162,20 @@ def _torch_net(sizes: list[int], dtype: object) -> object:
         if i < len(sizes) - 2:
             layers.append(torch.nn.ReLU())
     return torch.nn.Sequential(*layers)
+
+
+def _torch_step(net: object, x: object, y: object) -> Callable[[], None]:
+    """One step of every PyTorch run: SGD (lr 1e-3) on the cross-entropy of ``net(x)``."""
+    import torch
+    opt = torch.optim.SGD(net.parameters(), lr=1e-3)
+    loss_fn = torch.nn.CrossEntropyLoss()
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=False)
+        loss_fn(net(x), y).backward()
+        opt.step()
+
+    return step
 
 
 def worker_torch_dist(args: argparse.Namespace) -> None:
@@ -215,14 +218,7 @@ def worker_torch_dist(args: argparse.Namespace) -> None:
             else:
                 plan[name] = tp.ColwiseParallel()
         net = tp.parallelize_module(net, mesh, plan)
-    opt = torch.optim.SGD(net.parameters(), lr=1e-3)
-    loss_fn = torch.nn.CrossEntropyLoss()
-
-    def step() -> None:
-        opt.zero_grad(set_to_none=False)
-        loss_fn(net(x), y).backward()
-        opt.step()
-
+    step = _torch_step(net, x, y)
     step()
     dist.barrier()
     start = time.perf_counter()
