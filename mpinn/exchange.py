@@ -202,9 +202,12 @@ class ExchangePlan:
         for plan in plans:
             plan.send_buffer, plan.recv_buffer = send, recv
 
-    def _views(self, batch: int) -> tuple[np.ndarray, np.ndarray]:
+    def _check_batch(self, batch: int) -> None:
         if batch > self.max_batch:
             raise MpinnError(f"batch of {batch} exceeds the plan's {self.max_batch}")
+
+    def _views(self, batch: int) -> tuple[np.ndarray, np.ndarray]:
+        self._check_batch(batch)
         send = self.send_buffer[: self.send_counts.sum() * batch].reshape(-1, batch)
         recv = self.recv_buffer[: self.n_inputs * batch].reshape(-1, batch)
         return send, recv
@@ -266,8 +269,7 @@ class ExchangePlan:
         """``start_forward`` of the collective kind: one Iallgatherv of my whole layer."""
         started = time.perf_counter()
         batch = self._batch = local.shape[1]
-        if batch > self.max_batch:
-            raise MpinnError(f"batch of {batch} exceeds the plan's {self.max_batch}")
+        self._check_batch(batch)
         whole = self.recv_buffer[: self.recv_rows * batch]
         recv = whole[: self.n_inputs * batch].reshape(-1, batch)
         recv[self.self_recv] = local
@@ -337,8 +339,7 @@ class ExchangePlan:
         """``start_backward`` of the collective kind: one Ireduce_scatter, in rank order."""
         started = time.perf_counter()
         batch = self._batch
-        if batch > self.max_batch:
-            raise MpinnError(f"batch of {batch} exceeds the plan's {self.max_batch}")
+        self._check_batch(batch)
         ordered = self.send_buffer[: self.n_inputs * batch].reshape(-1, batch)
         for source, target in (self.after_me, self.before_me):
             ordered[target] = partial[source]
@@ -602,12 +603,8 @@ class ReplicaGroups:
     """
 
     def __init__(self, comm: MPI.Comm, replicas: int) -> None:
-        """Split ``comm`` (collective; every rank passes the same ``replicas``)."""
-        if replicas < 1:
-            raise MpinnError(f"--replicas must be at least 1, got {replicas}")
-        if comm.size % replicas:
-            raise MpinnError(f"--replicas {replicas} does not divide the {comm.size} ranks "
-                             "(P = R x Q: run a multiple of R ranks)")
+        """Split ``comm`` (collective; every rank passes the same ``replicas``, as ``check``
+        accepts it)."""
         self.world = comm
         self.replicas = replicas
         self.ranks_per_group = comm.size // replicas
@@ -618,6 +615,18 @@ class ReplicaGroups:
         else:
             self.group = comm.Split(self.index, comm.rank)
             self.across = comm.Split(comm.rank % self.ranks_per_group, comm.rank)
+
+    @staticmethod
+    def check(replicas: object, nranks: int) -> int:
+        """``replicas`` if it is a whole number >= 1 that divides the rank count."""
+        if isinstance(replicas, bool) or not isinstance(replicas, (int, np.integer)):
+            raise MpinnError(f"--replicas must be a whole number, got {replicas!r}")
+        if replicas < 1:
+            raise MpinnError(f"--replicas must be at least 1, got {replicas}")
+        if nranks % replicas:
+            raise MpinnError(f"--replicas {replicas} does not divide the {nranks} ranks "
+                             f"(P = R x Q: run a multiple of {replicas} ranks)")
+        return int(replicas)
 
     def share(self, n: int) -> slice:
         """My group's contiguous share of ``n`` samples (of a batch, or of a data set)."""
@@ -701,6 +710,7 @@ class GradientReducer:
         self._requests = []
         self._ready = [False] * len(self.buffers)
         self._next = len(self.buffers) - 1
+
 
 def time_alltoall(comm: MPI.Comm, nbytes: int, seconds: float) -> float:
     """Seconds of one Alltoall with ``nbytes`` per rank pair on ``comm``: the best of as many

@@ -84,7 +84,7 @@ class DistributedModel:
         self.path = path
         self.comm = comm
         self.exchange = exchange  # the kind of every layer's exchange (exchange.make_plans)
-        self.replicas = agree(comm, lambda: _check_replicas(replicas, comm.size))
+        self.replicas = agree(comm, lambda: ReplicaGroups.check(replicas, comm.size))
         self.groups = ReplicaGroups(comm, self.replicas)
         group = self.group = self.groups.group  # the neuron partition lives here
         # opened read-only: saves write a new file and swap it in (format.Checkpoint)
@@ -236,18 +236,6 @@ class DistributedModel:
                 self.state["optimizer"] = optimizer.config()
             fmt.write_state_attrs(f, self.state)
         self.seconds_io += time.perf_counter() - started
-
-
-def _check_replicas(replicas: int, nranks: int) -> int:
-    """``replicas`` if it is a whole number >= 1 that divides the rank count."""
-    if isinstance(replicas, bool) or not isinstance(replicas, (int, np.integer)):
-        raise MpinnError(f"--replicas must be a whole number, got {replicas!r}")
-    if replicas < 1:
-        raise MpinnError(f"--replicas must be at least 1, got {replicas}")
-    if nranks % replicas:
-        raise MpinnError(f"--replicas {replicas} does not divide the {nranks} ranks (P = R x Q: "
-                         f"run a multiple of {replicas} ranks)")
-    return int(replicas)
 
 
 def best_path(path: str) -> str:
@@ -602,7 +590,8 @@ def evaluate(model: DistributedModel, data: LocalData, batch_size: int) -> tuple
     """Mean loss and accuracy (None for float targets) over the whole data set; with
     replicas each group runs a contiguous share of the samples."""
     model.use_engine(batch_size, training=False)
-    order = np.arange(data.n_samples)[model.groups.share(data.n_samples)]
+    share = model.groups.share(data.n_samples)
+    order = np.arange(share.start, share.stop)
     loss_sum, correct, _ = _run_batches(model, data, order, batch_size)
     return _totals(model, data.n_samples, loss_sum, correct, data.labels is not None)
 
@@ -620,7 +609,7 @@ def predict(model: DistributedModel, data: LocalData, batch_size: int) -> np.nda
     def keep(index: np.ndarray, batch_outputs: np.ndarray) -> None:
         outputs[:, index - share.start] = batch_outputs
 
-    order = np.arange(data.n_samples)[share]
+    order = np.arange(share.start, share.stop)
     stripped = LocalData(data.spec, data.features, None, None)
     _run_batches(model, stripped, order, batch_size, on_outputs=keep)
     return model.groups.gather_samples(outputs, data.n_samples)
