@@ -31,7 +31,7 @@ from mpinn import format as fmt
 from mpinn import train as loop
 from mpinn.data import LocalData, from_arrays, load
 from mpinn.errors import MpinnError
-from mpinn.exchange import EXCHANGES, agree, gather_layer
+from mpinn.exchange import agree, check_exchange, gather_layer
 
 Callback = Callable[[dict[str, Any]], Any]
 
@@ -193,9 +193,7 @@ class Network:
         def check() -> loop.PartitionChoice:
             if dtype is not None and dtype not in fmt.DTYPES:
                 raise MpinnError(f"dtype {dtype!r} is not supported (float32 or float64)")
-            if exchange not in EXCHANGES:
-                raise MpinnError(f"exchange must be one of {', '.join(EXCHANGES)}, "
-                                 f"got {exchange!r}")
+            check_exchange(exchange)
             return partition_choice(strategy, counts=counts, percentages=percentages, ids=ids,
                                     layer_ranks=layer_ranks, partition=partition)
 

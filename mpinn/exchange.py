@@ -373,8 +373,7 @@ def make_plans(comm: MPI.Comm, table: MetadataTable, layers: list[tuple[int, np.
     apply uses ``alltoallv``. ``auto`` follows ``auto_kind``. Graph communicators are built once per
     distinct pattern of who exchanges with whom and shared by the layers that have it.
     """
-    if exchange not in EXCHANGES:
-        raise MpinnError(f"--exchange must be one of {', '.join(EXCHANGES)}, got {exchange!r}")
+    check_exchange(exchange)
     plans = [ExchangePlan(comm, table, layer, inputs, max_batch, dtype, shared)
              for layer, inputs in layers]
     if comm.size == 1 or exchange == "alltoallv" or not plans:
@@ -399,6 +398,12 @@ def make_plans(comm: MPI.Comm, table: MetadataTable, layers: list[tuple[int, np.
                     neighbors.tolist(), neighbors.tolist(), reorder=False)
             plan.use_neighbor(graphs[key], neighbors)
     return plans
+
+
+def check_exchange(kind: str) -> None:
+    """Refuse an exchange kind that is not one of ``EXCHANGES``."""
+    if kind not in EXCHANGES:
+        raise MpinnError(f"--exchange must be one of {', '.join(EXCHANGES)}, got {kind!r}")
 
 
 def auto_kind(dense: bool, size: int) -> str:
