@@ -14,24 +14,28 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-from mpinn import distributor
+from mpinn import distributor, kernels
 from mpinn.errors import MpinnError
 
 # Shared memory between processes of one host, as measured here (docs/scaling.md: 2-4.5
 # GB/s), for a probe that has a single rank and so cannot time an exchange.
 ASSUMED_BANDWIDTH = 3e9
 ASSUMED_LATENCY = 5e-6
-# Python and bookkeeping per layer and pass (forward or backward) of one micro-batch: the
-# "python_other" share of benchmarks/train_mlp.py's split on small models.
+# Defaults for a Machine made by hand (tests, docs); the probe measures all three.
+# Python and bookkeeping per layer and pass (forward or backward) of one micro-batch.
 OVERHEAD_PER_LAYER = 60e-6
-# An SGD update reads a weight and its gradient and writes the weight: memory-bound, about
-# 0.6 ns per float32 parameter here; the probe measures it.
+# An SGD update reads a weight and its gradient and writes the weight: memory-bound.
 UPDATE_PER_PARAMETER = 0.6e-9
+# Bias, activation, its derivative and the bias gradient, per (row, sample) of a layer.
+ELEMENTWISE_PER_VALUE = 1e-9
+# Per step of a Q-rank group, reductions of one value per sample: the softmax's max and
+# sum, the loss, and train's stop check.
+REDUCTIONS = 4
 MAX_RANKS = 1 << 20  # candidates are enumerated, one per divisor
 
 
@@ -51,6 +55,7 @@ class Machine:
     latency: float
     overhead: float = OVERHEAD_PER_LAYER
     update: float = UPDATE_PER_PARAMETER  # optimizer seconds per parameter a rank holds
+    elementwise: float = ELEMENTWISE_PER_VALUE  # seconds per (row, sample) of a layer
     measured_links: bool = True  # False: bandwidth and latency are the assumed defaults
 
     def gemm_seconds(self, m: int, k: int, n: int) -> float:
@@ -147,7 +152,7 @@ def _balanced(sizes: Sequence[int], b: int, itemsize: int, q: int,
         rows = -(-n_out // q)
         params += rows * (n_in + 1)
         passes = 3 if layer > 1 else 2  # forward, weight gradient, input gradient
-        compute += passes * machine.gemm_seconds(rows, n_in, b)
+        compute += passes * machine.gemm_seconds(rows, n_in, b) + rows * b * machine.elementwise
         if q > 1:
             # each of the Q-1 others sends its n_in/Q inputs of b samples; backward returns
             # as many partial sums (not for the first layer: inputs need no gradient)
@@ -155,9 +160,15 @@ def _balanced(sizes: Sequence[int], b: int, itemsize: int, q: int,
             directions = 2 if layer > 1 else 1
             exchange += directions * (q - 1) * machine.message_seconds(block)
             nbytes += directions * (q - 1) * block
-    if q > 1:  # softmax max and sum, loss: three reductions of b values
-        exchange += 3 * math.ceil(math.log2(q)) * machine.message_seconds(b * itemsize)
+    if q > 1:  # REDUCTIONS of b values, a tree of log2 Q steps each
+        exchange += REDUCTIONS * math.ceil(math.log2(q)) * machine.message_seconds(b * itemsize)
     return compute, exchange, nbytes, params
+
+
+def _messages(depth: int, q: int) -> int:
+    """Messages one rank waits for per step, balanced on Q, as ``_balanced`` counts them:
+    Q - 1 per exchange (``depth`` forward, ``depth - 1`` backward) and the reductions."""
+    return (2 * depth - 1) * (q - 1) + REDUCTIONS * math.ceil(math.log2(q))
 
 
 def _layers(sizes: Sequence[int], b: int, itemsize: int, layout: Layout,
@@ -179,7 +190,7 @@ def _layers(sizes: Sequence[int], b: int, itemsize: int, layout: Layout,
     params = {s: 0 for s in stages}
     for layer in range(n_layers):
         n_in, n_out, s = sizes[layer], sizes[layer + 1], owner[layer]
-        fwd[s] += machine.gemm_seconds(n_out, n_in, mb)
+        fwd[s] += machine.gemm_seconds(n_out, n_in, mb) + n_out * mb * machine.elementwise
         if layer > 0:
             bwd[s] += machine.gemm_seconds(n_out, n_in, mb)
         wgrad[s] += machine.gemm_seconds(n_out, n_in, b)
@@ -263,48 +274,124 @@ def fit_link(seconds_small: float, bytes_small: int, seconds_large: float,
     return bandwidth, latency
 
 
-def _gemm_rate(m: int, k: int, n: int, dtype: np.dtype, seconds: float) -> float:
-    """GFLOP/s of an (m x k) @ (k x n) product on this process, best of repeated runs."""
-    rng = np.random.default_rng(0)
-    a, x = rng.random((m, k)).astype(dtype), rng.random((k, n)).astype(dtype)
-    out = np.empty((m, n), dtype)
-    np.matmul(a, x, out=out)
+def _best_seconds(action: Callable[[], object], seconds: float) -> float:
+    """The shortest of as many runs of ``action`` as fit in about ``seconds`` (one at least)."""
+    action()
     best, start = math.inf, time.perf_counter()
-    while time.perf_counter() - start < seconds:
+    while True:
         t = time.perf_counter()
-        np.matmul(a, x, out=out)
+        action()
         best = min(best, time.perf_counter() - t)
-    return 2.0 * m * k * n / best / 1e9
+        if time.perf_counter() - start >= seconds:
+            return best
+
+
+def _gemm_rate(m: int, k: int, n: int, dtype: np.dtype, seconds: float) -> float:
+    """GFLOP/s of the three products a layer of ``m`` rows, ``k`` inputs and ``n`` samples
+    runs each step, as the engine runs them (kernels.py): forward ``W x``, weight gradient
+    ``dz x^T`` and input gradient ``W^T dz``, each its best time."""
+    rng = np.random.default_rng(0)
+    w, x, dz = (rng.random(shape).astype(dtype) for shape in ((m, k), (k, n), (m, n)))
+    z, gw, gx = np.empty((m, n), dtype), np.empty((m, k), dtype), np.empty((k, n), dtype)
+    columns = slice(0, k)
+    products = (lambda: kernels.block_forward(w, x, columns, z),
+                lambda: kernels.dense_weight_grad(dz, x, gw),
+                lambda: kernels.block_input_grad(w, dz, columns, gx))
+    total = sum(_best_seconds(product, seconds / 3) for product in products)
+    return 3 * 2.0 * m * k * n / total / 1e9
+
+
+def _elementwise_seconds(rows: int, batch: int, dtype: np.dtype, seconds: float) -> float:
+    """Seconds per (row, sample) of a layer's elementwise work in one step, as the engine
+    does it: bias, activation and its derivative, the copy of dL/dz, the bias gradient."""
+    z = np.random.default_rng(0).standard_normal((rows, batch)).astype(dtype)
+    a, grad, grad_z = np.empty_like(z), np.ones_like(z), np.empty_like(z)
+    bias, grad_bias = np.zeros(rows, dtype), np.empty(rows, dtype)
+
+    def layer() -> None:
+        np.add(z, bias[:, None], out=z)
+        kernels.activate("relu", z, out=a)
+        kernels.activation_grad("relu", z, a, grad, None, None)
+        grad_z[...] = grad
+        np.sum(grad_z, axis=1, out=grad_bias)
+
+    return _best_seconds(layer, seconds) / z.size
 
 
 def _update_seconds(n: int, dtype: np.dtype, seconds: float) -> float:
-    """Seconds per parameter of an SGD step ``w -= lr * g`` on ``n`` values, best run."""
+    """Seconds per parameter of the SGD update (optim.SGD) of ``n`` parameters."""
+    from mpinn.optim import SGD
     w, g = np.ones(n, dtype), np.ones(n, dtype)
-    scaled = np.empty_like(g)
-    best, start = math.inf, time.perf_counter()
-    while time.perf_counter() - start < seconds:
+    sgd = SGD([(w, g)], lr=1e-3)
+    return _best_seconds(sgd.step, seconds) / n
+
+
+def _step_seconds(comm: object, depth: int, dtype: np.dtype, seconds: float) -> float:
+    """Seconds of one real training step of a tiny dense model of ``depth`` layers, balanced
+    on ``comm``: forward with its exchanges, loss, the per-step stop check, backward and the
+    SGD update, in a model too small for its GEMMs or bytes to count. What is left is what
+    a step of that depth costs besides them: Python, kernel calls and, with several ranks,
+    each exchange's synchronisation. Collective; the slowest rank's best block of steps."""
+    from mpinn.engine import Engine
+    from mpinn.exchange import MAX, MIN, allreduce
+    from mpinn.format import LayerSpec, ModelSpec
+    from mpinn.metadata import MetadataTable
+    from mpinn.optim import SGD
+    from mpinn.shard import Shard
+
+    size, batch = comm.Get_size(), 8
+    sizes = [4 * size] * (depth + 1)
+    spec = ModelSpec(tuple(sizes), tuple(
+        LayerSpec(i, sizes[i - 1], sizes[i], "softmax" if i == depth else "relu", "dense")
+        for i in range(1, depth + 1)), dtype)
+    table = MetadataTable.build(sizes, distributor.balanced(sizes, size), size)
+    engine = Engine(Shard.synthetic(spec, table, comm.Get_rank(), size), comm, batch)
+    sgd = SGD(engine.parameters(), lr=1e-3)
+    rng = np.random.default_rng(0)
+    x = rng.random((table.rows(0, comm.Get_rank()).size, batch)).astype(dtype)
+    labels = rng.integers(0, sizes[-1], batch)
+    flags = np.zeros(2, dtype=np.int32)
+
+    def step() -> None:
+        engine.loss_and_grad(engine.forward(x), labels, None)
+        allreduce(comm, flags, MAX)  # train's StepGuard
+        engine.backward()
+        engine.finish_gradients()
+        sgd.step()
+
+    steps, best, start = 10, math.inf, time.perf_counter()
+    go = np.ones(1)
+    while go[0]:
         t = time.perf_counter()
-        np.multiply(g, 1e-3, out=scaled)
-        w -= scaled
-        best = min(best, time.perf_counter() - t)
-    return best / n
+        for _ in range(steps):
+            step()
+        best = min(best, (time.perf_counter() - t) / steps)
+        go[0] = time.perf_counter() - start < seconds
+        allreduce(comm, go, MIN)  # every rank runs as many blocks as the first to stop
+    return float(allreduce(comm, np.array([best]), MAX)[0])
 
 
 def probe(comm: object, sizes: Sequence[int], batch: int, dtype: str = "float32",
           seconds: float = 1.0) -> Machine:
     """Measure a ``Machine`` on the job's ranks, all at once, in a few times ``seconds``.
 
-    GEMM: every rank multiplies the widest layer's weights by a batch-wide block, and by a
-    thin one (16 samples), at the same time as the others (so memory bandwidth is shared
-    as in training); the slowest rank's rates fit ``d_half``. The SGD update's seconds per
-    parameter, the same way. Links: an alltoall through exchange.py of a small and a large
-    block per rank pair; with one rank there is nothing to time and the assumed
+    GEMM: every rank runs the widest layer's three products (forward, weight and input
+    gradient) at the batch width and at 16 samples, at the same time as the others (so
+    memory bandwidth is shared as in training); the slowest rank's rates fit ``d_half``.
+    The elementwise work per value and the SGD update per parameter, the same way. Fixed
+    costs: real steps of a tiny model of the same depth, on one rank (Python per layer and
+    pass) and on all of them (each exchange's synchronisation, which sets the latency when
+    it exceeds the alltoall's). Links: an alltoall through exchange.py of a small and a
+    large block per rank pair; with one rank there is nothing to time and the assumed
     shared-memory figures are used.
     """
+    from mpi4py import MPI
+
     from mpinn.exchange import MAX, MIN, allreduce, time_alltoall
 
     dt = np.dtype(dtype)
-    widest = max(range(len(sizes) - 1), key=lambda i: sizes[i] * sizes[i + 1])
+    depth = len(sizes) - 1
+    widest = max(range(depth), key=lambda i: sizes[i] * sizes[i + 1])
     m, k = sizes[widest + 1], sizes[widest]
     wide, thin = max(16, min(batch, 1024)), 16
     allreduce(comm, np.zeros(1), MAX)  # start together
@@ -314,15 +401,24 @@ def probe(comm: object, sizes: Sequence[int], batch: int, dtype: str = "float32"
         gflops, d_half = fit_d_half(rates[0], min(m, k, wide), rates[1], min(m, k, thin))
     else:
         gflops, d_half = rates[0], 0.0
-    update = np.array([_update_seconds(min(m * k, 1 << 22), dt, seconds / 2)])
-    allreduce(comm, update, MAX)
+    parameters = sum(n_out * (n_in + 1) for n_in, n_out in zip(sizes[:-1], sizes[1:], strict=True))
+    costs = np.array([_update_seconds(min(parameters, 1 << 23), dt, seconds / 4),
+                      _elementwise_seconds(min(max(sizes[1:]), 1024), batch, dt, seconds / 4)])
+    allreduce(comm, costs, MAX)
+    update, elementwise = (float(c) for c in costs)
+    alone = _step_seconds(MPI.COMM_SELF, depth, dt, seconds / 2)
+    overhead = float(allreduce(comm, np.array([alone]), MAX)[0]) / (2 * depth)
     size = comm.Get_size()
     if size == 1:
-        return Machine(gflops, d_half, ASSUMED_BANDWIDTH, ASSUMED_LATENCY, update=float(update[0]),
-                       measured_links=False)
+        return Machine(gflops, d_half, ASSUMED_BANDWIDTH, ASSUMED_LATENCY, overhead, update,
+                       elementwise, measured_links=False)
     small, large = 64, 1 << 20  # bytes per rank pair
     t_small = time_alltoall(comm, small, seconds / 2)
     t_large = time_alltoall(comm, large, seconds / 2)
     # an alltoall is P - 1 messages of each size per rank, one after another at worst
     bandwidth, latency = fit_link(t_small / (size - 1), small, t_large / (size - 1), large)
-    return Machine(gflops, d_half, bandwidth, latency, update=float(update[0]))
+    # the tiny model's exchanges on every rank: what they add to its step is latency
+    together = _step_seconds(comm, depth, dt, seconds / 2)
+    messages = _messages(depth, size)
+    latency = max(latency, (together - 2 * depth * overhead) / messages)
+    return Machine(gflops, d_half, bandwidth, latency, overhead, update, elementwise)

@@ -279,6 +279,28 @@ class Shard:
             layers.append(shard)
         return cls(spec, table, rank, layers)
 
+    @classmethod
+    def synthetic(cls, spec: ModelSpec, table: MetadataTable, rank: int, nranks: int,
+                  seed: int = 0) -> Shard:
+        """This rank's rows of a dense model with random weights, made in memory: what
+        ``load`` would give for such a file, for the cost model's probe (layout.py), which
+        times real steps without a model file."""
+        rng = np.random.default_rng([seed, rank])
+        layers: list[LayerShard] = []
+        for ly in spec.layers:
+            if ly.sparse:
+                raise MpinnError("a synthetic shard is made of dense layers only")
+            rows = table.rows(ly.index, rank)
+            owner = table.layer_owner(ly.index - 1)
+            needed = np.arange(ly.n_in) if rows.size else np.zeros(0, dtype=np.int64)
+            inputs = receive_order(needed, owner, rank, nranks)
+            weight = rng.standard_normal((rows.size, inputs.size)).astype(spec.dtype)
+            weight *= 1 / np.sqrt(max(ly.n_in, 1))
+            n_local = int(np.count_nonzero(owner[inputs] == rank))
+            layers.append(LayerShard(ly, rows, inputs, weight, np.zeros(rows.size, spec.dtype),
+                                     n_local))
+        return cls(spec, table, rank, layers)
+
     def save(self, f: h5py.File) -> None:
         """Write this rank's rows back into the model file (collective)."""
         for shard in self.layers:

@@ -42,13 +42,14 @@ def test_allreduce_moves_2_r_minus_1_over_r_of_a_ranks_parameters():
 
 
 def test_one_rank_costs_the_gemms_alone():
-    """R = Q = 1: no exchange, no allreduce; compute is the step's FLOPs at the GEMM rate."""
+    """R = Q = 1: no exchange, no allreduce; compute is the step's FLOPs at the GEMM rate
+    plus the elementwise work of every neuron and sample."""
     fast = dataclasses.replace(CORE, d_half=0.0)
     p = layout.predict(WIDE, 256, 4, Layout(1, 1), fast)
     pairs = list(zip(WIDE[:-1], WIDE[1:], strict=True))
     flops = 256 * (sum(6 * a * b for a, b in pairs) - 2 * pairs[0][0] * pairs[0][1])
     assert p.exchange == p.allreduce == 0
-    assert p.compute == pytest.approx(flops / 50e9)
+    assert p.compute == pytest.approx(flops / 50e9 + sum(WIDE[1:]) * 256 * CORE.elementwise)
 
 
 def test_predictions_never_grow_with_bandwidth_or_gemm_rate():
@@ -142,6 +143,10 @@ def test_probe_on_one_rank_measures_gemms_and_assumes_the_links():
     from mpi4py import MPI
     machine = layout.probe(MPI.COMM_SELF, [32, 64, 10], 32, "float64", seconds=0.05)
     assert machine.gflops > 0 and machine.d_half >= 0
+    # measured, not the defaults: real steps of a 2-layer model, kernels and SGD updates
+    assert 0 < machine.overhead != layout.OVERHEAD_PER_LAYER
+    assert 0 < machine.elementwise != layout.ELEMENTWISE_PER_VALUE
+    assert 0 < machine.update != layout.UPDATE_PER_PARAMETER
     assert not machine.measured_links and machine.bandwidth == layout.ASSUMED_BANDWIDTH
 
 
@@ -152,7 +157,8 @@ def test_probe_measures_the_links_on_every_rank_alike():
     comm = MPI.COMM_WORLD
     machine = layout.probe(comm, [32, 64, 10], 32, "float32", seconds=0.1)
     assert machine.measured_links and machine.bandwidth > 0 and machine.latency >= 0
-    values = np.array([machine.gflops, machine.d_half, machine.bandwidth, machine.latency])
+    values = np.array([machine.gflops, machine.d_half, machine.bandwidth, machine.latency,
+                       machine.overhead, machine.update, machine.elementwise])
     everyone = comm.allgather(values)
     assert all(np.array_equal(v, values) for v in everyone)
 
