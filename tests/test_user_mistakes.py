@@ -193,12 +193,19 @@ def _dead_pid() -> int:
     return proc.pid
 
 
+def _terminal_sigint() -> None:
+    """Ctrl-C as a terminal delivers it: a suite started in the background by a
+    non-interactive shell hands its children SIGINT ignored, and Python keeps it so."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_leaves_the_model_and_no_lock(model, tmp_path):
     before = digest(model)
     proc = subprocess.Popen(
         [*command(1, "train", str(model), "--data", DIGITS_TRAIN, "--epochs", "400",
                   "--batch-size", "4")][4:],  # python -m mpinn ... without mpirun: one process
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=ROOT)
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=ROOT,
+        preexec_fn=_terminal_sigint)
     for line in proc.stdout:
         if line.startswith("epoch 1 "):
             break
