@@ -64,7 +64,7 @@ NODES_HELP = ("show bytes between nodes with K consecutive ranks per node (defau
 
 
 # exchange.EXCHANGES, spelled out here so that parsing the flags does not start MPI
-EXCHANGES = ("auto", "alltoallv", "allgather", "collective", "neighbor")
+EXCHANGES = ("auto", "alltoallv", "allgather", "collective", "neighbor", "node")
 
 
 def _exchange_flag(p: argparse.ArgumentParser) -> None:
