@@ -633,13 +633,15 @@ def make_plans(comm: MPI.Comm, table: MetadataTable, layers: list[tuple[int, np.
     shared by the layers that have it; the node kind's communicator once per call.
     """
     check_exchange(exchange)
+    if nodes is not None:
+        nodes = check_nodes(nodes, comm.size)
     plans = [ExchangePlan(comm, table, layer, inputs, max_batch, dtype, shared)
              for layer, inputs in layers]
     if comm.size == 1 or exchange == "alltoallv" or not plans:
         return plans
     whole = np.array([int(p.reads_whole_layer()) for p in plans], dtype=np.int64)
     allreduce(comm, whole, MIN)
-    node = check_nodes(nodes, comm.size) if nodes is not None else (
+    node = nodes if nodes is not None else (
         job_nodes(comm) if exchange in ("node", "auto") else np.zeros(comm.size, np.int64))
     # per layer, values sent between nodes by the Alltoallv and by the node kind (all ranks)
     between = np.array([[p.values_between_nodes(node), p.node_union_values(node)]
