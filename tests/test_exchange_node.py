@@ -19,7 +19,7 @@ from mpinn import format as fmt
 from mpinn import topology
 from mpinn.data import load
 from mpinn.errors import MpinnError
-from mpinn.exchange import make_plans
+from mpinn.exchange import auto_kind, make_plans
 from mpinn.train import DistributedModel, predict
 from tests.helpers import ALL_STRATEGIES
 from tests.reference import Reference, assert_close
@@ -170,19 +170,29 @@ def test_node_exchange_on_one_node_is_the_alltoallv(mpi_tmp_path):
         assert [p.kind for p in plans] == ["alltoallv"] * 3
 
 
-def test_auto_picks_node_only_across_nodes_with_several_ranks(mpi_tmp_path):
-    """Dense layers (softmax case: all dense) read whole by every rank: with 2 ranks per node
-    and at least 2 nodes each value reaches a node once instead of twice, so ``auto`` takes
-    the node kind; with 1 rank per node it saves nothing and stays as before."""
+def test_auto_picks_node_only_where_it_saves_a_quarter_between_nodes(mpi_tmp_path):
+    """Dense layers (the softmax case) read whole by every rank. 2+2 ranks: each value
+    reaches the other node once instead of twice (half saved), so ``auto`` takes the node
+    kind; 2+1 ranks: the lone rank's values cross once instead of twice, the pair's once
+    either way (13 values of 17 still cross: under a quarter saved), and 1 rank per node
+    saves nothing: both stay as before. Every layer follows ``auto_kind`` on its counts."""
     comm = MPI.COMM_WORLD
     c = CASES["softmax"]
     model_path, _, _, _ = make_files(mpi_tmp_path, c, "float64", comm)
     for name in ("1", "2"):
         node = node_map(name, comm.size)
+        direct = plans_on(model_path, "balanced", c["sizes"], node, "alltoallv", comm)
         kinds = [p.kind for p in plans_on(model_path, "balanced", c["sizes"], node, "auto", comm)]
-        if name == "2" and comm.size >= 3:
-            assert kinds[1:] == ["node"] * 2  # layer 1 reads the inputs, which every rank holds
-        else:
+        expected = []
+        for plan in direct:
+            whole = comm.allreduce(int(plan.reads_whole_layer()), op=MPI.MIN)
+            expected.append(auto_kind(bool(whole), comm.size, node,
+                                      comm.allreduce(plan.values_between_nodes(node)),
+                                      comm.allreduce(plan.node_union_values(node))))
+        assert kinds == expected
+        if name == "2" and comm.size == 4:
+            assert kinds == ["node"] * 3
+        elif name == "1" or comm.size < 4:
             assert "node" not in kinds
 
 
