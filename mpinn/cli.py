@@ -64,7 +64,8 @@ NODES_HELP = ("show bytes between nodes with K consecutive ranks per node (defau
 
 
 # exchange.EXCHANGES, spelled out here so that parsing the flags does not start MPI
-EXCHANGES = ("auto", "alltoallv", "allgather", "collective", "neighbor", "node")
+EXCHANGES = ("auto", "alltoallv", "allgather", "collective", "neighbor", "node",
+             "node-forward")
 
 
 def _exchange_flag(p: argparse.ArgumentParser) -> None:

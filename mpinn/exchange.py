@@ -12,10 +12,11 @@ name all of the layer below), forward one Iallgatherv and backward one Ireduce_s
 ``allgather``, the same Iallgatherv forward and the Alltoallv backward (bitwise the
 Alltoallv's results: the forward only moves values, the backward sums in the same order);
 ``neighbor``, one Ineighbor_alltoallv over a graph communicator of the ranks that actually
-exchange (``Dist_graph_create_adjacent``, built once per pattern). A fifth, ``node``, moves
-fewer bytes between nodes: each value crosses between a pair of nodes once, to one proxy
-rank there, which forwards it inside its node (``use_node``; backward sums inside the
-reading node first).
+exchange (``Dist_graph_create_adjacent``, built once per pattern). Two more move fewer
+bytes between nodes: each value crosses between a pair of nodes once, to one proxy rank
+there, which forwards it inside its node (``use_node``); ``node`` also sums the partial
+sums inside the reading node before they cross back (equal within rounding),
+``node-forward`` sends them back as the Alltoallv does (bitwise its results).
 
 A rank's gathered inputs are laid out in *receive order*: grouped by owning rank, ascending
 index within each owner. The receive buffer is then directly the GEMM operand, and the
@@ -43,7 +44,8 @@ from mpinn.topology import job_nodes
 
 T = TypeVar("T")
 
-EXCHANGES = ("auto", "alltoallv", "allgather", "collective", "neighbor", "node")
+EXCHANGES = ("auto", "alltoallv", "allgather", "collective", "neighbor", "node", "node-forward")
+NODE_KINDS = ("node", "node-forward")
 
 
 def receive_order(needed: np.ndarray, owner: np.ndarray, rank: int, size: int) -> np.ndarray:
@@ -202,7 +204,7 @@ class ExchangePlan:
     def values_between_nodes(self, node: np.ndarray) -> int:
         """Values per sample this rank sends forward to ranks on other nodes (``node``: the
         node of every rank): what crosses the network for this layer, from the plan's counts."""
-        counts = self.across_send_counts if self.kind == "node" else self.mpi_send_counts
+        counts = self.across_send_counts if self.kind in NODE_KINDS else self.mpi_send_counts
         return int(counts[node != node[self.comm.rank]].sum())
 
     def node_union_values(self, node: np.ndarray) -> int:
@@ -219,7 +221,7 @@ class ExchangePlan:
         start = self.send_displs[dest]
         return self.requested[start: start + self.send_counts[dest]]
 
-    def use_node(self, node: np.ndarray, node_comm: MPI.Comm) -> None:
+    def use_node(self, node: np.ndarray, node_comm: MPI.Comm, sum_inside: bool = True) -> None:
         """Two-level exchange (collective over ``comm``, then over ``node_comm``, the ranks of
         my node in rank order): each value crosses between a pair of nodes once.
 
@@ -232,7 +234,10 @@ class ExchangePlan:
         receive order, so the engine sees the Alltoallv's layout. Backward runs the phases
         in reverse: partial sums go to the proxy, which adds its node's sums per value
         (its own first, then its node's ranks in rank order: a fixed order), and one partial
-        per value and node crosses to the owner, which sums them like the Alltoallv.
+        per value and node crosses to the owner, which sums them like the Alltoallv. Without
+        ``sum_inside`` (kind ``node-forward``) backward is the Alltoallv's: the partial sums
+        of a remote node cross once per reading rank, and the results are bitwise the
+        Alltoallv's (summing inside the node first changes the order of the additions).
 
         Relay rows: [0, R1) phase 1's arrivals by source rank; [R1, R1 + S2) phase 2's send
         (backward: its receive); then R2 rows of phase 2's arrivals by proxy; then R1 rows
@@ -334,21 +339,24 @@ class ExchangePlan:
                 start = self.inside_arrived.start + self.inside_recv_displs[p] + asked_so_far[p]
                 self.final_index[at] = np.arange(start, start + count)
                 asked_so_far[p] += count
+        self.node_comm = node_comm
+        self.kind = "node" if sum_inside else "node-forward"
+        self.relay_rows = 2 * r1 + s2 + r2 if sum_inside else r1 + s2 + r2
+        n_across = int(self.across_send_counts.sum())
+        self.send_rows = max(self.send_rows, n_across)  # phase 1's send; backward's receive
+        if not sum_inside:
+            self._allocate()
+            return
         # backward at the proxy: per relayed value, its own partial then its node's, in order
         columns = np.concatenate([np.arange(r1), r1 + np.arange(s2)])
         rows = np.concatenate([np.arange(r1), self.inside_send_index])
         self.relay_sum = sp.csr_matrix((np.ones(rows.size, dtype=self.dtype), (rows, columns)),
                                        shape=(r1, r1 + s2))
         self.relay_sum.sort_indices()
-        n_across = int(self.across_send_counts.sum())
         self.across_accumulate = sp.csr_matrix(
             (np.ones(n_across, dtype=self.dtype), (self.across_send_index, np.arange(n_across))),
             shape=(self.n_local, n_across))
         self.across_accumulate.sort_indices()
-        self.node_comm = node_comm
-        self.kind = "node"
-        self.send_rows = max(self.send_rows, n_across)
-        self.relay_rows = 2 * r1 + s2 + r2
         self._allocate()
 
     @staticmethod
@@ -410,7 +418,7 @@ class ExchangePlan:
         """
         if self.kind in ("collective", "allgather"):
             return self._start_gather(local)
-        if self.kind == "node":
+        if self.kind in NODE_KINDS:
             return self._start_node_forward(local)
         started = time.perf_counter()
         batch = self._batch = local.shape[1]
@@ -453,7 +461,7 @@ class ExchangePlan:
     def finish_forward(self) -> None:
         """Wait until the remote rows of the receive buffer have arrived."""
         self._wait()
-        if self.kind == "node":
+        if self.kind in NODE_KINDS:
             self._finish_node_forward()
 
     def recv_view(self) -> np.ndarray:
@@ -642,7 +650,7 @@ def make_plans(comm: MPI.Comm, table: MetadataTable, layers: list[tuple[int, np.
     whole = np.array([int(p.reads_whole_layer()) for p in plans], dtype=np.int64)
     allreduce(comm, whole, MIN)
     node = nodes if nodes is not None else (
-        job_nodes(comm) if exchange in ("node", "auto") else np.zeros(comm.size, np.int64))
+        job_nodes(comm) if exchange in (*NODE_KINDS, "auto") else np.zeros(comm.size, np.int64))
     # per layer, values sent between nodes by the Alltoallv and by the node kind (all ranks)
     between = np.array([[p.values_between_nodes(node), p.node_union_values(node)]
                         for p in plans], dtype=np.int64)
@@ -652,10 +660,10 @@ def make_plans(comm: MPI.Comm, table: MetadataTable, layers: list[tuple[int, np.
     for plan, dense, (direct, once) in zip(plans, whole, between, strict=True):
         kind = (auto_kind(bool(dense), comm.size, node, int(direct), int(once))
                 if exchange == "auto" else exchange)
-        if kind == "node" and node.max() > 0:
+        if kind in NODE_KINDS and node.max() > 0:
             if node_comm is None:
                 node_comm = comm.Split(int(node[comm.rank]), comm.rank)
-            plan.use_node(node, node_comm)
+            plan.use_node(node, node_comm, sum_inside=kind == "node")
         elif kind in ("collective", "allgather") and dense:
             plan.use_collective(reduce_scatter=kind == "collective")
         elif kind == "neighbor":
@@ -690,11 +698,13 @@ def check_exchange(kind: str) -> None:
 
 def auto_kind(dense: bool, size: int, node: np.ndarray | None = None, direct: int = 0,
               once: int = 0) -> str:
-    """The exchange ``auto`` picks for a layer: ``node`` where ranks sit on more than one
-    node, some node has more than one, and sending each value to a node once would cut the
-    values crossing between nodes (``direct`` by the Alltoallv, ``once`` by the node kind,
-    all ranks') by at least ``NODE_SAVING``; else, for a layer every rank reads whole and
-    more than two ranks, the allgather forward and the Alltoallv backward; else the Alltoallv.
+    """The exchange ``auto`` picks for a layer: ``node-forward`` (two-level forward, the
+    Alltoallv backward) where ranks sit on more than one node, some node has more than one,
+    and sending each value to a node once would cut the values crossing between nodes
+    (``direct`` by the Alltoallv, ``once`` by the node kind, all ranks') by at least
+    ``NODE_SAVING``; else, for a layer every rank reads whole and more than two ranks, the
+    allgather forward and the Alltoallv backward; else the Alltoallv. Never ``node``: its
+    backward sums inside a node first, in another order than the Alltoallv.
 
     Measured (docs/scaling.md, 'Exchange kinds'): the Iallgatherv forward beat the
     Ialltoallv at 4 ranks and lost to it at 2 (where it is one message each way and
@@ -705,11 +715,11 @@ def auto_kind(dense: bool, size: int, node: np.ndarray | None = None, direct: in
     """
     if (node is not None and node.max() > 0 and np.bincount(node).max() > 1
             and once <= (1 - NODE_SAVING) * direct):
-        return "node"
+        return "node-forward"
     return "allgather" if dense and size > 2 else "alltoallv"
 
 
-NODE_SAVING = 0.25  # docs/scaling.md, 'Exchange kinds': where the node kind won
+NODE_SAVING = 0.25  # docs/scaling.md, 'Exchange kinds': where the two-level forward won
 
 
 def _displacements(counts: np.ndarray) -> np.ndarray:

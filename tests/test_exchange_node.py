@@ -20,7 +20,7 @@ from mpinn import topology
 from mpinn.data import load
 from mpinn.errors import MpinnError
 from mpinn.exchange import auto_kind, make_plans
-from mpinn.train import DistributedModel, predict
+from mpinn.train import DistributedModel, predict, train
 from tests.helpers import ALL_STRATEGIES
 from tests.reference import Reference, assert_close
 from tests.test_engine_mpi import (
@@ -172,8 +172,9 @@ def test_node_exchange_on_one_node_is_the_alltoallv(mpi_tmp_path):
 
 def test_auto_picks_node_only_where_it_saves_a_quarter_between_nodes(mpi_tmp_path):
     """Dense layers (the softmax case) read whole by every rank. 2+2 ranks: each value
-    reaches the other node once instead of twice (half saved), so ``auto`` takes the node
-    kind; 2+1 ranks: the lone rank's values cross once instead of twice, the pair's once
+    reaches the other node once instead of twice (half saved), so ``auto`` takes the
+    two-level forward (``node-forward``: its backward is the Alltoallv's, bitwise); 2+1
+    ranks: the lone rank's values cross once instead of twice, the pair's once
     either way (13 values of 17 still cross: under a quarter saved), and 1 rank per node
     saves nothing: both stay as before. Every layer follows ``auto_kind`` on its counts."""
     comm = MPI.COMM_WORLD
@@ -191,9 +192,9 @@ def test_auto_picks_node_only_where_it_saves_a_quarter_between_nodes(mpi_tmp_pat
                                       comm.allreduce(plan.node_union_values(node))))
         assert kinds == expected
         if name == "2" and comm.size == 4:
-            assert kinds == ["node"] * 3
+            assert kinds == ["node-forward"] * 3
         elif name == "1" or comm.size < 4:
-            assert "node" not in kinds
+            assert "node-forward" not in kinds
 
 
 def test_a_node_map_of_the_wrong_size_is_refused(mpi_tmp_path):
@@ -205,3 +206,35 @@ def test_a_node_map_of_the_wrong_size_is_refused(mpi_tmp_path):
     with pytest.raises(MpinnError, match="node map"):
         make_plans(comm, table, [(1, plans[0].inputs)], BATCH, np.float64, exchange="node",
                    nodes=np.zeros(comm.size + 1, dtype=np.int64))
+
+
+@pytest.mark.parametrize("case", MODELS)
+@pytest.mark.parametrize("strategy", ["balanced", "mincut"])
+@pytest.mark.parametrize("nodes", ["2", "pair"])
+def test_node_forward_trains_the_alltoallvs_weights_bitwise(nodes, strategy, case,
+                                                            mpi_tmp_path):
+    """``node-forward`` (what ``auto`` picks across nodes) only moves values differently, and
+    sums the backward as the Alltoallv does: bitwise the same weights, also pipelined."""
+    comm = MPI.COMM_WORLD
+    c = CASES[case]
+    trained = {}
+    runs = [(exchange, m) for exchange in ("alltoallv", "node-forward") for m in (1, 3)]
+    for exchange, micro_batches in runs:
+        model_path, data_path, _, _ = make_files(mpi_tmp_path, c, "float32", comm)
+        with DistributedModel(model_path, comm, choice(strategy, c["sizes"], comm.size), BATCH,
+                              exchange=exchange, nodes=node_map(nodes, comm.size)) as model:
+            kinds = {p.kind for p in model.engine.plans}
+            assert exchange == "alltoallv" or comm.size == 1 or "node-forward" in kinds
+            data = load(data_path, model.table, model.spec.dtype, comm)
+            train(model, data, epochs=1, batch_size=BATCH, lr=c["lr"],
+                  optimizer_name=c["optimizer"], momentum=c["momentum"], seed=11,
+                  micro_batches=micro_batches)
+        comm.Barrier()
+        ref = Reference.from_file(model_path)
+        trained[exchange, micro_batches] = [np.asarray(getattr(w, "data", w))
+                                            for w in ref.weights] + list(ref.biases)
+        comm.Barrier()
+    for m in (1, 3):
+        for i, (a, b) in enumerate(zip(trained["node-forward", m], trained["alltoallv", m],
+                                       strict=True)):
+            assert np.array_equal(a, b), f"{m} micro-batches: array {i}"
