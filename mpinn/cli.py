@@ -70,15 +70,15 @@ EXCHANGES = ("auto", "alltoallv", "allgather", "collective", "neighbor", "node",
 
 def _exchange_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--exchange", default="auto", choices=EXCHANGES,
-                   help="how layers exchange activations: auto (the default: node across "
-                   "nodes where it sends a quarter fewer values between them, else allgather "
-                   "for layers every rank reads whole at 3 ranks or more, alltoallv otherwise), "
+                   help="how layers exchange activations: auto (the default: allgather for "
+                   "layers every rank reads whole at 3 ranks or more, alltoallv otherwise), "
                    "alltoallv, allgather "
                    "(allgather forward, alltoallv backward), collective (allgather forward, "
                    "reduce-scatter backward), both where every rank reads the layer whole, "
-                   "neighbor (MPI neighbourhood alltoallv), or node (two-level: each value "
-                   "crosses between two nodes once, then is forwarded inside the node); the "
-                   "same results whichever runs "
+                   "neighbor (MPI neighbourhood alltoallv), node (two-level: each value "
+                   "crosses between two nodes once, then is forwarded inside the node; "
+                   "backward summed inside the node first) or node-forward (node's forward, "
+                   "alltoallv's backward); the same results whichever runs "
                    "(docs/scaling.md, 'Exchange kinds')")
 
 

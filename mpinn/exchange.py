@@ -86,7 +86,7 @@ class ExchangePlan:
         buffers come from ``share_buffers`` (plans used one after another, inference).
         """
         self.comm = comm
-        self.kind = "alltoallv"  # make_plans may switch it: use_collective, use_neighbor
+        self.kind = "alltoallv"  # make_plans may switch it: use_collective, use_neighbor, use_node
         self.shared = shared
         self.layer = layer
         self.max_batch = max_batch
@@ -650,16 +650,11 @@ def make_plans(comm: MPI.Comm, table: MetadataTable, layers: list[tuple[int, np.
     whole = np.array([int(p.reads_whole_layer()) for p in plans], dtype=np.int64)
     allreduce(comm, whole, MIN)
     node = nodes if nodes is not None else (
-        job_nodes(comm) if exchange in (*NODE_KINDS, "auto") else np.zeros(comm.size, np.int64))
-    # per layer, values sent between nodes by the Alltoallv and by the node kind (all ranks)
-    between = np.array([[p.values_between_nodes(node), p.node_union_values(node)]
-                        for p in plans], dtype=np.int64)
-    allreduce(comm, between, SUM)
+        job_nodes(comm) if exchange in NODE_KINDS else np.zeros(comm.size, np.int64))
     node_comm: MPI.Comm | None = None
     graphs: dict[bytes, MPI.Distgraphcomm] = {}
-    for plan, dense, (direct, once) in zip(plans, whole, between, strict=True):
-        kind = (auto_kind(bool(dense), comm.size, node, int(direct), int(once))
-                if exchange == "auto" else exchange)
+    for plan, dense in zip(plans, whole, strict=True):
+        kind = auto_kind(bool(dense), comm.size) if exchange == "auto" else exchange
         if kind in NODE_KINDS and node.max() > 0:
             if node_comm is None:
                 node_comm = comm.Split(int(node[comm.rank]), comm.rank)
@@ -696,30 +691,21 @@ def check_exchange(kind: str) -> None:
         raise MpinnError(f"--exchange must be one of {', '.join(EXCHANGES)}, got {kind!r}")
 
 
-def auto_kind(dense: bool, size: int, node: np.ndarray | None = None, direct: int = 0,
-              once: int = 0) -> str:
-    """The exchange ``auto`` picks for a layer: ``node-forward`` (two-level forward, the
-    Alltoallv backward) where ranks sit on more than one node, some node has more than one,
-    and sending each value to a node once would cut the values crossing between nodes
-    (``direct`` by the Alltoallv, ``once`` by the node kind, all ranks') by at least
-    ``NODE_SAVING``; else, for a layer every rank reads whole and more than two ranks, the
-    allgather forward and the Alltoallv backward; else the Alltoallv. Never ``node``: its
-    backward sums inside a node first, in another order than the Alltoallv.
+def auto_kind(dense: bool, size: int) -> str:
+    """The exchange ``auto`` picks for a layer: for a layer every rank reads whole and more
+    than two ranks, the allgather forward and the Alltoallv backward, else the Alltoallv.
 
     Measured (docs/scaling.md, 'Exchange kinds'): the Iallgatherv forward beat the
     Ialltoallv at 4 ranks and lost to it at 2 (where it is one message each way and
     the gather's extra copy of my own block counts); Open MPI's nonblocking
     reduce-scatter (libnbc: a binomial reduce to rank 0, then a scatter) moves more bytes
     than the Alltoallv and through one rank, so the backward stays on the Alltoallv.
-    Results are bitwise those of the Alltoallv.
+    Results are bitwise those of the Alltoallv. The node kinds are never picked: they
+    halve the bytes between nodes of a layer read whole, but on the simulated cluster
+    they won in some paired runs and lost in others (docs/scaling.md, 'Two-level
+    exchange across nodes').
     """
-    if (node is not None and node.max() > 0 and np.bincount(node).max() > 1
-            and once <= (1 - NODE_SAVING) * direct):
-        return "node-forward"
     return "allgather" if dense and size > 2 else "alltoallv"
-
-
-NODE_SAVING = 0.25  # docs/scaling.md, 'Exchange kinds': where the two-level forward won
 
 
 def _displacements(counts: np.ndarray) -> np.ndarray:
