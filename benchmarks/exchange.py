@@ -13,7 +13,9 @@ For every setup it prints the best and the median seconds per round of each kind
 share of that spent waiting for messages, and the speed-up over Alltoallv (best / best).
 Setups: ``host:P`` (P ranks on one host, shared memory) and ``nodes:RATE`` (2 nodes x 2
 ranks of scripts/cluster-up.sh, links at RATE; needs root). The ceiling of a kind is the
-same bytes moved: every kind sends exactly the bytes of the partition report.
+same bytes moved: every kind sends exactly the bytes of the partition report, except
+the node kinds, which send each value to a remote node once; ``x-node/s`` is the values per
+sample that cross between nodes (all ranks and layers, forward; backward the same).
 
     python benchmarks/exchange.py --setups host:2,host:4,nodes:1gbit,nodes:10gbit
 """
@@ -34,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_mlp import ROOT, run, run_json  # noqa: E402
 
 CLUSTER = Path(os.environ.get("MPINN_CLUSTER_DIR", "/run/mpinn-cluster"))
-KINDS = ("alltoallv", "collective", "neighbor", "auto")
+KINDS = ("alltoallv", "collective", "neighbor", "node", "node-forward", "auto")
 
 
 # ------------------------------------------------------------------ worker (under mpirun)
@@ -48,6 +50,7 @@ def worker(args: argparse.Namespace) -> None:
     from mpinn import format as fmt
     from mpinn.data import load
     from mpinn.exchange import MAX, allreduce
+    from mpinn.topology import job_nodes
     from mpinn.train import DistributedModel, PartitionChoice
 
     comm = MPI.COMM_WORLD
@@ -97,11 +100,15 @@ def worker(args: argparse.Namespace) -> None:
         for k in kinds[r % len(kinds):] + kinds[: r % len(kinds)]:
             times[k].append(one_round(models[k]))
     plan_kinds = {k: sorted({p.kind for p in models[k].engine.plans}) for k in kinds}
+    node = job_nodes(comm)  # values per sample crossing between nodes, all ranks and layers
+    between = {k: comm.allreduce(sum(p.values_between_nodes(node) for p in models[k].engine.plans))
+               for k in kinds}
     for model in models.values():
         model.close()
     if comm.rank == 0:
         edges = sum(ly.nnz for ly in models[kinds[0]].spec.layers)
-        print(json.dumps({"samples": n, "edges": edges, "kinds": plan_kinds, "times": times}))
+        print(json.dumps({"samples": n, "edges": edges, "kinds": plan_kinds, "times": times,
+                          "between": between}))
 
 
 # ------------------------------------------------------------------ driver
@@ -150,9 +157,9 @@ def report(setup: str, workload: str, strategy: str, result: dict) -> None:
                 if workload == "sparse" else
                 f"{result['samples'] / best[k]:9.0f} samples/s")
         ok = "" if all(r for _, _, r in v) else "  WRONG categories"
-        print(f"  {setup:<13} {workload:<6} {strategy:<9} {k:<10} {best[k]:8.3f} {median:8.3f} "
+        print(f"  {setup:<13} {workload:<6} {strategy:<9} {k:<12} {best[k]:8.3f} {median:8.3f} "
               f"{wait / best[k]:6.0%} {rate}  x{base / best[k] if base else float('nan'):5.2f}"
-              f"  {'+'.join(result['kinds'][k])}{ok}", flush=True)
+              f"  {result['between'][k]:>10}  {'+'.join(result['kinds'][k])}{ok}", flush=True)
 
 
 def main() -> None:
@@ -199,8 +206,8 @@ def main() -> None:
         print(f"dense MLP {args.sizes}, batch {args.batch}, {args.steps} training steps a round; "
               f"Sparse DNN N={args.neurons} L={args.layers}, {args.samples} samples; "
               f"best and median of {args.rounds} rounds, kinds in turn")
-        print(f"  {'setup':<13} {'work':<6} {'strategy':<9} {'exchange':<10} {'best s':>8} "
-              f"{'median':>8} {'wait':>6} {'rate':>19}  {'vs a2av':>6}  layers ran")
+        print(f"  {'setup':<13} {'work':<6} {'strategy':<9} {'exchange':<12} {'best s':>8} "
+              f"{'median':>8} {'wait':>6} {'rate':>19}  {'vs a2av':>6}  {'x-node/s':>10}  layers ran")
         for setup in args.setups.split(","):
             launch, rate = launcher(setup)
             if rate is not None:

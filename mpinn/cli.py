@@ -64,7 +64,8 @@ NODES_HELP = ("show bytes between nodes with K consecutive ranks per node (defau
 
 
 # exchange.EXCHANGES, spelled out here so that parsing the flags does not start MPI
-EXCHANGES = ("auto", "alltoallv", "allgather", "collective", "neighbor")
+EXCHANGES = ("auto", "alltoallv", "allgather", "collective", "neighbor", "node",
+             "node-forward")
 
 
 def _exchange_flag(p: argparse.ArgumentParser) -> None:
@@ -73,8 +74,11 @@ def _exchange_flag(p: argparse.ArgumentParser) -> None:
                    "layers every rank reads whole at 3 ranks or more, alltoallv otherwise), "
                    "alltoallv, allgather "
                    "(allgather forward, alltoallv backward), collective (allgather forward, "
-                   "reduce-scatter backward), both where every rank reads the layer whole, or "
-                   "neighbor (MPI neighbourhood alltoallv); the same results whichever runs "
+                   "reduce-scatter backward), both where every rank reads the layer whole, "
+                   "neighbor (MPI neighbourhood alltoallv), node (two-level: each value "
+                   "crosses between two nodes once, then is forwarded inside the node; "
+                   "backward summed inside the node first) or node-forward (node's forward, "
+                   "alltoallv's backward); the same results whichever runs "
                    "(docs/scaling.md, 'Exchange kinds')")
 
 

@@ -35,11 +35,12 @@ class Engine:
     """Runs batches through one rank's shard; plans and work buffers are built once."""
 
     def __init__(self, shard: Shard, comm: MPI.Comm, max_batch: int, training: bool = True,
-                 exchange: str = "auto") -> None:
+                 exchange: str = "auto", nodes: np.ndarray | None = None) -> None:
         """``training=False`` (evaluate, predict, benchmarks) keeps no per-layer state for
         backward: all layers share two activation buffers and one pair of exchange buffers,
         so memory does not grow with depth. ``exchange``: the kind of exchange of every
-        layer (``exchange.make_plans``)."""
+        layer (``exchange.make_plans``); ``nodes``: the node of every rank of ``comm``
+        (default: asked of MPI)."""
         self.shard = shard
         self.comm = comm
         self.max_batch = max_batch
@@ -48,7 +49,8 @@ class Engine:
         layers = shard.layers
         if training:
             self.plans = make_plans(comm, shard.table, [(s.spec.index, s.inputs) for s in layers],
-                                    max_batch, dtype, exchange=exchange)
+                                    max_batch, dtype, exchange=exchange,
+                                    nodes=nodes)
             self.z = [np.empty(s.rows.size * max_batch, dtype) for s in layers]
             self.a = [np.empty(s.rows.size * max_batch, dtype) for s in layers]
             self.grad_z = [np.empty(s.rows.size * max_batch, dtype) for s in layers]
@@ -65,7 +67,8 @@ class Engine:
             widest = max(s.rows.size for s in layers) * max_batch
             pool = [np.empty(widest, dtype) for _ in range(3)]
             self.plans = make_plans(comm, shard.table, [(s.spec.index, s.inputs) for s in layers],
-                                    max_batch, dtype, shared=True, exchange=exchange)
+                                    max_batch, dtype, shared=True, exchange=exchange,
+                                    nodes=nodes)
             ExchangePlan.share_buffers(self.plans)
             self.z = [pool[i % 2] for i in range(len(layers))]
             self.a = [pool[i % 2] for i in range(len(layers))]

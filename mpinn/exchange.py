@@ -12,7 +12,11 @@ name all of the layer below), forward one Iallgatherv and backward one Ireduce_s
 ``allgather``, the same Iallgatherv forward and the Alltoallv backward (bitwise the
 Alltoallv's results: the forward only moves values, the backward sums in the same order);
 ``neighbor``, one Ineighbor_alltoallv over a graph communicator of the ranks that actually
-exchange (``Dist_graph_create_adjacent``, built once per pattern).
+exchange (``Dist_graph_create_adjacent``, built once per pattern). Two more move fewer
+bytes between nodes: each value crosses between a pair of nodes once, to one proxy rank
+there, which forwards it inside its node (``use_node``); ``node`` also sums the partial
+sums inside the reading node before they cross back (equal within rounding),
+``node-forward`` sends them back as the Alltoallv does (bitwise its results).
 
 A rank's gathered inputs are laid out in *receive order*: grouped by owning rank, ascending
 index within each owner. The receive buffer is then directly the GEMM operand, and the
@@ -36,10 +40,12 @@ from mpi4py.util.dtlib import from_numpy_dtype
 from mpinn.errors import MpinnError
 from mpinn.kernels import csr_matmul
 from mpinn.metadata import MetadataTable
+from mpinn.topology import job_nodes
 
 T = TypeVar("T")
 
-EXCHANGES = ("auto", "alltoallv", "allgather", "collective", "neighbor")
+EXCHANGES = ("auto", "alltoallv", "allgather", "collective", "neighbor", "node", "node-forward")
+NODE_KINDS = ("node", "node-forward")
 
 
 def receive_order(needed: np.ndarray, owner: np.ndarray, rank: int, size: int) -> np.ndarray:
@@ -80,7 +86,7 @@ class ExchangePlan:
         buffers come from ``share_buffers`` (plans used one after another, inference).
         """
         self.comm = comm
-        self.kind = "alltoallv"  # make_plans may switch it: use_collective, use_neighbor
+        self.kind = "alltoallv"  # make_plans may switch it: use_collective, use_neighbor, use_node
         self.shared = shared
         self.layer = layer
         self.max_batch = max_batch
@@ -105,6 +111,9 @@ class ExchangePlan:
         if requested.size and np.any(table.owner_of(layer - 1, requested) != rank):
             raise MpinnError(f"layer {layer}: exchange plan asked rank {rank} for neurons it does "
                              "not own (ranks disagree on the partition)")
+        self.requested = requested  # per destination, the neurons of layer l-1 it reads
+        self.inputs = np.asarray(inputs, dtype=np.int64)
+        self.table = table
         # what each destination needs from me, as positions in my local activations
         self.send_index = table.local_index(layer - 1, requested)
         self.n_send = n_send = requested.size
@@ -129,6 +138,7 @@ class ExchangePlan:
         self.sum_buffer = np.empty(0 if shared else self.n_local * max_batch, dtype=self.dtype)
         # rows of the send and receive buffers (the collective kind needs more of both)
         self.send_rows, self.recv_rows = n_send, self.n_inputs
+        self.relay_rows = 0  # the node kind's staging buffer (use_node)
         self._allocate()
         self._request: MPI.Request | None = None
         self._batch = 0
@@ -142,6 +152,7 @@ class ExchangePlan:
         if not self.shared:
             self.send_buffer = np.empty(self.send_rows * self.max_batch, dtype=self.dtype)
             self.recv_buffer = np.empty(self.recv_rows * self.max_batch, dtype=self.dtype)
+            self.relay_buffer = np.empty(self.relay_rows * self.max_batch, dtype=self.dtype)
 
     def reads_whole_layer(self) -> bool:
         """Whether my rows read every neuron of layer l-1 (then I ask every owner for all of
@@ -190,6 +201,164 @@ class ExchangePlan:
         self.graph = graph
         self.neighbors = neighbors
 
+    def values_between_nodes(self, node: np.ndarray) -> int:
+        """Values per sample this rank sends forward to ranks on other nodes (``node``: the
+        node of every rank): what crosses the network for this layer, from the plan's counts."""
+        counts = self.across_send_counts if self.kind in NODE_KINDS else self.mpi_send_counts
+        return int(counts[node != node[self.comm.rank]].sum())
+
+    def node_union_values(self, node: np.ndarray) -> int:
+        """Values per sample I would send to other nodes if each crossed to a node once (the
+        ``node`` kind's figure, from this plan's requests alone: no communication)."""
+        mine = node[self.comm.rank]
+        total = 0
+        for other in np.unique(node[node != mine]):
+            readers = np.flatnonzero(node == other)
+            total += np.unique(np.concatenate([self._requested_by(d) for d in readers])).size
+        return total
+
+    def _requested_by(self, dest: int) -> np.ndarray:
+        start = self.send_displs[dest]
+        return self.requested[start: start + self.send_counts[dest]]
+
+    def use_node(self, node: np.ndarray, node_comm: MPI.Comm, sum_inside: bool = True) -> None:
+        """Two-level exchange (collective over ``comm``, then over ``node_comm``, the ranks of
+        my node in rank order): each value crosses between a pair of nodes once.
+
+        Forward, phase 1 (one Ialltoallv over ``comm``): I send a rank of my own node what it
+        reads of mine, as the Alltoallv does, and each other node N the union of what its
+        ranks read of mine, to one proxy on N (the rank of N whose node-local index is mine
+        modulo N's rank count, which spreads the proxies over N's ranks). Phase 2 (one
+        Alltoallv over ``node_comm``, in ``finish_forward``): proxies forward what each rank
+        of their node reads. Everything lands in the *relay* buffer; one take puts it in
+        receive order, so the engine sees the Alltoallv's layout. Backward runs the phases
+        in reverse: partial sums go to the proxy, which adds its node's sums per value
+        (its own first, then its node's ranks in rank order: a fixed order), and one partial
+        per value and node crosses to the owner, which sums them like the Alltoallv. Without
+        ``sum_inside`` (kind ``node-forward``) backward is the Alltoallv's: the partial sums
+        of a remote node cross once per reading rank, and the results are bitwise the
+        Alltoallv's (summing inside the node first changes the order of the additions).
+
+        Relay rows: [0, R1) phase 1's arrivals by source rank; [R1, R1 + S2) phase 2's send
+        (backward: its receive); then R2 rows of phase 2's arrivals by proxy; then R1 rows
+        for backward's sums per relayed value.
+        """
+        comm, rank, size = self.comm, self.comm.rank, self.comm.size
+        layer = self.layer
+        mine = node[rank]
+        members = [np.flatnonzero(node == n) for n in range(int(node.max()) + 1)]
+        index_in_node = np.empty(size, dtype=np.int64)
+        for ranks in members:
+            index_in_node[ranks] = np.arange(ranks.size)
+
+        def proxy(owner: int, on: int) -> int:
+            ranks = members[on]
+            return int(ranks[index_in_node[owner] % ranks.size])
+
+        # phase 1, as owner: readers on my node get their requests, a proxy its node's union
+        across = [np.zeros(0, dtype=np.int64)] * size
+        for dest in members[mine]:
+            across[dest] = self._requested_by(int(dest))  # mine too: backward sums it
+        for other, ranks in enumerate(members):
+            if other != mine and ranks.size:
+                across[proxy(rank, other)] = np.unique(
+                    np.concatenate([self._requested_by(int(d)) for d in ranks]))
+        self.across_send_counts = np.array([a.size for a in across], dtype=np.int64)
+        self.across_send_displs = _displacements(self.across_send_counts)
+        across_ids = np.concatenate(across)
+        self.across_send_index = self.table.local_index(layer - 1, across_ids)
+        self.across_self = slice(self.across_send_displs[rank],
+                                 self.across_send_displs[rank] + self.across_send_counts[rank])
+        self.across_mpi_send_counts = self.across_send_counts.copy()
+        self.across_mpi_send_counts[rank] = 0
+        self.across_recv_counts = np.zeros(size, dtype=np.int64)
+        comm.Alltoall(self.across_mpi_send_counts, self.across_recv_counts)
+        self.across_recv_displs = _displacements(self.across_recv_counts)
+        relayed = np.empty(int(self.across_recv_counts.sum()), dtype=np.int64)
+        comm.Alltoallv([across_ids, (self.across_mpi_send_counts, self.across_send_displs),
+                        MPI.INT64_T],
+                       [relayed, (self.across_recv_counts, self.across_recv_displs), MPI.INT64_T])
+        r1 = relayed.size
+
+        def relay_rows_of(owner: int, ids: np.ndarray) -> np.ndarray:
+            """Rows of phase 1's arrivals holding ``ids`` (neurons of ``owner``)."""
+            start = self.across_recv_displs[owner]
+            segment = relayed[start: start + self.across_recv_counts[owner]]
+            at = np.searchsorted(segment, ids)
+            if np.any(at >= segment.size) or np.any(segment[np.minimum(at, segment.size - 1)]
+                                                   != ids):
+                raise MpinnError(f"layer {layer}: node exchange plan: rank {owner} did not "
+                                 f"relay what rank {rank} expects (ranks disagree on the nodes)")
+            return start + at
+
+        # phase 2, as reader: ask each proxy of my node for what I read of the owners it relays
+        my_ids = [self.inputs[self.recv_displs[s]: self.recv_displs[s] + self.recv_counts[s]]
+                  for s in range(size)]
+        asks: list[list[np.ndarray]] = [[] for _ in range(node_comm.size)]
+        for owner in range(size):
+            if node[owner] != mine and self.recv_counts[owner]:
+                via = proxy(owner, mine)
+                if via != rank:
+                    asks[index_in_node[via]].append(my_ids[owner])
+        self.inside_recv_counts = np.array([sum(a.size for a in ask) for ask in asks],
+                                           dtype=np.int64)
+        self.inside_recv_displs = _displacements(self.inside_recv_counts)
+        self.inside_send_counts = np.zeros(node_comm.size, dtype=np.int64)
+        node_comm.Alltoall(self.inside_recv_counts, self.inside_send_counts)
+        self.inside_send_displs = _displacements(self.inside_send_counts)
+        asked = np.empty(int(self.inside_send_counts.sum()), dtype=np.int64)
+        node_comm.Alltoallv([np.concatenate([np.zeros(0, np.int64)] + [a for ask in asks
+                                                                       for a in ask]),
+                             (self.inside_recv_counts, self.inside_recv_displs), MPI.INT64_T],
+                            [asked, (self.inside_send_counts, self.inside_send_displs),
+                             MPI.INT64_T])
+        owners = self.table.owner_of(layer - 1, asked) if asked.size else asked
+        self.inside_send_index = np.empty(asked.size, dtype=np.int64)
+        for owner in np.unique(owners):
+            at = owners == owner
+            self.inside_send_index[at] = relay_rows_of(int(owner), asked[at])
+        s2, r2 = asked.size, int(self.inside_recv_counts.sum())
+        self.inside_sent = slice(r1, r1 + s2)
+        self.inside_arrived = slice(r1 + s2, r1 + s2 + r2)
+        self.relay_sums = slice(r1 + s2 + r2, 2 * r1 + s2 + r2)
+
+        # where each remote input of mine is in the relay buffer, in receive order
+        self.final_index = np.empty(self.n_inputs - self.n_own_inputs, dtype=np.int64)
+        asked_so_far = np.zeros(node_comm.size, dtype=np.int64)
+        for owner in range(size):
+            count = self.recv_counts[owner]
+            if owner == rank or not count:
+                continue
+            at = slice(self.recv_displs[owner] - self.n_own_inputs,
+                       self.recv_displs[owner] - self.n_own_inputs + count)
+            via = proxy(owner, mine) if node[owner] != mine else rank
+            if via == rank:  # from the owner itself, or relayed to me
+                self.final_index[at] = relay_rows_of(owner, my_ids[owner])
+            else:
+                p = index_in_node[via]
+                start = self.inside_arrived.start + self.inside_recv_displs[p] + asked_so_far[p]
+                self.final_index[at] = np.arange(start, start + count)
+                asked_so_far[p] += count
+        self.node_comm = node_comm
+        self.kind = "node" if sum_inside else "node-forward"
+        self.relay_rows = 2 * r1 + s2 + r2 if sum_inside else r1 + s2 + r2
+        n_across = int(self.across_send_counts.sum())
+        self.send_rows = max(self.send_rows, n_across)  # phase 1's send; backward's receive
+        if not sum_inside:
+            self._allocate()
+            return
+        # backward at the proxy: per relayed value, its own partial then its node's, in order
+        columns = np.concatenate([np.arange(r1), r1 + np.arange(s2)])
+        rows = np.concatenate([np.arange(r1), self.inside_send_index])
+        self.relay_sum = sp.csr_matrix((np.ones(rows.size, dtype=self.dtype), (rows, columns)),
+                                       shape=(r1, r1 + s2))
+        self.relay_sum.sort_indices()
+        self.across_accumulate = sp.csr_matrix(
+            (np.ones(n_across, dtype=self.dtype), (self.across_send_index, np.arange(n_across))),
+            shape=(self.n_local, n_across))
+        self.across_accumulate.sort_indices()
+        self._allocate()
+
     @staticmethod
     def share_buffers(plans: list[ExchangePlan]) -> None:
         """One send and one receive buffer for plans that never have messages in flight at
@@ -199,8 +368,9 @@ class ExchangePlan:
         batch, dtype = plans[0].max_batch, plans[0].dtype
         send = np.empty(max(p.send_rows for p in plans) * batch, dtype=dtype)
         recv = np.empty(max(p.recv_rows for p in plans) * batch, dtype=dtype)
+        relay = np.empty(max(p.relay_rows for p in plans) * batch, dtype=dtype)
         for plan in plans:
-            plan.send_buffer, plan.recv_buffer = send, recv
+            plan.send_buffer, plan.recv_buffer, plan.relay_buffer = send, recv, relay
 
     def _check_batch(self, batch: int) -> None:
         if batch > self.max_batch:
@@ -248,6 +418,8 @@ class ExchangePlan:
         """
         if self.kind in ("collective", "allgather"):
             return self._start_gather(local)
+        if self.kind in NODE_KINDS:
+            return self._start_node_forward(local)
         started = time.perf_counter()
         batch = self._batch = local.shape[1]
         send, recv = self._views(batch)
@@ -289,6 +461,8 @@ class ExchangePlan:
     def finish_forward(self) -> None:
         """Wait until the remote rows of the receive buffer have arrived."""
         self._wait()
+        if self.kind in NODE_KINDS:
+            self._finish_node_forward()
 
     def recv_view(self) -> np.ndarray:
         """The receive buffer of the last ``start_forward``, (n_inputs, batch)."""
@@ -313,6 +487,9 @@ class ExchangePlan:
         if self.kind == "collective":
             self._start_reduce(partial)
             return
+        if self.kind == "node":
+            self._start_node_backward(partial)
+            return
         send, _ = self._views(batch)
         self._start(partial, self.mpi_recv_counts, self.recv_displs,
                     send, self.mpi_send_counts, self.send_displs, batch)
@@ -327,6 +504,8 @@ class ExchangePlan:
             summed += partial[self.self_recv]
             self.seconds_pack += time.perf_counter() - started
             return summed
+        if self.kind == "node":
+            return self._finish_node_backward(partial)
         send, _ = self._views(self._batch)
         send[self.self_send] = partial[self.self_recv]
         summed = self.sum_buffer[: self.n_local * self._batch].reshape(self.n_local, self._batch)
@@ -361,29 +540,126 @@ class ExchangePlan:
         self.start_backward(partial)
         return self.finish_backward(partial)
 
+    # ------------------------------------------------------------ the node kind (use_node)
+
+    def _relay(self, rows: slice, batch: int) -> np.ndarray:
+        return self.relay_buffer[rows.start * batch: rows.stop * batch].reshape(-1, batch)
+
+    def _across_send(self, batch: int) -> np.ndarray:
+        rows = int(self.across_send_counts.sum())
+        return self.send_buffer[: rows * batch].reshape(rows, batch)
+
+    def _start_node_forward(self, local: np.ndarray) -> np.ndarray:
+        """Phase 1 of ``use_node``: pack for my node's readers and the other nodes' proxies."""
+        started = time.perf_counter()
+        batch = self._batch = local.shape[1]
+        self._check_batch(batch)
+        send = self._across_send(batch)
+        np.take(local, self.across_send_index, axis=0, out=send)
+        recv = self.recv_buffer[: self.n_inputs * batch].reshape(-1, batch)
+        recv[self.self_recv] = send[self.across_self]
+        arrived = self._relay(slice(0, self.inside_sent.start), batch)
+        self.seconds_pack += time.perf_counter() - started
+        self._start(send, self.across_mpi_send_counts, self.across_send_displs,
+                    arrived, self.across_recv_counts, self.across_recv_displs, batch)
+        return recv
+
+    def _finish_node_forward(self) -> None:
+        """Phase 2: proxies forward inside their node, then the relay goes to receive order."""
+        batch = self._batch
+        started = time.perf_counter()
+        relay = self.relay_buffer[: self.relay_rows * batch].reshape(-1, batch)
+        sent = self._relay(self.inside_sent, batch)
+        np.take(relay, self.inside_send_index, axis=0, out=sent)
+        self.seconds_pack += time.perf_counter() - started
+        self._inside(sent, self.inside_send_counts, self.inside_send_displs,
+                     self._relay(self.inside_arrived, batch), self.inside_recv_counts,
+                     self.inside_recv_displs, batch)
+        started = time.perf_counter()
+        recv = self.recv_buffer[: self.n_inputs * batch].reshape(-1, batch)
+        np.take(relay, self.final_index, axis=0, out=recv[self.n_own_inputs:])
+        self.seconds_pack += time.perf_counter() - started
+
+    def _inside(self, send: np.ndarray, send_counts: np.ndarray, send_displs: np.ndarray,
+                recv: np.ndarray, recv_counts: np.ndarray, recv_displs: np.ndarray,
+                batch: int) -> None:
+        """Phase 2's blocking Alltoallv over my node's ranks (shared memory)."""
+        started = time.perf_counter()
+        self.node_comm.Alltoallv(
+            [send, (send_counts * batch, send_displs * batch), self.mpi_type],
+            [recv, (recv_counts * batch, recv_displs * batch), self.mpi_type])
+        self.seconds_wait += time.perf_counter() - started
+        self._count(send_counts, recv_counts, batch)
+
+    def _start_node_backward(self, partial: np.ndarray) -> None:
+        """Backward phase 2 reversed (to the proxies, summed there), then phase 1 reversed
+        posted (one partial per value and node pair, to the owners)."""
+        batch = self._batch
+        self._check_batch(batch)
+        started = time.perf_counter()
+        relay = self.relay_buffer[: self.relay_rows * batch].reshape(-1, batch)
+        relay[: self.inside_sent.start] = 0  # relayed values I do not read get no partial
+        relay[self.final_index] = partial[self.n_own_inputs:]
+        self.seconds_pack += time.perf_counter() - started
+        self._inside(self._relay(self.inside_arrived, batch), self.inside_recv_counts,
+                     self.inside_recv_displs, self._relay(self.inside_sent, batch),
+                     self.inside_send_counts, self.inside_send_displs, batch)
+        started = time.perf_counter()
+        sums = self._relay(self.relay_sums, batch)
+        acc = self.relay_sum
+        csr_matmul(acc.indptr, acc.indices, acc.data, acc.shape[1],
+                   relay[: self.inside_arrived.start], sums)
+        self.seconds_pack += time.perf_counter() - started
+        self._start(sums, self.across_recv_counts, self.across_recv_displs,
+                    self._across_send(batch), self.across_mpi_send_counts,
+                    self.across_send_displs, batch)
+
+    def _finish_node_backward(self, partial: np.ndarray) -> np.ndarray:
+        """Wait for phase 1 reversed, then sum per owned neuron (like the Alltoallv's)."""
+        send = self._across_send(self._batch)
+        started = time.perf_counter()
+        send[self.across_self] = partial[self.self_recv]
+        summed = self.sum_buffer[: self.n_local * self._batch].reshape(self.n_local, self._batch)
+        acc = self.across_accumulate
+        csr_matmul(acc.indptr, acc.indices, acc.data, acc.shape[1], send, summed)
+        self.seconds_pack += time.perf_counter() - started
+        return summed
+
 
 def make_plans(comm: MPI.Comm, table: MetadataTable, layers: list[tuple[int, np.ndarray]],
                max_batch: int, dtype: np.dtype, shared: bool = False,
-               exchange: str = "auto") -> list[ExchangePlan]:
+               exchange: str = "auto", nodes: np.ndarray | None = None) -> list[ExchangePlan]:
     """One ``ExchangePlan`` per (layer, inputs) pair, each of the kind ``exchange`` asks for
     (collective; every rank decides alike).
 
     ``collective`` and ``allgather`` apply only to a layer every rank reads whole and
-    ``neighbor`` only with more than one rank; a layer where the kind asked for does not
-    apply uses ``alltoallv``. ``auto`` follows ``auto_kind``. Graph communicators are built once per
-    distinct pattern of who exchanges with whom and shared by the layers that have it.
+    ``neighbor`` only with more than one rank, ``node`` only with more than one node; a
+    layer where the kind asked for does not apply uses ``alltoallv``. ``auto`` follows
+    ``auto_kind``. ``nodes``: the node of every rank of ``comm`` (default: asked of MPI,
+    ``topology.job_nodes``; tests pass ``topology.block_nodes`` to fake nodes on one host).
+    Graph communicators are built once per distinct pattern of who exchanges with whom and
+    shared by the layers that have it; the node kind's communicator once per call.
     """
     check_exchange(exchange)
+    if nodes is not None:
+        nodes = check_nodes(nodes, comm.size)
     plans = [ExchangePlan(comm, table, layer, inputs, max_batch, dtype, shared)
              for layer, inputs in layers]
     if comm.size == 1 or exchange == "alltoallv" or not plans:
         return plans
     whole = np.array([int(p.reads_whole_layer()) for p in plans], dtype=np.int64)
     allreduce(comm, whole, MIN)
+    node = nodes if nodes is not None else (
+        job_nodes(comm) if exchange in NODE_KINDS else np.zeros(comm.size, np.int64))
+    node_comm: MPI.Comm | None = None
     graphs: dict[bytes, MPI.Distgraphcomm] = {}
     for plan, dense in zip(plans, whole, strict=True):
         kind = auto_kind(bool(dense), comm.size) if exchange == "auto" else exchange
-        if kind in ("collective", "allgather") and dense:
+        if kind in NODE_KINDS and node.max() > 0:
+            if node_comm is None:
+                node_comm = comm.Split(int(node[comm.rank]), comm.rank)
+            plan.use_node(node, node_comm, sum_inside=kind == "node")
+        elif kind in ("collective", "allgather") and dense:
             plan.use_collective(reduce_scatter=kind == "collective")
         elif kind == "neighbor":
             talks = (plan.mpi_send_counts > 0) | (plan.mpi_recv_counts > 0)
@@ -398,6 +674,15 @@ def make_plans(comm: MPI.Comm, table: MetadataTable, layers: list[tuple[int, np.
                     neighbors.tolist(), neighbors.tolist(), reorder=False)
             plan.use_neighbor(graphs[key], neighbors)
     return plans
+
+
+def check_nodes(nodes: np.ndarray, size: int) -> np.ndarray:
+    """``nodes`` as the node of each of ``size`` ranks, numbered 0, 1, ... without gaps."""
+    node = np.asarray(nodes, dtype=np.int64)
+    if node.shape != (size,) or node.min() < 0:
+        raise MpinnError(f"the node map must give a node number for each of the {size} ranks, "
+                         f"got {nodes!r}")
+    return np.unique(node, return_inverse=True)[1].astype(np.int64).reshape(size)
 
 
 def check_exchange(kind: str) -> None:
@@ -415,7 +700,10 @@ def auto_kind(dense: bool, size: int) -> str:
     the gather's extra copy of my own block counts); Open MPI's nonblocking
     reduce-scatter (libnbc: a binomial reduce to rank 0, then a scatter) moves more bytes
     than the Alltoallv and through one rank, so the backward stays on the Alltoallv.
-    Results are bitwise those of the Alltoallv.
+    Results are bitwise those of the Alltoallv. The node kinds are never picked: they
+    halve the bytes between nodes of a layer read whole, but on the simulated cluster
+    they won in some paired runs and lost in others (docs/scaling.md, 'Two-level
+    exchange across nodes').
     """
     return "allgather" if dense and size > 2 else "alltoallv"
 

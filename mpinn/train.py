@@ -77,13 +77,14 @@ class DistributedModel:
 
     def __init__(self, path: str, comm: MPI.Comm, choice: PartitionChoice, max_batch: int,
                  training: bool = True, replicas: int = 1,
-                 exchange: str = "auto") -> None:
+                 exchange: str = "auto", nodes: np.ndarray | None = None) -> None:
         """``replicas`` R: the P ranks of ``comm`` are R groups of Q = P / R contiguous ranks,
         each holding the whole model partitioned over its Q ranks (``ReplicaGroups``); every
         group reads its own rows from the file, and each takes a share of every batch."""
         self.path = path
         self.comm = comm
         self.exchange = exchange  # the kind of every layer's exchange (exchange.make_plans)
+        self.nodes = nodes  # the node of every rank of the group (None: asked of MPI)
         self.replicas = agree(comm, lambda: ReplicaGroups.check(replicas, comm.size))
         self.groups = ReplicaGroups(comm, self.replicas)
         group = self.group = self.groups.group  # the neuron partition lives here
@@ -109,7 +110,7 @@ class DistributedModel:
         self.seconds_io = 0.0  # spent writing checkpoints
 
     def _engine(self, max_batch: int, training: bool) -> Engine:
-        engine = Engine(self.shard, self.group, max_batch, training, self.exchange)
+        engine = Engine(self.shard, self.group, max_batch, training, self.exchange, self.nodes)
         if training:
             engine.set_replicas(self.groups.across)
         return engine

@@ -58,11 +58,13 @@ def choice(strategy: str, sizes: list[int], nranks: int) -> PartitionChoice:
 
 
 def train_and_compare(tmp, case: str, dtype: str, strategy: str, micro_batches: int = 1, *,
-                      exchange: str = "auto", replicas: int = 1, batch: int = BATCH) -> None:
+                      exchange: str = "auto", replicas: int = 1, batch: int = BATCH,
+                      nodes: np.ndarray | None = None) -> None:
     """Train 2 epochs distributed and in the reference; losses and weights must agree.
 
     ``exchange``: the kind of every layer's exchange; ``replicas`` R: R contiguous groups of
-    Q = P / R ranks, each holding a Q-rank partition (R must divide the job's ranks)."""
+    Q = P / R ranks, each holding a Q-rank partition (R must divide the job's ranks);
+    ``nodes``: a node map for the exchange (default: this job's)."""
     comm = MPI.COMM_WORLD
     q = comm.size // replicas
     c = CASES[case]
@@ -72,7 +74,7 @@ def train_and_compare(tmp, case: str, dtype: str, strategy: str, micro_batches: 
     ref_losses = ref.train(x, y, EPOCHS, batch, c["lr"], c["optimizer"], c["momentum"], seed=11)
 
     with DistributedModel(model_path, comm, choice(strategy, c["sizes"], q), batch,
-                          replicas=replicas, exchange=exchange) as model:
+                          replicas=replicas, exchange=exchange, nodes=nodes) as model:
         assert model.group.size == q and model.groups.index == comm.rank // q  # contiguous
         data = load(data_path, model.table, model.spec.dtype, comm, model.group)
         history = train(model, data, epochs=EPOCHS, batch_size=batch, lr=c["lr"],

@@ -1,0 +1,228 @@
+"""The two-level ``node`` exchange gives the single-process reference's results, at 1 to 4
+ranks, on nodes faked on one host, and sends fewer values between nodes than the Alltoallv.
+
+Nodes are node maps passed to the engine (``topology.block_nodes``, and uneven ones):
+1 rank per node (every value goes straight to its reader, through the relay), 2 ranks per
+node (proxies forward inside the node), all ranks but the last on one node (3 ranks: 2+1,
+4 ranks: 3+1), and the first two ranks on one node, every other rank alone (4 ranks:
+2+1+1, where rank 0 relays two owners' values to rank 1). One node is the Alltoallv itself.
+"""
+
+from __future__ import annotations
+
+import h5py
+import numpy as np
+import pytest
+from mpi4py import MPI
+
+from mpinn import format as fmt
+from mpinn import topology
+from mpinn.data import load
+from mpinn.errors import MpinnError
+from mpinn.exchange import make_plans
+from mpinn.train import DistributedModel, predict, train
+from tests.helpers import ALL_STRATEGIES
+from tests.reference import Reference, assert_close
+from tests.test_engine_mpi import (
+    BATCH,
+    CASES,
+    N_SAMPLES,
+    _rows_of,
+    choice,
+    make_files,
+    train_and_compare,
+)
+
+pytestmark = pytest.mark.mpi
+
+
+def node_map(name: str, size: int) -> np.ndarray:
+    """``1``/``2``: that many consecutive ranks per node; ``uneven``: the last rank alone;
+    ``pair``: ranks 0 and 1 on node 0, every other rank on a node of its own."""
+    if name == "uneven":
+        return (np.arange(size) == size - 1).astype(np.int64) if size > 1 else np.zeros(1, int)
+    if name == "pair":
+        return np.maximum(np.arange(size) - 1, 0)
+    return topology.block_nodes(size, int(name))
+
+
+MAPS = ("1", "2", "uneven", "pair")
+# dense, sparse, and both in one model (the regression case is dense like softmax)
+MODELS = ("softmax", "sparse", "mixed")
+
+
+@pytest.mark.parametrize("case", MODELS)
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("strategy", ALL_STRATEGIES)
+def test_node_exchange_trains_the_reference_weights_two_ranks_per_node(strategy, dtype, case,
+                                                                       mpi_tmp_path):
+    train_and_compare(mpi_tmp_path, case, dtype, strategy, exchange="node",
+                      nodes=node_map("2", MPI.COMM_WORLD.size))
+
+
+@pytest.mark.parametrize("case", MODELS)
+@pytest.mark.parametrize("strategy", ["balanced", "ids", "layers", "mincut"])
+@pytest.mark.parametrize("nodes", ["uneven", "pair"])
+def test_node_exchange_trains_the_reference_weights_on_other_node_maps(nodes, strategy, case,
+                                                                       mpi_tmp_path):
+    train_and_compare(mpi_tmp_path, case, "float64", strategy, exchange="node",
+                      nodes=node_map(nodes, MPI.COMM_WORLD.size))
+
+
+@pytest.mark.parametrize("case", ["softmax", "mixed"])
+@pytest.mark.parametrize("strategy", ["balanced", "layers"])
+@pytest.mark.parametrize("nodes", ["1", "pair"])
+def test_pipelined_node_exchange_trains_the_reference_weights(nodes, strategy, case,
+                                                              mpi_tmp_path):
+    train_and_compare(mpi_tmp_path, case, "float64", strategy, 3, exchange="node",
+                      nodes=node_map(nodes, MPI.COMM_WORLD.size))
+
+
+@pytest.mark.parametrize("case", ["mixed"])
+@pytest.mark.parametrize("strategy", ["balanced", "mincut"])
+@pytest.mark.parametrize("nodes", MAPS)
+def test_node_exchange_gradients_equal_reference(nodes, strategy, case, mpi_tmp_path):
+    comm = MPI.COMM_WORLD
+    c = CASES[case]
+    model_path, data_path, x, y = make_files(mpi_tmp_path, c, "float64", comm)
+    ref = Reference.from_file(model_path)
+    _, gw, gb = ref.loss_and_grads(x[:BATCH], y[:BATCH])
+    with DistributedModel(model_path, comm, choice(strategy, c["sizes"], comm.size), BATCH,
+                          exchange="node", nodes=node_map(nodes, comm.size)) as model:
+        data = load(data_path, model.table, model.spec.dtype, comm)
+        xb, labels, targets = data.batch(np.arange(BATCH))
+        engine = model.engine
+        engine.loss_and_grad(engine.forward(xb), labels, targets)
+        engine.backward()
+        for i, layer in enumerate(model.shard.layers):
+            with layer.file_order(engine.grad_weight[i]) as grad_weight:
+                assert_close(grad_weight, _rows_of(gw[i], ref.weights[i], layer.rows), "float64",
+                             f"layer {i + 1} weight gradient")
+            assert_close(engine.grad_bias[i], gb[i][layer.rows], "float64",
+                         f"layer {i + 1} bias grad")
+    comm.Barrier()
+
+
+@pytest.mark.parametrize("case", MODELS)
+@pytest.mark.parametrize("dtype", ["float32"])
+@pytest.mark.parametrize("strategy", ["balanced", "mincut"])
+@pytest.mark.parametrize("nodes", ["2", "pair"])
+def test_node_exchange_predicts_the_reference_outputs(nodes, strategy, dtype, case,
+                                                      mpi_tmp_path):
+    """Inference engines share one set of buffers (the relay too) between all layers."""
+    comm = MPI.COMM_WORLD
+    c = CASES[case]
+    model_path, data_path, x, _ = make_files(mpi_tmp_path, c, dtype, comm)
+    out_path = str(mpi_tmp_path / "preds.h5")
+    with DistributedModel(model_path, comm, choice(strategy, c["sizes"], comm.size), 7,
+                          training=False, exchange="node",
+                          nodes=node_map(nodes, comm.size)) as model:
+        data = load(data_path, model.table, model.spec.dtype, comm)
+        outputs = predict(model, data, 7)
+        fmt.write_outputs(out_path, N_SAMPLES, c["sizes"][-1], model.shard.layers[-1].rows,
+                          outputs, comm)
+    with h5py.File(out_path, "r") as f:
+        written = f["outputs"][...]
+    _, acts = Reference.from_file(model_path).forward(x)
+    assert_close(written, acts[-1], dtype, "outputs")
+
+
+def plans_on(model_path: str, strategy: str, sizes: list[int], nodes: np.ndarray | None,
+             exchange: str, comm: MPI.Comm) -> list:
+    with DistributedModel(model_path, comm, choice(strategy, sizes, comm.size), BATCH,
+                          exchange=exchange, nodes=nodes) as model:
+        return model.engine.plans
+
+
+@pytest.mark.parametrize("case", ["softmax", "mixed"])
+@pytest.mark.parametrize("strategy", ["balanced", "layers", "mincut"])
+@pytest.mark.parametrize("nodes", MAPS)
+def test_node_exchange_sends_no_more_between_nodes_than_alltoallv(nodes, strategy, case,
+                                                                 mpi_tmp_path):
+    """Counted in the plans, summed over ranks: never more, and strictly less on a dense
+    layer where a remote node has 2 ranks reading it (2 ranks per node, 3 or 4 ranks)."""
+    comm = MPI.COMM_WORLD
+    c = CASES[case]
+    node = node_map(nodes, comm.size)
+    model_path, _, _, _ = make_files(mpi_tmp_path, c, "float64", comm)
+    direct = plans_on(model_path, strategy, c["sizes"], node, "alltoallv", comm)
+    once = plans_on(model_path, strategy, c["sizes"], node, "node", comm)
+    multi_node = node.max() > 0
+    for i, (a, b) in enumerate(zip(direct, once, strict=True)):
+        assert b.kind == ("node" if multi_node else "alltoallv")
+        sent_a = comm.allreduce(a.values_between_nodes(node))
+        sent_b = comm.allreduce(b.values_between_nodes(node))
+        assert sent_b <= sent_a, f"layer {i + 1}"
+        assert comm.allreduce(b.node_union_values(node)) == sent_b
+        dense = not c.get("storage") or c["storage"][i] == "dense"
+        read_whole = comm.allreduce(int(a.reads_whole_layer()), op=MPI.MIN)
+        if nodes == "2" and comm.size >= 3 and dense and read_whole:
+            assert sent_b < sent_a, f"layer {i + 1}: {sent_b} values between nodes, not fewer"
+
+
+def test_node_exchange_on_one_node_is_the_alltoallv(mpi_tmp_path):
+    """One node (the default on one host, and an explicit one-node map): nothing to relay."""
+    comm = MPI.COMM_WORLD
+    c = CASES["mixed"]
+    model_path, _, _, _ = make_files(mpi_tmp_path, c, "float64", comm)
+    for node in (None, np.zeros(comm.size, dtype=np.int64)):
+        plans = plans_on(model_path, "balanced", c["sizes"], node, "node", comm)
+        assert [p.kind for p in plans] == ["alltoallv"] * 3
+
+
+def test_auto_never_picks_a_node_kind(mpi_tmp_path):
+    """The node kinds won and lost by turns on the simulated cluster (docs/scaling.md):
+    ``auto`` keeps its one-host choice whatever the nodes, also where a node kind would
+    halve the values crossing between them (dense layers, 2 ranks per node)."""
+    comm = MPI.COMM_WORLD
+    c = CASES["softmax"]
+    model_path, _, _, _ = make_files(mpi_tmp_path, c, "float64", comm)
+    one_host = [p.kind for p in plans_on(model_path, "balanced", c["sizes"], None, "auto", comm)]
+    for name in MAPS:
+        node = node_map(name, comm.size)
+        kinds = [p.kind for p in plans_on(model_path, "balanced", c["sizes"], node, "auto", comm)]
+        assert kinds == one_host
+
+
+def test_a_node_map_of_the_wrong_size_is_refused(mpi_tmp_path):
+    comm = MPI.COMM_WORLD
+    c = CASES["softmax"]
+    model_path, _, _, _ = make_files(mpi_tmp_path, c, "float64", comm)
+    plans = plans_on(model_path, "balanced", c["sizes"], None, "alltoallv", comm)
+    table = plans[0].table
+    with pytest.raises(MpinnError, match="node map"):
+        make_plans(comm, table, [(1, plans[0].inputs)], BATCH, np.float64, exchange="node",
+                   nodes=np.zeros(comm.size + 1, dtype=np.int64))
+
+
+@pytest.mark.parametrize("case", MODELS)
+@pytest.mark.parametrize("strategy", ["balanced", "mincut"])
+@pytest.mark.parametrize("nodes", ["2", "pair"])
+def test_node_forward_trains_the_alltoallvs_weights_bitwise(nodes, strategy, case,
+                                                            mpi_tmp_path):
+    """``node-forward`` only moves values differently, and sums the backward as the
+    Alltoallv does: bitwise the same weights, also pipelined."""
+    comm = MPI.COMM_WORLD
+    c = CASES[case]
+    node = node_map(nodes, comm.size)
+    trained = {}
+    runs = [(exchange, m) for exchange in ("alltoallv", "node-forward") for m in (1, 3)]
+    for exchange, micro_batches in runs:
+        model_path, data_path, _, _ = make_files(mpi_tmp_path, c, "float32", comm)
+        with DistributedModel(model_path, comm, choice(strategy, c["sizes"], comm.size), BATCH,
+                              exchange=exchange, nodes=node) as model:
+            kinds = {p.kind for p in model.engine.plans}
+            assert exchange == "alltoallv" or node.max() == 0 or "node-forward" in kinds
+            data = load(data_path, model.table, model.spec.dtype, comm)
+            train(model, data, epochs=1, batch_size=BATCH, lr=c["lr"],
+                  optimizer_name=c["optimizer"], momentum=c["momentum"], seed=11,
+                  micro_batches=micro_batches)
+        comm.Barrier()
+        ref = Reference.from_file(model_path)
+        trained[exchange, micro_batches] = [np.asarray(getattr(w, "data", w))
+                                            for w in ref.weights] + list(ref.biases)
+        comm.Barrier()
+    for m in (1, 3):
+        for i, (a, b) in enumerate(zip(trained["node-forward", m], trained["alltoallv", m],
+                                       strict=True)):
+            assert np.array_equal(a, b), f"{m} micro-batches: array {i}"
