@@ -663,6 +663,30 @@ class ReplicaGroups:
                                [gathered, (counts, _displacements(counts)), mpi_type])
         return np.ascontiguousarray(gathered.T)
 
+    def from_first(self, arrays: dict[str, object] | None) -> dict[str, object]:
+        """Group 0's ``arrays`` (numpy arrays and small numbers, by name; None elsewhere) on
+        the rank holding the same rows in every group: names, shapes and numbers in one small
+        broadcast over ``across``, then one Bcast per array (a shard read by group 0 only)."""
+        if self.across is None:
+            assert arrays is not None
+            return arrays
+        header = None
+        if self.index == 0:
+            assert arrays is not None
+            header = {name: ("array", value.shape, value.dtype.str) if isinstance(value, np.ndarray)
+                      else ("value", value) for name, value in arrays.items()}
+        header = self.across.bcast(header, root=0)
+        received: dict[str, object] = {}
+        for name, entry in header.items():
+            if entry[0] == "value":
+                received[name] = entry[1]
+                continue
+            values = (np.ascontiguousarray(arrays[name]) if self.index == 0  # type: ignore[index]
+                      else np.empty(entry[1], dtype=np.dtype(entry[2])))
+            self.across.Bcast([values, from_numpy_dtype(values.dtype)], root=0)
+            received[name] = values
+        return received
+
     def free(self) -> None:
         """Release the communicators made here (collective)."""
         if self.across is not None:
