@@ -709,6 +709,21 @@ def gradient_buffers(sizes: list[int], dtype: np.dtype) -> tuple[np.ndarray, lis
     return flat, [flat[end - n: end] for n, end in zip(sizes, ends, strict=True)]
 
 
+def gradient_buckets(nbytes: list[int], bucket_bytes: int | None = None) -> list[int]:
+    """The lowest layer of each bucket, in the order they are summed: layers taken from the
+    last down, a bucket closed once it holds ``bucket_bytes`` (``nbytes[i]``: layer i's
+    gradients on this rank; default ``BUCKET_BYTES``) and at layer 0. Pure: the cost model
+    counts them too."""
+    bucket_bytes = BUCKET_BYTES if bucket_bytes is None else bucket_bytes
+    lowest, filled = [], 0
+    for i in range(len(nbytes) - 1, -1, -1):
+        filled += nbytes[i]
+        if filled >= bucket_bytes or i == 0:
+            lowest.append(i)
+            filled = 0
+    return lowest
+
+
 class GradientReducer:
     """Sums the layers' weight and bias gradients over the R groups, in buckets of layers,
     one allreduce per bucket, overlapped with the rest of backward.
@@ -733,18 +748,16 @@ class GradientReducer:
     """
 
     def __init__(self, comm: MPI.Comm, flat: np.ndarray, layers: list[np.ndarray],
-                 bucket_bytes: int = BUCKET_BYTES) -> None:
+                 bucket_bytes: int | None = None) -> None:
         self.comm = comm
         self.layers = layers
         # the bucket a layer closes (its lowest layer), as the slice of flat it covers
         self.buckets: dict[int, np.ndarray] = {}
-        start = end = filled = 0
-        for i in range(len(layers) - 1, -1, -1):
-            end += layers[i].size
-            filled += layers[i].nbytes
-            if filled >= bucket_bytes or i == 0:
-                self.buckets[i] = flat[start:end]
-                start, filled = end, 0
+        start, top = 0, len(layers)
+        for lowest in gradient_buckets([layer.nbytes for layer in layers], bucket_bytes):
+            end = start + sum(layer.size for layer in layers[lowest:top])
+            self.buckets[lowest] = flat[start:end]
+            start, top = end, lowest
         self._ready = [False] * len(layers)
         self._next = len(layers) - 1
         self._requests: list[MPI.Request] = []

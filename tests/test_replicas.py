@@ -17,11 +17,12 @@ import numpy as np
 import pytest
 from mpi4py import MPI
 
+from mpinn import exchange
 from mpinn import format as fmt
 from mpinn.api import Network
 from mpinn.data import load
 from mpinn.errors import MpinnError
-from mpinn.exchange import replica_shares
+from mpinn.exchange import gradient_buckets, replica_shares
 from mpinn.train import DistributedModel, PartitionChoice, evaluate, predict, train
 from tests.helpers import ALL_STRATEGIES, strategy_params
 from tests.reference import Reference, assert_close
@@ -69,6 +70,28 @@ def test_shares_are_contiguous_and_cover_the_batch():
             assert bounds[0] == 0 and bounds[-1] == n
             sizes = np.diff(bounds)
             assert sizes.min() >= 0 and sizes.max() - sizes.min() <= 1
+
+
+def test_gradient_buckets_close_at_the_size_and_at_the_first_layer():
+    assert gradient_buckets([5, 5, 5, 5], 10) == [2, 0]  # layers 3+2, then 1+0
+    assert gradient_buckets([5, 5, 5], 10) == [1, 0]     # 2+1, then 0 alone
+    assert gradient_buckets([100, 1, 1], 10) == [0]      # 2+1+0: never 10 before layer 0
+    assert gradient_buckets([1, 20, 1], 10) == [1, 0]
+    assert gradient_buckets([3, 3, 3], 1) == [2, 1, 0]   # one per layer
+    assert gradient_buckets([0, 0], 1) == [0]            # a rank with no rows: one, empty
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("bucket_bytes", [1, 300])
+@pytest.mark.parametrize("replicas", (2, 3, 4))
+def test_gradients_summed_in_several_buckets_train_the_reference(replicas, bucket_bytes,
+                                                                 mpi_tmp_path, monkeypatch):
+    """One bucket per layer (1 byte) and buckets of some layers (300 bytes: the Iallreduce
+    buckets overlapping backward, then the blocking last one), plain and pipelined."""
+    monkeypatch.setattr(exchange, "BUCKET_BYTES", bucket_bytes)
+    train_replicated(mpi_tmp_path, "mixed", "float64", "ids", replicas)
+    train_replicated(mpi_tmp_path, "softmax", "float32", "layers", replicas, micro_batches=2)
+    train_replicated(mpi_tmp_path, "softmax", "float64", "balanced", replicas, batch=replicas - 1)
 
 
 @pytest.mark.mpi
