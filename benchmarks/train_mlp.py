@@ -96,7 +96,8 @@ def worker_mpinn(args: argparse.Namespace) -> None:
     params = ({"layer_ranks": [int(r) for r in args.layer_ranks.split(",")]}
               if args.layer_ranks else {})
     choice = PartitionChoice(None, args.strategy, params)
-    with DistributedModel(args.model, comm, choice, args.batch, replicas=args.replicas) as model:
+    with DistributedModel(args.model, comm, choice, args.batch,
+                          replicas=int(args.replicas)) as model:
         data = load(args.data, model.table, model.spec.dtype, comm, model.group)
         # one warm-up epoch: first-touch of buffers and BLAS start-up are not measured
         train(model, data, epochs=1, batch_size=args.batch, lr=1e-3, shuffle=False,
@@ -399,8 +400,10 @@ def main() -> None:
     parser.add_argument("--strategy", default="balanced")
     parser.add_argument("--layer-ranks", default="", help="owner of each layer (strategy layers)")
     parser.add_argument("--micro-batches", type=int, default=1)
-    parser.add_argument("--replicas", type=int, default=1,
-                        help="R copies of the model over R groups of P/R ranks (mpinn --replicas)")
+    parser.add_argument("--replicas", default="1",
+                        help="R copies of the model over R groups of P/R ranks (mpinn --replicas); "
+                        "a comma list (1,2) runs mpinn once per R in every round, the first R "
+                        "giving the per-step table")
     parser.add_argument("--peer", default="torch,ddp,tp,numpy",
                         help="comma list of peers run beside mpinn: torch (1 process, P threads), "
                         "ddp and tp (torchrun P processes x 1 thread), numpy; or none")
@@ -420,6 +423,7 @@ def main() -> None:
 
     sizes = [int(n) for n in args.sizes.split(",")]
     p = args.ranks
+    replica_counts = [int(r) for r in args.replicas.split(",")]
     me = [sys.executable, str(Path(__file__).resolve())]
     common = ["--sizes", args.sizes, "--batch", str(args.batch), "--steps", str(args.steps),
               "--dtype", args.dtype]
@@ -448,18 +452,20 @@ def main() -> None:
                      str(args.batch * args.steps), "--features", str(sizes[0]), "--outputs",
                      str(sizes[-1]), "--dtype", args.dtype]):
             run(cmd, p)
-        mpinn_cmd = ["mpirun", "--oversubscribe", "-n", str(p), *me, "--worker", "mpinn",
-                     "--model", model, "--data", data, "--strategy", args.strategy,
-                     "--layer-ranks", args.layer_ranks, "--micro-batches",
-                     str(args.micro_batches), "--replicas", str(args.replicas), *common]
-        layout = f", R = {args.replicas} x Q = {p // args.replicas}" if args.replicas > 1 else ""
-        runs = [(f"mpinn, mpirun -n {p}{layout}, 1 thread/rank", mpinn_cmd, 1),
-                *peer_runs(args, me, common)]
+        mpinn_runs = []
+        for r in replica_counts:
+            mpinn_cmd = ["mpirun", "--oversubscribe", "-n", str(p), *me, "--worker", "mpinn",
+                         "--model", model, "--data", data, "--strategy", args.strategy,
+                         "--layer-ranks", args.layer_ranks, "--micro-batches",
+                         str(args.micro_batches), "--replicas", str(r), *common]
+            layout = f", R = {r} x Q = {p // r}" if r > 1 or len(replica_counts) > 1 else ""
+            mpinn_runs.append((f"mpinn, mpirun -n {p}{layout}, 1 thread/rank", mpinn_cmd, 1))
+        runs = [*mpinn_runs, *peer_runs(args, me, common)]
         rounds, mp = measure_pairs(runs, args.pairs)
     print_pairs(rounds, flops, peak_p)
     plan = run_json(["mpirun", "--oversubscribe", "-n", str(p), *me, "--worker", "plan",
                      "--strategy", args.strategy, "--micro-batches", str(args.micro_batches),
-                     "--replicas", str(args.replicas), *common], 1)
+                     "--replicas", str(replica_counts[0]), *common], 1)
     print(f"{'ceiling: GEMM peak, ' + str(p) + ' threads':<44} {peak_p * 1e9 / flops:>10.1f} "
           f"{'':>15} {peak_p:>9.1f} {100:>8.0f}%")
 

@@ -18,7 +18,16 @@ from mpi4py import MPI
 
 from mpinn import kernels
 from mpinn.errors import MpinnError, inject_fault
-from mpinn.exchange import MAX, MIN, SUM, ExchangePlan, GradientReducer, allreduce, make_plans
+from mpinn.exchange import (
+    MAX,
+    MIN,
+    SUM,
+    ExchangePlan,
+    GradientReducer,
+    allreduce,
+    gradient_buffers,
+    make_plans,
+)
 from mpinn.shard import CsrLayerShard, LayerShard, Shard
 
 
@@ -55,9 +64,11 @@ class Engine:
             self.a = [np.empty(s.rows.size * max_batch, dtype) for s in layers]
             self.grad_z = [np.empty(s.rows.size * max_batch, dtype) for s in layers]
             self.grad_inputs = [np.empty(s.inputs.size * max_batch, dtype) for s in layers]
-            # a layer's weight and bias gradients share one flat buffer: with replicas
-            # they are summed over the groups by one allreduce per layer (GradientReducer)
-            self.grad_flat = [np.zeros(s.weight.size + s.bias.size, dtype) for s in layers]
+            # every layer's weight and bias gradients in one buffer, last layer first: with
+            # replicas they are summed over the groups a bucket of layers at a time
+            # (GradientReducer)
+            self.grad_all, self.grad_flat = gradient_buffers(
+                [s.weight.size + s.bias.size for s in layers], dtype)
             self.grad_weight = [flat[: s.weight.size].reshape(s.weight.shape)
                                 for flat, s in zip(self.grad_flat, layers, strict=True)]
             self.grad_bias = [flat[s.weight.size:] for flat, s in zip(self.grad_flat, layers,
@@ -76,6 +87,7 @@ class Engine:
             self.grad_z = [pool[(i + 1) % 2] for i in range(len(layers))]  # remote-block scratch
             self.grad_inputs, self.grad_weight, self.grad_bias = [], [], []
             self.grad_flat = []
+            self.grad_all = np.zeros(0, dtype)
         self.reducer: GradientReducer | None = None  # set_replicas: sums over the groups
         self.idle = False  # no_samples: this group sat the last batch out
         self.inputs: list[np.ndarray] = []
@@ -111,7 +123,8 @@ class Engine:
         other groups) after each backward; None: one group, nothing to sum."""
         if not self.training:
             raise MpinnError("summing gradients over replicas is for training engines only")
-        self.reducer = None if across is None else GradientReducer(across, self.grad_flat)
+        self.reducer = (None if across is None
+                        else GradientReducer(across, self.grad_all, self.grad_flat))
 
     def finish_gradients(self) -> None:
         """Wait for the sums over the groups posted during backward (no-op with one group)."""
@@ -122,8 +135,7 @@ class Engine:
         """This group got no sample of the batch (smaller than R): its gradients are zero,
         still summed with the other groups' (``post_gradients``), as every rank must post
         the same collectives."""
-        for flat in self.grad_flat:
-            flat.fill(0)
+        self.grad_all.fill(0)
         self.idle = True
 
     def post_gradients(self) -> None:

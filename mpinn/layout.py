@@ -121,11 +121,16 @@ def predict(sizes: Sequence[int], batch: int, itemsize: int, layout: Layout,
         compute, exchange, nbytes, params = _layers(sizes, b, itemsize, layout, machine)
         passes = 2 * (len(sizes) - 1) * layout.micro_batches
     r = layout.replicas
-    # one ring allreduce per layer of the rank's rows: 2(R-1)/R of their bytes, 2(R-1) steps
+    # one ring allreduce per bucket of the rank's rows (exchange.gradient_buckets, counted
+    # on the balanced split's layers): 2(R-1)/R of their bytes, 2(R-1) steps each
     ring_bytes = 2.0 * (r - 1) / r * params * itemsize
     allreduce = 0.0
     if r > 1:
-        allreduce = ring_bytes / machine.bandwidth + 2 * (r - 1) * (len(sizes) - 1) * machine.latency
+        from mpinn.exchange import gradient_buckets
+        layer_bytes = [-(-n_out // layout.group) * (n_in + 1) * itemsize
+                       for n_in, n_out in zip(sizes[:-1], sizes[1:], strict=True)]
+        buckets = len(gradient_buckets(layer_bytes))
+        allreduce = ring_bytes / machine.bandwidth + 2 * (r - 1) * buckets * machine.latency
     return Prediction(layout, compute, exchange, allreduce, passes * machine.overhead,
                       params * machine.update, nbytes, ring_bytes, params)
 

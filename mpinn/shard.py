@@ -10,6 +10,7 @@ as two CSR blocks sharing one array, local-input entries first, remote-input ent
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ from mpi4py import MPI
 from mpinn import format as fmt
 from mpinn import kernels
 from mpinn.errors import MpinnError, inject_fault
-from mpinn.exchange import agree, receive_order
+from mpinn.exchange import ReplicaGroups, agree, receive_order
 from mpinn.format import LayerSpec, ModelSpec
 from mpinn.metadata import MetadataTable
 
@@ -300,6 +301,26 @@ class Shard:
             layers.append(LayerShard(ly, rows, inputs, weight, np.zeros(rows.size, spec.dtype),
                                      n_local))
         return cls(spec, table, rank, layers)
+
+    @classmethod
+    def load_from_first_group(cls, f: h5py.File, spec: ModelSpec, table: MetadataTable,
+                              groups: ReplicaGroups) -> Shard:
+        """This rank's rows when every group holds the same partition: group 0 reads them
+        (``load``, collective over its ranks), and every other rank receives the arrays of
+        each layer from the rank of group 0 holding the same rows (``ReplicaGroups.from_first``)
+        instead of reading the file again. Collective over ``groups.world``; a failed read
+        is raised on every rank before any broadcast."""
+        first = groups.index == 0
+        read = agree(groups.world, lambda: cls.load(f, spec, table, groups.group) if first else None)
+        layers: list[LayerShard] = []
+        for i, ly in enumerate(spec.layers):
+            kind = CsrLayerShard if ly.sparse else LayerShard
+            names = [field.name for field in dataclasses.fields(kind) if field.name != "spec"]
+            mine = read.layers[i] if read is not None else None
+            arrays = groups.from_first(None if mine is None else
+                                       {name: getattr(mine, name) for name in names})
+            layers.append(mine if mine is not None else kind(spec=ly, **arrays))
+        return read if read is not None else cls(spec, table, groups.group.rank, layers)
 
     def save(self, f: h5py.File) -> None:
         """Write this rank's rows back into the model file (collective)."""

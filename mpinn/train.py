@@ -72,19 +72,29 @@ def owner_for_strategy(f: h5py.File, spec: fmt.ModelSpec, nranks: int, strategy:
     return on_root(comm, lambda: distributor.partition(spec.sizes, nranks, strategy, params, wiring))
 
 
+REPLICA_LOADS = ("read", "bcast")
+REPLICA_LOAD = "read"  # how groups other than 0 get their rows: see docs/scaling.md
+
+
 class DistributedModel:
     """A model file opened on every rank: its spec, partition, this rank's shard and engine."""
 
     def __init__(self, path: str, comm: MPI.Comm, choice: PartitionChoice, max_batch: int,
                  training: bool = True, replicas: int = 1,
-                 exchange: str = "auto", nodes: np.ndarray | None = None) -> None:
+                 exchange: str = "auto", nodes: np.ndarray | None = None,
+                 replica_load: str = REPLICA_LOAD) -> None:
         """``replicas`` R: the P ranks of ``comm`` are R groups of Q = P / R contiguous ranks,
-        each holding the whole model partitioned over its Q ranks (``ReplicaGroups``); every
-        group reads its own rows from the file, and each takes a share of every batch."""
+        each holding the whole model partitioned over its Q ranks (``ReplicaGroups``), each
+        taking a share of every batch. ``replica_load``: ``read``, every group reads its own
+        rows from the file; ``bcast``, group 0 reads and broadcasts them to the other groups
+        (``Shard.load_from_first_group``); ``REPLICA_LOAD`` is the faster measured."""
         self.path = path
         self.comm = comm
         self.exchange = exchange  # the kind of every layer's exchange (exchange.make_plans)
         self.nodes = nodes  # the node of every rank of the group (None: asked of MPI)
+        if replica_load not in REPLICA_LOADS:
+            raise MpinnError(f"replica_load must be one of {', '.join(REPLICA_LOADS)}, "
+                             f"got {replica_load!r}")
         self.replicas = agree(comm, lambda: ReplicaGroups.check(replicas, comm.size))
         self.groups = ReplicaGroups(comm, self.replicas)
         group = self.group = self.groups.group  # the neuron partition lives here
@@ -98,7 +108,11 @@ class DistributedModel:
                 comm, lambda: resolve_owner(self.file, self.spec, choice, group.size, comm))
             self.table = agree(comm, lambda: MetadataTable.build(self.spec.sizes, owner, group.size))
             agree(comm, lambda: Shard.check_fits(self.spec, self.table, group.rank, max_batch))
-            self.shard = Shard.load(self.file, self.spec, self.table, group)
+            if self.replicas > 1 and replica_load == "bcast":
+                self.shard = Shard.load_from_first_group(self.file, self.spec, self.table,
+                                                         self.groups)
+            else:
+                self.shard = Shard.load(self.file, self.spec, self.table, group)
             agree(comm, self._check_finite)
             self.engine = self._engine(max_batch, training)
             self.state = agree(comm, lambda: fmt.read_state_attrs(self.file))

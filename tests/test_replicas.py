@@ -8,6 +8,7 @@ Run under mpirun at 1, 2, 3 and 4 ranks (``make test-mpi``): R x Q covers 1x2, 2
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import shutil
 
@@ -16,11 +17,12 @@ import numpy as np
 import pytest
 from mpi4py import MPI
 
+from mpinn import exchange
 from mpinn import format as fmt
 from mpinn.api import Network
 from mpinn.data import load
 from mpinn.errors import MpinnError
-from mpinn.exchange import replica_shares
+from mpinn.exchange import gradient_buckets, replica_shares
 from mpinn.train import DistributedModel, PartitionChoice, evaluate, predict, train
 from tests.helpers import ALL_STRATEGIES, strategy_params
 from tests.reference import Reference, assert_close
@@ -68,6 +70,28 @@ def test_shares_are_contiguous_and_cover_the_batch():
             assert bounds[0] == 0 and bounds[-1] == n
             sizes = np.diff(bounds)
             assert sizes.min() >= 0 and sizes.max() - sizes.min() <= 1
+
+
+def test_gradient_buckets_close_at_the_size_and_at_the_first_layer():
+    assert gradient_buckets([5, 5, 5, 5], 10) == [2, 0]  # layers 3+2, then 1+0
+    assert gradient_buckets([5, 5, 5], 10) == [1, 0]     # 2+1, then 0 alone
+    assert gradient_buckets([100, 1, 1], 10) == [0]      # 2+1+0: never 10 before layer 0
+    assert gradient_buckets([1, 20, 1], 10) == [1, 0]
+    assert gradient_buckets([3, 3, 3], 1) == [2, 1, 0]   # one per layer
+    assert gradient_buckets([0, 0], 1) == [0]            # a rank with no rows: one, empty
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("bucket_bytes", [1, 300])
+@pytest.mark.parametrize("replicas", (2, 3, 4))
+def test_gradients_summed_in_several_buckets_train_the_reference(replicas, bucket_bytes,
+                                                                 mpi_tmp_path, monkeypatch):
+    """One bucket per layer (1 byte) and buckets of some layers (300 bytes: the Iallreduce
+    buckets overlapping backward, then the blocking last one), plain and pipelined."""
+    monkeypatch.setattr(exchange, "BUCKET_BYTES", bucket_bytes)
+    train_replicated(mpi_tmp_path, "mixed", "float64", "ids", replicas)
+    train_replicated(mpi_tmp_path, "softmax", "float32", "layers", replicas, micro_batches=2)
+    train_replicated(mpi_tmp_path, "softmax", "float64", "balanced", replicas, batch=replicas - 1)
 
 
 @pytest.mark.mpi
@@ -336,3 +360,79 @@ def test_replicas_auto_trains_the_layout_it_prints_and_equals_one_replica(tmp_pa
     refused(mpinn(2, "train", str(one), *flags, "--partition", "p3", "--replicas", "auto"),
             "partition 'p3' has 3 parts, which do not divide the 2 ranks")
     assert digest(one) == before
+
+
+# ---------------------------------------------------------------- loading: read or broadcast
+
+
+def _load_both_ways(path: str, sizes: list[int], replicas: int, q: int) -> dict:
+    comm = MPI.COMM_WORLD
+    shards = {}
+    for how in ("read", "bcast"):
+        with DistributedModel(path, comm, choice("ids", sizes, q), BATCH, replicas=replicas,
+                              replica_load=how) as model:
+            shards[how] = model.shard
+    return shards
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("replicas", (2, 3, 4))
+def test_a_shard_broadcast_from_group_0_is_bitwise_the_one_read_from_the_file(replicas, case,
+                                                                             mpi_tmp_path):
+    """Every array of every layer (weights in receive order, bias, rows, the CSR blocks)
+    that group 0 broadcasts is the one the rank would have read itself; and training from
+    either trains bitwise the same weights."""
+    comm = MPI.COMM_WORLD
+    q = layout(replicas)
+    c = CASES[case]
+    model_path, data_path, _, _ = make_files(mpi_tmp_path, c, "float32", comm)
+    copy = str(mpi_tmp_path / "copy.h5")
+    if comm.rank == 0:
+        shutil.copy(model_path, copy)
+    comm.Barrier()
+    shards = _load_both_ways(model_path, c["sizes"], replicas, q)
+    read, sent = shards["read"], shards["bcast"]
+    assert read.rank == sent.rank == comm.rank % q
+    for i, (a, b) in enumerate(zip(read.layers, sent.layers, strict=True)):
+        assert type(a) is type(b) and a.spec == b.spec
+        for field in dataclasses.fields(a):
+            x, y = getattr(a, field.name), getattr(b, field.name)
+            if isinstance(x, np.ndarray):
+                assert x.dtype == y.dtype and x.shape == y.shape, (i, field.name)
+                assert np.array_equal(x, y), f"layer {i + 1} {field.name}"
+            else:
+                assert x == y, (i, field.name)
+    for path, how in ((model_path, "read"), (copy, "bcast")):
+        with DistributedModel(path, comm, choice("ids", c["sizes"], q), BATCH, replicas=replicas,
+                              replica_load=how) as model:
+            data = load(data_path, model.table, model.spec.dtype, comm, model.group)
+            train(model, data, epochs=2, batch_size=BATCH, lr=c["lr"],
+                  optimizer_name=c["optimizer"], momentum=c["momentum"], seed=11)
+    comm.Barrier()
+    one, other = Reference.from_file(model_path), Reference.from_file(copy)
+    for a, b in zip(one.weights + one.biases, other.weights + other.biases, strict=True):
+        assert np.array_equal(_values(a), _values(b))
+    comm.Barrier()
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("replicas", (2, 4))
+def test_a_broken_file_read_by_group_0_only_is_refused_on_every_rank(replicas, mpi_tmp_path):
+    """A CSR layer with an index out of range, found by the rank of group 0 that reads the
+    row while the other groups wait to receive: every rank raises it, none hangs."""
+    comm = MPI.COMM_WORLD
+    q = layout(replicas)
+    c = CASES["sparse"]
+    model_path, _, _, _ = make_files(mpi_tmp_path, c, "float32", comm)
+    if comm.rank == 0:
+        with h5py.File(model_path, "r+") as f:
+            f["layers/2/indices"][0] = 1000
+    comm.Barrier()
+    with pytest.raises(MpinnError, match="indices holds 1000, outside 0..12"):
+        DistributedModel(model_path, comm, choice("balanced", c["sizes"], q), BATCH,
+                         replicas=replicas, replica_load="bcast")
+    with pytest.raises(MpinnError, match="replica_load must be one of read, bcast, got 'both'"):
+        DistributedModel(model_path, comm, choice("balanced", c["sizes"], q), BATCH,
+                         replicas=replicas, replica_load="both")
+    comm.Barrier()
