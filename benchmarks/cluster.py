@@ -7,7 +7,8 @@ limited both ways by ``tc tbf`` at the given rate. Ranks on one node talk throug
 memory, ranks on different nodes over TCP. For each link and strategy (balanced, and
 mincut with its partitioner inside the timed load, as in a first run) it prints the best
 of ``--repeat`` runs of ``mpinn bench sparse-dnn``: G edges/s, the inference time split,
-and 'load (I/O and partition)'.
+and 'load (I/O and partition)', for each exchange kind of ``--exchanges`` (the one-host
+baseline with the Alltoallv).
 
 The prediction (docs/scaling.md): the one-host time plus the time the bytes that cross
 between nodes take on the link, max over the two directions of the inter-node bytes the
@@ -43,8 +44,11 @@ def link_gbit(rate: str, ceiling: float) -> float:
     return min(float(number) * {"g": 1.0, "m": 1e-3, "k": 1e-6}[unit], ceiling)
 
 
-def between_nodes(model: str, nranks: int, per_node: int, strategy: str) -> tuple[int, int]:
-    """Forward bytes per sample from node 0 to node 1 and back, from the partition report."""
+def between_nodes(model: str, nranks: int, per_node: int, strategy: str
+                  ) -> dict[str, tuple[int, int]]:
+    """Forward bytes per sample from node 0 to node 1 and back, per exchange: ``alltoallv``
+    from the partition report (a value goes to every rank that reads it), ``node`` with
+    each value crossing once per node that reads it (the two-level kinds)."""
     code = (
         "import sys, numpy as np, h5py; from mpi4py import MPI\n"
         "from mpinn import format as fmt, topology\n"
@@ -55,21 +59,38 @@ def between_nodes(model: str, nranks: int, per_node: int, strategy: str) -> tupl
         "with fmt.opened(path, 'r', MPI.COMM_SELF) as f:\n"
         "    spec = fmt.read_spec(f)\n"
         "    owner = owner_for_strategy(f, spec, p, strategy, {}, MPI.COMM_SELF)\n"
-        "    t = rank_traffic(spec, MetadataTable.build(spec.sizes, owner, p),"
-        " fmt.wiring_reader(f, spec))\n"
-        "node = topology.block_nodes(p, k)\n"
-        "m = t.forward_matrix\n"
-        "print(int(m[np.ix_(node == 0, node == 1)].sum()), int(m[np.ix_(node == 1, node == 0)].sum()))\n"
+        "    table = MetadataTable.build(spec.sizes, owner, p)\n"
+        "    wiring = fmt.wiring_reader(f, spec)\n"
+        "    t = rank_traffic(spec, table, wiring)\n"
+        "    node = topology.block_nodes(p, k)\n"
+        "    once = np.zeros((2, 2), dtype=np.int64)\n"
+        "    for ly in spec.layers:\n"
+        "        rows, ins = table.layer_owner(ly.index), table.layer_owner(ly.index - 1)\n"
+        "        w = wiring(ly.index)\n"
+        "        if w is None:\n"
+        "            readers = np.unique(node[rows])\n"
+        "            c = np.repeat(np.arange(ly.n_in), readers.size)\n"
+        "            b = np.tile(readers, ly.n_in)\n"
+        "        else:\n"
+        "            row = np.repeat(np.arange(ly.n_out), np.diff(w[0]))\n"
+        "            pairs = np.unique(w[1].astype(np.int64) * 2 + node[rows[row]])\n"
+        "            c, b = pairs // 2, pairs % 2\n"
+        "        a = node[ins[c]]\n"
+        "        np.add.at(once, (a[a != b], b[a != b]), 1)\n"
+        "m, s = t.forward_matrix, spec.dtype.itemsize\n"
+        "print(int(m[np.ix_(node == 0, node == 1)].sum()), int(m[np.ix_(node == 1, node == 0)].sum()),"
+        " once[0, 1] * s, once[1, 0] * s)\n"
     )
     out = run([sys.executable, "-c", code, model, str(nranks), str(per_node), strategy], 1)
-    a, b = out.split()
-    return int(a), int(b)
+    a, b, c, d = (int(x) for x in out.split())
+    return {"alltoallv": (a, b), "node": (c, d)}
 
 
-def bench(launch: list[str], model: str, data: str, strategy: str, batch: int, repeat: int) -> dict:
+def bench(launch: list[str], model: str, data: str, strategy: str, batch: int, repeat: int,
+          exchange: str = "alltoallv") -> dict:
     runs = [run_json([*launch, sys.executable, "-m", "mpinn", "bench", "sparse-dnn", "--model",
                       model, "--data", data, "--strategy", strategy, "--batch-size", str(batch),
-                      "--json"], 1) for _ in range(repeat)]
+                      "--exchange", exchange, "--json"], 1) for _ in range(repeat)]
     best = max(runs, key=lambda r: r["edges_per_second"])
     best["all_correct"] = all(r["correct"] for r in runs)
     best["loads"] = [r["load"] for r in runs]
@@ -85,6 +106,8 @@ def main() -> None:
     parser.add_argument("--per-node", type=int, default=2, help="ranks on each of the 2 nodes")
     parser.add_argument("--links", default=",".join(LINKS))
     parser.add_argument("--strategies", default="balanced,mincut")
+    parser.add_argument("--exchanges", default="alltoallv,node-forward",
+                        help="exchange kinds to run across the nodes (--exchange of bench)")
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--ceiling-gbit", type=float, default=3.7,
                         help="what a veth pair between two namespaces carries on this machine")
@@ -108,12 +131,13 @@ def main() -> None:
         host = {s: bench(["mpirun", "--oversubscribe", "-n", str(p)], model, data, s,
                          args.batch_size, args.repeat) for s in strategies}
         crossing = {s: between_nodes(model, p, k, s) for s in strategies}
-        head = (f"  {'link':<10} {'strategy':<9} {'G edges/s':>9} {'seconds':>8} {'predicted':>9} "
+        head = (f"  {'link':<10} {'strategy':<9} {'exchange':<12} {'G edges/s':>9} "
+                f"{'seconds':>8} {'predicted':>9} "
                 f"{'compute':>8} {'wait':>7} {'load':>14} {'MB node0->1':>11} {'categories':>10}")
         print(head)
         for s in strategies:
             r = host[s]
-            print(f"  {'one host':<10} {s:<9} {r['edges_per_second'] / 1e9:9.3f} "
+            print(f"  {'one host':<10} {s:<9} {'alltoallv':<12} {r['edges_per_second'] / 1e9:9.3f} "
                   f"{r['seconds']:8.2f} {'-':>9} {r['compute']:8.2f} {r['wait']:7.2f} "
                   f"{'/'.join(f'{x:.1f}' for x in r['loads']):>14} {'-':>11} "
                   f"{'match' if r['all_correct'] else 'WRONG':>10}", flush=True)
@@ -126,15 +150,17 @@ def main() -> None:
             launch = [str(CLUSTER / "mpirun"), "--host", hosts, "-n", str(p)]
             try:
                 for s in strategies:
-                    r = bench(launch, model, data, s, args.batch_size, args.repeat)
-                    wire = max(crossing[s]) * args.samples * 8 / (link_gbit(link, args.ceiling_gbit)
-                                                                  * 1e9)
-                    predicted = host[s]["seconds"] + wire
-                    print(f"  {link:<10} {s:<9} {r['edges_per_second'] / 1e9:9.3f} "
-                          f"{r['seconds']:8.2f} {predicted:9.2f} {r['compute']:8.2f} "
-                          f"{r['wait']:7.2f} {'/'.join(f'{x:.1f}' for x in r['loads']):>14} "
-                          f"{crossing[s][0] * args.samples / 1e6:11.1f} "
-                          f"{'match' if r['all_correct'] else 'WRONG':>10}", flush=True)
+                    for kind in args.exchanges.split(","):
+                        r = bench(launch, model, data, s, args.batch_size, args.repeat, kind)
+                        sent = crossing[s]["node" if kind.startswith("node") else "alltoallv"]
+                        wire = max(sent) * args.samples * 8 / (link_gbit(link, args.ceiling_gbit)
+                                                               * 1e9)
+                        predicted = host[s]["seconds"] + wire
+                        print(f"  {link:<10} {s:<9} {kind:<12} {r['edges_per_second'] / 1e9:9.3f} "
+                              f"{r['seconds']:8.2f} {predicted:9.2f} {r['compute']:8.2f} "
+                              f"{r['wait']:7.2f} {'/'.join(f'{x:.1f}' for x in r['loads']):>14} "
+                              f"{sent[0] * args.samples / 1e6:11.1f} "
+                              f"{'match' if r['all_correct'] else 'WRONG':>10}", flush=True)
             finally:
                 subprocess.run(["bash", str(ROOT / "scripts/cluster-down.sh")])
 
