@@ -114,11 +114,18 @@ def test_trained_weights_equal_reference_for_every_strategy(strategy, dtype, cas
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("strategy", ALL_STRATEGIES)
 def test_predict_equals_reference_for_every_strategy(strategy, dtype, case, mpi_tmp_path):
+    check_prediction(mpi_tmp_path, case, dtype, strategy)
+
+
+def check_prediction(mpi_tmp_path, case: str, dtype: str, strategy: str, **options) -> None:
+    """Outputs written by ``predict`` (batches of 7) equal the reference; ``options`` go to
+    DistributedModel (exchange=, nodes=, training=)."""
     comm = MPI.COMM_WORLD
     c = CASES[case]
     model_path, data_path, x, _ = make_files(mpi_tmp_path, c, dtype, comm)
     out_path = str(mpi_tmp_path / "preds.h5")
-    with DistributedModel(model_path, comm, choice(strategy, c["sizes"], comm.size), 7) as model:
+    with DistributedModel(model_path, comm, choice(strategy, c["sizes"], comm.size), 7,
+                          **options) as model:
         data = load(data_path, model.table, model.spec.dtype, comm)
         outputs = predict(model, data, 7)
         fmt.write_outputs(out_path, N_SAMPLES, c["sizes"][-1], model.shard.layers[-1].rows,
@@ -133,16 +140,24 @@ def test_predict_equals_reference_for_every_strategy(strategy, dtype, case, mpi_
 @pytest.mark.parametrize("case", ["softmax", "sparse"])
 @pytest.mark.parametrize("strategy", ALL_STRATEGIES)
 def test_gradients_of_owned_rows_equal_reference(strategy, case, mpi_tmp_path):
+    check_gradients(mpi_tmp_path, case, strategy, with_targets=False)
+
+
+def check_gradients(mpi_tmp_path, case: str, strategy: str, with_targets: bool,
+                    **options) -> None:
+    """Each rank's weight and bias gradients of one float64 batch equal the reference's rows;
+    ``with_targets`` passes the data's targets to the loss; ``options`` go to DistributedModel."""
     comm = MPI.COMM_WORLD
     c = CASES[case]
     model_path, data_path, x, y = make_files(mpi_tmp_path, c, "float64", comm)
     ref = Reference.from_file(model_path)
     _, gw, gb = ref.loss_and_grads(x[:BATCH], y[:BATCH])
-    with DistributedModel(model_path, comm, choice(strategy, c["sizes"], comm.size), BATCH) as model:
+    with DistributedModel(model_path, comm, choice(strategy, c["sizes"], comm.size), BATCH,
+                          **options) as model:
         data = load(data_path, model.table, model.spec.dtype, comm)
-        xb, labels, _ = data.batch(np.arange(BATCH))
+        xb, labels, targets = data.batch(np.arange(BATCH))
         engine = model.engine
-        engine.loss_and_grad(engine.forward(xb), labels, None)
+        engine.loss_and_grad(engine.forward(xb), labels, targets if with_targets else None)
         engine.backward()
         for i, layer in enumerate(model.shard.layers):
             with layer.file_order(engine.grad_weight[i]) as grad_weight:

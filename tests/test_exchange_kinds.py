@@ -9,20 +9,16 @@ and mixed models.
 
 from __future__ import annotations
 
-import h5py
 import numpy as np
 import pytest
 from mpi4py import MPI
 
-from mpinn import format as fmt
-from mpinn.data import load
 from mpinn.errors import MpinnError
-from mpinn.train import DistributedModel, predict
-from tests.reference import Reference, assert_close
+from mpinn.train import DistributedModel
 from tests.test_engine_mpi import (
     BATCH,
     CASES,
-    N_SAMPLES,
+    check_prediction,
     choice,
     make_files,
     train_and_compare,
@@ -60,20 +56,7 @@ def test_pipelined_training_equals_reference_for_every_exchange(exchange, strate
 def test_predict_equals_reference_for_every_exchange(exchange, strategy, dtype, case,
                                                      mpi_tmp_path):
     """Inference engines share one pair of buffers between all layers' plans."""
-    comm = MPI.COMM_WORLD
-    c = CASES[case]
-    model_path, data_path, x, _ = make_files(mpi_tmp_path, c, dtype, comm)
-    out_path = str(mpi_tmp_path / "preds.h5")
-    with DistributedModel(model_path, comm, choice(strategy, c["sizes"], comm.size), 7,
-                          training=False, exchange=exchange) as model:
-        data = load(data_path, model.table, model.spec.dtype, comm)
-        outputs = predict(model, data, 7)
-        fmt.write_outputs(out_path, N_SAMPLES, c["sizes"][-1], model.shard.layers[-1].rows,
-                          outputs, comm)
-    with h5py.File(out_path, "r") as f:
-        written = f["outputs"][...]
-    _, acts = Reference.from_file(model_path).forward(x)
-    assert_close(written, acts[-1], dtype, "outputs")
+    check_prediction(mpi_tmp_path, case, dtype, strategy, training=False, exchange=exchange)
 
 
 @pytest.mark.parametrize("exchange", ["alltoallv", *KINDS, "auto"])

@@ -10,24 +10,22 @@ node (proxies forward inside the node), all ranks but the last on one node (3 ra
 
 from __future__ import annotations
 
-import h5py
 import numpy as np
 import pytest
 from mpi4py import MPI
 
-from mpinn import format as fmt
 from mpinn import topology
 from mpinn.data import load
 from mpinn.errors import MpinnError
 from mpinn.exchange import make_plans
-from mpinn.train import DistributedModel, predict, train
+from mpinn.train import DistributedModel, train
 from tests.helpers import ALL_STRATEGIES
-from tests.reference import Reference, assert_close
+from tests.reference import Reference
 from tests.test_engine_mpi import (
     BATCH,
     CASES,
-    N_SAMPLES,
-    _rows_of,
+    check_gradients,
+    check_prediction,
     choice,
     make_files,
     train_and_compare,
@@ -82,25 +80,9 @@ def test_pipelined_node_exchange_trains_the_reference_weights(nodes, strategy, c
 @pytest.mark.parametrize("strategy", ["balanced", "mincut"])
 @pytest.mark.parametrize("nodes", MAPS)
 def test_node_exchange_gradients_equal_reference(nodes, strategy, case, mpi_tmp_path):
-    comm = MPI.COMM_WORLD
-    c = CASES[case]
-    model_path, data_path, x, y = make_files(mpi_tmp_path, c, "float64", comm)
-    ref = Reference.from_file(model_path)
-    _, gw, gb = ref.loss_and_grads(x[:BATCH], y[:BATCH])
-    with DistributedModel(model_path, comm, choice(strategy, c["sizes"], comm.size), BATCH,
-                          exchange="node", nodes=node_map(nodes, comm.size)) as model:
-        data = load(data_path, model.table, model.spec.dtype, comm)
-        xb, labels, targets = data.batch(np.arange(BATCH))
-        engine = model.engine
-        engine.loss_and_grad(engine.forward(xb), labels, targets)
-        engine.backward()
-        for i, layer in enumerate(model.shard.layers):
-            with layer.file_order(engine.grad_weight[i]) as grad_weight:
-                assert_close(grad_weight, _rows_of(gw[i], ref.weights[i], layer.rows), "float64",
-                             f"layer {i + 1} weight gradient")
-            assert_close(engine.grad_bias[i], gb[i][layer.rows], "float64",
-                         f"layer {i + 1} bias grad")
-    comm.Barrier()
+    check_gradients(mpi_tmp_path, case, strategy, with_targets=True, exchange="node",
+                    nodes=node_map(nodes, MPI.COMM_WORLD.size))
+    MPI.COMM_WORLD.Barrier()
 
 
 @pytest.mark.parametrize("case", MODELS)
@@ -110,21 +92,8 @@ def test_node_exchange_gradients_equal_reference(nodes, strategy, case, mpi_tmp_
 def test_node_exchange_predicts_the_reference_outputs(nodes, strategy, dtype, case,
                                                       mpi_tmp_path):
     """Inference engines share one set of buffers (the relay too) between all layers."""
-    comm = MPI.COMM_WORLD
-    c = CASES[case]
-    model_path, data_path, x, _ = make_files(mpi_tmp_path, c, dtype, comm)
-    out_path = str(mpi_tmp_path / "preds.h5")
-    with DistributedModel(model_path, comm, choice(strategy, c["sizes"], comm.size), 7,
-                          training=False, exchange="node",
-                          nodes=node_map(nodes, comm.size)) as model:
-        data = load(data_path, model.table, model.spec.dtype, comm)
-        outputs = predict(model, data, 7)
-        fmt.write_outputs(out_path, N_SAMPLES, c["sizes"][-1], model.shard.layers[-1].rows,
-                          outputs, comm)
-    with h5py.File(out_path, "r") as f:
-        written = f["outputs"][...]
-    _, acts = Reference.from_file(model_path).forward(x)
-    assert_close(written, acts[-1], dtype, "outputs")
+    check_prediction(mpi_tmp_path, case, dtype, strategy, training=False, exchange="node",
+                     nodes=node_map(nodes, MPI.COMM_WORLD.size))
 
 
 def plans_on(model_path: str, strategy: str, sizes: list[int], nodes: np.ndarray | None,
