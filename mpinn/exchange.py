@@ -211,15 +211,16 @@ class ExchangePlan:
         """Values per sample I would send to other nodes if each crossed to a node once (the
         ``node`` kind's figure, from this plan's requests alone: no communication)."""
         mine = node[self.comm.rank]
-        total = 0
-        for other in np.unique(node[node != mine]):
-            readers = np.flatnonzero(node == other)
-            total += np.unique(np.concatenate([self._requested_by(d) for d in readers])).size
-        return total
+        return sum(self._requested_by_any(np.flatnonzero(node == other)).size
+                   for other in np.unique(node[node != mine]))
 
     def _requested_by(self, dest: int) -> np.ndarray:
         start = self.send_displs[dest]
         return self.requested[start: start + self.send_counts[dest]]
+
+    def _requested_by_any(self, readers: np.ndarray) -> np.ndarray:
+        """The neurons of mine that any of ``readers`` reads, ascending, each once."""
+        return np.unique(np.concatenate([self._requested_by(int(d)) for d in readers]))
 
     def use_node(self, node: np.ndarray, node_comm: MPI.Comm, sum_inside: bool = True) -> None:
         """Two-level exchange (collective over ``comm``, then over ``node_comm``, the ranks of
@@ -261,8 +262,7 @@ class ExchangePlan:
             across[dest] = self._requested_by(int(dest))  # mine too: backward sums it
         for other, ranks in enumerate(members):
             if other != mine and ranks.size:
-                across[proxy(rank, other)] = np.unique(
-                    np.concatenate([self._requested_by(int(d)) for d in ranks]))
+                across[proxy(rank, other)] = self._requested_by_any(ranks)
         self.across_send_counts = np.array([a.size for a in across], dtype=np.int64)
         self.across_send_displs = _displacements(self.across_send_counts)
         across_ids = np.concatenate(across)
@@ -705,9 +705,9 @@ def auto_kind(dense: bool, size: int) -> str:
     reduce-scatter (libnbc: a binomial reduce to rank 0, then a scatter) moves more bytes
     than the Alltoallv and through one rank, so the backward stays on the Alltoallv.
     Results are bitwise those of the Alltoallv. The node kinds are never picked: they
-    halve the bytes between nodes of a layer read whole, but on the simulated cluster
-    they won in some paired runs and lost in others (docs/scaling.md, 'Two-level
-    exchange across nodes').
+    halve the bytes between nodes of a layer read whole and win on a slow link (1.5x on
+    the Sparse DNN at 1 Gbit/s) but not on a fast one, whose speed the plan does not know
+    (docs/scaling.md, 'Two-level exchange across nodes').
     """
     return "allgather" if dense and size > 2 else "alltoallv"
 
