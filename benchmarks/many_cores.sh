@@ -1,15 +1,19 @@
 #!/usr/bin/env bash
-# The figures a 2-core workstation cannot give (issue #4), in one run on a many-core box:
-#   1. the micro-batch pipeline against the unpipelined `layers` schedule at P = 2 and 4,
-#   2. Sparse DNN strong scaling at P = 1..16 next to the single-process scipy loop,
-#   3. the dense training benchmark at P = 4 and 16 next to PyTorch and the GEMM peak,
-#   4. Sparse DNN strong scaling of a 4x wider network (N = 4096),
-#   5. issue 14: P = 16, 784-4096x3-10, batch 256 at R x Q in {1x16, 2x8, 4x4, 16x1}
-#      (--replicas), next to PyTorch with 16 threads, and the cost model's plan of the same.
+# The figures a 2-core workstation cannot give, in one run on a many-core box, most
+# important first (the part names PARTS takes in brackets):
+#   1. issue 14: P = 16, 784-4096x3-10, batch 256 at R x Q in {1x16, 2x8, 4x4, 16x1}
+#      (--replicas), beside PyTorch with 16 threads and its tensor parallelism over 16
+#      processes, each layout's cost-model prediction, and `partition --plan` (replicas);
+#      the digits model 64-256-256-10, batch 64, at 16x1, 4x4 and 1x16 beside DDP (digits),
+#   2. the micro-batch pipeline against the unpipelined `layers` schedule at P = 2, 4 (pipeline),
+#   3. Sparse DNN strong scaling at P = 1..16 next to the single-process scipy loop (sparse),
+#   4. the dense training benchmark at P = 4 and 16 next to PyTorch and the GEMM peak (train),
+#   5. Sparse DNN strong scaling of a 4x wider network, N = 4096 (sparse4096).
 # Most important first: each part's output is written to OUT_DIR as it runs, so a run cut
 # short still leaves the parts it finished.
 #   bash benchmarks/many_cores.sh [OUT_DIR]            (default ./many-cores-out)
 #   QUICK=1 bash benchmarks/many_cores.sh /tmp/check   (tiny sizes: checks the script)
+#   PARTS=replicas,digits bash benchmarks/many_cores.sh OUT_DIR   (only those parts)
 # Uses $PYTHON (default python3), which needs numpy, scipy, h5py (serial is fine: mpinn
 # then reads independently), tqdm and, for the peer, torch. Where the box has no network,
 # make .whl/ here first (bash scripts/offline-wheels.sh 3.12) and carry the checkout:
@@ -58,39 +62,42 @@ part() {  # part NAME COMMAND...: run one benchmark, its output to the terminal 
     "$@" 2>&1 | tee "$out/$name.txt"
 }
 
-replicas_table() {  # replicas_table P SIZES BATCH STEPS PAIRS RxQ,...: a train_mlp run per layout
-    local p=$1 sizes=$2 batch=$3 steps=$4 pairs=$5 layouts=$6 rq r peer=torch
-    if ! "$PYTHON" benchmarks/train_mlp.py --help | grep -q -- "--replicas"; then
-        echo "(train_mlp.py has no --replicas yet: R x Q table skipped)" | tee "$out/replicas-p$p.txt"
-        return 0
-    fi
-    for rq in ${layouts//,/ }; do
-        r=${rq%x*}
-        part "replicas-p$p-$rq" "$PYTHON" benchmarks/train_mlp.py --ranks "$p" --replicas "$r" \
-            --sizes "$sizes" --batch "$batch" --steps "$steps" --pairs "$pairs" --peer "$peer"
-        peer=none  # PyTorch with P threads once, beside the first layout
-    done
+replicas_table() {  # replicas_table NAME P SIZES BATCH STEPS PAIRS R,... PEERS: one train_mlp run
+    # taking every R (P/R ranks per copy) in turns each round, beside the peers, with the
+    # cost model's prediction per R; then `partition --plan`'s table of every candidate
+    local name=$1 p=$2 sizes=$3 batch=$4 steps=$5 pairs=$6 rs=$7 peers=$8
+    part "$name" "$PYTHON" benchmarks/train_mlp.py --ranks "$p" --replicas "$rs" \
+        --sizes "$sizes" --batch "$batch" --steps "$steps" --pairs "$pairs" --peer "$peers"
     "$PYTHON" -m mpinn init "$out/plan-model.h5" --sizes "$sizes" --force --quiet
-    part "plan-p$p" mpirun --oversubscribe -n "$p" "$PYTHON" -m mpinn partition \
+    part "$name-plan" mpirun --oversubscribe -n "$p" "$PYTHON" -m mpinn partition \
         "$out/plan-model.h5" --ranks "$p" --plan --batch-size "$batch"
     rm -f "$out/plan-model.h5"
 }
 
+# PARTS picks parts by name (comma list; default all): replicas, digits, pipeline, sparse,
+# train, sparse4096. Each part's output lands in OUT_DIR as it finishes.
+PARTS=${PARTS:-replicas,digits,pipeline,sparse,train,sparse4096}
+want() { [[ ",$PARTS," == *",$1,"* ]]; }
+
 if [ -n "${QUICK:-}" ]; then
-    part pipeline "$PYTHON" benchmarks/pipeline.py --ranks 2,4 --sizes 256,256,256,256,256 --repeat 1 \
-        --batch 64 --steps 2 --micro-batches 1,4
-    part sparse-scaling "$PYTHON" benchmarks/sparse_dnn.py --neurons 1024 --layers 8 \
-        --samples 100 --ranks 1,2 --repeat 1
-    part train-p4 "$PYTHON" benchmarks/train_mlp.py --ranks 4 --sizes 64,128,10 --batch 32 --steps 2 \
-        --pairs 1
-    replicas_table 4 64,128,128,10 32 2 1 1x4,2x2,4x1
+    want replicas && replicas_table replicas-p4 4 64,128,128,10 32 2 1 1,2,4 torch
+    want digits && replicas_table digits-p4 4 64,256,256,10 64 20 1 4,1 ddp
+    want pipeline && part pipeline "$PYTHON" benchmarks/pipeline.py --ranks 2,4 \
+        --sizes 256,256,256,256,256 --repeat 1 --batch 64 --steps 2 --micro-batches 1,4
+    want sparse && part sparse-scaling "$PYTHON" benchmarks/sparse_dnn.py --neurons 1024 \
+        --layers 8 --samples 100 --ranks 1,2 --repeat 1
+    want train && part train-p4 "$PYTHON" benchmarks/train_mlp.py --ranks 4 --sizes 64,128,10 \
+        --batch 32 --steps 2 --pairs 1
     exit 0
 fi
-replicas_table 16 784,4096,4096,4096,10 256 8 3 1x16,2x8,4x4,16x1
-part pipeline "$PYTHON" benchmarks/pipeline.py --ranks 2,4
-part sparse-scaling "$PYTHON" benchmarks/sparse_dnn.py --neurons 1024 --layers 120 \
+# issue 14: every R x Q of 16 ranks on the large model, beside PyTorch (16 threads, and
+# tensor parallel over 16 processes); the digits model, where data parallelism should win
+want replicas && replicas_table replicas-p16 16 784,4096,4096,4096,10 256 8 3 1,2,4,16 torch,tp
+want digits && replicas_table digits-p16 16 64,256,256,10 64 200 3 16,4,1 ddp
+want pipeline && part pipeline "$PYTHON" benchmarks/pipeline.py --ranks 2,4
+want sparse && part sparse-scaling "$PYTHON" benchmarks/sparse_dnn.py --neurons 1024 --layers 120 \
     --samples 2000 --ranks 1,2,4,8,16 --repeat 2
-part train-p4 "$PYTHON" benchmarks/train_mlp.py --ranks 4
-part train-p16 "$PYTHON" benchmarks/train_mlp.py --ranks 16
-part sparse-scaling-4096 "$PYTHON" benchmarks/sparse_dnn.py --neurons 4096 --layers 120 \
-    --samples 2000 --ranks 1,4,16 --repeat 1
+want train && part train-p4 "$PYTHON" benchmarks/train_mlp.py --ranks 4
+want train && part train-p16 "$PYTHON" benchmarks/train_mlp.py --ranks 16
+want sparse4096 && part sparse-scaling-4096 "$PYTHON" benchmarks/sparse_dnn.py --neurons 4096 \
+    --layers 120 --samples 2000 --ranks 1,4,16 --repeat 1

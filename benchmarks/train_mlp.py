@@ -351,35 +351,42 @@ def print_pairs(rounds: list[dict[str, float]], flops: int, peak: float) -> None
 
 
 def worker_plan(args: argparse.Namespace) -> None:
-    """The cost model's prediction for this run's layout, from a probe of these ranks."""
+    """The cost model's prediction for each of this run's layouts (one per R of
+    ``--replicas``), from one probe of these ranks, and its own choice."""
     import numpy as np
     from mpi4py import MPI
 
     from mpinn import layout
     comm = MPI.COMM_WORLD
     sizes = [int(n) for n in args.sizes.split(",")]
+    itemsize = np.dtype(args.dtype).itemsize
     machine = layout.probe(comm, sizes, args.batch, args.dtype)
-    replicas = int(getattr(args, "replicas", 1) or 1)
     strategy = args.strategy if args.strategy in ("balanced", "layers") else "balanced"
-    lay = layout.Layout(replicas, comm.size // replicas, strategy,
-                        args.micro_batches if strategy == "layers" else 1)
-    p = layout.predict(sizes, args.batch, np.dtype(args.dtype).itemsize, lay, machine)
-    chosen, _ = layout.choose(sizes, args.batch, comm.size, machine, np.dtype(args.dtype).itemsize)
+    chosen, _ = layout.choose(sizes, args.batch, comm.size, machine, itemsize)
+    plans = []
+    for r in (int(r) for r in args.replicas.split(",")):
+        lay = layout.Layout(r, comm.size // r, strategy,
+                            args.micro_batches if strategy == "layers" else 1)
+        p = layout.predict(sizes, args.batch, itemsize, lay, machine)
+        plans.append({"layout": str(lay), "step": p.step, "compute": p.compute,
+                      "exchange": p.exchange, "allreduce": p.allreduce})
     if comm.rank == 0:
-        print(json.dumps({"layout": str(lay), "step": p.step, "compute": p.compute,
-                          "exchange": p.exchange, "allreduce": p.allreduce,
-                          "chosen": str(chosen.layout), "chosen_step": chosen.step}))
+        print(json.dumps({"plans": plans, "chosen": str(chosen.layout),
+                          "chosen_step": chosen.step}))
 
 
-def print_prediction(plan: dict, measured_sps: float, batch: int) -> None:
-    """The cost model's step time next to the measured one (median of the rounds)."""
-    measured = batch / measured_sps
-    off = 100 * (plan["step"] - measured) / measured
-    print(f"\ncost model (mpinn/layout.py, probed on these ranks): {plan['layout']} predicted "
-          f"{1e3 * plan['step']:.1f} ms per step (compute {1e3 * plan['compute']:.1f}, exchange "
-          f"{1e3 * plan['exchange']:.1f}, allreduce {1e3 * plan['allreduce']:.1f}); measured "
-          f"{1e3 * measured:.1f} ms: {off:+.0f}%. Its choice for these ranks: {plan['chosen']}, "
-          f"predicted {1e3 * plan['chosen_step']:.1f} ms")
+def print_prediction(plan: dict, measured_sps: list[float], batch: int) -> None:
+    """The cost model's step time next to the measured one (median of the rounds), one
+    line per layout run, and the layout the model would choose."""
+    print("\ncost model (mpinn/layout.py, probed on these ranks), per layout run:")
+    for one, sps in zip(plan["plans"], measured_sps, strict=True):
+        measured = batch / sps
+        off = 100 * (one["step"] - measured) / measured
+        print(f"  {one['layout']:<22} predicted {1e3 * one['step']:.1f} ms per step (compute "
+              f"{1e3 * one['compute']:.1f}, exchange {1e3 * one['exchange']:.1f}, allreduce "
+              f"{1e3 * one['allreduce']:.1f}); measured {1e3 * measured:.1f} ms: {off:+.0f}%")
+    print(f"  its choice for these ranks: {plan['chosen']}, predicted "
+          f"{1e3 * plan['chosen_step']:.1f} ms")
 
 
 def _peak_rss() -> int:
@@ -465,7 +472,7 @@ def main() -> None:
     print_pairs(rounds, flops, peak_p)
     plan = run_json(["mpirun", "--oversubscribe", "-n", str(p), *me, "--worker", "plan",
                      "--strategy", args.strategy, "--micro-batches", str(args.micro_batches),
-                     "--replicas", str(replica_counts[0]), *common], 1)
+                     "--replicas", args.replicas, *common], 1)
     print(f"{'ceiling: GEMM peak, ' + str(p) + ' threads':<44} {peak_p * 1e9 / flops:>10.1f} "
           f"{'':>15} {peak_p:>9.1f} {100:>8.0f}%")
 
@@ -477,7 +484,8 @@ def main() -> None:
               + f" {entry['sent'] / 1e6:>8.1f} {entry['rss'] / 2**20:>11.0f}")
     print(f"  checkpoint write (I/O), once per run: {mp['io_seconds']:.2f} s; "
           f"model {params * (4 if args.dtype == 'float32' else 8) / 2**20:.0f} MiB")
-    print_prediction(plan, statistics.median(r[next(iter(r))] for r in rounds), args.batch)
+    print_prediction(plan, [statistics.median(r[name] for r in rounds)
+                            for name, _, _ in mpinn_runs], args.batch)
 
 
 if __name__ == "__main__":
