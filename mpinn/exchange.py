@@ -1057,6 +1057,8 @@ class GradientReducer:
         """Layer ``layer``'s gradients are final here: post the buckets now complete, in
         the fixed order."""
         self._ready[layer] = True
+        # in seconds_wait too: libnbc progresses (and sums) the ones in flight inside these calls
+        started = time.perf_counter()
         if self._requests:  # a call into MPI lets the ones in flight progress (libnbc)
             MPI.Request.Testall(self._requests)
         while self._next >= 0 and self._ready[self._next]:
@@ -1064,12 +1066,11 @@ class GradientReducer:
             # the buffer alone: mpi4py then names the predefined MPI type, which reductions
             # need (from_numpy_dtype's is a derived one, refused with MPI_ERR_OP)
             if self._next == 0:
-                started = time.perf_counter()
                 self.comm.Allreduce(MPI.IN_PLACE, bucket, op=SUM)
-                self.seconds_wait += time.perf_counter() - started
             elif bucket is not None:
                 self._requests.append(self.comm.Iallreduce(MPI.IN_PLACE, bucket, op=SUM))
             self._next -= 1
+        self.seconds_wait += time.perf_counter() - started
 
     def post_all(self) -> None:
         """Post every layer (a group with no samples in this batch: its gradients are 0)."""
@@ -1085,6 +1086,33 @@ class GradientReducer:
         self._requests = []
         self._ready = [False] * len(self.layers)
         self._next = len(self.layers) - 1
+
+
+def time_gradient_allreduce(comm: MPI.Comm, replicas: int, layer_values: list[int],
+                            dtype: np.dtype, repeat: int = 3) -> float:
+    """Seconds of one step's gradient sum over ``replicas`` groups of ``comm``, as training
+    does it: the ranks owning the same rows (rank modulo the group size) run a
+    ``GradientReducer`` over layers of ``layer_values`` values, posted last layer first, then
+    wait. The best of ``repeat``, the slowest rank's (for the cost model's probe).
+    Collective over ``comm``."""
+    q = comm.Get_size() // replicas
+    group = comm.Split(comm.Get_rank() % q, comm.Get_rank())
+    try:
+        flat, layers = gradient_buffers(layer_values, dtype)
+        reducer = GradientReducer(group, flat, layers)
+        best = np.inf
+        for attempt in range(repeat + 1):
+            comm.Barrier()
+            started = time.perf_counter()
+            for layer in range(len(layers) - 1, -1, -1):
+                reducer.post(layer)
+            reducer.wait()
+            if attempt:  # the first one warms up
+                best = min(best, time.perf_counter() - started)
+    finally:
+        group.Free()
+    worst = np.array([best])
+    return float(allreduce(comm, worst, MAX)[0])
 
 
 def time_alltoall(comm: MPI.Comm, nbytes: int, seconds: float) -> float:

@@ -37,6 +37,9 @@ ELEMENTWISE_PER_VALUE = 1e-9
 # sum, the loss, and train's stop check.
 REDUCTIONS = 4
 MAX_RANKS = 1 << 20  # candidates are enumerated, one per divisor
+# The probe's gradient sum per R: the busiest rank's gradients, at most this many bytes
+# (a sum of this size runs at the rate of a larger one, in a few tens of ms).
+ALLREDUCE_PROBE_BYTES = 16 << 20
 
 
 @dataclass(frozen=True)
@@ -57,6 +60,9 @@ class Machine:
     update: float = UPDATE_PER_PARAMETER  # optimizer seconds per parameter a rank holds
     elementwise: float = ELEMENTWISE_PER_VALUE  # seconds per (row, sample) of a layer
     measured_links: bool = True  # False: bandwidth and latency are the assumed defaults
+    # (R, bytes/s): the gradient sum over R groups as measured, ring bytes per second
+    # (Open MPI's nonblocking allreduce reaches a half to a third of the link bandwidth)
+    allreduce_rates: tuple[tuple[int, float], ...] = ()
 
     def gemm_seconds(self, m: int, k: int, n: int) -> float:
         """Seconds of an (m x k) @ (k x n) product on one rank."""
@@ -125,14 +131,20 @@ def predict(sizes: Sequence[int], batch: int, itemsize: int, layout: Layout,
     # on the balanced split's layers): 2(R-1)/R of their bytes, 2(R-1) steps each
     ring_bytes = 2.0 * (r - 1) / r * params * itemsize
     allreduce = 0.0
-    if r > 1:
+    measured = dict(machine.allreduce_rates)
+    if r in measured:  # the probe timed this sum at this R
+        allreduce = ring_bytes / measured[r]
+    elif r > 1:
         from mpinn.exchange import gradient_buckets
-        layer_bytes = [-(-n_out // layout.group) * (n_in + 1) * itemsize
-                       for n_in, n_out in zip(sizes[:-1], sizes[1:], strict=True)]
-        buckets = len(gradient_buckets(layer_bytes))
+        buckets = len(gradient_buckets([v * itemsize for v in _rank_values(sizes, layout.group)]))
         allreduce = ring_bytes / machine.bandwidth + 2 * (r - 1) * buckets * machine.latency
     return Prediction(layout, compute, exchange, allreduce, passes * machine.overhead,
                       params * machine.update, nbytes, ring_bytes, params)
+
+
+def _rank_values(sizes: Sequence[int], q: int) -> list[int]:
+    """Weights and biases per layer of the busiest rank, balanced on Q."""
+    return [-(-n_out // q) * (n_in + 1) for n_in, n_out in zip(sizes[:-1], sizes[1:], strict=True)]
 
 
 def _check(sizes: Sequence[int], batch: int, layout: Layout) -> None:
@@ -388,7 +400,11 @@ def probe(comm: object, sizes: Sequence[int], batch: int, dtype: str = "float32"
     pass) and on all of them (each exchange's synchronisation, which sets the latency when
     it exceeds the alltoall's). Links: an alltoall through exchange.py of a small and a
     large block per rank pair; with one rank there is nothing to time and the assumed
-    shared-memory figures are used.
+    shared-memory figures are used. The gradient sum: for every R that divides the ranks,
+    the sum training runs (buckets, nonblocking but the last), on the busiest rank's
+    gradients up to ``ALLREDUCE_PROBE_BYTES``: Open MPI's allreduce is far from the
+    alltoall's bandwidth (a 16-rank Iallreduce of 147 MB ran at 0.7 GB/s where the links
+    gave 2.5), so the link figures would predict it two to three times too fast.
     """
     from mpi4py import MPI
 
@@ -426,4 +442,26 @@ def probe(comm: object, sizes: Sequence[int], batch: int, dtype: str = "float32"
     together = _step_seconds(comm, depth, dt, seconds / 2)
     messages = _messages(depth, size)
     latency = max(latency, (together - 2 * depth * overhead) / messages)
-    return Machine(gflops, d_half, bandwidth, latency, overhead, update, elementwise)
+    rates = _allreduce_rates(comm, sizes, batch, dt)
+    return Machine(gflops, d_half, bandwidth, latency, overhead, update, elementwise,
+                   allreduce_rates=rates)
+
+
+def _allreduce_rates(comm: object, sizes: Sequence[int], batch: int, dtype: np.dtype,
+                     cap_bytes: int = ALLREDUCE_PROBE_BYTES) -> tuple[tuple[int, float], ...]:
+    """(R, ring bytes/s) of the gradient sum for every R > 1 that divides the ranks: the
+    busiest rank's layers of R x Q balanced, scaled down to ``cap_bytes`` when larger, summed
+    as training sums them (exchange.time_gradient_allreduce). Collective."""
+    from mpinn.exchange import time_gradient_allreduce
+
+    size = comm.Get_size()
+    rates = []
+    for r in range(2, min(size, batch) + 1):
+        if size % r:
+            continue
+        values = _rank_values(sizes, size // r)
+        scale = min(1.0, cap_bytes / (sum(values) * dtype.itemsize))
+        values = [max(1, int(v * scale)) for v in values]
+        seconds = time_gradient_allreduce(comm, r, values, dtype)
+        rates.append((r, 2.0 * (r - 1) / r * sum(values) * dtype.itemsize / seconds))
+    return tuple(rates)

@@ -228,17 +228,22 @@ class DistributedModel:
 
     def _write(self, path: str, optimizer: Optimizer | None, keep: int, label: str) -> None:
         """Only group 0 writes (every group holds the same rows and optimizer state: the file
-        is the one R = 1 writes); the other groups wait, and fail with it if it fails."""
-        if self.replicas > 1:
-            agree(self.comm, lambda: self._write_group(path, optimizer, keep, label)
-                  if self.groups.index == 0 else None)
-            if optimizer is not None:
-                self.state["optimizer"] = optimizer.config()
-            return
-        self._write_group(path, optimizer, keep, label)
+        is the one R = 1 writes); the other groups wait, and fail with it if it fails. Every
+        rank counts the time in ``seconds_io``, waiting for the writers included, so that a
+        step time without the checkpoints is the same sum on every rank."""
+        started = time.perf_counter()
+        try:
+            if self.replicas > 1:
+                agree(self.comm, lambda: self._write_group(path, optimizer, keep, label)
+                      if self.groups.index == 0 else None)
+                if optimizer is not None:
+                    self.state["optimizer"] = optimizer.config()
+            else:
+                self._write_group(path, optimizer, keep, label)
+        finally:
+            self.seconds_io += time.perf_counter() - started
 
     def _write_group(self, path: str, optimizer: Optimizer | None, keep: int, label: str) -> None:
-        started = time.perf_counter()
         with fmt.Checkpoint(path, self.spec, self.partitions, self.group, keep, label) as f:
             self.shard.save(f)
             if optimizer is not None:
@@ -250,7 +255,6 @@ class DistributedModel:
                         fmt.write_slice(dset, layer.rows, array)
                 self.state["optimizer"] = optimizer.config()
             fmt.write_state_attrs(f, self.state)
-        self.seconds_io += time.perf_counter() - started
 
 
 def best_path(path: str) -> str:
