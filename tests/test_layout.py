@@ -41,6 +41,17 @@ def test_allreduce_moves_2_r_minus_1_over_r_of_a_ranks_parameters():
     assert layout.predict(WIDE, 256, 4, Layout(1, 4), CORE).allreduce == 0
 
 
+def test_a_measured_gradient_sum_replaces_the_link_estimate_for_its_r():
+    """The probe's rate of the gradient sum at R (ring bytes per second) sets that R's
+    allreduce term; an R it did not measure keeps the estimate from the links."""
+    measured = dataclasses.replace(CORE, allreduce_rates=((2, 1e9),))
+    p = layout.predict(WIDE, 256, 4, Layout(2, 2), measured)
+    assert p.allreduce == pytest.approx(p.allreduce_bytes / 1e9)
+    assert p.allreduce > layout.predict(WIDE, 256, 4, Layout(2, 2), CORE).allreduce
+    assert (layout.predict(WIDE, 256, 4, Layout(4, 1), measured).allreduce
+            == layout.predict(WIDE, 256, 4, Layout(4, 1), CORE).allreduce)
+
+
 def test_one_rank_costs_the_gemms_alone():
     """R = Q = 1: no exchange, no allreduce; compute is the step's FLOPs at the GEMM rate
     plus the elementwise work of every neuron and sample."""
@@ -161,6 +172,11 @@ def test_probe_measures_the_links_on_every_rank_alike():
                        machine.overhead, machine.update, machine.elementwise])
     everyone = comm.allgather(values)
     assert all(np.array_equal(v, values) for v in everyone)
+    # the gradient sum timed for every R > 1 that divides the ranks, the same everywhere
+    rates = dict(machine.allreduce_rates)
+    assert sorted(rates) == [r for r in range(2, comm.size + 1) if comm.size % r == 0]
+    assert all(rate > 0 for rate in rates.values())
+    assert all(other == machine.allreduce_rates for other in comm.allgather(machine.allreduce_rates))
 
 
 def test_partition_plan_prints_every_candidate_and_stores_nothing(tmp_path):

@@ -197,6 +197,27 @@ def test_resume_from_a_replicated_checkpoint_equals_reference(replicas, mpi_tmp_
 
 
 @pytest.mark.mpi
+@pytest.mark.parametrize("replicas", (2, 3, 4))
+def test_every_group_counts_the_checkpoint_it_waits_for_as_io(replicas, mpi_tmp_path):
+    """Only group 0 writes; the others wait for it. ``seconds_io`` counts that wait on every
+    rank, so a step time without checkpoints (train_mlp's) is not charged the write on the
+    groups that do not write, and the gradient sum's wait is the reducer's."""
+    comm = MPI.COMM_WORLD
+    q = layout(replicas)
+    c = CASES["regression"]
+    model_path, data_path, _, _ = make_files(mpi_tmp_path, c, "float64", comm)
+    with DistributedModel(model_path, comm, choice("balanced", c["sizes"], q), BATCH,
+                          replicas=replicas) as model:
+        data = load(data_path, model.table, model.spec.dtype, comm, model.group)
+        comm.Barrier()
+        train(model, data, epochs=1, batch_size=BATCH, lr=c["lr"])
+        io, wait = model.seconds_io, model.engine.reducer.seconds_wait
+    everyone = comm.allgather((io, wait))
+    # before, a group that does not write counted 0 s of I/O and its wait went unnamed
+    assert all(io > 0 and wait > 0 for io, wait in everyone), everyone
+
+
+@pytest.mark.mpi
 @pytest.mark.parametrize("micro_batches", [1, 2])
 @pytest.mark.parametrize("replicas", (2, 3, 4))
 def test_a_preempted_replicated_run_resumes_bitwise_as_an_uninterrupted_one(
