@@ -25,6 +25,7 @@ from mpinn.exchange import (
     ExchangePlan,
     GradientReducer,
     allreduce,
+    free_plans,
     gradient_buffers,
     make_plans,
 )
@@ -114,6 +115,11 @@ class Engine:
         remote = np.array([int(p.mpi_recv_counts.sum() > 0) for p in self.plans], dtype=np.int64)
         crossing = allreduce(comm, remote, MAX) > 0
         self.stages = np.cumsum([0] + [int(c) for c in crossing[1:]]).tolist()
+
+    def close(self) -> None:
+        """Free the communicators the exchange plans built (collective; the engine cannot
+        run afterwards)."""
+        free_plans(self.plans)
 
     def _buf(self, flat: np.ndarray, rows: int, batch: int) -> np.ndarray:
         return flat[: rows * batch].reshape(rows, batch)

@@ -87,6 +87,9 @@ class ExchangePlan:
         """
         self.comm = comm
         self.kind = "alltoallv"  # make_plans may switch it: use_collective, use_neighbor, use_node
+        # communicators make_plans built for this plan (shared with other plans; free_plans)
+        self.graph: MPI.Distgraphcomm | None = None
+        self.node_comm: MPI.Comm | None = None
         self.shared = shared
         self.layer = layer
         self.max_batch = max_batch
@@ -678,6 +681,17 @@ def make_plans(comm: MPI.Comm, table: MetadataTable, layers: list[tuple[int, np.
                     neighbors.tolist(), neighbors.tolist(), reorder=False)
             plan.use_neighbor(graphs[key], neighbors)
     return plans
+
+
+def free_plans(plans: list[ExchangePlan]) -> None:
+    """Free the communicators ``make_plans`` built for ``plans`` (graph and node
+    communicators, each shared by several plans, freed once). Collective over the plans'
+    communicator; the plans cannot exchange afterwards."""
+    built = {id(c): c for p in plans for c in (p.graph, p.node_comm) if c is not None}
+    for comm in built.values():
+        comm.Free()
+    for p in plans:
+        p.graph = p.node_comm = None
 
 
 def check_nodes(nodes: np.ndarray, size: int) -> np.ndarray:

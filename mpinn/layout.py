@@ -385,6 +385,7 @@ def _step_seconds(comm: object, depth: int, dtype: np.dtype, seconds: float) -> 
         best = min(best, (time.perf_counter() - t) / steps)
         go[0] = time.perf_counter() - start < seconds
         allreduce(comm, go, MIN)  # every rank runs as many blocks as the first to stop
+    engine.close()
     return float(allreduce(comm, np.array([best]), MAX)[0])
 
 

@@ -138,6 +138,9 @@ class DistributedModel:
                                      "NaN or infinite value")
 
     def close(self) -> None:
+        """Close the file and free the communicators (collective)."""
+        if getattr(self, "engine", None) is not None:
+            self.engine.close()
         self.file.close()
         self.groups.free()
 
@@ -197,6 +200,7 @@ class DistributedModel:
             return current
         agree(self.comm, lambda: Shard.check_fits(self.spec, self.table, self.group.rank,
                                                   max_batch))
+        current.close()
         self.engine = None  # type: ignore[assignment] - the old buffers go before the new come
         self.engine = self._engine(max_batch, training)
         return self.engine

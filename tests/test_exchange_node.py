@@ -153,6 +153,26 @@ def test_auto_never_picks_a_node_kind(mpi_tmp_path):
         assert kinds == one_host
 
 
+@pytest.mark.parametrize("kind", ["node", "neighbor"])
+def test_closing_a_model_frees_the_communicators_its_plans_built(kind, mpi_tmp_path):
+    """The node kinds' node communicator and the neighbour kind's graphs live as long as
+    the model: its close (and a new engine for a larger batch) frees each once."""
+    comm = MPI.COMM_WORLD
+    if comm.size < 2:
+        pytest.skip("one rank builds no communicator")
+    c = CASES["mixed"]
+    model_path, _, _, _ = make_files(mpi_tmp_path, c, "float64", comm)
+    with DistributedModel(model_path, comm, choice("balanced", c["sizes"], comm.size), BATCH,
+                          exchange=kind, nodes=node_map("1", comm.size)) as model:
+        built = [q for p in model.engine.plans for q in (p.graph, p.node_comm) if q is not None]
+        assert built, f"{kind}: no communicator built"
+        model.use_engine(2 * BATCH, training=True)  # the old engine's go, new ones come
+        assert all(q == MPI.COMM_NULL for q in built)
+        built = [q for p in model.engine.plans for q in (p.graph, p.node_comm) if q is not None]
+    assert built and all(q == MPI.COMM_NULL for q in built)
+    assert all(p.graph is None and p.node_comm is None for p in model.engine.plans)
+
+
 def test_a_node_map_of_the_wrong_size_is_refused(mpi_tmp_path):
     comm = MPI.COMM_WORLD
     c = CASES["softmax"]
