@@ -362,13 +362,19 @@ def worker_plan(args: argparse.Namespace) -> None:
     itemsize = np.dtype(args.dtype).itemsize
     machine = layout.probe(comm, sizes, args.batch, args.dtype)
     strategy = args.strategy if args.strategy in ("balanced", "layers") else "balanced"
-    chosen, _ = layout.choose(sizes, args.batch, comm.size, machine, itemsize)
+    _, table = layout.choose(sizes, args.batch, comm.size, machine, itemsize)
+    # as --replicas auto does: layouts whose modelled step is short are timed too
+    table = layout.time_small(comm, sizes, args.batch, args.dtype, table)
+    chosen = table[0]
     plans = []
     for r in (int(r) for r in args.replicas.split(",")):
         lay = layout.Layout(r, comm.size // r, strategy,
                             args.micro_batches if strategy == "layers" else 1)
-        p = layout.predict(sizes, args.batch, itemsize, lay, machine)
-        plans.append({"layout": str(lay), "step": p.step, "compute": p.compute,
+        p = next((t for t in table if t.layout == lay), None) or layout.time_small(
+            comm, sizes, args.batch, args.dtype,
+            [layout.predict(sizes, args.batch, itemsize, lay, machine)])[0]
+        plans.append({"layout": str(lay), "step": p.step, "modelled": p.modelled,
+                      "timed": p.timed is not None, "compute": p.compute,
                       "exchange": p.exchange, "allreduce": p.allreduce})
     if comm.rank == 0:
         print(json.dumps({"plans": plans, "chosen": str(chosen.layout),
@@ -382,11 +388,13 @@ def print_prediction(plan: dict, measured_sps: list[float], batch: int) -> None:
     for one, sps in zip(plan["plans"], measured_sps, strict=True):
         measured = batch / sps
         off = 100 * (one["step"] - measured) / measured
-        print(f"  {one['layout']:<22} predicted {1e3 * one['step']:.1f} ms per step (compute "
-              f"{1e3 * one['compute']:.1f}, exchange {1e3 * one['exchange']:.1f}, allreduce "
-              f"{1e3 * one['allreduce']:.1f}); measured {1e3 * measured:.1f} ms: {off:+.0f}%")
+        how = (f"timed; modelled {1e3 * one['modelled']:.2f}" if one["timed"] else
+               f"compute {1e3 * one['compute']:.1f}, exchange {1e3 * one['exchange']:.1f}, "
+               f"allreduce {1e3 * one['allreduce']:.1f}")
+        print(f"  {one['layout']:<22} predicted {1e3 * one['step']:.2f} ms per step ({how}); "
+              f"measured {1e3 * measured:.2f} ms: {off:+.0f}%")
     print(f"  its choice for these ranks: {plan['chosen']}, predicted "
-          f"{1e3 * plan['chosen_step']:.1f} ms")
+          f"{1e3 * plan['chosen_step']:.2f} ms")
 
 
 def _peak_rss() -> int:

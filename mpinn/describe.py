@@ -367,6 +367,8 @@ def choose_layout(path: str, nranks: int, batch: int, comm: MPI.Comm, *,
     machine = layout.probe(comm, spec.sizes, batch, spec.dtype.name, seconds)
     chosen, table = layout.choose(spec.sizes, batch, nranks, machine, spec.dtype.itemsize,
                                   layouts=candidates)
+    table = layout.time_small(comm, spec.sizes, batch, spec.dtype.name, table, seconds / 3)
+    chosen = table[0]
 
     def text() -> str:
         links = (f"links {machine.bandwidth / 1e9:.2f} GB/s, latency {1e6 * machine.latency:.1f} us "
@@ -380,7 +382,8 @@ def choose_layout(path: str, nranks: int, batch: int, comm: MPI.Comm, *,
         lines.append(layout.format_table(chosen, table, batch))
         lines.append(f"chosen: --replicas {chosen.layout.replicas} --strategy "
                      f"{chosen.layout.strategy} --micro-batches {chosen.layout.micro_batches}, "
-                     f"predicted {1e3 * chosen.step:.1f} ms per step")
+                     f"predicted {1e3 * chosen.step:.1f} ms per step"
+                     + (" (timed)" if chosen.timed is not None else ""))
         return "\n".join(lines)
 
     layer_ranks = None

@@ -12,10 +12,11 @@ exchange.py.
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import statistics
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
 
 import numpy as np
 
@@ -40,9 +41,12 @@ MAX_RANKS = 1 << 20  # candidates are enumerated, one per divisor
 # The probe's gradient sum per R: the busiest rank's gradients, at most this many bytes
 # (a sum of this size runs at the rate of a larger one, in a few tens of ms).
 ALLREDUCE_PROBE_BYTES = 16 << 20
+# Layouts modelled faster than this are also timed (``time_small``): their steps are mostly
+# fixed costs, which the model's parts do not add up to within 20%.
+TIME_BELOW = 5e-3
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Machine:
     """What one rank can do while all ranks work at once.
 
@@ -75,7 +79,7 @@ class Machine:
         return self.latency + nbytes / self.bandwidth
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Layout:
     """R replicas of a Q-rank partition with ``strategy``, batches cut in ``micro_batches``."""
 
@@ -89,7 +93,7 @@ class Layout:
         return text + (f" M={self.micro_batches}" if self.micro_batches > 1 else "")
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Prediction:
     """Seconds per step of one layout, by part, and the bytes one rank sends per step."""
 
@@ -102,11 +106,18 @@ class Prediction:
     exchange_bytes: float
     allreduce_bytes: float
     rank_parameters: int  # weights and biases the busiest rank holds
+    timed: float | None = None  # seconds of real steps on the job's ranks (``time_small``)
+
+    @property
+    def modelled(self) -> float:
+        """Seconds per step from the parts: they add (no overlap is assumed)."""
+        return self.compute + self.exchange + self.allreduce + self.overhead + self.optimizer
 
     @property
     def step(self) -> float:
-        """Predicted seconds per step: the parts add (no overlap is assumed)."""
-        return self.compute + self.exchange + self.allreduce + self.overhead + self.optimizer
+        """Predicted seconds per step: the timed one where the layout was timed, else the
+        modelled one."""
+        return self.timed if self.timed is not None else self.modelled
 
 
 def predict(sizes: Sequence[int], batch: int, itemsize: int, layout: Layout,
@@ -261,16 +272,39 @@ def choose(sizes: Sequence[int], batch: int, ranks: int, machine: Machine, items
 
 def format_table(chosen: Prediction, table: Sequence[Prediction], batch: int) -> str:
     """The candidates as ``partition --plan`` prints them, the chosen one marked."""
-    lines = [f"  {'layout R x Q':<22} {'step ms':>8} {'compute':>8} {'exchange':>8} "
+    lines = [f"  {'layout R x Q':<22} {'step ms':>8} {'from':>6} {'compute':>8} {'exchange':>8} "
              f"{'allreduce':>9} {'python':>7} {'update':>7} {'sent MB':>8} {'samples/s':>10}"]
     for p in table:
         mark = "  <- chosen" if p is chosen else ""
-        lines.append(f"  {str(p.layout):<22} {1e3 * p.step:>8.2f} {1e3 * p.compute:>8.2f} "
+        source = "timed" if p.timed is not None else "model"
+        lines.append(f"  {str(p.layout):<22} {1e3 * p.step:>8.2f} {source:>6} {1e3 * p.compute:>8.2f} "
                      f"{1e3 * p.exchange:>8.2f} {1e3 * p.allreduce:>9.2f} {1e3 * p.overhead:>7.2f} "
                      f"{1e3 * p.optimizer:>7.2f} "
                      f"{(p.exchange_bytes + p.allreduce_bytes) / 1e6:>8.2f} "
                      f"{batch / p.step:>10.0f}{mark}")
     return "\n".join(lines)
+
+
+def time_small(comm: object, sizes: Sequence[int], batch: int, dtype: str,
+               table: Sequence[Prediction], seconds: float = 0.3) -> list[Prediction]:
+    """``table`` with every layout modelled under ``TIME_BELOW`` timed on the job's ranks
+    (real training steps of a model of these widths, made in memory), fastest first.
+
+    A step that short is mostly fixed costs (a kernel call, a message's synchronisation,
+    the interpreter), which the parts add up to within 2x, not the 20% the choice needs:
+    on 2 cores the digits model's two layouts were modelled 0.8 and 0.9 ms and ran 1.9
+    and 1.3, so the model picked the slower. Timing them, as FFTW's planner measures its
+    candidates, costs a fraction of a second per layout. Collective: every rank holds the
+    same table (the probe's figures are agreed), so all time the same layouts; a table for
+    another rank count than the job's is returned as it is."""
+    out = []
+    for p in table:
+        if p.modelled < TIME_BELOW and p.layout.replicas * p.layout.group == comm.Get_size():
+            p = dataclasses.replace(p, timed=_layout_seconds(comm, sizes, batch,
+                                                             np.dtype(dtype), p.layout, seconds))
+        out.append(p)
+    out.sort(key=lambda p: (p.step, p.layout.replicas))
+    return out
 
 
 # ------------------------------------------------------------------ measuring the machine
@@ -343,6 +377,90 @@ def _update_seconds(n: int, dtype: np.dtype, seconds: float) -> float:
     return _best_seconds(sgd.step, seconds) / n
 
 
+def _dense_spec(sizes: Sequence[int], dtype: np.dtype) -> object:
+    """A dense ReLU model of ``sizes`` with a softmax output, as ``init`` makes it."""
+    from mpinn.format import LayerSpec, ModelSpec
+    depth = len(sizes) - 1
+    return ModelSpec(tuple(sizes), tuple(
+        LayerSpec(i, sizes[i - 1], sizes[i], "softmax" if i == depth else "relu", "dense")
+        for i in range(1, depth + 1)), dtype)
+
+
+def _layout_seconds(comm: object, sizes: Sequence[int], batch: int, dtype: np.dtype,
+                    lay: Layout, seconds: float) -> float:
+    """Seconds of one training step of ``lay`` on ``comm``, as ``train`` runs it: R groups
+    (``exchange.ReplicaGroups``) of a Q-rank partition of a model of ``sizes`` made in
+    memory, each on its share of ``batch``, gradients summed over the groups, the stop
+    check over all ranks, the SGD update. The median block of steps, the slowest rank's:
+    what a run's epochs average, not its best moments. Collective."""
+    from mpinn.engine import Engine
+    from mpinn.exchange import ReplicaGroups
+    from mpinn.metadata import MetadataTable
+    from mpinn.optim import SGD
+    from mpinn.shard import Shard
+
+    spec = _dense_spec(sizes, dtype)
+    q, b = lay.group, -(-batch // lay.replicas)
+    if lay.strategy == "layers":
+        nnz = [np.full(n_out, n_in) for n_in, n_out in zip(sizes[:-1], sizes[1:], strict=True)]
+        owners = distributor.by_layers(sizes, q, distributor.layer_blocks(sizes, q, nnz))
+    else:
+        owners = distributor.balanced(sizes, q)
+    table = MetadataTable.build(sizes, owners, q)
+    groups = ReplicaGroups(comm, lay.replicas)
+    rank = groups.group.Get_rank()
+    engine = Engine(Shard.synthetic(spec, table, rank, q), groups.group, b)
+    try:
+        if groups.across is not None:
+            engine.set_replicas(groups.across)
+        sgd = SGD(engine.parameters(), lr=1e-3)
+        rng = np.random.default_rng(0)
+        x = rng.random((table.rows(0, rank).size, b)).astype(dtype)
+        labels = rng.integers(0, sizes[-1], b)
+
+        def step() -> None:
+            if lay.micro_batches > 1:
+                engine.pipelined_step(x, labels, None, lay.micro_batches, divisor=batch)
+            else:
+                engine.loss_and_grad(engine.forward(x), labels, None, batch)
+            _stop_check(comm)
+            if lay.micro_batches == 1:
+                engine.backward()
+            engine.finish_gradients()
+            sgd.step()
+
+        return _time_blocks(comm, step, seconds, statistics.median)
+    finally:
+        engine.close()
+        groups.free()
+
+
+def _stop_check(comm: object) -> None:
+    """train's StepGuard: one allreduce of two flags over all ranks per step."""
+    from mpinn.exchange import MAX, allreduce
+    allreduce(comm, np.zeros(2, dtype=np.int32), MAX)
+
+
+def _time_blocks(comm: object, step: Callable[[], None], seconds: float,
+                 statistic: Callable[[list[float]], float], steps: int = 10) -> float:
+    """Seconds per call of ``step`` (collective), timed in blocks of ``steps`` after one
+    block of warm-up, as many blocks as rank 0 fits in about ``seconds`` (every rank runs
+    as many), ``statistic`` over my blocks, the slowest rank's."""
+    from mpinn.exchange import MAX, MIN, allreduce
+    for _ in range(steps):
+        step()
+    blocks, start = [], time.perf_counter()
+    go = np.ones(1)
+    while go[0]:
+        t = time.perf_counter()
+        for _ in range(steps):
+            step()
+        blocks.append((time.perf_counter() - t) / steps)
+        go[0] = time.perf_counter() - start < seconds
+        allreduce(comm, go, MIN)  # every rank runs as many blocks as the first to stop
+    return float(allreduce(comm, np.array([statistic(blocks)]), MAX)[0])
+
+
 def _step_seconds(comm: object, depth: int, dtype: np.dtype, seconds: float) -> float:
     """Seconds of one real training step of a tiny dense model of ``depth`` layers, balanced
     on ``comm``: forward with its exchanges, loss, the per-step stop check, backward and the
@@ -350,43 +468,31 @@ def _step_seconds(comm: object, depth: int, dtype: np.dtype, seconds: float) -> 
     a step of that depth costs besides them: Python, kernel calls and, with several ranks,
     each exchange's synchronisation. Collective; the slowest rank's best block of steps."""
     from mpinn.engine import Engine
-    from mpinn.exchange import MAX, MIN, allreduce
-    from mpinn.format import LayerSpec, ModelSpec
     from mpinn.metadata import MetadataTable
     from mpinn.optim import SGD
     from mpinn.shard import Shard
 
     size, batch = comm.Get_size(), 8
     sizes = [4 * size] * (depth + 1)
-    spec = ModelSpec(tuple(sizes), tuple(
-        LayerSpec(i, sizes[i - 1], sizes[i], "softmax" if i == depth else "relu", "dense")
-        for i in range(1, depth + 1)), dtype)
     table = MetadataTable.build(sizes, distributor.balanced(sizes, size), size)
-    engine = Engine(Shard.synthetic(spec, table, comm.Get_rank(), size), comm, batch)
+    engine = Engine(Shard.synthetic(_dense_spec(sizes, dtype), table, comm.Get_rank(), size),
+                    comm, batch)
     sgd = SGD(engine.parameters(), lr=1e-3)
     rng = np.random.default_rng(0)
     x = rng.random((table.rows(0, comm.Get_rank()).size, batch)).astype(dtype)
     labels = rng.integers(0, sizes[-1], batch)
-    flags = np.zeros(2, dtype=np.int32)
 
     def step() -> None:
         engine.loss_and_grad(engine.forward(x), labels, None)
-        allreduce(comm, flags, MAX)  # train's StepGuard
+        _stop_check(comm)
         engine.backward()
         engine.finish_gradients()
         sgd.step()
 
-    steps, best, start = 10, math.inf, time.perf_counter()
-    go = np.ones(1)
-    while go[0]:
-        t = time.perf_counter()
-        for _ in range(steps):
-            step()
-        best = min(best, (time.perf_counter() - t) / steps)
-        go[0] = time.perf_counter() - start < seconds
-        allreduce(comm, go, MIN)  # every rank runs as many blocks as the first to stop
-    engine.close()
-    return float(allreduce(comm, np.array([best]), MAX)[0])
+    try:
+        return _time_blocks(comm, step, seconds, min)
+    finally:
+        engine.close()
 
 
 def probe(comm: object, sizes: Sequence[int], batch: int, dtype: str = "float32",

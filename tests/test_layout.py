@@ -179,6 +179,41 @@ def test_probe_measures_the_links_on_every_rank_alike():
     assert all(other == machine.allreduce_rates for other in comm.allgather(machine.allreduce_rates))
 
 
+def test_a_timed_layout_is_predicted_by_its_timing():
+    p = layout.predict(DIGITS, 64, 4, Layout(2, 1), CORE)
+    assert p.step == p.modelled
+    timed = dataclasses.replace(p, timed=3 * p.modelled)
+    assert timed.step == 3 * p.modelled and timed.modelled == p.modelled
+
+
+def test_time_small_times_the_short_layouts_of_this_job_only():
+    """On one rank: the 1x1 layout is timed (a real step of the model, made in memory),
+    layouts of other rank counts and long ones are left modelled; fastest first."""
+    from mpi4py import MPI
+    table = [layout.predict(DIGITS, 16, 4, lay, CORE)
+             for lay in (Layout(1, 1), Layout(2, 1), Layout(1, 1, "layers", 2))]
+    table.append(layout.predict(WIDE, 16, 4, Layout(1, 1), CORE))  # modelled above TIME_BELOW
+    assert table[-1].modelled > layout.TIME_BELOW
+    out = layout.time_small(MPI.COMM_SELF, DIGITS, 16, "float32", table, seconds=0.02)
+    timed = {str(p.layout): p.timed for p in out if p.timed is not None}
+    assert set(timed) == {"1x1 balanced", "1x1 layers M=2"}
+    assert all(t > 0 for t in timed.values())
+    assert [p.step for p in out] == sorted(p.step for p in out)
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.timeout(120)
+def test_time_small_times_every_layout_of_the_job_alike_on_every_rank():
+    from mpi4py import MPI
+    comm = MPI.COMM_WORLD
+    table = [layout.predict(DIGITS, 16, 4, lay, CORE)
+             for lay in layout.candidates(comm.size, DIGITS, 16, micro_batches=(1, 2))]
+    out = layout.time_small(comm, DIGITS, 16, "float64", table, seconds=0.02)
+    assert all(p.timed is not None and p.timed > 0 for p in out)
+    steps = [(str(p.layout), p.step) for p in out]
+    assert all(other == steps for other in comm.allgather(steps))
+
+
 def test_partition_plan_prints_every_candidate_and_stores_nothing(tmp_path):
     """``partition --plan``: the table with one chosen row and the flags to use; the model
     file is only read."""
