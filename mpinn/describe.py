@@ -388,7 +388,5 @@ def choose_layout(path: str, nranks: int, batch: int, comm: MPI.Comm, *,
 
     layer_ranks = None
     if chosen.layout.strategy == "layers":  # costed as dense layers: placed as dense layers
-        nnz = [np.full(n_out, n_in) for n_in, n_out in zip(spec.sizes[:-1], spec.sizes[1:],
-                                                            strict=True)]
-        layer_ranks = distributor.layer_blocks(spec.sizes, chosen.layout.group, nnz)
+        layer_ranks = layout.layer_ranks(spec.sizes, chosen.layout.group)
     return chosen.layout, on_root(comm, text), layer_ranks

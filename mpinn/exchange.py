@@ -1107,13 +1107,12 @@ def time_gradient_allreduce(comm: MPI.Comm, replicas: int, layer_values: list[in
     """Seconds of one step's gradient sum over ``replicas`` groups of ``comm``, as training
     does it: the ranks owning the same rows (rank modulo the group size) run a
     ``GradientReducer`` over layers of ``layer_values`` values, posted last layer first, then
-    wait. The best of ``repeat``, the slowest rank's (for the cost model's probe).
+    wait (``replicas`` > 1). The best of ``repeat``, the slowest rank's (for the cost model's probe).
     Collective over ``comm``."""
-    q = comm.Get_size() // replicas
-    group = comm.Split(comm.Get_rank() % q, comm.Get_rank())
+    groups = ReplicaGroups(comm, replicas)
     try:
         flat, layers = gradient_buffers(layer_values, dtype)
-        reducer = GradientReducer(group, flat, layers)
+        reducer = GradientReducer(groups.across, flat, layers)
         best = np.inf
         for attempt in range(repeat + 1):
             comm.Barrier()
@@ -1124,7 +1123,7 @@ def time_gradient_allreduce(comm: MPI.Comm, replicas: int, layer_values: list[in
             if attempt:  # the first one warms up
                 best = min(best, time.perf_counter() - started)
     finally:
-        group.Free()
+        groups.free()
     worst = np.array([best])
     return float(allreduce(comm, worst, MAX)[0])
 

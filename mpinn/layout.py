@@ -153,6 +153,13 @@ def predict(sizes: Sequence[int], batch: int, itemsize: int, layout: Layout,
                       params * machine.update, nbytes, ring_bytes, params)
 
 
+def layer_ranks(sizes: Sequence[int], q: int) -> list[int]:
+    """The rank of each layer (the input layer first) when ``partition`` places a dense
+    model of ``sizes`` as contiguous groups of whole layers on ``q`` ranks."""
+    nnz = [np.full(n_out, n_in) for n_in, n_out in zip(sizes[:-1], sizes[1:], strict=True)]
+    return distributor.layer_blocks(sizes, q, nnz)
+
+
 def _rank_values(sizes: Sequence[int], q: int) -> list[int]:
     """Weights and biases per layer of the busiest rank, balanced on Q."""
     return [-(-n_out // q) * (n_in + 1) for n_in, n_out in zip(sizes[:-1], sizes[1:], strict=True)]
@@ -208,8 +215,7 @@ def _layers(sizes: Sequence[int], b: int, itemsize: int, layout: Layout,
     message across a stage boundary; weight gradients follow over the whole batch.
     """
     n_layers, m = len(sizes) - 1, layout.micro_batches
-    nnz = [np.full(n_out, n_in) for n_in, n_out in zip(sizes[:-1], sizes[1:], strict=True)]
-    owner = distributor.layer_blocks(sizes, layout.group, nnz)[1:]  # the rank of each layer
+    owner = layer_ranks(sizes, layout.group)[1:]  # the rank of each layer
     mb = -(-b // m)
     stages = sorted(set(owner))
     fwd = {s: 0.0 for s in stages}
@@ -387,12 +393,13 @@ def _dense_spec(sizes: Sequence[int], dtype: np.dtype) -> object:
 
 
 def _layout_seconds(comm: object, sizes: Sequence[int], batch: int, dtype: np.dtype,
-                    lay: Layout, seconds: float) -> float:
+                    lay: Layout, seconds: float,
+                    statistic: Callable[[list[float]], float] = statistics.median) -> float:
     """Seconds of one training step of ``lay`` on ``comm``, as ``train`` runs it: R groups
     (``exchange.ReplicaGroups``) of a Q-rank partition of a model of ``sizes`` made in
     memory, each on its share of ``batch``, gradients summed over the groups, the stop
-    check over all ranks, the SGD update. The median block of steps, the slowest rank's:
-    what a run's epochs average, not its best moments. Collective."""
+    check over all ranks, the SGD update. By default the median block of steps, the
+    slowest rank's: what a run's epochs average, not its best moments. Collective."""
     from mpinn.engine import Engine
     from mpinn.exchange import ReplicaGroups
     from mpinn.metadata import MetadataTable
@@ -402,8 +409,7 @@ def _layout_seconds(comm: object, sizes: Sequence[int], batch: int, dtype: np.dt
     spec = _dense_spec(sizes, dtype)
     q, b = lay.group, -(-batch // lay.replicas)
     if lay.strategy == "layers":
-        nnz = [np.full(n_out, n_in) for n_in, n_out in zip(sizes[:-1], sizes[1:], strict=True)]
-        owners = distributor.by_layers(sizes, q, distributor.layer_blocks(sizes, q, nnz))
+        owners = distributor.by_layers(sizes, q, layer_ranks(sizes, q))
     else:
         owners = distributor.balanced(sizes, q)
     table = MetadataTable.build(sizes, owners, q)
@@ -429,7 +435,7 @@ def _layout_seconds(comm: object, sizes: Sequence[int], batch: int, dtype: np.dt
             engine.finish_gradients()
             sgd.step()
 
-        return _time_blocks(comm, step, seconds, statistics.median)
+        return _time_blocks(comm, step, seconds, statistic)
     finally:
         engine.close()
         groups.free()
@@ -467,32 +473,9 @@ def _step_seconds(comm: object, depth: int, dtype: np.dtype, seconds: float) -> 
     SGD update, in a model too small for its GEMMs or bytes to count. What is left is what
     a step of that depth costs besides them: Python, kernel calls and, with several ranks,
     each exchange's synchronisation. Collective; the slowest rank's best block of steps."""
-    from mpinn.engine import Engine
-    from mpinn.metadata import MetadataTable
-    from mpinn.optim import SGD
-    from mpinn.shard import Shard
-
-    size, batch = comm.Get_size(), 8
-    sizes = [4 * size] * (depth + 1)
-    table = MetadataTable.build(sizes, distributor.balanced(sizes, size), size)
-    engine = Engine(Shard.synthetic(_dense_spec(sizes, dtype), table, comm.Get_rank(), size),
-                    comm, batch)
-    sgd = SGD(engine.parameters(), lr=1e-3)
-    rng = np.random.default_rng(0)
-    x = rng.random((table.rows(0, comm.Get_rank()).size, batch)).astype(dtype)
-    labels = rng.integers(0, sizes[-1], batch)
-
-    def step() -> None:
-        engine.loss_and_grad(engine.forward(x), labels, None)
-        _stop_check(comm)
-        engine.backward()
-        engine.finish_gradients()
-        sgd.step()
-
-    try:
-        return _time_blocks(comm, step, seconds, min)
-    finally:
-        engine.close()
+    size = comm.Get_size()
+    return _layout_seconds(comm, [4 * size] * (depth + 1), 8, dtype, Layout(1, size), seconds,
+                           statistic=min)
 
 
 def probe(comm: object, sizes: Sequence[int], batch: int, dtype: str = "float32",
