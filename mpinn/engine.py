@@ -31,6 +31,8 @@ from mpinn.exchange import (
 )
 from mpinn.shard import CsrLayerShard, LayerShard, Shard
 
+DEAD_CHECK_MAX = 16  # most layers between two checks for dead samples (Engine.forward)
+
 
 @dataclass
 class BatchResult:
@@ -201,9 +203,12 @@ class Engine:
 
         ``drop_dead`` (inference of ReLU-family networks with no positive bias, the Graph
         Challenge's case): a sample whose activations are zero on every rank stays zero in
-        every later layer, so after each layer the ranks agree on the live samples (one
-        small allreduce) and drop the others. The outputs then hold only the samples
-        ``self.live`` (indices into the batch).
+        every later layer, so the ranks agree on the live samples (one small allreduce)
+        and drop the others: after every layer while samples die, then after 2, 4, ... up
+        to ``DEAD_CHECK_MAX`` layers while none does (a dead sample kept a while longer
+        costs only its zeros' arithmetic; each check is a synchronisation, which across a
+        slow link costs more). The outputs then hold only the samples ``self.live``
+        (indices into the batch).
         """
         inject_fault("step", self.comm.rank)
         batch = x_local.shape[1]
@@ -216,6 +221,7 @@ class Engine:
         activations = x_local
         last = len(self.shard.layers) - 1
         masks = self._make_masks(samples)
+        check_at, interval = 0, 1  # the next layer after which drop_dead checks, and the gap
         for i, (layer, plan) in enumerate(zip(self.shard.layers, self.plans, strict=True)):
             gathered = plan.start_forward(activations)
             self.inputs.append(gathered)
@@ -239,9 +245,12 @@ class Engine:
                 activations = self._buf(self._dropped[i], layer.rows.size, batch)
                 np.multiply(a, masks[i], out=activations)
             self.seconds_compute += time.perf_counter() - started
-            if drop_dead and i < last:
+            if drop_dead and check_at <= i < last:
                 activations = self._drop_dead(a)
+                died = activations.shape[1] < batch
                 batch = activations.shape[1]
+                interval = 1 if died else min(2 * interval, DEAD_CHECK_MAX)
+                check_at = i + interval
         return activations
 
     def _check_zero_stays_zero(self) -> None:

@@ -304,3 +304,47 @@ def test_sparse_exchange_moves_only_the_remote_inputs_rows_name(strategy, case, 
                      else np.arange(ly.n_in) if mine.any() else np.zeros(0, int))
             remote = np.count_nonzero(table.layer_owner(ly.index - 1)[named] != comm.rank)
             assert plan.bytes_received == remote * BATCH * 8, f"layer {ly.index}"
+
+
+@pytest.mark.parametrize("strategy", ["balanced", "mincut"])
+def test_dropping_dead_samples_keeps_the_live_outputs_and_checks_less_once_none_die(
+        strategy, mpi_tmp_path):
+    """RadiX-Net of 40 layers, 64 samples, most dying out within the first ten layers: the
+    outputs of the samples the engine keeps equal the reference's, every sample it dropped
+    is zero at the end in the reference, and the ranks check for dead samples after every
+    layer while samples die, then after 2, 4, ... up to 16 layers while none does."""
+    from mpinn.bench import make_challenge
+    from mpinn.engine import DEAD_CHECK_MAX
+
+    comm = MPI.COMM_WORLD
+    n, n_layers, samples = 1024, 40, 64
+    model_path, data_path = str(mpi_tmp_path / "m.h5"), str(mpi_tmp_path / "d.h5")
+    make_challenge(model_path, data_path, n, n_layers, samples, comm=comm)
+    with h5py.File(data_path, "r") as f:
+        x = f["X"][...]
+    _, acts = Reference.from_file(model_path).forward(x)
+    dead_after = [np.flatnonzero(~a.any(axis=1)) for a in acts[1:]]  # per layer, in order
+    with DistributedModel(model_path, comm, choice(strategy, [n] * (n_layers + 1), comm.size),
+                          samples, training=False) as model:
+        data = load(data_path, model.table, model.spec.dtype, comm)
+        xb, _, _ = data.batch(np.arange(samples))
+        engine = model.engine
+        checked: list[int] = []  # the live batch before each check
+        drop = engine._drop_dead
+        engine._drop_dead = lambda a: (checked.append(a.shape[1]), drop(a))[1]
+        outputs = engine.forward(xb, drop_dead=True)
+    rows = model.shard.layers[-1].rows
+    assert_close(outputs.T, acts[-1][np.ix_(engine.live, rows)], "float32", "live outputs")
+    assert np.all(acts[-1][np.setdiff1d(np.arange(samples), engine.live)] == 0)
+    assert 0 < engine.live.size < samples
+    # the schedule, replayed from the reference's dead samples: the live batch at each check
+    expected, live, check_at, interval = [], samples, 0, 1
+    for i in range(n_layers - 1):
+        if i < check_at:
+            continue
+        expected.append(live)
+        after = samples - dead_after[i].size
+        interval = 1 if after < live else min(2 * interval, DEAD_CHECK_MAX)
+        live, check_at = after, i + interval
+    assert checked == expected
+    assert len(checked) < n_layers // 2, "checks should thin out once no sample dies"
