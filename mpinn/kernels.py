@@ -414,3 +414,57 @@ def squared_error_local(a: np.ndarray, target: np.ndarray) -> float:
     """This rank's share of the summed squared error, halved: sum((a - t)^2) / 2."""
     d = a - target
     return float(0.5 * np.einsum("ij,ij->", d, d, dtype=np.float64))
+
+
+# ------------------------------------------------- zero-suppressed messages (exchange)
+
+
+def squeezed_head(batch: int, itemsize: int) -> int:
+    """Bytes of the bitmap of ``batch`` samples that leads a squeezed message, padded so
+    that the values after it are aligned to ``itemsize``."""
+    bitmap = -(-batch // 8)
+    return -(-bitmap // itemsize) * itemsize
+
+
+def squeezed_bytes(rows: int, batch: int, itemsize: int) -> int:
+    """The most bytes a squeezed message of (rows, batch) values can take (no zero sample)."""
+    return squeezed_head(batch, itemsize) + rows * batch * itemsize
+
+
+def squeeze(values: np.ndarray, out: np.ndarray) -> int:
+    """Write ``values`` (rows, batch), C-contiguous, to the bytes ``out`` as a bitmap of the
+    samples (columns) with a nonzero value (``np.packbits`` order), then those columns,
+    (rows, live) row-major; returns the bytes written.
+
+    ReLU networks whose samples die out send mostly zero columns: two thirds of the Sparse
+    DNN's samples are zero after ten layers, and an inference without ``drop_dead`` still
+    moves them. Whole samples, not single values: one pass to find them and one gather,
+    2.5x cheaper than a bitmap per value (and the Sparse DNN's live samples have no zeros).
+    Lossless: a -0.0 counts as nonzero, so ``unsqueeze`` gives back the same bits.
+    """
+    rows, batch = values.shape
+    itemsize = values.dtype.itemsize
+    live = values.view(f"u{itemsize}").any(axis=0)
+    bits = np.packbits(live)
+    head = squeezed_head(batch, itemsize)
+    out[: bits.size] = bits
+    kept = int(np.count_nonzero(live))
+    body = out[head: head + rows * kept * itemsize].view(values.dtype).reshape(rows, kept)
+    np.compress(live, values, axis=1, out=body)
+    return head + rows * kept * itemsize
+
+
+def unsqueeze(message: np.ndarray, out: np.ndarray) -> None:
+    """Fill ``out`` (rows, batch) from ``message``, the bytes ``squeeze`` wrote for it."""
+    rows, batch = out.shape
+    head = squeezed_head(batch, out.dtype.itemsize)
+    live = np.flatnonzero(np.unpackbits(message[: -(-batch // 8)], count=batch))
+    values = message[head:].view(out.dtype)
+    if message.size < head or values.size != rows * live.size:
+        raise MpinnError(f"a squeezed message of {message.size} bytes does not hold the "
+                         f"{rows} x {live.size} values its bitmap describes")
+    if live.size == batch:
+        out[...] = values.reshape(rows, batch)
+        return
+    out.fill(0)
+    out[:, live] = values.reshape(rows, live.size)
