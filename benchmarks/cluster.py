@@ -13,7 +13,10 @@ baseline with the Alltoallv).
 The prediction (docs/scaling.md): the one-host time plus the time the bytes that cross
 between nodes take on the link, max over the two directions of the inter-node bytes the
 partition report counts, at the link's rate (capped at what this VM's veth pairs carry,
---ceiling-gbit, 3.7 Gbit/s measured with a 16 MB ping-pong). Not a test: nothing asserted.
+--ceiling-gbit, 3.7 Gbit/s measured with a 16 MB ping-pong); with dead samples dropped
+(``--drop-dead``, rows marked "dd", beside a one-host run that drops them too) or squeezed
+out (``--exchange nonzero``) those bytes times the share of live (sample, layer) inputs.
+Not a test: nothing asserted.
 
     python benchmarks/cluster.py --neurons 1024 --layers 120 --samples 2000
 """
@@ -86,11 +89,33 @@ def between_nodes(model: str, nranks: int, per_node: int, strategy: str
     return {"alltoallv": (a, b), "node": (c, d)}
 
 
+def live_share(model: str, data: str) -> float:
+    """The share of (sample, layer) inputs that are not all zero: what a layer's exchange
+    still carries of each message with dead samples dropped (``--drop-dead``) or squeezed
+    out (``--exchange nonzero``), from a one-process pass over the file."""
+    import h5py
+    import numpy as np
+
+    from mpinn import bench as challenge
+    from mpinn import sparse_dnn
+
+    with h5py.File(data, "r") as f:
+        y = np.ascontiguousarray(f["X"][...].T)  # (n, samples)
+    live, layers = 0, 0
+    for weight in challenge.model_layers(model):
+        live += np.count_nonzero(y.any(axis=0))
+        layers += 1
+        y = np.minimum(np.maximum(weight @ y + np.float32(sparse_dnn.challenge_bias(y.shape[0])),
+                                  0), sparse_dnn.CAP).astype(np.float32)
+    return live / (layers * y.shape[1])
+
+
 def bench(launch: list[str], model: str, data: str, strategy: str, batch: int, repeat: int,
-          exchange: str = "alltoallv") -> dict:
+          exchange: str = "alltoallv", drop_dead: bool = False) -> dict:
     runs = [run_json([*launch, sys.executable, "-m", "mpinn", "bench", "sparse-dnn", "--model",
                       model, "--data", data, "--strategy", strategy, "--batch-size", str(batch),
-                      "--exchange", exchange, "--json"], 1) for _ in range(repeat)]
+                      "--exchange", exchange, "--json", *(["--drop-dead"] if drop_dead else [])],
+                     1) for _ in range(repeat)]
     best = max(runs, key=lambda r: r["edges_per_second"])
     best["all_correct"] = all(r["correct"] for r in runs)
     best["loads"] = [r["load"] for r in runs]
@@ -108,6 +133,8 @@ def main() -> None:
     parser.add_argument("--strategies", default="balanced,mincut")
     parser.add_argument("--exchanges", default="alltoallv,node-forward",
                         help="exchange kinds to run across the nodes (--exchange of bench)")
+    parser.add_argument("--drop-dead", action="store_true",
+                        help="also run every row with dead samples dropped (bench --drop-dead)")
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--ceiling-gbit", type=float, default=3.7,
                         help="what a veth pair between two namespaces carries on this machine")
@@ -128,16 +155,20 @@ def main() -> None:
               f"{one_rank['edges']:,} edges; {nodes} nodes x {k} ranks; best of {args.repeat}")
         print(f"  1 rank, one host: {one_rank['edges_per_second'] / 1e9:.3f} G edges/s "
               f"({one_rank['seconds']:.2f} s)")
-        host = {s: bench(["mpirun", "--oversubscribe", "-n", str(p)], model, data, s,
-                         args.batch_size, args.repeat) for s in strategies}
+        modes = [False, True] if args.drop_dead else [False]
+        host = {(s, d): bench(["mpirun", "--oversubscribe", "-n", str(p)], model, data, s,
+                              args.batch_size, args.repeat, drop_dead=d)
+                for s in strategies for d in modes}
         crossing = {s: between_nodes(model, p, k, s) for s in strategies}
-        head = (f"  {'link':<10} {'strategy':<9} {'exchange':<12} {'G edges/s':>9} "
+        share = live_share(model, data)
+        print(f"  live (sample, layer) inputs: {share:.1%} (what drop-dead and nonzero send)")
+        head = (f"  {'link':<10} {'strategy':<9} {'exchange':<16} {'G edges/s':>9} "
                 f"{'seconds':>8} {'predicted':>9} "
                 f"{'compute':>8} {'wait':>7} {'load':>14} {'MB node0->1':>11} {'categories':>10}")
         print(head)
-        for s in strategies:
-            r = host[s]
-            print(f"  {'one host':<10} {s:<9} {'alltoallv':<12} {r['edges_per_second'] / 1e9:9.3f} "
+        for (s, d), r in host.items():
+            print(f"  {'one host':<10} {s:<9} {'alltoallv' + ' dd' * d:<16} "
+                  f"{r['edges_per_second'] / 1e9:9.3f} "
                   f"{r['seconds']:8.2f} {'-':>9} {r['compute']:8.2f} {r['wait']:7.2f} "
                   f"{'/'.join(f'{x:.1f}' for x in r['loads']):>14} {'-':>11} "
                   f"{'match' if r['all_correct'] else 'WRONG':>10}", flush=True)
@@ -150,13 +181,17 @@ def main() -> None:
             launch = [str(CLUSTER / "mpirun"), "--host", hosts, "-n", str(p)]
             try:
                 for s in strategies:
-                    for kind in args.exchanges.split(","):
-                        r = bench(launch, model, data, s, args.batch_size, args.repeat, kind)
+                    for kind, d in [(kind, d) for kind in args.exchanges.split(",")
+                                    for d in modes]:
+                        r = bench(launch, model, data, s, args.batch_size, args.repeat, kind, d)
                         sent = crossing[s]["node" if kind.startswith("node") else "alltoallv"]
                         wire = max(sent) * args.samples * 8 / (link_gbit(link, args.ceiling_gbit)
                                                                * 1e9)
-                        predicted = host[s]["seconds"] + wire
-                        print(f"  {link:<10} {s:<9} {kind:<12} {r['edges_per_second'] / 1e9:9.3f} "
+                        if d or kind == "nonzero":
+                            wire *= share
+                        predicted = host[s, d]["seconds"] + wire
+                        print(f"  {link:<10} {s:<9} {kind + ' dd' * d:<16} "
+                              f"{r['edges_per_second'] / 1e9:9.3f} "
                               f"{r['seconds']:8.2f} {predicted:9.2f} {r['compute']:8.2f} "
                               f"{r['wait']:7.2f} {'/'.join(f'{x:.1f}' for x in r['loads']):>14} "
                               f"{sent[0] * args.samples / 1e6:11.1f} "
