@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_mlp import ROOT, run, run_json  # noqa: E402
 
 CLUSTER = Path(os.environ.get("MPINN_CLUSTER_DIR", "/run/mpinn-cluster"))
-KINDS = ("alltoallv", "collective", "neighbor", "node", "node-forward", "nonzero", "auto")
+KINDS = ("alltoallv", "collective", "neighbor", "node", "node-forward", "auto")
 
 
 # ------------------------------------------------------------------ worker (under mpirun)

@@ -182,8 +182,7 @@ class Network:
         (``percentages``), ids (``ids``), layers (``layer_ranks``), nnz or mincut.
         ``dtype``: refuse a file whose weights are of another precision. ``exchange``: how
         layers exchange activations, auto (the default), alltoallv, allgather, collective,
-        neighbor, node, node-forward or nonzero (docs/scaling.md, 'Exchange kinds'); the
-        results are the same.
+        neighbor, node or node-forward (docs/scaling.md, 'Exchange kinds'); the results are the same.
 
         ``replicas`` R (data x neuron parallelism): the P ranks form R groups of Q = P / R
         contiguous ranks; the partition (strategy, or a stored one made for Q ranks) is

@@ -65,7 +65,7 @@ NODES_HELP = ("show bytes between nodes with K consecutive ranks per node (defau
 
 # exchange.EXCHANGES, spelled out here so that parsing the flags does not start MPI
 EXCHANGES = ("auto", "alltoallv", "allgather", "collective", "neighbor", "node",
-             "node-forward", "nonzero")
+             "node-forward")
 
 
 def _exchange_flag(p: argparse.ArgumentParser) -> None:
@@ -77,10 +77,8 @@ def _exchange_flag(p: argparse.ArgumentParser) -> None:
                    "reduce-scatter backward), both where every rank reads the layer whole, "
                    "neighbor (MPI neighbourhood alltoallv), node (two-level: each value "
                    "crosses between two nodes once, then is forwarded inside the node; "
-                   "backward summed inside the node first), node-forward (node's forward, "
-                   "alltoallv's backward) or nonzero (forward messages to other nodes leave out "
-                   "the samples whose values in them are all zero; alltoallv's "
-                   "backward); the same results whichever runs "
+                   "backward summed inside the node first) or node-forward (node's forward, "
+                   "alltoallv's backward); the same results whichever runs "
                    "(docs/scaling.md, 'Exchange kinds')")
 
 

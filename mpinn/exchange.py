@@ -16,11 +16,7 @@ exchange (``Dist_graph_create_adjacent``, built once per pattern). Two more move
 bytes between nodes: each value crosses between a pair of nodes once, to one proxy rank
 there, which forwards it inside its node (``use_node``); ``node`` also sums the partial
 sums inside the reading node before they cross back (equal within rounding),
-``node-forward`` sends them back as the Alltoallv does (bitwise its results). ``nonzero``
-sends each rank's forward values with point-to-point messages and squeezes those to other
-nodes to the samples with a nonzero value and a bitmap of which (``kernels.squeeze``): the
-zero samples of a ReLU network whose samples die out do not cross the link; backward is
-the Alltoallv's (bitwise its results).
+``node-forward`` sends them back as the Alltoallv does (bitwise its results).
 
 A rank's gathered inputs are laid out in *receive order*: grouped by owning rank, ascending
 index within each owner. The receive buffer is then directly the GEMM operand, and the
@@ -42,16 +38,14 @@ from mpi4py import MPI
 from mpi4py.util.dtlib import from_numpy_dtype
 
 from mpinn.errors import MpinnError
-from mpinn.kernels import csr_matmul, squeeze, squeezed_bytes, unsqueeze
+from mpinn.kernels import csr_matmul
 from mpinn.metadata import MetadataTable
 from mpinn.topology import job_nodes
 
 T = TypeVar("T")
 
-EXCHANGES = ("auto", "alltoallv", "allgather", "collective", "neighbor", "node", "node-forward",
-             "nonzero")
+EXCHANGES = ("auto", "alltoallv", "allgather", "collective", "neighbor", "node", "node-forward")
 NODE_KINDS = ("node", "node-forward")
-NEEDS_NODES = (*NODE_KINDS, "nonzero")  # kinds that apply only across more than one node
 
 
 def receive_order(needed: np.ndarray, owner: np.ndarray, rank: int, size: int) -> np.ndarray:
@@ -96,7 +90,6 @@ class ExchangePlan:
         # communicators make_plans built for this plan (shared with other plans; free_plans)
         self.graph: MPI.Distgraphcomm | None = None
         self.node_comm: MPI.Comm | None = None
-        self.p2p_comm: MPI.Comm | None = None
         self.shared = shared
         self.layer = layer
         self.max_batch = max_batch
@@ -149,10 +142,8 @@ class ExchangePlan:
         # rows of the send and receive buffers (the collective kind needs more of both)
         self.send_rows, self.recv_rows = n_send, self.n_inputs
         self.relay_rows = 0  # the node kind's staging buffer (use_node)
-        self.squeeze_send_bytes = self.squeeze_recv_bytes = 0  # the nonzero kind's (use_nonzero)
         self._allocate()
         self._request: MPI.Request | None = None
-        self._requests: list[MPI.Request] = []  # the nonzero kind's messages in flight
         self._batch = 0
         # counted per call, for benchmarks and the traffic tests
         self.bytes_sent = 0
@@ -165,8 +156,6 @@ class ExchangePlan:
             self.send_buffer = np.empty(self.send_rows * self.max_batch, dtype=self.dtype)
             self.recv_buffer = np.empty(self.recv_rows * self.max_batch, dtype=self.dtype)
             self.relay_buffer = np.empty(self.relay_rows * self.max_batch, dtype=self.dtype)
-            self.squeeze_send = np.empty(self.squeeze_send_bytes, dtype=np.uint8)
-            self.squeeze_recv = np.empty(self.squeeze_recv_bytes, dtype=np.uint8)
 
     def reads_whole_layer(self) -> bool:
         """Whether my rows read every neuron of layer l-1 (then I ask every owner for all of
@@ -373,83 +362,6 @@ class ExchangePlan:
         self.across_accumulate.sort_indices()
         self._allocate()
 
-    def use_nonzero(self, node: np.ndarray, p2p_comm: MPI.Comm, tag: int) -> None:
-        """Forward as point-to-point messages on ``p2p_comm`` (a duplicate of the plan's
-        communicator, tagged ``tag``): to a rank on my node the values as the Alltoallv
-        sends them, to a rank on another node the message ``kernels.squeeze`` makes of them
-        (a bitmap of the samples with a nonzero value among them, then those samples'
-        values). The receiver learns the size from the message itself, so nothing else is
-        exchanged. Backward stays the Alltoallv's: the
-        results are bitwise its results. The staging bytes are fixed per peer at plan time,
-        each peer's region large enough for the largest batch.
-        """
-        rank, itemsize = self.comm.rank, self.dtype.itemsize
-        far = node != node[rank]
-        self.kind = "nonzero"
-        self.p2p_comm, self.tag = p2p_comm, tag
-        self.send_peers = np.flatnonzero(self.mpi_send_counts)
-        self.recv_peers = np.flatnonzero(self.mpi_recv_counts)
-        self.far = far
-
-        def regions(counts: np.ndarray, peers: np.ndarray) -> tuple[np.ndarray, int]:
-            sizes = [squeezed_bytes(int(counts[p]), self.max_batch, itemsize) if far[p] else 0
-                     for p in peers]
-            return _displacements(np.array(sizes + [0], dtype=np.int64)), int(sum(sizes))
-
-        self.squeeze_send_at, self.squeeze_send_bytes = regions(self.mpi_send_counts,
-                                                                self.send_peers)
-        self.squeeze_recv_at, self.squeeze_recv_bytes = regions(self.mpi_recv_counts,
-                                                                self.recv_peers)
-        self._allocate()
-
-    def _start_nonzero(self, send: np.ndarray, recv: np.ndarray) -> None:
-        """Post the receives, then squeeze and send each message (``use_nonzero``)."""
-        comm, tag = self.p2p_comm, self.tag
-        requests = self._requests
-        for i, source in enumerate(self.recv_peers):
-            if self.far[source]:
-                region = self.squeeze_recv[self.squeeze_recv_at[i]: self.squeeze_recv_at[i + 1]]
-                requests.append(comm.Irecv([region, MPI.BYTE], source, tag))
-            else:
-                at = self.recv_displs[source]
-                values = recv[at: at + self.recv_counts[source]]
-                requests.append(comm.Irecv([values, self.mpi_type], source, tag))
-        for i, dest in enumerate(self.send_peers):
-            at = self.send_displs[dest]
-            values = send[at: at + self.send_counts[dest]]
-            if self.far[dest]:
-                started = time.perf_counter()
-                region = self.squeeze_send[self.squeeze_send_at[i]: self.squeeze_send_at[i + 1]]
-                nbytes = squeeze(values, region)
-                self.seconds_pack += time.perf_counter() - started
-                requests.append(comm.Isend([region[:nbytes], MPI.BYTE], dest, tag))
-                self.bytes_sent += nbytes
-            else:
-                requests.append(comm.Isend([values, self.mpi_type], dest, tag))
-                self.bytes_sent += values.nbytes
-
-    def _finish_nonzero(self) -> None:
-        """Wait for every message, then unsqueeze those from other nodes in place."""
-        started = time.perf_counter()
-        statuses = [MPI.Status() for _ in self._requests]
-        MPI.Request.Waitall(self._requests, statuses)
-        self._requests.clear()
-        self.seconds_wait += time.perf_counter() - started
-        started = time.perf_counter()
-        recv = self.recv_view()
-        for i, source in enumerate(self.recv_peers):
-            at = self.recv_displs[source]
-            values = recv[at: at + self.recv_counts[source]]
-            if self.far[source]:
-                nbytes = statuses[i].Get_count(MPI.BYTE)
-                message = self.squeeze_recv[self.squeeze_recv_at[i]:
-                                            self.squeeze_recv_at[i] + nbytes]
-                unsqueeze(message, values)
-                self.bytes_received += nbytes
-            else:
-                self.bytes_received += values.nbytes
-        self.seconds_pack += time.perf_counter() - started
-
     @staticmethod
     def share_buffers(plans: list[ExchangePlan]) -> None:
         """One send and one receive buffer for plans that never have messages in flight at
@@ -460,11 +372,8 @@ class ExchangePlan:
         send = np.empty(max(p.send_rows for p in plans) * batch, dtype=dtype)
         recv = np.empty(max(p.recv_rows for p in plans) * batch, dtype=dtype)
         relay = np.empty(max(p.relay_rows for p in plans) * batch, dtype=dtype)
-        squeeze_send = np.empty(max(p.squeeze_send_bytes for p in plans), dtype=np.uint8)
-        squeeze_recv = np.empty(max(p.squeeze_recv_bytes for p in plans), dtype=np.uint8)
         for plan in plans:
             plan.send_buffer, plan.recv_buffer, plan.relay_buffer = send, recv, relay
-            plan.squeeze_send, plan.squeeze_recv = squeeze_send, squeeze_recv
 
     def _check_batch(self, batch: int) -> None:
         if batch > self.max_batch:
@@ -531,11 +440,8 @@ class ExchangePlan:
         elif self.n_own_inputs:
             np.take(local, self.own_index, axis=0, out=recv[self.self_recv])
         self.seconds_pack += time.perf_counter() - started
-        if self.kind == "nonzero":
-            self._start_nonzero(send, recv)
-        else:
-            self._start(send, self.mpi_send_counts, self.send_displs,
-                        recv, self.mpi_recv_counts, self.recv_displs, batch)
+        self._start(send, self.mpi_send_counts, self.send_displs,
+                    recv, self.mpi_recv_counts, self.recv_displs, batch)
         return recv
 
     def _start_gather(self, local: np.ndarray) -> np.ndarray:
@@ -561,9 +467,6 @@ class ExchangePlan:
 
     def finish_forward(self) -> None:
         """Wait until the remote rows of the receive buffer have arrived."""
-        if self.kind == "nonzero":
-            self._finish_nonzero()
-            return
         self._wait()
         if self.kind in NODE_KINDS:
             self._finish_node_forward()
@@ -737,13 +640,12 @@ def make_plans(comm: MPI.Comm, table: MetadataTable, layers: list[tuple[int, np.
     (collective; every rank decides alike).
 
     ``collective`` and ``allgather`` apply only to a layer every rank reads whole and
-    ``neighbor`` only with more than one rank, the node kinds and ``nonzero`` only with more
-    than one node; a layer where the kind asked for does not apply uses ``alltoallv``.
-    ``auto`` follows ``auto_kind``. ``nodes``: the node of every rank of ``comm`` (default: asked of MPI,
+    ``neighbor`` only with more than one rank, ``node`` only with more than one node; a
+    layer where the kind asked for does not apply uses ``alltoallv``. ``auto`` follows
+    ``auto_kind``. ``nodes``: the node of every rank of ``comm`` (default: asked of MPI,
     ``topology.job_nodes``; tests pass ``topology.block_nodes`` to fake nodes on one host).
     Graph communicators are built once per distinct pattern of who exchanges with whom and
-    shared by the layers that have it; the node kinds' communicator, and the duplicate the
-    nonzero kind's messages travel on (tagged by the plan's position), once per call.
+    shared by the layers that have it; the node kind's communicator once per call.
     """
     check_exchange(exchange)
     if nodes is not None:
@@ -755,20 +657,15 @@ def make_plans(comm: MPI.Comm, table: MetadataTable, layers: list[tuple[int, np.
     whole = np.array([int(p.reads_whole_layer()) for p in plans], dtype=np.int64)
     allreduce(comm, whole, MIN)
     node = nodes if nodes is not None else (
-        job_nodes(comm) if exchange in NEEDS_NODES else np.zeros(comm.size, np.int64))
+        job_nodes(comm) if exchange in NODE_KINDS else np.zeros(comm.size, np.int64))
     node_comm: MPI.Comm | None = None
-    p2p_comm: MPI.Comm | None = None
     graphs: dict[bytes, MPI.Distgraphcomm] = {}
-    for tag, (plan, dense) in enumerate(zip(plans, whole, strict=True)):
+    for plan, dense in zip(plans, whole, strict=True):
         kind = auto_kind(bool(dense), comm.size) if exchange == "auto" else exchange
         if kind in NODE_KINDS and node.max() > 0:
             if node_comm is None:
                 node_comm = comm.Split(int(node[comm.rank]), comm.rank)
             plan.use_node(node, node_comm, sum_inside=kind == "node")
-        elif kind == "nonzero" and node.max() > 0:
-            if p2p_comm is None:  # its own tags: no message can match another's receive
-                p2p_comm = comm.Dup()
-            plan.use_nonzero(node, p2p_comm, tag)
         elif kind in ("collective", "allgather") and dense:
             plan.use_collective(reduce_scatter=kind == "collective")
         elif kind == "neighbor":
@@ -790,12 +687,11 @@ def free_plans(plans: list[ExchangePlan]) -> None:
     """Free the communicators ``make_plans`` built for ``plans`` (graph and node
     communicators, each shared by several plans, freed once). Collective over the plans'
     communicator; the plans cannot exchange afterwards."""
-    built = {id(c): c for p in plans for c in (p.graph, p.node_comm, p.p2p_comm)
-             if c is not None}
+    built = {id(c): c for p in plans for c in (p.graph, p.node_comm) if c is not None}
     for comm in built.values():
         comm.Free()
     for p in plans:
-        p.graph = p.node_comm = p.p2p_comm = None
+        p.graph = p.node_comm = None
 
 
 def check_nodes(nodes: np.ndarray, size: int) -> np.ndarray:

@@ -133,20 +133,6 @@ def test_every_strategy_trains_and_predicts_as_the_reference_across_nodes(cluste
     assert re.fullmatch(r"112 passed, \d+ deselected(, \d+ warnings?)? in .*", summary), summary
 
 
-def test_exchanges_between_nodes_give_the_alltoallvs_results_over_tcp(cluster, tmp_path):
-    """tests/test_exchange_node.py's node-forward and nonzero tests with their ranks on two
-    nodes (messages between them over TCP), and the Sparse DNN bench with ``--exchange
-    nonzero`` finding the nodes itself: its categories match the single-process truth."""
-    summary = passed(mpi_tests_across(LAYOUT, "tests/test_exchange_node.py", "-k",
-                                      "only_move_values or nonzero"))
-    # 24 bitwise trainings (2 kinds x 3 models x 2 strategies x 2 node maps), 12 predictions,
-    # the bytes to the byte, the communicators freed
-    assert re.fullmatch(r"38 passed, \d+ deselected(, \d+ warnings?)? in .*", summary), summary
-    out = ok(on_cluster(LAYOUT, "bench", "sparse-dnn", "--neurons", "1024", "--layers", "24",
-                        "--samples", "200", "--dir", str(tmp_path), "--exchange", "nonzero"))
-    assert re.search(r"categories: \d+ of 200 samples; single-process truth \d+: match", out), out
-
-
 def test_bytes_between_nodes_are_reported_as_the_plans_send_them(cluster, tmp_path):
     """tests/test_topology.py's MPI tests on two nodes, and partition --compare run across the
     nodes telling the same bytes between nodes as when told the layout (--ranks-per-node)."""

@@ -1,6 +1,5 @@
 """The two-level ``node`` exchange gives the single-process reference's results, at 1 to 4
-ranks, on nodes faked on one host, and sends fewer values between nodes than the Alltoallv;
-so does the ``nonzero`` exchange (zeros squeezed out of messages between nodes).
+ranks, on nodes faked on one host, and sends fewer values between nodes than the Alltoallv.
 
 Nodes are node maps passed to the engine (``topology.block_nodes``, and uneven ones):
 1 rank per node (every value goes straight to its reader, through the relay), 2 ranks per
@@ -19,7 +18,6 @@ from mpinn import topology
 from mpinn.data import load
 from mpinn.errors import MpinnError
 from mpinn.exchange import make_plans
-from mpinn.kernels import squeezed_head
 from mpinn.train import DistributedModel, train
 from tests.helpers import ALL_STRATEGIES
 from tests.reference import Reference
@@ -98,48 +96,6 @@ def test_node_exchange_predicts_the_reference_outputs(nodes, strategy, dtype, ca
                      nodes=node_map(nodes, MPI.COMM_WORLD.size))
 
 
-@pytest.mark.parametrize("case", MODELS)
-@pytest.mark.parametrize("dtype", ["float32", "float64"])
-@pytest.mark.parametrize("nodes", ["1", "uneven"])
-def test_nonzero_exchange_predicts_the_reference_outputs(nodes, dtype, case, mpi_tmp_path):
-    """Inference engines share the squeeze buffers between all layers."""
-    check_prediction(mpi_tmp_path, case, dtype, "mincut", training=False, exchange="nonzero",
-                     nodes=node_map(nodes, MPI.COMM_WORLD.size))
-
-
-def test_nonzero_exchange_sends_only_the_live_samples_between_nodes(mpi_tmp_path):
-    """The sparse model, one rank per node, half its input samples zero: each message to
-    another node is its samples' bitmap and the samples with a nonzero value, to the byte
-    (counted from the inputs the engine gathered), fewer bytes than the Alltoallv's."""
-    comm = MPI.COMM_WORLD
-    c = CASES["sparse"]
-    node = node_map("1", comm.size)
-    model_path, data_path, _, _ = make_files(mpi_tmp_path, c, "float32", comm)
-    sent, expected = {}, 0
-    for exchange in ("alltoallv", "nonzero"):
-        with DistributedModel(model_path, comm, choice("balanced", c["sizes"], comm.size),
-                              BATCH, exchange=exchange, nodes=node) as model:
-            data = load(data_path, model.table, model.spec.dtype, comm)
-            xb, _, _ = data.batch(np.arange(BATCH))  # a training engine keeps every input
-            xb[:, ::2] = 0  # samples of zeros, as a Sparse DNN's dead ones
-            engine = model.engine
-            engine.forward(xb)
-            sent[exchange] = comm.allreduce(sum(p.bytes_sent for p in engine.plans))
-            if exchange == "nonzero":
-                for p, gathered in zip(engine.plans, engine.inputs, strict=True):
-                    for source in range(comm.size):
-                        at, rows = p.recv_displs[source], p.recv_counts[source]
-                        if source == comm.rank or not rows:
-                            continue
-                        live = np.count_nonzero(gathered[at: at + rows].any(axis=0))
-                        expected += squeezed_head(BATCH, 4) + rows * live * 4
-    if comm.size == 1:
-        assert sent == {"alltoallv": 0, "nonzero": 0}
-        return
-    assert sent["nonzero"] == comm.allreduce(expected)
-    assert sent["nonzero"] < sent["alltoallv"]
-
-
 def plans_on(model_path: str, strategy: str, sizes: list[int], nodes: np.ndarray | None,
              exchange: str, comm: MPI.Comm) -> list:
     with DistributedModel(model_path, comm, choice(strategy, sizes, comm.size), BATCH,
@@ -197,11 +153,10 @@ def test_auto_never_picks_a_node_kind(mpi_tmp_path):
         assert kinds == one_host
 
 
-@pytest.mark.parametrize("kind", ["node", "neighbor", "nonzero"])
+@pytest.mark.parametrize("kind", ["node", "neighbor"])
 def test_closing_a_model_frees_the_communicators_its_plans_built(kind, mpi_tmp_path):
-    """The node kinds' node communicator, the neighbour kind's graphs and the nonzero
-    kind's duplicate live as long as the model: its close (and a new engine for a larger
-    batch) frees each once."""
+    """The node kinds' node communicator and the neighbour kind's graphs live as long as
+    the model: its close (and a new engine for a larger batch) frees each once."""
     comm = MPI.COMM_WORLD
     if comm.size < 2:
         pytest.skip("one rank builds no communicator")
@@ -209,18 +164,13 @@ def test_closing_a_model_frees_the_communicators_its_plans_built(kind, mpi_tmp_p
     model_path, _, _, _ = make_files(mpi_tmp_path, c, "float64", comm)
     with DistributedModel(model_path, comm, choice("balanced", c["sizes"], comm.size), BATCH,
                           exchange=kind, nodes=node_map("1", comm.size)) as model:
-        built = built_by(model.engine.plans)
+        built = [q for p in model.engine.plans for q in (p.graph, p.node_comm) if q is not None]
         assert built, f"{kind}: no communicator built"
         model.use_engine(2 * BATCH, training=True)  # the old engine's go, new ones come
         assert all(q == MPI.COMM_NULL for q in built)
-        built = built_by(model.engine.plans)
+        built = [q for p in model.engine.plans for q in (p.graph, p.node_comm) if q is not None]
     assert built and all(q == MPI.COMM_NULL for q in built)
-    assert not built_by(model.engine.plans)
-
-
-def built_by(plans: list) -> list[MPI.Comm]:
-    """The communicators ``make_plans`` built for ``plans`` that they still hold."""
-    return [q for p in plans for q in (p.graph, p.node_comm, p.p2p_comm) if q is not None]
+    assert all(p.graph is None and p.node_comm is None for p in model.engine.plans)
 
 
 def test_a_node_map_of_the_wrong_size_is_refused(mpi_tmp_path):
@@ -237,23 +187,21 @@ def test_a_node_map_of_the_wrong_size_is_refused(mpi_tmp_path):
 @pytest.mark.parametrize("case", MODELS)
 @pytest.mark.parametrize("strategy", ["balanced", "mincut"])
 @pytest.mark.parametrize("nodes", ["2", "pair"])
-@pytest.mark.parametrize("kind", ["node-forward", "nonzero"])
-def test_kinds_that_only_move_values_train_the_alltoallvs_weights_bitwise(kind, nodes, strategy,
-                                                                          case, mpi_tmp_path):
-    """``node-forward`` and ``nonzero`` only move values differently (``nonzero`` squeezes
-    out the zeros of messages between nodes), and sum the backward as the Alltoallv does:
-    bitwise the same weights, also pipelined (several plans' messages in flight)."""
+def test_node_forward_trains_the_alltoallvs_weights_bitwise(nodes, strategy, case,
+                                                            mpi_tmp_path):
+    """``node-forward`` only moves values differently, and sums the backward as the
+    Alltoallv does: bitwise the same weights, also pipelined."""
     comm = MPI.COMM_WORLD
     c = CASES[case]
     node = node_map(nodes, comm.size)
     trained = {}
-    runs = [(exchange, m) for exchange in ("alltoallv", kind) for m in (1, 3)]
+    runs = [(exchange, m) for exchange in ("alltoallv", "node-forward") for m in (1, 3)]
     for exchange, micro_batches in runs:
         model_path, data_path, _, _ = make_files(mpi_tmp_path, c, "float32", comm)
         with DistributedModel(model_path, comm, choice(strategy, c["sizes"], comm.size), BATCH,
                               exchange=exchange, nodes=node) as model:
             kinds = {p.kind for p in model.engine.plans}
-            assert exchange == "alltoallv" or node.max() == 0 or kind in kinds
+            assert exchange == "alltoallv" or node.max() == 0 or "node-forward" in kinds
             data = load(data_path, model.table, model.spec.dtype, comm)
             train(model, data, epochs=1, batch_size=BATCH, lr=c["lr"],
                   optimizer_name=c["optimizer"], momentum=c["momentum"], seed=11,
@@ -264,6 +212,6 @@ def test_kinds_that_only_move_values_train_the_alltoallvs_weights_bitwise(kind, 
                                             for w in ref.weights] + list(ref.biases)
         comm.Barrier()
     for m in (1, 3):
-        for i, (a, b) in enumerate(zip(trained[kind, m], trained["alltoallv", m],
+        for i, (a, b) in enumerate(zip(trained["node-forward", m], trained["alltoallv", m],
                                        strict=True)):
             assert np.array_equal(a, b), f"{m} micro-batches: array {i}"

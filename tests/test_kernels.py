@@ -167,36 +167,3 @@ def test_activation_in_place_equals_into_a_new_array(name, dtype):
     in_place = z.copy()
     assert kernels.activate(name, in_place, out=in_place, cap=cap) is in_place
     np.testing.assert_array_equal(in_place, expected)
-
-
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("rows,batch", [(0, 5), (1, 1), (3, 7), (3, 8), (5, 9), (17, 250)])
-def test_squeeze_round_trips_every_bit_and_leaves_out_only_zero_samples(dtype, rows, batch):
-    """-0.0, NaN and tiny values are values: a sample is left out only if all its bits are
-    zero, and what comes back is bitwise what went in."""
-    rng = np.random.default_rng(rows * 1000 + batch)
-    values = rng.standard_normal((rows, batch)).astype(dtype)
-    values[:, rng.random(batch) < 0.5] = 0
-    if rows and batch > 3:
-        values[:, 1] = 0
-        values[0, 1] = -0.0
-        values[-1, 2] = np.nan
-        values[:, 3] = 0
-        values[0, 3] = np.finfo(dtype).smallest_subnormal
-    live = values.view(f"u{values.itemsize}").any(axis=0)
-    message = np.empty(kernels.squeezed_bytes(rows, batch, values.itemsize), dtype=np.uint8)
-    nbytes = kernels.squeeze(values, message)
-    head = kernels.squeezed_head(batch, values.itemsize)
-    assert head % values.itemsize == 0 and head * 8 >= batch
-    assert nbytes == head + rows * int(live.sum()) * values.itemsize
-    out = np.full((rows, batch), 7, dtype=dtype)
-    kernels.unsqueeze(message[:nbytes], out)
-    assert out.tobytes() == values.tobytes()
-
-
-def test_unsqueeze_refuses_a_message_its_bitmap_does_not_describe():
-    values = np.ones((4, 10), dtype=np.float32)
-    message = np.empty(kernels.squeezed_bytes(4, 10, 4), dtype=np.uint8)
-    nbytes = kernels.squeeze(values, message)
-    with pytest.raises(MpinnError, match="does not hold the 4 x 10 values"):
-        kernels.unsqueeze(message[: nbytes - 4], np.empty((4, 10), dtype=np.float32))
