@@ -14,8 +14,8 @@ The prediction (docs/scaling.md): the one-host time plus the time the bytes that
 between nodes take on the link, max over the two directions of the inter-node bytes the
 partition report counts, at the link's rate (capped at what this VM's veth pairs carry,
 --ceiling-gbit, 3.7 Gbit/s measured with a 16 MB ping-pong); with dead samples dropped
-(``--drop-dead``, rows marked "dd", beside a one-host run that drops them too) or squeezed
-out (``--exchange nonzero``) those bytes times the share of live (sample, layer) inputs.
+(``--drop-dead``, rows marked "dd", beside a one-host run that drops them too) those bytes
+times the share of live (sample, layer) inputs.
 Not a test: nothing asserted.
 
     python benchmarks/cluster.py --neurons 1024 --layers 120 --samples 2000
@@ -91,8 +91,8 @@ def between_nodes(model: str, nranks: int, per_node: int, strategy: str
 
 def live_share(model: str, data: str) -> float:
     """The share of (sample, layer) inputs that are not all zero: what a layer's exchange
-    still carries of each message with dead samples dropped (``--drop-dead``) or squeezed
-    out (``--exchange nonzero``), from a one-process pass over the file."""
+    still carries with dead samples dropped (``--drop-dead``), from a one-process pass over
+    the file."""
     import h5py
     import numpy as np
 
@@ -161,7 +161,7 @@ def main() -> None:
                 for s in strategies for d in modes}
         crossing = {s: between_nodes(model, p, k, s) for s in strategies}
         share = live_share(model, data)
-        print(f"  live (sample, layer) inputs: {share:.1%} (what drop-dead and nonzero send)")
+        print(f"  live (sample, layer) inputs: {share:.1%} (what drop-dead sends)")
         head = (f"  {'link':<10} {'strategy':<9} {'exchange':<16} {'G edges/s':>9} "
                 f"{'seconds':>8} {'predicted':>9} "
                 f"{'compute':>8} {'wait':>7} {'load':>14} {'MB node0->1':>11} {'categories':>10}")
@@ -187,7 +187,7 @@ def main() -> None:
                         sent = crossing[s]["node" if kind.startswith("node") else "alltoallv"]
                         wire = max(sent) * args.samples * 8 / (link_gbit(link, args.ceiling_gbit)
                                                                * 1e9)
-                        if d or kind == "nonzero":
+                        if d:
                             wire *= share
                         predicted = host[s, d]["seconds"] + wire
                         print(f"  {link:<10} {s:<9} {kind + ' dd' * d:<16} "
