@@ -131,7 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "next to the chosen one; store nothing")
     p.add_argument("--batch-size", type=int, default=256, help="global batch for --plan")
     _partition_flags(p, stored=False)
-    p.add_argument("--ranks-per-node", type=int, metavar="K", help=NODES_HELP)
+    p.add_argument("--ranks-per-node", type=int, metavar="K",
+                   help=NODES_HELP + "; mincut also places "
+                   "its parts so that those exchanging the most share a node")
 
     p = sub.add_parser("inspect", help="print layers, partitions and their traffic")
     p.add_argument("model")
@@ -733,7 +735,7 @@ def run(args: argparse.Namespace) -> int:
                 print(text)
             return 0
         store_partition(args.model, args.ranks, choice.strategy, choice.params,
-                        args.name or choice.strategy, comm, args.force)
+                        args.name or choice.strategy, comm, args.force, args.ranks_per_node)
         return 0
     if args.command == "inspect":
         from mpinn.describe import describe

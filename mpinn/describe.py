@@ -268,7 +268,7 @@ def compare(path: str, nranks: int, comm: MPI.Comm, params: dict[str, Any] | Non
             if strategy == "layers" and "layer_ranks" not in given:
                 given["layer_ranks"] = distributor.layer_blocks(spec.sizes, nranks, row_nnz)
             try:
-                owner = owner_for_strategy(f, spec, nranks, strategy, given, comm)
+                owner = owner_for_strategy(f, spec, nranks, strategy, given, comm, node)
                 table = MetadataTable.build(spec.sizes, owner, nranks)
             except MpinnError as exc:
                 rows.append((strategy, None, str(exc)))
@@ -292,9 +292,12 @@ def compare(path: str, nranks: int, comm: MPI.Comm, params: dict[str, Any] | Non
 
 
 def store_partition(path: str, nranks: int, strategy: str, params: dict[str, Any], name: str,
-                    comm: MPI.Comm, force: bool = False) -> MetadataTable:
+                    comm: MPI.Comm, force: bool = False, ranks_per_node: int | None = None
+                    ) -> MetadataTable:
     """Compute a partition for ``nranks`` ranks and store it in the model file (collective);
-    a stored partition of the same name is replaced only with ``force``."""
+    a stored partition of the same name is replaced only with ``force``. ``mincut`` places
+    its parts on the nodes where they are known (``partition_nodes``)."""
+    node = partition_nodes(comm, nranks, ranks_per_node)
     with fmt.opened(path, "r", comm) as f:
         spec = agree(comm, lambda: fmt.read_spec(f))
 
@@ -306,7 +309,7 @@ def store_partition(path: str, nranks: int, strategy: str, params: dict[str, Any
         agree(comm, check_name)
 
         def build() -> MetadataTable:
-            owner = owner_for_strategy(f, spec, nranks, strategy, params, comm)
+            owner = owner_for_strategy(f, spec, nranks, strategy, params, comm, node)
             return MetadataTable.build(spec.sizes, owner, nranks)
 
         table = agree(comm, build)

@@ -31,6 +31,7 @@ from mpinn.exchange import MAX, SUM, ReplicaGroups, agree, allreduce, on_root
 from mpinn.metadata import MetadataTable
 from mpinn.optim import OPTIMIZERS, Optimizer, Schedule, clip_coefficient, make_optimizer
 from mpinn.shard import LayerShard, Shard
+from mpinn.topology import job_nodes
 
 
 @dataclass
@@ -43,25 +44,28 @@ class PartitionChoice:
 
 
 def resolve_owner(f: h5py.File, spec: fmt.ModelSpec, choice: PartitionChoice, nranks: int,
-                  comm: MPI.Comm) -> tuple[np.ndarray, str]:
-    """Owner array for this job and a one-line description of where it came from."""
+                  comm: MPI.Comm, node: np.ndarray | None = None) -> tuple[np.ndarray, str]:
+    """Owner array for this job and a one-line description of where it came from
+    (``node``: the node of each of the ``nranks`` ranks, for ``owner_for_strategy``)."""
     if choice.name is not None:
         owner, stored_ranks, strategy, _ = fmt.read_partition(f, choice.name)
         if stored_ranks != nranks:
             raise MpinnError(f"partition {choice.name!r} was made for {stored_ranks} ranks but "
                              f"the job has {nranks}")
         return owner, f"partition {choice.name!r} ({strategy})"
-    owner = owner_for_strategy(f, spec, nranks, choice.strategy, choice.params, comm)
+    owner = owner_for_strategy(f, spec, nranks, choice.strategy, choice.params, comm, node)
     return owner, f"strategy {choice.strategy}"
 
 
 def owner_for_strategy(f: h5py.File, spec: fmt.ModelSpec, nranks: int, strategy: str,
-                       params: dict[str, Any], comm: MPI.Comm) -> np.ndarray:
+                       params: dict[str, Any], comm: MPI.Comm,
+                       node: np.ndarray | None = None) -> np.ndarray:
     """Owner array of ``strategy`` for this model (collective for the wiring-aware ones).
 
     ``nnz`` reads every layer's indptr (one integer per neuron). ``mincut`` partitions the
     wiring graph on rank 0, which reads the connections (never the weights) one layer at a
-    time, and hands the owners to every rank.
+    time, and hands the owners to every rank; given ``node`` (the node of each of the
+    ``nranks`` ranks) it places the parts that exchange the most on the same node.
     """
     if strategy not in distributor.WIRED:
         return distributor.partition(spec.sizes, nranks, strategy, params)
@@ -69,7 +73,8 @@ def owner_for_strategy(f: h5py.File, spec: fmt.ModelSpec, nranks: int, strategy:
     if strategy == "nnz":
         return distributor.partition(spec.sizes, nranks, strategy, params, wiring)
     distributor.require_pymetis()  # on every rank: the same answer everywhere, before any wait
-    return on_root(comm, lambda: distributor.partition(spec.sizes, nranks, strategy, params, wiring))
+    return on_root(comm, lambda: distributor.partition(spec.sizes, nranks, strategy, params, wiring,
+                                                       node))
 
 
 REPLICA_LOADS = ("read", "bcast")
@@ -103,9 +108,13 @@ class DistributedModel:
         try:
             self.spec = agree(comm, lambda: fmt.read_spec(self.file))
             # the owners come from world rank 0 where a strategy is not a pure function
-            # (mincut), so every group holds the same partition
+            # (mincut, placed on the nodes of rank 0's group), so every group holds the
+            # same partition
+            node = None
+            if choice.name is None and choice.strategy == "mincut":
+                node = nodes if nodes is not None else job_nodes(group)
             owner, self.partition_text = agree(
-                comm, lambda: resolve_owner(self.file, self.spec, choice, group.size, comm))
+                comm, lambda: resolve_owner(self.file, self.spec, choice, group.size, comm, node))
             self.table = agree(comm, lambda: MetadataTable.build(self.spec.sizes, owner, group.size))
             agree(comm, lambda: Shard.check_fits(self.spec, self.table, group.rank, max_batch))
             if self.replicas > 1 and replica_load == "bcast":

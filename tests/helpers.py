@@ -55,17 +55,24 @@ def strategy_params(strategy: str, sizes: list[int], nranks: int, tmp: str | Non
     raise ValueError(strategy)
 
 
-def grouped_network(sizes: list[int], groups: int, fan_in: int, seed: int) -> list:
+def grouped_network(sizes: list[int], groups: int, fan_in: int, seed: int,
+                    partner_reads: int = 0) -> list:
     """CSR layers wired local by construction: every layer's neurons fall into ``groups``
     groups and read only inputs of their own group; the groups are hidden by a random
-    numbering of each layer, so contiguous blocks of ids cut almost every connection."""
+    numbering of each layer, so contiguous blocks of ids cut almost every connection.
+    With ``partner_reads`` k, k of each neuron's inputs come from its partner group (g xor
+    1) instead: pairs of groups that belong on one node."""
     import scipy.sparse as sp
     rng = np.random.default_rng(seed)
     group = [rng.permutation(n) % groups for n in sizes]
     layers = []
     for layer in range(1, len(sizes)):
         members = [np.flatnonzero(group[layer - 1] == g) for g in range(groups)]
-        columns = [np.sort(rng.choice(members[g], fan_in, replace=False)) for g in group[layer]]
+        columns = [np.sort(rng.choice(members[g], fan_in, replace=False)) if not partner_reads
+                   else np.sort(np.concatenate([
+                       rng.choice(members[g], fan_in - partner_reads, replace=False),
+                       rng.choice(members[g ^ 1], partner_reads, replace=False)]))
+                   for g in group[layer]]
         indptr = np.arange(0, fan_in * (sizes[layer] + 1), fan_in)
         values = rng.uniform(-0.5, 0.5, size=fan_in * sizes[layer])
         layers.append(sp.csr_matrix((values, np.concatenate(columns), indptr),

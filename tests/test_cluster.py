@@ -151,6 +151,37 @@ def test_bytes_between_nodes_are_reported_as_the_plans_send_them(cluster, tmp_pa
     assert all(" 0 B" not in line.split("inside")[0] for line in between), between
 
 
+def test_mincut_places_its_parts_on_the_nodes_of_a_cyclic_placement(cluster, tmp_path):
+    """A network of two loosely coupled halves (four groups in talking pairs) partitioned
+    by mincut in jobs placed by block and by ``--map-by node`` (ranks 0 and 2 on node1):
+    the job finds its nodes and mincut's parts send nothing between them either way, while
+    the same parts stored by one process (nodes unknown) send every value across under the
+    cyclic placement, as ``inspect`` across the nodes reports."""
+    from mpinn import format as fmt
+    from tests.helpers import grouped_network
+
+    sizes = [240, 240, 240, 240]
+    model = tmp_path / "pairs.h5"
+    layers = grouped_network(sizes, groups=4, fan_in=8, seed=1, partner_reads=2)
+    fmt.write_model(str(model), sizes, (fmt.LayerArrays("relu", w, np.zeros(w.shape[0]))
+                                        for w in layers), "float32")
+    ok(mpinn(1, "partition", str(model), "--ranks", "4", "--strategy", "mincut", "--name",
+             "plain"))
+
+    def placed(placement: list[str], *args: str) -> str:
+        return ok(subprocess.run(across(LAYOUT, *placement, sys.executable, "-m", "mpinn", *args),
+                                 capture_output=True, text=True, timeout=180, env=ENV, cwd=ROOT))
+
+    for placement in ([], ["--map-by", "node"]):
+        out = placed(placement, "partition", str(model), "--ranks", "4", "--compare")
+        lines = out.splitlines()
+        mincut = lines[[line.strip().startswith("mincut") for line in lines].index(True) + 1]
+        assert "between nodes fwd            0 B  bwd            0 B" in mincut, out
+    out = placed(["--map-by", "node"], "inspect", str(model))
+    plain = [line for line in out.splitlines() if "between nodes" in line]
+    assert plain and "(100.0%)" in plain[0], out
+
+
 @pytest.mark.parametrize("fault, message", [
     ("load:2", "injected fault at load on rank 2"),    # a failed read on node2's first rank
     ("step:3:5", "injected fault at step on rank 3"),  # an exception inside node2's engine

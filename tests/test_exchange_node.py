@@ -18,7 +18,7 @@ from mpinn import topology
 from mpinn.data import load
 from mpinn.errors import MpinnError
 from mpinn.exchange import make_plans
-from mpinn.train import DistributedModel, train
+from mpinn.train import DistributedModel, PartitionChoice, train
 from tests.helpers import ALL_STRATEGIES
 from tests.reference import Reference
 from tests.test_engine_mpi import (
@@ -215,3 +215,42 @@ def test_node_forward_trains_the_alltoallvs_weights_bitwise(nodes, strategy, cas
         for i, (a, b) in enumerate(zip(trained["node-forward", m], trained["alltoallv", m],
                                        strict=True)):
             assert np.array_equal(a, b), f"{m} micro-batches: array {i}"
+
+
+def test_mincut_places_its_parts_on_the_jobs_nodes(mpi_tmp_path):
+    """A network of four groups in two talking pairs (tests/helpers.grouped_network) on
+    4 ranks placed cyclically (ranks 0 and 2 on node 0, as ``--map-by node`` puts them):
+    ``strategy mincut`` in the job sends nothing between the nodes, where the same parts
+    made without the nodes (a stored partition) send every value across; both predict
+    the reference's outputs."""
+    from mpinn import format as fmt
+    from mpinn.describe import store_partition
+    from tests.helpers import grouped_network
+    from tests.reference import Reference, assert_close
+
+    comm = MPI.COMM_WORLD
+    if comm.size != 4:
+        pytest.skip("the talking pairs need 4 ranks on 2 nodes")
+    sizes = [240, 240, 240, 240]
+    model_path = str(mpi_tmp_path / "pairs.h5")
+    if comm.rank == 0:
+        layers = grouped_network(sizes, groups=4, fan_in=8, seed=1, partner_reads=2)
+        fmt.write_model(model_path, sizes, (fmt.LayerArrays("relu", w, np.zeros(w.shape[0]))
+                                            for w in layers), "float64")
+    comm.Barrier()
+    store_partition(model_path, 4, "mincut", {}, "plain", comm)  # one host: nodes unknown
+    cyclic = np.array([0, 1, 0, 1])
+    x = np.random.default_rng(2).normal(size=(BATCH, sizes[0]))
+    _, acts = Reference.from_file(model_path).forward(x)
+    between = {}
+    for name, pick in (("plain", PartitionChoice("plain")),
+                       ("aware", PartitionChoice(None, "mincut"))):
+        with DistributedModel(model_path, comm, pick, BATCH, training=False, exchange="alltoallv",
+                              nodes=cyclic) as model:
+            between[name] = comm.allreduce(sum(p.values_between_nodes(cyclic)
+                                               for p in model.engine.plans))
+            local = x[:, model.table.rows(0, comm.rank)].T.copy()
+            out = model.engine.forward(local)
+            rows = model.shard.layers[-1].rows
+            assert_close(out.T, acts[-1][:, rows], "float64", name)
+    assert between["aware"] == 0 < between["plain"], between

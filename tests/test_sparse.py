@@ -18,11 +18,12 @@ from tests.reference import Reference, assert_close
 from tests.test_cli import mpinn, ok
 
 
-def _traffic(sizes: list[int], layers: list, strategy: str, nranks: int):
+def _traffic(sizes: list[int], layers: list, strategy: str, nranks: int,
+             node: np.ndarray | None = None):
     wiring = distributor.Wiring([np.diff(w.indptr) for w in layers],
                                 lambda i: (layers[i - 1].indptr.astype(np.int64),
                                            layers[i - 1].indices.astype(np.int64)))
-    owner = distributor.partition(sizes, nranks, strategy, {}, wiring)
+    owner = distributor.partition(sizes, nranks, strategy, {}, wiring, node)
     spec = fmt.ModelSpec(tuple(sizes), tuple(
         fmt.LayerSpec(i, sizes[i - 1], sizes[i], "relu", "csr", layers[i - 1].nnz)
         for i in range(1, len(sizes))), np.dtype(np.float32))
@@ -47,6 +48,77 @@ def test_mincut_exchanges_far_less_than_balanced_on_local_wiring(nranks, capsys)
     assert sent == {"balanced": {2: 4696, 3: 8992, 4: 12536}[nranks], "mincut": 0}
     assert mincut.local_fraction == 1.0 and round(balanced.local_fraction, 2) == round(1 / nranks, 2)
     assert round(balanced.imbalance, 2) == round(mincut.imbalance, 2) == 1.0
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_node_aware_mincut_puts_the_groups_that_talk_on_one_node(seed):
+    """Four groups, each reading a quarter of its inputs from its partner group: METIS's
+    parts follow the groups and its recursive bisection numbers partners 2k, 2k+1, which
+    block placement (2+2) already keeps together; under cyclic placement (ranks 0, 2 on
+    node 0, as ``--map-by node`` puts them) plain mincut sends every value between the
+    nodes and the node-aware one none. Both are the same parts, relabelled."""
+    sizes = [240, 240, 240, 240]
+    layers = grouped_network(sizes, groups=4, fan_in=8, seed=seed, partner_reads=2)
+
+    def between(traffic, node: np.ndarray) -> int:
+        return int(traffic.forward_matrix[node[:, None] != node[None, :]].sum())
+
+    plain = _traffic(sizes, layers, "mincut", 4)
+    sent = int(plain.forward_matrix.sum())
+    for node in (np.array([0, 0, 1, 1]), np.array([0, 1, 0, 1]), np.array([0, 0, 0, 1])):
+        aware = _traffic(sizes, layers, "mincut", 4, node)
+        assert int(aware.forward_matrix.sum()) == sent  # the same parts
+        assert between(aware, node) <= between(plain, node)
+        if node.tolist() != [0, 0, 0, 1]:
+            assert between(aware, node) == 0, node
+    assert between(plain, np.array([0, 1, 0, 1])) == sent > 0
+
+
+def test_onto_nodes_places_parts_on_nodes_by_their_traffic():
+    """Planted: parts 0-3 and 1-2 exchange much, the rest little; 2 nodes of 2 ranks. Random
+    small cases (every placement tried): a permutation, the best of every placement (brute
+    force here), the identity where that is as good. Beyond ``EXHAUSTIVE_PARTS`` (greedy and
+    swaps): 16 parts in planted pairs on 8 nodes of 2 (cyclic numbering) end with no value
+    between nodes. One node, or one rank per node: identity."""
+    import itertools
+
+    traffic = np.ones((4, 4), dtype=np.int64) + 50 * (np.eye(4)[[3, 2, 1, 0]]).astype(np.int64)
+    rank = distributor.onto_nodes(traffic, np.array([0, 0, 1, 1]))
+    node = np.array([0, 0, 1, 1])[rank]
+    assert node[0] == node[3] and node[1] == node[2] and node[0] != node[1]
+
+    def between(w: np.ndarray, node: np.ndarray, rank: np.ndarray) -> int:
+        on = node[rank]
+        return int(w[on[:, None] != on[None, :]].sum())
+
+    rng = np.random.default_rng(5)
+    for _ in range(60):
+        p = int(rng.integers(3, 7))
+        node = np.sort(rng.integers(0, int(rng.integers(2, p)), p))
+        node = np.unique(node, return_inverse=True)[1]
+        t = rng.integers(0, 30, (p, p)) * (rng.random((p, p)) < 0.6)
+        np.fill_diagonal(t, 0)
+        w = t + t.T
+        rank = distributor.onto_nodes(t, node)
+        assert sorted(rank.tolist()) == list(range(p))
+        best = min(between(w, node, np.array(q)) for q in itertools.permutations(range(p)))
+        assert between(w, node, rank) == best
+        if between(w, node, np.arange(p)) == best:
+            assert np.array_equal(rank, np.arange(p))
+    pairs = np.zeros((16, 16), dtype=np.int64)
+    for k in range(8):
+        pairs[k, k + 8] = pairs[k + 8, k] = 7
+    pairs += rng.integers(0, 2, (16, 16))
+    np.fill_diagonal(pairs, 0)
+    node = np.repeat(np.arange(8), 2)
+    rank = distributor.onto_nodes(pairs, node)
+    for k in range(8):
+        assert node[rank[k]] == node[rank[k + 8]], k
+    for node in (np.zeros(5, dtype=np.int64), np.arange(5)):
+        assert np.array_equal(distributor.onto_nodes(rng.integers(0, 9, (5, 5)), node),
+                              np.arange(5))
+    with pytest.raises(fmt.MpinnError, match="node list names 3 ranks, the partition has 5"):
+        distributor.onto_nodes(np.zeros((5, 5)), np.zeros(3))
 
 
 def test_nnz_strategy_balances_stored_weights_not_neurons():
