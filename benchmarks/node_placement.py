@@ -5,7 +5,8 @@ one process) and in the job (placed on the job's nodes by ``distributor.onto_nod
 
 The network: ``--layers`` CSR layers of ``--width`` neurons in four hidden groups, each
 neuron reading ``--fan-in`` inputs, ``--partner-reads`` of them from its partner group
-(group g xor 1), as a model with two loosely coupled halves. METIS finds the groups; its
+(group g xor 1), as a model with two loosely coupled halves (``tests.helpers.
+grouped_network``, the network the tests place). METIS finds the groups; its
 recursive bisection numbers partners 2k and 2k + 1, which block placement keeps on one
 node and cyclic placement splits. For each link and placement it prints samples/s of the
 last of ``--epochs`` training epochs and the values per sample crossing between nodes
@@ -24,44 +25,31 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-import scipy.sparse as sp
+from mpi4py import MPI
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from train_mlp import ROOT, run  # noqa: E402
 
-from mpinn import distributor  # noqa: E402
+sys.path.insert(0, str(ROOT))
+
+from mpinn import distributor, topology  # noqa: E402
 from mpinn import format as fmt  # noqa: E402
+from mpinn.describe import rank_traffic  # noqa: E402
+from mpinn.metadata import MetadataTable  # noqa: E402
+from tests.helpers import grouped_network  # noqa: E402 - the network the tests place
 
 CLUSTER = Path("/run/mpinn-cluster")
 PLACEMENTS = {"block": np.array([0, 0, 1, 1]), "cyclic": np.array([0, 1, 0, 1])}
 
 
-def paired_layers(width: int, layers: int, fan_in: int, partner: int, seed: int) -> list:
-    """CSR layers of four hidden groups; ``partner`` of each neuron's inputs from group g^1."""
-    rng = np.random.default_rng(seed)
-    group = [rng.permutation(width) % 4 for _ in range(layers + 1)]
-    out = []
-    for layer in range(1, layers + 1):
-        members = [np.flatnonzero(group[layer - 1] == g) for g in range(4)]
-        columns = [np.sort(np.concatenate([rng.choice(members[g], fan_in - partner, replace=False),
-                                           rng.choice(members[g ^ 1], partner, replace=False)]))
-                   for g in group[layer]]
-        indptr = np.arange(0, fan_in * (width + 1), fan_in)
-        values = rng.uniform(-1, 1, fan_in * width) / np.sqrt(fan_in)
-        out.append(sp.csr_matrix((values, np.concatenate(columns), indptr), shape=(width, width)))
-    return out
-
-
-def between(layers: list, owner: np.ndarray, node: np.ndarray, width: int) -> int:
-    """Values per sample sent forward between nodes: (input, reading rank) pairs across."""
-    total = 0
-    for i, w in enumerate(layers):
-        ins, outs = owner[i * width:(i + 1) * width], owner[(i + 1) * width:(i + 2) * width]
-        rows = np.repeat(np.arange(width), np.diff(w.indptr))
-        pairs = np.unique(w.indices.astype(np.int64) * 4 + outs[rows])
-        total += int(np.count_nonzero(node[ins[pairs // 4]] != node[pairs % 4]))
-    return total
+def between(model: str, owner: np.ndarray, node: np.ndarray) -> int:
+    """Values per sample sent forward between nodes, from the partition report."""
+    with fmt.opened(model, "r", MPI.COMM_SELF) as f:
+        spec = fmt.read_spec(f)
+        table = MetadataTable.build(spec.sizes, owner, node.size)
+        matrix = rank_traffic(spec, table, fmt.wiring_reader(f, spec)).forward_matrix
+    return topology.split_by_node(matrix, node)[0] // spec.dtype.itemsize
 
 
 def main() -> None:
@@ -76,8 +64,11 @@ def main() -> None:
     parser.add_argument("--links", default="1gbit,10gbit")
     args = parser.parse_args()
     width, n = args.width, args.layers
-    layers = paired_layers(width, n, args.fan_in, args.partner_reads, seed=1)
     sizes = [width] * (n + 1)
+    layers = grouped_network(sizes, groups=4, fan_in=args.fan_in, seed=1,
+                             partner_reads=args.partner_reads)
+    for w in layers:  # uniform(-1, 1) / sqrt(fan-in): activations keep their scale
+        w.data *= 2 / np.sqrt(args.fan_in)
     wiring = distributor.Wiring([np.diff(w.indptr) for w in layers],
                                 lambda i: (layers[i - 1].indptr.astype(np.int64),
                                            layers[i - 1].indices.astype(np.int64)))
@@ -117,7 +108,7 @@ def main() -> None:
                                    str(args.batch_size), "--lr", "0.001", *flags], 1)
                         rate = re.findall(r"samples/s ([\d,]+)", out)[-1]
                         print(f"  {link:<8} {placement:<9} {name:<22} "
-                              f"{between(layers, owner, node, width):>28,} {rate:>10}", flush=True)
+                              f"{between(model, owner, node):>28,} {rate:>10}", flush=True)
             finally:
                 subprocess.run(["bash", str(ROOT / "scripts/cluster-down.sh")], capture_output=True)
 
