@@ -14,13 +14,15 @@ import numpy as np
 import pytest
 from mpi4py import MPI
 
+from mpinn import format as fmt
 from mpinn import topology
 from mpinn.data import load
+from mpinn.describe import store_partition
 from mpinn.errors import MpinnError
 from mpinn.exchange import make_plans
 from mpinn.train import DistributedModel, PartitionChoice, train
-from tests.helpers import ALL_STRATEGIES
-from tests.reference import Reference
+from tests.helpers import ALL_STRATEGIES, grouped_network
+from tests.reference import Reference, assert_close
 from tests.test_engine_mpi import (
     BATCH,
     CASES,
@@ -223,11 +225,6 @@ def test_mincut_places_its_parts_on_the_jobs_nodes(mpi_tmp_path):
     ``strategy mincut`` in the job sends nothing between the nodes, where the same parts
     made without the nodes (a stored partition) send every value across; both predict
     the reference's outputs."""
-    from mpinn import format as fmt
-    from mpinn.describe import store_partition
-    from tests.helpers import grouped_network
-    from tests.reference import Reference, assert_close
-
     comm = MPI.COMM_WORLD
     if comm.size != 4:
         pytest.skip("the talking pairs need 4 ranks on 2 nodes")
