@@ -366,8 +366,16 @@ class Engine:
 
     # ------------------------------------------------------------ backward
 
-    def backward(self) -> None:
-        """Gradients of my rows for the last forward, from the output dL/dz of ``loss_and_grad``."""
+    def backward(self, sgd_lr: float | None = None) -> None:
+        """Gradients of my rows for the last forward, from the output dL/dz of ``loss_and_grad``.
+
+        ``sgd_lr``: take plain SGD's step (w -= lr dL/dw) as each layer's gradients are
+        made, in the weight-gradient GEMM (``LayerShard.sgd_update``), instead of leaving
+        the gradients for an optimizer pass; only with one group, whose gradients need no
+        sum over replicas first.
+        """
+        if sgd_lr is not None and self.reducer is not None:
+            raise MpinnError("the SGD step inside backward needs the gradients of one group")
         batch = self._batch
         layers = self.shard.layers
         for i in range(len(layers) - 1, -1, -1):
@@ -383,8 +391,12 @@ class Engine:
                 plan.start_backward(grad_inputs)
                 started = time.perf_counter()
                 layer.input_grad_local(grad_z, grad_inputs)
-            layer.weight_grad(grad_z, self.inputs[i], self.grad_weight[i])
             np.sum(grad_z, axis=1, out=self.grad_bias[i])
+            if sgd_lr is None:
+                layer.weight_grad(grad_z, self.inputs[i], self.grad_weight[i])
+            else:  # this layer's weights are not read again in this backward
+                layer.sgd_update(grad_z, self.inputs[i], self.grad_weight[i], sgd_lr)
+                kernels.axpy(-sgd_lr, self.grad_bias[i], layer.bias)
             self.seconds_compute += time.perf_counter() - started
             if self.reducer is not None:  # summed over the groups while backward goes on
                 self.reducer.post(i)

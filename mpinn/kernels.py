@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import scipy.sparse as sp
+from scipy.linalg.blas import get_blas_funcs
 from scipy.special import erf, expit
 
 from mpinn.errors import MpinnError
@@ -190,6 +191,52 @@ def dense_weight_grad(grad_z: np.ndarray, inputs: np.ndarray, grad_weight: np.nd
     micro-batch: one large GEMM, and nothing accumulates in place.
     """
     np.matmul(grad_z, inputs.T, out=grad_weight)
+
+
+def axpy(a: float, x: np.ndarray, y: np.ndarray) -> None:
+    """y += a * x in place, in one pass over x and y (BLAS axpy) where both are contiguous
+    arrays of one float type; numpy's ``y += a * x`` makes a temporary and three passes.
+    The update is memory-bound: on the 784-4096x3-10 model this halves its time."""
+    if y.size == 0:  # a rank without rows in a layer (BLAS refuses empty vectors)
+        return
+    if (x.dtype == y.dtype and y.dtype in (np.float32, np.float64) and x.shape == y.shape
+            and x.flags.c_contiguous and y.flags.c_contiguous):
+        flat = y.reshape(-1)
+        out = _AXPY[y.dtype.char](x.reshape(-1), flat, a=a)
+        if out is flat or np.shares_memory(out, y):  # written in place, as f2py does here
+            return
+        y[...] = out.reshape(y.shape)
+        return
+    y += a * x
+
+
+_AXPY = {np.dtype(t).char: get_blas_funcs("axpy", dtype=np.dtype(t)) for t in (np.float32, np.float64)}
+
+
+def dense_sgd_update(grad_z: np.ndarray, inputs: np.ndarray, weight: np.ndarray,
+                     lr: float) -> None:
+    """Plain SGD fused into the weight-gradient GEMM: ``weight -= lr * grad_z @ inputs.T``.
+
+    One BLAS call with beta = 1 adds the product into the weights, so the gradient is never
+    written out and read back by an optimizer pass (the update is memory-bound: a whole
+    pass over the weights and the gradient saved per layer). Falls back to numpy where the
+    arrays are not contiguous floats of one type.
+    """
+    if weight.size == 0:  # a rank without rows in a layer (BLAS refuses empty matrices)
+        return
+    gemm = _GEMM.get(weight.dtype.char)
+    if (gemm is None or not (grad_z.dtype == inputs.dtype == weight.dtype)
+            or not (grad_z.flags.c_contiguous and inputs.flags.c_contiguous
+                    and weight.flags.c_contiguous)):
+        weight -= lr * (grad_z @ inputs.T)
+        return
+    # in Fortran order the C-ordered arrays are their transposes: W^T -= lr * X dZ^T
+    out = gemm(-lr, inputs.T, grad_z.T, beta=1.0, c=weight.T, trans_a=1, overwrite_c=1)
+    if not np.shares_memory(out, weight):  # f2py copied c after all: write the result back
+        weight[...] = out.T
+
+
+_GEMM = {np.dtype(t).char: get_blas_funcs("gemm", dtype=np.dtype(t)) for t in (np.float32, np.float64)}
 
 
 def dense_backward(inputs: np.ndarray, grad_z: np.ndarray, grad_weight: np.ndarray,

@@ -149,8 +149,11 @@ def predict(sizes: Sequence[int], batch: int, itemsize: int, layout: Layout,
         from mpinn.exchange import gradient_buckets
         buckets = len(gradient_buckets([v * itemsize for v in _rank_values(sizes, layout.group)]))
         allreduce = ring_bytes / machine.bandwidth + 2 * (r - 1) * buckets * machine.latency
+    # one group, one micro-batch: train takes plain SGD's step inside the weight-gradient
+    # GEMMs (Engine.backward(sgd_lr=...)), with no pass of its own over the parameters
+    fused = r == 1 and layout.micro_batches == 1
     return Prediction(layout, compute, exchange, allreduce, passes * machine.overhead,
-                      params * machine.update, nbytes, ring_bytes, params)
+                      0.0 if fused else params * machine.update, nbytes, ring_bytes, params)
 
 
 def layer_ranks(sizes: Sequence[int], q: int) -> list[int]:
@@ -420,6 +423,7 @@ def _layout_seconds(comm: object, sizes: Sequence[int], batch: int, dtype: np.dt
         if groups.across is not None:
             engine.set_replicas(groups.across)
         sgd = SGD(engine.parameters(), lr=1e-3)
+        fused = groups.across is None and lay.micro_batches == 1  # as train steps then
         rng = np.random.default_rng(0)
         x = rng.random((table.rows(0, rank).size, b)).astype(dtype)
         labels = rng.integers(0, sizes[-1], b)
@@ -430,6 +434,9 @@ def _layout_seconds(comm: object, sizes: Sequence[int], batch: int, dtype: np.dt
             else:
                 engine.loss_and_grad(engine.forward(x), labels, None, batch)
             _stop_check(comm)
+            if fused:
+                engine.backward(sgd_lr=sgd.lr)
+                return
             if lay.micro_batches == 1:
                 engine.backward()
             engine.finish_gradients()

@@ -14,32 +14,12 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
-from scipy.linalg.blas import get_blas_funcs
 
 from mpinn.errors import MpinnError
+from mpinn.kernels import axpy
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "step", "cosine")
-
-
-def axpy(a: float, x: np.ndarray, y: np.ndarray) -> None:
-    """y += a * x in place, in one pass over x and y (BLAS axpy) where both are contiguous
-    arrays of one float type; numpy's ``y += a * x`` makes a temporary and three passes.
-    The update is memory-bound: on the 784-4096x3-10 model this halves its time."""
-    if y.size == 0:  # a rank without rows in a layer (BLAS refuses empty vectors)
-        return
-    if (x.dtype == y.dtype and y.dtype in (np.float32, np.float64) and x.shape == y.shape
-            and x.flags.c_contiguous and y.flags.c_contiguous):
-        flat = y.reshape(-1)
-        out = _AXPY[y.dtype.char](x.reshape(-1), flat, a=a)
-        if out is flat or np.shares_memory(out, y):  # written in place, as f2py does here
-            return
-        y[...] = out.reshape(y.shape)
-        return
-    y += a * x
-
-
-_AXPY = {np.dtype(t).char: get_blas_funcs("axpy", dtype=np.dtype(t)) for t in (np.float32, np.float64)}
 
 
 class Optimizer:
@@ -91,6 +71,12 @@ class SGD(Optimizer):
 
     def config(self) -> dict[str, Any]:
         return {**super().config(), "momentum": self.momentum}
+
+    @property
+    def plain(self) -> bool:
+        """No momentum and no weight decay: w -= lr g alone, which the engine can take
+        inside backward (``Engine.backward(sgd_lr=...)``)."""
+        return not self.momentum and not self.weight_decay
 
     def step(self) -> None:
         # in place, no temporaries: the gradient buffers are rewritten by the next backward

@@ -86,6 +86,12 @@ class LayerShard:
         """``grad_weight = dz @ x^T`` of my rows over the whole batch."""
         kernels.dense_weight_grad(grad_z, inputs, grad_weight)
 
+    def sgd_update(self, grad_z: np.ndarray, inputs: np.ndarray, grad_weight: np.ndarray,
+                   lr: float) -> None:
+        """Plain SGD of my weights, ``W -= lr dz @ x^T``, in the weight-gradient GEMM itself
+        (``grad_weight`` is left as it was)."""
+        kernels.dense_sgd_update(grad_z, inputs, self.weight, lr)
+
     # ---- file I/O of weight-shaped arrays (weights, optimizer state)
 
     def weight_file_shape(self) -> tuple[int, ...]:
@@ -192,6 +198,12 @@ class CsrLayerShard(LayerShard):
                            (self.remote_ptr, slice(self.n_local_entries, None))):
             kernels.csr_weight_grad(ptr, self.columns[block], self.entry_rows[block], grad_z,
                                     inputs, grad_weight[block])
+
+    def sgd_update(self, grad_z: np.ndarray, inputs: np.ndarray, grad_weight: np.ndarray,
+                   lr: float) -> None:
+        """Plain SGD of the stored weights: their gradients, then one axpy."""
+        self.weight_grad(grad_z, inputs, grad_weight)
+        kernels.axpy(-lr, grad_weight, self.weight)
 
     def weight_file_shape(self) -> tuple[int, ...]:
         return (self.spec.nnz,)

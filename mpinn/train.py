@@ -29,7 +29,7 @@ from mpinn.engine import Engine
 from mpinn.errors import MpinnError, inject_fault
 from mpinn.exchange import MAX, SUM, ReplicaGroups, agree, allreduce, on_root
 from mpinn.metadata import MetadataTable
-from mpinn.optim import OPTIMIZERS, Optimizer, Schedule, clip_coefficient, make_optimizer
+from mpinn.optim import OPTIMIZERS, SGD, Optimizer, Schedule, clip_coefficient, make_optimizer
 from mpinn.shard import LayerShard, Shard
 from mpinn.topology import job_nodes
 
@@ -511,6 +511,10 @@ def train(model: DistributedModel, data: LocalData, *, epochs: int, batch_size: 
     early = EarlyStopping(patience, model.state)
     result.best_val_loss = early.best
 
+    # plain SGD with nothing between the gradients and the step (no sum over replicas, no
+    # clipping, one micro-batch) steps inside backward, in the weight-gradient GEMMs
+    fuse_sgd = (isinstance(optimizer, SGD) and optimizer.plain and not clip_norm
+                and micro_batches == 1 and engine.reducer is None)
     stopping = False
     bar = None
     with StepGuard(model.comm) as guard:
@@ -523,17 +527,19 @@ def train(model: DistributedModel, data: LocalData, *, epochs: int, batch_size: 
                     engine.finish_gradients()  # posted by the pipeline: completed, unused
                 stopping = True  # before the update: the checkpoint holds this step's start
                 return True
+            optimizer.lr = rates.rate(step_count, epoch)
+            fused = fuse_sgd and not idle
             if micro_batches == 1:
                 if idle:
                     engine.post_gradients()
                 else:
-                    engine.backward()
+                    engine.backward(sgd_lr=optimizer.lr if fused else None)
             engine.finish_gradients()  # summed over the groups (replicas)
             started = time.perf_counter()
             if clip_norm:  # over my group's ranks: together they hold every row once
                 _clip_gradients(model.group, params, clip_norm)
-            optimizer.lr = rates.rate(step_count, epoch)
-            optimizer.step()
+            if not fused:
+                optimizer.step()
             result.seconds_optimizer += time.perf_counter() - started
             step_count += 1
             engine.dropout_step = step_count

@@ -15,6 +15,7 @@ from mpinn import format as fmt
 from mpinn.data import load
 from mpinn.describe import rank_traffic
 from mpinn.errors import MpinnError
+from mpinn.optim import SGD
 from mpinn.train import DistributedModel, PartitionChoice, evaluate, predict, train
 from tests.helpers import ALL_STRATEGIES, classification_data, regression_data, strategy_params
 from tests.reference import Reference, assert_close
@@ -36,6 +37,12 @@ CASES = {
     "mixed": dict(sizes=[6, 9, 8, 4], acts=["tanh", "relu", "identity"], labels=False,
                   optimizer="adam", momentum=0.0, lr=0.01, storage=["csr", "dense", "csr"],
                   sparse=fmt.SparseInit(fan_in=3)),
+}
+# plain SGD (no momentum, no decay), which train steps inside backward; dense and CSR layers
+TRAINING_ONLY = {
+    "plain_sgd": dict(sizes=[7, 13, 11, 5], acts=["relu", "relu", "softmax"], labels=True,
+                      optimizer="sgd", momentum=0.0, lr=0.1, storage=["dense", "csr", "dense"],
+                      sparse=fmt.SparseInit(density=0.5)),
 }
 N_SAMPLES, BATCH, EPOCHS = 30, 8, 2  # 30 = 3 full batches and a partial one
 
@@ -67,7 +74,7 @@ def train_and_compare(tmp, case: str, dtype: str, strategy: str, micro_batches: 
     ``nodes``: a node map for the exchange (default: this job's)."""
     comm = MPI.COMM_WORLD
     q = comm.size // replicas
-    c = CASES[case]
+    c = {**CASES, **TRAINING_ONLY}[case]
     model_path, data_path, x, y = make_files(tmp, c, dtype, comm)
     ref = Reference.from_file(model_path)
     comm.Barrier()  # every rank has read the initial weights before anyone writes
@@ -108,6 +115,19 @@ def _rows_of(values: np.ndarray, weight, rows: np.ndarray) -> np.ndarray:
 @pytest.mark.parametrize("strategy", ALL_STRATEGIES)
 def test_trained_weights_equal_reference_for_every_strategy(strategy, dtype, case, mpi_tmp_path):
     train_and_compare(mpi_tmp_path, case, dtype, strategy)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("strategy", ALL_STRATEGIES)
+def test_plain_sgd_steps_inside_backward_and_equals_reference(strategy, dtype, mpi_tmp_path,
+                                                              monkeypatch):
+    """With no momentum, decay, clipping or replicas the update happens in the weight-gradient
+    GEMMs (CSR layers: right after their gradients): the optimizer's own pass never runs."""
+    def own_pass(self) -> None:
+        raise AssertionError("plain SGD made a pass of its own over the parameters")
+
+    monkeypatch.setattr(SGD, "step", own_pass)
+    train_and_compare(mpi_tmp_path, "plain_sgd", dtype, strategy)
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -54,6 +54,22 @@ def test_relu_cap_needs_a_finite_positive_cap():
             kernels.check_cap(bad, "layer 1")
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_sgd_update_in_the_weight_gradient_gemm_steps_the_weights_in_place(dtype):
+    rng = np.random.default_rng(2)
+    w, x, dz = (rng.normal(size=s).astype(dtype) for s in [(5, 7), (7, 3), (5, 3)])
+    expected = w.astype(np.float64) - 0.1 * (dz.astype(np.float64) @ x.astype(np.float64).T)
+    tol = 1e-6 if dtype == np.float32 else 1e-13
+    weight = w.copy()
+    kernels.dense_sgd_update(dz, x, weight, 0.1)  # BLAS, in place
+    np.testing.assert_allclose(weight, expected, rtol=tol, atol=tol)
+    strided = np.zeros((5, 14), dtype)[:, ::2]  # not contiguous: the numpy fallback
+    strided[...] = w
+    kernels.dense_sgd_update(dz, x, strided, 0.1)
+    np.testing.assert_allclose(strided, expected, rtol=tol, atol=tol)
+    kernels.dense_sgd_update(dz[:0], x, np.zeros((0, 7), dtype), 0.1)  # a rank without rows
+
+
 def test_sigmoid_saturates_without_overflow():
     with np.errstate(all="raise"):
         a = kernels.activate("sigmoid", np.array([[-1000.0, 0.0, 1000.0]]))
