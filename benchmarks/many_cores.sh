@@ -31,6 +31,12 @@ if [ -d "$root/.whl" ]; then
 fi
 export PYTHONPATH="$root:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
 if [ "$(id -u)" -eq 0 ]; then export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1; fi
+# Open MPI binds more than 2 ranks only to a socket, so two ranks may share a core while
+# another idles: the 1x16 run of 2026-11-27 waited on one slow rank per exchange, a
+# different one each run. One rank per core where the box has the cores (BIND=none: off).
+if [ "$(nproc --all)" -ge 16 ] && [ "${BIND:-core}" != none ]; then
+    export OMPI_MCA_hwloc_base_binding_policy=${BIND:-core}
+fi
 cd "$root"
 
 {
@@ -40,6 +46,7 @@ cd "$root"
 numpy.__version__, "scipy", scipy.__version__, "h5py", h5py.__version__, "mpi:",
 h5py.get_config().mpi, "mpi4py", mpi4py.__version__)'
     mpirun --version | head -1
+    echo "binding: ${OMPI_MCA_hwloc_base_binding_policy:-the Open MPI default}"
 } 2>&1 | tee "$out/machine.txt"
 
 # Open MPI's shared-memory transport copies large messages with cross-memory attach, which
