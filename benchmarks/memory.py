@@ -2,8 +2,9 @@
 
 Creates a dense model of at least 2 GB (float32) with ``mpirun -n P mpinn init`` (ranks write
 blocks of rows in parallel), then loads it on P ranks and trains a few steps. Each rank
-reports its peak RSS; the ideal is its share of the weights, gradients and optimizer state
-plus batch-sized buffers and the Python/MPI runtime.
+reports its peak RSS; the ideal is its share of the weights (and of the gradients and
+optimizer state where the optimizer needs them) plus batch-sized buffers and the Python/MPI
+runtime.
 
     python benchmarks/memory.py --ranks 4 --sizes 1024,16384,16384,16384,10
 """
@@ -92,9 +93,11 @@ def main() -> None:
               f"{row['peak'] / gib:>8.2f}G {row['runtime'] / gib:>11.2f}G "
               f"{row['peak'] / (model_bytes / args.ranks):>15.2f} {row['load_s']:>7.1f} "
               f"{row['train_s']:>8.1f}")
-    print("\npeak RSS = the rank's rows + their gradients (same size) + batch buffers + the "
-          "Python/MPI runtime; column reorders at load and save work in place, a block of rows "
-          "at a time. No rank ever holds the whole model.")
+    print("\npeak RSS = the rank's rows + batch buffers + the Python/MPI runtime (plain SGD, as "
+          "here, steps inside the weight-gradient GEMMs and never touches the gradient buffers; "
+          "momentum, Adam or replicas add their size again, and the optimizer state); column "
+          "reorders at load and save work in place, a block of rows at a time. No rank ever "
+          "holds the whole model.")
 
 
 if __name__ == "__main__":
