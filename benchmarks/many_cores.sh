@@ -24,10 +24,13 @@ out=$(mkdir -p "${1:-many-cores-out}" && cd "${1:-many-cores-out}" && pwd)
 PYTHON=${PYTHON:-python3}
 if [ -d "$root/.whl" ]; then
     prefix=/tmp/mpinn-mpi
-    "$PYTHON" -m pip install -q --disable-pip-version-check --no-index --no-deps --no-compile \
-        --prefix "$prefix" "$root"/.whl/*.whl || exit 1
-    site=$("$PYTHON" -c 'import sys; print("lib/python%d.%d/site-packages" % sys.version_info[:2])')
-    export PATH="$prefix/bin:$PATH" PYTHONPATH="$prefix/$site:${PYTHONPATH:-}"
+    if "$PYTHON" -m pip install -q --disable-pip-version-check --no-index --no-deps --no-compile \
+        --prefix "$prefix" "$root"/.whl/*.whl; then
+        site=$("$PYTHON" -c 'import sys; print("lib/python%d.%d/site-packages" % sys.version_info[:2])')
+        export PATH="$prefix/bin:$PATH" PYTHONPATH="$prefix/$site:${PYTHONPATH:-}"
+    else  # wheels made for another Python (scripts/offline-wheels.sh VERSION)
+        echo "the wheels in .whl/ do not install on $("$PYTHON" -V): using this box's MPI" >&2
+    fi
 fi
 export PYTHONPATH="$root:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
 if [ "$(id -u)" -eq 0 ]; then export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1; fi
