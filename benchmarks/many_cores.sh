@@ -22,16 +22,7 @@ set -uo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 out=$(mkdir -p "${1:-many-cores-out}" && cd "${1:-many-cores-out}" && pwd)
 PYTHON=${PYTHON:-python3}
-if [ -d "$root/.whl" ]; then
-    prefix=/tmp/mpinn-mpi
-    if "$PYTHON" -m pip install -q --disable-pip-version-check --no-index --no-deps --no-compile \
-        --prefix "$prefix" "$root"/.whl/*.whl; then
-        site=$("$PYTHON" -c 'import sys; print("lib/python%d.%d/site-packages" % sys.version_info[:2])')
-        export PATH="$prefix/bin:$PATH" PYTHONPATH="$prefix/$site:${PYTHONPATH:-}"
-    else  # wheels made for another Python (scripts/offline-wheels.sh VERSION)
-        echo "the wheels in .whl/ do not install on $("$PYTHON" -V): using this box's MPI" >&2
-    fi
-fi
+source "$root/scripts/offline-mpi.sh"  # .whl/ where the box has no network
 export PYTHONPATH="$root:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
 if [ "$(id -u)" -eq 0 ]; then export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1; fi
 # Open MPI binds more than 2 ranks only to a socket, so two ranks may share a core while

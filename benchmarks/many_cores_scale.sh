@@ -17,13 +17,7 @@ set -uo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 out=$(mkdir -p "${1:-many-cores-scale-out}" && cd "${1:-many-cores-scale-out}" && pwd)
 PYTHON=${PYTHON:-python3}
-if [ -d "$root/.whl" ]; then
-    prefix=/tmp/mpinn-mpi
-    "$PYTHON" -m pip install -q --disable-pip-version-check --no-index --no-deps --no-compile \
-        --prefix "$prefix" "$root"/.whl/*.whl || exit 1
-    site=$("$PYTHON" -c 'import sys; print("lib/python%d.%d/site-packages" % sys.version_info[:2])')
-    export PATH="$prefix/bin:$PATH" PYTHONPATH="$prefix/$site:${PYTHONPATH:-}"
-fi
+source "$root/scripts/offline-mpi.sh"  # .whl/ where the box has no network
 export PYTHONPATH="$root:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
 # one BLAS thread per rank: the ranks are the parallelism
 export OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1
