@@ -22,6 +22,7 @@ import numpy as np
 
 from mpinn import distributor, kernels
 from mpinn.errors import MpinnError
+from mpinn.optim import steps_in_backward
 
 # Shared memory between processes of one host, as measured here (docs/scaling.md: 2-4.5
 # GB/s), for a probe that has a single rank and so cannot time an exchange.
@@ -149,9 +150,8 @@ def predict(sizes: Sequence[int], batch: int, itemsize: int, layout: Layout,
         from mpinn.exchange import gradient_buckets
         buckets = len(gradient_buckets([v * itemsize for v in _rank_values(sizes, layout.group)]))
         allreduce = ring_bytes / machine.bandwidth + 2 * (r - 1) * buckets * machine.latency
-    # one group, one micro-batch: train takes plain SGD's step inside the weight-gradient
-    # GEMMs (Engine.backward(sgd_lr=...)), with no pass of its own over the parameters
-    fused = r == 1 and layout.micro_batches == 1
+    # where train steps inside backward, the update makes no pass of its own
+    fused = steps_in_backward(True, r, layout.micro_batches)
     return Prediction(layout, compute, exchange, allreduce, passes * machine.overhead,
                       0.0 if fused else params * machine.update, nbytes, ring_bytes, params)
 
@@ -423,7 +423,7 @@ def _layout_seconds(comm: object, sizes: Sequence[int], batch: int, dtype: np.dt
         if groups.across is not None:
             engine.set_replicas(groups.across)
         sgd = SGD(engine.parameters(), lr=1e-3)
-        fused = groups.across is None and lay.micro_batches == 1  # as train steps then
+        fused = steps_in_backward(sgd.plain, lay.replicas, lay.micro_batches)  # as train
         rng = np.random.default_rng(0)
         x = rng.random((table.rows(0, rank).size, b)).astype(dtype)
         labels = rng.integers(0, sizes[-1], b)

@@ -91,6 +91,15 @@ class SGD(Optimizer):
                 axpy(-self.lr, grad, param)
 
 
+def steps_in_backward(plain_sgd: bool, replicas: int, micro_batches: int,
+                      clip_norm: float = 0.0) -> bool:
+    """Whether ``train`` takes the step inside backward, in the weight-gradient GEMMs
+    (``Engine.backward(sgd_lr=...)``): plain SGD with nothing between the gradients and the
+    step (no sum over replicas, no clipping, one micro-batch). The cost model asks the same
+    of its layouts, which it trains with plain SGD."""
+    return plain_sgd and not clip_norm and replicas == 1 and micro_batches == 1
+
+
 class Adam(Optimizer):
     """torch.optim.Adam (Kingma & Ba, bias-corrected), betas (0.9, 0.999), eps 1e-8; weight
     decay as L2 in the gradient (g += wd w), as torch's Adam."""

@@ -29,7 +29,15 @@ from mpinn.engine import Engine
 from mpinn.errors import MpinnError, inject_fault
 from mpinn.exchange import MAX, SUM, ReplicaGroups, agree, allreduce, on_root
 from mpinn.metadata import MetadataTable
-from mpinn.optim import OPTIMIZERS, SGD, Optimizer, Schedule, clip_coefficient, make_optimizer
+from mpinn.optim import (
+    OPTIMIZERS,
+    SGD,
+    Optimizer,
+    Schedule,
+    clip_coefficient,
+    make_optimizer,
+    steps_in_backward,
+)
 from mpinn.shard import LayerShard, Shard
 from mpinn.topology import job_nodes
 
@@ -513,10 +521,8 @@ def train(model: DistributedModel, data: LocalData, *, epochs: int, batch_size: 
     early = EarlyStopping(patience, model.state)
     result.best_val_loss = early.best
 
-    # plain SGD with nothing between the gradients and the step (no sum over replicas, no
-    # clipping, one micro-batch) steps inside backward, in the weight-gradient GEMMs
-    fuse_sgd = (isinstance(optimizer, SGD) and optimizer.plain and not clip_norm
-                and micro_batches == 1 and engine.reducer is None)
+    fuse_sgd = steps_in_backward(isinstance(optimizer, SGD) and optimizer.plain,
+                                 model.replicas, micro_batches, clip_norm)
     stopping = False
     bar = None
     with StepGuard(model.comm) as guard:
