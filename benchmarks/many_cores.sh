@@ -8,7 +8,9 @@
 #   2. the micro-batch pipeline against the unpipelined `layers` schedule at P = 2, 4 (pipeline),
 #   3. Sparse DNN strong scaling at P = 1..16 next to the single-process scipy loop (sparse),
 #   4. the dense training benchmark at P = 4 and 16 next to PyTorch and the GEMM peak (train),
-#   5. Sparse DNN strong scaling of a 4x wider network, N = 4096 (sparse4096).
+#   5. Sparse DNN strong scaling of a 4x wider network, N = 4096 (sparse4096),
+#   6. what binding and libnbc's algorithm do: 1x16 unbound (unbound), 2x8 with libnbc's
+#      ring and Rabenseifner Iallreduce (iallreduce).
 # Most important first: each part's output is written to OUT_DIR as it runs, so a run cut
 # short still leaves the parts it finished.
 #   bash benchmarks/many_cores.sh [OUT_DIR]            (default ./many-cores-out)
@@ -76,8 +78,8 @@ replicas_table() {  # replicas_table NAME P SIZES BATCH STEPS PAIRS R,... PEERS:
 }
 
 # PARTS picks parts by name (comma list; default all): replicas, digits, pipeline, sparse,
-# train, sparse4096. Each part's output lands in OUT_DIR as it finishes.
-PARTS=${PARTS:-replicas,digits,pipeline,sparse,train,sparse4096}
+# train, sparse4096, unbound, iallreduce. Each part's output lands in OUT_DIR as it finishes.
+PARTS=${PARTS:-replicas,digits,pipeline,sparse,train,sparse4096,unbound,iallreduce}
 want() { [[ ",$PARTS," == *",$1,"* ]]; }
 
 if [ -n "${QUICK:-}" ]; then
@@ -89,6 +91,12 @@ if [ -n "${QUICK:-}" ]; then
         --layers 8 --samples 100 --ranks 1,2 --repeat 1
     want train && part train-p4 "$PYTHON" benchmarks/train_mlp.py --ranks 4 --sizes 64,128,10 \
         --batch 32 --steps 2 --pairs 1
+    want unbound && part unbound-p4 env OMPI_MCA_hwloc_base_binding_policy=none \
+        "$PYTHON" benchmarks/train_mlp.py --ranks 4 --sizes 64,128,10 --batch 32 --steps 2 \
+        --pairs 1 --peer none
+    want iallreduce && part iallreduce-ring-p4 env OMPI_MCA_coll_libnbc_iallreduce_algorithm=1 \
+        "$PYTHON" benchmarks/train_mlp.py --ranks 4 --replicas 2 --sizes 64,128,10 --batch 32 \
+        --steps 2 --pairs 1 --peer none
     exit 0
 fi
 # issue 14: every R x Q of 16 ranks on the large model, beside PyTorch (16 threads, and
@@ -102,3 +110,11 @@ want train && part train-p4 "$PYTHON" benchmarks/train_mlp.py --ranks 4
 want train && part train-p16 "$PYTHON" benchmarks/train_mlp.py --ranks 16
 want sparse4096 && part sparse-scaling-4096 "$PYTHON" benchmarks/sparse_dnn.py --neurons 4096 \
     --layers 120 --samples 2000 --ranks 1,4,16 --repeat 1
+# the same 1x16 run without binding, to tell what binding did; 2x8 with libnbc's ring (1) and
+# Rabenseifner (3) Iallreduce against its default in the replicas part
+want unbound && part unbound-p16 env OMPI_MCA_hwloc_base_binding_policy=none \
+    "$PYTHON" benchmarks/train_mlp.py --ranks 16 --pairs 2 --peer torch
+for alg in 1 3; do
+    want iallreduce && part "iallreduce-$alg-p16" env OMPI_MCA_coll_libnbc_iallreduce_algorithm=$alg \
+        "$PYTHON" benchmarks/train_mlp.py --ranks 16 --replicas 2 --pairs 1 --peer none
+done
