@@ -5,11 +5,12 @@
 #      (--replicas), beside PyTorch with 16 threads and its tensor parallelism over 16
 #      processes, each layout's cost-model prediction, and `partition --plan` (replicas);
 #      the digits model 64-256-256-10, batch 64, at 16x1, 4x4 and 1x16 beside DDP (digits),
-#   2. the micro-batch pipeline against the unpipelined `layers` schedule at P = 2, 4 (pipeline),
-#   3. Sparse DNN strong scaling at P = 1..16 next to the single-process scipy loop (sparse),
-#   4. the dense training benchmark at P = 4 and 16 next to PyTorch and the GEMM peak (train),
-#   5. Sparse DNN strong scaling of a 4x wider network, N = 4096 (sparse4096),
-#   6. what binding and libnbc's algorithm do: 1x16 unbound (unbound), 2x8 with libnbc's
+#   2. each rank's plain GEMM rate with all 16 at once, to tell slow cores from slow code (spread),
+#   3. the micro-batch pipeline against the unpipelined `layers` schedule at P = 2, 4 (pipeline),
+#   4. Sparse DNN strong scaling at P = 1..16 next to the single-process scipy loop (sparse),
+#   5. the dense training benchmark at P = 4 and 16 next to PyTorch and the GEMM peak (train),
+#   6. Sparse DNN strong scaling of a 4x wider network, N = 4096 (sparse4096),
+#   7. what binding and libnbc's algorithm do: 1x16 unbound (unbound), 2x8 with libnbc's
 #      ring and Rabenseifner Iallreduce (iallreduce).
 # Most important first: each part's output is written to OUT_DIR as it runs, so a run cut
 # short still leaves the parts it finished.
@@ -77,9 +78,10 @@ replicas_table() {  # replicas_table NAME P SIZES BATCH STEPS PAIRS R,... PEERS:
     rm -f "$out/plan-model.h5"
 }
 
-# PARTS picks parts by name (comma list; default all): replicas, digits, pipeline, sparse,
-# train, sparse4096, unbound, iallreduce. Each part's output lands in OUT_DIR as it finishes.
-PARTS=${PARTS:-replicas,digits,pipeline,sparse,train,sparse4096,unbound,iallreduce}
+# PARTS picks parts by name (comma list; default all): replicas, digits, spread, pipeline,
+# sparse, train, sparse4096, unbound, iallreduce. Each part's output lands in OUT_DIR as it
+# finishes.
+PARTS=${PARTS:-replicas,digits,spread,pipeline,sparse,train,sparse4096,unbound,iallreduce}
 want() { [[ ",$PARTS," == *",$1,"* ]]; }
 
 if [ -n "${QUICK:-}" ]; then
@@ -91,18 +93,20 @@ if [ -n "${QUICK:-}" ]; then
         --layers 8 --samples 100 --ranks 1,2 --repeat 1
     want train && part train-p4 "$PYTHON" benchmarks/train_mlp.py --ranks 4 --sizes 64,128,10 \
         --batch 32 --steps 2 --pairs 1
-    want unbound && part unbound-p4 env OMPI_MCA_hwloc_base_binding_policy=none \
-        "$PYTHON" benchmarks/train_mlp.py --ranks 4 --sizes 64,128,10 --batch 32 --steps 2 \
-        --pairs 1 --peer none
+    # (unbound is train's run under another binding: nothing more to check at tiny sizes)
     want iallreduce && part iallreduce-ring-p4 env OMPI_MCA_coll_libnbc_iallreduce_algorithm=1 \
         "$PYTHON" benchmarks/train_mlp.py --ranks 4 --replicas 2 --sizes 64,128,10 --batch 32 \
         --steps 2 --pairs 1 --peer none
+    want spread && part spread-p2 mpirun --oversubscribe -n 2 "$PYTHON" benchmarks/rank_gemm.py \
+        --width 512 --batch 32 --rounds 1 --seconds 0.2
     exit 0
 fi
 # issue 14: every R x Q of 16 ranks on the large model, beside PyTorch (16 threads, and
 # tensor parallel over 16 processes); the digits model, where data parallelism should win
 want replicas && replicas_table replicas-p16 16 784,4096,4096,4096,10 256 8 3 1,2,4,16 torch,tp
 want digits && replicas_table digits-p16 16 64,256,256,10 64 200 3 16,4,1 ddp
+# each rank's plain GEMM rate, all 16 at once: which of the waits above are slow cores
+want spread && part spread-p16 mpirun -n 16 "$PYTHON" benchmarks/rank_gemm.py --rounds 3
 want pipeline && part pipeline "$PYTHON" benchmarks/pipeline.py --ranks 2,4
 want sparse && part sparse-scaling "$PYTHON" benchmarks/sparse_dnn.py --neurons 1024 --layers 120 \
     --samples 2000 --ranks 1,2,4,8,16 --repeat 2

@@ -45,6 +45,8 @@ def child_env(threads: int) -> dict[str, str]:
     path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
     env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", PYTHONPATH=path,
                GLOO_SOCKET_IFNAME="lo")  # torchrun peers: gloo on the loopback only
+    if threads > 1:  # a threaded child's MPI singleton must not inherit a per-core binding,
+        env["OMPI_MCA_hwloc_base_binding_policy"] = "none"  # which puts its threads on one core
     return env
 
 
@@ -80,9 +82,9 @@ def worker_gemm(args: argparse.Namespace) -> None:
     while time.perf_counter() - start < 4.0:
         a @ b
         reps += 1
-    total = comm.reduce(2 * n * k * m * reps / (time.perf_counter() - start) / 1e9)
+    rates = comm.gather(2 * n * k * m * reps / (time.perf_counter() - start) / 1e9)
     if comm.rank == 0:  # one line: the ranks' lines could interleave in mpirun's output
-        print(json.dumps({"gflops": total}))
+        print(json.dumps({"gflops": sum(rates), "per_rank": rates}))
 
 
 def worker_mpinn(args: argparse.Namespace) -> None:
@@ -451,13 +453,19 @@ def main() -> None:
     peak1 = run_json([*me, "--worker", "gemm", *common], 1)["gflops"]
     threaded = run_json([*me, "--worker", "gemm", *common], p)["gflops"]
     # P single-threaded processes at once: the ceiling of P ranks with one BLAS thread each
-    concurrent = run_json(["mpirun", "--oversubscribe", "-n", str(p), *me, "--worker", "gemm",
-                           *common], 1)["gflops"]
+    gemm_ranks = run_json(["mpirun", "--oversubscribe", "-n", str(p), *me, "--worker", "gemm",
+                           *common], 1)
+    concurrent, per_rank = gemm_ranks["gflops"], gemm_ranks["per_rank"]
     peak_p = max(threaded, concurrent)
     print(f"GEMM peak ({args.dtype}, 4096x4096 @ 4096x{args.batch}): {peak1:.1f} GFLOP/s on 1 "
           f"thread; {threaded:.1f} GFLOP/s with {p} threads in one process; {concurrent:.1f} "
           f"GFLOP/s with {p} single-threaded processes at once. Ceiling: {peak_p:.1f} GFLOP/s",
           flush=True)
+    if p > 1:  # a core slower than the others slows every rank that waits on its exchange
+        slow = min(range(p), key=per_rank.__getitem__)
+        print(f"  per process at once: {min(per_rank):.1f} (rank {slow}) / "
+              f"{statistics.median(per_rank):.1f} / {max(per_rank):.1f} GFLOP/s, min / median / "
+              "max", flush=True)
 
     with tempfile.TemporaryDirectory(prefix="mpinn-bench-") as tmp:
         model, data = f"{tmp}/model.h5", f"{tmp}/data.h5"

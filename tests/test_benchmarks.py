@@ -25,6 +25,11 @@ def test_many_cores_script_runs_every_benchmark_at_tiny_sizes(tmp_path):
     assert sparse.count("categories match") == 5 and "WRONG" not in sparse, sparse
     train = (tmp_path / "train-p4.txt").read_text()
     assert "mpinn, mpirun -n 4" in train and "ceiling: GEMM peak" in train, train
+    assert re.search(r"per process at once: [\d.]+ \(rank \d\) / [\d.]+ / [\d.]+ GFLOP/s", train), train
+    ring = (tmp_path / "iallreduce-ring-p4.txt").read_text()
+    assert "R = 2 x Q = 2" in ring and "2x2 balanced" in ring, ring
+    spread = (tmp_path / "spread-p2.txt").read_text()
+    assert re.search(r"layer rows 256 round 0: min +[\d.]+ median", spread), spread
 
 
 def test_scale_benchmark_times_every_stage_and_prints_its_slope():
