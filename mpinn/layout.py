@@ -346,19 +346,38 @@ def _best_seconds(action: Callable[[], object], seconds: float) -> float:
             return best
 
 
-def _gemm_rate(m: int, k: int, n: int, dtype: np.dtype, seconds: float) -> float:
+def _gemm_rate(comm: object, m: int, k: int, n: int, dtype: np.dtype, seconds: float) -> float:
     """GFLOP/s of the three products a layer of ``m`` rows, ``k`` inputs and ``n`` samples
     runs each step, as the engine runs them (kernels.py): forward ``W x``, weight gradient
-    ``dz x^T`` and input gradient ``W^T dz``, each its best time."""
+    ``dz x^T`` and input gradient ``W^T dz``. Every rank runs them at once in rounds that
+    start together, as a step's layers start after an exchange, and the rate is that of the
+    mean round's slowest rank: a step waits on each layer's slowest rank, and on a box whose
+    cores share out unequally that is a different rank each time (16 cores of a lent VM ran
+    the same GEMM at 51-81 GFLOP/s per rank at once, the slow ones changing from round to
+    round), so each rank's best time, or the slowest rank's average, predicted 1x16 steps
+    20% short. Collective; every rank returns the same rate."""
+    from mpinn.exchange import MAX, MIN, allreduce
     rng = np.random.default_rng(0)
     w, x, dz = (rng.random(shape).astype(dtype) for shape in ((m, k), (k, n), (m, n)))
     z, gw, gx = np.empty((m, n), dtype), np.empty((m, k), dtype), np.empty((k, n), dtype)
     columns = slice(0, k)
-    products = (lambda: kernels.block_forward(w, x, columns, z),
-                lambda: kernels.dense_weight_grad(dz, x, gw),
-                lambda: kernels.block_input_grad(w, dz, columns, gx))
-    total = sum(_best_seconds(product, seconds / 3) for product in products)
-    return 3 * 2.0 * m * k * n / total / 1e9
+
+    def layer() -> None:
+        kernels.block_forward(w, x, columns, z)
+        kernels.dense_weight_grad(dz, x, gw)
+        kernels.block_input_grad(w, dz, columns, gx)
+
+    layer()
+    rounds, go, start = [], np.ones(1), time.perf_counter()
+    while go[0]:
+        allreduce(comm, np.zeros(1), MAX)  # start together
+        t = time.perf_counter()
+        layer()
+        rounds.append(time.perf_counter() - t)
+        go[0] = time.perf_counter() - start < seconds
+        allreduce(comm, go, MIN)  # every rank runs as many rounds as the first to stop
+    slowest = allreduce(comm, np.array(rounds), MAX)
+    return 3 * 2.0 * m * k * n / float(np.mean(slowest)) / 1e9
 
 
 def _elementwise_seconds(rows: int, batch: int, dtype: np.dtype, seconds: float) -> float:
@@ -491,7 +510,8 @@ def probe(comm: object, sizes: Sequence[int], batch: int, dtype: str = "float32"
 
     GEMM: every rank runs the widest layer's three products (forward, weight and input
     gradient) at the batch width and at 16 samples, at the same time as the others (so
-    memory bandwidth is shared as in training); the slowest rank's rates fit ``d_half``.
+    memory bandwidth is shared as in training), in rounds that start together; the mean
+    round's slowest rank gives the rates, which fit ``d_half``.
     The elementwise work per value and the SGD update per parameter, the same way. Fixed
     costs: real steps of a tiny model of the same depth, on one rank (Python per layer and
     pass) and on all of them (each exchange's synchronisation, which sets the latency when
@@ -505,16 +525,14 @@ def probe(comm: object, sizes: Sequence[int], batch: int, dtype: str = "float32"
     """
     from mpi4py import MPI
 
-    from mpinn.exchange import MAX, MIN, allreduce, time_alltoall
+    from mpinn.exchange import MAX, allreduce, time_alltoall
 
     dt = np.dtype(dtype)
     depth = len(sizes) - 1
     widest = max(range(depth), key=lambda i: sizes[i] * sizes[i + 1])
     m, k = sizes[widest + 1], sizes[widest]
     wide, thin = max(16, min(batch, 1024)), 16
-    allreduce(comm, np.zeros(1), MAX)  # start together
-    rates = np.array([_gemm_rate(m, k, wide, dt, seconds), _gemm_rate(m, k, thin, dt, seconds)])
-    allreduce(comm, rates, MIN)
+    rates = [_gemm_rate(comm, m, k, wide, dt, seconds), _gemm_rate(comm, m, k, thin, dt, seconds)]
     if wide > thin:
         gflops, d_half = fit_d_half(rates[0], min(m, k, wide), rates[1], min(m, k, thin))
     else:

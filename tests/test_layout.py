@@ -4,6 +4,7 @@ its probe on the ranks a test has."""
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import numpy as np
 import pytest
@@ -177,6 +178,30 @@ def test_probe_measures_the_links_on_every_rank_alike():
     assert sorted(rates) == [r for r in range(2, comm.size + 1) if comm.size % r == 0]
     assert all(rate > 0 for rate in rates.values())
     assert all(other == machine.allreduce_rates for other in comm.allgather(machine.allreduce_rates))
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.timeout(60)
+def test_the_gemm_probe_waits_on_each_rounds_slowest_rank(monkeypatch):
+    """A step waits on each layer's slowest rank, and on a shared box that is another rank
+    each time: here one rank in turn is 20 ms slow per round. Each rank's best time, or the
+    slowest rank's mean, would see 0 or 20/P ms of it; the probe must see all 20."""
+    from mpi4py import MPI
+    comm = MPI.COMM_WORLD
+    rounds = [0]
+    forward = layout.kernels.block_forward
+
+    def slow_in_turn(*args):
+        if rounds[0] % comm.size == comm.rank:
+            time.sleep(0.02)
+        rounds[0] += 1
+        return forward(*args)
+
+    monkeypatch.setattr(layout.kernels, "block_forward", slow_in_turn)
+    rate = layout._gemm_rate(comm, 8, 8, 8, np.dtype("float64"), 0.3)
+    per_round = 3 * 2.0 * 8 ** 3 / (rate * 1e9)
+    assert 0.02 <= per_round < 0.04, per_round
+    assert all(other == rate for other in comm.allgather(rate))
 
 
 def test_a_timed_layout_is_predicted_by_its_timing():
