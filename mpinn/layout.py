@@ -356,7 +356,7 @@ def _gemm_rate(comm: object, m: int, k: int, n: int, dtype: np.dtype, seconds: f
     the same GEMM at 51-81 GFLOP/s per rank at once, the slow ones changing from round to
     round), so each rank's best time, or the slowest rank's average, predicted 1x16 steps
     20% short. Collective; every rank returns the same rate."""
-    from mpinn.exchange import MAX, MIN, allreduce
+    from mpinn.exchange import MAX, allreduce
     rng = np.random.default_rng(0)
     w, x, dz = (rng.random(shape).astype(dtype) for shape in ((m, k), (k, n), (m, n)))
     z, gw, gx = np.empty((m, n), dtype), np.empty((m, k), dtype), np.empty((k, n), dtype)
@@ -368,15 +368,7 @@ def _gemm_rate(comm: object, m: int, k: int, n: int, dtype: np.dtype, seconds: f
         kernels.block_input_grad(w, dz, columns, gx)
 
     layer()
-    rounds, go, start = [], np.ones(1), time.perf_counter()
-    while go[0]:
-        allreduce(comm, np.zeros(1), MAX)  # start together
-        t = time.perf_counter()
-        layer()
-        rounds.append(time.perf_counter() - t)
-        go[0] = time.perf_counter() - start < seconds
-        allreduce(comm, go, MIN)  # every rank runs as many rounds as the first to stop
-    slowest = allreduce(comm, np.array(rounds), MAX)
+    slowest = allreduce(comm, np.array(_timed_rounds(comm, layer, seconds)), MAX)
     return 3 * 2.0 * m * k * n / float(np.mean(slowest)) / 1e9
 
 
@@ -476,21 +468,33 @@ def _stop_check(comm: object) -> None:
 def _time_blocks(comm: object, step: Callable[[], None], seconds: float,
                  statistic: Callable[[list[float]], float], steps: int = 10) -> float:
     """Seconds per call of ``step`` (collective), timed in blocks of ``steps`` after one
-    block of warm-up, as many blocks as rank 0 fits in about ``seconds`` (every rank runs
-    as many), ``statistic`` over my blocks, the slowest rank's."""
-    from mpinn.exchange import MAX, MIN, allreduce
-    for _ in range(steps):
-        step()
-    blocks, start = [], time.perf_counter()
-    go = np.ones(1)
-    while go[0]:
-        t = time.perf_counter()
+    block of warm-up, in rounds of about ``seconds`` (``_timed_rounds``), ``statistic``
+    over my blocks, the slowest rank's."""
+    from mpinn.exchange import MAX, allreduce
+
+    def block() -> None:
         for _ in range(steps):
             step()
-        blocks.append((time.perf_counter() - t) / steps)
-        go[0] = time.perf_counter() - start < seconds
-        allreduce(comm, go, MIN)  # every rank runs as many blocks as the first to stop
+
+    block()
+    blocks = [t / steps for t in _timed_rounds(comm, block, seconds)]
     return float(allreduce(comm, np.array([statistic(blocks)]), MAX)[0])
+
+
+def _timed_rounds(comm: object, action: Callable[[], None], seconds: float) -> list[float]:
+    """Seconds of each of as many calls of ``action`` as the first rank to pass ``seconds``
+    fits, every rank making as many, each call started with the others (the allreduce that
+    ends a round starts the next). Collective."""
+    from mpinn.exchange import MIN, allreduce
+    rounds, go, start = [], np.ones(1), time.perf_counter()
+    allreduce(comm, go, MIN)  # start together
+    while go[0]:
+        t = time.perf_counter()
+        action()
+        rounds.append(time.perf_counter() - t)
+        go[0] = time.perf_counter() - start < seconds
+        allreduce(comm, go, MIN)
+    return rounds
 
 
 def _step_seconds(comm: object, depth: int, dtype: np.dtype, seconds: float) -> float:
