@@ -18,22 +18,29 @@ data) and ``format`` (the file): the command line runs the same code.
 
 from __future__ import annotations
 
+import functools
 import os
-from collections.abc import Callable, Iterable, Sequence
+import sys
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from mpi4py import MPI
 
-from mpinn import distributor
+from mpinn import distributor, lock, outputs
 from mpinn import format as fmt
 from mpinn import train as loop
 from mpinn.data import LocalData, from_arrays, load
-from mpinn.errors import MpinnError
-from mpinn.exchange import agree, check_exchange, gather_layer
+from mpinn.errors import MpinnError, install_excepthook
+from mpinn.exchange import agree, check_exchange, gather_layer, on_root
+from mpinn.watchdog import collective, meet
+
+install_excepthook()  # an MpinnError nobody catches is one line, not a traceback per rank
 
 Callback = Callable[[dict[str, Any]], Any]
+F = TypeVar("F", bound=Callable[..., Any])
 
 OPEN_BATCH = 256  # batch an opened network is ready for before fit or predict ask for more
 
@@ -99,18 +106,40 @@ def partition_choice(strategy: str | None = None, *, counts: Any = None, percent
     return loop.PartitionChoice(None, strategy, params)
 
 
+def _collective(call: str) -> Callable[[F], F]:
+    """A collective method of ``Network``: its first use loads the model (meeting the other
+    ranks as "load", as a property read on every rank would), then it meets them as
+    ``call`` (``watchdog.meet``): the same sequence on every rank, whichever loaded first."""
+    def decorate(method: F) -> F:
+        @functools.wraps(method)
+        def watched(self: Network, *args: Any, **kwargs: Any) -> Any:
+            self.model  # noqa: B018 - loads it, collectively, where not loaded yet
+            meet(self.comm, call)
+            return method(self, *args, **kwargs)
+        return watched  # type: ignore[return-value]
+    return decorate
+
+
 class Network:
     """A model file opened on every rank of ``comm``, partitioned at neuron granularity.
 
-    Every method is collective: call it on every rank with the same arguments. Errors
-    are raised as ``MpinnError`` on every rank. Build one with ``Network.create`` or
-    ``Network.open``; close it with ``close()`` or a ``with`` block.
+    Every method is collective: call it on every rank with the same arguments; a call
+    made on some ranks only ends the job with one line after ``MPINN_COLLECTIVE_TIMEOUT``
+    seconds (``mpinn.watchdog``). Errors are raised as ``MpinnError`` on every rank. The
+    calls that write the model (``create``, ``fit``, ``save``) hold its lock, as the CLI
+    does, and refuse a model committed by another handle or job since this one loaded it.
+    Build one with ``Network.create`` or ``Network.open``; close it with ``close()`` or a
+    ``with`` block.
     """
 
     def __init__(self, path: str | os.PathLike[str], choice: loop.PartitionChoice,
                  comm: MPI.Comm | None = None, dtype: str | None = None,
-                 replicas: int = 1, exchange: str = "auto") -> None:
+                 replicas: int = 1, exchange: str = "auto", *, locked: bool = False) -> None:
+        """``locked``: the caller holds the locks of the files that ``fit`` and ``save``
+        write (the CLI takes them before any work)."""
         self.path = os.fspath(path)
+        self._locked = locked
+        self._writing = False  # inside fit: a callback's save needs no second lock
         self._replicas = replicas
         self.comm = comm if comm is not None else MPI.COMM_WORLD
         self._choice = choice
@@ -122,6 +151,7 @@ class Network:
     # ------------------------------------------------------------ making and opening
 
     @classmethod
+    @collective("create")
     def create(cls, path: str | os.PathLike[str], sizes: Sequence[int] | str,
                activation: str | Sequence[str] = "relu", output: str = "softmax", seed: int = 0,
                *, storage: str | Sequence[str] = "dense", fan_in: int | None = None,
@@ -158,18 +188,23 @@ class Network:
                 else list(storage)
             if "csr" not in storages and (fan_in is not None or density is not None):
                 raise MpinnError("fan_in and density apply to storage csr layers only")
+            if os.path.isdir(path):
+                raise MpinnError(f"create: path {path} is a directory; give a file path")
             if os.path.exists(path) and not force:
                 raise MpinnError(f"{path} exists; pass force=True to overwrite it")
+            outputs.check({"create: path": path}, {}, force=True)  # its directory, writable
             return layers, [*hidden, output], storages
 
         # every rank agrees before anything is written: a file seen by one rank only
         # (node-local storage) stops them all
         layers, activations, storages = agree(comm, check)
-        fmt.create_model(path, layers, activations, dtype, seed, comm, storages,
-                         fmt.SparseInit(fan_in, density), cap, negative_slope, dropout)
+        with _locks(comm, [path], "written by Network.create"):
+            fmt.create_model(path, layers, activations, dtype, seed, comm, storages,
+                             fmt.SparseInit(fan_in, density), cap, negative_slope, dropout)
         return cls(path, loop.PartitionChoice(), comm)
 
     @classmethod
+    @collective("open")
     def open(cls, path: str | os.PathLike[str], strategy: str | None = None, *,
              counts: Any = None, percentages: Any = None, ids: Any = None,
              layer_ranks: Any = None, partition: str | None = None, dtype: str | None = None,
@@ -208,6 +243,7 @@ class Network:
         if self._closed:
             raise MpinnError(f"{self.path}: the network is closed")
         if self._model is None:
+            meet(self.comm, "load")  # loading is collective: it meets the other ranks too
             model = loop.DistributedModel(self.path, self.comm, self._choice, OPEN_BATCH,
                                           training=False, replicas=self._replicas,
                                           exchange=self._exchange)
@@ -249,15 +285,18 @@ class Network:
 
     # ------------------------------------------------------------ training and inference
 
+    @_collective("fit")
     def fit(self, x: Any, y: Any = None, *, epochs: int = 1, batch_size: int = 64,
-            optimizer: str = "sgd", lr: float = 0.1, momentum: float = 0.0, seed: int = 0,
-            shuffle: bool = True, validation_data: Any = None,
-            callbacks: Iterable[Callback] = (), checkpoint_every: int = 0, keep: int = 1,
-            resume: bool = False, micro_batches: int = 1, patience: int = 0,
-            keep_best: bool = False, schedule: str = "constant", step_size: int = 1,
-            gamma: float = 0.1, min_lr: float = 0.0, warmup_steps: int = 0,
-            weight_decay: float = 0.0, clip_norm: float = 0.0, dropout: float | None = None,
-            progress: bool = False,
+            optimizer: str | None = None, lr: float | None = None,
+            momentum: float | None = None, seed: int = 0, shuffle: bool = True,
+            validation_data: Any = None, callbacks: Iterable[Callback] = (),
+            checkpoint_every: int = 0, keep: int = 1, resume: bool = False,
+            micro_batches: int = 1, patience: int = 0, keep_best: bool = False,
+            schedule: str | None = None, step_size: int | None = None,
+            gamma: float | None = None, min_lr: float | None = None,
+            warmup_steps: int | None = None, weight_decay: float | None = None,
+            clip_norm: float | None = None, dropout: float | None = None,
+            reset_optimizer: bool = False, progress: bool = False,
             log_json: str | None = None, verbose: bool = False) -> History:
         """Train on ``x``, ``y`` (arrays, the same on every rank) or ``x`` a data file.
 
@@ -272,12 +311,25 @@ class Network:
         global gradient norm, as torch's clip_grad_norm_). ``schedule`` constant, step
         (``step_size`` epochs, ``gamma``) or cosine (down to ``min_lr`` at the last step),
         with ``warmup_steps``. ``dropout`` P: inverted dropout on the hidden layers while
-        training, the same masks at any rank count; None (the default) uses the rates the
-        file stores per layer (``create(dropout=)``, import-torch), a number overrides them.
+        training, the same masks at any rank count; None uses the rates the file stores
+        per layer (``create(dropout=)``, import-torch), a number overrides them.
+
+        The run settings (optimizer to dropout) left as None continue the model's last run:
+        its stored values, else sgd, lr 0.1 and no momentum, decay, schedule or clipping
+        (``train.RUN_DEFAULTS``). Naming another optimizer than the one whose state the
+        file holds is refused unless ``reset_optimizer`` (docs/reliability.md, 'Continuing
+        and resuming').
+
         Each callback gets every epoch's dict on every rank; one that returns False (on any
-        rank) stops training after that epoch. ``verbose`` prints an epoch line on rank 0;
+        rank) stops training after that epoch; one that raises (an exception, Ctrl-C,
+        ``sys.exit``) stops it on every rank with an ``MpinnError`` naming the rank, the
+        model as its last checkpoint left it. ``verbose`` prints an epoch line on rank 0;
         ``log_json`` appends each epoch's dict to a file.
         """
+        named = {"optimizer": optimizer, "lr": lr, "momentum": momentum,
+                 "weight_decay": weight_decay, "schedule": schedule, "step_size": step_size,
+                 "gamma": gamma, "min_lr": min_lr, "warmup_steps": warmup_steps,
+                 "clip_norm": clip_norm, "dropout": dropout}
         model = self.model
         data = self._data(x, y, "X", "fit data")
         validation = None
@@ -288,30 +340,43 @@ class Network:
                 validation = self._data(*validation_data, "Xv", "validation_data")
             else:
                 raise MpinnError("validation_data must be a tuple (Xv, yv) or a data file path")
+
+        def check() -> dict[str, Any]:
+            if log_json is not None:  # checked before any epoch, as the CLI does
+                outputs.check({"fit: log_json": os.fspath(log_json)}, {"the model": self.path},
+                              force=True)
+            return loop.resolve_run(self.path, model.state, named, bool(reset_optimizer))
+
+        run = agree(self.comm, check)
         history = History()
         callbacks = list(callbacks)
 
         def on_epoch(stats: loop.EpochStats) -> bool:
             record = stats.record(validation=True)
             history.epochs.append(record)
-            answers = [callback(record) for callback in callbacks]
+            answers = [_call_back(callback, record) for callback in callbacks]
             return not any(answer is False for answer in answers)
 
         rank0 = self.comm.rank == 0
-        result = loop.train(
-            model, data, epochs=epochs, batch_size=batch_size, lr=lr, optimizer_name=optimizer,
-            momentum=momentum, seed=seed, shuffle=shuffle, checkpoint_every=checkpoint_every,
-            keep=keep, resume=resume, micro_batches=micro_batches, progress=progress and rank0,
-            report=loop.epoch_reporter(not verbose, log_json) if rank0 else None,
-            validation=validation, patience=patience, keep_best=keep_best, on_epoch=on_epoch,
-            schedule=schedule, step_size=step_size, gamma=gamma, min_lr=min_lr,
-            warmup_steps=warmup_steps, weight_decay=weight_decay, clip_norm=clip_norm,
-            dropout=dropout)
+        written = [self.path, *([loop.best_path(self.path)] if keep_best else [])]
+        with self._write_access(written, "trained by Network.fit"):
+            result = loop.train(
+                model, data, epochs=epochs, batch_size=batch_size, lr=run["lr"],
+                optimizer_name=run["optimizer"], momentum=run["momentum"], seed=seed,
+                shuffle=shuffle, checkpoint_every=checkpoint_every, keep=keep, resume=resume,
+                micro_batches=micro_batches, progress=progress and rank0,
+                report=loop.epoch_reporter(not verbose, log_json) if rank0 else None,
+                validation=validation, patience=patience, keep_best=keep_best,
+                on_epoch=on_epoch, schedule=run["schedule"], step_size=run["step_size"],
+                gamma=run["gamma"], min_lr=run["min_lr"], warmup_steps=run["warmup_steps"],
+                weight_decay=run["weight_decay"], clip_norm=run["clip_norm"],
+                dropout=run["dropout"], reset_optimizer=bool(reset_optimizer))
         history.stopped_by, history.stopped_early = result.stopped_by, result.stopped_early
         history.best_val_loss, history.epoch = result.best_val_loss, result.epoch
         history.batch = result.batch
         return history
 
+    @_collective("predict")
     def predict(self, x: Any, batch_size: int | None = None) -> np.ndarray:
         """The output layer's activations, (samples, outputs), the same array on every rank."""
         model = self.model
@@ -321,6 +386,7 @@ class Network:
                              local)
         return np.ascontiguousarray(whole.T)
 
+    @_collective("evaluate")
     def evaluate(self, x: Any, y: Any = None, batch_size: int | None = None) -> dict[str, Any]:
         """{"loss": mean loss, "accuracy": fraction right (None for float targets)}."""
         model = self.model
@@ -330,18 +396,47 @@ class Network:
         loss, accuracy = loop.evaluate(model, data, batch_size or model.engine.max_batch)
         return {"loss": loss, "accuracy": accuracy}
 
+    @_collective("save")
     def save(self) -> None:
         """Commit the weights, the optimizer state and the training counters to the file
         (complete, then swapped in). ``fit`` already does after its last epoch."""
         model = self.model
-        model.save(model.stored_optimizer())
+        with self._write_access([self.path], "written by Network.save"):
+            model.save(model.stored_optimizer())
 
     def close(self) -> None:
         """Close the file on every rank (the network cannot be used afterwards)."""
         if self._model is not None and not self._closed:
+            meet(self.comm, "close")
             self._model.close()
         self._model = None
         self._closed = True
+
+    # ------------------------------------------------------------ writing the model
+
+    @contextmanager
+    def _write_access(self, paths: list[str], action: str) -> Iterator[None]:
+        """Hold the locks of ``paths`` (unless the caller holds them, as the CLI does) and
+        refuse, on every rank, a model file committed since this handle loaded it: writing
+        would put older weights back. Inside fit (a callback's ``save``): nothing more."""
+        if self._writing:
+            yield
+            return
+        self._writing = True
+        try:
+            with _locks(self.comm, [] if self._locked else paths, action):
+                model = self.model
+
+                def check() -> None:
+                    if fmt.file_identity(self.path) != model.committed:
+                        raise MpinnError(
+                            f"{self.path} was committed by another Network handle or job since "
+                            "this one loaded it; writing now would put older weights back: "
+                            "open it again (Network.open) to work on the newest weights")
+                on_root(self.comm, check)
+                yield
+        finally:
+            self._writing = False
 
     def __enter__(self) -> Network:
         return self
@@ -365,6 +460,47 @@ class Network:
             return load(os.fspath(x), model.table, model.spec.dtype, self.comm, model.group)
         return from_arrays(x, y, model.table, model.spec.dtype, self.comm, name, source,
                            model.group)
+
+
+@contextmanager
+def _locks(comm: MPI.Comm, paths: list[str], action: str) -> Iterator[None]:
+    """Rank 0 holds the locks of ``paths`` for the block (``lock.acquire``: a file another
+    job, or another handle of this process, is writing is refused on every rank)."""
+    held: list[lock.Lock] = []
+
+    def take() -> list[str]:
+        try:
+            for path in paths:
+                held.append(lock.acquire(path, action))
+        except BaseException:
+            _release(held)
+            raise
+        return [f"mpinn: note: {got.path}: removed a stale lock of pid {got.broke.get('pid')} "
+                f"on {got.broke.get('host')}, whose process is gone" for got in held if got.broke]
+
+    for note in on_root(comm, take):
+        print(note, file=sys.stderr, flush=True)
+    try:
+        yield
+    finally:
+        _release(held)
+
+
+def _release(held: list[lock.Lock]) -> None:
+    while held:
+        held.pop().release()
+
+
+def _call_back(callback: Callback, record: dict[str, Any]) -> Any:
+    """Run a user's callback; Ctrl-C or ``sys.exit`` in it become an error that stops
+    training on every rank (``train._agreed_stop``), not a rank leaving the others waiting."""
+    try:
+        return callback(record)
+    except (KeyboardInterrupt, SystemExit) as exc:
+        what = type(exc).__name__ + (f"({exc.code!r})" if isinstance(exc, SystemExit) else "")
+        raise MpinnError(f"fit: a callback raised {what} after epoch {record.get('epoch')}; "
+                         "training stopped on every rank, the model as its last checkpoint "
+                         "left it") from None
 
 
 def _ints(values: Sequence[int] | str, name: str) -> list[int]:

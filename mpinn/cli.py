@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
-from mpinn.errors import MpinnError
+from mpinn.errors import Interrupted, MpinnError
 
 EXIT_ERROR = 1
 AGREE_TIMEOUT = 5.0  # seconds a failing rank waits for the others before aborting
@@ -82,6 +82,10 @@ def _exchange_flag(p: argparse.ArgumentParser) -> None:
                    "(docs/scaling.md, 'Exchange kinds')")
 
 
+# the run settings' help: left out, a training continues with the model's stored value
+CONTINUED = " (default: the value the model's last run used, else %s)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="mpinn", description="Neural networks partitioned across MPI ranks at neuron "
@@ -91,6 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="TOML file of settings: top-level keys for every command, [train], "
                         "[predict], ... tables for one; flags on the command line win")
     parser.add_argument("--quiet", action="store_true", help="print only errors and results")
+    parser.add_argument("--collective-timeout", type=float, metavar="SECONDS",
+                        help="end the job, naming the ranks, when a rank waits this long for "
+                        "the others at a collective step (default: MPINN_COLLECTIVE_TIMEOUT, "
+                        "else 600)")
     parser.add_argument("--threads", type=int, metavar="N",
                         help="BLAS threads per rank (default: cores / ranks on the node, or "
                         "OMP_NUM_THREADS)")
@@ -155,10 +163,15 @@ def build_parser() -> argparse.ArgumentParser:
         _exchange_flag(p)
         if name == "train":
             p.add_argument("--epochs", type=int, default=1)
-            p.add_argument("--lr", type=float, default=0.1)
-            p.add_argument("--optimizer", default="sgd", choices=["sgd", "adam", "adamw"],
-                           help="adamw: Adam with decoupled weight decay (torch AdamW)")
-            p.add_argument("--momentum", type=float, default=0.0)
+            p.add_argument("--lr", type=float, help="learning rate" + CONTINUED % 0.1)
+            p.add_argument("--optimizer", choices=["sgd", "adam", "adamw"],
+                           help="adamw: Adam with decoupled weight decay (torch AdamW)"
+                           + CONTINUED % "sgd")
+            p.add_argument("--reset-optimizer", action="store_true",
+                           help="start the optimizer afresh: drop the state (Adam's moments, "
+                           "momentum) the model holds, and take the optimizer's settings from "
+                           "the flags and defaults, not the model; needed to change --optimizer")
+            p.add_argument("--momentum", type=float, help="SGD momentum" + CONTINUED % 0)
             p.add_argument("--seed", type=int, default=0, help="shuffling seed")
             p.add_argument("--no-shuffle", action="store_true")
             p.add_argument("--checkpoint-every", type=int, default=0, metavar="K",
@@ -184,23 +197,28 @@ def build_parser() -> argparse.ArgumentParser:
             g.add_argument("--keep-best", action="store_true",
                            help="also commit each new best validation loss to MODEL.best.h5 "
                            "(m.h5 -> m.best.h5)")
-            g.add_argument("--schedule", default="constant", choices=["constant", "step", "cosine"],
+            g.add_argument("--schedule", choices=["constant", "step", "cosine"],
                            help="learning rate per step: constant, step (StepLR) or cosine "
-                           "(CosineAnnealingLR over all the run's steps)")
-            g.add_argument("--step-size", type=int, default=1, metavar="E",
-                           help="step schedule: multiply the rate by --gamma every E epochs")
-            g.add_argument("--gamma", type=float, default=0.1)
-            g.add_argument("--min-lr", type=float, default=0.0, help="cosine schedule's floor")
-            g.add_argument("--warmup-steps", type=int, default=0, metavar="W",
-                           help="scale the rate by (t+1)/W over the first W steps")
-            g.add_argument("--weight-decay", type=float, default=0.0, metavar="WD",
-                           help="L2 added to the gradient (sgd, adam); decoupled for adamw")
-            g.add_argument("--clip-norm", type=float, default=0.0, metavar="C",
-                           help="clip the global gradient norm over all ranks to C (0: off)")
+                           "(CosineAnnealingLR over all the run's steps)" + CONTINUED % "constant")
+            g.add_argument("--step-size", type=int, metavar="E",
+                           help="step schedule: multiply the rate by --gamma every E epochs"
+                           + CONTINUED % 1)
+            g.add_argument("--gamma", type=float, help="step schedule's factor" + CONTINUED % 0.1)
+            g.add_argument("--min-lr", type=float,
+                           help="cosine schedule's floor" + CONTINUED % 0)
+            g.add_argument("--warmup-steps", type=int, metavar="W",
+                           help="scale the rate by (t+1)/W over the first W steps" + CONTINUED % 0)
+            g.add_argument("--weight-decay", type=float, metavar="WD",
+                           help="L2 added to the gradient (sgd, adam); decoupled for adamw"
+                           + CONTINUED % 0)
+            g.add_argument("--clip-norm", type=float, metavar="C",
+                           help="clip the global gradient norm over all ranks to C (0: off)"
+                           + CONTINUED % 0)
             g.add_argument("--dropout", type=float, metavar="P",
                            help="inverted dropout on hidden layers while training; the same "
-                           "masks at any rank count (default: the rates the model file stores, "
-                           "set by init --dropout or import-torch; 0 turns them off)")
+                           "masks at any rank count (default: the last run's --dropout, else "
+                           "the rates the model file stores, set by init --dropout or "
+                           "import-torch; 0 turns them off)")
         if name == "predict":
             p.add_argument("--out", help="HDF5 file to write 'outputs' to")
 
@@ -296,6 +314,7 @@ AT_LEAST = {"batch_size": 1, "epochs": 0, "keep": 1, "checkpoint_every": 0, "mic
             "step_size": 1, "warmup_steps": 0, "replicas": 1}
 MAX_SEED = 2**63 - 1
 FLOAT_RANGES = {"lr": (lambda v: v > 0, "a positive number"),
+                "collective_timeout": (lambda v: v > 0, "a positive number of seconds"),
                 "momentum": (lambda v: 0 <= v < 1, "in [0, 1)"),
                 "density": (lambda v: 0 < v <= 1, "in (0, 1]"),
                 "cap": (lambda v: v > 0, "a positive number"),
@@ -339,6 +358,8 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
         raise MpinnError(f"{args.command} needs {' and '.join(missing)} (on the command line or "
                          "in --config)")
     check_values(args)
+    if args.collective_timeout is not None:  # read by mpinn.watchdog at each collective call
+        os.environ["MPINN_COLLECTIVE_TIMEOUT"] = repr(args.collective_timeout)
     return args
 
 
@@ -394,7 +415,7 @@ def check_values(args: argparse.Namespace) -> None:
     for key, (inside, wanted) in FLOAT_RANGES.items():
         value = values.get(key)
         if value is not None and not (math.isfinite(value) and inside(value)):
-            raise MpinnError(f"--{key} must be {wanted}, got {value}")
+            raise MpinnError(f"--{key.replace('_', '-')} must be {wanted}, got {value}")
     strategy = values.get("strategy")
     if strategy is not None:
         if strategy not in STRATEGIES:
@@ -777,7 +798,7 @@ def run(args: argparse.Namespace) -> int:
         _choose_layout(args, comm, rank0)
     from mpinn.api import Network
     with Network(args.model, _choice(args), comm, replicas=args.replicas,
-                 exchange=args.exchange) as net:
+                 exchange=args.exchange, locked=True) as net:
         if args.command == "train":
             if rank0 and not args.quiet:
                 layout = (f" = {args.replicas} replicas x {comm.size // args.replicas}"
@@ -793,6 +814,7 @@ def run(args: argparse.Namespace) -> int:
                 keep_best=args.keep_best, schedule=args.schedule, step_size=args.step_size,
                 gamma=args.gamma, min_lr=args.min_lr, warmup_steps=args.warmup_steps,
                 weight_decay=args.weight_decay, clip_norm=args.clip_norm, dropout=args.dropout,
+                reset_optimizer=args.reset_optimizer,
                 progress=not args.quiet and (args.progress or sys.stderr.isatty()),
                 log_json=args.log_json, verbose=not args.quiet)
             if rank0 and history.stopped_by:
@@ -845,12 +867,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         if early is not None:
             raise early
         return run(args)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
+        agreed = isinstance(exc, Interrupted)  # every rank stopped at the same step
         if comm.rank == 0:
-            print("mpinn: error: interrupted; nothing was written over (outputs appear only "
-                  "when complete, a model only at its checkpoints)", file=sys.stderr, flush=True)
+            what = str(exc) if agreed else ("interrupted; nothing was written over (outputs "
+                                            "appear only when complete, a model only at its "
+                                            "checkpoints)")
+            print(f"mpinn: error: {what}", file=sys.stderr, flush=True)
         release_locks()
         sys.stdout.flush()
+        if agreed and comm.size > 1:
+            channel.comm.Barrier()  # no rank exits (and has mpirun end the job) before the line
         os._exit(130)
     except Exception as exc:
         user_error = isinstance(exc, MpinnError)

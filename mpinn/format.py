@@ -132,6 +132,16 @@ def open_file(path: str, mode: str, comm: MPI.Comm) -> h5py.File:
         raise MpinnError(f"{path}: cannot open ({exc}{hint})") from None
 
 
+def file_identity(path: str) -> tuple[int, ...] | None:
+    """What changes whenever a model is committed (a new file renamed over it): device,
+    inode, size and modification time; None if there is no such file."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
 def safe_to_close(exc: BaseException | None) -> bool:
     """Whether a file may be closed while ``exc`` propagates.
 

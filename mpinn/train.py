@@ -26,11 +26,12 @@ from mpinn import distributor
 from mpinn import format as fmt
 from mpinn.data import LocalData
 from mpinn.engine import Engine
-from mpinn.errors import MpinnError, inject_fault
+from mpinn.errors import Interrupted, MpinnError, inject_fault
 from mpinn.exchange import MAX, SUM, ReplicaGroups, agree, allreduce, on_root
 from mpinn.metadata import MetadataTable
 from mpinn.optim import (
     OPTIMIZERS,
+    SCHEDULES,
     SGD,
     Optimizer,
     Schedule,
@@ -85,6 +86,87 @@ def owner_for_strategy(f: h5py.File, spec: fmt.ModelSpec, nranks: int, strategy:
                                                        node))
 
 
+# The settings of a training run that the file records (/state "run") and that a continued
+# or resumed run takes from there unless its caller names another value (None: not named).
+RUN_DEFAULTS: dict[str, Any] = {
+    "optimizer": "sgd", "lr": 0.1, "momentum": 0.0, "weight_decay": 0.0,
+    "schedule": "constant", "step_size": 1, "gamma": 0.1, "min_lr": 0.0, "warmup_steps": 0,
+    "clip_norm": 0.0, "dropout": None}
+# the optimizer's own settings: with --reset-optimizer they come from the caller or the
+# defaults, never from the file
+OPTIMIZER_SETTINGS = ("optimizer", "lr", "momentum", "weight_decay")
+
+
+def stored_run(state: dict[str, Any]) -> dict[str, Any]:
+    """The run settings the file records: its "run" record, or for a file written before
+    there was one, what its optimizer and schedule records hold. Empty for a new model."""
+    run = state.get("run")
+    if isinstance(run, dict):
+        return {key: run[key] for key in RUN_DEFAULTS if key in run}
+    found: dict[str, Any] = {}
+    optimizer = state.get("optimizer")
+    if isinstance(optimizer, dict) and optimizer.get("name") in OPTIMIZERS:
+        found["optimizer"] = optimizer["name"]
+        for key in ("lr", "momentum", "weight_decay"):
+            if key in optimizer:
+                found[key] = optimizer[key]
+    schedule = state.get("schedule")
+    if isinstance(schedule, dict):  # its lr is the base rate (the optimizer's, the last step's)
+        found.update({("schedule" if key == "name" else key): schedule[key]
+                      for key in ("name", "lr", "step_size", "gamma", "min_lr", "warmup_steps")
+                      if key in schedule})
+    return found
+
+
+def _stored_setting(key: str, value: Any) -> Any:
+    """A run setting read from a file, of the type the run needs (files are not trusted)."""
+    if key == "optimizer":
+        good = value in OPTIMIZERS
+    elif key == "schedule":
+        good = value in SCHEDULES
+    elif key == "dropout" and value is None:
+        good = True
+    else:
+        good = (isinstance(value, (int, float)) and not isinstance(value, bool)
+                and bool(np.isfinite(value)))
+    if not good:
+        raise MpinnError(f"the model's /state records {key} = {value!r}, which is not a valid "
+                         f"setting; name {key} explicitly to train it")
+    return value
+
+
+def _holds_state(record: Any) -> bool:
+    """Whether a stored optimizer record comes with state arrays (Adam's moments, SGD's
+    momentum buffer): plain SGD has none, and switching from it throws nothing away."""
+    if not isinstance(record, dict):
+        return False
+    return record.get("name") in ("adam", "adamw") or bool(record.get("momentum"))
+
+
+def resolve_run(path: str, state: dict[str, Any], named: dict[str, Any],
+                reset_optimizer: bool = False) -> dict[str, Any]:
+    """Every run setting: the caller's where named (not None), else the file's, else
+    ``RUN_DEFAULTS``. Naming another optimizer than the one whose state the file holds
+    would throw that state away: refused unless ``reset_optimizer``, which starts the
+    optimizer afresh (its settings from the caller and the defaults only)."""
+    unknown = sorted(set(named) - set(RUN_DEFAULTS))
+    if unknown:
+        raise MpinnError(f"unknown training settings: {', '.join(unknown)}")
+    stored = stored_run(state)
+    if reset_optimizer:
+        stored = {key: value for key, value in stored.items() if key not in OPTIMIZER_SETTINGS}
+    elif (_holds_state(state.get("optimizer")) and named.get("optimizer") is not None
+            and named["optimizer"] != stored.get("optimizer")):
+        raise MpinnError(
+            f"{path} holds the state of optimizer {stored['optimizer']} (from its last run); "
+            f"training it with {named['optimizer']} would throw that state away: leave the "
+            f"optimizer out to continue with {stored['optimizer']}, or pass --reset-optimizer "
+            f"(reset_optimizer=True) to start {named['optimizer']} afresh")
+    return {key: named[key] if named.get(key) is not None
+            else _stored_setting(key, stored[key]) if key in stored else default
+            for key, default in RUN_DEFAULTS.items()}
+
+
 REPLICA_LOADS = ("read", "bcast")
 REPLICA_LOAD = "read"  # how groups other than 0 get their rows: see docs/scaling.md
 
@@ -111,6 +193,9 @@ class DistributedModel:
         self.replicas = agree(comm, lambda: ReplicaGroups.check(replicas, comm.size))
         self.groups = ReplicaGroups(comm, self.replicas)
         group = self.group = self.groups.group  # the neuron partition lives here
+        # what the file was when loaded (taken before opening it: a commit in between makes
+        # it look changed, never unchanged), so a writer can tell a model committed since
+        self.committed = fmt.file_identity(path)
         # opened read-only: saves write a new file and swap it in (format.Checkpoint)
         self.file = fmt.open_file(path, "r", group)
         try:
@@ -234,6 +319,7 @@ class DistributedModel:
         self.state.update(state)
         self._write(self.path, optimizer, keep, label)
         started = time.perf_counter()  # part of the checkpoint's I/O too (about 0.1 s here)
+        self.committed = fmt.file_identity(self.path)  # ours: the lock keeps other writers out
         self.file.close()
         self.file = fmt.open_file(self.path, "r", self.group)
         self.seconds_io += time.perf_counter() - started
@@ -358,34 +444,64 @@ def _run_batches(model: DistributedModel, data: LocalData, order: np.ndarray, ba
 
 class StepGuard:
     """What every rank checks after each step, with one small allreduce: did any rank get a
-    stop signal (SIGTERM, or SIGUSR1 from SLURM's --signal), or a non-finite loss?"""
+    stop signal (SIGTERM, or SIGUSR1 from SLURM's --signal), Ctrl-C (SIGINT), or a
+    non-finite loss?
+
+    A stop signal makes every rank commit a checkpoint and return; Ctrl-C makes every rank
+    raise ``Interrupted`` at the same step, committing nothing (a second Ctrl-C on a rank
+    interrupts it at once, as Python would)."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
     def __init__(self, comm: MPI.Comm) -> None:
         self.comm = comm
         self.received: str | None = None
+        self.interrupted = False
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> StepGuard:
         if threading.current_thread() is threading.main_thread():
             for sig in self.SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._handle)
+            if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+                self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._interrupt)
         return self
 
     def _handle(self, signum: int, _frame: object) -> None:
         self.received = signal.Signals(signum).name
 
+    def _interrupt(self, _signum: int, _frame: object) -> None:
+        if self.interrupted:
+            raise KeyboardInterrupt
+        self.interrupted = True
+
     def __exit__(self, *exc: object) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
 
+    def finish(self, where: str) -> None:
+        """At the end of training, on every rank: Ctrl-C that came after the last step (in
+        the last checkpoint, say) interrupts the caller all the same, on every rank."""
+        flag = np.array([self.interrupted], dtype=np.int32)
+        if allreduce(self.comm, flag, MAX)[0]:
+            self._raise(where)
+
+    def _raise(self, where: str) -> None:
+        ranks = [r for r, got in enumerate(self.comm.allgather(self.interrupted)) if got]
+        raise Interrupted(f"interrupted (SIGINT on rank{'s' if len(ranks) > 1 else ''} "
+                          f"{','.join(map(str, ranks))}) at {where}: every rank stopped; "
+                          "the model holds its last checkpoint")
+
     def stop_requested(self, loss_share: float, where: str) -> bool:
         """True on every rank once any rank has received a stop signal; raises on every
-        rank, naming the ranks, if any rank's share of the loss is NaN or infinite."""
+        rank, naming the ranks, if any rank's share of the loss is NaN or infinite, or
+        ``Interrupted`` if any rank got Ctrl-C."""
         finite = bool(np.isfinite(loss_share))
-        flags = np.array([self.received is not None, not finite], dtype=np.int32)
+        flags = np.array([self.received is not None, not finite, self.interrupted],
+                         dtype=np.int32)
         allreduce(self.comm, flags, MAX)
+        if flags[2]:
+            self._raise(where)
         if flags[1]:
             def check() -> None:
                 if not finite:
@@ -454,7 +570,8 @@ def train(model: DistributedModel, data: LocalData, *, epochs: int, batch_size: 
           on_epoch: Callable[[EpochStats], bool | None] | None = None,
           schedule: str = "constant", step_size: int = 1, gamma: float = 0.1,
           min_lr: float = 0.0, warmup_steps: int = 0, weight_decay: float = 0.0,
-          clip_norm: float = 0.0, dropout: float | None = None) -> TrainResult:
+          clip_norm: float = 0.0, dropout: float | None = None,
+          reset_optimizer: bool = False) -> TrainResult:
     """Train from the epoch, batch and optimizer state stored in the file.
 
     Without ``resume``, ``epochs`` more epochs are run (an epoch left unfinished by a
@@ -480,7 +597,9 @@ def train(model: DistributedModel, data: LocalData, *, epochs: int, batch_size: 
     ``dropout`` P: inverted dropout on the hidden layers' outputs in training batches, its
     masks drawn from (seed, step, neuron gid, sample index) (``Engine.set_dropout``).
     None (the default) uses the rates the file stores per layer; a number overrides them
-    for every hidden layer (0: none).
+    for every hidden layer (0: none). ``reset_optimizer``: start the optimizer afresh
+    instead of restoring the state the file holds. The settings are recorded in the file
+    (/state "run") for the next run to continue with (``resolve_run``).
     """
     if epochs < 0:
         raise MpinnError(f"--epochs must not be negative, got {epochs}")
@@ -500,7 +619,12 @@ def train(model: DistributedModel, data: LocalData, *, epochs: int, batch_size: 
     engine = model.use_engine(batch_size, training=True)
     params = engine.parameters()
     optimizer = make_optimizer(optimizer_name, params, lr, momentum, weight_decay)
-    model.load_optimizer_state(optimizer)
+    if not reset_optimizer:
+        model.load_optimizer_state(optimizer)
+    run = {"optimizer": optimizer_name, "lr": lr, "momentum": momentum,
+           "weight_decay": weight_decay, "schedule": schedule, "step_size": step_size,
+           "gamma": gamma, "min_lr": min_lr, "warmup_steps": warmup_steps,
+           "clip_norm": clip_norm, "dropout": dropout}
     done = int(model.state.get("epoch", 0))
     skip = int(model.state.get("batch", 0))
     step_count = int(model.state.get("step", 0))
@@ -572,7 +696,7 @@ def train(model: DistributedModel, data: LocalData, *, epochs: int, batch_size: 
                 # early-stopping counters only where epochs write them: with validation
                 model.save(optimizer, keep, epoch=result.epoch, batch=result.batch,
                            step=step_count, seed=seed, stopped_early=False,
-                           schedule=rates.config(),
+                           schedule=rates.config(), run=run,
                            **(early.state() if validation is not None else {}))
                 return result
             seen = order.size
@@ -582,7 +706,7 @@ def train(model: DistributedModel, data: LocalData, *, epochs: int, batch_size: 
             stats = EpochStats(epoch, loss, accuracy, seen / (time.perf_counter() - start))
             counters: dict[str, Any] = {"epoch": epoch, "batch": 0, "step": step_count,
                                         "seed": seed, "stopped_early": False,
-                                        "schedule": rates.config()}
+                                        "schedule": rates.config(), "run": run}
             improved = False
             if validation is not None:
                 stats.val_loss, stats.val_accuracy = evaluate(model, validation, batch_size)
@@ -606,6 +730,7 @@ def train(model: DistributedModel, data: LocalData, *, epochs: int, batch_size: 
                 model.save(optimizer, keep, **counters)
             if result.stopped_early:
                 break
+        guard.finish(f"the end of epoch {result.epoch}")
     return result
 
 
