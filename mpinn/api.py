@@ -258,7 +258,7 @@ class Network:
             gamma: float = 0.1, min_lr: float = 0.0, warmup_steps: int = 0,
             weight_decay: float = 0.0, clip_norm: float = 0.0, dropout: float | None = None,
             progress: bool = False,
-            log_json: str | None = None, verbose: bool = False) -> History:
+            log_json: str | None = None, verbose: bool = False, force: bool = False) -> History:
         """Train on ``x``, ``y`` (arrays, the same on every rank) or ``x`` a data file.
 
         The options are ``mpinn train``'s flags: ``epochs`` more epochs (with ``resume``:
@@ -267,9 +267,11 @@ class Network:
         kept; ``micro_batches`` > 1 pipelines each batch. ``validation_data``: (Xv, yv)
         or a data file, evaluated after every epoch; ``patience`` K stops after K epochs
         without a lower validation loss; ``keep_best`` commits each new best to
-        MODEL.best.h5. ``optimizer`` sgd, adam or adamw, with ``weight_decay`` (L2 in the
-        gradient for sgd and adam, decoupled for adamw, as torch) and ``clip_norm`` (the
-        global gradient norm, as torch's clip_grad_norm_). ``schedule`` constant, step
+        MODEL.best.h5 (refused before training when that file exists and was not written
+        by this model's training, unless ``force``). ``optimizer`` sgd, adam or adamw,
+        with ``weight_decay`` (L2 in the gradient for sgd and adam, decoupled for adamw,
+        as torch) and ``clip_norm`` (the global gradient norm, as torch's
+        clip_grad_norm_). ``schedule`` constant, step
         (``step_size`` epochs, ``gamma``) or cosine (down to ``min_lr`` at the last step),
         with ``warmup_steps``. ``dropout`` P: inverted dropout on the hidden layers while
         training, the same masks at any rank count; None (the default) uses the rates the
@@ -279,6 +281,8 @@ class Network:
         ``log_json`` appends each epoch's dict to a file.
         """
         model = self.model
+        if keep_best:
+            agree(self.comm, lambda: loop.check_best(self.path, force))
         data = self._data(x, y, "X", "fit data")
         validation = None
         if validation_data is not None:

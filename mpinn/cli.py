@@ -13,7 +13,7 @@ import os
 import re
 import sys
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
@@ -278,6 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 FORCE_HELP = {
     "partition": "replace a stored partition of the same name",
+    "train": "with --keep-best: replace a MODEL.best.h5 that this model's training did not "
+             "write",
     "predict": "overwrite an existing --out file (never the model or the data)",
     "plot": "overwrite an existing --out file (never the source)",
     "import-graphchallenge": "overwrite existing --model and --data files (never an input)",
@@ -494,6 +496,8 @@ class FilePlan:
     locked: dict[str, str] = field(default_factory=dict)
     force: bool = False
     appended: dict[str, str] = field(default_factory=dict)  # written to, but never replaced
+    # what else must hold before any work (a model it rewrites is writable, ...): run last
+    checks: list[Callable[[], None]] = field(default_factory=list)
 
 
 def plot_out(args: argparse.Namespace) -> str:
@@ -502,6 +506,10 @@ def plot_out(args: argparse.Namespace) -> str:
 
 def file_plan(args: argparse.Namespace) -> FilePlan:
     """The files of the parsed command, for the checks made before any work."""
+    from mpinn import format as fmt
+    from mpinn import outputs
+    from mpinn.train import check_best
+
     plan = FilePlan(force=bool(getattr(args, "force", False)))
     if args.config:
         plan.inputs["--config"] = args.config
@@ -519,8 +527,14 @@ def file_plan(args: argparse.Namespace) -> FilePlan:
         plan.inputs["MODEL"] = args.model
         if command == "partition" and not (args.compare or args.plan):
             plan.locked[args.model] = "partitioned"
+            plan.checks.append(lambda: outputs.check_writable(
+                "MODEL", args.model, "partition would write into it"))
         if command == "train":
             plan.locked[args.model] = "trained"
+            plan.checks.append(lambda: outputs.check_writable(
+                "MODEL", args.model, "train would replace it"))
+            if args.keep > 1:
+                plan.checks.append(lambda: fmt.check_history(args.model, args.keep))
             if args.log_json:
                 plan.appended["--log-json"] = args.log_json
             if args.val_data:
@@ -529,6 +543,7 @@ def file_plan(args: argparse.Namespace) -> FilePlan:
                 from mpinn.train import best_path
                 plan.appended["--keep-best"] = best_path(args.model)
                 plan.locked[best_path(args.model)] = "written by --keep-best"
+                plan.checks.append(lambda: check_best(args.model, plan.force))
         if command in ("train", "evaluate", "predict"):
             plan.inputs["--data"] = args.data
         if command == "predict":
@@ -580,6 +595,8 @@ def check_files(plan: FilePlan) -> None:
                 raise MpinnError(f"{flag} {path}: no such file")
     outputs.check(plan.outputs, plan.inputs, plan.force)
     outputs.check(plan.appended, plan.inputs, force=True)
+    for check in plan.checks:
+        check()
 
 
 held_locks: list = []  # rank 0's locks of this command's outputs, released as it ends
@@ -595,14 +612,18 @@ def take_locks(plan: FilePlan, comm, quiet: bool) -> None:  # noqa: ANN001 - a c
         for path, action in plan.locked.items():
             got = lock.acquire(path, action)
             held_locks.append(got)
-            if got.broke:
+            if got.broke and "empty" in got.broke:
+                notes.append(f"mpinn: note: {path}: removed an empty lock file left "
+                             f"{got.broke['empty']} s ago by a job that died before writing it")
+            elif got.broke:
                 notes.append(f"mpinn: note: {path}: removed a stale lock of pid "
                              f"{got.broke.get('pid')} on {got.broke.get('host')} (since "
                              f"{got.broke.get('since')}), whose process is gone")
         return notes
 
-    for note in on_root(comm, take):
-        if not quiet:
+    notes = on_root(comm, take)
+    if comm.rank == 0 and not quiet:  # once, not once per rank
+        for note in notes:
             print(note, file=sys.stderr, flush=True)
 
 
@@ -785,7 +806,7 @@ def run(args: argparse.Namespace) -> int:
                 print(f"training {args.model} on {comm.size} ranks{layout} ({net.partition_text}), "
                       f"{fmt.count_samples(args.data)} samples", flush=True)
             history = net.fit(
-                args.data, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                args.data, force=args.force, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                 optimizer=args.optimizer, momentum=args.momentum, seed=args.seed,
                 shuffle=not args.no_shuffle, validation_data=args.val_data,
                 checkpoint_every=args.checkpoint_every, keep=args.keep, resume=args.resume,

@@ -35,7 +35,7 @@ from mpinn.kernels import (
     pattern_counts,
     random_pattern,
 )
-from mpinn.outputs import commit, discard, partial_name, staged
+from mpinn.outputs import commit, discard, keep_mode, partial_name, staged
 
 FORMAT_VERSION = 1
 DTYPES = {"float32": np.dtype(np.float32), "float64": np.dtype(np.float64)}
@@ -645,20 +645,62 @@ class Checkpoint:
         self.comm.Barrier()
 
     def _commit(self) -> None:
-        history = f"{self.path}.checkpoints"
         if self.keep > 1 and os.path.exists(self.path):
-            os.makedirs(history, exist_ok=True)
-            kept = os.path.join(history, self.label or "previous.h5")
-            if os.path.exists(kept):
-                os.remove(kept)
-            os.link(self.path, kept)
-            older = sorted((os.path.join(history, n) for n in os.listdir(history)),
-                           key=os.path.getmtime)
-            for stale in older[: max(0, len(older) - (self.keep - 1))]:
-                os.remove(stale)
+            try:
+                self._keep_previous()
+            except OSError as exc:  # checked before training; never lose the new checkpoint
+                print(f"mpinn: warning: {self.path}: the previous checkpoint was not kept in "
+                      f"{self.path}.checkpoints/ ({exc}); the new one is committed",
+                      file=sys.stderr, flush=True)
+        keep_mode(self.path, self.partial)  # a model made private (0600) stays private
         inject_fault("save-rename", self.comm.rank)
         commit(self.partial, self.path)  # whatever the I/O driver did: synced, renamed, synced
         inject_fault("save-renamed", self.comm.rank)
+
+
+    def _keep_previous(self) -> None:
+        """Hard-link the file being replaced into ``PATH.checkpoints/`` and drop the oldest
+        there beyond ``keep - 1``."""
+        history = f"{self.path}.checkpoints"
+        os.makedirs(history, exist_ok=True)
+        kept = os.path.join(history, self.label or "previous.h5")
+        if os.path.exists(kept):
+            os.remove(kept)
+        os.link(self.path, kept)
+        older = sorted((os.path.join(history, n) for n in os.listdir(history)),
+                       key=os.path.getmtime)
+        for stale in older[: max(0, len(older) - (self.keep - 1))]:
+            os.remove(stale)
+
+
+def check_history(path: str, keep: int) -> None:
+    """Before any training with ``keep`` > 1: ``PATH.checkpoints`` must be a writable
+    directory holding only files, since each commit links into it and removes its oldest
+    entries; refused otherwise, rather than found at the first commit."""
+    history = f"{path}.checkpoints"
+    if keep <= 1 or not os.path.lexists(history):
+        return
+    if not os.path.isdir(history):
+        raise MpinnError(f"--keep {keep}: {history} is a file, not the directory of older "
+                         "checkpoints; move it away")
+    for entry in os.scandir(history):
+        if entry.is_dir(follow_symlinks=False):
+            raise MpinnError(f"--keep {keep}: {entry.path} is a directory, which pruning the "
+                             f"older checkpoints in {history}/ cannot remove; move it away")
+    if not os.access(history, os.W_OK | os.X_OK):
+        raise MpinnError(f"--keep {keep}: {history} is not writable")
+
+
+def read_state_value(path: str, key: str) -> Any:
+    """The /state attribute ``key`` of the file at ``path`` (one process), or None when it
+    is not an HDF5 file, has no such attribute, or it is not JSON."""
+    try:
+        with h5py.File(path, "r") as f:
+            state = f.get("state")
+            value = state.attrs.get(key) if isinstance(state, h5py.Group) else None
+        return json.loads(value) if value is not None else None
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
 
 
 def read_partitions(f: h5py.File) -> Partitions:
