@@ -20,6 +20,7 @@ from typing import Any, NoReturn
 from mpinn.errors import MpinnError
 
 EXIT_ERROR = 1
+EXIT_INTERRUPTED = 130  # Ctrl-C, as a shell reports SIGINT
 AGREE_TIMEOUT = 5.0  # seconds a failing rank waits for the others before aborting
 REPORT_TIMEOUT = 3.0  # seconds it then waits for rank 0 to report it and abort the job
 
@@ -426,6 +427,10 @@ def check_values(args: argparse.Namespace) -> None:
             not re.fullmatch(r"[A-Za-z0-9_.+-]+", args.name) or args.name in (".", "..")):
         raise MpinnError(f"--name {args.name!r}: a partition name is letters, digits and "
                          "'_', '.', '+', '-' (not '.' or '..')")
+    if args.command == "plot" and args.kind == "partition" and args.partition is None \
+            and args.ranks is None:
+        raise MpinnError("plot partition needs --partition NAME (a stored partition) or --ranks N "
+                         "(the ranks to compute --strategy for)")
     if args.command == "bench" and (args.model is None) != (args.data is None):
         raise MpinnError("bench sparse-dnn: give both --model and --data, or neither")
 
@@ -805,6 +810,12 @@ def run(args: argparse.Namespace) -> int:
                           if args.replicas > 1 else "")
                 print(f"training {args.model} on {comm.size} ranks{layout} ({net.partition_text}), "
                       f"{fmt.count_samples(args.data)} samples", flush=True)
+                if args.strategy == "mincut" and args.partition is None:
+                    # METIS is run again by every later command: say how to keep this one
+                    print(f"mpinn: note: this mincut partition is not stored in {args.model}; "
+                          f"store it with mpinn partition {args.model} --ranks "
+                          f"{comm.size // args.replicas} --strategy mincut --name NAME and "
+                          "use --partition NAME", file=sys.stderr, flush=True)
             history = net.fit(
                 args.data, force=args.force, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                 optimizer=args.optimizer, momentum=args.momentum, seed=args.seed,
@@ -828,7 +839,8 @@ def run(args: argparse.Namespace) -> int:
             if rank0:
                 acc = (f"  accuracy {metrics['accuracy']:.4f}" if metrics["accuracy"] is not None
                        else "")
-                print(f"loss {metrics['loss']:.6f}{acc}  samples {fmt.count_samples(args.data)}")
+                print(f"loss {metrics['loss']:.6f}{acc}  samples {fmt.count_samples(args.data)}  "
+                      f"model {args.model}  data {args.data}")
         else:  # each rank writes its own output columns: no rank gathers them all
             model = net.model
             data = load(args.data, model.table, model.spec.dtype, comm, model.group)
@@ -860,19 +872,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     from mpinn.exchange import FailureChannel, combine_errors
 
     comm = MPI.COMM_WORLD
-    channel = FailureChannel(comm)
+    channel = FailureChannel(comm, before_abort=release_locks)
     debug = bool(args and args.debug) or "--debug" in (sys.argv if argv is None else argv)
+    if not debug:
+        import numpy as np
+        # a diverging run's overflow and NaN warnings would come before its one error line:
+        # every loss is checked for finiteness and reported as that line (--debug shows them)
+        np.seterr(all="ignore")
     try:
         if early is not None:
             raise early
         return run(args)
     except KeyboardInterrupt:
+        message = ("interrupted; nothing was written over (outputs appear only when complete, "
+                   "a model only at its checkpoints)")
+        if comm.size > 1 and channel.gather_failures(message, AGREE_TIMEOUT) is None:
+            # SIGINT reached only some ranks (kill -INT of one rank): the others wait in a
+            # collective for this one; have rank 0 print it, release the locks and end the job
+            channel.report_alone(message, REPORT_TIMEOUT, EXIT_INTERRUPTED)
         if comm.rank == 0:
-            print("mpinn: error: interrupted; nothing was written over (outputs appear only "
-                  "when complete, a model only at its checkpoints)", file=sys.stderr, flush=True)
+            print(f"mpinn: error: {message}", file=sys.stderr, flush=True)
         release_locks()
+        if comm.size > 1:
+            channel.comm.Barrier()  # no rank exits (and has mpirun end the job) before the line
         sys.stdout.flush()
-        os._exit(130)
+        os._exit(EXIT_INTERRUPTED)
     except Exception as exc:
         user_error = isinstance(exc, MpinnError)
         agreed = user_error and exc.agreed  # every rank raised this same error already

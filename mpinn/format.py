@@ -127,6 +127,10 @@ def open_file(path: str, mode: str, comm: MPI.Comm) -> h5py.File:
         if "truncated" in str(exc) or "eof" in str(exc).lower():
             raise MpinnError(f"{path}: the file is truncated or damaged ({exc}); restore it "
                              f"from a copy or a checkpoint in {path}.checkpoints/") from None
+        if mode != "r" and os.path.exists(path) and not os.access(path, os.W_OK):
+            mode_bits = os.stat(path).st_mode & 0o7777
+            raise MpinnError(f"{path}: cannot open it for writing: permission denied (mode "
+                             f"{mode_bits:04o})") from None
         hint = ("; another process has it open, or the filesystem has no file locks: then "
                 "set HDF5_USE_FILE_LOCKING=FALSE") if "lock" in str(exc) else ""
         raise MpinnError(f"{path}: cannot open ({exc}{hint})") from None
@@ -201,9 +205,19 @@ def _read_spec(f: h5py.File) -> ModelSpec:
     if "mpinn_format_version" not in f.attrs:
         raise MpinnError(f"{name}: not an mpinn model (no mpinn_format_version attribute)")
     version = f.attrs["mpinn_format_version"]
-    if (np.ndim(version) != 0 or not np.issubdtype(np.asarray(version).dtype, np.number)
-            or np.iscomplexobj(version) or version != FORMAT_VERSION):
-        raise MpinnError(f"{name}: format version {np.asarray(version).tolist()} is not supported "
+    shown = np.asarray(version).tolist()
+    if np.ndim(version) != 0 or not np.issubdtype(np.asarray(version).dtype, np.number) \
+            or np.iscomplexobj(version):
+        # "1" stored as text is no version 1: say what is stored, not "1 is not supported"
+        kind = ("text" if isinstance(shown, (str, bytes)) else
+                f"an array of shape {np.shape(version)}" if np.ndim(version) else
+                f"a {np.asarray(version).dtype} value")
+        if isinstance(shown, bytes):
+            shown = shown.decode(errors="replace")
+        raise MpinnError(f"{name}: format version {shown!r} is stored as {kind}, not a number "
+                         f"(this mpinn reads version {FORMAT_VERSION}, an integer)")
+    if version != FORMAT_VERSION:
+        raise MpinnError(f"{name}: format version {shown} is not supported "
                          f"(this mpinn reads version {FORMAT_VERSION})")
     sizes = np.asarray(f.attrs.get("sizes", []))
     if sizes.ndim != 1 or sizes.size < 2 or not np.issubdtype(sizes.dtype, np.integer):

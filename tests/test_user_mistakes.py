@@ -574,3 +574,97 @@ def test_a_checkpoints_path_in_the_way_never_loses_the_commit_of_fit(model):
     assert result.stderr.count("mpinn: warning:") == 1, result.stderr
     assert "the previous checkpoint was not kept" in result.stderr
     assert _state(model)["epoch"] == 1
+
+
+def test_ctrl_c_of_one_rank_is_one_line_and_leaves_no_lock(model, tmp_path):
+    """Item 16: SIGINT to rank 1 alone (held at step 3 while rank 0 waits for it in the next
+    collective): rank 0 prints one line naming the rank, releases the lock and ends the job
+    with status 130; the model is unchanged."""
+    before = digest(model)
+    proc = subprocess.Popen(command(2, "train", str(model), "--data", DIGITS_TRAIN, "--epochs",
+                                    "5"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={**ENV, "MPINN_FAULT": "hold:1:3"}, cwd=ROOT,
+                            preexec_fn=_terminal_sigint)
+    try:
+        for line in proc.stdout:
+            if held := re.match(r"MPINN_FAULT: rank 1 \(pid (\d+)\) holds at hold$", line):
+                break
+        assert held, proc.communicate(timeout=60)
+        os.kill(int(held.group(1)), signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    errors = [line for line in err.splitlines() if line.startswith("mpinn: error:")]
+    assert proc.returncode == 130, out + err
+    assert len(errors) == 1 and "interrupted" in errors[0] and "(rank 1)" in errors[0], err
+    assert "Traceback" not in err and digest(model) == before
+    assert_no_leftovers(tmp_path)
+
+
+def _preempted(f: h5py.File) -> None:
+    """The state a preemption at epoch 2, batch 14 commits (``--resume`` continues there)."""
+    state = f.require_group("state")
+    state.attrs["epoch"], state.attrs["batch"] = "1", "14"
+
+
+# item 16's small messages: (nranks, argv builder, message); nothing may change, and no
+# warning line may come before the error
+CASES_25 = [
+    (1, lambda t, m: ["inspect", _model_copy(t, m, lambda f: f.attrs.__setitem__(
+        "mpinn_format_version", "1"))], "format version '1' is stored as text, not a number "
+     "(this mpinn reads version 1, an integer)"),
+    (2, lambda t, m: ["train", str(m), "--data", DIGITS_TRAIN, "--lr", "1e30"],
+     "the loss is nan (diverged or bad data)"),
+    (1, lambda t, m: ["plot", "partition", str(m), "--out", str(t / "p.png")],
+     "plot partition needs --partition NAME (a stored partition) or --ranks N"),
+]
+
+
+@pytest.mark.parametrize("nranks, argv, message", CASES_25,
+                         ids=[f"{n}-{m[:32]}" for n, _, m in CASES_25])
+def test_a_small_mistake_is_one_clear_line_without_warnings(model, tmp_path, nranks, argv,
+                                                            message):
+    args = argv(tmp_path, model)
+    before = snapshot(tmp_path)
+    result = mpinn(nranks, *args, timeout=60)
+    refused(result, message)
+    assert "Warning" not in result.stderr, result.stderr
+    assert snapshot(tmp_path) == before
+    assert_no_leftovers(tmp_path)
+
+
+def test_evaluate_names_its_files_and_inspect_the_stored_batch(model, tmp_path):
+    """Item 16: evaluate's line names the model and the data; inspect shows where a
+    preempted run stopped inside its epoch."""
+    out = ok(mpinn(2, "evaluate", str(model), "--data", DIGITS_TEST))
+    assert f"samples 360  model {model}  data {DIGITS_TEST}" in out, out
+    out = ok(mpinn(1, "inspect", _model_copy(tmp_path, model, _preempted)))
+    assert "training state: epoch 1, batch 14 of epoch 2 done (continue with train --resume), "\
+        "step 0" in out, out
+
+
+def test_train_with_mincut_says_its_partition_is_not_stored(model):
+    """Item 16: every later command computes mincut again; train says how to keep it."""
+    result = _train(model, "--strategy", "mincut", nranks=2)
+    assert result.returncode == 0, result.stderr
+    assert f"mpinn: note: this mincut partition is not stored in {model}; store it with mpinn "\
+        f"partition {model} --ranks 2 --strategy mincut --name NAME" in result.stderr
+
+
+def test_a_log_of_two_runs_marks_each_start_and_is_drawn_as_two_runs(model, tmp_path):
+    """Item 16: the first record of every run carries run_start, and plot curves draws runs
+    apart: by that mark, or in older logs where the epoch does not grow."""
+    from mpinn.plot import split_runs
+
+    log = tmp_path / "log.jsonl"
+    for _ in range(2):
+        ok(_train(model, "--epochs", "2", "--log-json", str(log), "--quiet"))
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [(r["epoch"], r.get("run_start", False)) for r in records] == [
+        (1, True), (2, False), (3, True), (4, False)]
+    assert [[r["epoch"] for r in run] for run in split_runs(records)] == [[1, 2], [3, 4]]
+    old = [{"epoch": e} for e in (1, 2, 3, 1, 2)]  # a model made anew, logged before the mark
+    assert [[r["epoch"] for r in run] for run in split_runs(old)] == [[1, 2, 3], [1, 2]]
+    ok(mpinn(1, "plot", "curves", str(log), "--out", str(tmp_path / "c.png")))
+    assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
