@@ -817,7 +817,7 @@ def run(args: argparse.Namespace) -> int:
                           f"{comm.size // args.replicas} --strategy mincut --name NAME and "
                           "use --partition NAME", file=sys.stderr, flush=True)
             history = net.fit(
-                args.data, force=args.force, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                args.data, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                 optimizer=args.optimizer, momentum=args.momentum, seed=args.seed,
                 shuffle=not args.no_shuffle, validation_data=args.val_data,
                 checkpoint_every=args.checkpoint_every, keep=args.keep, resume=args.resume,
@@ -826,7 +826,7 @@ def run(args: argparse.Namespace) -> int:
                 gamma=args.gamma, min_lr=args.min_lr, warmup_steps=args.warmup_steps,
                 weight_decay=args.weight_decay, clip_norm=args.clip_norm, dropout=args.dropout,
                 progress=not args.quiet and (args.progress or sys.stderr.isatty()),
-                log_json=args.log_json, verbose=not args.quiet)
+                log_json=args.log_json, verbose=not args.quiet, force=args.force)
             if rank0 and history.stopped_by:
                 print(f"mpinn: stopped by {history.stopped_by}: checkpoint committed at epoch "
                       f"{history.epoch}, batch {history.batch}; continue with --resume",

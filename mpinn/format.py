@@ -671,7 +671,6 @@ class Checkpoint:
         commit(self.partial, self.path)  # whatever the I/O driver did: synced, renamed, synced
         inject_fault("save-renamed", self.comm.rank)
 
-
     def _keep_previous(self) -> None:
         """Hard-link the file being replaced into ``PATH.checkpoints/`` and drop the oldest
         there beyond ``keep - 1``."""
