@@ -297,7 +297,7 @@ class Network:
             warmup_steps: int | None = None, weight_decay: float | None = None,
             clip_norm: float | None = None, dropout: float | None = None,
             reset_optimizer: bool = False, progress: bool = False,
-            log_json: str | None = None, verbose: bool = False) -> History:
+            log_json: str | None = None, verbose: bool = False, force: bool = False) -> History:
         """Train on ``x``, ``y`` (arrays, the same on every rank) or ``x`` a data file.
 
         The options are ``mpinn train``'s flags: ``epochs`` more epochs (with ``resume``:
@@ -306,9 +306,11 @@ class Network:
         kept; ``micro_batches`` > 1 pipelines each batch. ``validation_data``: (Xv, yv)
         or a data file, evaluated after every epoch; ``patience`` K stops after K epochs
         without a lower validation loss; ``keep_best`` commits each new best to
-        MODEL.best.h5. ``optimizer`` sgd, adam or adamw, with ``weight_decay`` (L2 in the
-        gradient for sgd and adam, decoupled for adamw, as torch) and ``clip_norm`` (the
-        global gradient norm, as torch's clip_grad_norm_). ``schedule`` constant, step
+        MODEL.best.h5 (refused before training when that file exists and was not written
+        by this model's training, unless ``force``). ``optimizer`` sgd, adam or adamw,
+        with ``weight_decay`` (L2 in the gradient for sgd and adam, decoupled for adamw,
+        as torch) and ``clip_norm`` (the global gradient norm, as torch's
+        clip_grad_norm_). ``schedule`` constant, step
         (``step_size`` epochs, ``gamma``) or cosine (down to ``min_lr`` at the last step),
         with ``warmup_steps``. ``dropout`` P: inverted dropout on the hidden layers while
         training, the same masks at any rank count; None uses the rates the file stores
@@ -331,6 +333,8 @@ class Network:
                  "gamma": gamma, "min_lr": min_lr, "warmup_steps": warmup_steps,
                  "clip_norm": clip_norm, "dropout": dropout}
         model = self.model
+        if keep_best:
+            agree(self.comm, lambda: loop.check_best(self.path, force))
         data = self._data(x, y, "X", "fit data")
         validation = None
         if validation_data is not None:

@@ -13,13 +13,14 @@ import os
 import re
 import sys
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
 from mpinn.errors import Interrupted, MpinnError
 
 EXIT_ERROR = 1
+EXIT_INTERRUPTED = 130  # Ctrl-C, as a shell reports SIGINT
 AGREE_TIMEOUT = 5.0  # seconds a failing rank waits for the others before aborting
 REPORT_TIMEOUT = 3.0  # seconds it then waits for rank 0 to report it and abort the job
 
@@ -296,6 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 FORCE_HELP = {
     "partition": "replace a stored partition of the same name",
+    "train": "with --keep-best: replace a MODEL.best.h5 that this model's training did not "
+             "write",
     "predict": "overwrite an existing --out file (never the model or the data)",
     "plot": "overwrite an existing --out file (never the source)",
     "import-graphchallenge": "overwrite existing --model and --data files (never an input)",
@@ -445,6 +448,10 @@ def check_values(args: argparse.Namespace) -> None:
             not re.fullmatch(r"[A-Za-z0-9_.+-]+", args.name) or args.name in (".", "..")):
         raise MpinnError(f"--name {args.name!r}: a partition name is letters, digits and "
                          "'_', '.', '+', '-' (not '.' or '..')")
+    if args.command == "plot" and args.kind == "partition" and args.partition is None \
+            and args.ranks is None:
+        raise MpinnError("plot partition needs --partition NAME (a stored partition) or --ranks N "
+                         "(the ranks to compute --strategy for)")
     if args.command == "bench" and (args.model is None) != (args.data is None):
         raise MpinnError("bench sparse-dnn: give both --model and --data, or neither")
 
@@ -515,6 +522,8 @@ class FilePlan:
     locked: dict[str, str] = field(default_factory=dict)
     force: bool = False
     appended: dict[str, str] = field(default_factory=dict)  # written to, but never replaced
+    # what else must hold before any work (a model it rewrites is writable, ...): run last
+    checks: list[Callable[[], None]] = field(default_factory=list)
 
 
 def plot_out(args: argparse.Namespace) -> str:
@@ -523,6 +532,10 @@ def plot_out(args: argparse.Namespace) -> str:
 
 def file_plan(args: argparse.Namespace) -> FilePlan:
     """The files of the parsed command, for the checks made before any work."""
+    from mpinn import format as fmt
+    from mpinn import outputs
+    from mpinn.train import check_best
+
     plan = FilePlan(force=bool(getattr(args, "force", False)))
     if args.config:
         plan.inputs["--config"] = args.config
@@ -540,8 +553,14 @@ def file_plan(args: argparse.Namespace) -> FilePlan:
         plan.inputs["MODEL"] = args.model
         if command == "partition" and not (args.compare or args.plan):
             plan.locked[args.model] = "partitioned"
+            plan.checks.append(lambda: outputs.check_writable(
+                "MODEL", args.model, "partition would write into it"))
         if command == "train":
             plan.locked[args.model] = "trained"
+            plan.checks.append(lambda: outputs.check_writable(
+                "MODEL", args.model, "train would replace it"))
+            if args.keep > 1:
+                plan.checks.append(lambda: fmt.check_history(args.model, args.keep))
             if args.log_json:
                 plan.appended["--log-json"] = args.log_json
             if args.val_data:
@@ -550,6 +569,7 @@ def file_plan(args: argparse.Namespace) -> FilePlan:
                 from mpinn.train import best_path
                 plan.appended["--keep-best"] = best_path(args.model)
                 plan.locked[best_path(args.model)] = "written by --keep-best"
+                plan.checks.append(lambda: check_best(args.model, plan.force))
         if command in ("train", "evaluate", "predict"):
             plan.inputs["--data"] = args.data
         if command == "predict":
@@ -601,6 +621,8 @@ def check_files(plan: FilePlan) -> None:
                 raise MpinnError(f"{flag} {path}: no such file")
     outputs.check(plan.outputs, plan.inputs, plan.force)
     outputs.check(plan.appended, plan.inputs, force=True)
+    for check in plan.checks:
+        check()
 
 
 held_locks: list = []  # rank 0's locks of this command's outputs, released as it ends
@@ -616,14 +638,18 @@ def take_locks(plan: FilePlan, comm, quiet: bool) -> None:  # noqa: ANN001 - a c
         for path, action in plan.locked.items():
             got = lock.acquire(path, action)
             held_locks.append(got)
-            if got.broke:
+            if got.broke and "empty" in got.broke:
+                notes.append(f"mpinn: note: {path}: removed an empty lock file left "
+                             f"{got.broke['empty']} s ago by a job that died before writing it")
+            elif got.broke:
                 notes.append(f"mpinn: note: {path}: removed a stale lock of pid "
                              f"{got.broke.get('pid')} on {got.broke.get('host')} (since "
                              f"{got.broke.get('since')}), whose process is gone")
         return notes
 
-    for note in on_root(comm, take):
-        if not quiet:
+    notes = on_root(comm, take)
+    if comm.rank == 0 and not quiet:  # once, not once per rank
+        for note in notes:
             print(note, file=sys.stderr, flush=True)
 
 
@@ -805,6 +831,12 @@ def run(args: argparse.Namespace) -> int:
                           if args.replicas > 1 else "")
                 print(f"training {args.model} on {comm.size} ranks{layout} ({net.partition_text}), "
                       f"{fmt.count_samples(args.data)} samples", flush=True)
+                if args.strategy == "mincut" and args.partition is None:
+                    # METIS is run again by every later command: say how to keep this one
+                    print(f"mpinn: note: this mincut partition is not stored in {args.model}; "
+                          f"store it with mpinn partition {args.model} --ranks "
+                          f"{comm.size // args.replicas} --strategy mincut --name NAME and "
+                          "use --partition NAME", file=sys.stderr, flush=True)
             history = net.fit(
                 args.data, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                 optimizer=args.optimizer, momentum=args.momentum, seed=args.seed,
@@ -816,7 +848,7 @@ def run(args: argparse.Namespace) -> int:
                 weight_decay=args.weight_decay, clip_norm=args.clip_norm, dropout=args.dropout,
                 reset_optimizer=args.reset_optimizer,
                 progress=not args.quiet and (args.progress or sys.stderr.isatty()),
-                log_json=args.log_json, verbose=not args.quiet)
+                log_json=args.log_json, verbose=not args.quiet, force=args.force)
             if rank0 and history.stopped_by:
                 print(f"mpinn: stopped by {history.stopped_by}: checkpoint committed at epoch "
                       f"{history.epoch}, batch {history.batch}; continue with --resume",
@@ -829,7 +861,8 @@ def run(args: argparse.Namespace) -> int:
             if rank0:
                 acc = (f"  accuracy {metrics['accuracy']:.4f}" if metrics["accuracy"] is not None
                        else "")
-                print(f"loss {metrics['loss']:.6f}{acc}  samples {fmt.count_samples(args.data)}")
+                print(f"loss {metrics['loss']:.6f}{acc}  samples {fmt.count_samples(args.data)}  "
+                      f"model {args.model}  data {args.data}")
         else:  # each rank writes its own output columns: no rank gathers them all
             model = net.model
             data = load(args.data, model.table, model.spec.dtype, comm, model.group)
@@ -861,24 +894,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     from mpinn.exchange import FailureChannel, combine_errors
 
     comm = MPI.COMM_WORLD
-    channel = FailureChannel(comm)
+    channel = FailureChannel(comm, before_abort=release_locks)
     debug = bool(args and args.debug) or "--debug" in (sys.argv if argv is None else argv)
+    if not debug:
+        import numpy as np
+        # a diverging run's overflow and NaN warnings would come before its one error line:
+        # every loss is checked for finiteness and reported as that line (--debug shows them)
+        np.seterr(all="ignore")
     try:
         if early is not None:
             raise early
         return run(args)
     except KeyboardInterrupt as exc:
         agreed = isinstance(exc, Interrupted)  # every rank stopped at the same step
+        message = str(exc) if agreed else ("interrupted; nothing was written over (outputs "
+                                           "appear only when complete, a model only at its "
+                                           "checkpoints)")
+        if not agreed and comm.size > 1 and channel.gather_failures(message, AGREE_TIMEOUT) is None:
+            # SIGINT reached only some ranks outside a training step (kill -INT of one rank):
+            # the others wait in a collective for this one; have rank 0 print it, release the
+            # locks and end the job
+            channel.report_alone(message, REPORT_TIMEOUT, EXIT_INTERRUPTED)
         if comm.rank == 0:
-            what = str(exc) if agreed else ("interrupted; nothing was written over (outputs "
-                                            "appear only when complete, a model only at its "
-                                            "checkpoints)")
-            print(f"mpinn: error: {what}", file=sys.stderr, flush=True)
+            print(f"mpinn: error: {message}", file=sys.stderr, flush=True)
         release_locks()
-        sys.stdout.flush()
-        if agreed and comm.size > 1:
+        if comm.size > 1:
             channel.comm.Barrier()  # no rank exits (and has mpirun end the job) before the line
-        os._exit(130)
+        sys.stdout.flush()
+        os._exit(EXIT_INTERRUPTED)
     except Exception as exc:
         user_error = isinstance(exc, MpinnError)
         agreed = user_error and exc.agreed  # every rank raised this same error already

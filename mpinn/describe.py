@@ -211,8 +211,12 @@ def _describe_lines(path: str, spec: fmt.ModelSpec, state: dict[str, Any], parti
                      f"{rate}")
     opt = state.get("optimizer")
     opt_text = f", optimizer {json.dumps(opt)}" if opt else ""
-    lines.append(f"training state: epoch {state.get('epoch', 0)}, step {state.get('step', 0)}"
-                 f"{opt_text}")
+    batch = state.get("batch", 0)
+    # a preempted run stopped inside its next epoch: where train --resume will continue
+    batch_text = (f", batch {batch} of epoch {state.get('epoch', 0) + 1} done (continue with "
+                  "train --resume)" if batch else ", batch 0")
+    lines.append(f"training state: epoch {state.get('epoch', 0)}{batch_text}, step "
+                 f"{state.get('step', 0)}{opt_text}")
     lines.append(f"partitions: {len(partitions) or 'none stored'}")
     for name, owner, nranks, strategy, params in partitions:
         lines.append(f"partition {name!r}: strategy {strategy}, {nranks} ranks, "

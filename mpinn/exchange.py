@@ -818,8 +818,11 @@ class FailureChannel:
 
     TAG = 77
 
-    def __init__(self, comm: MPI.Comm) -> None:
+    def __init__(self, comm: MPI.Comm, before_abort: Callable[[], None] = lambda: None) -> None:
+        """``before_abort`` runs on the rank that aborts the job, just before (the CLI
+        releases its locks there: an aborted job must not leave them)."""
         self.comm = comm.Dup()
+        self.before_abort = before_abort
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
         if self.comm.rank == 0 and self.comm.size > 1:
@@ -830,10 +833,11 @@ class FailureChannel:
         status = MPI.Status()
         while not self._stop.wait(0.05):
             if self.comm.Iprobe(source=MPI.ANY_SOURCE, tag=self.TAG, status=status):
-                message = self.comm.recv(source=status.Get_source(), tag=self.TAG)
+                message, code = self.comm.recv(source=status.Get_source(), tag=self.TAG)
                 print(f"mpinn: error: {message} (rank {status.Get_source()}); aborting all ranks",
                       file=sys.stderr, flush=True)
-                self.comm.Abort(1)
+                self.before_abort()
+                self.comm.Abort(code)
 
     def close(self) -> None:
         """Stop the watcher (before MPI is finalized)."""
@@ -851,14 +855,16 @@ class FailureChannel:
             time.sleep(0.005)
         return list(enumerate(self.comm.allgather(message)))
 
-    def report_alone(self, message: str, timeout: float) -> None:
-        """Have rank 0 print ``message`` and abort the job; abort here if it cannot."""
+    def report_alone(self, message: str, timeout: float, code: int = 1) -> None:
+        """Have rank 0 print ``message`` and abort the job with exit status ``code``; abort
+        here if it cannot."""
         if self.comm.rank != 0:
-            self.comm.isend(message, dest=0, tag=self.TAG)
+            self.comm.isend((message, code), dest=0, tag=self.TAG)
             time.sleep(timeout)  # rank 0's watcher aborts the job meanwhile
         print(f"mpinn: error: {message} (rank {self.comm.rank}); aborting all ranks",
               file=sys.stderr, flush=True)
-        self.comm.Abort(1)
+        self.before_abort()
+        self.comm.Abort(code)
 
 
 @contextmanager

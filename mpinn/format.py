@@ -35,7 +35,7 @@ from mpinn.kernels import (
     pattern_counts,
     random_pattern,
 )
-from mpinn.outputs import commit, discard, partial_name, staged
+from mpinn.outputs import commit, discard, keep_mode, partial_name, staged
 
 FORMAT_VERSION = 1
 DTYPES = {"float32": np.dtype(np.float32), "float64": np.dtype(np.float64)}
@@ -127,6 +127,10 @@ def open_file(path: str, mode: str, comm: MPI.Comm) -> h5py.File:
         if "truncated" in str(exc) or "eof" in str(exc).lower():
             raise MpinnError(f"{path}: the file is truncated or damaged ({exc}); restore it "
                              f"from a copy or a checkpoint in {path}.checkpoints/") from None
+        if mode != "r" and os.path.exists(path) and not os.access(path, os.W_OK):
+            mode_bits = os.stat(path).st_mode & 0o7777
+            raise MpinnError(f"{path}: cannot open it for writing: permission denied (mode "
+                             f"{mode_bits:04o})") from None
         hint = ("; another process has it open, or the filesystem has no file locks: then "
                 "set HDF5_USE_FILE_LOCKING=FALSE") if "lock" in str(exc) else ""
         raise MpinnError(f"{path}: cannot open ({exc}{hint})") from None
@@ -211,9 +215,19 @@ def _read_spec(f: h5py.File) -> ModelSpec:
     if "mpinn_format_version" not in f.attrs:
         raise MpinnError(f"{name}: not an mpinn model (no mpinn_format_version attribute)")
     version = f.attrs["mpinn_format_version"]
-    if (np.ndim(version) != 0 or not np.issubdtype(np.asarray(version).dtype, np.number)
-            or np.iscomplexobj(version) or version != FORMAT_VERSION):
-        raise MpinnError(f"{name}: format version {np.asarray(version).tolist()} is not supported "
+    shown = np.asarray(version).tolist()
+    if np.ndim(version) != 0 or not np.issubdtype(np.asarray(version).dtype, np.number) \
+            or np.iscomplexobj(version):
+        # "1" stored as text is no version 1: say what is stored, not "1 is not supported"
+        kind = ("text" if isinstance(shown, (str, bytes)) else
+                f"an array of shape {np.shape(version)}" if np.ndim(version) else
+                f"a {np.asarray(version).dtype} value")
+        if isinstance(shown, bytes):
+            shown = shown.decode(errors="replace")
+        raise MpinnError(f"{name}: format version {shown!r} is stored as {kind}, not a number "
+                         f"(this mpinn reads version {FORMAT_VERSION}, an integer)")
+    if version != FORMAT_VERSION:
+        raise MpinnError(f"{name}: format version {shown} is not supported "
                          f"(this mpinn reads version {FORMAT_VERSION})")
     sizes = np.asarray(f.attrs.get("sizes", []))
     if sizes.ndim != 1 or sizes.size < 2 or not np.issubdtype(sizes.dtype, np.integer):
@@ -655,20 +669,61 @@ class Checkpoint:
         self.comm.Barrier()
 
     def _commit(self) -> None:
-        history = f"{self.path}.checkpoints"
         if self.keep > 1 and os.path.exists(self.path):
-            os.makedirs(history, exist_ok=True)
-            kept = os.path.join(history, self.label or "previous.h5")
-            if os.path.exists(kept):
-                os.remove(kept)
-            os.link(self.path, kept)
-            older = sorted((os.path.join(history, n) for n in os.listdir(history)),
-                           key=os.path.getmtime)
-            for stale in older[: max(0, len(older) - (self.keep - 1))]:
-                os.remove(stale)
+            try:
+                self._keep_previous()
+            except OSError as exc:  # checked before training; never lose the new checkpoint
+                print(f"mpinn: warning: {self.path}: the previous checkpoint was not kept in "
+                      f"{self.path}.checkpoints/ ({exc}); the new one is committed",
+                      file=sys.stderr, flush=True)
+        keep_mode(self.path, self.partial)  # a model made private (0600) stays private
         inject_fault("save-rename", self.comm.rank)
         commit(self.partial, self.path)  # whatever the I/O driver did: synced, renamed, synced
         inject_fault("save-renamed", self.comm.rank)
+
+    def _keep_previous(self) -> None:
+        """Hard-link the file being replaced into ``PATH.checkpoints/`` and drop the oldest
+        there beyond ``keep - 1``."""
+        history = f"{self.path}.checkpoints"
+        os.makedirs(history, exist_ok=True)
+        kept = os.path.join(history, self.label or "previous.h5")
+        if os.path.exists(kept):
+            os.remove(kept)
+        os.link(self.path, kept)
+        older = sorted((os.path.join(history, n) for n in os.listdir(history)),
+                       key=os.path.getmtime)
+        for stale in older[: max(0, len(older) - (self.keep - 1))]:
+            os.remove(stale)
+
+
+def check_history(path: str, keep: int) -> None:
+    """Before any training with ``keep`` > 1: ``PATH.checkpoints`` must be a writable
+    directory holding only files, since each commit links into it and removes its oldest
+    entries; refused otherwise, rather than found at the first commit."""
+    history = f"{path}.checkpoints"
+    if keep <= 1 or not os.path.lexists(history):
+        return
+    if not os.path.isdir(history):
+        raise MpinnError(f"--keep {keep}: {history} is a file, not the directory of older "
+                         "checkpoints; move it away")
+    for entry in os.scandir(history):
+        if entry.is_dir(follow_symlinks=False):
+            raise MpinnError(f"--keep {keep}: {entry.path} is a directory, which pruning the "
+                             f"older checkpoints in {history}/ cannot remove; move it away")
+    if not os.access(history, os.W_OK | os.X_OK):
+        raise MpinnError(f"--keep {keep}: {history} is not writable")
+
+
+def read_state_value(path: str, key: str) -> Any:
+    """The /state attribute ``key`` of the file at ``path`` (one process), or None when it
+    is not an HDF5 file, has no such attribute, or it is not JSON."""
+    try:
+        with h5py.File(path, "r") as f:
+            state = f.get("state")
+            value = state.attrs.get(key) if isinstance(state, h5py.Group) else None
+        return json.loads(value) if value is not None else None
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
 
 
 def read_partitions(f: h5py.File) -> Partitions:

@@ -7,7 +7,9 @@ told whom it waits for. A lock whose process is gone on the same host (SIGKILL, 
 killer) is stale and is broken, under a second exclusive file so two jobs never break the
 same lock; so is one left by an earlier run of the same SLURM job before it was requeued.
 Any other lock from another host cannot be checked from here: the message says how to
-remove it by hand.
+remove it by hand. A lock whose record cannot be written (a full disk) is removed at once;
+an empty or unreadable one is being written by its job, unless it is older than
+``EMPTY_STALE`` seconds: then its job died before writing it, and it is broken too.
 """
 
 from __future__ import annotations
@@ -25,6 +27,9 @@ from mpinn.errors import MpinnError
 
 SUFFIX = ".lock"
 BREAK_TIMEOUT = 30.0  # a ``.lock.break`` older than this was left by a killed breaker
+# an empty lock older than this was left by a job killed (or out of disk) between creating
+# and writing it: a live job writes its few hundred bytes within milliseconds of creating it
+EMPTY_STALE = 30.0
 
 
 def lock_name(path: str) -> str:
@@ -78,7 +83,20 @@ def _stale(holder: dict[str, Any]) -> bool:
         return True
     if holder.get("host") != socket.gethostname() or not isinstance(holder.get("pid"), int):
         return False
-    return _process_start(holder["pid"]) != holder.get("start")
+    now = _process_start(holder["pid"])
+    # no start time recorded (an older or hand-written lock): only a pid that is gone tells
+    return now is None or (holder.get("start") is not None and now != holder["start"])
+
+
+def _abandoned(lock: str) -> tuple[int, int, float] | None:
+    """(inode, mtime in ns, age in s) of an unreadable ``lock`` older than ``EMPTY_STALE``;
+    None while it may still be being written (or is gone)."""
+    try:
+        st = os.stat(lock)
+    except OSError:
+        return None
+    age = time.time() - st.st_mtime
+    return (st.st_ino, st.st_mtime_ns, age) if age > EMPTY_STALE else None
 
 
 def describe(path: str, holder: dict[str, Any] | None) -> str:
@@ -119,23 +137,40 @@ def acquire(path: str, action: str) -> Lock:
             fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         except FileExistsError:
             holder = _read(lock)
-            if holder is None or not _stale(holder):
+            if holder is None:
+                left = _abandoned(lock)
+                if left is None:
+                    raise MpinnError(describe(path, holder)) from None
+                _break(lock, None, left[:2])
+                broke = {"empty": round(left[2])}
+                continue
+            if not _stale(holder):
                 raise MpinnError(describe(path, holder)) from None
             _break(lock, holder)
             broke = holder
             continue
         except OSError as exc:
             raise MpinnError(f"{path}: cannot create the lock file {lock} ({exc.strerror})") from None
-        with os.fdopen(fd, "w") as fh:
-            json.dump(record, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
+        try:
+            with os.fdopen(fd, "w") as fh:
+                json.dump(record, fh)
+                fh.flush()
+                os.fsync(fh.fileno())
+        except OSError as exc:
+            # an empty lock left here would block every later run: it is ours, remove it
+            with suppress(OSError):
+                os.remove(lock)
+            raise MpinnError(f"{path}: cannot write the lock file {lock} ({exc.strerror}); "
+                             "nothing was changed") from None
         return Lock(path, record, broke)
     raise MpinnError(describe(path, _read(lock)))
 
 
-def _break(lock: str, holder: dict[str, Any]) -> None:
-    """Remove the stale ``lock`` unless another job replaced it meanwhile."""
+def _break(lock: str, holder: dict[str, Any] | None,
+           identity: tuple[int, int] | None = None) -> None:
+    """Remove the stale ``lock`` unless another job replaced it meanwhile: it must still
+    name ``holder``, or, for an empty one, still be unreadable with the same inode and
+    modification time (``identity``), never a new lock being written."""
     breaker = f"{lock}.break"
     with suppress(OSError):
         if time.time() - os.path.getmtime(breaker) > BREAK_TIMEOUT:
@@ -146,7 +181,15 @@ def _break(lock: str, holder: dict[str, Any]) -> None:
         time.sleep(0.1)  # another job is breaking it: try again to take it
         return
     try:
-        if _read(lock) == holder:
+        if _read(lock) == holder and (identity is None or _identity(lock) == identity):
             os.remove(lock)
     finally:
         os.remove(breaker)
+
+
+def _identity(lock: str) -> tuple[int, int] | None:
+    try:
+        st = os.stat(lock)
+    except OSError:
+        return None
+    return (st.st_ino, st.st_mtime_ns)

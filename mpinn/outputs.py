@@ -10,6 +10,7 @@ refused, failed or interrupted command leaves its outputs as they were, and at m
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from typing import Any
@@ -67,6 +68,29 @@ def check(outputs: Mapping[str, str], inputs: Mapping[str, str | Sequence[str]],
             raise MpinnError(f"{flag} {path}: directory {directory} does not exist")
         if not os.access(directory, os.W_OK | os.X_OK):
             raise MpinnError(f"{flag} {path}: directory {directory} is not writable")
+
+
+def check_writable(flag: str, path: str, doing: str) -> None:
+    """Refuse to rewrite ``path`` in place or by rename when it is read-only: its mode has no
+    owner write bit (``chmod 444``: root could write it, but its owner said not to), or this
+    process may not write it. ``doing``: what would write it ("train would replace it")."""
+    try:
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:
+        return  # missing: the input checks name it
+    if not mode & stat.S_IWUSR or not os.access(path, os.W_OK):
+        raise MpinnError(f"{flag} {path} is read-only (mode {mode:04o}) and {doing}; make it "
+                         f"writable first (chmod u+w {path})")
+
+
+def keep_mode(old: str, new: str) -> None:
+    """Give ``new`` the permission bits of ``old`` (when it exists), before ``new`` replaces
+    it by a rename: a file the user made private (0600) stays so."""
+    try:
+        mode = stat.S_IMODE(os.stat(old).st_mode)
+    except FileNotFoundError:
+        return
+    os.chmod(new, mode)
 
 
 def commit(partial: str, path: str) -> None:

@@ -39,26 +39,52 @@ def training_curves(log_path: str, out: str) -> None:
     if not records:
         raise MpinnError(f"{log_path}: no epochs recorded")
     plt = _pyplot()
-    epochs = [r["epoch"] for r in records]
+    runs = split_runs(records)
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    axes[0].plot(epochs, [r["loss"] for r in records], marker="o", label="training")
+    several = len(runs) > 1
+    for k, run in enumerate(runs):
+        # one run: the colours of old; several: one colour per run, no line joining them
+        tag = f"run {k + 1} " if several else ""
+        color = dict.fromkeys(("loss", "accuracy", "val", "speed"), f"C{k}") if several else \
+            {"loss": "tab:blue", "accuracy": "tab:green", "val": "tab:red", "speed": "tab:orange"}
+        epochs = [r["epoch"] for r in run]
+        axes[0].plot(epochs, [r["loss"] for r in run], marker="o", color=color["loss"],
+                     label=f"{tag}training")
+        if all(r.get("accuracy") is not None for r in run):
+            axes[1].plot(epochs, [r["accuracy"] for r in run], marker="o",
+                         color=color["accuracy"], label=f"{tag}training")
+        # train --val-data / fit(validation_data=...) records: validation beside training
+        for ax, key in ((axes[0], "val_loss"), (axes[1], "val_accuracy")):
+            if all(r.get(key) is not None for r in run):
+                ax.plot(epochs, [r[key] for r in run], marker="s", linestyle="--",
+                        color=color["val"], label=f"{tag}validation")
+        axes[2].plot(epochs, [r["samples_per_second"] for r in run], marker="o",
+                     color=color["speed"], label=tag.strip() or None)
     axes[0].set(title="loss", xlabel="epoch", yscale="log")
-    if all(r.get("accuracy") is not None for r in records):
-        axes[1].plot(epochs, [r["accuracy"] for r in records], marker="o", color="tab:green",
-                     label="training")
     axes[1].set(title="accuracy", xlabel="epoch")
-    # train --val-data / fit(validation_data=...) records: validation beside training
-    for ax, key in ((axes[0], "val_loss"), (axes[1], "val_accuracy")):
-        if all(r.get(key) is not None for r in records):
-            ax.plot(epochs, [r[key] for r in records], marker="s", linestyle="--",
-                    color="tab:red", label="validation")
-            ax.legend()
-    axes[2].plot(epochs, [r["samples_per_second"] for r in records], marker="o", color="tab:orange")
     axes[2].set(title="samples/s", xlabel="epoch")
+    for ax in axes:
+        if len(runs) > 1 or any(line.get_label() == "validation" for line in ax.get_lines()):
+            ax.legend(fontsize=7 if len(runs) > 1 else None)
     fig.tight_layout()
     with staged(out) as partial:
         fig.savefig(partial, dpi=110, format="png")
     plt.close(fig)
+
+
+def split_runs(records: list[dict]) -> list[list[dict]]:
+    """The records of each run in a log that several runs appended to: a run starts at a
+    record marked ``run_start`` (``train.epoch_reporter``), or, in logs from before that
+    mark, where the epoch does not grow (a model made anew, or another model's run)."""
+    runs: list[list[dict]] = []
+    for record in records:
+        previous = runs[-1][-1]["epoch"] if runs else None
+        numbers = all(isinstance(e, (int, float)) and not isinstance(e, bool)
+                      for e in (previous, record["epoch"]))
+        if not runs or record.get("run_start") is True or (numbers and record["epoch"] <= previous):
+            runs.append([])
+        runs[-1].append(record)
+    return runs
 
 
 MAX_BARS = 24  # beyond this many distinct layer groups the ownership is drawn as a heat map

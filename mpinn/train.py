@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import suppress
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -325,10 +326,11 @@ class DistributedModel:
         self.seconds_io += time.perf_counter() - started
 
     def save_best(self, optimizer: Optimizer | None, **state: Any) -> str:
-        """Write the current rows and state to ``MODEL.best.h5`` (complete, then renamed)."""
+        """Write the current rows and state to ``MODEL.best.h5`` (complete, then renamed),
+        its state naming the model it is the best of (``check_best`` recognises it so)."""
         path = best_path(self.path)
         saved = self.state
-        self.state = {**saved, **state}
+        self.state = {**saved, **state, BEST_OF: os.path.basename(self.path)}
         try:
             self._write(path, optimizer, 1, "")
         finally:
@@ -370,6 +372,22 @@ def best_path(path: str) -> str:
     """Where ``keep_best`` keeps the checkpoint of the best validation loss: MODEL.best.h5."""
     stem, ext = os.path.splitext(path)
     return f"{stem}.best{ext or '.h5'}"
+
+
+BEST_OF = "best_of"  # /state attribute of MODEL.best.h5: the name of MODEL
+
+
+def check_best(path: str, force: bool) -> None:
+    """Refuse, before any training, a ``keep_best`` that would replace a MODEL.best.h5 which
+    this model's training did not write (another model's, or any other file), unless
+    ``force``. One written by an earlier ``keep_best`` run of this model names it in its
+    state and is replaced as before."""
+    best = best_path(path)
+    if force or not os.path.lexists(best):
+        return
+    if fmt.read_state_value(best, BEST_OF) != os.path.basename(path):
+        raise MpinnError(f"{best} exists and was not written by --keep-best training of {path}; "
+                         "move it away, or pass --force (fit: force=True) to replace it")
 
 
 @dataclass
@@ -797,13 +815,36 @@ def _progress_bar(epoch: int, samples: int) -> Any:
 
 
 def epoch_reporter(quiet: bool, log_json: str | None) -> Callable[[EpochStats], None]:
-    """Rank 0's per-epoch report: a line on stdout unless quiet, a JSON object per line."""
+    """Rank 0's per-epoch report: a line on stdout unless quiet, a JSON object per line.
+
+    The first record of each run carries ``"run_start": true`` (``plot curves`` draws runs
+    apart). A failed append (a full disk) never stops training, whose checkpoints matter
+    more than its log: it is one ``mpinn: warning:`` line, the log is cut back to its last
+    whole record, and this run logs no further epochs.
+    """
+    first, failed = True, False
+
     def report(stats: EpochStats) -> None:
+        nonlocal first, failed
         if not quiet:
             print_epoch(stats)
-        if log_json:
+        if not log_json or failed:
+            return
+        record = {**stats.record(stats.val_loss is not None), **({"run_start": True} if first else {})}
+        size = None
+        try:
+            size = os.path.getsize(log_json) if os.path.isfile(log_json) else None
             with open(log_json, "a") as fh:
-                fh.write(json.dumps(stats.record(stats.val_loss is not None)) + "\n")
+                fh.write(json.dumps(record) + "\n")
+            first = False
+        except OSError as exc:
+            failed = True
+            if size is not None:  # no half record left for plot curves to trip on
+                with suppress(OSError):
+                    os.truncate(log_json, size)
+            print(f"mpinn: warning: --log-json {log_json}: cannot append epoch {stats.epoch} "
+                  f"({exc.strerror or exc}); training and its checkpoints go on, its later "
+                  "epochs are not logged", file=sys.stderr, flush=True)
     return report
 
 

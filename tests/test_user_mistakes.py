@@ -5,10 +5,16 @@ every mistake is one ``mpinn: error:`` line with nothing changed (issue 11's cas
 from __future__ import annotations
 
 import json
+import os
+import re
+import shutil
 import signal
 import socket
 import subprocess
+import sys
+import tempfile
 import time
+from contextlib import suppress
 from pathlib import Path
 
 import h5py
@@ -373,3 +379,292 @@ def test_a_config_error_under_mpirun_prints_its_line_even_when_rank_0_is_slow(mo
                                     DIGITS_TRAIN), capture_output=True, text=True, env=env,
                             cwd=ROOT, timeout=60)
     refused(result, "bad.toml")
+
+
+# ---- issue 25: file safety and messages
+
+
+def _train(model: Path, *args: str, nranks: int = 1) -> subprocess.CompletedProcess:
+    """One short training of the issue's model: 1 epoch of the digits, 2 ranks at most."""
+    return mpinn(nranks, "train", str(model), "--data", DIGITS_TRAIN, "--epochs", "1", *args)
+
+
+def _state(path: Path) -> dict:
+    with h5py.File(path, "r") as f:
+        return fmt.read_state_attrs(f)
+
+
+def _api(script: str) -> subprocess.CompletedProcess:
+    """``script`` in one process (the API without mpirun), after ``import mpinn``."""
+    return subprocess.run([sys.executable, "-c", "import mpinn\n" + script], capture_output=True,
+                          text=True, env=ENV, cwd=ROOT, timeout=120)
+
+
+def test_keep_best_replaces_only_a_best_file_of_its_own_model_unless_force(model, tmp_path):
+    """Item 4: an unrelated MODEL.best.h5 (another model's) is refused before any epoch; one
+    written by this model's --keep-best is replaced; --force replaces any."""
+    best = tmp_path / "M.best.h5"
+    other = tmp_path / "other.h5"
+    ok(mpinn(1, "init", str(other), "--sizes", "64,32,10", "--seed", "2"))
+    best.write_bytes(other.read_bytes())
+    watch = ["--val-data", DIGITS_TEST, "--keep-best"]
+    before = snapshot(tmp_path)
+    result = _train(model, *watch, nranks=2)
+    refused(result, f"{best} exists and was not written by --keep-best training of {model}")
+    assert "epoch 1" not in result.stdout and snapshot(tmp_path) == before
+    assert_no_leftovers(tmp_path)
+    ok(_train(model, *watch, "--force"))
+    assert _state(best)["best_of"] == "M.h5" and _state(best)["epoch"] == 1
+    ok(_train(model, *watch))  # its own best file: replaced at the next new best, no --force
+    assert _state(best)["epoch"] == 2
+    # the API: fit(keep_best=True) refuses it too, and force=True replaces it
+    best.write_bytes(other.read_bytes())
+    fit = (f"net = mpinn.Network.open({str(model)!r})\n"
+           f"net.fit({DIGITS_TRAIN!r}, validation_data={DIGITS_TEST!r}, keep_best=True, {{}})\n")
+    result = _api(fit.format(""))
+    assert result.returncode != 0 and "MpinnError" in result.stderr
+    assert "was not written by --keep-best training" in result.stderr
+    assert best.read_bytes() == other.read_bytes()
+    ok(_api(fit.format("force=True")))
+    assert _state(best)["best_of"] == "M.h5"
+
+
+def test_a_read_only_model_is_refused_by_train_and_partition_and_a_replaced_one_keeps_its_mode(
+        model, tmp_path):
+    """Item 5: mode 0444 is the user's "do not write": refused by train and partition alike
+    (as root, whom the kernel would let write it), naming the file and its mode; a model
+    that train replaces keeps its mode bits (0600 stays private)."""
+    model.chmod(0o444)
+    before = snapshot(tmp_path)
+    result = _train(model, nranks=2)
+    refused(result, f"MODEL {model} is read-only (mode 0444) and train would replace it")
+    assert "epoch 1" not in result.stdout
+    refused(mpinn(2, "partition", str(model), "--ranks", "2"),
+            f"MODEL {model} is read-only (mode 0444) and partition would write into it")
+    assert snapshot(tmp_path) == before and model.stat().st_mode & 0o777 == 0o444
+    assert_no_leftovers(tmp_path)
+    model.chmod(0o600)
+    ok(_train(model, "--keep", "2"))
+    assert model.stat().st_mode & 0o777 == 0o600 and _state(model)["epoch"] == 1
+
+
+def test_a_model_another_user_may_not_write_is_refused_before_any_work(model, tmp_path):
+    """Item 5 as a non-root user (``nobody``), for whom os.access, not the mode, refuses: a
+    0644 model owned by root in a directory nobody may write (pytest's own is private)."""
+    as_nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+    if subprocess.run([*as_nobody, "true"], capture_output=True).returncode != 0:
+        pytest.skip("cannot run as nobody here")
+    shared = Path(tempfile.mkdtemp(prefix="mpinn-nobody-"))
+    try:
+        shared.chmod(0o777)  # nobody may create M.h5.lock here
+        theirs = shared / "M.h5"
+        theirs.write_bytes(model.read_bytes())
+        before = snapshot(shared)
+        argv = command(1, "train", str(theirs), "--data", DIGITS_TRAIN)[4:]  # one process
+        result = subprocess.run([*as_nobody, *argv], capture_output=True, text=True,
+                                env={**ENV, "HOME": str(shared)}, cwd=shared, timeout=120)
+        refused(result, f"MODEL {theirs} is read-only (mode 0644) and train would replace it")
+        assert snapshot(shared) == before
+        assert_no_leftovers(shared)
+    finally:
+        shutil.rmtree(shared)
+
+
+@pytest.fixture
+def full_disk(tmp_path: Path) -> Path:
+    """A small tmpfs (as tests/test_nothing_lost.py mounts one) holding the issue's model and
+    then filled: a new file can be created there, but not written."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=400k", "tmpfs", str(mount)],
+                          capture_output=True, text=True)
+    if made.returncode != 0:
+        (pytest.fail if os.environ.get("CI") else pytest.skip)(
+            f"cannot mount a small tmpfs here: {made.stderr.strip()}")
+    try:
+        ok(mpinn(1, "init", str(mount / "M.h5"), "--sizes", "64,32,10", "--seed", "1"))
+        fd = os.open(mount / "filler", os.O_WRONLY | os.O_CREAT)
+        with suppress(OSError):
+            while True:
+                os.write(fd, b"\0" * 4096)
+        os.close(fd)
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_lock_that_cannot_be_written_is_removed_and_the_run_refused(full_disk):
+    """Item 6: a full disk while taking the lock: one line naming the disk error, and no
+    empty M.h5.lock left to block every later run."""
+    model = full_disk / "M.h5"
+    before = digest(model)
+    refused(_train(model, nranks=2), f"{model}: cannot write the lock file {model}.lock (No "
+            "space left on device)")
+    assert digest(model) == before
+    assert_no_leftovers(full_disk)
+
+
+def test_an_empty_lock_is_waited_for_while_fresh_and_broken_once_old(model):
+    """Item 6: an empty lock may be one being written now: refused; one older than
+    lock.EMPTY_STALE was left by a job that died before writing it: broken, with one note
+    (item 16: once, not once per rank)."""
+    lock = Path(f"{model}.lock")
+    lock.write_text("")
+    refused(_train(model), "names no holder yet")
+    old = time.time() - 3600
+    os.utime(lock, (old, old))
+    result = _train(model, nranks=2)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.count("mpinn: note:") == 1, result.stderr
+    assert re.search(r"removed an empty lock file left 36\d\d s ago by a job that died",
+                     result.stderr), result.stderr
+    assert not lock.exists() and _state(model)["epoch"] == 1
+
+
+def test_a_lock_of_a_dead_pid_without_a_start_time_is_stale(model):
+    """Item 16: a lock naming a dead pid on this host and no start time (older mpinn, or
+    written by hand) is broken like any other of a process that is gone."""
+    lock = Path(f"{model}.lock")
+    lock.write_text(json.dumps({"host": socket.gethostname(), "pid": _dead_pid(),
+                                "action": "trained", "since": "earlier"}))
+    result = _train(model)
+    assert result.returncode == 0 and "removed a stale lock of pid" in result.stderr, result.stderr
+    assert not lock.exists() and _state(model)["epoch"] == 1
+
+
+def test_a_log_json_that_cannot_be_appended_costs_one_warning_and_no_epoch(model):
+    """Item 6: --log-json on a full disk (/dev/full) warns once; training, its checkpoints
+    and its exit status are those of a run without the log."""
+    result = mpinn(2, "train", str(model), "--data", DIGITS_TRAIN, "--epochs", "2",
+                   "--log-json", "/dev/full")
+    assert result.returncode == 0, result.stdout + result.stderr
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("mpinn: warning:")]
+    assert len(warnings) == 1 and "--log-json /dev/full: cannot append epoch 1 (No space left on "\
+        "device)" in warnings[0], result.stderr
+    assert "Traceback" not in result.stderr and "epoch 2" in result.stdout
+    assert _state(model)["epoch"] == 2
+
+
+@pytest.mark.parametrize("in_the_way", ["file", "directory inside"])
+def test_a_checkpoints_path_in_the_way_of_keep_is_refused_before_training(model, tmp_path,
+                                                                          in_the_way):
+    """Item 7: MODEL.checkpoints as a regular file, or holding a directory that pruning
+    would have to remove, is refused before any epoch instead of failing at the commit."""
+    history = Path(f"{model}.checkpoints")
+    if in_the_way == "file":
+        history.write_text("the user's notes")
+        message = f"--keep 2: {history} is a file, not the directory of older checkpoints"
+    else:
+        (history / "mine").mkdir(parents=True)
+        message = f"--keep 2: {history / 'mine'} is a directory"
+    before = snapshot(tmp_path)
+    result = _train(model, "--keep", "2", nranks=2)
+    refused(result, message)
+    assert "epoch 1" not in result.stdout and snapshot(tmp_path) == before
+    assert_no_leftovers(tmp_path)
+
+
+def test_a_checkpoints_path_in_the_way_never_loses_the_commit_of_fit(model):
+    """Item 7, the API (no check before fit): keeping the previous checkpoint fails, the new
+    one is committed all the same, with one warning."""
+    Path(f"{model}.checkpoints").write_text("the user's notes")
+    result = _api(f"net = mpinn.Network.open({str(model)!r})\n"
+                  f"net.fit({DIGITS_TRAIN!r}, keep=2)\nnet.close()\n")
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.count("mpinn: warning:") == 1, result.stderr
+    assert "the previous checkpoint was not kept" in result.stderr
+    assert _state(model)["epoch"] == 1
+
+
+def test_ctrl_c_of_one_rank_is_one_line_and_leaves_no_lock(model, tmp_path):
+    """Item 16: SIGINT to rank 1 alone (held at step 3 while rank 0 waits for it in the next
+    collective): rank 0 prints one line naming the rank, releases the lock and ends the job
+    with status 130; the model is unchanged."""
+    before = digest(model)
+    proc = subprocess.Popen(command(2, "train", str(model), "--data", DIGITS_TRAIN, "--epochs",
+                                    "5"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={**ENV, "MPINN_FAULT": "hold:1:3"}, cwd=ROOT,
+                            preexec_fn=_terminal_sigint)
+    try:
+        for line in proc.stdout:
+            if held := re.match(r"MPINN_FAULT: rank 1 \(pid (\d+)\) holds at hold$", line):
+                break
+        assert held, proc.communicate(timeout=60)
+        os.kill(int(held.group(1)), signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    errors = [line for line in err.splitlines() if line.startswith("mpinn: error:")]
+    assert proc.returncode == 130, out + err
+    assert len(errors) == 1 and "interrupted" in errors[0] and "(rank 1)" in errors[0], err
+    assert "Traceback" not in err and digest(model) == before
+    assert_no_leftovers(tmp_path)
+
+
+def _preempted(f: h5py.File) -> None:
+    """The state a preemption at epoch 2, batch 14 commits (``--resume`` continues there)."""
+    state = f.require_group("state")
+    state.attrs["epoch"], state.attrs["batch"] = "1", "14"
+
+
+# item 16's small messages: (nranks, argv builder, message); nothing may change, and no
+# warning line may come before the error
+CASES_25 = [
+    (1, lambda t, m: ["inspect", _model_copy(t, m, lambda f: f.attrs.__setitem__(
+        "mpinn_format_version", "1"))], "format version '1' is stored as text, not a number "
+     "(this mpinn reads version 1, an integer)"),
+    (2, lambda t, m: ["train", str(m), "--data", DIGITS_TRAIN, "--lr", "1e30"],
+     "the loss is nan (diverged or bad data)"),
+    (1, lambda t, m: ["plot", "partition", str(m), "--out", str(t / "p.png")],
+     "plot partition needs --partition NAME (a stored partition) or --ranks N"),
+]
+
+
+@pytest.mark.parametrize("nranks, argv, message", CASES_25,
+                         ids=[f"{n}-{m[:32]}" for n, _, m in CASES_25])
+def test_a_small_mistake_is_one_clear_line_without_warnings(model, tmp_path, nranks, argv,
+                                                            message):
+    args = argv(tmp_path, model)
+    before = snapshot(tmp_path)
+    result = mpinn(nranks, *args, timeout=60)
+    refused(result, message)
+    assert "Warning" not in result.stderr, result.stderr
+    assert snapshot(tmp_path) == before
+    assert_no_leftovers(tmp_path)
+
+
+def test_evaluate_names_its_files_and_inspect_the_stored_batch(model, tmp_path):
+    """Item 16: evaluate's line names the model and the data; inspect shows where a
+    preempted run stopped inside its epoch."""
+    out = ok(mpinn(2, "evaluate", str(model), "--data", DIGITS_TEST))
+    assert f"samples 360  model {model}  data {DIGITS_TEST}" in out, out
+    out = ok(mpinn(1, "inspect", _model_copy(tmp_path, model, _preempted)))
+    assert "training state: epoch 1, batch 14 of epoch 2 done (continue with train --resume), "\
+        "step 0" in out, out
+
+
+def test_train_with_mincut_says_its_partition_is_not_stored(model):
+    """Item 16: every later command computes mincut again; train says how to keep it."""
+    result = _train(model, "--strategy", "mincut", nranks=2)
+    assert result.returncode == 0, result.stderr
+    assert f"mpinn: note: this mincut partition is not stored in {model}; store it with mpinn "\
+        f"partition {model} --ranks 2 --strategy mincut --name NAME" in result.stderr
+
+
+def test_a_log_of_two_runs_marks_each_start_and_is_drawn_as_two_runs(model, tmp_path):
+    """Item 16: the first record of every run carries run_start, and plot curves draws runs
+    apart: by that mark, or in older logs where the epoch does not grow."""
+    from mpinn.plot import split_runs
+
+    log = tmp_path / "log.jsonl"
+    for _ in range(2):
+        ok(_train(model, "--epochs", "2", "--log-json", str(log), "--quiet"))
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [(r["epoch"], r.get("run_start", False)) for r in records] == [
+        (1, True), (2, False), (3, True), (4, False)]
+    assert [[r["epoch"] for r in run] for run in split_runs(records)] == [[1, 2], [3, 4]]
+    old = [{"epoch": e} for e in (1, 2, 3, 1, 2)]  # a model made anew, logged before the mark
+    assert [[r["epoch"] for r in run] for run in split_runs(old)] == [[1, 2, 3], [1, 2]]
+    ok(mpinn(1, "plot", "curves", str(log), "--out", str(tmp_path / "c.png")))
+    assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
