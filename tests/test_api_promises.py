@@ -303,27 +303,6 @@ def test_an_api_mistake_on_some_ranks_ends_the_job_with_one_line(tmp_path, case,
     assert {p.name: digest(p) for p in tmp_path.iterdir()} == before
 
 
-def test_ctrl_c_on_one_rank_of_cli_train_stops_every_rank_with_one_line(tmp_path):
-    """SIGINT to rank 1 alone (held at its fifth step): every rank stops at that step, one
-    line, exit 130, the model as it was and its lock released."""
-    from tests.test_nothing_lost import Run
-    model = tmp_path / "m.h5"
-    ok(mpinn(1, "init", str(model), "--sizes", "64,32,10", "--seed", "1", "--quiet"))
-    before = digest(model)
-    run = Run(2, "train", str(model), "--data", DIGITS_TRAIN, "--epochs", "2",
-              fault="hold:1:5")
-    _, match = run.wait_for(r"MPINN_FAULT: rank 1 \(pid (\d+)\) holds at hold")
-    import os
-    import signal
-    os.kill(int(match.group(1)), signal.SIGINT)
-    code, out, err = run.finish(timeout=60)
-    assert code == 130, out + err
-    lines = errors(err)
-    assert len(lines) == 1 and "interrupted (SIGINT on rank 1) at epoch 1, step 5" in lines[0], err
-    assert digest(model) == before
-    assert not (tmp_path / "m.h5.lock").exists()
-
-
 def test_the_collective_timeout_is_checked(tmp_path):
     result = mpinn(1, "--collective-timeout", "0", "inspect", str(ROOT / "data/digits_train.h5"))
     assert result.returncode == 1 and "--collective-timeout must be a positive number" in \
