@@ -89,8 +89,9 @@ def from_arrays(x: object, y: object | None, table: MetadataTable, dtype: np.dty
     ``x`` and ``y`` must be the same on every rank (as after loading the same file or
     drawing from the same seed); each rank copies only its own feature columns (and, for
     float targets, its own output columns), neuron-major, as ``load`` does from a file.
-    ``y`` None gives features only (prediction). The ranks compare shapes and a
-    fingerprint of up to FINGERPRINT_ROWS sampled rows, and refuse data that differs.
+    ``y`` None gives features only (prediction). The ranks compare shapes, dtypes and a
+    CRC-32 of every byte of ``x`` and ``y`` (one allgather), and refuse data that differs:
+    a difference in any single row would otherwise train each rank on other data.
     ``group``: the ranks ``table`` partitions, as in ``load``.
     """
     rank = (comm if group is None else group).rank
@@ -110,7 +111,7 @@ def from_arrays(x: object, y: object | None, table: MetadataTable, dtype: np.dty
         return fmt.DataSpec(name, xs.shape[0], n_in, labels), xs, ys
 
     data_spec, xs, ys = agree(comm, spec)
-    differs = first_difference(comm, _fingerprint(xs, ys))
+    differs = first_difference(comm, _digest(xs, ys))
     if differs is not None:
         raise MpinnError(f"{source}: {name} and y must be the same on every rank, but rank "
                          f"{differs}'s differ from rank 0's (load or draw them alike on every "
@@ -127,16 +128,18 @@ def from_arrays(x: object, y: object | None, table: MetadataTable, dtype: np.dty
     return LocalData(data_spec, features, labels, targets)
 
 
-FINGERPRINT_ROWS = 1024
+DIGEST_CHUNK_BYTES = 16 * 2**20  # rows are copied to contiguous memory this much at a time
 
 
-def _fingerprint(x: np.ndarray, y: np.ndarray | None) -> tuple:
-    """Shapes, dtypes and a CRC of evenly spaced rows: cheap, and different for data split or
-    shuffled differently on each rank."""
-    stride = max(1, x.shape[0] // FINGERPRINT_ROWS)
-    crc = zlib.crc32(np.ascontiguousarray(x[::stride]).tobytes())
-    if y is not None:
-        crc = zlib.crc32(np.ascontiguousarray(y[::stride]).tobytes(), crc)
+def _digest(x: np.ndarray, y: np.ndarray | None) -> tuple:
+    """Shapes, dtypes and a CRC-32 of all of ``x`` and ``y``: any row differing between
+    ranks changes it. About 0.07 s for 60,000 x 784 float32 (188 MB, measured), next to seconds for
+    one epoch; a strided array is copied a chunk of rows at a time, never whole."""
+    crc = 0
+    for array in (x, y) if y is not None else (x,):
+        rows = max(1, DIGEST_CHUNK_BYTES // max(1, array[:1].nbytes))
+        for start in range(0, array.shape[0], rows):
+            crc = zlib.crc32(np.ascontiguousarray(array[start:start + rows]).data, crc)
     return (x.shape, str(x.dtype), None if y is None else (y.shape, str(y.dtype)), crc)
 
 
