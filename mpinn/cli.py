@@ -175,7 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--log-json", metavar="FILE",
                            help="append one JSON object per epoch to FILE (rank 0)")
             p.add_argument("--resume", action="store_true",
-                           help="continue the stored run until --epochs epochs are complete in all")
+                           help="continue the stored run until --epochs epochs are complete in all "
+                                "(none left: says so and exits 0)")
             g = p.add_argument_group("validation, schedules and regularisation (docs/api.md)")
             g.add_argument("--val-data", metavar="FILE",
                            help="data file evaluated after every epoch (val_loss, val_accuracy)")
@@ -799,6 +800,8 @@ def run(args: argparse.Namespace) -> int:
                 print(f"mpinn: stopped by {history.stopped_by}: checkpoint committed at epoch "
                       f"{history.epoch}, batch {history.batch}; continue with --resume",
                       flush=True)
+            if rank0 and args.resume and not history.epochs and not history.stopped_by:
+                print(_nothing_to_train(args.model, net.model.state, args.epochs), flush=True)
             if rank0 and history.stopped_early == "patience" and not args.quiet:
                 print(f"stopped early: no lower validation loss for {args.patience} epochs "
                       f"(best {history.best_val_loss:.6f})", flush=True)
@@ -821,6 +824,18 @@ def run(args: argparse.Namespace) -> int:
             if rank0 and not args.quiet:
                 print(f"{args.out}: outputs of {data.n_samples} samples")
     return 0
+
+
+def _nothing_to_train(model: str, state: dict[str, Any], epochs: int) -> str:
+    """The one line of a ``train --resume`` that found nothing left to train. Not an error
+    (exit 0): a job that is requeued after its run completed must succeed again."""
+    done = int(state.get("epoch", 0))
+    if state.get("stopped_early"):
+        return (f"mpinn: nothing to train: the run stored in {model} stopped early at epoch "
+                f"{done}; --resume trains it no further")
+    return (f"mpinn: nothing to train: {model} already has {done} epochs; --resume trains until "
+            f"--epochs N are complete in all (--epochs {epochs}): give an --epochs above {done}")
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse, check, lock, run; any error becomes one ``mpinn: error:`` line printed by rank 0

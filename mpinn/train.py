@@ -497,6 +497,13 @@ def train(model: DistributedModel, data: LocalData, *, epochs: int, batch_size: 
                          "(--val-data)")
     if not np.isfinite(clip_norm) or clip_norm < 0:
         raise MpinnError(f"--clip-norm must be a non-negative number (0: off), got {clip_norm}")
+    if data.labels is None and data.targets is None:
+        raise MpinnError("fit needs y: class labels or float targets for every sample of "
+                         "X (X alone can only be predicted)")
+    if validation is not None and validation.labels is None and validation.targets is None:
+        raise MpinnError("validation_data needs y: labels or float targets for every sample")
+    if data.n_samples == 0:
+        raise MpinnError("X holds no samples: there is nothing to train on")
     engine = model.use_engine(batch_size, training=True)
     params = engine.parameters()
     optimizer = make_optimizer(optimizer_name, params, lr, momentum, weight_decay)
@@ -517,6 +524,7 @@ def train(model: DistributedModel, data: LocalData, *, epochs: int, batch_size: 
     stored = [ly.dropout for ly in model.spec.layers[:-1]]
     engine.set_dropout(stored if dropout is None else dropout, seed)
     engine.dropout_step = step_count
+    _check_position(model, done, skip, data.n_samples, batch_size)
     result = TrainResult([], epoch=done)
     early = EarlyStopping(patience, model.state)
     result.best_val_loss = early.best
@@ -607,6 +615,19 @@ def train(model: DistributedModel, data: LocalData, *, epochs: int, batch_size: 
             if result.stopped_early:
                 break
     return result
+
+
+def _check_position(model: DistributedModel, done: int, skip: int, n_samples: int,
+                    batch_size: int) -> None:
+    """Refuse a stored batch position at or past the end of an epoch: it would run an empty
+    epoch and commit it. A preempted run stores fewer batches than an epoch has, so such a
+    position is a damaged file, or other data or another batch size than the run it resumes."""
+    batches = -(-n_samples // batch_size)
+    if skip >= batches:
+        raise MpinnError(f"{model.path}: /state attribute 'batch' is {skip}, but epoch {done + 1} "
+                         f"has only {batches} batches ({n_samples} samples in batches of "
+                         f"{batch_size}): the file's training state is damaged, or this is other "
+                         "data or another batch size than the run that stopped")
 
 
 def _clip_gradients(comm: MPI.Comm, params: list[tuple[np.ndarray, np.ndarray]],
