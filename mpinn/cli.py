@@ -256,7 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["float32", "float64"])
     p.add_argument("--activation", help="hidden activation, for a plain state_dict (.pt of "
                    "torch.save(model.state_dict()))")
-    p.add_argument("--output", help="output activation, for a plain state_dict")
+    p.add_argument("--output", help="output activation, for a plain state_dict or after a "
+                   "final Linear (softmax: a classifier that ends in logits)")
     p = sub.add_parser("export-torch", help="convert a model file to a PyTorch Sequential (.pt)")
     p.add_argument("model", metavar="MODEL.h5")
     p.add_argument("out", metavar="OUT.pt")
@@ -681,8 +682,13 @@ def _convert(args: argparse.Namespace) -> None:
         written = f"{args.model} and {args.data}"
     elif args.command == "import-torch":
         from mpinn import torch_io
-        torch_io.from_torch(torch_io.load_torch_file(args.source, args.activation, args.output),
-                            args.model, args.dtype)
+        model = torch_io.load_torch_file(args.source, args.activation, args.output)
+        if args.output is None and torch_io.ends_in_logits(model):
+            print(f"mpinn: note: {args.source} ends in a Linear with no activation (logits): "
+                  f"{args.model} gets an identity output, which trains with squared error; for a "
+                  "classifier trained with cross-entropy, import it with --output softmax (the "
+                  "same classes, trained with cross-entropy)", file=sys.stderr, flush=True)
+        torch_io.from_torch(model, args.model, args.dtype)
         written = args.model
     else:
         from mpinn import torch_io

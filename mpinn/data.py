@@ -15,7 +15,7 @@ from mpi4py import MPI
 
 from mpinn import format as fmt
 from mpinn.errors import MpinnError, inject_fault
-from mpinn.exchange import agree, first_difference
+from mpinn.exchange import SUM, agree, allreduce, first_difference
 from mpinn.metadata import MetadataTable
 
 
@@ -79,6 +79,38 @@ def _check_values(source: str, features: np.ndarray, inputs: np.ndarray, labels:
         bad = int(labels.min()) if labels.min() < 0 else int(labels.max())
         raise MpinnError(f"{source}: label {bad} is out of range 0..{n_out - 1} "
                          f"for a model with {n_out} outputs")
+
+
+SOFT_LABEL_TOLERANCE = 1e-4  # how far from 1 a soft label's sum may be (float32 rounding)
+
+
+def check_distributions(data: LocalData, group: MPI.Comm, comm: MPI.Comm) -> None:
+    """Refuse float targets for a softmax output unless every sample's targets form a
+    probability distribution (non-negative, summing to 1): those train as soft labels with
+    cross-entropy; anything else (regression targets) would train silently towards values a
+    softmax cannot take. ``group`` holds each output column once (one replica group): the
+    sums over my columns are added over it; ``comm``: every rank, which agree on the error.
+    Collective; one allreduce of a float per sample."""
+    if data.targets is None:
+        return
+    sums = np.ascontiguousarray(data.targets.sum(axis=0, dtype=np.float64))
+    allreduce(group, sums, SUM)
+
+    def check() -> None:
+        advice = ("a softmax output trains float targets as soft labels (cross-entropy against "
+                  "probability distributions: non-negative, summing to 1 over the outputs); for "
+                  "other targets make the output identity (--output identity, "
+                  "Network.create(output=\"identity\"))")
+        negative = np.flatnonzero((data.targets < 0).any(axis=0))
+        if negative.size:
+            raise MpinnError(f"{data.spec.path}: y of sample {negative[0]} has a negative target; "
+                             f"{advice}")
+        off = np.flatnonzero(np.abs(sums - 1.0) > SOFT_LABEL_TOLERANCE)
+        if off.size:
+            raise MpinnError(f"{data.spec.path}: y of sample {off[0]} sums to {sums[off[0]]:.6g}, "
+                             f"not 1; {advice}")
+
+    agree(comm, check)
 
 
 def from_arrays(x: object, y: object | None, table: MetadataTable, dtype: np.dtype,

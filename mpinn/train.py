@@ -24,7 +24,7 @@ from mpi4py import MPI
 
 from mpinn import distributor
 from mpinn import format as fmt
-from mpinn.data import LocalData
+from mpinn.data import LocalData, check_distributions
 from mpinn.engine import Engine
 from mpinn.errors import MpinnError, inject_fault
 from mpinn.exchange import MAX, SUM, ReplicaGroups, agree, allreduce, on_root
@@ -504,6 +504,9 @@ def train(model: DistributedModel, data: LocalData, *, epochs: int, batch_size: 
         raise MpinnError("validation_data needs y: labels or float targets for every sample")
     if data.n_samples == 0:
         raise MpinnError("X holds no samples: there is nothing to train on")
+    if model.spec.layers[-1].activation == "softmax":
+        for each in (data, validation) if validation is not None else (data,):
+            check_distributions(each, model.group, model.comm)
     engine = model.use_engine(batch_size, training=True)
     params = engine.parameters()
     optimizer = make_optimizer(optimizer_name, params, lr, momentum, weight_decay)
@@ -656,6 +659,8 @@ def _agreed_stop(comm: MPI.Comm, ask: Callable[[], bool]) -> bool:
 def evaluate(model: DistributedModel, data: LocalData, batch_size: int) -> tuple[float, float | None]:
     """Mean loss and accuracy (None for float targets) over the whole data set; with
     replicas each group runs a contiguous share of the samples."""
+    if model.spec.layers[-1].activation == "softmax":
+        check_distributions(data, model.group, model.comm)
     model.use_engine(batch_size, training=False)
     share = model.groups.share(data.n_samples)
     order = np.arange(share.start, share.stop)
