@@ -18,8 +18,10 @@ from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
 from mpinn.errors import MpinnError
+from mpinn.options import AT_LEAST, FLOAT_RANGES, MAX_SEED
 
 EXIT_ERROR = 1
+EXIT_BROKEN_PIPE = 128 + 13  # a closed stdout: the status of a process ended by SIGPIPE
 AGREE_TIMEOUT = 5.0  # seconds a failing rank waits for the others before aborting
 REPORT_TIMEOUT = 3.0  # seconds it then waits for rank 0 to report it and abort the job
 
@@ -292,21 +294,6 @@ FORCE_HELP = {
 REQUIRED = {"init": ["sizes"], "partition": ["ranks"], "train": ["data"], "evaluate": ["data"],
             "predict": ["data", "out"]}
 LIST_FLAGS = {"sizes", "storage", "counts", "percentages", "layer_ranks"}  # "a,b,c" or a TOML list
-AT_LEAST = {"batch_size": 1, "epochs": 0, "keep": 1, "checkpoint_every": 0, "micro_batches": 1,
-            "seed": 0, "ranks": 1, "neurons": 1, "layers": 1, "samples": 1, "features": 1,
-            "outputs": 1, "fan_in": 1, "threads": 1, "ranks_per_node": 1, "patience": 0,
-            "step_size": 1, "warmup_steps": 0, "replicas": 1}
-MAX_SEED = 2**63 - 1
-FLOAT_RANGES = {"lr": (lambda v: v > 0, "a positive number"),
-                "momentum": (lambda v: 0 <= v < 1, "in [0, 1)"),
-                "density": (lambda v: 0 < v <= 1, "in (0, 1]"),
-                "cap": (lambda v: v > 0, "a positive number"),
-                "gamma": (lambda v: v > 0, "a positive number"),
-                "min_lr": (lambda v: v >= 0, "zero or more"),
-                "weight_decay": (lambda v: v >= 0, "zero or more"),
-                "clip_norm": (lambda v: v >= 0, "zero (off) or more"),
-                "dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
-                "negative_slope": (lambda v: True, "a finite number")}
 
 
 def parse(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -396,7 +383,7 @@ def check_values(args: argparse.Namespace) -> None:
     for key, (inside, wanted) in FLOAT_RANGES.items():
         value = values.get(key)
         if value is not None and not (math.isfinite(value) and inside(value)):
-            raise MpinnError(f"--{key} must be {wanted}, got {value}")
+            raise MpinnError(f"--{key.replace('_', '-')} must be {wanted}, got {value}")
     strategy = values.get("strategy")
     if strategy is not None:
         if strategy not in STRATEGIES:
@@ -873,6 +860,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         release_locks()
         sys.stdout.flush()
         os._exit(130)
+    except BrokenPipeError:
+        # stdout's reader is gone (`mpinn inspect M | head -1`): no message and no traceback,
+        # as a Unix tool ended by SIGPIPE, and its exit status, 141, which also ends an mpirun
+        # job whose other ranks still run (without MPI's finalize, which would wait for them)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        release_locks()
+        if comm.size > 1:
+            os._exit(EXIT_BROKEN_PIPE)
+        return EXIT_BROKEN_PIPE
     except Exception as exc:
         user_error = isinstance(exc, MpinnError)
         agreed = user_error and exc.agreed  # every rank raised this same error already
