@@ -55,16 +55,29 @@ def load(path: str, table: MetadataTable, dtype: np.dtype, comm: MPI.Comm,
         spec = agree(comm, lambda: fmt.read_data_spec(f, n_in, n_out))
         inject_fault("data", comm.rank)
         inputs = table.rows(0, group.rank)
+        outputs = table.rows(len(table.sizes) - 1, group.rank)
+        agree(comm, lambda: _check_fits(spec, inputs.size, outputs.size))
         features = np.ascontiguousarray(fmt.read_slice(f["X"], inputs, axis=1).T, dtype=dtype)
         labels = targets = None
         if spec.labels:
             labels = fmt.read_whole(f["y"]).astype(np.int64)
         else:
-            outputs = table.rows(len(table.sizes) - 1, group.rank)
             targets = np.ascontiguousarray(fmt.read_slice(f["y"], outputs, axis=1).T, dtype=dtype)
 
     agree(comm, lambda: _check_values(path, features, inputs, labels, targets, n_out))
     return LocalData(spec, features, labels, targets)
+
+
+def _check_fits(spec: fmt.DataSpec, n_inputs: int, n_outputs: int) -> None:
+    """Refuse, before anything is read, a data file whose declared samples would not fit:
+    this rank's feature columns as read and as converted, its target or label column and
+    its outputs, 8 bytes a value at most (a hostile file can declare 10^12 rows in 2 KB)."""
+    need = spec.n_samples * (2 * n_inputs + 3 * n_outputs + 1) * 8
+    available = fmt.available_memory()
+    if need > available:
+        raise MpinnError(f"{spec.path}: X declares {spec.n_samples:,} samples; this rank's columns "
+                         f"of them need about {need / 2**30:.1f} GiB but only "
+                         f"{available / 2**30:.1f} GiB are available")
 
 
 def _check_values(source: str, features: np.ndarray, inputs: np.ndarray, labels: np.ndarray | None,

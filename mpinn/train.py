@@ -115,6 +115,9 @@ class DistributedModel:
         self.file = fmt.open_file(path, "r", group)
         try:
             self.spec = agree(comm, lambda: fmt.read_spec(self.file))
+            nodes_of_comm = job_nodes(comm)
+            ranks_here = int(np.count_nonzero(nodes_of_comm == nodes_of_comm[comm.rank]))
+            agree(comm, lambda: Shard.check_table_fits(self.spec, group.size, ranks_here))
             # the owners come from world rank 0 where a strategy is not a pure function
             # (mincut, placed on the nodes of rank 0's group), so every group holds the
             # same partition

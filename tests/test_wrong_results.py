@@ -11,6 +11,7 @@ the CLI's tests run ``mpinn`` under ``mpirun -n 2``.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import h5py
@@ -222,3 +223,105 @@ def test_a_torch_classifier_ending_in_logits_is_named_at_import_and_takes_output
         np.testing.assert_array_equal(f["layers/2/weight"][...], g["layers/2/weight"][...])
     refused(mpinn(1, "import-torch", str(pt), str(tmp_path / "again.h5"), "--activation", "relu"),
             "--activation names the activations of a bare state_dict")
+
+
+# ---------------------------------------------------------------- 15: tracebacks
+
+
+BAD_CALLS = [  # (call, arguments, message): each a raw exception or a silent run before
+    ("fit", dict(epochs=1.5), "fit: epochs must be a whole number >= 0, got 1.5"),
+    ("fit", dict(epochs=True), "fit: epochs must be a whole number >= 0, got True"),
+    ("fit", dict(batch_size=-1), "fit: batch_size must be a whole number >= 1, got -1"),
+    ("fit", dict(seed=-1), "fit: seed must be a whole number >= 0 and <= 9223372036854775807"),
+    ("fit", dict(optimizer="Adam"), "fit: optimizer must be one of sgd, adam, adamw, got 'Adam'"),
+    ("fit", dict(shuffle="no"), "fit: shuffle must be True or False, got 'no'"),
+    ("fit", dict(momentum=1.0), r"fit: momentum must be in \[0, 1\), got 1.0"),
+    ("fit", dict(clip_norm=float("nan")), "fit: clip_norm must be zero .off. or more, got nan"),
+    ("fit", dict(callbacks=print), "fit: callbacks must be a list of callables"),
+    ("fit", dict(schedule="linear"), "fit: schedule must be one of constant, step, cosine"),
+    ("predict", dict(batch_size=0), "predict: batch_size must be a whole number >= 1 or None"),
+    ("evaluate", dict(batch_size=2.0), "evaluate: batch_size must be a whole number >= 1 or None"),
+    ("create", dict(sizes=[4, 0, 2]), "create: sizes must be at least two whole numbers >= 1"),
+    ("create", dict(seed=1.0), "create: seed must be a whole number"),
+    ("create", dict(activation="softmax"), "create: activation must be one of identity, relu"),
+    ("create", dict(storage="dense,coo"), "create: storage must be one of dense, csr"),
+    ("create", dict(dropout=[0.5, 2]), r"create: dropout must be in \[0, 1\), or a list"),
+    ("create", dict(force="yes"), "create: force must be True or False"),
+    ("open", dict(replicas=1.0), "open: replicas must be a whole number >= 1, got 1.0"),
+    ("open", dict(exchange="smoke"), "open: exchange must be one of auto, alltoallv"),
+    ("open", dict(comm="world"), "open: comm must be an mpi4py communicator or None"),
+]
+
+
+@pytest.mark.parametrize("call,arguments,message", BAD_CALLS,
+                         ids=[f"{c}-{next(iter(a))}-{i}" for i, (c, a, _) in enumerate(BAD_CALLS)])
+def test_a_bad_api_argument_is_one_error_naming_the_parameter_and_changes_nothing(
+        tmp_path, call, arguments, message):
+    from mpinn import Network
+    net = _tiny(tmp_path / "m.h5")
+    before = Path(net.path).read_bytes()
+    x, y = _arrays()
+    calls = {"fit": lambda: net.fit(x, y, **arguments),
+             "predict": lambda: net.predict(x, **arguments),
+             "evaluate": lambda: net.evaluate(x, y, **arguments),
+             "create": lambda: Network.create(str(tmp_path / "new.h5"),
+                                              **{"sizes": [4, 3, 2], **arguments}),
+             "open": lambda: Network.open(net.path, **arguments)}
+    with pytest.raises(MpinnError, match=message):
+        calls[call]()
+    net.close()
+    assert Path(net.path).read_bytes() == before
+    assert not (tmp_path / "new.h5").exists()
+
+
+def test_cli_messages_name_flags_with_dashes():
+    from mpinn import cli
+    with pytest.raises(MpinnError, match="^--clip-norm must be zero"):
+        cli.parse(["train", "M.h5", "--data", "d.h5", "--clip-norm", "-1"])
+    with pytest.raises(MpinnError, match="^--weight-decay must be zero or more"):
+        cli.parse(["train", "M.h5", "--data", "d.h5", "--weight-decay", "nan"])
+
+
+def _hostile_data(path: Path) -> Path:
+    """A 2 KB data file declaring 10^12 samples (chunked, never written)."""
+    with h5py.File(path, "w") as f:
+        f.create_dataset("X", shape=(10**12, 64), dtype="f4", chunks=(1024, 64))
+        f.create_dataset("y", shape=(10**12,), dtype="i8", chunks=(4096,))
+    return path
+
+
+@pytest.mark.parametrize("hostile", ["best_val_loss", "data_rows", "sizes"])
+def test_a_hostile_attribute_or_declaration_is_refused_before_allocating(model, tmp_path, hostile):
+    data, command = DIGITS_TRAIN, "train"
+    extra = ["--val-data", DIGITS_TRAIN, "--patience", "2"]
+    if hostile == "best_val_loss":
+        _set_state(model, best_val_loss="not a number")
+        message = "/state attribute 'best_val_loss' must be a finite number or null"
+    elif hostile == "data_rows":
+        data, extra = str(_hostile_data(tmp_path / "big.h5")), []
+        message = "X declares 1,000,000,000,000 samples; this rank's columns of them need about"
+    else:  # every rank used to allocate 8 GiB for the owner array before any check
+        from tests.test_bad_input import declared_only
+        model = declared_only(tmp_path / "wide.h5", [64, 2**31, 10])
+        command, extra = "evaluate", []
+        message = "(partition table every rank builds|this node's share of the model)"
+    before = model.read_bytes()
+    result = mpinn(2, command, str(model), "--data", data, *extra, timeout=60)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("mpinn: error:")]
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert len(errors) == 1 and re.search(message, errors[0]), result.stderr
+    assert model.read_bytes() == before
+    assert_no_leftovers(tmp_path)
+
+
+def test_a_closed_stdout_ends_inspect_quietly(model):
+    import subprocess
+    import sys
+
+    from tests.test_cli import ENV, ROOT
+    child = subprocess.Popen([sys.executable, "-m", "mpinn", "inspect", str(model)],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV, cwd=ROOT)
+    child.stdout.close()  # `| head -1` gone before mpinn writes: its print meets EPIPE
+    stderr = child.stderr.read().decode()
+    assert child.wait(timeout=60) == 141, stderr
+    assert stderr == ""
