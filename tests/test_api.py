@@ -293,7 +293,7 @@ def test_bad_calls_raise_mpinn_error_on_every_rank_and_change_nothing(mpi_tmp_pa
         Network.open(path, "count", percentages=[100])
     with pytest.raises(MpinnError, match="not both"):
         Network.open(path, "balanced", partition="p")
-    with pytest.raises(MpinnError, match="unknown partition strategy"):
+    with pytest.raises(MpinnError, match="open: strategy must be one of balanced, count"):
         Network.open(path, "best")
     with pytest.raises(MpinnError, match="float32 weights, not float64"):
         Network.open(path, dtype="float64")
