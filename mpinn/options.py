@@ -43,8 +43,8 @@ FLOAT_RANGES: dict[str, tuple[Callable[[float], bool], str]] = {
 @dataclass(frozen=True)
 class Option:
     """One parameter: ``kind`` (whole, number, bool, choice, text, path, sizes, callables),
-    the least and most whole number, the real range's name in ``FLOAT_RANGES``, the
-    choices of a ``choice``, whether None is allowed, and whether a sequence of such values
+    the least and most whole number (a number's range is ``FLOAT_RANGES[name]``), the
+    choices of a ``choice``, whether None is allowed, and whether a list of such values
     (one per layer) is allowed too."""
 
     name: str
@@ -58,11 +58,13 @@ class Option:
 
 
 def whole(name: str, optional: bool = False) -> Option:
+    """A whole number from ``AT_LEAST[name]`` up (a seed up to ``MAX_SEED``)."""
     most = MAX_SEED if name == "seed" else None
     return Option(name, "whole", AT_LEAST[name], most, optional=optional)
 
 
 def number(name: str, optional: bool = False, per_layer: bool = False) -> Option:
+    """A finite real number inside ``FLOAT_RANGES[name]``."""
     return Option(name, "number", optional=optional, per_layer=per_layer)
 
 
