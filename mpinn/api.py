@@ -29,7 +29,7 @@ from typing import Any, TypeVar
 import numpy as np
 from mpi4py import MPI
 
-from mpinn import distributor, lock, outputs
+from mpinn import distributor, lock, options, outputs
 from mpinn import format as fmt
 from mpinn import train as loop
 from mpinn.data import LocalData, from_arrays, load
@@ -172,6 +172,7 @@ class Network:
         number of ranks. The network returned uses the balanced partition and is loaded
         at its first use; ``Network.open`` chooses another.
         """
+        options.check_on(comm, "create", locals())
         path = os.fspath(path)
         comm = comm if comm is not None else MPI.COMM_WORLD
 
@@ -225,6 +226,7 @@ class Network:
         over the groups and sums their gradients, predict and evaluate split the samples.
         Results equal those of R = 1 (docs/scaling.md).
         """
+        options.check_on(comm, "open", locals())
         def check() -> loop.PartitionChoice:
             if dtype is not None and dtype not in fmt.DTYPES:
                 raise MpinnError(f"dtype {dtype!r} is not supported (float32 or float64)")
@@ -333,6 +335,7 @@ class Network:
                  "gamma": gamma, "min_lr": min_lr, "warmup_steps": warmup_steps,
                  "clip_norm": clip_norm, "dropout": dropout}
         model = self.model
+        options.check_on(self.comm, "fit", locals())  # after the load: see options.check_on
         if keep_best:
             agree(self.comm, lambda: loop.check_best(self.path, force))
         data = self._data(x, y, "X", "fit data")
@@ -384,6 +387,7 @@ class Network:
     def predict(self, x: Any, batch_size: int | None = None) -> np.ndarray:
         """The output layer's activations, (samples, outputs), the same array on every rank."""
         model = self.model
+        options.check_on(self.comm, "predict", locals())  # after the load: see options.check_on
         data = self._data(x, None, "X", "predict data")
         local = loop.predict(model, data, batch_size or model.engine.max_batch)
         whole = gather_layer(model.group, model.table.layer_owner(len(model.spec.sizes) - 1),
@@ -394,6 +398,7 @@ class Network:
     def evaluate(self, x: Any, y: Any = None, batch_size: int | None = None) -> dict[str, Any]:
         """{"loss": mean loss, "accuracy": fraction right (None for float targets)}."""
         model = self.model
+        options.check_on(self.comm, "evaluate", locals())  # after the load: see options.check_on
         data = self._data(x, y, "X", "evaluate data")
         if data.labels is None and data.targets is None:
             raise MpinnError("evaluate needs y (labels or targets)")

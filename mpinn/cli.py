@@ -18,9 +18,11 @@ from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
 from mpinn.errors import Interrupted, MpinnError
+from mpinn.options import AT_LEAST, FLOAT_RANGES, MAX_SEED
 
 EXIT_ERROR = 1
 EXIT_INTERRUPTED = 130  # Ctrl-C, as a shell reports SIGINT
+EXIT_BROKEN_PIPE = 128 + 13  # a closed stdout: the status of a process ended by SIGPIPE
 AGREE_TIMEOUT = 5.0  # seconds a failing rank waits for the others before aborting
 REPORT_TIMEOUT = 3.0  # seconds it then waits for rank 0 to report it and abort the job
 
@@ -189,7 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--log-json", metavar="FILE",
                            help="append one JSON object per epoch to FILE (rank 0)")
             p.add_argument("--resume", action="store_true",
-                           help="continue the stored run until --epochs epochs are complete in all")
+                           help="continue the stored run until --epochs epochs are complete in all "
+                                "(none left: says so and exits 0)")
             g = p.add_argument_group("validation, schedules and regularisation (docs/api.md)")
             g.add_argument("--val-data", metavar="FILE",
                            help="data file evaluated after every epoch (val_loss, val_accuracy)")
@@ -274,7 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["float32", "float64"])
     p.add_argument("--activation", help="hidden activation, for a plain state_dict (.pt of "
                    "torch.save(model.state_dict()))")
-    p.add_argument("--output", help="output activation, for a plain state_dict")
+    p.add_argument("--output", help="output activation, for a plain state_dict or after a "
+                   "final Linear (softmax: a classifier that ends in logits)")
     p = sub.add_parser("export-torch", help="convert a model file to a PyTorch Sequential (.pt)")
     p.add_argument("model", metavar="MODEL.h5")
     p.add_argument("out", metavar="OUT.pt")
@@ -311,22 +315,6 @@ FORCE_HELP = {
 REQUIRED = {"init": ["sizes"], "partition": ["ranks"], "train": ["data"], "evaluate": ["data"],
             "predict": ["data", "out"]}
 LIST_FLAGS = {"sizes", "storage", "counts", "percentages", "layer_ranks"}  # "a,b,c" or a TOML list
-AT_LEAST = {"batch_size": 1, "epochs": 0, "keep": 1, "checkpoint_every": 0, "micro_batches": 1,
-            "seed": 0, "ranks": 1, "neurons": 1, "layers": 1, "samples": 1, "features": 1,
-            "outputs": 1, "fan_in": 1, "threads": 1, "ranks_per_node": 1, "patience": 0,
-            "step_size": 1, "warmup_steps": 0, "replicas": 1}
-MAX_SEED = 2**63 - 1
-FLOAT_RANGES = {"lr": (lambda v: v > 0, "a positive number"),
-                "collective_timeout": (lambda v: v > 0, "a positive number of seconds"),
-                "momentum": (lambda v: 0 <= v < 1, "in [0, 1)"),
-                "density": (lambda v: 0 < v <= 1, "in (0, 1]"),
-                "cap": (lambda v: v > 0, "a positive number"),
-                "gamma": (lambda v: v > 0, "a positive number"),
-                "min_lr": (lambda v: v >= 0, "zero or more"),
-                "weight_decay": (lambda v: v >= 0, "zero or more"),
-                "clip_norm": (lambda v: v >= 0, "zero (off) or more"),
-                "dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
-                "negative_slope": (lambda v: True, "a finite number")}
 
 
 def parse(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -727,8 +715,13 @@ def _convert(args: argparse.Namespace) -> None:
         written = f"{args.model} and {args.data}"
     elif args.command == "import-torch":
         from mpinn import torch_io
-        torch_io.from_torch(torch_io.load_torch_file(args.source, args.activation, args.output),
-                            args.model, args.dtype)
+        model = torch_io.load_torch_file(args.source, args.activation, args.output)
+        if args.output is None and torch_io.ends_in_logits(model):
+            print(f"mpinn: note: {args.source} ends in a Linear with no activation (logits): "
+                  f"{args.model} gets an identity output, which trains with squared error; for a "
+                  "classifier trained with cross-entropy, import it with --output softmax (the "
+                  "same classes, trained with cross-entropy)", file=sys.stderr, flush=True)
+        torch_io.from_torch(model, args.model, args.dtype)
         written = args.model
     else:
         from mpinn import torch_io
@@ -853,6 +846,8 @@ def run(args: argparse.Namespace) -> int:
                 print(f"mpinn: stopped by {history.stopped_by}: checkpoint committed at epoch "
                       f"{history.epoch}, batch {history.batch}; continue with --resume",
                       flush=True)
+            if rank0 and args.resume and not history.epochs and not history.stopped_by:
+                print(_nothing_to_train(args.model, net.model.state, args.epochs), flush=True)
             if rank0 and history.stopped_early == "patience" and not args.quiet:
                 print(f"stopped early: no lower validation loss for {args.patience} epochs "
                       f"(best {history.best_val_loss:.6f})", flush=True)
@@ -876,6 +871,18 @@ def run(args: argparse.Namespace) -> int:
             if rank0 and not args.quiet:
                 print(f"{args.out}: outputs of {data.n_samples} samples")
     return 0
+
+
+def _nothing_to_train(model: str, state: dict[str, Any], epochs: int) -> str:
+    """The one line of a ``train --resume`` that found nothing left to train. Not an error
+    (exit 0): a job that is requeued after its run completed must succeed again."""
+    done = int(state.get("epoch", 0))
+    if state.get("stopped_early"):
+        return (f"mpinn: nothing to train: the run stored in {model} stopped early at epoch "
+                f"{done}; --resume trains it no further")
+    return (f"mpinn: nothing to train: {model} already has {done} epochs; --resume trains until "
+            f"--epochs N are complete in all (--epochs {epochs}): give an --epochs above {done}")
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse, check, lock, run; any error becomes one ``mpinn: error:`` line printed by rank 0
@@ -922,6 +929,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             channel.comm.Barrier()  # no rank exits (and has mpirun end the job) before the line
         sys.stdout.flush()
         os._exit(EXIT_INTERRUPTED)
+    except BrokenPipeError:
+        # stdout's reader is gone (`mpinn inspect M | head -1`): no message and no traceback,
+        # as a Unix tool ended by SIGPIPE, and its exit status, 141, which also ends an mpirun
+        # job whose other ranks still run (without MPI's finalize, which would wait for them)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        release_locks()
+        if comm.size > 1:
+            os._exit(EXIT_BROKEN_PIPE)
+        return EXIT_BROKEN_PIPE
     except Exception as exc:
         user_error = isinstance(exc, MpinnError)
         agreed = user_error and exc.agreed  # every rank raised this same error already

@@ -331,9 +331,11 @@ class Engine:
                      targets: np.ndarray | None, grad: np.ndarray, divisor: int) -> BatchResult:
         """Loss share and dL/dz (into ``grad``) of my output rows for these samples.
 
-        Softmax with integer labels: cross-entropy. Otherwise half the squared error against
-        ``targets`` (my output rows, neuron-major) or one-hot ``labels``. Both are divided by
-        ``divisor``, the size of the whole batch, also when these samples are a micro-batch.
+        Softmax with integer labels: cross-entropy; with float ``targets`` (probability
+        distributions, checked by ``data.check_distributions``): soft-label cross-entropy.
+        Otherwise half the squared error against ``targets`` (my output rows, neuron-major)
+        or one-hot ``labels``. All are divided by ``divisor``, the size of the whole batch,
+        also when these samples are a micro-batch.
         """
         layer = self.shard.layers[-1]
         correct = 0
@@ -346,20 +348,19 @@ class Engine:
             loss = kernels.cross_entropy_local(z, self._max[:batch], log_sum, hits)
             np.subtract(outputs, hits, out=grad)
             grad /= divisor
+        elif self.softmax and targets is not None:
+            batch = outputs.shape[1]
+            log_sum = np.log(self._sum[:batch])
+            loss = kernels.soft_cross_entropy_local(z, self._max[:batch], log_sum, targets)
+            np.subtract(outputs, targets, out=grad)
+            grad /= divisor
         else:
             target = hits.astype(outputs.dtype) if labels is not None else targets
             loss = kernels.squared_error_local(outputs, target)
             np.subtract(outputs, target, out=grad)
             grad /= divisor
-            if self.softmax:
-                # softmax Jacobian: dz_i = p_i (g_i - sum_j p_j g_j), the sum over all ranks
-                dot = np.einsum("ij,ij->j", outputs, grad)
-                allreduce(self.comm, dot, SUM)
-                grad -= dot[None, :]
-                grad *= outputs
-            else:
-                kernels.activation_grad(layer.spec.activation, z, outputs, grad, layer.spec.cap,
-                                         layer.spec.negative_slope)
+            kernels.activation_grad(layer.spec.activation, z, outputs, grad, layer.spec.cap,
+                                     layer.spec.negative_slope)
         if inject_fault("nan", self.comm.rank):
             loss = float("nan")
         return BatchResult(loss, correct)

@@ -976,9 +976,17 @@ def read_state_attrs(f: h5py.File) -> dict[str, Any]:
         values = {key: json.loads(value) for key, value in state.attrs.items()}
     except (TypeError, ValueError):
         raise MpinnError(f"{f.filename}: /state holds an attribute that is not JSON text") from None
-    for key in ("epoch", "step", "batch", "seed", "init_seed"):
-        if not isinstance(values.get(key, 0), int) or values.get(key, 0) < 0:
+    for key in ("epoch", "step", "batch", "seed", "init_seed", "bad_epochs"):
+        value = values.get(key, 0)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise MpinnError(f"{f.filename}: /state attribute {key!r} must be a whole number")
+    best = values.get("best_val_loss")
+    if best is not None and (not isinstance(best, (int, float)) or isinstance(best, bool)
+                             or not math.isfinite(best)):
+        raise MpinnError(f"{f.filename}: /state attribute 'best_val_loss' must be a finite "
+                         "number or null")
+    if not isinstance(values.get("stopped_early", False), bool):
+        raise MpinnError(f"{f.filename}: /state attribute 'stopped_early' must be true or false")
     if not isinstance(values.get("optimizer", {}), dict):
         raise MpinnError(f"{f.filename}: /state attribute 'optimizer' must be a JSON object")
     return values

@@ -457,6 +457,16 @@ def cross_entropy_local(z: np.ndarray, global_max: np.ndarray, log_sum: np.ndarr
     return float(-log_p[hits].sum(dtype=np.float64))
 
 
+def soft_cross_entropy_local(z: np.ndarray, global_max: np.ndarray, log_sum: np.ndarray,
+                             targets: np.ndarray) -> float:
+    """This rank's share of the summed soft-label cross-entropy, -sum_i t_i log p_i over the
+    output rows it owns, for targets ``t`` that are probability distributions over the
+    outputs (torch's ``cross_entropy`` with probabilities). Its gradient in z is p - t, the
+    form of hard labels, since every t sums to 1."""
+    log_p = z - global_max[None, :] - log_sum[None, :]
+    return float(-np.einsum("ij,ij->", targets, log_p, dtype=np.float64))
+
+
 def squared_error_local(a: np.ndarray, target: np.ndarray) -> float:
     """This rank's share of the summed squared error, halved: sum((a - t)^2) / 2."""
     d = a - target

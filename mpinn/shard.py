@@ -26,6 +26,10 @@ from mpinn.exchange import ReplicaGroups, agree, receive_order
 from mpinn.format import LayerSpec, ModelSpec
 from mpinn.metadata import MetadataTable
 
+# peak bytes per neuron while a rank builds the replicated partition table: the owner array
+# and its per-layer forms (measured with tracemalloc for the balanced strategy: 8.0)
+TABLE_BYTES_PER_NEURON = 8
+
 
 @dataclass
 class LayerShard:
@@ -250,6 +254,29 @@ class Shard:
     table: MetadataTable
     rank: int
     layers: list[LayerShard]
+
+    @staticmethod
+    def check_table_fits(spec: ModelSpec, nranks: int, ranks_here: int) -> None:
+        """Refuse, before the owner array is made, a model whose replicated partition table
+        (about TABLE_BYTES_PER_NEURON at its peak, on every rank) or whose average share of
+        the parameters (4 copies, as ``check_fits``) cannot fit ``ranks_here`` times in this
+        node's memory: every rank of the node builds the same table, and holds a share."""
+        available = fmt.available_memory()
+        neurons = sum(spec.sizes)
+        table = TABLE_BYTES_PER_NEURON * neurons
+        if table * ranks_here > available:
+            raise MpinnError(f"sizes {list(spec.sizes)} declare {neurons:,} neurons: the partition "
+                             f"table every rank builds ({table / 2**30:.1f} GiB on each of the "
+                             f"{ranks_here} ranks of this node) needs about "
+                             f"{table * ranks_here / 2**30:.1f} GiB but only "
+                             f"{available / 2**30:.1f} GiB are available")
+        rows = sum(ly.nnz + ly.n_out for ly in spec.layers)
+        share = 4 * rows * spec.dtype.itemsize / nranks
+        if share * ranks_here > available:
+            raise MpinnError(f"this node's share of the model ({ranks_here} of {nranks} ranks, for "
+                             f"{rows:,} parameters with their gradients and optimizer state) needs "
+                             f"about {share * ranks_here / 2**30:.1f} GiB but only "
+                             f"{available / 2**30:.1f} GiB are available; use more nodes or ranks")
 
     @staticmethod
     def check_fits(spec: ModelSpec, table: MetadataTable, rank: int, max_batch: int) -> None:

@@ -75,6 +75,7 @@ from mpinn.format import (
     read_spec,
     write_model,
 )
+from mpinn.kernels import check_activation
 from mpinn.outputs import staged
 
 if TYPE_CHECKING:
@@ -501,7 +502,30 @@ def load_torch_file(path: str, activation: str | None = None,
     extra = sorted(set(map(str, state)) - set(model.state_dict()))
     if extra:
         raise MpinnError(f"{path}: state_dict has entries no module uses: {', '.join(extra[:5])}")
+    if activation is not None:
+        raise MpinnError(f"--activation names the activations of a bare state_dict; {path} "
+                         "holds its own")
+    if output is not None:
+        model = with_output(model, output, path)
     return model.eval()
+
+
+def ends_in_logits(model: torch.nn.Module) -> bool:
+    """Whether the Sequential's last Linear has no activation after it: its outputs are
+    logits, and mpinn's identity output trains them with squared error, not cross-entropy."""
+    return _read_sequential(model)[1][-1].activation == "identity"
+
+
+def with_output(model: torch.nn.Sequential, output: str, path: str) -> torch.nn.Sequential:
+    """``model`` with the output activation ``output`` after its last Linear (softmax: a
+    classifier that ends in logits, as trained with ``nn.CrossEntropyLoss``, predicts the same
+    classes and trains with cross-entropy); only for a model that ends in a Linear."""
+    if not ends_in_logits(model):
+        raise MpinnError(f"--output applies to a model that ends in a Linear (logits); {path} "
+                         "ends in an activation of its own")
+    check_activation(output, True, "--output")
+    module = activation_module(output)
+    return model if module is None else _torch().nn.Sequential(*model, module)
 
 
 def activation_module(name: str, slope: float | None = None) -> torch.nn.Module | None:

@@ -25,7 +25,7 @@ from mpi4py import MPI
 
 from mpinn import distributor
 from mpinn import format as fmt
-from mpinn.data import LocalData
+from mpinn.data import LocalData, check_distributions
 from mpinn.engine import Engine
 from mpinn.errors import Interrupted, MpinnError, inject_fault
 from mpinn.exchange import MAX, SUM, ReplicaGroups, agree, allreduce, on_root
@@ -201,6 +201,9 @@ class DistributedModel:
         self.file = fmt.open_file(path, "r", group)
         try:
             self.spec = agree(comm, lambda: fmt.read_spec(self.file))
+            nodes_of_comm = job_nodes(comm)
+            ranks_here = int(np.count_nonzero(nodes_of_comm == nodes_of_comm[comm.rank]))
+            agree(comm, lambda: Shard.check_table_fits(self.spec, group.size, ranks_here))
             # the owners come from world rank 0 where a strategy is not a pure function
             # (mincut, placed on the nodes of rank 0's group), so every group holds the
             # same partition
@@ -634,6 +637,16 @@ def train(model: DistributedModel, data: LocalData, *, epochs: int, batch_size: 
                          "(--val-data)")
     if not np.isfinite(clip_norm) or clip_norm < 0:
         raise MpinnError(f"--clip-norm must be a non-negative number (0: off), got {clip_norm}")
+    if data.labels is None and data.targets is None:
+        raise MpinnError("fit needs y: class labels or float targets for every sample of "
+                         "X (X alone can only be predicted)")
+    if validation is not None and validation.labels is None and validation.targets is None:
+        raise MpinnError("validation_data needs y: labels or float targets for every sample")
+    if data.n_samples == 0:
+        raise MpinnError("X holds no samples: there is nothing to train on")
+    if model.spec.layers[-1].activation == "softmax":
+        for each in (data, validation) if validation is not None else (data,):
+            check_distributions(each, model.group, model.comm)
     engine = model.use_engine(batch_size, training=True)
     params = engine.parameters()
     optimizer = make_optimizer(optimizer_name, params, lr, momentum, weight_decay)
@@ -659,6 +672,7 @@ def train(model: DistributedModel, data: LocalData, *, epochs: int, batch_size: 
     stored = [ly.dropout for ly in model.spec.layers[:-1]]
     engine.set_dropout(stored if dropout is None else dropout, seed)
     engine.dropout_step = step_count
+    _check_position(model, done, skip, data.n_samples, batch_size)
     result = TrainResult([], epoch=done)
     early = EarlyStopping(patience, model.state)
     result.best_val_loss = early.best
@@ -752,6 +766,19 @@ def train(model: DistributedModel, data: LocalData, *, epochs: int, batch_size: 
     return result
 
 
+def _check_position(model: DistributedModel, done: int, skip: int, n_samples: int,
+                    batch_size: int) -> None:
+    """Refuse a stored batch position at or past the end of an epoch: it would run an empty
+    epoch and commit it. A preempted run stores fewer batches than an epoch has, so such a
+    position is a damaged file, or other data or another batch size than the run it resumes."""
+    batches = -(-n_samples // batch_size)
+    if skip >= batches:
+        raise MpinnError(f"{model.path}: /state attribute 'batch' is {skip}, but epoch {done + 1} "
+                         f"has only {batches} batches ({n_samples} samples in batches of "
+                         f"{batch_size}): the file's training state is damaged, or this is other "
+                         "data or another batch size than the run that stopped")
+
+
 def _clip_gradients(comm: MPI.Comm, params: list[tuple[np.ndarray, np.ndarray]],
                     max_norm: float) -> None:
     """Scale every rank's gradients by torch's ``clip_grad_norm_`` factor for their global
@@ -778,6 +805,8 @@ def _agreed_stop(comm: MPI.Comm, ask: Callable[[], bool]) -> bool:
 def evaluate(model: DistributedModel, data: LocalData, batch_size: int) -> tuple[float, float | None]:
     """Mean loss and accuracy (None for float targets) over the whole data set; with
     replicas each group runs a contiguous share of the samples."""
+    if model.spec.layers[-1].activation == "softmax":
+        check_distributions(data, model.group, model.comm)
     model.use_engine(batch_size, training=False)
     share = model.groups.share(data.n_samples)
     order = np.arange(share.start, share.stop)

@@ -65,14 +65,15 @@ class Reference:
             loss = -np.log(p[np.arange(batch), y]).sum() / batch
             onehot = np.eye(out.shape[1], dtype=out.dtype)[y]
             dz = (p - onehot) / batch
+        elif self.activations[-1] == "softmax":  # float targets: soft-label cross-entropy
+            p = out
+            loss = -(y * np.log(p)).sum() / batch
+            dz = (p - y) / batch
         else:
             target = np.eye(out.shape[1], dtype=out.dtype)[y] if labels else y
             loss = 0.5 * ((out - target) ** 2).sum() / batch
             da = (out - target) / batch
-            if self.activations[-1] == "softmax":
-                dz = out * (da - (out * da).sum(axis=1, keepdims=True))
-            else:
-                dz = da * derivative(self.activations[-1], zs[-1], out, self.cap(len(zs) - 1))
+            dz = da * derivative(self.activations[-1], zs[-1], out, self.cap(len(zs) - 1))
         gw, gb = [None] * len(zs), [None] * len(zs)
         for i in range(len(zs) - 1, -1, -1):
             w = self.weights[i]

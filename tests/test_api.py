@@ -293,7 +293,7 @@ def test_bad_calls_raise_mpinn_error_on_every_rank_and_change_nothing(mpi_tmp_pa
         Network.open(path, "count", percentages=[100])
     with pytest.raises(MpinnError, match="not both"):
         Network.open(path, "balanced", partition="p")
-    with pytest.raises(MpinnError, match="unknown partition strategy"):
+    with pytest.raises(MpinnError, match="open: strategy must be one of balanced, count"):
         Network.open(path, "best")
     with pytest.raises(MpinnError, match="float32 weights, not float64"):
         Network.open(path, dtype="float64")
@@ -309,7 +309,7 @@ def test_bad_calls_raise_mpinn_error_on_every_rank_and_change_nothing(mpi_tmp_pa
         net.predict(np.full((5, 4), np.nan))
     with pytest.raises(MpinnError, match="--patience needs validation data"):
         net.fit(x, y, patience=2)
-    with pytest.raises(MpinnError, match="--lr must be a positive number"):
+    with pytest.raises(MpinnError, match="fit: lr must be a positive number"):
         net.fit(x, y, lr=-1)
     with pytest.raises(MpinnError, match="evaluate needs y"):
         net.evaluate(x)

@@ -15,7 +15,7 @@ from tests.reference import Reference
 
 CASES = [
     ([5, 8, 6, 4], ["tanh", "sigmoid", "softmax"], True),   # cross-entropy
-    ([5, 7, 3], ["relu", "softmax"], False),                 # squared error through softmax
+    ([5, 7, 3], ["relu", "softmax"], "soft"),                # soft-label cross-entropy
     ([4, 6, 3], ["sigmoid", "identity"], False),              # squared error, regression
 ]
 
@@ -25,8 +25,10 @@ def test_engine_gradients_match_finite_differences(sizes, acts, labels, tmp_path
     comm = MPI.COMM_SELF
     model_path, data_path = str(tmp_path / "m.h5"), str(tmp_path / "d.h5")
     fmt.create_model(model_path, sizes, acts, "float64", seed=2, comm=comm)
-    make = classification_data if labels else regression_data
+    make = classification_data if labels is True else regression_data
     x, y = make(6, sizes[0], sizes[-1], seed=4, dtype="float64")
+    if labels == "soft":  # float targets on softmax: probability distributions
+        y = np.exp(y) / np.exp(y).sum(axis=1, keepdims=True)
     fmt.write_data(data_path, x, y)
     with DistributedModel(model_path, comm, PartitionChoice(), 6) as model:
         data = load(data_path, model.table, model.spec.dtype, comm)

@@ -291,7 +291,7 @@ def test_replicas_that_do_not_divide_the_ranks_are_refused_on_every_rank(mpi_tmp
     with pytest.raises(MpinnError, match=f"--replicas {comm.size + 1} does not divide the "
                                          f"{comm.size} ranks"):
         DistributedModel(model_path, comm, PartitionChoice(), BATCH, replicas=comm.size + 1)
-    with pytest.raises(MpinnError, match="--replicas must be at least 1, got 0"):
+    with pytest.raises(MpinnError, match="open: replicas must be a whole number >= 1, got 0"):
         Network.open(model_path, replicas=0)
     if comm.size % 2 == 0:  # a stored partition must be made for Q ranks, not P
         from mpinn.describe import store_partition
