@@ -230,7 +230,7 @@ def _wanted(option: Option) -> str:
         text = "at least two whole numbers >= 1 (a list, or text like \"64,32,10\")"
     else:
         text = "a list of callables (each takes an epoch's dict)"
-    return f"{text} or None" if option.optional else text
+    return f"{text} (or None)" if option.optional else text
 
 
 def _is_whole(value: Any) -> bool:

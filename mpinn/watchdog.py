@@ -153,7 +153,8 @@ def collective(call: str) -> Callable[[F], F]:
             comm = getattr(first, "comm", None) if not isinstance(first, type) else None
             if comm is None:
                 comm = kwargs.get("comm") or MPI.COMM_WORLD
-            meet(comm, call)
+            if isinstance(comm, MPI.Comm):  # anything else: the call itself refuses it
+                meet(comm, call)
             return method(first, *args, **kwargs)
         return watched  # type: ignore[return-value]
     return decorate
