@@ -35,6 +35,7 @@ from mpinn import train as loop
 from mpinn.data import LocalData, from_arrays, load
 from mpinn.errors import MpinnError, install_excepthook
 from mpinn.exchange import agree, check_exchange, gather_layer, on_root
+from mpinn.trace import NULL, Tracer
 from mpinn.watchdog import collective, meet
 
 install_excepthook()  # an MpinnError nobody catches is one line, not a traceback per rank
@@ -299,7 +300,8 @@ class Network:
             warmup_steps: int | None = None, weight_decay: float | None = None,
             clip_norm: float | None = None, dropout: float | None = None,
             reset_optimizer: bool = False, progress: bool = False,
-            log_json: str | None = None, verbose: bool = False, force: bool = False) -> History:
+            log_json: str | None = None, verbose: bool = False, force: bool = False,
+            trace: str | None = None) -> History:
         """Train on ``x``, ``y`` (arrays, the same on every rank) or ``x`` a data file.
 
         The options are ``mpinn train``'s flags: ``epochs`` more epochs (with ``resume``:
@@ -328,7 +330,9 @@ class Network:
         rank) stops training after that epoch; one that raises (an exception, Ctrl-C,
         ``sys.exit``) stops it on every rank with an ``MpinnError`` naming the rank, the
         model as its last checkpoint left it. ``verbose`` prints an epoch line on rank 0;
-        ``log_json`` appends each epoch's dict to a file.
+        ``log_json`` appends each epoch's dict to a file. ``trace``: write the run's timeline
+        there, one Chrome trace of every rank's spans (``mpinn.trace``; an existing file
+        only with ``force``).
         """
         named = {"optimizer": optimizer, "lr": lr, "momentum": momentum,
                  "weight_decay": weight_decay, "schedule": schedule, "step_size": step_size,
@@ -352,9 +356,13 @@ class Network:
             if log_json is not None:  # checked before any epoch, as the CLI does
                 outputs.check({"fit: log_json": os.fspath(log_json)}, {"the model": self.path},
                               force=True)
+            if trace is not None:
+                outputs.check({"fit: trace": os.fspath(trace)}, {"the model": self.path},
+                              force=bool(force))
             return loop.resolve_run(self.path, model.state, named, bool(reset_optimizer))
 
         run = agree(self.comm, check)
+        tracer = Tracer(self.comm) if trace is not None else NULL
         history = History()
         callbacks = list(callbacks)
 
@@ -377,7 +385,9 @@ class Network:
                 on_epoch=on_epoch, schedule=run["schedule"], step_size=run["step_size"],
                 gamma=run["gamma"], min_lr=run["min_lr"], warmup_steps=run["warmup_steps"],
                 weight_decay=run["weight_decay"], clip_norm=run["clip_norm"],
-                dropout=run["dropout"], reset_optimizer=bool(reset_optimizer))
+                dropout=run["dropout"], reset_optimizer=bool(reset_optimizer), tracer=tracer)
+        if trace is not None:
+            tracer.write(os.fspath(trace))
         history.stopped_by, history.stopped_early = result.stopped_by, result.stopped_early
         history.best_val_loss, history.epoch = result.best_val_loss, result.epoch
         history.batch = result.batch

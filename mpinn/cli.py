@@ -190,6 +190,11 @@ def build_parser() -> argparse.ArgumentParser:
                            "mpirun the ranks' stderr never is)")
             p.add_argument("--log-json", metavar="FILE",
                            help="append one JSON object per epoch to FILE (rank 0)")
+            p.add_argument("--trace", metavar="FILE",
+                           help="write the run's timeline to FILE: one Chrome trace (open it in "
+                           "ui.perfetto.dev or chrome://tracing) of every rank's compute, pack, "
+                           "wait, optimizer and checkpoint spans per layer and step, and each "
+                           "exchange in flight, clocks aligned (docs/scaling.md)")
             p.add_argument("--resume", action="store_true",
                            help="continue the stored run until --epochs epochs are complete in all "
                                 "(none left: says so and exits 0)")
@@ -302,7 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
 FORCE_HELP = {
     "partition": "replace a stored partition of the same name",
     "train": "with --keep-best: replace a MODEL.best.h5 that this model's training did not "
-             "write",
+             "write; with --trace: replace an existing trace file",
     "predict": "overwrite an existing --out file (never the model or the data)",
     "plot": "overwrite an existing --out file (never the source)",
     "import-graphchallenge": "overwrite existing --model and --data files (never an input)",
@@ -551,6 +556,8 @@ def file_plan(args: argparse.Namespace) -> FilePlan:
                 plan.checks.append(lambda: fmt.check_history(args.model, args.keep))
             if args.log_json:
                 plan.appended["--log-json"] = args.log_json
+            if args.trace:
+                writes("--trace", args.trace, "written by --trace")
             if args.val_data:
                 plan.inputs["--val-data"] = args.val_data
             if args.keep_best:  # the model's own companion, replaced at each new best
@@ -841,7 +848,8 @@ def run(args: argparse.Namespace) -> int:
                 weight_decay=args.weight_decay, clip_norm=args.clip_norm, dropout=args.dropout,
                 reset_optimizer=args.reset_optimizer,
                 progress=not args.quiet and (args.progress or sys.stderr.isatty()),
-                log_json=args.log_json, verbose=not args.quiet, force=args.force)
+                log_json=args.log_json, verbose=not args.quiet, force=args.force,
+                trace=args.trace)
             if rank0 and history.stopped_by:
                 print(f"mpinn: stopped by {history.stopped_by}: checkpoint committed at epoch "
                       f"{history.epoch}, batch {history.batch}; continue with --resume",

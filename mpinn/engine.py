@@ -30,6 +30,7 @@ from mpinn.exchange import (
     make_plans,
 )
 from mpinn.shard import CsrLayerShard, LayerShard, Shard
+from mpinn.trace import NULL, NullTracer
 
 DEAD_CHECK_MAX = 16  # most layers between two checks for dead samples (Engine.forward)
 
@@ -112,6 +113,7 @@ class Engine:
         self._dropped: list[np.ndarray] = []
         self._masked = False  # the last forward applied masks (backward applies them too)
         self.seconds_compute = 0.0  # GEMMs and elementwise kernels, for the benchmarks
+        self.tracer: NullTracer = NULL  # set_tracer: a traced run's spans
         # pipeline stages: a new one starts where any rank receives remote inputs (agreed by
         # one small allreduce, so every rank groups the layers alike)
         remote = np.array([int(p.mpi_recv_counts.sum() > 0) for p in self.plans], dtype=np.int64)
@@ -122,6 +124,18 @@ class Engine:
         """Free the communicators the exchange plans built (collective; the engine cannot
         run afterwards)."""
         free_plans(self.plans)
+
+    def set_tracer(self, tracer: NullTracer) -> None:
+        """Record spans of compute, pack and wait per layer into ``tracer`` (mpinn.trace)."""
+        self.tracer = tracer
+        for plan in self.plans:
+            plan.tracer = tracer
+
+    def _computed(self, started: float, what: str) -> None:
+        """Count (and trace) the GEMMs and kernels that began at ``started``."""
+        now = time.perf_counter()
+        self.seconds_compute += now - started
+        self.tracer.add(what, "compute", started, now)
 
     def _buf(self, flat: np.ndarray, rows: int, batch: int) -> np.ndarray:
         return flat[: rows * batch].reshape(rows, batch)
@@ -222,14 +236,17 @@ class Engine:
         last = len(self.shard.layers) - 1
         masks = self._make_masks(samples)
         check_at, interval = 0, 1  # the next layer after which drop_dead checks, and the gap
+        trace = self.tracer
         for i, (layer, plan) in enumerate(zip(self.shard.layers, self.plans, strict=True)):
+            span = trace.span(f"forward {layer.spec.index}", "layer")
+            span.__enter__()
             gathered = plan.start_forward(activations)
             self.inputs.append(gathered)
             z = self._buf(self.z[i], layer.rows.size, batch)
             a = self._buf(self.a[i], layer.rows.size, batch)
             started = time.perf_counter()
             layer.forward_local(gathered, z)
-            self.seconds_compute += time.perf_counter() - started
+            self._computed(started, "own inputs")
             plan.finish_forward()
             started = time.perf_counter()
             # the dL/dz buffer is free until backward
@@ -244,7 +261,8 @@ class Engine:
             if masks is not None and i < last:  # a stays for the derivative, dropped goes on
                 activations = self._buf(self._dropped[i], layer.rows.size, batch)
                 np.multiply(a, masks[i], out=activations)
-            self.seconds_compute += time.perf_counter() - started
+            self._computed(started, "remote inputs")
+            span.__exit__()
             if drop_dead and check_at <= i < last:
                 activations = self._drop_dead(a)
                 died = activations.shape[1] < batch
@@ -324,8 +342,10 @@ class Engine:
         of it (replicas), so the gradients summed over the groups are the whole batch's."""
         batch = outputs.shape[1]
         rows = self.output_rows.size
-        return self._output_grad(self._buf(self.z[-1], rows, batch), outputs, labels, targets,
-                                 self._buf(self.grad_z[-1], rows, batch), divisor or batch)
+        with self.tracer.span("loss", "compute"):
+            return self._output_grad(self._buf(self.z[-1], rows, batch), outputs, labels,
+                                     targets, self._buf(self.grad_z[-1], rows, batch),
+                                     divisor or batch)
 
     def _output_grad(self, z: np.ndarray, outputs: np.ndarray, labels: np.ndarray | None,
                      targets: np.ndarray | None, grad: np.ndarray, divisor: int) -> BatchResult:
@@ -379,16 +399,19 @@ class Engine:
             raise MpinnError("the SGD step inside backward needs the gradients of one group")
         batch = self._batch
         layers = self.shard.layers
+        trace = self.tracer
         for i in range(len(layers) - 1, -1, -1):
             layer: LayerShard = layers[i]
             plan = self.plans[i]
+            span = trace.span(f"backward {layer.spec.index}", "layer")
+            span.__enter__()
             grad_z = self._buf(self.grad_z[i], layer.rows.size, batch)
             started = time.perf_counter()
             if i > 0:
                 # remote partial sums first, so they travel while the rest is computed
                 grad_inputs = self._buf(self.grad_inputs[i], layer.inputs.size, batch)
                 layer.input_grad_remote(grad_z, grad_inputs)
-                self.seconds_compute += time.perf_counter() - started
+                self._computed(started, "remote partial sums")
                 plan.start_backward(grad_inputs)
                 started = time.perf_counter()
                 layer.input_grad_local(grad_z, grad_inputs)
@@ -398,10 +421,11 @@ class Engine:
             else:  # this layer's weights are not read again in this backward
                 layer.sgd_update(grad_z, self.inputs[i], self.grad_weight[i], sgd_lr)
                 kernels.axpy(-sgd_lr, self.grad_bias[i], layer.bias)
-            self.seconds_compute += time.perf_counter() - started
+            self._computed(started, "own sums, weight gradient")
             if self.reducer is not None:  # summed over the groups while backward goes on
                 self.reducer.post(i)
             if i == 0:
+                span.__exit__()
                 break
             below = layers[i - 1]
             grad_a = plan.finish_backward(grad_inputs)
@@ -413,7 +437,8 @@ class Engine:
             kernels.activation_grad(below.spec.activation, z, a, grad_a, below.spec.cap,
                                     below.spec.negative_slope)
             self._buf(self.grad_z[i - 1], below.rows.size, batch)[...] = grad_a
-            self.seconds_compute += time.perf_counter() - started
+            self._computed(started, "activation gradient")
+            span.__exit__()
 
     # ------------------------------------------------------------ micro-batch pipeline
 

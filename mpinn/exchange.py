@@ -41,6 +41,8 @@ from mpinn.errors import MpinnError
 from mpinn.kernels import csr_matmul
 from mpinn.metadata import MetadataTable
 from mpinn.topology import job_nodes
+from mpinn.trace import EXCHANGE as EXCHANGE_TRACK
+from mpinn.trace import NULL, NullTracer
 
 T = TypeVar("T")
 
@@ -75,6 +77,10 @@ def dense_traffic(table: MetadataTable, layer: int) -> np.ndarray:
 
 class ExchangePlan:
     """Alltoallv plan that feeds the rows of one layer with the activations they read."""
+
+    tracer: NullTracer = NULL  # the engine's, when a run is traced (mpinn.trace)
+    _posted: float | None = None  # when the exchange now in flight was posted (traced runs)
+    _direction = "forward"
 
     def __init__(self, comm: MPI.Comm, table: MetadataTable, layer: int, inputs: np.ndarray,
                  max_batch: int, dtype: np.dtype, shared: bool = False) -> None:
@@ -375,6 +381,27 @@ class ExchangePlan:
         for plan in plans:
             plan.send_buffer, plan.recv_buffer, plan.relay_buffer = send, recv, relay
 
+    def _packed(self, started: float) -> None:
+        """Count (and trace) packing or unpacking that began at ``started``."""
+        now = time.perf_counter()
+        self.seconds_pack += now - started
+        self.tracer.add("pack", "pack", started, now)
+
+    def _waited(self, started: float, what: str) -> None:
+        """Count (and trace) time in MPI that began at ``started``: posting a nonblocking
+        exchange ("post"), waiting for it ("wait", which also traces the exchange in
+        flight since its post, on the second track) or a blocking one."""
+        now = time.perf_counter()
+        self.seconds_wait += now - started
+        if self.tracer.enabled:
+            self.tracer.add(what, "wait", started, now)
+            if what == "post":
+                self._posted = started
+            elif what == "wait" and self._posted is not None:
+                self.tracer.add(f"layer {self.layer} {self._direction}", "exchange",
+                                self._posted, now, EXCHANGE_TRACK)
+                self._posted = None
+
     def _check_batch(self, batch: int) -> None:
         if batch > self.max_batch:
             raise MpinnError(f"batch of {batch} exceeds the plan's {self.max_batch}")
@@ -400,7 +427,7 @@ class ExchangePlan:
             self._request = self.comm.Ialltoallv(
                 [send, (send_counts * batch, send_displs * batch), self.mpi_type],
                 [recv, (recv_counts * batch, recv_displs * batch), self.mpi_type])
-        self.seconds_wait += time.perf_counter() - started
+        self._waited(started, "post")
         self._count(send_counts, recv_counts, batch)
 
     def _count(self, send_counts: np.ndarray, recv_counts: np.ndarray, batch: int) -> None:
@@ -415,7 +442,7 @@ class ExchangePlan:
         assert self._request is not None, "finish without start"
         self._request.Wait()
         self._request = None
-        self.seconds_wait += time.perf_counter() - started
+        self._waited(started, "wait")
 
     def start_forward(self, local: np.ndarray) -> np.ndarray:
         """Pack and post the exchange of ``local`` (n_local, batch), my layer-(l-1) activations.
@@ -423,6 +450,7 @@ class ExchangePlan:
         Returns the receive buffer (n_inputs, batch): its first ``n_own_inputs`` rows, my own
         inputs, are ready at once; the rest after ``finish_forward``.
         """
+        self._direction = "forward"
         if self.kind in ("collective", "allgather"):
             return self._start_gather(local)
         if self.kind in NODE_KINDS:
@@ -439,7 +467,7 @@ class ExchangePlan:
             recv[self.self_recv] = local[: self.n_own_inputs]
         elif self.n_own_inputs:
             np.take(local, self.own_index, axis=0, out=recv[self.self_recv])
-        self.seconds_pack += time.perf_counter() - started
+        self._packed(started)
         self._start(send, self.mpi_send_counts, self.send_displs,
                     recv, self.mpi_recv_counts, self.recv_displs, batch)
         return recv
@@ -456,12 +484,12 @@ class ExchangePlan:
             source = self.send_buffer[: local.size].reshape(local.shape)
             source[...] = local
             local = source
-        self.seconds_pack += time.perf_counter() - started
+        self._packed(started)
         started = time.perf_counter()
         self._request = self.comm.Iallgatherv(
             [local, self.mpi_type],
             [whole, (self.table_counts * batch, self.gather_displs * batch), self.mpi_type])
-        self.seconds_wait += time.perf_counter() - started
+        self._waited(started, "post")
         self._count(self.mpi_send_counts, self.mpi_recv_counts, batch)
         return recv
 
@@ -490,6 +518,7 @@ class ExchangePlan:
         Only the remote rows (``n_own_inputs`` onwards) must be final when this is called;
         my own rows are read by ``finish_backward``.
         """
+        self._direction = "backward"
         batch = self._batch = partial.shape[1]
         if self.kind == "collective":
             self._start_reduce(partial)
@@ -509,7 +538,7 @@ class ExchangePlan:
         if self.kind == "collective":
             summed = self.sum_buffer[: self.n_local * self._batch].reshape(self.n_local, self._batch)
             summed += partial[self.self_recv]
-            self.seconds_pack += time.perf_counter() - started
+            self._packed(started)
             return summed
         if self.kind == "node":
             return self._finish_node_backward(partial)
@@ -518,7 +547,7 @@ class ExchangePlan:
         summed = self.sum_buffer[: self.n_local * self._batch].reshape(self.n_local, self._batch)
         acc = self.accumulate
         csr_matmul(acc.indptr, acc.indices, acc.data, acc.shape[1], send, summed)
-        self.seconds_pack += time.perf_counter() - started
+        self._packed(started)
         return summed
 
     def _start_reduce(self, partial: np.ndarray) -> None:
@@ -531,12 +560,12 @@ class ExchangePlan:
             ordered[target] = partial[source]
         ordered[self.own_rank_rows] = 0  # mine are added after the wait, not sent
         summed = self.sum_buffer[: self.n_local * batch]
-        self.seconds_pack += time.perf_counter() - started
+        self._packed(started)
         started = time.perf_counter()
         self._request = self.comm.Ireduce_scatter(
             [self.send_buffer[: self.n_inputs * batch], self.sum_type],
             [summed, self.sum_type], self.table_counts * batch, op=MPI.SUM)
-        self.seconds_wait += time.perf_counter() - started
+        self._waited(started, "post")
         self._count(self.mpi_recv_counts, self.mpi_send_counts, batch)
 
     def backward(self, partial: np.ndarray) -> np.ndarray:
@@ -566,7 +595,7 @@ class ExchangePlan:
         recv = self.recv_buffer[: self.n_inputs * batch].reshape(-1, batch)
         recv[self.self_recv] = send[self.across_self]
         arrived = self._relay(slice(0, self.inside_sent.start), batch)
-        self.seconds_pack += time.perf_counter() - started
+        self._packed(started)
         self._start(send, self.across_mpi_send_counts, self.across_send_displs,
                     arrived, self.across_recv_counts, self.across_recv_displs, batch)
         return recv
@@ -578,14 +607,14 @@ class ExchangePlan:
         relay = self.relay_buffer[: self.relay_rows * batch].reshape(-1, batch)
         sent = self._relay(self.inside_sent, batch)
         np.take(relay, self.inside_send_index, axis=0, out=sent)
-        self.seconds_pack += time.perf_counter() - started
+        self._packed(started)
         self._inside(sent, self.inside_send_counts, self.inside_send_displs,
                      self._relay(self.inside_arrived, batch), self.inside_recv_counts,
                      self.inside_recv_displs, batch)
         started = time.perf_counter()
         recv = self.recv_buffer[: self.n_inputs * batch].reshape(-1, batch)
         np.take(relay, self.final_index, axis=0, out=recv[self.n_own_inputs:])
-        self.seconds_pack += time.perf_counter() - started
+        self._packed(started)
 
     def _inside(self, send: np.ndarray, send_counts: np.ndarray, send_displs: np.ndarray,
                 recv: np.ndarray, recv_counts: np.ndarray, recv_displs: np.ndarray,
@@ -595,7 +624,7 @@ class ExchangePlan:
         self.node_comm.Alltoallv(
             [send, (send_counts * batch, send_displs * batch), self.mpi_type],
             [recv, (recv_counts * batch, recv_displs * batch), self.mpi_type])
-        self.seconds_wait += time.perf_counter() - started
+        self._waited(started, "node alltoallv")
         self._count(send_counts, recv_counts, batch)
 
     def _start_node_backward(self, partial: np.ndarray) -> None:
@@ -607,7 +636,7 @@ class ExchangePlan:
         relay = self.relay_buffer[: self.relay_rows * batch].reshape(-1, batch)
         relay[: self.inside_sent.start] = 0  # relayed values I do not read get no partial
         relay[self.final_index] = partial[self.n_own_inputs:]
-        self.seconds_pack += time.perf_counter() - started
+        self._packed(started)
         self._inside(self._relay(self.inside_arrived, batch), self.inside_recv_counts,
                      self.inside_recv_displs, self._relay(self.inside_sent, batch),
                      self.inside_send_counts, self.inside_send_displs, batch)
@@ -616,7 +645,7 @@ class ExchangePlan:
         acc = self.relay_sum
         csr_matmul(acc.indptr, acc.indices, acc.data, acc.shape[1],
                    relay[: self.inside_arrived.start], sums)
-        self.seconds_pack += time.perf_counter() - started
+        self._packed(started)
         self._start(sums, self.across_recv_counts, self.across_recv_displs,
                     self._across_send(batch), self.across_mpi_send_counts,
                     self.across_send_displs, batch)
@@ -629,7 +658,7 @@ class ExchangePlan:
         summed = self.sum_buffer[: self.n_local * self._batch].reshape(self.n_local, self._batch)
         acc = self.across_accumulate
         csr_matmul(acc.indptr, acc.indices, acc.data, acc.shape[1], send, summed)
-        self.seconds_pack += time.perf_counter() - started
+        self._packed(started)
         return summed
 
 

@@ -115,7 +115,8 @@ def calls() -> dict[str, tuple[Option, ...]]:
                 whole("warmup_steps", optional=True), number("weight_decay", optional=True),
                 number("clip_norm", optional=True), number("dropout", optional=True),
                 flag("reset_optimizer"), flag("progress"),
-                Option("log_json", "path", optional=True), flag("verbose"), flag("force")),
+                Option("log_json", "path", optional=True), flag("verbose"), flag("force"),
+                Option("trace", "path", optional=True)),
         "predict": (batch,),
         "evaluate": (batch,),
     }

@@ -42,6 +42,7 @@ from mpinn.optim import (
 )
 from mpinn.shard import LayerShard, Shard
 from mpinn.topology import job_nodes
+from mpinn.trace import NULL, NullTracer
 
 
 @dataclass
@@ -228,6 +229,7 @@ class DistributedModel:
                 self.file.close()
             raise
         self.seconds_io = 0.0  # spent writing checkpoints and reopening the file after them
+        self.tracer: NullTracer = NULL  # a traced run's (train): checkpoints are spans too
 
     def _engine(self, max_batch: int, training: bool) -> Engine:
         engine = Engine(self.shard, self.group, max_batch, training, self.exchange, self.nodes)
@@ -346,6 +348,8 @@ class DistributedModel:
         rank counts the time in ``seconds_io``, waiting for the writers included, so that a
         step time without the checkpoints is the same sum on every rank."""
         started = time.perf_counter()
+        span = self.tracer.span("checkpoint", "io", {"file": os.path.basename(path)})
+        span.__enter__()
         try:
             if self.replicas > 1:
                 agree(self.comm, lambda: self._write_group(path, optimizer, keep, label)
@@ -356,6 +360,7 @@ class DistributedModel:
                 self._write_group(path, optimizer, keep, label)
         finally:
             self.seconds_io += time.perf_counter() - started
+        span.__exit__()
 
     def _write_group(self, path: str, optimizer: Optimizer | None, keep: int, label: str) -> None:
         with fmt.Checkpoint(path, self.spec, self.partitions, self.group, keep, label) as f:
@@ -424,42 +429,45 @@ def _run_batches(model: DistributedModel, data: LocalData, order: np.ndarray, ba
     my group's; the caller sums them over the groups).
     """
     engine = model.engine
+    trace = engine.tracer if step is not None else NULL  # a traced run's training steps
     features = np.empty((data.features.shape[0], batch_size), dtype=model.spec.dtype)
     loss_sum, correct, batches = 0.0, 0, 0
     for start in range(0, order.size, batch_size):
-        index = order[start:start + batch_size]
-        divisor = index.size
-        if step is not None and model.replicas > 1:
-            index = index[model.groups.share(index.size)]
-            if index.size == 0:  # a batch smaller than R: this group sits it out
-                engine.no_samples()
-                if micro_batches > 1:  # the others' pipelined steps have posted their sums
-                    engine.post_gradients()
+        with trace.span("step", "step"):  # one span per batch (a break ends it too)
+            index = order[start:start + batch_size]
+            divisor = index.size
+            if step is not None and model.replicas > 1:
+                index = index[model.groups.share(index.size)]
+                if index.size == 0:  # a batch smaller than R: this group sits it out
+                    engine.no_samples()
+                    if micro_batches > 1:  # the others' pipelined steps have posted their sums
+                        engine.post_gradients()
+                    batches += 1
+                    if step(0.0):
+                        break
+                    continue
+            with trace.span("data", "pack"):
+                x, labels, targets = data.batch(index, features)
+            if micro_batches > 1 and step is not None:
+                result = engine.pipelined_step(x, labels, targets, micro_batches, samples=index,
+                                               divisor=divisor)
+                loss_sum += result.loss_sum
+                correct += result.correct
                 batches += 1
-                if step(0.0):
+                if step(result.loss_sum):
                     break
                 continue
-        x, labels, targets = data.batch(index, features)
-        if micro_batches > 1 and step is not None:
-            result = engine.pipelined_step(x, labels, targets, micro_batches, samples=index,
-                                           divisor=divisor)
+            outputs = engine.forward(x, samples=index if step is not None else None)
+            batches += 1
+            if on_outputs is not None:
+                on_outputs(index, outputs)
+            if labels is None and targets is None:
+                continue
+            result = engine.loss_and_grad(outputs, labels, targets, divisor)
             loss_sum += result.loss_sum
             correct += result.correct
-            batches += 1
-            if step(result.loss_sum):
+            if step is not None and step(result.loss_sum):
                 break
-            continue
-        outputs = engine.forward(x, samples=index if step is not None else None)
-        batches += 1
-        if on_outputs is not None:
-            on_outputs(index, outputs)
-        if labels is None and targets is None:
-            continue
-        result = engine.loss_and_grad(outputs, labels, targets, divisor)
-        loss_sum += result.loss_sum
-        correct += result.correct
-        if step is not None and step(result.loss_sum):
-            break
     return loss_sum, correct, batches
 
 
@@ -592,7 +600,7 @@ def train(model: DistributedModel, data: LocalData, *, epochs: int, batch_size: 
           schedule: str = "constant", step_size: int = 1, gamma: float = 0.1,
           min_lr: float = 0.0, warmup_steps: int = 0, weight_decay: float = 0.0,
           clip_norm: float = 0.0, dropout: float | None = None,
-          reset_optimizer: bool = False) -> TrainResult:
+          reset_optimizer: bool = False, tracer: NullTracer = NULL) -> TrainResult:
     """Train from the epoch, batch and optimizer state stored in the file.
 
     Without ``resume``, ``epochs`` more epochs are run (an epoch left unfinished by a
@@ -620,7 +628,8 @@ def train(model: DistributedModel, data: LocalData, *, epochs: int, batch_size: 
     None (the default) uses the rates the file stores per layer; a number overrides them
     for every hidden layer (0: none). ``reset_optimizer``: start the optimizer afresh
     instead of restoring the state the file holds. The settings are recorded in the file
-    (/state "run") for the next run to continue with (``resolve_run``).
+    (/state "run") for the next run to continue with (``resolve_run``). ``tracer``: a
+    ``trace.Tracer`` that records the run's spans (``--trace``).
     """
     if epochs < 0:
         raise MpinnError(f"--epochs must not be negative, got {epochs}")
@@ -648,6 +657,8 @@ def train(model: DistributedModel, data: LocalData, *, epochs: int, batch_size: 
         for each in (data, validation) if validation is not None else (data,):
             check_distributions(each, model.group, model.comm)
     engine = model.use_engine(batch_size, training=True)
+    engine.set_tracer(tracer)
+    model.tracer = tracer
     params = engine.parameters()
     optimizer = make_optimizer(optimizer_name, params, lr, momentum, weight_decay)
     if not reset_optimizer:
@@ -686,7 +697,9 @@ def train(model: DistributedModel, data: LocalData, *, epochs: int, batch_size: 
             nonlocal step_count, stopping
             inject_fault("hold", model.comm.rank)
             idle, engine.idle = engine.idle, False
-            if guard.stop_requested(loss_share, f"epoch {epoch}, step {step_count + 1}"):
+            with tracer.span("stop check", "wait"):
+                stop = guard.stop_requested(loss_share, f"epoch {epoch}, step {step_count + 1}")
+            if stop:
                 if micro_batches > 1:
                     engine.finish_gradients()  # posted by the pipeline: completed, unused
                 stopping = True  # before the update: the checkpoint holds this step's start
@@ -698,13 +711,15 @@ def train(model: DistributedModel, data: LocalData, *, epochs: int, batch_size: 
                     engine.post_gradients()
                 else:
                     engine.backward(sgd_lr=optimizer.lr if fused else None)
-            engine.finish_gradients()  # summed over the groups (replicas)
+            with tracer.span("gradient sum", "wait"):
+                engine.finish_gradients()  # summed over the groups (replicas)
             started = time.perf_counter()
             if clip_norm:  # over my group's ranks: together they hold every row once
                 _clip_gradients(model.group, params, clip_norm)
             if not fused:
                 optimizer.step()
             result.seconds_optimizer += time.perf_counter() - started
+            tracer.add("optimizer", "optimizer", started, time.perf_counter())
             step_count += 1
             engine.dropout_step = step_count
             if bar is not None:
@@ -741,7 +756,8 @@ def train(model: DistributedModel, data: LocalData, *, epochs: int, batch_size: 
                                         "schedule": rates.config(), "run": run}
             improved = False
             if validation is not None:
-                stats.val_loss, stats.val_accuracy = evaluate(model, validation, batch_size)
+                with tracer.span("validation", "validation"):
+                    stats.val_loss, stats.val_accuracy = evaluate(model, validation, batch_size)
                 improved = early.update(stats.val_loss)
                 counters.update(early.state())
                 result.best_val_loss = early.best
