@@ -232,9 +232,10 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--out", help="HDF5 file to write 'outputs' to")
 
     p = sub.add_parser("plot", help="draw PNG pictures (needs matplotlib)")
-    p.add_argument("kind", choices=["curves", "partition"],
-                   help="curves: from a train --log-json file; partition: traffic and neurons")
-    p.add_argument("source", help="the --log-json file, or the model file")
+    p.add_argument("kind", choices=["curves", "partition", "timeline"],
+                   help="curves: from a train --log-json file; partition: traffic and neurons; "
+                   "timeline: one step of every rank from a train --trace file")
+    p.add_argument("source", help="the --log-json file, the model file, or the --trace file")
     p.add_argument("--out", help="PNG file to write (default: SOURCE with .png)")
     p.add_argument("--partition", metavar="NAME", help="a stored partition (kind partition)")
     p.add_argument("--ranks", type=int, help="rank count for --strategy (kind partition)")
@@ -666,6 +667,8 @@ def _plot(args: argparse.Namespace) -> None:
     out = plot_out(args)
     if args.kind == "curves":
         plot.training_curves(args.source, out)
+    elif args.kind == "timeline":
+        plot.timeline(args.source, out)
     else:
         with fmt.opened(args.source, "r", MPI.COMM_SELF) as f:
             spec = fmt.read_spec(f)

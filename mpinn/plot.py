@@ -159,3 +159,80 @@ def partition_picture(table: MetadataTable, traffic: np.ndarray, title: str, out
     with staged(out) as partial:
         fig.savefig(partial, dpi=110, format="png")
     plt.close(fig)
+
+
+# what each category of span is drawn as in a timeline (trace.py's categories)
+TIMELINE_COLORS = {"compute": "tab:blue", "pack": "tab:orange", "wait": "tab:red",
+                   "optimizer": "tab:green", "io": "tab:purple", "validation": "tab:gray",
+                   "data": "tab:brown", "exchange": "tab:olive"}
+
+
+def read_trace(path: str) -> tuple[dict[int, str], list[dict]]:
+    """Rank names and complete spans of a ``--trace`` file."""
+    try:
+        with open(path) as fh:
+            data = json.load(fh)
+        events = data["traceEvents"]
+        names = {e["pid"]: e["args"]["name"] for e in events if e.get("name") == "process_name"}
+        spans = [e for e in events if e.get("ph") == "X"]
+        for e in spans:
+            float(e["ts"]), float(e["dur"]), e["pid"], e["tid"], e["cat"]  # noqa: B018
+    except OSError as exc:
+        raise MpinnError(f"{path}: cannot read ({exc.strerror})") from None
+    except (ValueError, KeyError, TypeError) as exc:
+        raise MpinnError(f"{path}: not a --trace file ({type(exc).__name__}: {exc})") from None
+    return names, spans
+
+
+def timeline(trace_path: str, out: str) -> None:
+    """One training step of every rank from a ``--trace`` file: per rank a lane of its work
+    (compute, pack, wait, optimizer) and a lane of its exchanges in flight, for the step of
+    median length in the second half of the run (past warm-up)."""
+    names, spans = read_trace(trace_path)
+    steps = sorted((e for e in spans if e["name"] == "step" and e["pid"] == 0),
+                   key=lambda e: e["ts"])
+    if not steps:
+        raise MpinnError(f"{trace_path}: no training steps recorded")
+    late = steps[len(steps) // 2:]
+    chosen = sorted(late, key=lambda e: e["dur"])[len(late) // 2]
+    index = steps.index(chosen)
+    start, end = chosen["ts"], chosen["ts"] + chosen["dur"]
+    ranks = sorted(names) or sorted({e["pid"] for e in spans})
+    # the same step on every rank: its index among that rank's steps
+    windows = {}
+    for rank in ranks:
+        own = sorted((e for e in spans if e["name"] == "step" and e["pid"] == rank),
+                     key=lambda e: e["ts"])
+        if index < len(own):
+            windows[rank] = (own[index]["ts"], own[index]["ts"] + own[index]["dur"])
+    start = min(w[0] for w in windows.values())
+    end = max(w[1] for w in windows.values())
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(13, 1.0 + 0.9 * len(ranks)))
+    labels, seen = [], set()
+    for lane, rank in enumerate(ranks):
+        base = (len(ranks) - 1 - lane) * 2
+        for e in spans:
+            if e["pid"] != rank or e["cat"] not in TIMELINE_COLORS:
+                continue
+            lo, hi = e["ts"], e["ts"] + e["dur"]
+            if hi < start or lo > end:
+                continue
+            y = base + (0.0 if e["tid"] == 1 else 1.0)
+            cat = e["cat"]
+            ax.broken_barh([((lo - start) / 1e3, e["dur"] / 1e3)], (y + 0.1, 0.8),
+                           facecolors=TIMELINE_COLORS[cat],
+                           label=cat if cat not in seen else None)
+            seen.add(cat)
+        labels += [(base + 0.5, f"{names.get(rank, f'rank {rank}')}: exchanges"),
+                   (base + 1.5, f"{names.get(rank, f'rank {rank}')}: work")]
+    ax.set_yticks([y for y, _ in labels], [text for _, text in labels])
+    ax.set_xlabel("ms from the start of the step")
+    ax.set_title(f"{trace_path}: step {index + 1} of {len(steps)} "
+                 f"({(end - start) / 1e3:.1f} ms)")
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.35 / len(ranks)), ncols=len(seen),
+              fontsize="small", frameon=False)
+    fig.tight_layout()
+    with staged(out) as partial:
+        fig.savefig(partial, format="png", dpi=110)
+    plt.close(fig)

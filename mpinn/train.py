@@ -446,7 +446,7 @@ def _run_batches(model: DistributedModel, data: LocalData, order: np.ndarray, ba
                     if step(0.0):
                         break
                     continue
-            with trace.span("data", "pack"):
+            with trace.span("data", "data"):
                 x, labels, targets = data.batch(index, features)
             if micro_batches > 1 and step is not None:
                 result = engine.pipelined_step(x, labels, targets, micro_batches, samples=index,

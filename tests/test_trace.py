@@ -48,7 +48,8 @@ def test_a_traced_training_has_a_track_per_rank_nested_spans_and_its_measured_st
     events = spans(data)
     assert_nested(events)
     kinds = {e["cat"] for e in events}
-    assert {"step", "layer", "compute", "pack", "wait", "optimizer", "io", "exchange"} <= kinds
+    assert {"step", "layer", "compute", "pack", "wait", "optimizer", "io", "exchange",
+            "data"} <= kinds
     assert {e["name"] for e in events if e["cat"] == "exchange"} >= {
         "layer 2 forward", "layer 2 backward"}
     epoch_seconds = 1437 / json.loads(
@@ -59,6 +60,9 @@ def test_a_traced_training_has_a_track_per_rank_nested_spans_and_its_measured_st
         assert len(steps) == 2 * STEPS_PER_EPOCH
         traced = sum(e["dur"] for e in steps[-STEPS_PER_EPOCH:]) / 1e6
         assert abs(traced / epoch_seconds - 1) < 0.05, (rank, traced, epoch_seconds)
+    picture = tmp_path / "step.png"
+    ok(mpinn(1, "plot", "timeline", str(trace), "--out", str(picture)))
+    assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # an existing trace is replaced only with --force
     again = mpinn(2, "train", str(model), "--data", DIGITS_TRAIN, "--trace", str(trace))
     assert again.returncode == 1 and "--trace" in again.stderr and "--force" in again.stderr
