@@ -79,7 +79,9 @@ def test_train_and_predict_jobs_run_and_log_next_to_the_model(slurm, tmp_path):
 def test_preempted_job_checkpoints_requeues_and_ends_as_an_uninterrupted_run(slurm, tmp_path):
     data, model, reference = tmp_path / "data.h5", tmp_path / "model.h5", tmp_path / "ref.h5"
     ok(mpinn(1, "data", "classification", str(data), "--samples", "30000", "--outputs", "10"))
-    ok(mpinn(1, "init", str(model), "--sizes", "64,256,10", "--seed", "2"))
+    # epochs of about a second here: the signal must come while training runs (64,256,10
+    # took 0.15 s an epoch, and the whole run could end before the test saw its first line)
+    ok(mpinn(1, "init", str(model), "--sizes", "64,1024,1024,10", "--seed", "2"))
     reference.write_bytes(model.read_bytes())
     ok(mpinn(2, "train", str(reference), "--data", str(data), "--epochs", "3", "--batch-size",
              "64", "--lr", "0.1", timeout=300))

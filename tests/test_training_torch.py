@@ -480,7 +480,7 @@ def test_dropout_rates_are_stored_per_hidden_layer_and_older_files_have_none(tmp
         assert ["dropout" in f[f"layers/{i}"].attrs for i in (1, 2, 3)] == [True, False, False]
     with pytest.raises(MpinnError, match="dropout gives 1 rates for 2 hidden layers"):
         Network.create(path, [4, 6, 5, 3], dropout=[0.25], force=True)
-    with pytest.raises(MpinnError, match=r"layer 2: dropout must be a number in \[0, 1\), got 1"):
+    with pytest.raises(MpinnError, match=r"create: dropout must be in \[0, 1\), or a list of such"):
         Network.create(path, [4, 6, 5, 3], dropout=[0.25, 1], force=True)
     with h5py.File(path, "r+") as f:
         del f["layers/1"].attrs["dropout"]  # as every file before the attribute
