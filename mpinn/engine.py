@@ -9,8 +9,9 @@ calls MPI itself: every message goes through exchange.py.
 
 from __future__ import annotations
 
+import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -42,6 +43,15 @@ class BatchResult:
 
     loss_sum: float
     correct: int
+
+
+# The GEMMs a layer runs while its exchange is in flight (own inputs forward; own partial
+# sums and the weight gradient backward) run in this many parts of their rows, with a Test
+# of the exchange between parts: Open MPI's TCP transport moves bytes only inside MPI
+# calls, so one long GEMM held a 2 MB exchange until its Wait. Measured on 2 servers at
+# 1 Gbit/s (784-4096x3-10, batch 256): 652 -> 752 samples/s with 4 parts, 8 the same, 16
+# slower; one host unchanged within noise (docs/scaling.md). MPINN_OVERLAP_PARTS overrides.
+OVERLAP_PARTS = max(1, int(os.environ.get("MPINN_OVERLAP_PARTS", "4") or 4))
 
 
 class Engine:
@@ -130,6 +140,19 @@ class Engine:
         self.tracer = tracer
         for plan in self.plans:
             plan.tracer = tracer
+
+    def _in_parts(self, plan: ExchangePlan, parts: bool, rows: int, what: str,
+                  work: Callable[[slice], None]) -> None:
+        """Run ``work`` over ``rows`` in ``OVERLAP_PARTS`` parts, with a ``plan.progress()``
+        between parts so that the exchange in flight moves while it computes."""
+        count = OVERLAP_PARTS if parts and plan.in_flight and rows >= 2 * OVERLAP_PARTS else 1
+        bounds = [rows * k // count for k in range(count + 1)]
+        for k in range(count):
+            started = time.perf_counter()
+            work(slice(bounds[k], bounds[k + 1]) if count > 1 else slice(None))
+            self._computed(started, what)
+            if k + 1 < count:
+                plan.progress()
 
     def _computed(self, started: float, what: str) -> None:
         """Count (and trace) the GEMMs and kernels that began at ``started``."""
@@ -244,9 +267,8 @@ class Engine:
             self.inputs.append(gathered)
             z = self._buf(self.z[i], layer.rows.size, batch)
             a = self._buf(self.a[i], layer.rows.size, batch)
-            started = time.perf_counter()
-            layer.forward_local(gathered, z)
-            self._computed(started, "own inputs")
+            self._in_parts(plan, layer.parts, layer.rows.size, "own inputs",
+                           lambda part, g=gathered, z=z, ly=layer: ly.forward_local(g, z, part))
             plan.finish_forward()
             started = time.perf_counter()
             # the dL/dz buffer is free until backward
@@ -413,15 +435,24 @@ class Engine:
                 layer.input_grad_remote(grad_z, grad_inputs)
                 self._computed(started, "remote partial sums")
                 plan.start_backward(grad_inputs)
-                started = time.perf_counter()
-                layer.input_grad_local(grad_z, grad_inputs)
+                self._in_parts(plan, layer.parts, layer.n_local, "own partial sums",
+                               lambda part, ly=layer, g=grad_z, gi=grad_inputs:
+                               ly.input_grad_local(g, gi, part))
+            started = time.perf_counter()
             np.sum(grad_z, axis=1, out=self.grad_bias[i])
+            self._computed(started, "bias gradient")
+            x, gw = self.inputs[i], self.grad_weight[i]
             if sgd_lr is None:
-                layer.weight_grad(grad_z, self.inputs[i], self.grad_weight[i])
+                self._in_parts(plan, layer.parts, layer.rows.size, "weight gradient",
+                               lambda part, ly=layer, g=grad_z, x=x, gw=gw:
+                               ly.weight_grad(g, x, gw, part))
             else:  # this layer's weights are not read again in this backward
-                layer.sgd_update(grad_z, self.inputs[i], self.grad_weight[i], sgd_lr)
+                self._in_parts(plan, layer.parts, layer.rows.size, "weight gradient, SGD",
+                               lambda part, ly=layer, g=grad_z, x=x, gw=gw:
+                               ly.sgd_update(g, x, gw, sgd_lr, part))
+                started = time.perf_counter()
                 kernels.axpy(-sgd_lr, self.grad_bias[i], layer.bias)
-            self._computed(started, "own sums, weight gradient")
+                self._computed(started, "bias SGD")
             if self.reducer is not None:  # summed over the groups while backward goes on
                 self.reducer.post(i)
             if i == 0:

@@ -444,6 +444,19 @@ class ExchangePlan:
         self._request = None
         self._waited(started, "wait")
 
+    @property
+    def in_flight(self) -> bool:
+        """An exchange is posted and not yet waited for."""
+        return self._request is not None
+
+    def progress(self) -> None:
+        """Let MPI move the exchange in flight (a ``Test``): Open MPI's TCP transport moves
+        bytes only inside MPI calls, so a long GEMM between post and wait would hold them."""
+        if self._request is not None:
+            started = time.perf_counter()
+            self._request.Test()
+            self._waited(started, "test")
+
     def start_forward(self, local: np.ndarray) -> np.ndarray:
         """Pack and post the exchange of ``local`` (n_local, batch), my layer-(l-1) activations.
 

@@ -230,7 +230,7 @@ def timeline(trace_path: str, out: str) -> None:
     ax.set_xlabel("ms from the start of the step")
     ax.set_title(f"{trace_path}: step {index + 1} of {len(steps)} "
                  f"({(end - start) / 1e3:.1f} ms)")
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.35 / len(ranks)), ncols=len(seen),
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.55 / len(ranks)), ncols=len(seen),
               fontsize="small", frameon=False)
     fig.tight_layout()
     with staged(out) as partial:

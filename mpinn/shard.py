@@ -70,31 +70,39 @@ class LayerShard:
 
     # ---- the math of my rows, one block at a time (see Engine)
 
-    def forward_local(self, gathered: np.ndarray, z: np.ndarray) -> None:
-        """``z = W_local @ x_local``: the pre-activations from my own inputs."""
-        kernels.block_forward(self.weight, gathered, slice(0, self.n_local), z)
+    # the math below can run a part of the rows (or of the local inputs) at a time, so the
+    # engine can let MPI move an exchange in flight between parts (Engine._in_parts)
+    parts = True
+
+    def forward_local(self, gathered: np.ndarray, z: np.ndarray,
+                      part: slice = slice(None)) -> None:
+        """``z = W_local @ x_local``: the pre-activations from my own inputs (rows ``part``)."""
+        kernels.block_forward(self.weight[part], gathered, slice(0, self.n_local), z[part])
 
     def forward_remote(self, gathered: np.ndarray, z: np.ndarray, scratch: np.ndarray) -> None:
         """``z += W_remote @ x_remote``, once the remote inputs have arrived."""
         kernels.block_forward(self.weight, gathered, slice(self.n_local, None), z, scratch=scratch)
 
-    def input_grad_local(self, grad_z: np.ndarray, partial: np.ndarray) -> None:
-        """Partial sums ``W_local^T dz`` for my own inputs."""
-        kernels.block_input_grad(self.weight, grad_z, slice(0, self.n_local), partial)
+    def input_grad_local(self, grad_z: np.ndarray, partial: np.ndarray,
+                         part: slice = slice(None)) -> None:
+        """Partial sums ``W_local^T dz`` for my own inputs (those of ``part``)."""
+        start, stop, _ = part.indices(self.n_local)
+        kernels.block_input_grad(self.weight, grad_z, slice(start, stop), partial)
 
     def input_grad_remote(self, grad_z: np.ndarray, partial: np.ndarray) -> None:
         """Partial sums ``W_remote^T dz``, sent back to the inputs' owners."""
         kernels.block_input_grad(self.weight, grad_z, slice(self.n_local, None), partial)
 
-    def weight_grad(self, grad_z: np.ndarray, inputs: np.ndarray, grad_weight: np.ndarray) -> None:
-        """``grad_weight = dz @ x^T`` of my rows over the whole batch."""
-        kernels.dense_weight_grad(grad_z, inputs, grad_weight)
+    def weight_grad(self, grad_z: np.ndarray, inputs: np.ndarray, grad_weight: np.ndarray,
+                    part: slice = slice(None)) -> None:
+        """``grad_weight = dz @ x^T`` of my rows (``part``) over the whole batch."""
+        kernels.dense_weight_grad(grad_z[part], inputs, grad_weight[part])
 
     def sgd_update(self, grad_z: np.ndarray, inputs: np.ndarray, grad_weight: np.ndarray,
-                   lr: float) -> None:
-        """Plain SGD of my weights, ``W -= lr dz @ x^T``, in the weight-gradient GEMM itself
-        (``grad_weight`` is left as it was)."""
-        kernels.dense_sgd_update(grad_z, inputs, self.weight, lr)
+                   lr: float, part: slice = slice(None)) -> None:
+        """Plain SGD of my weights (rows ``part``), ``W -= lr dz @ x^T``, in the
+        weight-gradient GEMM itself (``grad_weight`` is left as it was)."""
+        kernels.dense_sgd_update(grad_z[part], inputs, self.weight[part], lr)
 
     # ---- file I/O of weight-shaped arrays (weights, optimizer state)
 
@@ -130,6 +138,7 @@ class CsrLayerShard(LayerShard):
     row order within each block; ``order`` maps them to the file order of my entries.
     """
 
+    parts = False  # its kernels run all its rows at once
     local_ptr: np.ndarray = None      # CSR row pointers of the local block
     remote_ptr: np.ndarray = None     # ... of the remote block
     columns: np.ndarray = None        # entry -> position in the receive buffer (both blocks)
@@ -172,7 +181,8 @@ class CsrLayerShard(LayerShard):
     # Both blocks index the whole receive buffer: the local block only its head (my own
     # inputs), the remote block only the rest, so neither needs its own numbering.
 
-    def forward_local(self, gathered: np.ndarray, z: np.ndarray) -> None:
+    def forward_local(self, gathered: np.ndarray, z: np.ndarray,
+                      part: slice = slice(None)) -> None:  # parts = False: all rows
         w, _ = self._blocks(self.weight)
         c, _ = self._blocks(self.columns)
         kernels.csr_matmul(self.local_ptr, c, w, self.inputs.size, gathered, z)
@@ -182,7 +192,8 @@ class CsrLayerShard(LayerShard):
         _, c = self._blocks(self.columns)
         kernels.csr_matmul(self.remote_ptr, c, w, self.inputs.size, gathered, z, accumulate=True)
 
-    def input_grad_local(self, grad_z: np.ndarray, partial: np.ndarray) -> None:
+    def input_grad_local(self, grad_z: np.ndarray, partial: np.ndarray,
+                         part: slice = slice(None)) -> None:
         w, _ = self._blocks(self.weight)
         c, _ = self._blocks(self.columns)
         partial[: self.n_local].fill(0)
@@ -196,7 +207,8 @@ class CsrLayerShard(LayerShard):
         kernels.csr_transpose_matmul(self.remote_ptr, c, w, self.inputs.size, grad_z, partial,
                                      accumulate=True)
 
-    def weight_grad(self, grad_z: np.ndarray, inputs: np.ndarray, grad_weight: np.ndarray) -> None:
+    def weight_grad(self, grad_z: np.ndarray, inputs: np.ndarray, grad_weight: np.ndarray,
+                    part: slice = slice(None)) -> None:
         """Gradients of the stored weights only: the sparsity pattern is kept."""
         for ptr, block in ((self.local_ptr, slice(0, self.n_local_entries)),
                            (self.remote_ptr, slice(self.n_local_entries, None))):
@@ -204,7 +216,7 @@ class CsrLayerShard(LayerShard):
                                     inputs, grad_weight[block])
 
     def sgd_update(self, grad_z: np.ndarray, inputs: np.ndarray, grad_weight: np.ndarray,
-                   lr: float) -> None:
+                   lr: float, part: slice = slice(None)) -> None:
         """Plain SGD of the stored weights: their gradients, then one axpy."""
         self.weight_grad(grad_z, inputs, grad_weight)
         kernels.axpy(-lr, grad_weight, self.weight)

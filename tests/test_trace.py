@@ -52,6 +52,9 @@ def test_a_traced_training_has_a_track_per_rank_nested_spans_and_its_measured_st
             "data"} <= kinds
     assert {e["name"] for e in events if e["cat"] == "exchange"} >= {
         "layer 2 forward", "layer 2 backward"}
+    # the GEMMs beside an exchange in flight run in parts, the exchange tested between them
+    # (engine.OVERLAP_PARTS): a step holds tests, forward and backward
+    assert sum(e["name"] == "test" for e in events) >= 2 * STEPS_PER_EPOCH * 2 * 3
     epoch_seconds = 1437 / json.loads(
         log.read_text().splitlines()[-1])["samples_per_second"]
     for rank in (0, 1):
