@@ -11,6 +11,7 @@ functions tested without MPI.
 from __future__ import annotations
 
 import hashlib
+import os
 import subprocess
 import sys
 import time
@@ -19,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from mpinn import lock
 from mpinn.errors import MpinnError
 from mpinn.train import RUN_DEFAULTS, resolve_run
 from tests.test_cli import DIGITS_TRAIN, ENV, ROOT, mpinn, ok
@@ -257,6 +259,8 @@ elif case == "save-on-one-rank":
         net.save()
 elif case == "different-calls":
     net.predict(x) if rank == 0 else net.evaluate(x, y)
+elif case == "locked-by-another-process":
+    net.fit(x, y, epochs=1, batch_size=4)
 else:
     net.fit(x, y, epochs=50, batch_size=2, callbacks=[callback])
 print("script ended", rank, flush=True)
@@ -273,6 +277,8 @@ MISTAKES = {
                      "rank, the model as its last checkpoint left it (rank {last})",
     "callback-ctrl-c": "a callback raised KeyboardInterrupt after epoch 2",
     "sigint": "interrupted (SIGINT on rank {last}) at epoch 3, step 25: every rank stopped",
+    # the test process holds the model's lock, as a CLI train would
+    "locked-by-another-process": "m.h5 is being trained by pid {pid} on",
 }
 
 
@@ -284,17 +290,23 @@ def test_an_api_mistake_on_some_ranks_ends_the_job_with_one_line(tmp_path, case,
     script = tmp_path / "script.py"
     script.write_text(SCRIPT)
     before = {p.name: digest(p) for p in tmp_path.iterdir()}
+    held = lock.acquire(str(model), "trained") if case == "locked-by-another-process" else None
     started = time.monotonic()
-    result = subprocess.run(
-        ["mpirun", "--oversubscribe", "-n", str(nranks), sys.executable, "-m", "mpi4py",
-         str(script), case, str(model)], capture_output=True, text=True, cwd=tmp_path,
-        env={**ENV, "MPINN_COLLECTIVE_TIMEOUT": str(TIMEOUT)}, timeout=120)
+    try:
+        result = subprocess.run(
+            ["mpirun", "--oversubscribe", "-n", str(nranks), sys.executable, "-m", "mpi4py",
+             str(script), case, str(model)], capture_output=True, text=True, cwd=tmp_path,
+            env={**ENV, "MPINN_COLLECTIVE_TIMEOUT": str(TIMEOUT)}, timeout=120)
+    finally:
+        if held is not None:
+            held.release()
     elapsed = time.monotonic() - started
     n, last = nranks, nranks - 1
     others = ",".join(map(str, range(1, n)))
     first = ",".join(map(str, range(n - 1)))
     s = "s" if n > 2 else ""
-    expected = MISTAKES[case].format(n=n, last=last, others=others, first=first, s=s)
+    expected = MISTAKES[case].format(n=n, last=last, others=others, first=first, s=s,
+                                     pid=os.getpid())
     assert result.returncode != 0, result.stdout + result.stderr
     lines = errors(result.stderr)
     assert len(lines) == 1 and expected in lines[0], result.stderr
