@@ -31,6 +31,7 @@ from mpinn.exchange import (
     make_plans,
 )
 from mpinn.shard import CsrLayerShard, LayerShard, Shard
+from mpinn.topology import job_nodes
 from mpinn.trace import NULL, NullTracer
 
 DEAD_CHECK_MAX = 16  # most layers between two checks for dead samples (Engine.forward)
@@ -45,13 +46,23 @@ class BatchResult:
     correct: int
 
 
-# The GEMMs a layer runs while its exchange is in flight (own inputs forward; own partial
-# sums and the weight gradient backward) run in this many parts of their rows, with a Test
-# of the exchange between parts: Open MPI's TCP transport moves bytes only inside MPI
-# calls, so one long GEMM held a 2 MB exchange until its Wait. Measured on 2 servers at
-# 1 Gbit/s (784-4096x3-10, batch 256): 652 -> 752 samples/s with 4 parts, 8 the same, 16
-# slower; one host unchanged within noise (docs/scaling.md). MPINN_OVERLAP_PARTS overrides.
-OVERLAP_PARTS = max(1, int(os.environ.get("MPINN_OVERLAP_PARTS", "4") or 4))
+# Across nodes, the GEMMs a layer runs while its exchange is in flight (own inputs forward;
+# own partial sums and the weight gradient backward) run in this many parts of their rows,
+# with a Test of the exchange between parts: Open MPI's TCP transport moves bytes only
+# inside MPI calls, so one long GEMM held a 2 MB exchange until its Wait. Measured on 2
+# servers at 1 Gbit/s (784-4096x3-10, batch 256): 652 -> 743-752 samples/s with 4 parts, 8
+# the same, 2 and 16 slower. On one host the parts only cost (870 -> 844 samples/s: smaller
+# GEMMs), so a job on one node runs whole GEMMs (docs/scaling.md).
+OVERLAP_PARTS = 4
+
+
+def overlap_parts(spans_nodes: bool) -> int:
+    """The parts of the GEMMs beside an exchange in flight: ``OVERLAP_PARTS`` for a job
+    across nodes, else 1; ``MPINN_OVERLAP_PARTS=N`` sets N for any job (benchmarks)."""
+    forced = os.environ.get("MPINN_OVERLAP_PARTS", "").strip()
+    if forced.isdigit() and int(forced) >= 1:
+        return int(forced)
+    return OVERLAP_PARTS if spans_nodes else 1
 
 
 class Engine:
@@ -102,6 +113,8 @@ class Engine:
             self.grad_inputs, self.grad_weight, self.grad_bias = [], [], []
             self.grad_flat = []
             self.grad_all = np.zeros(0, dtype)
+        node = (nodes if nodes is not None else job_nodes(comm)) if comm.size > 1 else [0]
+        self.parts = overlap_parts(bool(np.max(node) > 0))  # Engine._in_parts
         self.reducer: GradientReducer | None = None  # set_replicas: sums over the groups
         self.idle = False  # no_samples: this group sat the last batch out
         self.inputs: list[np.ndarray] = []
@@ -143,9 +156,9 @@ class Engine:
 
     def _in_parts(self, plan: ExchangePlan, parts: bool, rows: int, what: str,
                   work: Callable[[slice], None]) -> None:
-        """Run ``work`` over ``rows`` in ``OVERLAP_PARTS`` parts, with a ``plan.progress()``
+        """Run ``work`` over ``rows`` in ``self.parts`` parts, with a ``plan.progress()``
         between parts so that the exchange in flight moves while it computes."""
-        count = OVERLAP_PARTS if parts and plan.in_flight and rows >= 2 * OVERLAP_PARTS else 1
+        count = self.parts if parts and plan.in_flight and rows >= 2 * self.parts else 1
         bounds = [rows * k // count for k in range(count + 1)]
         for k in range(count):
             started = time.perf_counter()

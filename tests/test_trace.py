@@ -5,11 +5,12 @@ time the trainer itself measured."""
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
 
-from tests.test_cli import DIGITS_TRAIN, mpinn, ok
+from tests.test_cli import DIGITS_TRAIN, ENV, ROOT, command, mpinn, ok
 
 STEPS_PER_EPOCH = 23  # the digits training set (1437 samples) in batches of 64
 
@@ -39,9 +40,13 @@ def test_a_traced_training_has_a_track_per_rank_nested_spans_and_its_measured_st
         tmp_path):
     model, trace, log = tmp_path / "m.h5", tmp_path / "t.json", tmp_path / "log.jsonl"
     ok(mpinn(1, "init", str(model), "--sizes", "64,256,256,10", "--seed", "1", "--quiet"))
-    ok(mpinn(2, "train", str(model), "--data", DIGITS_TRAIN, "--epochs", "2", "--batch-size",
-             "64", "--exchange", "alltoallv", "--trace", str(trace), "--log-json", str(log),
-             "--quiet"))
+    # the GEMMs in parts as across nodes (engine.overlap_parts), on this one host
+    train = subprocess.run(
+        command(2, "train", str(model), "--data", DIGITS_TRAIN, "--epochs", "2", "--batch-size",
+                "64", "--exchange", "alltoallv", "--trace", str(trace), "--log-json", str(log),
+                "--quiet"), capture_output=True, text=True, timeout=300, cwd=ROOT,
+        env={**ENV, "MPINN_OVERLAP_PARTS": "4"})
+    ok(train)
     data = json.loads(trace.read_text())
     names = sorted(e["args"]["name"] for e in data["traceEvents"] if e["name"] == "process_name")
     assert len(names) == 2 and names[0].startswith("rank 0 (") and names[1].startswith("rank 1 (")
