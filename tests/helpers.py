@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -109,3 +113,21 @@ def assert_same_checkpoint(model: str | os.PathLike[str], expected: str | os.Pat
     assert have.keys() == want.keys(), sorted(set(have) ^ set(want))
     differ = [name for name in want if not np.array_equal(have[name], want[name])]
     assert not differ, f"{model} differs from {os.path.basename(expected)} in {differ}"
+
+
+@contextmanager
+def small_tmpfs(mount: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of ``size`` ("400k") mounted at ``mount`` (made here) for the block, then
+    unmounted: a disk that fills up. Where it cannot be mounted the test is skipped, but
+    under CI, which runs as root where it works, it fails."""
+    import pytest
+    mount.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)],
+                          capture_output=True, text=True)
+    if made.returncode != 0:
+        (pytest.fail if os.environ.get("CI") else pytest.skip)(
+            f"cannot mount a small tmpfs here: {made.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)

@@ -18,7 +18,7 @@ import h5py
 import numpy as np
 import pytest
 
-from tests.helpers import assert_same_checkpoint
+from tests.helpers import assert_same_checkpoint, small_tmpfs
 from tests.reference import Reference
 from tests.test_cli import ENV, ROOT, command, mpinn, ok
 
@@ -222,16 +222,8 @@ def test_keep_retains_older_checkpoints(workload, tmp_path):
 @pytest.fixture
 def small_disk(tmp_path):
     """A 1.5 MB tmpfs: room for the model, not for a checkpoint with Adam's state."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1500k", "tmpfs", str(mount)],
-                          capture_output=True, text=True)
-    if made.returncode != 0:
-        # CI runs as root, where this works: there a refusal is a failure, not a quiet skip
-        (pytest.fail if os.environ.get("CI") else pytest.skip)(
-            f"cannot mount a small tmpfs here: {made.stderr.strip()}")
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)], check=False)
+    with small_tmpfs(tmp_path / "disk", "1500k") as mount:
+        yield mount
 
 
 def test_full_disk_during_checkpoint_is_a_clear_error_and_keeps_the_model(small_disk):

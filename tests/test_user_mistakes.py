@@ -23,6 +23,7 @@ import pytest
 
 from mpinn import format as fmt
 from mpinn import sparse_dnn
+from tests.helpers import small_tmpfs
 from tests.reference import Reference, assert_close
 from tests.test_cli import DIGITS_TEST, DIGITS_TRAIN, ENV, ROOT, command, digest, mpinn, ok
 
@@ -476,14 +477,7 @@ def test_a_model_another_user_may_not_write_is_refused_before_any_work(model, tm
 def full_disk(tmp_path: Path) -> Path:
     """A small tmpfs (as tests/test_nothing_lost.py mounts one) holding the issue's model and
     then filled: a new file can be created there, but not written."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=400k", "tmpfs", str(mount)],
-                          capture_output=True, text=True)
-    if made.returncode != 0:
-        (pytest.fail if os.environ.get("CI") else pytest.skip)(
-            f"cannot mount a small tmpfs here: {made.stderr.strip()}")
-    try:
+    with small_tmpfs(tmp_path / "disk", "400k") as mount:
         ok(mpinn(1, "init", str(mount / "M.h5"), "--sizes", "64,32,10", "--seed", "1"))
         fd = os.open(mount / "filler", os.O_WRONLY | os.O_CREAT)
         with suppress(OSError):
@@ -491,8 +485,6 @@ def full_disk(tmp_path: Path) -> Path:
                 os.write(fd, b"\0" * 4096)
         os.close(fd)
         yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 def test_a_lock_that_cannot_be_written_is_removed_and_the_run_refused(full_disk):
