@@ -190,11 +190,11 @@ class Network:
                 else list(storage)
             if "csr" not in storages and (fan_in is not None or density is not None):
                 raise MpinnError("fan_in and density apply to storage csr layers only")
-            if os.path.isdir(path):
-                raise MpinnError(f"create: path {path} is a directory; give a file path")
+            # a directory, or a directory that is missing or read-only (an existing file:
+            # below, with the API's own words)
+            outputs.check({"create: path": path}, {}, force=True)
             if os.path.exists(path) and not force:
                 raise MpinnError(f"{path} exists; pass force=True to overwrite it")
-            outputs.check({"create: path": path}, {}, force=True)  # its directory, writable
             return layers, [*hidden, output], storages
 
         # every rank agrees before anything is written: a file seen by one rank only
@@ -483,31 +483,25 @@ class Network:
 
 @contextmanager
 def _locks(comm: MPI.Comm, paths: list[str], action: str) -> Iterator[None]:
-    """Rank 0 holds the locks of ``paths`` for the block (``lock.acquire``: a file another
+    """Rank 0 holds the locks of ``paths`` for the block (``lock.take_all``: a file another
     job, or another handle of this process, is writing is refused on every rank)."""
     held: list[lock.Lock] = []
 
     def take() -> list[str]:
         try:
-            for path in paths:
-                held.append(lock.acquire(path, action))
+            return lock.take_all(dict.fromkeys(paths, action), held)
         except BaseException:
-            _release(held)
+            lock.release_all(held)
             raise
-        return [f"mpinn: note: {got.path}: removed a stale lock of pid {got.broke.get('pid')} "
-                f"on {got.broke.get('host')}, whose process is gone" for got in held if got.broke]
 
-    for note in on_root(comm, take):
-        print(note, file=sys.stderr, flush=True)
+    notes = on_root(comm, take)
+    if comm.rank == 0:  # once, not once per rank
+        for note in notes:
+            print(note, file=sys.stderr, flush=True)
     try:
         yield
     finally:
-        _release(held)
-
-
-def _release(held: list[lock.Lock]) -> None:
-    while held:
-        held.pop().release()
+        lock.release_all(held)
 
 
 def _call_back(callback: Callback, record: dict[str, Any]) -> Any:

@@ -629,29 +629,15 @@ def take_locks(plan: FilePlan, comm, quiet: bool) -> None:  # noqa: ANN001 - a c
     from mpinn import lock
     from mpinn.exchange import on_root
 
-    def take() -> list[str]:
-        notes = []
-        for path, action in plan.locked.items():
-            got = lock.acquire(path, action)
-            held_locks.append(got)
-            if got.broke and "empty" in got.broke:
-                notes.append(f"mpinn: note: {path}: removed an empty lock file left "
-                             f"{got.broke['empty']} s ago by a job that died before writing it")
-            elif got.broke:
-                notes.append(f"mpinn: note: {path}: removed a stale lock of pid "
-                             f"{got.broke.get('pid')} on {got.broke.get('host')} (since "
-                             f"{got.broke.get('since')}), whose process is gone")
-        return notes
-
-    notes = on_root(comm, take)
+    notes = on_root(comm, lambda: lock.take_all(plan.locked, held_locks))
     if comm.rank == 0 and not quiet:  # once, not once per rank
         for note in notes:
             print(note, file=sys.stderr, flush=True)
 
 
 def release_locks() -> None:
-    while held_locks:
-        held_locks.pop().release()
+    from mpinn import lock
+    lock.release_all(held_locks)
 
 
 def _plot(args: argparse.Namespace) -> None:

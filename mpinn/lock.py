@@ -193,3 +193,27 @@ def _identity(lock: str) -> tuple[int, int] | None:
     except OSError:
         return None
     return (st.st_ino, st.st_mtime_ns)
+
+
+def take_all(locked: dict[str, str], held: list[Lock]) -> list[str]:
+    """Take the lock of every path of ``locked`` for its action, adding each to ``held`` (the
+    caller releases them, also when one is refused); returns a note for each stale lock
+    that was broken on the way, to print once."""
+    notes = []
+    for path, action in locked.items():
+        got = acquire(path, action)
+        held.append(got)
+        if got.broke and "empty" in got.broke:
+            notes.append(f"mpinn: note: {path}: removed an empty lock file left "
+                         f"{got.broke['empty']} s ago by a job that died before writing it")
+        elif got.broke:
+            notes.append(f"mpinn: note: {path}: removed a stale lock of pid "
+                         f"{got.broke.get('pid')} on {got.broke.get('host')} (since "
+                         f"{got.broke.get('since')}), whose process is gone")
+    return notes
+
+
+def release_all(held: list[Lock]) -> None:
+    """Release (and forget) every lock of ``held``, the last taken first."""
+    while held:
+        held.pop().release()

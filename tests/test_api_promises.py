@@ -176,7 +176,7 @@ def test_a_second_handle_never_writes_older_weights_over_a_commit(mpi_tmp_path):
 def test_api_writers_take_the_lock_and_refuse_a_held_one(mpi_tmp_path):
     from mpi4py import MPI
 
-    from mpinn import Network, lock
+    from mpinn import Network
     x, y = _data()
     path = mpi_tmp_path / "m.h5"
     net = _small(path)
