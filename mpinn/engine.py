@@ -274,30 +274,28 @@ class Engine:
         check_at, interval = 0, 1  # the next layer after which drop_dead checks, and the gap
         trace = self.tracer
         for i, (layer, plan) in enumerate(zip(self.shard.layers, self.plans, strict=True)):
-            span = trace.span(f"forward {layer.spec.index}", "layer")
-            span.__enter__()
-            gathered = plan.start_forward(activations)
-            self.inputs.append(gathered)
-            z = self._buf(self.z[i], layer.rows.size, batch)
-            a = self._buf(self.a[i], layer.rows.size, batch)
-            self._in_parts(plan, layer.parts, layer.rows.size, "own inputs",
-                           lambda part, g=gathered, z=z, ly=layer: ly.forward_local(g, z, part))
-            plan.finish_forward()
-            started = time.perf_counter()
-            # the dL/dz buffer is free until backward
-            layer.forward_remote(gathered, z, self._buf(self.grad_z[i], layer.rows.size, batch))
-            z += layer.bias[:, None]
-            if i == last and self.softmax:
-                self._softmax(z, a)
-            else:
-                kernels.activate(layer.spec.activation, z, out=a, cap=layer.spec.cap,
-                                 slope=layer.spec.negative_slope)
-            activations = a
-            if masks is not None and i < last:  # a stays for the derivative, dropped goes on
-                activations = self._buf(self._dropped[i], layer.rows.size, batch)
-                np.multiply(a, masks[i], out=activations)
-            self._computed(started, "remote inputs")
-            span.__exit__()
+            with trace.span(f"forward {layer.spec.index}", "layer"):
+                gathered = plan.start_forward(activations)
+                self.inputs.append(gathered)
+                z = self._buf(self.z[i], layer.rows.size, batch)
+                a = self._buf(self.a[i], layer.rows.size, batch)
+                self._in_parts(plan, layer.parts, layer.rows.size, "own inputs",
+                               lambda part, g=gathered, z=z, ly=layer: ly.forward_local(g, z, part))
+                plan.finish_forward()
+                started = time.perf_counter()
+                # the dL/dz buffer is free until backward
+                layer.forward_remote(gathered, z, self._buf(self.grad_z[i], layer.rows.size, batch))
+                z += layer.bias[:, None]
+                if i == last and self.softmax:
+                    self._softmax(z, a)
+                else:
+                    kernels.activate(layer.spec.activation, z, out=a, cap=layer.spec.cap,
+                                     slope=layer.spec.negative_slope)
+                activations = a
+                if masks is not None and i < last:  # a stays for the derivative, dropped goes on
+                    activations = self._buf(self._dropped[i], layer.rows.size, batch)
+                    np.multiply(a, masks[i], out=activations)
+                self._computed(started, "remote inputs")
             if drop_dead and check_at <= i < last:
                 activations = self._drop_dead(a)
                 died = activations.shape[1] < batch
@@ -438,51 +436,48 @@ class Engine:
         for i in range(len(layers) - 1, -1, -1):
             layer: LayerShard = layers[i]
             plan = self.plans[i]
-            span = trace.span(f"backward {layer.spec.index}", "layer")
-            span.__enter__()
-            grad_z = self._buf(self.grad_z[i], layer.rows.size, batch)
-            started = time.perf_counter()
-            if i > 0:
-                # remote partial sums first, so they travel while the rest is computed
-                grad_inputs = self._buf(self.grad_inputs[i], layer.inputs.size, batch)
-                layer.input_grad_remote(grad_z, grad_inputs)
-                self._computed(started, "remote partial sums")
-                plan.start_backward(grad_inputs)
-                self._in_parts(plan, layer.parts, layer.n_local, "own partial sums",
-                               lambda part, ly=layer, g=grad_z, gi=grad_inputs:
-                               ly.input_grad_local(g, gi, part))
-            started = time.perf_counter()
-            np.sum(grad_z, axis=1, out=self.grad_bias[i])
-            self._computed(started, "bias gradient")
-            x, gw = self.inputs[i], self.grad_weight[i]
-            if sgd_lr is None:
-                self._in_parts(plan, layer.parts, layer.rows.size, "weight gradient",
-                               lambda part, ly=layer, g=grad_z, x=x, gw=gw:
-                               ly.weight_grad(g, x, gw, part))
-            else:  # this layer's weights are not read again in this backward
-                self._in_parts(plan, layer.parts, layer.rows.size, "weight gradient, SGD",
-                               lambda part, ly=layer, g=grad_z, x=x, gw=gw:
-                               ly.sgd_update(g, x, gw, sgd_lr, part))
+            with trace.span(f"backward {layer.spec.index}", "layer"):
+                grad_z = self._buf(self.grad_z[i], layer.rows.size, batch)
                 started = time.perf_counter()
-                kernels.axpy(-sgd_lr, self.grad_bias[i], layer.bias)
-                self._computed(started, "bias SGD")
-            if self.reducer is not None:  # summed over the groups while backward goes on
-                self.reducer.post(i)
-            if i == 0:
-                span.__exit__()
-                break
-            below = layers[i - 1]
-            grad_a = plan.finish_backward(grad_inputs)
-            started = time.perf_counter()
-            if self._masked:
-                grad_a *= self._buf(self._masks[i - 1], below.rows.size, batch)
-            z = self._buf(self.z[i - 1], below.rows.size, batch)
-            a = self._buf(self.a[i - 1], below.rows.size, batch)
-            kernels.activation_grad(below.spec.activation, z, a, grad_a, below.spec.cap,
-                                    below.spec.negative_slope)
-            self._buf(self.grad_z[i - 1], below.rows.size, batch)[...] = grad_a
-            self._computed(started, "activation gradient")
-            span.__exit__()
+                if i > 0:
+                    # remote partial sums first, so they travel while the rest is computed
+                    grad_inputs = self._buf(self.grad_inputs[i], layer.inputs.size, batch)
+                    layer.input_grad_remote(grad_z, grad_inputs)
+                    self._computed(started, "remote partial sums")
+                    plan.start_backward(grad_inputs)
+                    self._in_parts(plan, layer.parts, layer.n_local, "own partial sums",
+                                   lambda part, ly=layer, g=grad_z, gi=grad_inputs:
+                                   ly.input_grad_local(g, gi, part))
+                started = time.perf_counter()
+                np.sum(grad_z, axis=1, out=self.grad_bias[i])
+                self._computed(started, "bias gradient")
+                x, gw = self.inputs[i], self.grad_weight[i]
+                if sgd_lr is None:
+                    self._in_parts(plan, layer.parts, layer.rows.size, "weight gradient",
+                                   lambda part, ly=layer, g=grad_z, x=x, gw=gw:
+                                   ly.weight_grad(g, x, gw, part))
+                else:  # this layer's weights are not read again in this backward
+                    self._in_parts(plan, layer.parts, layer.rows.size, "weight gradient, SGD",
+                                   lambda part, ly=layer, g=grad_z, x=x, gw=gw:
+                                   ly.sgd_update(g, x, gw, sgd_lr, part))
+                    started = time.perf_counter()
+                    kernels.axpy(-sgd_lr, self.grad_bias[i], layer.bias)
+                    self._computed(started, "bias SGD")
+                if self.reducer is not None:  # summed over the groups while backward goes on
+                    self.reducer.post(i)
+                if i == 0:
+                    break
+                below = layers[i - 1]
+                grad_a = plan.finish_backward(grad_inputs)
+                started = time.perf_counter()
+                if self._masked:
+                    grad_a *= self._buf(self._masks[i - 1], below.rows.size, batch)
+                z = self._buf(self.z[i - 1], below.rows.size, batch)
+                a = self._buf(self.a[i - 1], below.rows.size, batch)
+                kernels.activation_grad(below.spec.activation, z, a, grad_a, below.spec.cap,
+                                        below.spec.negative_slope)
+                self._buf(self.grad_z[i - 1], below.rows.size, batch)[...] = grad_a
+                self._computed(started, "activation gradient")
 
     # ------------------------------------------------------------ micro-batch pipeline
 

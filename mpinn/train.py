@@ -348,19 +348,17 @@ class DistributedModel:
         rank counts the time in ``seconds_io``, waiting for the writers included, so that a
         step time without the checkpoints is the same sum on every rank."""
         started = time.perf_counter()
-        span = self.tracer.span("checkpoint", "io", {"file": os.path.basename(path)})
-        span.__enter__()
         try:
-            if self.replicas > 1:
-                agree(self.comm, lambda: self._write_group(path, optimizer, keep, label)
-                      if self.groups.index == 0 else None)
-                if optimizer is not None:
-                    self.state["optimizer"] = optimizer.config()
-            else:
-                self._write_group(path, optimizer, keep, label)
+            with self.tracer.span("checkpoint", "io", {"file": os.path.basename(path)}):
+                if self.replicas > 1:
+                    agree(self.comm, lambda: self._write_group(path, optimizer, keep, label)
+                          if self.groups.index == 0 else None)
+                    if optimizer is not None:
+                        self.state["optimizer"] = optimizer.config()
+                else:
+                    self._write_group(path, optimizer, keep, label)
         finally:
             self.seconds_io += time.perf_counter() - started
-        span.__exit__()
 
     def _write_group(self, path: str, optimizer: Optimizer | None, keep: int, label: str) -> None:
         with fmt.Checkpoint(path, self.spec, self.partitions, self.group, keep, label) as f:
