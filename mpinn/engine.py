@@ -115,6 +115,16 @@ class Engine:
             self.grad_all = np.zeros(0, dtype)
         node = (nodes if nodes is not None else job_nodes(comm)) if comm.size > 1 else [0]
         self.parts = overlap_parts(bool(np.max(node) > 0))  # Engine._in_parts
+        # The output layer's exchange has no GEMM of its own to hide behind (a few output
+        # neurons read the whole layer below). Where the GEMMs run in parts it moves in
+        # parts of the batch too: forward each part is posted as soon as the layer below has
+        # computed its columns, backward the layer below takes each part as it arrives
+        # (Engine._forward_below_output, _take_output_parts). Every rank decides alike.
+        self.split_output = (training and self.parts > 1 and comm.size > 1 and len(layers) > 1
+                             and layers[-2].parts and layers[-1].parts  # dense: strided
+                             and self.plans[-1].kind == "alltoallv")
+        self._output_inputs = (np.empty(layers[-1].inputs.size * max_batch, dtype)
+                               if self.split_output else None)
         self.reducer: GradientReducer | None = None  # set_replicas: sums over the groups
         self.idle = False  # no_samples: this group sat the last batch out
         self.inputs: list[np.ndarray] = []
@@ -175,6 +185,13 @@ class Engine:
 
     def _buf(self, flat: np.ndarray, rows: int, batch: int) -> np.ndarray:
         return flat[: rows * batch].reshape(rows, batch)
+
+    @staticmethod
+    def _part(flat: np.ndarray, rows: int, columns: slice) -> np.ndarray:
+        """The contiguous (rows, width) block of the batch columns ``columns`` in ``flat``,
+        laid out as an exchange in parts lays its buffers (``ExchangePlan._part_views``)."""
+        block = flat[rows * columns.start: rows * columns.stop]
+        return block.reshape(rows, columns.stop - columns.start)
 
     def set_replicas(self, across: MPI.Comm | None) -> None:
         """Sum every layer's gradients over ``across`` (the ranks holding my rows in the
@@ -273,29 +290,44 @@ class Engine:
         masks = self._make_masks(samples)
         check_at, interval = 0, 1  # the next layer after which drop_dead checks, and the gap
         trace = self.tracer
+        columns = self._output_columns(batch)
         for i, (layer, plan) in enumerate(zip(self.shard.layers, self.plans, strict=True)):
             with trace.span(f"forward {layer.spec.index}", "layer"):
-                gathered = plan.start_forward(activations)
-                self.inputs.append(gathered)
                 z = self._buf(self.z[i], layer.rows.size, batch)
                 a = self._buf(self.a[i], layer.rows.size, batch)
-                self._in_parts(plan, layer.parts, layer.rows.size, "own inputs",
-                               lambda part, g=gathered, z=z, ly=layer: ly.forward_local(g, z, part))
-                plan.finish_forward()
-                started = time.perf_counter()
                 # the dL/dz buffer is free until backward
-                layer.forward_remote(gathered, z, self._buf(self.grad_z[i], layer.rows.size, batch))
-                z += layer.bias[:, None]
-                if i == last and self.softmax:
-                    self._softmax(z, a)
+                scratch = self._buf(self.grad_z[i], layer.rows.size, batch)
+                if columns and i == last:  # posted in parts by the layer below
+                    gathered = self._output_forward(layer, plan, columns, z, scratch, batch)
                 else:
-                    kernels.activate(layer.spec.activation, z, out=a, cap=layer.spec.cap,
-                                     slope=layer.spec.negative_slope)
-                activations = a
+                    gathered = plan.start_forward(activations)
+                    self._in_parts(plan, layer.parts, layer.rows.size, "own inputs",
+                                   lambda part, g=gathered, z=z, ly=layer:
+                                   ly.forward_local(g, z, part))
+                    plan.finish_forward()
+                self.inputs.append(gathered)
                 if masks is not None and i < last:  # a stays for the derivative, dropped goes on
                     activations = self._buf(self._dropped[i], layer.rows.size, batch)
-                    np.multiply(a, masks[i], out=activations)
-                self._computed(started, "remote inputs")
+                else:
+                    activations = a
+                # the rest by columns where the output layer's exchange goes in parts
+                for cols in (columns if columns and i == last - 1 else [slice(None)]):
+                    started = time.perf_counter()
+                    zc = z[:, cols]
+                    if not (columns and i == last):
+                        layer.forward_remote(gathered[:, cols], zc, scratch[:, cols])
+                    zc += layer.bias[:, None]
+                    if i == last and self.softmax:
+                        self._softmax(zc, a[:, cols])
+                    else:
+                        kernels.activate(layer.spec.activation, zc, out=a[:, cols],
+                                         cap=layer.spec.cap, slope=layer.spec.negative_slope)
+                    if masks is not None and i < last:
+                        np.multiply(a[:, cols], masks[i][:, cols], out=activations[:, cols])
+                    self._computed(started, "remote inputs")
+                    if columns and i == last - 1:
+                        self.plans[last].start_forward_part(activations[:, cols], cols)
+                        self.plans[last].progress()
             if drop_dead and check_at <= i < last:
                 activations = self._drop_dead(a)
                 died = activations.shape[1] < batch
@@ -303,6 +335,30 @@ class Engine:
                 interval = 1 if died else min(2 * interval, DEAD_CHECK_MAX)
                 check_at = i + interval
         return activations
+
+    def _output_columns(self, batch: int) -> list[slice]:
+        """The parts of the batch the output layer's exchange moves in (``split_output``),
+        or none."""
+        if not self.split_output or batch < 2 * self.parts:
+            return []
+        bounds = [batch * k // self.parts for k in range(self.parts + 1)]
+        return [slice(lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]
+
+    def _output_forward(self, layer: LayerShard, plan: ExchangePlan, columns: list[slice],
+                        z: np.ndarray, scratch: np.ndarray, batch: int) -> np.ndarray:
+        """The output layer's pre-activations ``z`` (less the bias), a part of the batch at a
+        time as its exchange parts arrive; returns its gathered inputs (n_inputs, batch),
+        copied out of the parts for the weight gradient."""
+        assert self._output_inputs is not None
+        gathered = self._buf(self._output_inputs, layer.inputs.size, batch)
+        for cols in columns:
+            received = plan.finish_part(cols)
+            started = time.perf_counter()
+            layer.forward_local(received, z[:, cols])
+            layer.forward_remote(received, z[:, cols], scratch[:, cols])
+            gathered[:, cols] = received
+            self._computed(started, "output part")
+        return gathered
 
     def _check_zero_stays_zero(self) -> None:
         """Refuse ``drop_dead`` where a zero input need not give a zero output."""
@@ -433,17 +489,23 @@ class Engine:
         batch = self._batch
         layers = self.shard.layers
         trace = self.tracer
-        for i in range(len(layers) - 1, -1, -1):
+        last = len(layers) - 1
+        columns = self._output_columns(batch)
+        remote_done = False  # this layer's remote partial sums came with the parts above
+        for i in range(last, -1, -1):
             layer: LayerShard = layers[i]
             plan = self.plans[i]
             with trace.span(f"backward {layer.spec.index}", "layer"):
                 grad_z = self._buf(self.grad_z[i], layer.rows.size, batch)
-                started = time.perf_counter()
-                if i > 0:
+                if i > 0 and columns and i == last:
+                    self._output_partial_sums(layer, plan, columns, grad_z)
+                elif i > 0:
                     # remote partial sums first, so they travel while the rest is computed
                     grad_inputs = self._buf(self.grad_inputs[i], layer.inputs.size, batch)
-                    layer.input_grad_remote(grad_z, grad_inputs)
-                    self._computed(started, "remote partial sums")
+                    if not remote_done:
+                        started = time.perf_counter()
+                        layer.input_grad_remote(grad_z, grad_inputs)
+                        self._computed(started, "remote partial sums")
                     plan.start_backward(grad_inputs)
                     self._in_parts(plan, layer.parts, layer.n_local, "own partial sums",
                                    lambda part, ly=layer, g=grad_z, gi=grad_inputs:
@@ -468,6 +530,10 @@ class Engine:
                 if i == 0:
                     break
                 below = layers[i - 1]
+                if columns and i == last:
+                    self._take_output_parts(below, plan, columns, batch)
+                    remote_done = i - 1 > 0
+                    continue
                 grad_a = plan.finish_backward(grad_inputs)
                 started = time.perf_counter()
                 if self._masked:
@@ -478,6 +544,52 @@ class Engine:
                                         below.spec.negative_slope)
                 self._buf(self.grad_z[i - 1], below.rows.size, batch)[...] = grad_a
                 self._computed(started, "activation gradient")
+
+    def _output_partial_sums(self, layer: LayerShard, plan: ExchangePlan,
+                             columns: list[slice], grad_z: np.ndarray) -> None:
+        """The output layer's partial sums, posted a part of the batch at a time (each part
+        a contiguous block of its ``grad_inputs`` buffer, as the plan's parts are)."""
+        n = layer.inputs.size
+        for cols in columns:
+            started = time.perf_counter()
+            partial = self._part(self.grad_inputs[-1], n, cols)
+            layer.input_grad_remote(grad_z[:, cols], partial)
+            self._computed(started, "remote partial sums")
+            plan.start_backward_part(partial, cols)
+        for cols in columns:
+            started = time.perf_counter()
+            partial = self._part(self.grad_inputs[-1], n, cols)
+            layer.input_grad_local(grad_z[:, cols], partial)
+            self._computed(started, "own partial sums")
+            plan.progress()
+
+    def _take_output_parts(self, below: LayerShard, plan: ExchangePlan, columns: list[slice],
+                           batch: int) -> None:
+        """dL/dz of the layer below the output, a part of the batch at a time as the output
+        layer's partial sums arrive; with each part, that layer's remote partial sums, so
+        the parts still in flight move while it computes."""
+        i = len(self.shard.layers) - 2
+        n = self.shard.layers[-1].inputs.size
+        grad_z = self._buf(self.grad_z[i], below.rows.size, batch)
+        z = self._buf(self.z[i], below.rows.size, batch)
+        a = self._buf(self.a[i], below.rows.size, batch)
+        grad_inputs = self._buf(self.grad_inputs[i], below.inputs.size, batch) if i > 0 else None
+        for cols in columns:
+            partial = self._part(self.grad_inputs[-1], n, cols)
+            summed = plan.finish_backward_part(partial, cols)
+            started = time.perf_counter()
+            grad = grad_z[:, cols]
+            grad[...] = summed
+            if self._masked:
+                grad *= self._buf(self._masks[i], below.rows.size, batch)[:, cols]
+            kernels.activation_grad(below.spec.activation, z[:, cols], a[:, cols], grad,
+                                    below.spec.cap, below.spec.negative_slope)
+            self._computed(started, "activation gradient")
+            if grad_inputs is not None:
+                started = time.perf_counter()
+                below.input_grad_remote(grad, grad_inputs[:, cols])
+                self._computed(started, "remote partial sums")
+            plan.progress()
 
     # ------------------------------------------------------------ micro-batch pipeline
 

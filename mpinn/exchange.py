@@ -150,6 +150,8 @@ class ExchangePlan:
         self.relay_rows = 0  # the node kind's staging buffer (use_node)
         self._allocate()
         self._request: MPI.Request | None = None
+        self._parts: dict[int, MPI.Request] = {}  # parts in flight, by first column
+        self._part_posted: dict[int, tuple[float, int]] = {}
         self._batch = 0
         # counted per call, for benchmarks and the traffic tests
         self.bytes_sent = 0
@@ -446,16 +448,108 @@ class ExchangePlan:
 
     @property
     def in_flight(self) -> bool:
-        """An exchange is posted and not yet waited for."""
-        return self._request is not None
+        """An exchange (or a part of one) is posted and not yet waited for."""
+        return self._request is not None or bool(self._parts)
 
     def progress(self) -> None:
         """Let MPI move the exchange in flight (a ``Test``): Open MPI's TCP transport moves
-        bytes only inside MPI calls, so a long GEMM between post and wait would hold them."""
-        if self._request is not None:
+        bytes only inside MPI calls, so a long GEMM between post and wait would hold them.
+        One ``Test`` drives every transfer of the process, the parts' too."""
+        request = self._request or next(iter(self._parts.values()), None)
+        if request is not None:
             started = time.perf_counter()
-            self._request.Test()
+            request.Test()
             self._waited(started, "test")
+
+    # ---- one exchange in parts of the batch's columns (Engine: the output layer across
+    # nodes, whose exchange has no GEMM of its own to hide behind). Each part has its own
+    # stretch of the buffers, (rows, width) from row offset rows * start, so several are in
+    # flight at once; every rank posts and waits for the parts in the same order.
+
+    def _part_views(self, columns: slice) -> tuple[np.ndarray, np.ndarray]:
+        if self.kind != "alltoallv":
+            raise MpinnError(f"an exchange in parts of the batch needs the alltoallv kind, "
+                             f"not {self.kind}")
+        self._check_batch(columns.stop)
+        width = columns.stop - columns.start
+        send = self.send_buffer[self.n_send * columns.start: self.n_send * columns.stop]
+        recv = self.recv_buffer[self.n_inputs * columns.start: self.n_inputs * columns.stop]
+        return send.reshape(self.n_send, width), recv.reshape(self.n_inputs, width)
+
+    def _post_part(self, columns: slice, send: np.ndarray, send_counts: np.ndarray,
+                   send_displs: np.ndarray, recv: np.ndarray, recv_counts: np.ndarray,
+                   recv_displs: np.ndarray) -> None:
+        width = columns.stop - columns.start
+        if self.comm.size == 1:
+            return
+        started = time.perf_counter()
+        self._parts[columns.start] = self.comm.Ialltoallv(
+            [send, (send_counts * width, send_displs * width), self.mpi_type],
+            [recv, (recv_counts * width, recv_displs * width), self.mpi_type])
+        # when, and its track beside the others in flight (traced runs)
+        self._part_posted[columns.start] = (started, len(self._parts))
+        self._waited(started, "post")
+        self._posted = None  # the part's own span is traced by _wait_part
+        self._count(send_counts, recv_counts, width)
+
+    def _wait_part(self, columns: slice) -> None:
+        request = self._parts.pop(columns.start, None)
+        if request is None:
+            return
+        started = time.perf_counter()
+        request.Wait()
+        self._waited(started, "wait")
+        if self.tracer.enabled:
+            posted, track = self._part_posted.pop(columns.start)
+            self.tracer.add(f"layer {self.layer} {self._direction} part", "exchange",
+                            posted, time.perf_counter(), EXCHANGE_TRACK + track)
+
+    def start_forward_part(self, local: np.ndarray, columns: slice) -> np.ndarray:
+        """``start_forward`` of the batch columns ``columns``: ``local`` is (n_local, width),
+        my activations of those columns. Returns that part's receive block (n_inputs, width),
+        complete after ``finish_part(columns)``."""
+        self._direction = "forward"
+        started = time.perf_counter()
+        send, recv = self._part_views(columns)
+        for part in self.remote_send:
+            if part.stop > part.start:
+                np.take(local, self.send_index[part], axis=0, out=send[part])
+        if self.own_contiguous:
+            recv[self.self_recv] = local[: self.n_own_inputs]
+        elif self.n_own_inputs:
+            np.take(local, self.own_index, axis=0, out=recv[self.self_recv])
+        self._packed(started)
+        self._post_part(columns, send, self.mpi_send_counts, self.send_displs,
+                        recv, self.mpi_recv_counts, self.recv_displs)
+        return recv
+
+    def finish_part(self, columns: slice) -> np.ndarray:
+        """Wait for the forward part ``columns`` posted by ``start_forward_part``; returns its
+        receive block (n_inputs, width)."""
+        self._wait_part(columns)
+        return self._part_views(columns)[1]
+
+    def start_backward_part(self, partial: np.ndarray, columns: slice) -> None:
+        """``start_backward`` of the batch columns ``columns``: ``partial`` is their partial
+        sums, (n_inputs, width) C-contiguous, its remote rows final."""
+        self._direction = "backward"
+        send, _ = self._part_views(columns)
+        self._post_part(columns, partial, self.mpi_recv_counts, self.recv_displs,
+                        send, self.mpi_send_counts, self.send_displs)
+
+    def finish_backward_part(self, partial: np.ndarray, columns: slice) -> np.ndarray:
+        """Wait for the part ``columns``, then add up the partial sums of the neurons I own,
+        in ``finish_backward``'s order: (n_local, width), valid until that part's next use."""
+        self._wait_part(columns)
+        started = time.perf_counter()
+        send, _ = self._part_views(columns)
+        send[self.self_send] = partial[self.self_recv]
+        summed = self.sum_buffer[self.n_local * columns.start: self.n_local * columns.stop]
+        summed = summed.reshape(self.n_local, columns.stop - columns.start)
+        acc = self.accumulate
+        csr_matmul(acc.indptr, acc.indices, acc.data, acc.shape[1], send, summed)
+        self._packed(started)
+        return summed
 
     def start_forward(self, local: np.ndarray) -> np.ndarray:
         """Pack and post the exchange of ``local`` (n_local, batch), my layer-(l-1) activations.

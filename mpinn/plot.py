@@ -218,7 +218,7 @@ def timeline(trace_path: str, out: str) -> None:
             lo, hi = e["ts"], e["ts"] + e["dur"]
             if hi < start or lo > end:
                 continue
-            y = base + (0.0 if e["tid"] == 1 else 1.0)
+            y = base + (0.0 if e["tid"] != 0 else 1.0)  # exchanges and their parts below
             cat = e["cat"]
             ax.broken_barh([((lo - start) / 1e3, e["dur"] / 1e3)], (y + 0.1, 0.8),
                            facecolors=TIMELINE_COLORS[cat],

@@ -103,6 +103,10 @@ class Tracer(NullTracer):
             {"ph": "M", "name": "thread_name", "pid": rank, "tid": WORK, "args": {"name": "work"}},
             {"ph": "M", "name": "thread_name", "pid": rank, "tid": EXCHANGE,
              "args": {"name": "exchange in flight"}}]
+        # parts of one exchange fly side by side: each on a track of its own
+        for track in sorted({e[4] for e in self.events if e[4] > EXCHANGE}):
+            out.append({"ph": "M", "name": "thread_name", "pid": rank, "tid": track,
+                        "args": {"name": f"exchange part {track - EXCHANGE}"}})
         for name, cat, start, end, track, args in self.events:
             event = {"ph": "X", "name": name, "cat": cat, "pid": rank, "tid": track,
                      "ts": round((start - shift) * 1e6, 3), "dur": round((end - start) * 1e6, 3)}

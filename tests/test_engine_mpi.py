@@ -15,6 +15,7 @@ from mpinn import format as fmt
 from mpinn.data import load
 from mpinn.describe import rank_traffic
 from mpinn.errors import MpinnError
+from mpinn.exchange import ExchangePlan
 from mpinn.optim import SGD
 from mpinn.train import DistributedModel, PartitionChoice, evaluate, predict, train
 from tests.helpers import ALL_STRATEGIES, classification_data, regression_data, strategy_params
@@ -66,7 +67,7 @@ def choice(strategy: str, sizes: list[int], nranks: int) -> PartitionChoice:
 
 def train_and_compare(tmp, case: str, dtype: str, strategy: str, micro_batches: int = 1, *,
                       exchange: str = "auto", replicas: int = 1, batch: int = BATCH,
-                      nodes: np.ndarray | None = None) -> None:
+                      nodes: np.ndarray | None = None, dropout: float = 0.0) -> None:
     """Train 2 epochs distributed and in the reference; losses and weights must agree.
 
     ``exchange``: the kind of every layer's exchange; ``replicas`` R: R contiguous groups of
@@ -78,7 +79,8 @@ def train_and_compare(tmp, case: str, dtype: str, strategy: str, micro_batches: 
     model_path, data_path, x, y = make_files(tmp, c, dtype, comm)
     ref = Reference.from_file(model_path)
     comm.Barrier()  # every rank has read the initial weights before anyone writes
-    ref_losses = ref.train(x, y, EPOCHS, batch, c["lr"], c["optimizer"], c["momentum"], seed=11)
+    ref_losses = ref.train(x, y, EPOCHS, batch, c["lr"], c["optimizer"], c["momentum"], seed=11,
+                           dropout=dropout)
 
     with DistributedModel(model_path, comm, choice(strategy, c["sizes"], q), batch,
                           replicas=replicas, exchange=exchange, nodes=nodes) as model:
@@ -86,7 +88,7 @@ def train_and_compare(tmp, case: str, dtype: str, strategy: str, micro_batches: 
         data = load(data_path, model.table, model.spec.dtype, comm, model.group)
         history = train(model, data, epochs=EPOCHS, batch_size=batch, lr=c["lr"],
                         optimizer_name=c["optimizer"], momentum=c["momentum"], seed=11,
-                        micro_batches=micro_batches)
+                        micro_batches=micro_batches, dropout=dropout or None)
     assert_close([h.loss for h in history.history], ref_losses, dtype, "epoch losses")
     trained = Reference.from_file(model_path)
     for i in range(len(ref.weights)):
@@ -128,6 +130,29 @@ def test_plain_sgd_steps_inside_backward_and_equals_reference(strategy, dtype, m
 
     monkeypatch.setattr(SGD, "step", own_pass)
     train_and_compare(mpi_tmp_path, "plain_sgd", dtype, strategy)
+
+
+@pytest.mark.parametrize("case, dropout", [("softmax", 0.0), ("regression", 0.0),
+                                           ("softmax", 0.3)])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("strategy", ALL_STRATEGIES)
+def test_the_output_layers_exchange_in_parts_equals_reference(strategy, dtype, case, dropout,
+                                                              mpi_tmp_path, monkeypatch):
+    """Across nodes the GEMMs run in parts and the output layer's exchange moves in parts of
+    the batch, posted and taken as the layer below computes (``Engine.split_output``);
+    forced here on one host. The parts must be used wherever there is more than one rank."""
+    monkeypatch.setenv("MPINN_OVERLAP_PARTS", "4")
+    posted: list[slice] = []
+    post = ExchangePlan.start_forward_part
+
+    def counted(self, local, columns):
+        posted.append(columns)
+        return post(self, local, columns)
+
+    monkeypatch.setattr(ExchangePlan, "start_forward_part", counted)
+    train_and_compare(mpi_tmp_path, case, dtype, strategy, exchange="alltoallv",
+                      dropout=dropout)
+    assert bool(posted) == (MPI.COMM_WORLD.size > 1)
 
 
 @pytest.mark.parametrize("case", CASES)
