@@ -30,11 +30,23 @@ pip install cython pkgconfig numpy scipy mpi4py threadpoolctl matplotlib pymetis
 # under a minute). An unpinned `pip install torch` would take a CUDA build of several GB.
 "$VENV/bin/python" -c 'import torch' 2>/dev/null || pip install torch==2.13.0
 
+# h5py built against this machine's parallel HDF5 takes minutes: the wheel is built once
+# per (h5py, HDF5, Python) and kept in MPINN_WHEELS (default ~/.cache/mpinn-wheels), so a
+# fresh clone on the same machine (CI) installs it in seconds. The import check below
+# still proves it was built with MPI.
+H5PY_VERSION=3.16.0
 if ! "$VENV/bin/python" -c 'import h5py, sys; sys.exit(0 if h5py.get_config().mpi else 1)' 2>/dev/null; then
-    echo "setup: building h5py against parallel HDF5 (a few minutes)"
+    py_tag=$("$VENV/bin/python" -c 'import sys; print(f"cp{sys.version_info[0]}{sys.version_info[1]}")')
+    wheels="${MPINN_WHEELS:-$HOME/.cache/mpinn-wheels}/h5py-$H5PY_VERSION-hdf5-$(pkg-config --modversion hdf5-openmpi)-$py_tag"
+    if ! ls "$wheels"/h5py-*.whl >/dev/null 2>&1; then
+        echo "setup: building h5py against parallel HDF5 (a few minutes, once per machine)"
+        mkdir -p "$wheels"
+        CC=mpicc HDF5_MPI=ON HDF5_PKGCONFIG_NAME=hdf5-openmpi \
+            pip wheel --no-binary=h5py --no-build-isolation --no-deps --no-cache-dir \
+            -w "$wheels" "h5py==$H5PY_VERSION"
+    fi
     pip uninstall -y h5py >/dev/null 2>&1 || true
-    CC=mpicc HDF5_MPI=ON HDF5_PKGCONFIG_NAME=hdf5-openmpi \
-        pip install --no-binary=h5py --no-build-isolation --no-cache-dir h5py
+    pip install --no-index --no-deps "$wheels"/h5py-*.whl
 fi
 pip install --no-deps --no-build-isolation -e .
 
