@@ -55,8 +55,8 @@ def between_nodes(model: str, nranks: int, per_node: int, strategy: str
     code = (
         "import sys, numpy as np, h5py; from mpi4py import MPI\n"
         "from mpinn import format as fmt, topology\n"
-        "from mpinn.describe import rank_traffic\n"
-        "from mpinn.metadata import MetadataTable\n"
+        "from mpinn.partition.traffic import rank_traffic\n"
+        "from mpinn.partition.metadata import MetadataTable\n"
         "from mpinn.train import owner_for_strategy\n"
         "path, p, k, strategy = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]\n"
         "with fmt.opened(path, 'r', MPI.COMM_SELF) as f:\n"
@@ -96,13 +96,12 @@ def live_share(model: str, data: str) -> float:
     import h5py
     import numpy as np
 
-    from mpinn import bench as challenge
-    from mpinn import sparse_dnn
+    from mpinn.tools import graphchallenge, sparse_dnn
 
     with h5py.File(data, "r") as f:
         y = np.ascontiguousarray(f["X"][...].T)  # (n, samples)
     live, layers = 0, 0
-    for weight in challenge.model_layers(model):
+    for weight in graphchallenge.model_layers(model):
         live += np.count_nonzero(y.any(axis=0))
         layers += 1
         y = np.minimum(np.maximum(weight @ y + np.float32(sparse_dnn.challenge_bias(y.shape[0])),

@@ -46,12 +46,13 @@ def worker(args: argparse.Namespace) -> None:
     import numpy as np
     from mpi4py import MPI
 
-    from mpinn import bench
-    from mpinn import format as fmt
-    from mpinn.data import load
-    from mpinn.exchange import MAX, allreduce
-    from mpinn.topology import job_nodes
-    from mpinn.train import DistributedModel, PartitionChoice
+    from mpinn.comm.collectives import MAX, allreduce
+    from mpinn.comm.topology import job_nodes
+    from mpinn.io import hdf5
+    from mpinn.io.datafile import load
+    from mpinn.model import DistributedModel
+    from mpinn.partition.choice import PartitionChoice
+    from mpinn.tools import graphchallenge
 
     comm = MPI.COMM_WORLD
     kinds = args.kinds.split(",")
@@ -62,8 +63,8 @@ def worker(args: argparse.Namespace) -> None:
     data = load(args.data, models[kinds[0]].table, models[kinds[0]].spec.dtype, comm)
     truth = None
     if not training:
-        with fmt.opened(args.data, "r", MPI.COMM_SELF) as f:
-            truth = bench._truth(f, args.data)
+        with hdf5.opened(args.data, "r", MPI.COMM_SELF) as f:
+            truth = graphchallenge._truth(f, args.data)
     n = data.n_samples if not training else args.batch * args.steps
     features = np.empty((data.features.shape[0], args.batch), dtype=data.features.dtype)
 

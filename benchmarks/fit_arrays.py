@@ -23,9 +23,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from mpi4py import MPI  # noqa: E402
 
 import mpinn  # noqa: E402
-from mpinn import format as fmt  # noqa: E402
-from mpinn import train as loop  # noqa: E402
-from mpinn.data import from_arrays, load, synthetic_classification  # noqa: E402
+from mpinn import train
+from mpinn.io import datafile  # noqa: E402
+from mpinn.io.datafile import from_arrays, load, synthetic_classification  # noqa: E402
 
 
 def main() -> None:
@@ -44,7 +44,7 @@ def main() -> None:
     x, y = synthetic_classification(args.samples, sizes[0], sizes[-1], seed=0)
     data = os.path.join(where, "data.h5")
     if comm.rank == 0:
-        fmt.write_data(data, x, y)
+        datafile.write_data(data, x, y)
     comm.Barrier()
     options = dict(epochs=args.epochs, batch_size=args.batch, lr=0.01, seed=1)
     per_epoch: dict[str, list[float]] = {"train on a file": [], "fit on arrays": []}
@@ -60,7 +60,7 @@ def main() -> None:
                 if name == "train on a file":
                     local = load(data, model.table, model.spec.dtype, comm)
                     intake[name].append(time.perf_counter() - started)
-                    result = loop.train(model, local, optimizer_name="sgd", **options)
+                    result = train.train(model, local, optimizer_name="sgd", **options)
                     rates = [s.samples_per_second for s in result.history]
                 else:
                     local = from_arrays(x, y, model.table, model.spec.dtype, comm)

@@ -29,16 +29,18 @@ from train_mlp import child_env  # noqa: E402
 def worker(args: argparse.Namespace) -> None:
     from mpi4py import MPI
 
-    from mpinn import format as fmt
-    from mpinn.data import load
-    from mpinn.train import DistributedModel, PartitionChoice, train
+    from mpinn.io import hdf5
+    from mpinn.io.datafile import load
+    from mpinn.model import DistributedModel
+    from mpinn.partition.choice import PartitionChoice
+    from mpinn.train import train
 
     comm = MPI.COMM_WORLD
     baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     start = time.perf_counter()
     with DistributedModel(args.model, comm, PartitionChoice(), args.batch) as model:
         load_seconds = time.perf_counter() - start
-        read = sum(fmt.READ_STATS.values()) * model.spec.dtype.itemsize
+        read = sum(hdf5.READ_STATS.values()) * model.spec.dtype.itemsize
         data = load(args.data, model.table, model.spec.dtype, comm)
         started = time.perf_counter()
         train(model, data, epochs=1, batch_size=args.batch, lr=1e-4, shuffle=False)

@@ -33,10 +33,11 @@ from train_mlp import ROOT, run  # noqa: E402
 
 sys.path.insert(0, str(ROOT))
 
-from mpinn import distributor, topology  # noqa: E402
-from mpinn import format as fmt  # noqa: E402
-from mpinn.describe import rank_traffic  # noqa: E402
-from mpinn.metadata import MetadataTable  # noqa: E402
+from mpinn.comm import topology
+from mpinn.io import create, hdf5, schema
+from mpinn.partition import strategies  # noqa: E402
+from mpinn.partition.metadata import MetadataTable  # noqa: E402
+from mpinn.partition.traffic import rank_traffic  # noqa: E402
 from tests.helpers import grouped_network  # noqa: E402 - the network the tests place
 
 CLUSTER = Path("/run/mpinn-cluster")
@@ -45,10 +46,10 @@ PLACEMENTS = {"block": np.array([0, 0, 1, 1]), "cyclic": np.array([0, 1, 0, 1])}
 
 def between(model: str, owner: np.ndarray, node: np.ndarray) -> int:
     """Values per sample sent forward between nodes, from the partition report."""
-    with fmt.opened(model, "r", MPI.COMM_SELF) as f:
-        spec = fmt.read_spec(f)
+    with hdf5.opened(model, "r", MPI.COMM_SELF) as f:
+        spec = schema.read_spec(f)
         table = MetadataTable.build(spec.sizes, owner, node.size)
-        matrix = rank_traffic(spec, table, fmt.wiring_reader(f, spec)).forward_matrix
+        matrix = rank_traffic(spec, table, schema.wiring_reader(f, spec)).forward_matrix
     return topology.split_by_node(matrix, node)[0] // spec.dtype.itemsize
 
 
@@ -69,15 +70,15 @@ def main() -> None:
                              partner_reads=args.partner_reads)
     for w in layers:  # uniform(-1, 1) / sqrt(fan-in): activations keep their scale
         w.data *= 2 / np.sqrt(args.fan_in)
-    wiring = distributor.Wiring([np.diff(w.indptr) for w in layers],
+    wiring = strategies.Wiring([np.diff(w.indptr) for w in layers],
                                 lambda i: (layers[i - 1].indptr.astype(np.int64),
                                            layers[i - 1].indices.astype(np.int64)))
-    plain = distributor.partition(sizes, 4, "mincut", {}, wiring)
-    aware = {name: distributor.partition(sizes, 4, "mincut", {}, wiring, node)
+    plain = strategies.partition(sizes, 4, "mincut", {}, wiring)
+    aware = {name: strategies.partition(sizes, 4, "mincut", {}, wiring, node)
              for name, node in PLACEMENTS.items()}
     with tempfile.TemporaryDirectory(prefix="mpinn-placement-") as tmp:
         model, data = f"{tmp}/pairs.h5", f"{tmp}/data.h5"
-        fmt.write_model(model, sizes, [fmt.LayerArrays("relu" if i < n - 1 else "identity", w,
+        create.write_model(model, sizes, [create.LayerArrays("relu" if i < n - 1 else "identity", w,
                                                        np.zeros(width)) for i, w in
                                        enumerate(layers)], "float32")
         run([sys.executable, "-m", "mpinn", "data", "regression", data, "--samples",

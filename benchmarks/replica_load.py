@@ -36,7 +36,8 @@ def worker(args: argparse.Namespace) -> None:
     """Open the model ``repeat`` times each way, alternating; rank 0 prints the times."""
     from mpi4py import MPI
 
-    from mpinn.train import DistributedModel, PartitionChoice
+    from mpinn.model import DistributedModel
+    from mpinn.partition.choice import PartitionChoice
 
     comm = MPI.COMM_WORLD
     times: dict[str, list[float]] = {way: [] for way in WAYS}

@@ -68,11 +68,12 @@ def held_buffers(engine: object) -> int:
 def worker(args: argparse.Namespace) -> None:
     from mpi4py import MPI
 
-    from mpinn import format as fmt
-    from mpinn.engine import Engine
-    from mpinn.metadata import MetadataTable
+    from mpinn.engine.engine import Engine
+    from mpinn.io import checkpoint as mpinn_checkpoint
+    from mpinn.io import create, hdf5, schema
+    from mpinn.partition.choice import owner_for_strategy
+    from mpinn.partition.metadata import MetadataTable
     from mpinn.shard import Shard
-    from mpinn.train import owner_for_strategy
 
     comm = MPI.COMM_WORLD
     sizes = [args.width] * (args.depth + 1)
@@ -90,11 +91,11 @@ def worker(args: argparse.Namespace) -> None:
         peaks[name] = tracemalloc.get_traced_memory()[1] - held_before
         return result
 
-    stage("init", lambda: fmt.create_model(
+    stage("init", lambda: create.create_model(
         args.model, sizes, ["relu"] * args.depth, "float32", seed=1, comm=comm,
-        storages=["csr"], sparse=fmt.SparseInit(fan_in=args.fan_in)))
-    f = fmt.open_file(args.model, "r", comm)
-    spec = fmt.read_spec(f)
+        storages=["csr"], sparse=create.SparseInit(fan_in=args.fan_in)))
+    f = hdf5.open_file(args.model, "r", comm)
+    spec = schema.read_spec(f)
     table = stage("partition", lambda: MetadataTable.build(
         sizes, owner_for_strategy(f, spec, comm.size, args.strategy, {}, comm), comm.size))
     shard = stage("load", lambda: Shard.load(f, spec, table, comm))
@@ -105,9 +106,9 @@ def worker(args: argparse.Namespace) -> None:
     stage("inference", lambda: engine.forward(x))
 
     def checkpoint() -> None:
-        with fmt.Checkpoint(args.model, spec, {}, comm) as out:
+        with mpinn_checkpoint.Checkpoint(args.model, spec, {}, comm) as out:
             shard.save(out)
-            fmt.write_state_attrs(out, {"epoch": 0, "step": 0, "batch": 0})
+            schema.write_state_attrs(out, {"epoch": 0, "step": 0, "batch": 0})
 
     stage("checkpoint", checkpoint)
     held = {"rows": sum(array_bytes(layer) for layer in shard.layers),

@@ -56,13 +56,13 @@ def main() -> None:
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[var] = "1"
     sys.path.insert(0, str(ROOT))
-    from mpinn import bench, sparse_dnn
+    from mpinn.tools import graphchallenge, sparse_dnn
 
     n, layers, samples = args.neurons, args.layers, args.samples
     with tempfile.TemporaryDirectory(prefix="mpinn-sparse-") as tmp:
         model, data = f"{tmp}/model.h5", f"{tmp}/inputs.h5"
-        bench.make_challenge(model, data, n, layers, samples)
-        weights = list(bench.model_layers(model))
+        graphchallenge.make_challenge(model, data, n, layers, samples)
+        weights = list(graphchallenge.model_layers(model))
         import h5py
         with h5py.File(data, "r") as f:
             y0 = f["X"][...]
@@ -70,9 +70,10 @@ def main() -> None:
         edges = sum(w.nnz for w in weights)
         work = samples * edges
         bias = sparse_dnn.challenge_bias(n)
-        whole = best_seconds(lambda: bench.plain_inference(iter(weights), bias, y0), args.repeat)
+        whole = best_seconds(lambda: graphchallenge.plain_inference(iter(weights), bias, y0), args.repeat)
         chunks = [y0[i:i + args.batch_size] for i in range(0, samples, args.batch_size)]
-        batched = best_seconds(lambda: [bench.plain_inference(iter(weights), bias, c) for c in chunks],
+        batched = best_seconds(lambda: [graphchallenge.plain_inference(iter(weights), bias, c)
+                                        for c in chunks],
                                args.repeat)
         plain = min(whole, batched)
         pruned = best_seconds(lambda: sparse_dnn.infer(iter(weights), bias, y0), args.repeat)

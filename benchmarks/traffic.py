@@ -20,7 +20,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
 from train_mlp import child_env  # noqa: E402
 
-from mpinn import distributor  # noqa: E402
+from mpinn.partition import strategies  # noqa: E402
 
 STRATEGIES = {
     "balanced": lambda sizes, p: {},
@@ -47,8 +47,9 @@ def formula(sizes: list[int], owner: np.ndarray, p: int, batch: int, item: int) 
 def worker(args: argparse.Namespace) -> None:
     from mpi4py import MPI
 
-    from mpinn.data import load
-    from mpinn.train import DistributedModel, PartitionChoice
+    from mpinn.io.datafile import load
+    from mpinn.model import DistributedModel
+    from mpinn.partition.choice import PartitionChoice
 
     comm = MPI.COMM_WORLD
     sizes = [int(n) for n in args.sizes.split(",")]
@@ -96,7 +97,7 @@ def main() -> None:
                                  check=True, env=env, capture_output=True, text=True)
             moved = json.loads(out.stdout.strip().splitlines()[-1])
             for name, params in STRATEGIES.items():
-                owner = distributor.partition(sizes, p, name, params(sizes, p))
+                owner = strategies.partition(sizes, p, name, params(sizes, p))
                 expect = formula(sizes, owner, p, args.batch, 4)
                 print(f"{p:>2} {name:<11} {expect / 1e6:>11.2f} {moved[name] / 1e6:>10.2f} "
                       f"{'yes' if expect == moved[name] else 'NO':>6}")

@@ -91,8 +91,10 @@ def worker_mpinn(args: argparse.Namespace) -> None:
     import numpy as np
     from mpi4py import MPI
 
-    from mpinn.data import load
-    from mpinn.train import DistributedModel, PartitionChoice, train
+    from mpinn.io.datafile import load
+    from mpinn.model import DistributedModel
+    from mpinn.partition.choice import PartitionChoice
+    from mpinn.train import train
 
     comm = MPI.COMM_WORLD
     params = ({"layer_ranks": [int(r) for r in args.layer_ranks.split(",")]}
@@ -358,23 +360,23 @@ def worker_plan(args: argparse.Namespace) -> None:
     import numpy as np
     from mpi4py import MPI
 
-    from mpinn import layout
+    from mpinn.partition import costmodel
     comm = MPI.COMM_WORLD
     sizes = [int(n) for n in args.sizes.split(",")]
     itemsize = np.dtype(args.dtype).itemsize
-    machine = layout.probe(comm, sizes, args.batch, args.dtype)
+    machine = costmodel.probe(comm, sizes, args.batch, args.dtype)
     strategy = args.strategy if args.strategy in ("balanced", "layers") else "balanced"
-    _, table = layout.choose(sizes, args.batch, comm.size, machine, itemsize)
+    _, table = costmodel.choose(sizes, args.batch, comm.size, machine, itemsize)
     # as --replicas auto does: layouts whose modelled step is short are timed too
-    table = layout.time_small(comm, sizes, args.batch, args.dtype, table)
+    table = costmodel.time_small(comm, sizes, args.batch, args.dtype, table)
     chosen = table[0]
     plans = []
     for r in (int(r) for r in args.replicas.split(",")):
-        lay = layout.Layout(r, comm.size // r, strategy,
+        lay = costmodel.Layout(r, comm.size // r, strategy,
                             args.micro_batches if strategy == "layers" else 1)
-        p = next((t for t in table if t.layout == lay), None) or layout.time_small(
+        p = next((t for t in table if t.layout == lay), None) or costmodel.time_small(
             comm, sizes, args.batch, args.dtype,
-            [layout.predict(sizes, args.batch, itemsize, lay, machine)])[0]
+            [costmodel.predict(sizes, args.batch, itemsize, lay, machine)])[0]
         plans.append({"layout": str(lay), "step": p.step, "modelled": p.modelled,
                       "timed": p.timed is not None, "compute": p.compute,
                       "exchange": p.exchange, "allreduce": p.allreduce})
@@ -386,7 +388,7 @@ def worker_plan(args: argparse.Namespace) -> None:
 def print_prediction(plan: dict, measured_sps: list[float], batch: int) -> None:
     """The cost model's step time next to the measured one (median of the rounds), one
     line per layout run, and the layout the model would choose."""
-    print("\ncost model (mpinn/layout.py, probed on these ranks), per layout run:")
+    print("\ncost model (mpinn/partition/costmodel.py, probed on these ranks), per layout run:")
     for one, sps in zip(plan["plans"], measured_sps, strict=True):
         measured = batch / sps
         off = 100 * (one["step"] - measured) / measured

@@ -2,6 +2,6 @@
 
 import sys
 
-from mpinn.cli import main
+from mpinn.cli.commands import main
 
 sys.exit(main())

@@ -29,14 +29,18 @@ from typing import Any, TypeVar
 import numpy as np
 from mpi4py import MPI
 
-from mpinn import distributor, lock, options, outputs
-from mpinn import format as fmt
-from mpinn import train as loop
-from mpinn.data import LocalData, from_arrays, load
+from mpinn import config, train
+from mpinn import model as mpinn_model
+from mpinn.comm.collectives import agree, gather_layer, on_root
+from mpinn.comm.exchange import check_exchange
+from mpinn.comm.watchdog import collective, meet
 from mpinn.errors import MpinnError, install_excepthook
-from mpinn.exchange import agree, check_exchange, gather_layer, on_root
+from mpinn.io import create as mpinn_create
+from mpinn.io import hdf5, lock, schema, staging
+from mpinn.io.datafile import LocalData, from_arrays, load
+from mpinn.partition import choice as mpinn_choice
+from mpinn.partition.choice import partition_choice
 from mpinn.trace import NULL, Tracer
-from mpinn.watchdog import collective, meet
 
 install_excepthook()  # an MpinnError nobody catches is one line, not a traceback per rank
 
@@ -44,10 +48,6 @@ Callback = Callable[[dict[str, Any]], Any]
 F = TypeVar("F", bound=Callable[..., Any])
 
 OPEN_BATCH = 256  # batch an opened network is ready for before fit or predict ask for more
-
-# each strategy parameter and the strategy it belongs to
-STRATEGY_OF = {"counts": "count", "percentages": "percentage", "ids": "ids",
-               "layer_ranks": "layers"}
 
 
 @dataclass
@@ -73,40 +73,6 @@ class History:
         return [record[key] for record in self.epochs]
 
 
-def partition_choice(strategy: str | None = None, *, counts: Any = None, percentages: Any = None,
-                     ids: Any = None, layer_ranks: Any = None,
-                     partition: str | None = None) -> loop.PartitionChoice:
-    """A stored ``partition`` by name, or a strategy with its parameters.
-
-    Parameters are lists (``counts=[10, 20]``) or the command line's text (``"10,20"``);
-    ``ids`` a dict {rank: [gid or [start, stop)]} or the path of such a JSON file. The
-    strategy may be left out when one parameter names it (``counts`` -> count).
-    """
-    given = {key: value for key, value in (("counts", counts), ("percentages", percentages),
-                                           ("ids", ids), ("layer_ranks", layer_ranks))
-             if value is not None}
-    if partition is not None:
-        if strategy is not None or given:
-            raise MpinnError("give partition= (a stored partition) or strategy= with its "
-                             "parameters, not both")
-        return loop.PartitionChoice(str(partition))
-    if strategy is None:
-        implied = {STRATEGY_OF[key] for key in given}
-        strategy = implied.pop() if len(implied) == 1 else "balanced"
-    if strategy not in distributor.STRATEGIES:
-        raise MpinnError(f"unknown partition strategy {strategy!r} "
-                         f"(known: {', '.join(distributor.STRATEGIES)})")
-    for key in given:
-        if STRATEGY_OF[key] != strategy:
-            raise MpinnError(f"{key}= applies to strategy={STRATEGY_OF[key]!r}, not {strategy!r}")
-    if isinstance(ids, dict):
-        params: dict[str, Any] = {"ids": {str(rank): spec for rank, spec in ids.items()}}
-    else:
-        params = distributor.params_from_flags(
-            strategy, counts, percentages, None if ids is None else os.fspath(ids), layer_ranks)
-    return loop.PartitionChoice(None, strategy, params)
-
-
 def _collective(call: str) -> Callable[[F], F]:
     """A collective method of ``Network``: its first use loads the model (meeting the other
     ranks as "load", as a property read on every rank would), then it meets them as
@@ -126,14 +92,14 @@ class Network:
 
     Every method is collective: call it on every rank with the same arguments; a call
     made on some ranks only ends the job with one line after ``MPINN_COLLECTIVE_TIMEOUT``
-    seconds (``mpinn.watchdog``). Errors are raised as ``MpinnError`` on every rank. The
+    seconds (``mpinn.comm.watchdog``). Errors are raised as ``MpinnError`` on every rank. The
     calls that write the model (``create``, ``fit``, ``save``) hold its lock, as the CLI
     does, and refuse a model committed by another handle or job since this one loaded it.
     Build one with ``Network.create`` or ``Network.open``; close it with ``close()`` or a
     ``with`` block.
     """
 
-    def __init__(self, path: str | os.PathLike[str], choice: loop.PartitionChoice,
+    def __init__(self, path: str | os.PathLike[str], choice: mpinn_choice.PartitionChoice,
                  comm: MPI.Comm | None = None, dtype: str | None = None,
                  replicas: int = 1, exchange: str = "auto", *, locked: bool = False) -> None:
         """``locked``: the caller holds the locks of the files that ``fit`` and ``save``
@@ -146,7 +112,7 @@ class Network:
         self._choice = choice
         self._dtype = dtype
         self._exchange = exchange
-        self._model: loop.DistributedModel | None = None
+        self._model: mpinn_model.DistributedModel | None = None
         self._closed = False
 
     # ------------------------------------------------------------ making and opening
@@ -173,7 +139,7 @@ class Network:
         number of ranks. The network returned uses the balanced partition and is loaded
         at its first use; ``Network.open`` chooses another.
         """
-        options.check_on(comm, "create", locals())
+        config.check_on(comm, "create", locals())
         path = os.fspath(path)
         comm = comm if comm is not None else MPI.COMM_WORLD
 
@@ -192,7 +158,7 @@ class Network:
                 raise MpinnError("fan_in and density apply to storage csr layers only")
             # a directory, or a directory that is missing or read-only (an existing file:
             # below, with the API's own words)
-            outputs.check({"create: path": path}, {}, force=True)
+            staging.check({"create: path": path}, {}, force=True)
             if os.path.exists(path) and not force:
                 raise MpinnError(f"{path} exists; pass force=True to overwrite it")
             return layers, [*hidden, output], storages
@@ -201,9 +167,9 @@ class Network:
         # (node-local storage) stops them all
         layers, activations, storages = agree(comm, check)
         with _locks(comm, [path], "written by Network.create"):
-            fmt.create_model(path, layers, activations, dtype, seed, comm, storages,
-                             fmt.SparseInit(fan_in, density), cap, negative_slope, dropout)
-        return cls(path, loop.PartitionChoice(), comm)
+            mpinn_create.create_model(path, layers, activations, dtype, seed, comm, storages,
+                             mpinn_create.SparseInit(fan_in, density), cap, negative_slope, dropout)
+        return cls(path, mpinn_choice.PartitionChoice(), comm)
 
     @classmethod
     @collective("open")
@@ -227,9 +193,9 @@ class Network:
         over the groups and sums their gradients, predict and evaluate split the samples.
         Results equal those of R = 1 (docs/scaling.md).
         """
-        options.check_on(comm, "open", locals())
-        def check() -> loop.PartitionChoice:
-            if dtype is not None and dtype not in fmt.DTYPES:
+        config.check_on(comm, "open", locals())
+        def check() -> mpinn_choice.PartitionChoice:
+            if dtype is not None and dtype not in schema.DTYPES:
                 raise MpinnError(f"dtype {dtype!r} is not supported (float32 or float64)")
             check_exchange(exchange)
             return partition_choice(strategy, counts=counts, percentages=percentages, ids=ids,
@@ -241,13 +207,13 @@ class Network:
         return net
 
     @property
-    def model(self) -> loop.DistributedModel:
+    def model(self) -> mpinn_model.DistributedModel:
         """The opened model: spec, partition table, this rank's shard and engine."""
         if self._closed:
             raise MpinnError(f"{self.path}: the network is closed")
         if self._model is None:
             meet(self.comm, "load")  # loading is collective: it meets the other ranks too
-            model = loop.DistributedModel(self.path, self.comm, self._choice, OPEN_BATCH,
+            model = mpinn_model.DistributedModel(self.path, self.comm, self._choice, OPEN_BATCH,
                                           training=False, replicas=self._replicas,
                                           exchange=self._exchange)
             if self._dtype is not None and np.dtype(self._dtype) != model.spec.dtype:
@@ -339,9 +305,9 @@ class Network:
                  "gamma": gamma, "min_lr": min_lr, "warmup_steps": warmup_steps,
                  "clip_norm": clip_norm, "dropout": dropout}
         model = self.model
-        options.check_on(self.comm, "fit", locals())  # after the load: see options.check_on
+        config.check_on(self.comm, "fit", locals())  # after the load: see options.check_on
         if keep_best:
-            agree(self.comm, lambda: loop.check_best(self.path, force))
+            agree(self.comm, lambda: train.check_best(self.path, force))
         data = self._data(x, y, "X", "fit data")
         validation = None
         if validation_data is not None:
@@ -354,33 +320,33 @@ class Network:
 
         def check() -> dict[str, Any]:
             if log_json is not None:  # checked before any epoch, as the CLI does
-                outputs.check({"fit: log_json": os.fspath(log_json)}, {"the model": self.path},
+                staging.check({"fit: log_json": os.fspath(log_json)}, {"the model": self.path},
                               force=True)
             if trace is not None:
-                outputs.check({"fit: trace": os.fspath(trace)}, {"the model": self.path},
+                staging.check({"fit: trace": os.fspath(trace)}, {"the model": self.path},
                               force=bool(force))
-            return loop.resolve_run(self.path, model.state, named, bool(reset_optimizer))
+            return train.resolve_run(self.path, model.state, named, bool(reset_optimizer))
 
         run = agree(self.comm, check)
         tracer = Tracer(self.comm) if trace is not None else NULL
         history = History()
         callbacks = list(callbacks)
 
-        def on_epoch(stats: loop.EpochStats) -> bool:
+        def on_epoch(stats: train.EpochStats) -> bool:
             record = stats.record(validation=True)
             history.epochs.append(record)
             answers = [_call_back(callback, record) for callback in callbacks]
             return not any(answer is False for answer in answers)
 
         rank0 = self.comm.rank == 0
-        written = [self.path, *([loop.best_path(self.path)] if keep_best else [])]
+        written = [self.path, *([train.best_path(self.path)] if keep_best else [])]
         with self._write_access(written, "trained by Network.fit"):
-            result = loop.train(
+            result = train.train(
                 model, data, epochs=epochs, batch_size=batch_size, lr=run["lr"],
                 optimizer_name=run["optimizer"], momentum=run["momentum"], seed=seed,
                 shuffle=shuffle, checkpoint_every=checkpoint_every, keep=keep, resume=resume,
                 micro_batches=micro_batches, progress=progress and rank0,
-                report=loop.epoch_reporter(not verbose, log_json) if rank0 else None,
+                report=train.epoch_reporter(not verbose, log_json) if rank0 else None,
                 validation=validation, patience=patience, keep_best=keep_best,
                 on_epoch=on_epoch, schedule=run["schedule"], step_size=run["step_size"],
                 gamma=run["gamma"], min_lr=run["min_lr"], warmup_steps=run["warmup_steps"],
@@ -397,9 +363,9 @@ class Network:
     def predict(self, x: Any, batch_size: int | None = None) -> np.ndarray:
         """The output layer's activations, (samples, outputs), the same array on every rank."""
         model = self.model
-        options.check_on(self.comm, "predict", locals())  # after the load: see options.check_on
+        config.check_on(self.comm, "predict", locals())  # after the load: see options.check_on
         data = self._data(x, None, "X", "predict data")
-        local = loop.predict(model, data, batch_size or model.engine.max_batch)
+        local = train.predict(model, data, batch_size or model.engine.max_batch)
         whole = gather_layer(model.group, model.table.layer_owner(len(model.spec.sizes) - 1),
                              local)
         return np.ascontiguousarray(whole.T)
@@ -408,11 +374,11 @@ class Network:
     def evaluate(self, x: Any, y: Any = None, batch_size: int | None = None) -> dict[str, Any]:
         """{"loss": mean loss, "accuracy": fraction right (None for float targets)}."""
         model = self.model
-        options.check_on(self.comm, "evaluate", locals())  # after the load: see options.check_on
+        config.check_on(self.comm, "evaluate", locals())  # after the load: see options.check_on
         data = self._data(x, y, "X", "evaluate data")
         if data.labels is None and data.targets is None:
             raise MpinnError("evaluate needs y (labels or targets)")
-        loss, accuracy = loop.evaluate(model, data, batch_size or model.engine.max_batch)
+        loss, accuracy = train.evaluate(model, data, batch_size or model.engine.max_batch)
         return {"loss": loss, "accuracy": accuracy}
 
     @_collective("save")
@@ -447,7 +413,7 @@ class Network:
                 model = self.model
 
                 def check() -> None:
-                    if fmt.file_identity(self.path) != model.committed:
+                    if hdf5.file_identity(self.path) != model.committed:
                         raise MpinnError(
                             f"{self.path} was committed by another Network handle or job since "
                             "this one loaded it; writing now would put older weights back: "
@@ -461,7 +427,7 @@ class Network:
         return self
 
     def __exit__(self, _type: type | None, exc: BaseException | None, _tb: object) -> None:
-        if fmt.safe_to_close(exc):  # never a collective close that only some ranks reach
+        if hdf5.safe_to_close(exc):  # never a collective close that only some ranks reach
             self.close()
 
     def __repr__(self) -> str:

@@ -19,12 +19,15 @@ import h5py
 import numpy as np
 from mpi4py import MPI
 
-from mpinn import format as fmt
 from mpinn import kernels
-from mpinn.errors import MpinnError, inject_fault
-from mpinn.exchange import ReplicaGroups, agree, receive_order
-from mpinn.format import LayerSpec, ModelSpec
-from mpinn.metadata import MetadataTable
+from mpinn._testing.faults import inject_fault
+from mpinn.comm.collectives import agree
+from mpinn.comm.replicas import ReplicaGroups
+from mpinn.errors import MpinnError
+from mpinn.io import hdf5, schema
+from mpinn.io.schema import LayerSpec, ModelSpec
+from mpinn.partition.metadata import MetadataTable
+from mpinn.partition.traffic import receive_order
 
 # peak bytes per neuron while a rank builds the replicated partition table: the owner array
 # and its per-layer forms (measured with tracemalloc for the balanced strategy: 8.0)
@@ -111,17 +114,17 @@ class LayerShard:
 
     def read_weight_like(self, dset: h5py.Dataset) -> np.ndarray:
         """My rows of a weight-shaped dataset, in memory order (collective)."""
-        return self.from_file_columns(fmt.read_slice(dset, self.rows))
+        return self.from_file_columns(hdf5.read_slice(dset, self.rows))
 
     def write_weight_like(self, dset: h5py.Dataset, values: np.ndarray) -> None:
         """Write a weight-shaped array of mine into the file (collective)."""
         with self.file_columns(values) as in_file_order:
-            fmt.write_slice(dset, self.rows, in_file_order)
+            hdf5.write_slice(dset, self.rows, in_file_order)
 
     def save(self, group: h5py.Group) -> None:
         """Write my rows of this layer into a new file's group (collective)."""
         self.write_weight_like(group["weight"], self.weight)
-        fmt.write_slice(group["bias"], self.rows, self.bias)
+        hdf5.write_slice(group["bias"], self.rows, self.bias)
 
     @contextmanager
     def file_order(self, values: np.ndarray) -> Iterator[np.ndarray]:
@@ -150,7 +153,7 @@ class CsrLayerShard(LayerShard):
     n_local_entries: int = 0
 
     @classmethod
-    def build(cls, spec: fmt.LayerSpec, rows: np.ndarray, csr: fmt.CsrRows, values: np.ndarray,
+    def build(cls, spec: schema.LayerSpec, rows: np.ndarray, csr: schema.CsrRows, values: np.ndarray,
               bias: np.ndarray, owner: np.ndarray, rank: int, size: int) -> CsrLayerShard:
         """Arrange my rows' entries (file order) into the two blocks (pure)."""
         inputs = receive_order(np.unique(csr.indices), owner, rank, size)
@@ -225,21 +228,21 @@ class CsrLayerShard(LayerShard):
         return (self.spec.nnz,)
 
     def read_weight_like(self, dset: h5py.Dataset) -> np.ndarray:
-        return np.ascontiguousarray(fmt.read_ranges(dset, self.ranges)[self.order])
+        return np.ascontiguousarray(hdf5.read_ranges(dset, self.ranges)[self.order])
 
     def write_weight_like(self, dset: h5py.Dataset, values: np.ndarray) -> None:
         with self.file_order(values) as in_file_order:
-            fmt.write_ranges(dset, self.ranges, in_file_order)
+            hdf5.write_ranges(dset, self.ranges, in_file_order)
 
     def save(self, group: h5py.Group) -> None:
         # the wiring is written with the weights: the new file is complete on its own
         # indptr[row + 1] for each of my rows; indptr[0] by the owner of row 0
         head = 1 if self.rows.size and self.rows[0] == 0 else 0
-        fmt.write_slice(group["indptr"], np.concatenate([[0] * head, self.rows + 1]),
+        hdf5.write_slice(group["indptr"], np.concatenate([[0] * head, self.rows + 1]),
                         np.concatenate([[0] * head, self.row_ends]))
-        fmt.write_ranges(group["indices"], self.ranges, self.file_indices)
+        hdf5.write_ranges(group["indices"], self.ranges, self.file_indices)
         self.write_weight_like(group["data"], self.weight)
-        fmt.write_slice(group["bias"], self.rows, self.bias)
+        hdf5.write_slice(group["bias"], self.rows, self.bias)
 
     @contextmanager
     def file_order(self, values: np.ndarray) -> Iterator[np.ndarray]:
@@ -273,7 +276,7 @@ class Shard:
         (about TABLE_BYTES_PER_NEURON at its peak, on every rank) or whose average share of
         the parameters (4 copies, as ``check_fits``) cannot fit ``ranks_here`` times in this
         node's memory: every rank of the node builds the same table, and holds a share."""
-        available = fmt.available_memory()
+        available = hdf5.available_memory()
         neurons = sum(spec.sizes)
         table = TABLE_BYTES_PER_NEURON * neurons
         if table * ranks_here > available:
@@ -298,9 +301,9 @@ class Shard:
         rows = sum(int(table.counts(ly.index)[rank]) * (ly.nnz / ly.n_out + 1) for ly in spec.layers)
         work = sum(int(table.counts(ly.index)[rank]) * 4 + ly.n_in * 2 for ly in spec.layers)
         need = (4 * rows + work * max_batch) * spec.dtype.itemsize
-        if need > fmt.available_memory():
+        if need > hdf5.available_memory():
             raise MpinnError(f"rank {rank}'s share of the model needs about {need / 2**30:.1f} GiB "
-                             f"but only {fmt.available_memory() / 2**30:.1f} GiB are available; "
+                             f"but only {hdf5.available_memory() / 2**30:.1f} GiB are available; "
                              "use more ranks or a smaller --batch-size")
 
     @classmethod
@@ -316,15 +319,15 @@ class Shard:
             if ly.sparse:
                 where = f"{f.filename}: /layers/{ly.index}"
                 csr = agree(comm, lambda group=group, rows=rows, where=where, ly=ly:
-                            fmt.read_csr_rows(group, rows, where, ly.n_in))
-                values = fmt.read_ranges(group["data"], csr.ranges)
-                bias = fmt.read_slice(group["bias"], rows)
+                            schema.read_csr_rows(group, rows, where, ly.n_in))
+                values = hdf5.read_ranges(group["data"], csr.ranges)
+                bias = hdf5.read_slice(group["bias"], rows)
                 layers.append(CsrLayerShard.build(ly, rows, csr, values, bias, owner, rank, size))
                 continue
             needed = np.arange(ly.n_in) if rows.size else np.zeros(0, dtype=np.int64)
             inputs = receive_order(needed, owner, rank, size)
-            weight = fmt.read_slice(group["weight"], rows)
-            bias = fmt.read_slice(group["bias"], rows)
+            weight = hdf5.read_slice(group["weight"], rows)
+            bias = hdf5.read_slice(group["bias"], rows)
             n_local = int(np.count_nonzero(owner[inputs] == rank))
             shard = LayerShard(ly, rows, inputs, weight, bias, n_local)
             shard.weight = shard.from_file_columns(weight)  # to receive order, in place

@@ -117,7 +117,7 @@ class Tracer(NullTracer):
 
     def write(self, path: str) -> None:
         """Gather every rank's spans to rank 0, which writes ``path`` complete (collective)."""
-        from mpinn import outputs
+        from mpinn.io import staging
 
         gathered = self.comm.gather((self.chrome_events(), self.dropped), root=0)
         if self.comm.rank != 0:
@@ -126,7 +126,7 @@ class Tracer(NullTracer):
         dropped = sum(d for _, d in gathered)
         meta = {"ranks": self.comm.size, "clock": "perf_counter, aligned to rank 0",
                 "dropped_spans": dropped}
-        with outputs.staged(path) as partial, open(partial, "w") as fh:
+        with staging.staged(path) as partial, open(partial, "w") as fh:
             json.dump({"traceEvents": events, "displayTimeUnit": "ms", "otherData": meta}, fh)
 
 

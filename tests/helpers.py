@@ -12,7 +12,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from mpinn import format as fmt
+from mpinn.io import hdf5
 
 STRATEGIES = ("balanced", "count", "percentage", "ids", "layers")  # from the layer sizes alone
 ALL_STRATEGIES = (*STRATEGIES, "nnz", "mincut")  # also from the wiring
@@ -40,7 +40,7 @@ def strategy_params(strategy: str, sizes: list[int], nranks: int, tmp: str | Non
         rng = np.random.default_rng(7)
         owner = rng.integers(0, nranks, size=total)
         spec: dict[str, list] = {str(r): [] for r in range(nranks)}
-        for start, stop in fmt.runs(np.arange(total)):
+        for start, stop in hdf5.runs(np.arange(total)):
             g = int(start)
             while g < stop:
                 end = g

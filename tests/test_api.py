@@ -126,13 +126,13 @@ def test_predict_returns_the_same_whole_array_on_every_rank(mpi_tmp_path):
 @pytest.mark.mpi
 def test_fit_on_arrays_equals_fit_on_the_data_file_bitwise(mpi_tmp_path):
     from mpinn import Network
-    from mpinn import format as fmt
+    from mpinn.io import datafile
     comm = _comm()
     c = CASES["regression"]
     x, y, _, _ = _arrays(c, "float32")
     data = str(mpi_tmp_path / "data.h5")
     if comm.rank == 0:
-        fmt.write_data(data, x, y)
+        datafile.write_data(data, x, y)
     comm.Barrier()
     results = []
     for source in ("arrays", "file"):
@@ -345,7 +345,7 @@ def test_import_mpinn_starts_no_mpi_and_lists_the_api():
 
 
 def test_partition_choice_infers_the_strategy_from_its_parameter():
-    from mpinn.api import partition_choice
+    from mpinn.partition.choice import partition_choice
     assert partition_choice(counts="3,4").strategy == "count"
     assert partition_choice(counts=[3, 4]).params == {"counts": [3, 4]}
     assert partition_choice(layer_ranks=[0, 1]).strategy == "layers"

@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mpinn import lock
 from mpinn.errors import MpinnError
+from mpinn.io import lock
 from mpinn.train import RUN_DEFAULTS, resolve_run
 from tests.test_cli import DIGITS_TRAIN, ENV, ROOT, mpinn, ok
 

@@ -19,11 +19,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from mpi4py import MPI
 
-from mpinn import format as fmt
-from mpinn.data import load
 from mpinn.errors import MpinnError
+from mpinn.io import create, datafile, hdf5
+from mpinn.io.datafile import load
+from mpinn.model import DistributedModel
 from mpinn.optim import make_optimizer
-from mpinn.train import DistributedModel, PartitionChoice, evaluate, predict, train
+from mpinn.partition.choice import PartitionChoice
+from mpinn.train import evaluate, predict, train
 from tests.reference import Reference, assert_close
 
 SIZES = [6, 9, 4]
@@ -38,12 +40,12 @@ STORAGES = ["csr", "dense"]  # the first layer's wiring is in the file too (indp
 def build_pristine(tmp: Path, nranks: int) -> dict[str, Path]:
     """A trained model (a CSR layer, Adam's state in /state) with a stored partition for
     ``nranks`` ranks, and its data; written by this process alone."""
-    from mpinn.describe import store_partition
+    from mpinn.tools.inspect import store_partition
     model, data = tmp / "model.h5", tmp / "data.h5"
-    fmt.create_model(str(model), SIZES, ACTS, "float64", seed=1, comm=MPI.COMM_SELF,
-                     storages=STORAGES, sparse=fmt.SparseInit(density=0.5))
+    create.create_model(str(model), SIZES, ACTS, "float64", seed=1, comm=MPI.COMM_SELF,
+                     storages=STORAGES, sparse=create.SparseInit(density=0.5))
     rng = np.random.default_rng(0)
-    fmt.write_data(str(data), rng.random((12, 6)), rng.integers(0, 4, 12))
+    datafile.write_data(str(data), rng.random((12, 6)), rng.integers(0, 4, 12))
     with DistributedModel(str(model), MPI.COMM_SELF, PartitionChoice(), 4) as dm:
         train(dm, load(str(data), dm.table, dm.spec.dtype, MPI.COMM_SELF), epochs=1, batch_size=4,
               lr=0.01, optimizer_name="adam")
@@ -312,9 +314,9 @@ def test_a_locked_file_names_the_lock_and_the_way_out(tmp_path, monkeypatch):
                                "time.sleep(60)", str(path)], stdout=subprocess.PIPE, text=True)
     try:
         holder.stdout.readline()  # the other process holds its write lock now
-        monkeypatch.setattr(fmt, "MPI_IO", False)
+        monkeypatch.setattr(hdf5, "MPI_IO", False)
         with pytest.raises(MpinnError, match="cannot open .*lock.*HDF5_USE_FILE_LOCKING=FALSE"):
-            fmt.open_file(str(path), "r", MPI.COMM_SELF)
+            hdf5.open_file(str(path), "r", MPI.COMM_SELF)
     finally:
         holder.kill()
         holder.wait()

@@ -14,7 +14,7 @@ import h5py
 import numpy as np
 import pytest
 
-from mpinn import format as fmt
+from mpinn.io import datafile
 from tests.reference import Reference, assert_close
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -117,7 +117,7 @@ def _bad_data(tmp_path: Path, kind: str) -> str:
         y[3] = 12
     elif kind == "nan":
         x[5, 40] = np.nan
-    fmt.write_data(str(path), x, y)
+    datafile.write_data(str(path), x, y)
     return str(path)
 
 
@@ -184,7 +184,8 @@ def _edit(path: Path, change) -> None:
 
 
 # runs the CLI, then prints what threadpoolctl reports for that process's BLAS pools
-THREADS_REPORT = ("import sys\nfrom threadpoolctl import threadpool_info\nfrom mpinn.cli import main\n"
+THREADS_REPORT = ("import sys\nfrom threadpoolctl import threadpool_info\n"
+                  "from mpinn.cli.commands import main\n"
                   "code = main(sys.argv[1:])\n"
                   "threads = sorted({p['num_threads'] for p in threadpool_info()})\n"
                   "sys.stdout.write(f'BLAS threads {threads}\\n')\n"  # one write: ranks' lines stay whole

@@ -28,8 +28,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mpinn import format as fmt
-from mpinn.cli import REQUIRED, build_parser, parse, plot_out
+from mpinn.cli.commands import plot_out
+from mpinn.cli.parser import REQUIRED, build_parser, parse
+from mpinn.io import schema
 from tests.reference import Reference, assert_close
 from tests.test_cli import DIGITS_TEST, ENV, ROOT, command, digest
 
@@ -221,7 +222,7 @@ def check_success(ws: Workspace, argv: list[str], result: subprocess.CompletedPr
     assert changed <= written, f"changed {changed - written}, which it does not write"
     if name == "init":
         with h5py.File(args.model, "r") as f:
-            assert list(fmt.read_spec(f).sizes) == list(args.sizes)
+            assert list(schema.read_spec(f).sizes) == list(args.sizes)
     elif name == "predict":
         with h5py.File(args.out, "r") as f, h5py.File(args.data, "r") as d:
             outputs, x = f["outputs"][...], d["X"][...]
@@ -238,7 +239,7 @@ def check_success(ws: Workspace, argv: list[str], result: subprocess.CompletedPr
             assert f["X"].shape == (args.samples, args.features)
     elif name in ("train", "partition"):
         with h5py.File(args.model, "r") as f:
-            fmt.read_spec(f)
+            schema.read_spec(f)
     elif name == "plot":
         assert Path(plot_out(args)).read_bytes()[:4] == b"\x89PNG"
 

@@ -157,13 +157,13 @@ def test_mincut_places_its_parts_on_the_nodes_of_a_cyclic_placement(cluster, tmp
     the job finds its nodes and mincut's parts send nothing between them either way, while
     the same parts stored by one process (nodes unknown) send every value across under the
     cyclic placement, as ``inspect`` across the nodes reports."""
-    from mpinn import format as fmt
+    from mpinn.io import create
     from tests.helpers import grouped_network
 
     sizes = [240, 240, 240, 240]
     model = tmp_path / "pairs.h5"
     layers = grouped_network(sizes, groups=4, fan_in=8, seed=1, partner_reads=2)
-    fmt.write_model(str(model), sizes, (fmt.LayerArrays("relu", w, np.zeros(w.shape[0]))
+    create.write_model(str(model), sizes, (create.LayerArrays("relu", w, np.zeros(w.shape[0]))
                                         for w in layers), "float32")
     ok(mpinn(1, "partition", str(model), "--ranks", "4", "--strategy", "mincut", "--name",
              "plain"))

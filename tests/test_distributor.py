@@ -7,9 +7,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mpinn import distributor as d
 from mpinn.errors import MpinnError
-from mpinn.metadata import RUN_BYTES, MetadataTable, OwnerArray, OwnerRuns, owner_dtype
+from mpinn.partition import strategies
+from mpinn.partition.metadata import RUN_BYTES, MetadataTable, OwnerArray, OwnerRuns, owner_dtype
 from tests.helpers import STRATEGIES, strategy_params
 
 SIZES = [7, 13, 11, 5]
@@ -18,7 +18,7 @@ SIZES = [7, 13, 11, 5]
 def test_blockdist_covers_range_without_overlap():
     for n in range(0, 20):
         for size in range(1, 6):
-            blocks = [d.blockdist(n, size, r) for r in range(size)]
+            blocks = [strategies.blockdist(n, size, r) for r in range(size)]
             assert sum(length for length, _ in blocks) == n
             assert all(blocks[r][1] + blocks[r][0] == blocks[r + 1][1] for r in range(size - 1))
 
@@ -28,7 +28,7 @@ def test_blockdist_covers_range_without_overlap():
 def test_every_strategy_gives_every_neuron_exactly_one_rank(strategy, nranks):
     """One owner per neuron, and the one the strategy's params ask for."""
     params = strategy_params(strategy, SIZES, nranks)
-    owner = d.partition(SIZES, nranks, strategy, params)
+    owner = strategies.partition(SIZES, nranks, strategy, params)
     total = sum(SIZES)
     assert owner.shape == (total,) and owner.dtype == np.int32
     assert owner.min() >= 0 and owner.max() < nranks
@@ -54,7 +54,7 @@ def test_every_strategy_gives_every_neuron_exactly_one_rank(strategy, nranks):
 
 
 def test_balanced_splits_each_layer_evenly():
-    owner = d.balanced(SIZES, 3)
+    owner = strategies.balanced(SIZES, 3)
     table = MetadataTable.build(SIZES, owner, 3)
     for layer, n in enumerate(SIZES):
         counts = table.counts(layer)
@@ -62,30 +62,32 @@ def test_balanced_splits_each_layer_evenly():
 
 
 def test_percentage_rounds_by_largest_remainder():
-    owner = d.by_percentage([10], 3, [33.4, 33.3, 33.3])
+    owner = strategies.by_percentage([10], 3, [33.4, 33.3, 33.3])
     assert np.bincount(owner).tolist() == [4, 3, 3]
 
 
 def test_layers_puts_whole_layers_on_ranks():
-    owner = d.by_layers(SIZES, 2, [0, 1, 1, 0])
+    owner = strategies.by_layers(SIZES, 2, [0, 1, 1, 0])
     assert owner.tolist() == [0] * 7 + [1] * 24 + [0] * 5
 
 
 @pytest.mark.parametrize("call, message", [
-    (lambda: d.by_count(SIZES, 2, [10, 10]), "sum to 20 but the model has 36 neurons"),
-    (lambda: d.by_count(SIZES, 2, [36]), "gives 1 entries but the job has 2 ranks"),
-    (lambda: d.by_count(SIZES, 2, [40, -4]), "must not be negative"),
-    (lambda: d.by_percentage(SIZES, 2, [50, 49]), "sum to 99, not 100"),
-    (lambda: d.by_percentage(SIZES, 3, [50, 50]), "gives 2 entries but the job has 3 ranks"),
-    (lambda: d.by_ids(SIZES, 2, {"0": [[0, 20]], "1": [[19, 36]]}), "global id 19 .*overlap"),
-    (lambda: d.by_ids(SIZES, 2, {"0": [[0, 20]], "1": [[21, 36]]}), "1 global ids are given to no rank .*20"),
-    (lambda: d.by_ids(SIZES, 2, {"0": [[0, 36]], "1": [40]}), "global id 40 of rank 1 is out of range"),
-    (lambda: d.by_ids(SIZES, 2, {"0": [[0, 36]], "5": []}), "rank 5 is outside 0..1"),
-    (lambda: d.by_ids(SIZES, 2, {"0": ["x"]}), "expected a global id"),
-    (lambda: d.by_layers(SIZES, 2, [0, 1, 1]), "gives 3 entries but the model has 4 layers"),
-    (lambda: d.by_layers(SIZES, 2, [0, 1, 2, 0]), "layer 2 goes to rank 2, outside 0..1"),
-    (lambda: d.partition(SIZES, 2, "random"), "unknown partition strategy 'random'"),
-    (lambda: d.partition(SIZES, 2, "count"), "needs --counts"),
+    (lambda: strategies.by_count(SIZES, 2, [10, 10]), "sum to 20 but the model has 36 neurons"),
+    (lambda: strategies.by_count(SIZES, 2, [36]), "gives 1 entries but the job has 2 ranks"),
+    (lambda: strategies.by_count(SIZES, 2, [40, -4]), "must not be negative"),
+    (lambda: strategies.by_percentage(SIZES, 2, [50, 49]), "sum to 99, not 100"),
+    (lambda: strategies.by_percentage(SIZES, 3, [50, 50]), "gives 2 entries but the job has 3 ranks"),
+    (lambda: strategies.by_ids(SIZES, 2, {"0": [[0, 20]], "1": [[19, 36]]}), "global id 19 .*overlap"),
+    (lambda: strategies.by_ids(SIZES, 2, {"0": [[0, 20]], "1": [[21, 36]]}),
+     "1 global ids are given to no rank .*20"),
+    (lambda: strategies.by_ids(SIZES, 2, {"0": [[0, 36]], "1": [40]}),
+     "global id 40 of rank 1 is out of range"),
+    (lambda: strategies.by_ids(SIZES, 2, {"0": [[0, 36]], "5": []}), "rank 5 is outside 0..1"),
+    (lambda: strategies.by_ids(SIZES, 2, {"0": ["x"]}), "expected a global id"),
+    (lambda: strategies.by_layers(SIZES, 2, [0, 1, 1]), "gives 3 entries but the model has 4 layers"),
+    (lambda: strategies.by_layers(SIZES, 2, [0, 1, 2, 0]), "layer 2 goes to rank 2, outside 0..1"),
+    (lambda: strategies.partition(SIZES, 2, "random"), "unknown partition strategy 'random'"),
+    (lambda: strategies.partition(SIZES, 2, "count"), "needs --counts"),
 ])
 def test_bad_partition_specs_are_refused_with_a_clear_message(call, message):
     with pytest.raises(MpinnError, match=message):
@@ -96,15 +98,15 @@ def test_ids_flag_reads_json_file(tmp_path):
     spec = strategy_params("ids", SIZES, 3)["ids"]
     path = tmp_path / "ids.json"
     path.write_text(json.dumps(spec))
-    params = d.params_from_flags("ids", ids=str(path))
-    assert np.array_equal(d.partition(SIZES, 3, "ids", params), d.by_ids(SIZES, 3, spec))
+    params = strategies.params_from_flags("ids", ids=str(path))
+    assert np.array_equal(strategies.partition(SIZES, 3, "ids", params), strategies.by_ids(SIZES, 3, spec))
     path.write_text("{not json")
     with pytest.raises(MpinnError, match="not valid JSON"):
-        d.params_from_flags("ids", ids=str(path))
+        strategies.params_from_flags("ids", ids=str(path))
 
 
 def test_metadata_local_index_is_position_among_owners_rows():
-    owner = d.by_ids(SIZES, 3, strategy_params("ids", SIZES, 3)["ids"])
+    owner = strategies.by_ids(SIZES, 3, strategy_params("ids", SIZES, 3)["ids"])
     table = MetadataTable.build(SIZES, owner, 3)
     for layer in range(len(SIZES)):
         for rank in range(3):
@@ -175,13 +177,13 @@ def test_metadata_lookups_on_runs_and_arrays_equal_the_plain_owner_array(data, s
 @pytest.mark.parametrize("nranks", [1, 2, 3, 4])
 def test_metadata_of_every_strategy_answers_like_its_owner_array(strategy, nranks):
     sizes = [40, 300, 260, 9]
-    owner = d.partition(sizes, nranks, strategy, strategy_params(strategy, sizes, nranks))
+    owner = strategies.partition(sizes, nranks, strategy, strategy_params(strategy, sizes, nranks))
     check_table_against_owner(MetadataTable.build(sizes, owner, nranks), owner, sizes, nranks)
 
 
 def test_metadata_of_contiguous_partitions_is_a_few_integers_per_rank_and_layer():
     sizes = [2**20, 2**20, 16]
-    table = MetadataTable.build(sizes, d.balanced(sizes, 4), 4)
+    table = MetadataTable.build(sizes, strategies.balanced(sizes, 4), 4)
     assert all(isinstance(layer, OwnerRuns) for layer in table.layers[:2])
     # 4 runs per wide layer; the 16 outputs are cheaper as 16 one-byte owners
     assert table.nbytes <= 2 * 5 * RUN_BYTES + 16 + 8 * (len(sizes) + 1)

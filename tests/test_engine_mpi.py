@@ -11,13 +11,15 @@ import pytest
 import scipy.sparse as sp
 from mpi4py import MPI
 
-from mpinn import format as fmt
-from mpinn.data import load
-from mpinn.describe import rank_traffic
+from mpinn.comm.plans import ExchangePlan
 from mpinn.errors import MpinnError
-from mpinn.exchange import ExchangePlan
+from mpinn.io import create, datafile, hdf5, schema
+from mpinn.io.datafile import load
+from mpinn.model import DistributedModel
 from mpinn.optim import SGD
-from mpinn.train import DistributedModel, PartitionChoice, evaluate, predict, train
+from mpinn.partition.choice import PartitionChoice
+from mpinn.partition.traffic import rank_traffic
+from mpinn.train import evaluate, predict, train
 from tests.helpers import ALL_STRATEGIES, classification_data, regression_data, strategy_params
 from tests.reference import Reference, assert_close
 
@@ -33,17 +35,17 @@ CASES = {
     # every layer sparse, relu_cap hitting its cap, softmax split over ranks
     "sparse": dict(sizes=[7, 13, 11, 5], acts=["relu", "relu_cap", "softmax"], labels=True,
                    optimizer="sgd", momentum=0.9, lr=0.05, storage=["csr"] * 3,
-                   sparse=fmt.SparseInit(density=0.4), cap=0.6),
+                   sparse=create.SparseInit(density=0.4), cap=0.6),
     # dense and sparse layers mixed, Adam
     "mixed": dict(sizes=[6, 9, 8, 4], acts=["tanh", "relu", "identity"], labels=False,
                   optimizer="adam", momentum=0.0, lr=0.01, storage=["csr", "dense", "csr"],
-                  sparse=fmt.SparseInit(fan_in=3)),
+                  sparse=create.SparseInit(fan_in=3)),
 }
 # plain SGD (no momentum, no decay), which train steps inside backward; dense and CSR layers
 TRAINING_ONLY = {
     "plain_sgd": dict(sizes=[7, 13, 11, 5], acts=["relu", "relu", "softmax"], labels=True,
                       optimizer="sgd", momentum=0.0, lr=0.1, storage=["dense", "csr", "dense"],
-                      sparse=fmt.SparseInit(density=0.5)),
+                      sparse=create.SparseInit(density=0.5)),
 }
 N_SAMPLES, BATCH, EPOCHS = 30, 8, 2  # 30 = 3 full batches and a partial one
 
@@ -51,12 +53,12 @@ N_SAMPLES, BATCH, EPOCHS = 30, 8, 2  # 30 = 3 full batches and a partial one
 def make_files(tmp, case: dict, dtype: str, comm: MPI.Comm) -> tuple[str, str, np.ndarray, np.ndarray]:
     model, data = str(tmp / "model.h5"), str(tmp / "data.h5")
     sizes = case["sizes"]
-    fmt.create_model(model, sizes, case["acts"], dtype, seed=3, comm=comm,
+    create.create_model(model, sizes, case["acts"], dtype, seed=3, comm=comm,
                      storages=case.get("storage"), sparse=case.get("sparse"), cap=case.get("cap"))
     make = classification_data if case["labels"] else regression_data
     x, y = make(N_SAMPLES, sizes[0], sizes[-1], seed=5, dtype=dtype)
     if comm.rank == 0:
-        fmt.write_data(data, x, y)
+        datafile.write_data(data, x, y)
     comm.Barrier()
     return model, data, x, y
 
@@ -173,7 +175,7 @@ def check_prediction(mpi_tmp_path, case: str, dtype: str, strategy: str, **optio
                           **options) as model:
         data = load(data_path, model.table, model.spec.dtype, comm)
         outputs = predict(model, data, 7)
-        fmt.write_outputs(out_path, N_SAMPLES, c["sizes"][-1], model.shard.layers[-1].rows,
+        datafile.write_outputs(out_path, N_SAMPLES, c["sizes"][-1], model.shard.layers[-1].rows,
                           outputs, comm)
     with h5py.File(out_path, "r") as f:
         written = f["outputs"][...]
@@ -219,7 +221,7 @@ def test_each_rank_reads_only_its_own_rows(strategy, case, mpi_tmp_path):
     model_path, data_path, _, _ = make_files(mpi_tmp_path, c, "float32", comm)
     ref = Reference.from_file(model_path)
     comm.Barrier()
-    fmt.READ_STATS.clear()
+    hdf5.READ_STATS.clear()
     with DistributedModel(model_path, comm, choice(strategy, c["sizes"], comm.size), BATCH) as model:
         load(data_path, model.table, model.spec.dtype, comm)
         share = 0
@@ -228,15 +230,15 @@ def test_each_rank_reads_only_its_own_rows(strategy, case, mpi_tmp_path):
             group = f"/layers/{ly.index}"
             if ly.sparse:
                 entries = int(np.diff(weight.indptr)[rows].sum())
-                assert fmt.READ_STATS[f"{group}/data"] == entries
-                assert fmt.READ_STATS[f"{group}/indices"] == entries
-                assert fmt.READ_STATS[f"{group}/indptr"] == 2 * rows.size  # starts and ends
+                assert hdf5.READ_STATS[f"{group}/data"] == entries
+                assert hdf5.READ_STATS[f"{group}/indices"] == entries
+                assert hdf5.READ_STATS[f"{group}/indptr"] == 2 * rows.size  # starts and ends
             else:
                 entries = rows.size * ly.n_in
-                assert fmt.READ_STATS[f"{group}/weight"] == entries
-            assert fmt.READ_STATS[f"{group}/bias"] == rows.size
+                assert hdf5.READ_STATS[f"{group}/weight"] == entries
+            assert hdf5.READ_STATS[f"{group}/bias"] == rows.size
             share += entries + rows.size
-        assert fmt.READ_STATS["/X"] == model.table.rows(0, comm.rank).size * N_SAMPLES
+        assert hdf5.READ_STATS["/X"] == model.table.rows(0, comm.rank).size * N_SAMPLES
         assert model.shard.nbytes == share * 4  # its rows and nothing more
 
 
@@ -252,7 +254,7 @@ def test_exchanged_bytes_equal_the_partition_report(strategy, case, mpi_tmp_path
         model.engine.loss_and_grad(model.engine.forward(xb), labels, targets)
         model.engine.backward()
         with h5py.File(model_path, "r") as f:
-            expected = rank_traffic(model.spec, model.table, fmt.wiring_reader(f, model.spec))
+            expected = rank_traffic(model.spec, model.table, schema.wiring_reader(f, model.spec))
         sent = sum(p.bytes_sent for p in model.engine.plans)
         received = sum(p.bytes_received for p in model.engine.plans)
         owners = [model.table.layer_owner(i) for i in range(len(c["sizes"]))]
@@ -315,7 +317,7 @@ def test_stored_partition_for_another_rank_count_is_refused_on_every_rank(mpi_tm
     comm = MPI.COMM_WORLD
     c = CASES["softmax"]
     model_path, _, _, _ = make_files(mpi_tmp_path, c, "float32", comm)
-    from mpinn.describe import store_partition
+    from mpinn.tools.inspect import store_partition
     store_partition(model_path, comm.size + 1, "balanced", {}, "wrong", comm)
     with pytest.raises(MpinnError, match=f"made for {comm.size + 1} ranks but the job has {comm.size}"):
         DistributedModel(model_path, comm, PartitionChoice("wrong"), BATCH)
@@ -358,8 +360,8 @@ def test_dropping_dead_samples_keeps_the_live_outputs_and_checks_less_once_none_
     outputs of the samples the engine keeps equal the reference's, every sample it dropped
     is zero at the end in the reference, and the ranks check for dead samples after every
     layer while samples die, then after 2, 4, ... up to 16 layers while none does."""
-    from mpinn.bench import make_challenge
-    from mpinn.engine import DEAD_CHECK_MAX
+    from mpinn.engine.engine import DEAD_CHECK_MAX
+    from mpinn.tools.graphchallenge import make_challenge
 
     comm = MPI.COMM_WORLD
     n, n_layers, samples = 1024, 40, 64

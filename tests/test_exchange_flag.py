@@ -6,16 +6,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mpinn import cli, exchange
 from mpinn.api import Network
+from mpinn.cli import parser as mpinn_parser
+from mpinn.comm import plans
 from mpinn.errors import MpinnError
 from tests.reference import Reference, assert_close
 from tests.test_cli import DIGITS_TRAIN, mpinn, ok
 
 
 def test_cli_offers_the_kinds_the_exchange_knows():
-    assert cli.EXCHANGES == exchange.EXCHANGES
-    parser = cli.build_parser()
+    assert mpinn_parser.EXCHANGES == plans.EXCHANGES
+    parser = mpinn_parser.build_parser()
     for command in ("train", "evaluate", "predict"):
         assert parser.parse_args([command, "m.h5", "--exchange", "neighbor"]).exchange == "neighbor"
         assert parser.parse_args([command, "m.h5"]).exchange == "auto"

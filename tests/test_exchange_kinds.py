@@ -14,7 +14,7 @@ import pytest
 from mpi4py import MPI
 
 from mpinn.errors import MpinnError
-from mpinn.train import DistributedModel
+from mpinn.model import DistributedModel
 from tests.test_engine_mpi import (
     BATCH,
     CASES,

@@ -14,13 +14,15 @@ import numpy as np
 import pytest
 from mpi4py import MPI
 
-from mpinn import format as fmt
-from mpinn import topology
-from mpinn.data import load
-from mpinn.describe import store_partition
+from mpinn.comm import topology
+from mpinn.comm.exchange import make_plans
 from mpinn.errors import MpinnError
-from mpinn.exchange import make_plans
-from mpinn.train import DistributedModel, PartitionChoice, train
+from mpinn.io import create
+from mpinn.io.datafile import load
+from mpinn.model import DistributedModel
+from mpinn.partition.choice import PartitionChoice
+from mpinn.tools.inspect import store_partition
+from mpinn.train import train
 from tests.helpers import ALL_STRATEGIES, grouped_network
 from tests.reference import Reference, assert_close
 from tests.test_engine_mpi import (
@@ -232,7 +234,7 @@ def test_mincut_places_its_parts_on_the_jobs_nodes(mpi_tmp_path):
     model_path = str(mpi_tmp_path / "pairs.h5")
     if comm.rank == 0:
         layers = grouped_network(sizes, groups=4, fan_in=8, seed=1, partner_reads=2)
-        fmt.write_model(model_path, sizes, (fmt.LayerArrays("relu", w, np.zeros(w.shape[0]))
+        create.write_model(model_path, sizes, (create.LayerArrays("relu", w, np.zeros(w.shape[0]))
                                             for w in layers), "float64")
     comm.Barrier()
     store_partition(model_path, 4, "mincut", {}, "plain", comm)  # one host: nodes unknown

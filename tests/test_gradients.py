@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 from mpi4py import MPI
 
-from mpinn import format as fmt
-from mpinn.data import load
-from mpinn.train import DistributedModel, PartitionChoice
+from mpinn.io import create, datafile
+from mpinn.io.datafile import load
+from mpinn.model import DistributedModel
+from mpinn.partition.choice import PartitionChoice
 from tests.helpers import classification_data, regression_data
 from tests.reference import Reference
 
@@ -24,12 +25,12 @@ CASES = [
 def test_engine_gradients_match_finite_differences(sizes, acts, labels, tmp_path):
     comm = MPI.COMM_SELF
     model_path, data_path = str(tmp_path / "m.h5"), str(tmp_path / "d.h5")
-    fmt.create_model(model_path, sizes, acts, "float64", seed=2, comm=comm)
+    create.create_model(model_path, sizes, acts, "float64", seed=2, comm=comm)
     make = classification_data if labels is True else regression_data
     x, y = make(6, sizes[0], sizes[-1], seed=4, dtype="float64")
     if labels == "soft":  # float targets on softmax: probability distributions
         y = np.exp(y) / np.exp(y).sum(axis=1, keepdims=True)
-    fmt.write_data(data_path, x, y)
+    datafile.write_data(data_path, x, y)
     with DistributedModel(model_path, comm, PartitionChoice(), 6) as model:
         data = load(data_path, model.table, model.spec.dtype, comm)
         xb, lab, tgt = data.batch(np.arange(6))
@@ -70,8 +71,8 @@ def test_reference_gradients_match_finite_differences(sizes, acts, storages, lab
     """The yardstick itself: tests/reference.py's gradients of the stored CSR values and of
     relu_cap (0 above the cap) against central differences of its own loss."""
     path = str(tmp_path / "m.h5")
-    fmt.create_model(path, sizes, acts, "float64", seed=2, comm=MPI.COMM_SELF, storages=storages,
-                     sparse=fmt.SparseInit(density=0.6), cap=cap)
+    create.create_model(path, sizes, acts, "float64", seed=2, comm=MPI.COMM_SELF, storages=storages,
+                     sparse=create.SparseInit(density=0.6), cap=cap)
     ref = Reference.from_file(path)
     make = classification_data if labels else regression_data
     x, y = make(7, sizes[0], sizes[-1], seed=4, dtype="float64")

@@ -1,4 +1,4 @@
-"""The cost model of layouts (mpinn/layout.py): pure arithmetic, checked without MPI, plus
+"""The cost model of layouts (mpinn/partition/costmodel.py): pure arithmetic, checked without MPI, plus
 its probe on the ranks a test has."""
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ import time
 import numpy as np
 import pytest
 
-from mpinn import layout
 from mpinn.errors import MpinnError
-from mpinn.layout import Layout, Machine
+from mpinn.partition import costmodel
+from mpinn.partition.costmodel import Layout, Machine
 
 WIDE = [784, 4096, 4096, 4096, 10]
 DIGITS = [64, 256, 256, 10]
@@ -24,40 +24,40 @@ def test_exchange_bytes_equal_the_formula_of_docs_scaling():
     and backward, l >= 2): the figures of docs/scaling.md's traffic table."""
     sizes = [784, 1024, 1024, 1024, 10]
     for q, megabytes in ((2, 7.09), (4, 21.28)):
-        p = layout.predict(sizes, 256, 4, Layout(1, q), CORE)
+        p = costmodel.predict(sizes, 256, 4, Layout(1, q), CORE)
         assert round(q * p.exchange_bytes / 1e6, 2) == megabytes
         forward, backward = sum(sizes[:-1]), sum(sizes[1:-1])
         assert q * p.exchange_bytes == (q - 1) * (forward + backward) * 256 * 4
-    assert layout.predict(sizes, 256, 4, Layout(4, 1), CORE).exchange_bytes == 0
+    assert costmodel.predict(sizes, 256, 4, Layout(4, 1), CORE).exchange_bytes == 0
 
 
 def test_allreduce_moves_2_r_minus_1_over_r_of_a_ranks_parameters():
     for r, q in ((2, 1), (4, 1), (2, 2), (4, 4)):
-        p = layout.predict(WIDE, 256, 4, Layout(r, q), CORE)
+        p = costmodel.predict(WIDE, 256, 4, Layout(r, q), CORE)
         rows = [-(-n // q) for n in WIDE[1:]]
         params = sum(m * (n + 1) for m, n in zip(rows, WIDE[:-1], strict=True))
         assert p.rank_parameters == params
         assert p.allreduce_bytes == pytest.approx(2 * (r - 1) / r * params * 4)
         assert p.optimizer == pytest.approx(params * CORE.update)  # each rank updates its rows
-    assert layout.predict(WIDE, 256, 4, Layout(1, 4), CORE).allreduce == 0
+    assert costmodel.predict(WIDE, 256, 4, Layout(1, 4), CORE).allreduce == 0
 
 
 def test_a_measured_gradient_sum_replaces_the_link_estimate_for_its_r():
     """The probe's rate of the gradient sum at R (ring bytes per second) sets that R's
     allreduce term; an R it did not measure keeps the estimate from the links."""
     measured = dataclasses.replace(CORE, allreduce_rates=((2, 1e9),))
-    p = layout.predict(WIDE, 256, 4, Layout(2, 2), measured)
+    p = costmodel.predict(WIDE, 256, 4, Layout(2, 2), measured)
     assert p.allreduce == pytest.approx(p.allreduce_bytes / 1e9)
-    assert p.allreduce > layout.predict(WIDE, 256, 4, Layout(2, 2), CORE).allreduce
-    assert (layout.predict(WIDE, 256, 4, Layout(4, 1), measured).allreduce
-            == layout.predict(WIDE, 256, 4, Layout(4, 1), CORE).allreduce)
+    assert p.allreduce > costmodel.predict(WIDE, 256, 4, Layout(2, 2), CORE).allreduce
+    assert (costmodel.predict(WIDE, 256, 4, Layout(4, 1), measured).allreduce
+            == costmodel.predict(WIDE, 256, 4, Layout(4, 1), CORE).allreduce)
 
 
 def test_one_rank_costs_the_gemms_alone():
     """R = Q = 1: no exchange, no allreduce; compute is the step's FLOPs at the GEMM rate
     plus the elementwise work of every neuron and sample."""
     fast = dataclasses.replace(CORE, d_half=0.0)
-    p = layout.predict(WIDE, 256, 4, Layout(1, 1), fast)
+    p = costmodel.predict(WIDE, 256, 4, Layout(1, 1), fast)
     pairs = list(zip(WIDE[:-1], WIDE[1:], strict=True))
     flops = 256 * (sum(6 * a * b for a, b in pairs) - 2 * pairs[0][0] * pairs[0][1])
     assert p.exchange == p.allreduce == 0
@@ -66,26 +66,26 @@ def test_one_rank_costs_the_gemms_alone():
 
 def test_predictions_never_grow_with_bandwidth_or_gemm_rate():
     for sizes, batch, ranks in ((WIDE, 256, 4), (DIGITS, 64, 4), (DIGITS, 4096, 6)):
-        for lay in layout.candidates(ranks, sizes, batch):
-            steps = [layout.predict(sizes, batch, 4, lay, dataclasses.replace(CORE, bandwidth=bw)).step
+        for lay in costmodel.candidates(ranks, sizes, batch):
+            steps = [costmodel.predict(sizes, batch, 4, lay, dataclasses.replace(CORE, bandwidth=bw)).step
                      for bw in (1e8, 1e9, 1e10, 1e11)]
             assert steps == sorted(steps, reverse=True), lay
             if lay.replicas > 1 or lay.group > 1:  # bytes travel: strictly faster
                 assert steps[0] > steps[-1], lay
-            rates = [layout.predict(sizes, batch, 4, lay, dataclasses.replace(CORE, gflops=g)).step
+            rates = [costmodel.predict(sizes, batch, 4, lay, dataclasses.replace(CORE, gflops=g)).step
                      for g in (10.0, 50.0, 200.0)]
             assert rates[0] > rates[1] > rates[2], lay
 
 
 def test_tiny_model_with_a_big_batch_takes_every_rank_as_a_replica():
     for ranks in (2, 4, 16):
-        chosen, _ = layout.choose(DIGITS, 8192, ranks, CORE)
+        chosen, _ = costmodel.choose(DIGITS, 8192, ranks, CORE)
         assert (chosen.layout.replicas, chosen.layout.group) == (ranks, 1)
 
 
 def test_wide_layers_at_moderate_batch_keep_one_partitioned_copy():
     for ranks in (2, 4):
-        chosen, _ = layout.choose(WIDE, 256, ranks, CORE)
+        chosen, _ = costmodel.choose(WIDE, 256, ranks, CORE)
         assert chosen.layout == Layout(1, ranks, "balanced"), chosen.layout
 
 
@@ -93,8 +93,8 @@ def test_a_slow_network_pushes_toward_the_layout_that_sends_least():
     """At 10 MB/s the wide model's activations (balanced) cost more than pipelining whole
     layers, whose one boundary carries a single layer's activations."""
     slow = dataclasses.replace(CORE, bandwidth=1e7)
-    fast_choice, _ = layout.choose(WIDE, 256, 4, CORE)
-    slow_choice, table = layout.choose(WIDE, 256, 4, slow)
+    fast_choice, _ = costmodel.choose(WIDE, 256, 4, CORE)
+    slow_choice, table = costmodel.choose(WIDE, 256, 4, slow)
     assert fast_choice.layout.strategy == "balanced"
     balanced = next(p for p in table if p.layout == Layout(1, 4))
     assert slow_choice.exchange_bytes + slow_choice.allreduce_bytes \
@@ -104,25 +104,25 @@ def test_a_slow_network_pushes_toward_the_layout_that_sends_least():
 
 def test_the_pipeline_beats_taking_turns_when_compute_dominates():
     """layers on Q ranks unpipelined is serial; micro-batches overlap the stages."""
-    turns = layout.predict(WIDE, 1024, 4, Layout(1, 2, "layers", 1), CORE)
-    piped = layout.predict(WIDE, 1024, 4, Layout(1, 2, "layers", 8), CORE)
+    turns = costmodel.predict(WIDE, 1024, 4, Layout(1, 2, "layers", 1), CORE)
+    piped = costmodel.predict(WIDE, 1024, 4, Layout(1, 2, "layers", 8), CORE)
     assert piped.compute < 0.8 * turns.compute
 
 
 def test_choose_returns_every_candidate_fastest_first_and_respects_a_memory_bound():
-    chosen, table = layout.choose(DIGITS, 8192, 4, CORE)
-    assert table[0] is chosen and len(table) == len(layout.candidates(4, DIGITS, 8192))
+    chosen, table = costmodel.choose(DIGITS, 8192, 4, CORE)
+    assert table[0] is chosen and len(table) == len(costmodel.candidates(4, DIGITS, 8192))
     assert [p.step for p in table] == sorted(p.step for p in table)
     whole = sum(a * b + b for a, b in zip(DIGITS, DIGITS[1:], strict=False))
-    bounded, table = layout.choose(DIGITS, 8192, 4, CORE, max_rank_parameters=whole // 2)
+    bounded, table = costmodel.choose(DIGITS, 8192, 4, CORE, max_rank_parameters=whole // 2)
     assert all(p.rank_parameters <= whole // 2 for p in table)
     assert bounded.layout.group >= 2
-    text = layout.format_table(chosen, table, 8192)
+    text = costmodel.format_table(chosen, table, 8192)
     assert text.count("<- chosen") == (1 if chosen in table else 0)
 
 
 def test_candidates_are_every_factorisation_with_a_sample_per_replica():
-    lays = layout.candidates(12, DIGITS, 4)
+    lays = costmodel.candidates(12, DIGITS, 4)
     assert {(lay.replicas, lay.group) for lay in lays} == {(4, 3), (3, 4), (2, 6), (1, 12)}
     assert all(lay.group <= 3 for lay in lays if lay.strategy == "layers")
     assert all(lay.micro_batches <= -(-4 // lay.replicas) for lay in lays)
@@ -130,36 +130,36 @@ def test_candidates_are_every_factorisation_with_a_sample_per_replica():
 
 def test_bad_layouts_are_refused_with_a_message():
     with pytest.raises(MpinnError, match="cannot be shared by 8 replicas"):
-        layout.predict(DIGITS, 4, 4, Layout(8, 1), CORE)
+        costmodel.predict(DIGITS, 4, 4, Layout(8, 1), CORE)
     with pytest.raises(MpinnError, match="micro-batches are for the layers strategy"):
-        layout.predict(DIGITS, 64, 4, Layout(1, 2, "balanced", 4), CORE)
+        costmodel.predict(DIGITS, 64, 4, Layout(1, 2, "balanced", 4), CORE)
     with pytest.raises(MpinnError, match="not 'mincut'"):
-        layout.predict(DIGITS, 64, 4, Layout(1, 2, "mincut"), CORE)
+        costmodel.predict(DIGITS, 64, 4, Layout(1, 2, "mincut"), CORE)
     for ranks in (0, -3, 2**63):
         with pytest.raises(MpinnError, match="layouts of 1 to 1,048,576 ranks"):
-            layout.choose(DIGITS, 64, ranks, CORE)
+            costmodel.choose(DIGITS, 64, ranks, CORE)
     with pytest.raises(MpinnError, match="no layout of 4 ranks fits"):
-        layout.choose(DIGITS, 64, 4, CORE, max_rank_parameters=1)
+        costmodel.choose(DIGITS, 64, 4, CORE, max_rank_parameters=1)
 
 
 def test_fits_recover_the_parameters_of_their_model():
     machine = Machine(gflops=40.0, d_half=24.0, bandwidth=2e9, latency=7e-6)
     rate = [2 * 512 * 512 * d / machine.gemm_seconds(512, 512, d) / 1e9 for d in (256, 16)]
-    assert layout.fit_d_half(rate[0], 256, rate[1], 16) == pytest.approx((40.0, 24.0))
+    assert costmodel.fit_d_half(rate[0], 256, rate[1], 16) == pytest.approx((40.0, 24.0))
     small, large = 64, 1 << 20
-    got = layout.fit_link(machine.message_seconds(small), small, machine.message_seconds(large), large)
+    got = costmodel.fit_link(machine.message_seconds(small), small, machine.message_seconds(large), large)
     assert got == pytest.approx((2e9, 7e-6))
 
 
 def test_probe_on_one_rank_measures_gemms_and_assumes_the_links():
     from mpi4py import MPI
-    machine = layout.probe(MPI.COMM_SELF, [32, 64, 10], 32, "float64", seconds=0.05)
+    machine = costmodel.probe(MPI.COMM_SELF, [32, 64, 10], 32, "float64", seconds=0.05)
     assert machine.gflops > 0 and machine.d_half >= 0
     # measured, not the defaults: real steps of a 2-layer model, kernels and SGD updates
-    assert 0 < machine.overhead != layout.OVERHEAD_PER_LAYER
-    assert 0 < machine.elementwise != layout.ELEMENTWISE_PER_VALUE
-    assert 0 < machine.update != layout.UPDATE_PER_PARAMETER
-    assert not machine.measured_links and machine.bandwidth == layout.ASSUMED_BANDWIDTH
+    assert 0 < machine.overhead != costmodel.OVERHEAD_PER_LAYER
+    assert 0 < machine.elementwise != costmodel.ELEMENTWISE_PER_VALUE
+    assert 0 < machine.update != costmodel.UPDATE_PER_PARAMETER
+    assert not machine.measured_links and machine.bandwidth == costmodel.ASSUMED_BANDWIDTH
 
 
 @pytest.mark.mpi(min_size=2)
@@ -167,7 +167,7 @@ def test_probe_on_one_rank_measures_gemms_and_assumes_the_links():
 def test_probe_measures_the_links_on_every_rank_alike():
     from mpi4py import MPI
     comm = MPI.COMM_WORLD
-    machine = layout.probe(comm, [32, 64, 10], 32, "float32", seconds=0.1)
+    machine = costmodel.probe(comm, [32, 64, 10], 32, "float32", seconds=0.1)
     assert machine.measured_links and machine.bandwidth > 0 and machine.latency >= 0
     values = np.array([machine.gflops, machine.d_half, machine.bandwidth, machine.latency,
                        machine.overhead, machine.update, machine.elementwise])
@@ -189,7 +189,7 @@ def test_the_gemm_probe_waits_on_each_rounds_slowest_rank(monkeypatch):
     from mpi4py import MPI
     comm = MPI.COMM_WORLD
     rounds = [0]
-    forward = layout.kernels.block_forward
+    forward = costmodel.kernels.block_forward
 
     def slow_in_turn(*args):
         if rounds[0] % comm.size == comm.rank:
@@ -197,15 +197,15 @@ def test_the_gemm_probe_waits_on_each_rounds_slowest_rank(monkeypatch):
         rounds[0] += 1
         return forward(*args)
 
-    monkeypatch.setattr(layout.kernels, "block_forward", slow_in_turn)
-    rate = layout._gemm_rate(comm, 8, 8, 8, np.dtype("float64"), 0.3)
+    monkeypatch.setattr(costmodel.kernels, "block_forward", slow_in_turn)
+    rate = costmodel._gemm_rate(comm, 8, 8, 8, np.dtype("float64"), 0.3)
     per_round = 3 * 2.0 * 8 ** 3 / (rate * 1e9)
     assert 0.02 <= per_round < 0.04, per_round
     assert all(other == rate for other in comm.allgather(rate))
 
 
 def test_a_timed_layout_is_predicted_by_its_timing():
-    p = layout.predict(DIGITS, 64, 4, Layout(2, 1), CORE)
+    p = costmodel.predict(DIGITS, 64, 4, Layout(2, 1), CORE)
     assert p.step == p.modelled
     timed = dataclasses.replace(p, timed=3 * p.modelled)
     assert timed.step == 3 * p.modelled and timed.modelled == p.modelled
@@ -215,11 +215,11 @@ def test_time_small_times_the_short_layouts_of_this_job_only():
     """On one rank: the 1x1 layout is timed (a real step of the model, made in memory),
     layouts of other rank counts and long ones are left modelled; fastest first."""
     from mpi4py import MPI
-    table = [layout.predict(DIGITS, 16, 4, lay, CORE)
+    table = [costmodel.predict(DIGITS, 16, 4, lay, CORE)
              for lay in (Layout(1, 1), Layout(2, 1), Layout(1, 1, "layers", 2))]
-    table.append(layout.predict(WIDE, 16, 4, Layout(1, 1), CORE))  # modelled above TIME_BELOW
-    assert table[-1].modelled > layout.TIME_BELOW
-    out = layout.time_small(MPI.COMM_SELF, DIGITS, 16, "float32", table, seconds=0.02)
+    table.append(costmodel.predict(WIDE, 16, 4, Layout(1, 1), CORE))  # modelled above TIME_BELOW
+    assert table[-1].modelled > costmodel.TIME_BELOW
+    out = costmodel.time_small(MPI.COMM_SELF, DIGITS, 16, "float32", table, seconds=0.02)
     timed = {str(p.layout): p.timed for p in out if p.timed is not None}
     assert set(timed) == {"1x1 balanced", "1x1 layers M=2"}
     assert all(t > 0 for t in timed.values())
@@ -231,9 +231,9 @@ def test_time_small_times_the_short_layouts_of_this_job_only():
 def test_time_small_times_every_layout_of_the_job_alike_on_every_rank():
     from mpi4py import MPI
     comm = MPI.COMM_WORLD
-    table = [layout.predict(DIGITS, 16, 4, lay, CORE)
-             for lay in layout.candidates(comm.size, DIGITS, 16, micro_batches=(1, 2))]
-    out = layout.time_small(comm, DIGITS, 16, "float64", table, seconds=0.02)
+    table = [costmodel.predict(DIGITS, 16, 4, lay, CORE)
+             for lay in costmodel.candidates(comm.size, DIGITS, 16, micro_batches=(1, 2))]
+    out = costmodel.time_small(comm, DIGITS, 16, "float64", table, seconds=0.02)
     assert all(p.timed is not None and p.timed > 0 for p in out)
     steps = [(str(p.layout), p.step) for p in out]
     assert all(other == steps for other in comm.allgather(steps))

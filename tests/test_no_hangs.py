@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from mpinn.cli import AGREE_TIMEOUT, REPORT_TIMEOUT
+from mpinn.cli.commands import AGREE_TIMEOUT, REPORT_TIMEOUT
 from tests.test_cli import DIGITS_TRAIN, ENV, command, digest, mpinn, ok
 from tests.test_nothing_lost import Run
 

@@ -33,18 +33,19 @@ def measure(directory: str, storages: str) -> None:
     each rank's bytes read while loading and the bytes of its own rows and data columns."""
     from mpi4py import MPI
 
-    from mpinn import format as fmt
-    from mpinn.data import load
-    from mpinn.train import DistributedModel, PartitionChoice
+    from mpinn.io import create, datafile
+    from mpinn.io.datafile import load
+    from mpinn.model import DistributedModel
+    from mpinn.partition.choice import PartitionChoice
 
     comm = MPI.COMM_WORLD
     model, data = f"{directory}/model.h5", f"{directory}/data.h5"
     layers = storages.split(",")
-    fmt.create_model(model, SIZES, ["relu", "relu", "softmax"], "float32", seed=1, comm=comm,
-                     storages=layers, sparse=fmt.SparseInit(density=0.3) if "csr" in layers else None)
+    create.create_model(model, SIZES, ["relu", "relu", "softmax"], "float32", seed=1, comm=comm,
+                     storages=layers, sparse=create.SparseInit(density=0.3) if "csr" in layers else None)
     if comm.rank == 0:
         rng = np.random.default_rng(2)
-        fmt.write_data(data, rng.normal(size=(SAMPLES, SIZES[0])).astype(np.float32),
+        datafile.write_data(data, rng.normal(size=(SAMPLES, SIZES[0])).astype(np.float32),
                        rng.integers(0, SIZES[-1], SAMPLES))
     comm.Barrier()
     before = rchar()

@@ -17,13 +17,15 @@ import numpy as np
 import pytest
 from mpi4py import MPI
 
-from mpinn import exchange
-from mpinn import format as fmt
 from mpinn.api import Network
-from mpinn.data import load
+from mpinn.comm import replicas as comm_replicas
+from mpinn.comm.replicas import gradient_buckets, replica_shares
 from mpinn.errors import MpinnError
-from mpinn.exchange import gradient_buckets, replica_shares
-from mpinn.train import DistributedModel, PartitionChoice, evaluate, predict, train
+from mpinn.io import schema
+from mpinn.io.datafile import load
+from mpinn.model import DistributedModel
+from mpinn.partition.choice import PartitionChoice
+from mpinn.train import evaluate, predict, train
 from tests.helpers import ALL_STRATEGIES, strategy_params
 from tests.reference import Reference, assert_close
 from tests.test_engine_mpi import (
@@ -88,7 +90,7 @@ def test_gradients_summed_in_several_buckets_train_the_reference(replicas, bucke
                                                                  mpi_tmp_path, monkeypatch):
     """One bucket per layer (1 byte) and buckets of some layers (300 bytes: the Iallreduce
     buckets overlapping backward, then the blocking last one), plain and pipelined."""
-    monkeypatch.setattr(exchange, "BUCKET_BYTES", bucket_bytes)
+    monkeypatch.setattr(comm_replicas, "BUCKET_BYTES", bucket_bytes)
     train_replicated(mpi_tmp_path, "mixed", "float64", "ids", replicas)
     train_replicated(mpi_tmp_path, "softmax", "float32", "layers", replicas, micro_batches=2)
     train_replicated(mpi_tmp_path, "softmax", "float64", "balanced", replicas, batch=replicas - 1)
@@ -184,7 +186,7 @@ def test_resume_from_a_replicated_checkpoint_equals_reference(replicas, mpi_tmp_
     if comm.rank == 0:
         shutil.copy(model_path, other)
         with h5py.File(model_path, "r") as f:
-            assert fmt.read_state_attrs(f)["epoch"] == 2
+            assert schema.read_state_attrs(f)["epoch"] == 2
     comm.Barrier()
     for path, r in ((model_path, replicas), (other, 1)):
         with DistributedModel(path, comm, choice("balanced", c["sizes"], comm.size // r), BATCH,
@@ -294,7 +296,7 @@ def test_replicas_that_do_not_divide_the_ranks_are_refused_on_every_rank(mpi_tmp
     with pytest.raises(MpinnError, match="open: replicas must be a whole number >= 1, got 0"):
         Network.open(model_path, replicas=0)
     if comm.size % 2 == 0:  # a stored partition must be made for Q ranks, not P
-        from mpinn.describe import store_partition
+        from mpinn.tools.inspect import store_partition
         store_partition(model_path, comm.size, "balanced", {}, "whole", comm)
         with pytest.raises(MpinnError, match=f"made for {comm.size} ranks but the job has "
                                              f"{comm.size // 2}"):

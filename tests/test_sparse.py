@@ -3,29 +3,33 @@ Graph Challenge run and its file converters."""
 
 from __future__ import annotations
 
+import json
 import re
 
 import h5py
 import numpy as np
 import pytest
 
-from mpinn import bench, distributor, sparse_dnn, topology
-from mpinn import format as fmt
-from mpinn.describe import rank_traffic
-from mpinn.metadata import MetadataTable
+from mpinn.comm import topology
+from mpinn.io import datafile, schema
+from mpinn.partition import strategies
+from mpinn.partition.metadata import MetadataTable
+from mpinn.partition.traffic import rank_traffic
+from mpinn.tools import graphchallenge, sparse_dnn
 from tests.helpers import grouped_network
 from tests.reference import Reference, assert_close
 from tests.test_cli import mpinn, ok
+from tests.test_trace import assert_nested
 
 
 def _traffic(sizes: list[int], layers: list, strategy: str, nranks: int,
              node: np.ndarray | None = None):
-    wiring = distributor.Wiring([np.diff(w.indptr) for w in layers],
+    wiring = strategies.Wiring([np.diff(w.indptr) for w in layers],
                                 lambda i: (layers[i - 1].indptr.astype(np.int64),
                                            layers[i - 1].indices.astype(np.int64)))
-    owner = distributor.partition(sizes, nranks, strategy, {}, wiring, node)
-    spec = fmt.ModelSpec(tuple(sizes), tuple(
-        fmt.LayerSpec(i, sizes[i - 1], sizes[i], "relu", "csr", layers[i - 1].nnz)
+    owner = strategies.partition(sizes, nranks, strategy, {}, wiring, node)
+    spec = schema.ModelSpec(tuple(sizes), tuple(
+        schema.LayerSpec(i, sizes[i - 1], sizes[i], "relu", "csr", layers[i - 1].nnz)
         for i in range(1, len(sizes))), np.dtype(np.float32))
     return rank_traffic(spec, MetadataTable.build(sizes, owner, nranks), wiring.layer_edges)
 
@@ -83,7 +87,7 @@ def test_onto_nodes_places_parts_on_nodes_by_their_traffic():
     import itertools
 
     traffic = np.ones((4, 4), dtype=np.int64) + 50 * (np.eye(4)[[3, 2, 1, 0]]).astype(np.int64)
-    rank = distributor.onto_nodes(traffic, np.array([0, 0, 1, 1]))
+    rank = strategies.onto_nodes(traffic, np.array([0, 0, 1, 1]))
     node = np.array([0, 0, 1, 1])[rank]
     assert node[0] == node[3] and node[1] == node[2] and node[0] != node[1]
 
@@ -99,7 +103,7 @@ def test_onto_nodes_places_parts_on_nodes_by_their_traffic():
         t = rng.integers(0, 30, (p, p)) * (rng.random((p, p)) < 0.6)
         np.fill_diagonal(t, 0)
         w = t + t.T
-        rank = distributor.onto_nodes(t, node)
+        rank = strategies.onto_nodes(t, node)
         assert sorted(rank.tolist()) == list(range(p))
         best = min(between(w, node, np.array(q)) for q in itertools.permutations(range(p)))
         assert between(w, node, rank) == best
@@ -111,19 +115,19 @@ def test_onto_nodes_places_parts_on_nodes_by_their_traffic():
     pairs += rng.integers(0, 2, (16, 16))
     np.fill_diagonal(pairs, 0)
     node = np.repeat(np.arange(8), 2)
-    rank = distributor.onto_nodes(pairs, node)
+    rank = strategies.onto_nodes(pairs, node)
     for k in range(8):
         assert node[rank[k]] == node[rank[k + 8]], k
     for node in (np.zeros(5, dtype=np.int64), np.arange(5)):
-        assert np.array_equal(distributor.onto_nodes(rng.integers(0, 9, (5, 5)), node),
+        assert np.array_equal(strategies.onto_nodes(rng.integers(0, 9, (5, 5)), node),
                               np.arange(5))
-    with pytest.raises(fmt.MpinnError, match="node list names 3 ranks, the partition has 5"):
-        distributor.onto_nodes(np.zeros((5, 5)), np.zeros(3))
+    with pytest.raises(schema.MpinnError, match="node list names 3 ranks, the partition has 5"):
+        strategies.onto_nodes(np.zeros((5, 5)), np.zeros(3))
 
 
 def test_nnz_strategy_balances_stored_weights_not_neurons():
     row_nnz = [np.array([10] * 10 + [1] * 90)]
-    owner = distributor.by_nnz([5, 100], 2, row_nnz)[5:]
+    owner = strategies.by_nnz([5, 100], 2, row_nnz)[5:]
     work = np.bincount(owner, weights=row_nnz[0], minlength=2)
     assert abs(work[0] - work[1]) <= 10
     assert np.all(np.diff(owner) >= 0)  # contiguous blocks
@@ -139,8 +143,8 @@ def test_mincut_without_pymetis_says_how_to_install_it(monkeypatch):
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", no_pymetis)
-    with pytest.raises(fmt.MpinnError, match=r"pip install 'mpinn\[partition\]'"):
-        distributor.require_pymetis()
+    with pytest.raises(schema.MpinnError, match=r"pip install 'mpinn\[partition\]'"):
+        strategies.require_pymetis()
 
 
 def test_sparse_model_trains_and_predicts_from_the_cli(tmp_path):
@@ -198,8 +202,8 @@ def test_bad_csr_structure_is_refused_on_every_rank(tmp_path):
     ok(mpinn(1, "init", str(model), "--sizes", ",".join(map(str, sizes)), "--storage", "csr",
              "--fan-in", str(fan_in)))
     data = tmp_path / "d.h5"
-    fmt.write_data(str(data), np.ones((5, sizes[0]), np.float32), np.arange(5) % sizes[-1])
-    owner = distributor.partition(sizes, 3, "balanced")[sizes[0]:sizes[0] + sizes[1]]
+    datafile.write_data(str(data), np.ones((5, sizes[0]), np.float32), np.arange(5) % sizes[-1])
+    owner = strategies.partition(sizes, 3, "balanced")[sizes[0]:sizes[0] + sizes[1]]
     with h5py.File(model, "r") as f:
         indptr, indices = f["layers/1/indptr"][...], f["layers/1/indices"][...]
     assert np.array_equal(indptr, np.arange(0, fan_in * (sizes[1] + 1), fan_in))
@@ -260,13 +264,23 @@ def test_bench_network_made_under_mpirun_is_the_one_process_network(tmp_path):
     files hold the same arrays, and the truth is that of sparse_dnn.infer, layer by layer."""
     n, n_layers, samples = 1024, 7, 90
     files = {}
+    trace = tmp_path / "bench.json"
     for nranks in (1, 3):
         directory = tmp_path / str(nranks)
+        traced = ["--trace", str(trace), "--batch-size", "32"] if nranks == 3 else []
         out = ok(mpinn(nranks, "bench", "sparse-dnn", "--neurons", str(n), "--layers",
                        str(n_layers), "--samples", str(samples), "--dir", str(directory),
-                       timeout=300))
+                       *traced, timeout=300))
         assert f"scipy loop on {nranks} processes" in out and "match" in out, out
-        files[nranks] = bench.default_paths(str(directory), n, n_layers, samples, 0)
+        files[nranks] = graphchallenge.default_paths(str(directory), n, n_layers, samples, 0)
+    # bench --trace: per rank one step per batch of 32, each holding every layer's forward
+    events = [e for e in json.loads(trace.read_text())["traceEvents"] if e["ph"] == "X"]
+    assert_nested(events)
+    for rank in range(3):
+        mine = [e for e in events if e["pid"] == rank]
+        assert sum(e["name"] == "step" for e in mine) == 3, rank
+        layers = {e["name"] for e in mine if e["cat"] == "layer"}
+        assert layers == {f"forward {i}" for i in range(1, n_layers + 1)}, layers
     for one, three in zip(files[1], files[3], strict=True):
         with h5py.File(one, "r") as a, h5py.File(three, "r") as b:
             names: list[str] = []
@@ -333,6 +347,6 @@ def test_challenge_truth_is_the_plain_loop():
     n = 64
     layers = [sparse_dnn.radixnet_layer(n, i, fan_in=8) for i in range(1, 4)]
     y0 = sparse_dnn.sparse_inputs(n, 30, density=0.5)
-    plain = bench.plain_inference(iter(layers), -0.3, y0)
+    plain = graphchallenge.plain_inference(iter(layers), -0.3, y0)
     assert np.array_equal(sparse_dnn.categories(plain.T),
                           sparse_dnn.categories(sparse_dnn.infer(layers, -0.3, y0)))

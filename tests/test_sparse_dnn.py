@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from mpinn import sparse_dnn as sd
 from mpinn.errors import MpinnError
+from mpinn.tools import sparse_dnn as sd
 
 
 def degrees(weight: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray]:

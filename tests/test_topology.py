@@ -11,11 +11,12 @@ import numpy as np
 import pytest
 from mpi4py import MPI
 
-from mpinn import _ranks_on_this_node, _slurm_tasks_on_node, topology
-from mpinn import format as fmt
-from mpinn.describe import rank_traffic
+from mpinn import _ranks_on_this_node, _slurm_tasks_on_node
+from mpinn.comm import topology
 from mpinn.errors import MpinnError
-from mpinn.train import DistributedModel
+from mpinn.io import schema
+from mpinn.model import DistributedModel
+from mpinn.partition.traffic import rank_traffic
 from tests.test_engine_mpi import CASES, choice, make_files
 
 
@@ -75,7 +76,7 @@ def test_bytes_between_nodes_are_what_the_plans_send_to_other_nodes(strategy, ca
     model_path, _, _, _ = make_files(mpi_tmp_path, c, "float32", comm)
     with DistributedModel(model_path, comm, choice(strategy, c["sizes"], comm.size), 8) as model:
         with h5py.File(model_path, "r") as f:
-            report = rank_traffic(model.spec, model.table, fmt.wiring_reader(f, model.spec))
+            report = rank_traffic(model.spec, model.table, schema.wiring_reader(f, model.spec))
         elsewhere = node != node[comm.rank]
         beside = ~elsewhere
         beside[comm.rank] = False

@@ -1,4 +1,4 @@
-"""PyTorch import and export (mpinn.torch_io): converted models compute the same outputs."""
+"""PyTorch import and export (mpinn.io.pytorch): converted models compute the same outputs."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ import pytest
 import scipy.sparse as sp
 
 from mpinn.errors import MpinnError
-from mpinn.format import LayerArrays, write_model
+from mpinn.io.create import LayerArrays, write_model
+from mpinn.io.pytorch import from_torch, load_torch_file, save_torch_file, to_torch
 from mpinn.optim import make_optimizer
-from mpinn.torch_io import from_torch, load_torch_file, save_torch_file, to_torch
 from tests.reference import Reference
 
 try:

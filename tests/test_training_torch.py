@@ -65,7 +65,7 @@ def torch_run(path: str, x: np.ndarray, y: np.ndarray, labels: bool, epochs: int
     every hidden layer, with mpinn's masks (``fed_masks``). ``on_epoch(model)`` runs after
     each epoch (the model in eval mode); returning False stops training."""
     torch = pytest.importorskip("torch")
-    from mpinn.torch_io import to_torch
+    from mpinn.io.pytorch import to_torch
     model = fed_masks(to_torch(path), seed, dropout).train()
     if labels:
         model = model[:-1]  # cross-entropy takes the logits
@@ -271,8 +271,7 @@ def test_a_run_preempted_mid_epoch_resumes_bitwise_as_an_uninterrupted_run(featu
     and attribute) and MODEL.best.h5 equal those of an uninterrupted run, bit for bit."""
     from mpi4py import MPI
 
-    from mpinn import Network
-    from mpinn import train as loop
+    from mpinn import Network, train
     from mpinn.train import best_path
     comm = MPI.COMM_WORLD
     options = {**MID_EPOCH[feature], "batch_size": BATCH, "seed": 11}
@@ -296,7 +295,7 @@ def test_a_run_preempted_mid_epoch_resumes_bitwise_as_an_uninterrupted_run(featu
         return False
 
     with monkeypatch.context() as patch:
-        patch.setattr(loop, "inject_fault", signal_at_step)
+        patch.setattr(train, "inject_fault", signal_at_step)
         with Network.open(paths["split"]) as net:
             first = net.fit(x, y, **options)
     assert first.stopped_by is not None
@@ -429,7 +428,7 @@ def test_dropout_imported_from_torch_trains_as_torch_with_the_same_masks(given, 
     from mpi4py import MPI
 
     from mpinn import Network
-    from mpinn.torch_io import from_torch
+    from mpinn.io.pytorch import from_torch
     nn = torch.nn
     comm = MPI.COMM_WORLD
     path = str(mpi_tmp_path / "model.h5")
@@ -466,7 +465,8 @@ def test_dropout_rates_are_stored_per_hidden_layer_and_older_files_have_none(tmp
     from mpi4py import MPI
 
     from mpinn import Network
-    from mpinn.format import opened, read_spec
+    from mpinn.io.hdf5 import opened
+    from mpinn.io.schema import read_spec
     from tests.test_cli import mpinn, ok
 
     def rates(path) -> list[float]:
@@ -547,7 +547,7 @@ def test_activation_and_derivative_equal_torch(name):
 
 def test_torch_models_with_the_new_activations_convert_both_ways(tmp_path):
     torch = pytest.importorskip("torch")
-    from mpinn.torch_io import from_torch, load_torch_file, save_torch_file, to_torch
+    from mpinn.io.pytorch import from_torch, load_torch_file, save_torch_file, to_torch
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.GELU(), torch.nn.Linear(8, 7),
                                 torch.nn.SiLU(), torch.nn.Linear(7, 6), torch.nn.LeakyReLU(0.3),
@@ -569,9 +569,9 @@ def test_torch_models_with_the_new_activations_convert_both_ways(tmp_path):
 def test_a_leaky_relu_slope_must_be_a_number(tmp_path):
     from mpi4py import MPI
 
-    from mpinn import format as fmt
+    from mpinn.io import create
     with pytest.raises(MpinnError, match="negative_slope"):
-        fmt.create_model(str(tmp_path / "m.h5"), [3, 2], ["leaky_relu"], "float64", 0,
+        create.create_model(str(tmp_path / "m.h5"), [3, 2], ["leaky_relu"], "float64", 0,
                          MPI.COMM_SELF, negative_slope=float("nan"))
 
 
@@ -602,7 +602,7 @@ def test_bad_schedules_are_refused(bad, match):
 
 def test_a_plain_state_dict_imports_with_the_activations_given(tmp_path):
     torch = pytest.importorskip("torch")
-    from mpinn.torch_io import from_torch, load_torch_file, to_torch
+    from mpinn.io.pytorch import from_torch, load_torch_file, to_torch
     torch.manual_seed(1)
     model = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.ReLU(), torch.nn.Linear(8, 6),
                                 torch.nn.ReLU(), torch.nn.Linear(6, 3), torch.nn.Softmax(dim=-1))

@@ -21,8 +21,8 @@ import h5py
 import numpy as np
 import pytest
 
-from mpinn import format as fmt
-from mpinn import sparse_dnn
+from mpinn.io import schema
+from mpinn.tools import sparse_dnn
 from tests.helpers import small_tmpfs
 from tests.reference import Reference, assert_close
 from tests.test_cli import DIGITS_TEST, DIGITS_TRAIN, ENV, ROOT, command, digest, mpinn, ok
@@ -362,7 +362,7 @@ def test_a_stored_partition_is_replaced_only_with_force(model):
             "a partition named 'p' is stored already; pass --force")
     ok(mpinn(1, "partition", str(model), "--ranks", "3", "--name", "p", "--force"))
     with h5py.File(model, "r") as f:
-        assert fmt.read_partition(f, "p")[1] == 3
+        assert schema.read_partition(f, "p")[1] == 3
 
 
 @pytest.mark.parametrize("text", ["[train\n", "[train]\nbogus = 1\n"])
@@ -392,7 +392,7 @@ def _train(model: Path, *args: str, nranks: int = 1) -> subprocess.CompletedProc
 
 def _state(path: Path) -> dict:
     with h5py.File(path, "r") as f:
-        return fmt.read_state_attrs(f)
+        return schema.read_state_attrs(f)
 
 
 def _api(script: str) -> subprocess.CompletedProcess:
@@ -650,7 +650,7 @@ def test_train_with_mincut_says_its_partition_is_not_stored(model):
 def test_a_log_of_two_runs_marks_each_start_and_is_drawn_as_two_runs(model, tmp_path):
     """Item 16: the first record of every run carries run_start, and plot curves draws runs
     apart: by that mark, or in older logs where the epoch does not grow."""
-    from mpinn.plot import split_runs
+    from mpinn.tools.plot import split_runs
 
     log = tmp_path / "log.jsonl"
     for _ in range(2):

@@ -56,7 +56,7 @@ def _set_state(path: Path, **attrs: object) -> None:
 
 
 def test_the_digest_sees_every_row_and_not_the_memory_layout():
-    from mpinn.data import _digest
+    from mpinn.io.datafile import _digest
     x, y = _arrays(3000)
     digest = _digest(x, y)
     for row in (1, 1501, 2999):  # rows a sample of every other row would skip
@@ -205,7 +205,7 @@ def test_a_torch_classifier_ending_in_logits_is_named_at_import_and_takes_output
     import torch
     from torch import nn
 
-    from mpinn.torch_io import save_torch_file
+    from mpinn.io.pytorch import save_torch_file
     torch.manual_seed(3)
     model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 4)).eval()
     pt, plain, soft = tmp_path / "c.pt", tmp_path / "plain.h5", tmp_path / "soft.h5"
@@ -275,11 +275,11 @@ def test_a_bad_api_argument_is_one_error_naming_the_parameter_and_changes_nothin
 
 
 def test_cli_messages_name_flags_with_dashes():
-    from mpinn import cli
+    from mpinn.cli import parser
     with pytest.raises(MpinnError, match="^--clip-norm must be zero"):
-        cli.parse(["train", "M.h5", "--data", "d.h5", "--clip-norm", "-1"])
+        parser.parse(["train", "M.h5", "--data", "d.h5", "--clip-norm", "-1"])
     with pytest.raises(MpinnError, match="^--weight-decay must be zero or more"):
-        cli.parse(["train", "M.h5", "--data", "d.h5", "--weight-decay", "nan"])
+        parser.parse(["train", "M.h5", "--data", "d.h5", "--weight-decay", "nan"])
 
 
 def _hostile_data(path: Path) -> Path:

@@ -1,0 +1,1 @@
+"""mpinn.partition."""
