@@ -24,6 +24,7 @@ from mpi4py import MPI  # noqa: E402
 
 import mpinn  # noqa: E402
 from mpinn import train
+from mpinn.config import TrainConfig
 from mpinn.io import datafile  # noqa: E402
 from mpinn.io.datafile import from_arrays, load, synthetic_classification  # noqa: E402
 
@@ -60,7 +61,7 @@ def main() -> None:
                 if name == "train on a file":
                     local = load(data, model.table, model.spec.dtype, comm)
                     intake[name].append(time.perf_counter() - started)
-                    result = train.train(model, local, optimizer_name="sgd", **options)
+                    result = train.train(model, local, TrainConfig(optimizer="sgd", **options))
                     rates = [s.samples_per_second for s in result.history]
                 else:
                     local = from_arrays(x, y, model.table, model.spec.dtype, comm)

@@ -29,6 +29,7 @@ from train_mlp import child_env  # noqa: E402
 def worker(args: argparse.Namespace) -> None:
     from mpi4py import MPI
 
+    from mpinn.config import TrainConfig
     from mpinn.io import hdf5
     from mpinn.io.datafile import load
     from mpinn.model import DistributedModel
@@ -43,7 +44,7 @@ def worker(args: argparse.Namespace) -> None:
         read = sum(hdf5.READ_STATS.values()) * model.spec.dtype.itemsize
         data = load(args.data, model.table, model.spec.dtype, comm)
         started = time.perf_counter()
-        train(model, data, epochs=1, batch_size=args.batch, lr=1e-4, shuffle=False)
+        train(model, data, TrainConfig(epochs=1, batch_size=args.batch, lr=1e-4, shuffle=False))
         train_seconds = time.perf_counter() - started
         shard = model.shard.nbytes
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

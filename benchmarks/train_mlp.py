@@ -91,6 +91,7 @@ def worker_mpinn(args: argparse.Namespace) -> None:
     import numpy as np
     from mpi4py import MPI
 
+    from mpinn.config import TrainConfig
     from mpinn.io.datafile import load
     from mpinn.model import DistributedModel
     from mpinn.partition.choice import PartitionChoice
@@ -104,8 +105,8 @@ def worker_mpinn(args: argparse.Namespace) -> None:
                           replicas=int(args.replicas)) as model:
         data = load(args.data, model.table, model.spec.dtype, comm, model.group)
         # one warm-up epoch: first-touch of buffers and BLAS start-up are not measured
-        train(model, data, epochs=1, batch_size=args.batch, lr=1e-3, shuffle=False,
-              micro_batches=args.micro_batches)
+        train(model, data, TrainConfig(epochs=1, batch_size=args.batch, lr=1e-3, shuffle=False,
+                                       micro_batches=args.micro_batches))
         engine, plans = model.engine, model.engine.plans
         engine.seconds_compute = model.seconds_io = 0.0
         if engine.reducer is not None:
@@ -115,8 +116,8 @@ def worker_mpinn(args: argparse.Namespace) -> None:
             plan.bytes_sent = plan.bytes_received = 0
         comm.Barrier()
         start = time.perf_counter()
-        result = train(model, data, epochs=1, batch_size=args.batch, lr=1e-3, shuffle=False,
-                       micro_batches=args.micro_batches)
+        result = train(model, data, TrainConfig(epochs=1, batch_size=args.batch, lr=1e-3,
+                                                shuffle=False, micro_batches=args.micro_batches))
         total = time.perf_counter() - start
         steps = data.n_samples // args.batch
         parts = {"compute": engine.seconds_compute,

@@ -23,7 +23,7 @@ import os
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, TypeVar
 
 import numpy as np
@@ -34,6 +34,7 @@ from mpinn import model as mpinn_model
 from mpinn.comm.collectives import agree, gather_layer, on_root
 from mpinn.comm.exchange import check_exchange
 from mpinn.comm.watchdog import collective, meet
+from mpinn.config import TrainConfig
 from mpinn.errors import MpinnError, install_excepthook
 from mpinn.io import create as mpinn_create
 from mpinn.io import hdf5, lock, schema, staging
@@ -300,12 +301,10 @@ class Network:
         there, one Chrome trace of every rank's spans (``mpinn.trace``; an existing file
         only with ``force``).
         """
-        named = {"optimizer": optimizer, "lr": lr, "momentum": momentum,
-                 "weight_decay": weight_decay, "schedule": schedule, "step_size": step_size,
-                 "gamma": gamma, "min_lr": min_lr, "warmup_steps": warmup_steps,
-                 "clip_norm": clip_norm, "dropout": dropout}
+        given = locals()
         model = self.model
-        config.check_on(self.comm, "fit", locals())  # after the load: see options.check_on
+        config.check_on(self.comm, "fit", given)  # after the load: see config.check_on
+        options = TrainConfig(**{f.name: given[f.name] for f in fields(TrainConfig)})
         if keep_best:
             agree(self.comm, lambda: train.check_best(self.path, force))
         data = self._data(x, y, "X", "fit data")
@@ -325,7 +324,8 @@ class Network:
             if trace is not None:
                 staging.check({"fit: trace": os.fspath(trace)}, {"the model": self.path},
                               force=bool(force))
-            return train.resolve_run(self.path, model.state, named, bool(reset_optimizer))
+            return train.resolve_run(self.path, model.state, options.named_run(),
+                                     bool(reset_optimizer))
 
         run = agree(self.comm, check)
         tracer = Tracer(self.comm) if trace is not None else NULL
@@ -342,16 +342,9 @@ class Network:
         written = [self.path, *([train.best_path(self.path)] if keep_best else [])]
         with self._write_access(written, "trained by Network.fit"):
             result = train.train(
-                model, data, epochs=epochs, batch_size=batch_size, lr=run["lr"],
-                optimizer_name=run["optimizer"], momentum=run["momentum"], seed=seed,
-                shuffle=shuffle, checkpoint_every=checkpoint_every, keep=keep, resume=resume,
-                micro_batches=micro_batches, progress=progress and rank0,
+                model, data, replace(options, **run, progress=bool(progress) and rank0),
                 report=train.epoch_reporter(not verbose, log_json) if rank0 else None,
-                validation=validation, patience=patience, keep_best=keep_best,
-                on_epoch=on_epoch, schedule=run["schedule"], step_size=run["step_size"],
-                gamma=run["gamma"], min_lr=run["min_lr"], warmup_steps=run["warmup_steps"],
-                weight_decay=run["weight_decay"], clip_norm=run["clip_norm"],
-                dropout=run["dropout"], reset_optimizer=bool(reset_optimizer), tracer=tracer)
+                validation=validation, on_epoch=on_epoch, tracer=tracer)
         if trace is not None:
             tracer.write(os.fspath(trace))
         history.stopped_by, history.stopped_early = result.stopped_by, result.stopped_early

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from functools import cache
 from typing import Any
 
@@ -58,6 +58,130 @@ class Option:
     comma_text: bool = False  # a choice per layer may also be text "a,b,c" (storage)
 
 
+# ---------------------------------------------------------------- training options
+
+OPTIMIZERS = ("sgd", "adam", "adamw")  # optim.make_optimizer's names
+# comm.exchange.PLANS's kinds (it checks that they agree), named here so that parsing the
+# flags imports neither numpy nor MPI
+EXCHANGES = ("auto", "alltoallv", "allgather", "collective", "neighbor", "node", "node-forward")
+SCHEDULES = ("constant", "step", "cosine")  # optim.Schedule's
+CONTINUED = " (default: the value the model's last run used, else {})"
+NOT_RUN = object()  # ``setting(run=...)`` of an option that is not a run setting
+REGULARISATION = "validation, schedules and regularisation (docs/api.md)"
+
+
+def setting(default: Any, check: Callable[[str], Option] | Option, help: str, *,
+            run: Any = NOT_RUN, flag: str | None = None, metavar: str | None = None,
+            group: str = "", cli: bool = True) -> Any:
+    """One field of ``TrainConfig``: its default, its check (``whole``, ``number``, ... or an
+    ``Option``), its help text; ``run``: for a run setting (continued from the model's last
+    run where not named: its default is None), the value a new model starts from; ``flag``:
+    the CLI flag where it is not ``--name`` (``--no-shuffle``); ``cli=False``: API only."""
+    return field(default=default, metadata={
+        "check": check, "help": help, "run": run, "flag": flag, "metavar": metavar,
+        "group": group, "cli": cli})
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Every option of a training run, declared once: ``mpinn train``'s flags and the config
+    file's ``[train]`` keys are made from these fields (``cli.parser``), ``Network.fit``
+    takes them as keyword arguments of the same names and defaults (a test holds it to
+    that), and the loop (``train.train``) reads them from here."""
+
+    epochs: int = setting(1, lambda n: whole(n), "epochs to train; with --resume: until this "
+                          "many are complete in all")
+    batch_size: int = setting(64, lambda n: whole(n), "samples per step (the global batch)",
+                              cli=False)  # the CLI declares it with evaluate's and predict's
+    optimizer: str | None = setting(
+        None, lambda n: choice(n, OPTIMIZERS, optional=True),
+        "adamw: Adam with decoupled weight decay (torch AdamW)", run="sgd")
+    lr: float | None = setting(None, lambda n: number(n, optional=True), "learning rate",
+                               run=0.1)
+    momentum: float | None = setting(None, lambda n: number(n, optional=True), "SGD momentum",
+                                     run=0.0)
+    seed: int = setting(0, lambda n: whole(n), "shuffling seed")
+    shuffle: bool = setting(True, lambda n: flag(n), "shuffle the samples every epoch",
+                            flag="--no-shuffle")
+    checkpoint_every: int = setting(0, lambda n: whole(n), "also save every K epochs "
+                                    "(default: only at the end)", metavar="K")
+    keep: int = setting(1, lambda n: whole(n), "checkpoints to keep: the model file and K-1 "
+                        "older ones in MODEL.checkpoints/ (default 1)", metavar="K")
+    resume: bool = setting(False, lambda n: flag(n), "continue the stored run until --epochs "
+                           "epochs are complete in all (none left: says so and exits 0)")
+    micro_batches: int = setting(1, lambda n: whole(n), "run each batch as a pipeline of M "
+                                 "micro-batches (GPipe); pays off when ranks own whole layers "
+                                 "(--strategy layers)", metavar="M")
+    patience: int = setting(0, lambda n: whole(n), "stop after K epochs without a lower "
+                            "validation loss (0: never)", metavar="K", group=REGULARISATION)
+    keep_best: bool = setting(False, lambda n: flag(n), "also commit each new best validation "
+                              "loss to MODEL.best.h5 (m.h5 -> m.best.h5)", group=REGULARISATION)
+    schedule: str | None = setting(
+        None, lambda n: choice(n, SCHEDULES, optional=True), "learning rate per step: "
+        "constant, step (StepLR) or cosine (CosineAnnealingLR over all the run's steps)",
+        run="constant", group=REGULARISATION)
+    step_size: int | None = setting(None, lambda n: whole(n, optional=True), "step schedule: "
+                                    "multiply the rate by --gamma every E epochs", run=1,
+                                    metavar="E", group=REGULARISATION)
+    gamma: float | None = setting(None, lambda n: number(n, optional=True),
+                                  "step schedule's factor", run=0.1, group=REGULARISATION)
+    min_lr: float | None = setting(None, lambda n: number(n, optional=True),
+                                   "cosine schedule's floor", run=0.0, group=REGULARISATION)
+    warmup_steps: int | None = setting(None, lambda n: whole(n, optional=True), "scale the rate "
+                                       "by (t+1)/W over the first W steps", run=0, metavar="W",
+                                       group=REGULARISATION)
+    weight_decay: float | None = setting(None, lambda n: number(n, optional=True), "L2 added to "
+                                         "the gradient (sgd, adam); decoupled for adamw", run=0.0,
+                                         metavar="WD", group=REGULARISATION)
+    clip_norm: float | None = setting(None, lambda n: number(n, optional=True), "clip the global "
+                                      "gradient norm over all ranks to C (0: off)", run=0.0,
+                                      metavar="C", group=REGULARISATION)
+    dropout: float | None = setting(None, lambda n: number(n, optional=True), "inverted dropout "
+                                    "on hidden layers while training; the same masks at any "
+                                    "rank count (default: the last run's --dropout, else the "
+                                    "rates the model file stores, set by init --dropout or "
+                                    "import-torch; 0 turns them off)", run=None, metavar="P",
+                                    group=REGULARISATION)
+    reset_optimizer: bool = setting(False, lambda n: flag(n), "start the optimizer afresh: drop "
+                                    "the state (Adam's moments, momentum) the model holds, and "
+                                    "take the optimizer's settings from the flags and defaults, "
+                                    "not the model; needed to change --optimizer")
+    progress: bool = setting(False, lambda n: flag(n), "show a progress bar even when stderr is "
+                             "not a terminal (under mpirun the ranks' stderr never is)")
+    log_json: str | None = setting(None, Option("log_json", "path", optional=True),
+                                   "append one JSON object per epoch to FILE (rank 0)",
+                                   metavar="FILE")
+    trace: str | None = setting(None, Option("trace", "path", optional=True),
+                                "write the run's timeline to FILE: one Chrome trace (open it "
+                                "in ui.perfetto.dev or chrome://tracing) of every rank's "
+                                "compute, pack, wait, optimizer and checkpoint spans per layer "
+                                "and step, and each exchange in flight, clocks aligned "
+                                "(docs/scaling.md)", metavar="FILE")
+    verbose: bool = setting(False, lambda n: flag(n), "print an epoch line on rank 0",
+                            cli=False)  # the CLI's --quiet
+    force: bool = setting(False, lambda n: flag(n), "replace an existing --trace or "
+                          "MODEL.best.h5 of another model", cli=False)  # the CLI's --force
+
+    def named_run(self) -> dict[str, Any]:
+        """The run settings as given, None where not named (``train.resolve_run``)."""
+        return {name: getattr(self, name) for name in RUN_DEFAULTS}
+
+
+def training_fields() -> tuple[Any, ...]:
+    """The fields of ``TrainConfig``, each with its ``metadata`` (``setting``)."""
+    return fields(TrainConfig)
+
+
+def option_of(f: Any) -> Option:
+    check = f.metadata["check"]
+    return check if isinstance(check, Option) else check(f.name)
+
+
+# the run settings: continued from the model's last run where not named
+RUN_DEFAULTS: dict[str, Any] = {f.name: f.metadata["run"] for f in fields(TrainConfig)
+                                if f.metadata["run"] is not NOT_RUN}
+
+
 def whole(name: str, optional: bool = False) -> Option:
     """A whole number from ``AT_LEAST[name]`` up (a seed up to ``MAX_SEED``)."""
     most = MAX_SEED if name == "seed" else None
@@ -83,10 +207,8 @@ def choice(name: str, choices: tuple[str, ...], optional: bool = False,
 def calls() -> dict[str, tuple[Option, ...]]:
     """The parameters of each API call that can be checked alone (the data and the
     partition's parameters are checked where they are read)."""
-    from mpinn.comm.exchange import EXCHANGES
     from mpinn.io.schema import DTYPES, STORAGES
     from mpinn.kernels import ACTIVATIONS
-    from mpinn.optim import OPTIMIZERS, SCHEDULES
     from mpinn.partition.strategies import STRATEGIES
 
     hidden = tuple(a for a in ACTIVATIONS if a != "softmax")
@@ -105,18 +227,7 @@ def calls() -> dict[str, tuple[Option, ...]]:
                  choice("exchange", EXCHANGES)),
         # the run settings may be None: not named, the model's last run goes on with its own
         # (train.resolve_run)
-        "fit": (whole("epochs"), whole("batch_size"),
-                choice("optimizer", OPTIMIZERS, optional=True), number("lr", optional=True),
-                number("momentum", optional=True), whole("seed"), flag("shuffle"),
-                Option("callbacks", "callables"), whole("checkpoint_every"), whole("keep"),
-                flag("resume"), whole("micro_batches"), whole("patience"), flag("keep_best"),
-                choice("schedule", SCHEDULES, optional=True), whole("step_size", optional=True),
-                number("gamma", optional=True), number("min_lr", optional=True),
-                whole("warmup_steps", optional=True), number("weight_decay", optional=True),
-                number("clip_norm", optional=True), number("dropout", optional=True),
-                flag("reset_optimizer"), flag("progress"),
-                Option("log_json", "path", optional=True), flag("verbose"), flag("force"),
-                Option("trace", "path", optional=True)),
+        "fit": (*(option_of(f) for f in training_fields()), Option("callbacks", "callables")),
         "predict": (batch,),
         "evaluate": (batch,),
     }

@@ -15,11 +15,9 @@ from typing import Any
 
 import numpy as np
 
+from mpinn.config import OPTIMIZERS, SCHEDULES
 from mpinn.errors import MpinnError
 from mpinn.kernels import axpy
-
-OPTIMIZERS = ("sgd", "adam", "adamw")
-SCHEDULES = ("constant", "step", "cosine")
 
 
 class Optimizer:

@@ -21,7 +21,7 @@ import threading
 import time
 from collections.abc import Callable
 from contextlib import suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -29,6 +29,7 @@ from mpi4py import MPI
 
 from mpinn._testing.faults import inject_fault
 from mpinn.comm.collectives import MAX, SUM, agree, allreduce
+from mpinn.config import RUN_DEFAULTS, TrainConfig
 from mpinn.errors import Interrupted, MpinnError
 from mpinn.io import checkpoint
 from mpinn.io.datafile import LocalData, check_distributions
@@ -44,11 +45,8 @@ from mpinn.optim import (
 from mpinn.trace import NULL, NullTracer
 
 # The settings of a training run that the file records (/state "run") and that a continued
-# or resumed run takes from there unless its caller names another value (None: not named).
-RUN_DEFAULTS: dict[str, Any] = {
-    "optimizer": "sgd", "lr": 0.1, "momentum": 0.0, "weight_decay": 0.0,
-    "schedule": "constant", "step_size": 1, "gamma": 0.1, "min_lr": 0.0, "warmup_steps": 0,
-    "clip_norm": 0.0, "dropout": None}
+# or resumed run takes from there unless its caller names another value (None: not named)
+# are config.RUN_DEFAULTS.
 # the optimizer's own settings: with --reset-optimizer they come from the caller or the
 # defaults, never from the file
 OPTIMIZER_SETTINGS = ("optimizer", "lr", "momentum", "weight_decay")
@@ -338,18 +336,13 @@ class EarlyStopping:
         return {"best_val_loss": self.best, "bad_epochs": self.bad_epochs}
 
 
-def train(model: DistributedModel, data: LocalData, *, epochs: int, batch_size: int, lr: float,
-          optimizer_name: str = "sgd", momentum: float = 0.0, seed: int = 0,
-          shuffle: bool = True, checkpoint_every: int = 0, keep: int = 1, resume: bool = False,
-          micro_batches: int = 1, progress: bool = False,
+def train(model: DistributedModel, data: LocalData, config: TrainConfig, *,
           report: Callable[[EpochStats], None] | None = None,
-          validation: LocalData | None = None, patience: int = 0, keep_best: bool = False,
+          validation: LocalData | None = None,
           on_epoch: Callable[[EpochStats], bool | None] | None = None,
-          schedule: str = "constant", step_size: int = 1, gamma: float = 0.1,
-          min_lr: float = 0.0, warmup_steps: int = 0, weight_decay: float = 0.0,
-          clip_norm: float = 0.0, dropout: float | None = None,
-          reset_optimizer: bool = False, tracer: NullTracer = NULL) -> TrainResult:
-    """Train from the epoch, batch and optimizer state stored in the file.
+          tracer: NullTracer = NULL) -> TrainResult:
+    """Train from the epoch, batch and optimizer state stored in the file, with the options
+    of ``config`` (its run settings resolved: ``resolve_run``).
 
     Without ``resume``, ``epochs`` more epochs are run (an epoch left unfinished by a
     preemption counts as one); with ``resume``, training continues until ``epochs`` epochs
@@ -379,21 +372,27 @@ def train(model: DistributedModel, data: LocalData, *, epochs: int, batch_size: 
     (/state "run") for the next run to continue with (``resolve_run``). ``tracer``: a
     ``trace.Tracer`` that records the run's spans (``--trace``).
     """
-    if epochs < 0:
-        raise MpinnError(f"--epochs must not be negative, got {epochs}")
-    if batch_size < 1:
-        raise MpinnError(f"--batch-size must be at least 1, got {batch_size}")
-    if checkpoint_every < 0:
-        raise MpinnError(f"--checkpoint-every must not be negative, got {checkpoint_every}")
-    if micro_batches < 1:
-        raise MpinnError(f"--micro-batches must be at least 1, got {micro_batches}")
-    if patience < 0:
-        raise MpinnError(f"--patience must not be negative, got {patience}")
-    if (patience or keep_best) and validation is None:
-        raise MpinnError(f"--{'patience' if patience else 'keep-best'} needs validation data "
-                         "(--val-data)")
-    if not np.isfinite(clip_norm) or clip_norm < 0:
-        raise MpinnError(f"--clip-norm must be a non-negative number (0: off), got {clip_norm}")
+    # run settings not named continue the model's last run (done by Network.fit already,
+    # agreed over the ranks; here for callers of the loop itself)
+    config = replace(config, **resolve_run(model.path, model.state, config.named_run(),
+                                           config.reset_optimizer))
+    if config.epochs < 0:
+        raise MpinnError(f"--epochs must not be negative, got {config.epochs}")
+    if config.batch_size < 1:
+        raise MpinnError(f"--batch-size must be at least 1, got {config.batch_size}")
+    if config.checkpoint_every < 0:
+        raise MpinnError("--checkpoint-every must not be negative, got "
+                         f"{config.checkpoint_every}")
+    if config.micro_batches < 1:
+        raise MpinnError(f"--micro-batches must be at least 1, got {config.micro_batches}")
+    if config.patience < 0:
+        raise MpinnError(f"--patience must not be negative, got {config.patience}")
+    if (config.patience or config.keep_best) and validation is None:
+        raise MpinnError(f"--{'patience' if config.patience else 'keep-best'} needs validation "
+                         "data (--val-data)")
+    if not np.isfinite(config.clip_norm) or config.clip_norm < 0:
+        raise MpinnError("--clip-norm must be a non-negative number (0: off), got "
+                         f"{config.clip_norm}")
     if data.labels is None and data.targets is None:
         raise MpinnError("fit needs y: class labels or float targets for every sample of "
                          "X (X alone can only be predicted)")
@@ -404,40 +403,40 @@ def train(model: DistributedModel, data: LocalData, *, epochs: int, batch_size: 
     if model.spec.layers[-1].activation == "softmax":
         for each in (data, validation) if validation is not None else (data,):
             check_distributions(each, model.group, model.comm)
-    engine = model.use_engine(batch_size, training=True)
+    engine = model.use_engine(config.batch_size, training=True)
     engine.set_tracer(tracer)
     model.tracer = tracer
     params = engine.parameters()
-    optimizer = make_optimizer(optimizer_name, params, lr, momentum, weight_decay)
-    if not reset_optimizer:
+    optimizer = make_optimizer(config.optimizer, params, config.lr, config.momentum,
+                               config.weight_decay)
+    if not config.reset_optimizer:
         model.load_optimizer_state(optimizer)
-    run = {"optimizer": optimizer_name, "lr": lr, "momentum": momentum,
-           "weight_decay": weight_decay, "schedule": schedule, "step_size": step_size,
-           "gamma": gamma, "min_lr": min_lr, "warmup_steps": warmup_steps,
-           "clip_norm": clip_norm, "dropout": dropout}
+    run = config.named_run()  # recorded for the next run to continue with
+    seed = config.seed
     done = int(model.state.get("epoch", 0))
     skip = int(model.state.get("batch", 0))
     step_count = int(model.state.get("step", 0))
-    if resume:
+    if config.resume:
         if done or skip:  # an interrupted run keeps its own shuffling seed
             seed = int(model.state.get("seed", seed))
-        last = epochs
+        last = config.epochs
         if model.state.get("stopped_early"):
             last = done  # that run is over: resuming it trains no further
     else:
-        last = done + epochs
-    rates = Schedule(schedule, lr, step_size, gamma, min_lr, warmup_steps,
-                     t_max=last * -(-data.n_samples // batch_size))
+        last = done + config.epochs
+    rates = Schedule(config.schedule, config.lr, config.step_size, config.gamma, config.min_lr,
+                     config.warmup_steps,
+                     t_max=last * -(-data.n_samples // config.batch_size))
     stored = [ly.dropout for ly in model.spec.layers[:-1]]
-    engine.set_dropout(stored if dropout is None else dropout, seed)
+    engine.set_dropout(stored if config.dropout is None else config.dropout, seed)
     engine.dropout_step = step_count
-    _check_position(model, done, skip, data.n_samples, batch_size)
+    _check_position(model, done, skip, data.n_samples, config.batch_size)
     result = TrainResult([], epoch=done)
-    early = EarlyStopping(patience, model.state)
+    early = EarlyStopping(config.patience, model.state)
     result.best_val_loss = early.best
 
     fuse_sgd = steps_in_backward(isinstance(optimizer, SGD) and optimizer.plain,
-                                 model.replicas, micro_batches, clip_norm)
+                                 model.replicas, config.micro_batches, config.clip_norm)
     stopping = False
     bar = None
     with StepGuard(model.comm) as guard:
@@ -448,13 +447,13 @@ def train(model: DistributedModel, data: LocalData, *, epochs: int, batch_size: 
             with tracer.span("stop check", "wait"):
                 stop = guard.stop_requested(loss_share, f"epoch {epoch}, step {step_count + 1}")
             if stop:
-                if micro_batches > 1:
+                if config.micro_batches > 1:
                     engine.finish_gradients()  # posted by the pipeline: completed, unused
                 stopping = True  # before the update: the checkpoint holds this step's start
                 return True
             optimizer.lr = rates.rate(step_count, epoch)
             fused = fuse_sgd and not idle
-            if micro_batches == 1:
+            if config.micro_batches == 1:
                 if idle:
                     engine.post_gradients()
                 else:
@@ -462,8 +461,8 @@ def train(model: DistributedModel, data: LocalData, *, epochs: int, batch_size: 
             with tracer.span("gradient sum", "wait"):
                 engine.finish_gradients()  # summed over the groups (replicas)
             started = time.perf_counter()
-            if clip_norm:  # over my group's ranks: together they hold every row once
-                _clip_gradients(model.group, params, clip_norm)
+            if config.clip_norm:  # over my group's ranks: together they hold every row once
+                _clip_gradients(model.group, params, config.clip_norm)
             if not fused:
                 optimizer.step()
             result.seconds_optimizer += time.perf_counter() - started
@@ -471,17 +470,18 @@ def train(model: DistributedModel, data: LocalData, *, epochs: int, batch_size: 
             step_count += 1
             engine.dropout_step = step_count
             if bar is not None:
-                bar.update(min(batch_size, bar.total - bar.n))
+                bar.update(min(config.batch_size, bar.total - bar.n))
             return False
 
         for epoch in range(done + 1, last + 1):
-            order = (np.random.default_rng([seed, epoch]).permutation(data.n_samples) if shuffle
-                     else np.arange(data.n_samples))[skip * batch_size:]
-            bar = _progress_bar(epoch, order.size) if progress else None
+            order = (np.random.default_rng([seed, epoch]).permutation(data.n_samples)
+                     if config.shuffle else np.arange(data.n_samples))[skip * config.batch_size:]
+            bar = _progress_bar(epoch, order.size) if config.progress else None
             start = time.perf_counter()
             try:
-                loss_sum, correct, batches = _run_batches(model, data, order, batch_size,
-                                                          step=step, micro_batches=micro_batches)
+                loss_sum, correct, batches = _run_batches(
+                    model, data, order, config.batch_size, step=step,
+                    micro_batches=config.micro_batches)
             finally:
                 if bar is not None:
                     bar.close()  # cleared, also before an error message
@@ -489,7 +489,7 @@ def train(model: DistributedModel, data: LocalData, *, epochs: int, batch_size: 
                 result.stopped_by = guard.received or "a signal on another rank"
                 result.epoch, result.batch = epoch - 1, skip + batches - 1
                 # early-stopping counters only where epochs write them: with validation
-                model.save(optimizer, keep, epoch=result.epoch, batch=result.batch,
+                model.save(optimizer, config.keep, epoch=result.epoch, batch=result.batch,
                            step=step_count, seed=seed, stopped_early=False,
                            schedule=rates.config(), run=run,
                            **(early.state() if validation is not None else {}))
@@ -505,7 +505,8 @@ def train(model: DistributedModel, data: LocalData, *, epochs: int, batch_size: 
             improved = False
             if validation is not None:
                 with tracer.span("validation", "validation"):
-                    stats.val_loss, stats.val_accuracy = evaluate(model, validation, batch_size)
+                    stats.val_loss, stats.val_accuracy = evaluate(model, validation,
+                                                                  config.batch_size)
                 improved = early.update(stats.val_loss)
                 counters.update(early.state())
                 result.best_val_loss = early.best
@@ -519,11 +520,11 @@ def train(model: DistributedModel, data: LocalData, *, epochs: int, batch_size: 
                 result.stopped_early = result.stopped_early or "callback"
             if result.stopped_early:
                 counters["stopped_early"] = True
-            if improved and keep_best:
+            if improved and config.keep_best:
                 model.save_best(optimizer, **counters)
             if (epoch == last or result.stopped_early
-                    or (checkpoint_every and epoch % checkpoint_every == 0)):
-                model.save(optimizer, keep, **counters)
+                    or (config.checkpoint_every and epoch % config.checkpoint_every == 0)):
+                model.save(optimizer, config.keep, **counters)
             if result.stopped_early:
                 break
         guard.finish(f"the end of epoch {result.epoch}")

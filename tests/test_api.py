@@ -379,3 +379,27 @@ def test_the_api_example_runs_as_written_under_mpirun_on_three_ranks(tmp_path):
     again = subprocess.run(command, capture_output=True, text=True, env=ENV, cwd=tmp_path,
                            timeout=300)
     assert again.returncode != 0 and "exists; pass force=True" in again.stderr
+
+
+def test_every_training_option_is_declared_once_in_train_config():
+    """``Network.fit`` takes each field of ``TrainConfig`` with its default, and ``mpinn
+    train`` has its flag with the same default (run settings: None, from the last run)."""
+    import inspect
+    from dataclasses import fields
+
+    from mpinn.api import Network
+    from mpinn.cli.parser import build_parser
+    from mpinn.config import RUN_DEFAULTS, TrainConfig
+
+    signature = inspect.signature(Network.fit).parameters
+    names = {f.name for f in fields(TrainConfig)}
+    assert set(signature) - names == {"self", "x", "y", "validation_data", "callbacks"}
+    for f in fields(TrainConfig):
+        assert signature[f.name].default == f.default, f.name
+    args = vars(build_parser().parse_args(["train", "m.h5", "--data", "d.h5"]))
+    for f in fields(TrainConfig):
+        if f.metadata["cli"]:
+            dest = f.metadata["flag"].lstrip("-").replace("-", "_") if f.metadata["flag"] else f.name
+            assert dest in args, f.name
+            assert args[dest] == (f.default if dest == f.name else not f.default), f.name
+    assert all(getattr(TrainConfig(), name) is None for name in RUN_DEFAULTS)

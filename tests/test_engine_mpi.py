@@ -12,6 +12,7 @@ import scipy.sparse as sp
 from mpi4py import MPI
 
 from mpinn.comm.plans import ExchangePlan
+from mpinn.config import TrainConfig
 from mpinn.errors import MpinnError
 from mpinn.io import create, datafile, hdf5, schema
 from mpinn.io.datafile import load
@@ -88,9 +89,10 @@ def train_and_compare(tmp, case: str, dtype: str, strategy: str, micro_batches: 
                           replicas=replicas, exchange=exchange, nodes=nodes) as model:
         assert model.group.size == q and model.groups.index == comm.rank // q  # contiguous
         data = load(data_path, model.table, model.spec.dtype, comm, model.group)
-        history = train(model, data, epochs=EPOCHS, batch_size=batch, lr=c["lr"],
-                        optimizer_name=c["optimizer"], momentum=c["momentum"], seed=11,
-                        micro_batches=micro_batches, dropout=dropout or None)
+        history = train(model, data, TrainConfig(
+            epochs=EPOCHS, batch_size=batch, lr=c["lr"], optimizer=c["optimizer"],
+            momentum=c["momentum"], seed=11, micro_batches=micro_batches,
+            dropout=dropout or None))
     assert_close([h.loss for h in history.history], ref_losses, dtype, "epoch losses")
     trained = Reference.from_file(model_path)
     for i in range(len(ref.weights)):

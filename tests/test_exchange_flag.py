@@ -8,14 +8,14 @@ import pytest
 
 from mpinn.api import Network
 from mpinn.cli import parser as mpinn_parser
-from mpinn.comm import plans
+from mpinn.comm import exchange
 from mpinn.errors import MpinnError
 from tests.reference import Reference, assert_close
 from tests.test_cli import DIGITS_TRAIN, mpinn, ok
 
 
 def test_cli_offers_the_kinds_the_exchange_knows():
-    assert mpinn_parser.EXCHANGES == plans.EXCHANGES
+    assert ("auto", *exchange.PLANS) == mpinn_parser.EXCHANGES
     parser = mpinn_parser.build_parser()
     for command in ("train", "evaluate", "predict"):
         assert parser.parse_args([command, "m.h5", "--exchange", "neighbor"]).exchange == "neighbor"

@@ -16,6 +16,7 @@ from mpi4py import MPI
 
 from mpinn.comm import topology
 from mpinn.comm.exchange import make_plans
+from mpinn.config import TrainConfig
 from mpinn.errors import MpinnError
 from mpinn.io import create
 from mpinn.io.datafile import load
@@ -207,9 +208,9 @@ def test_node_forward_trains_the_alltoallvs_weights_bitwise(nodes, strategy, cas
             kinds = {p.kind for p in model.engine.plans}
             assert exchange == "alltoallv" or node.max() == 0 or "node-forward" in kinds
             data = load(data_path, model.table, model.spec.dtype, comm)
-            train(model, data, epochs=1, batch_size=BATCH, lr=c["lr"],
-                  optimizer_name=c["optimizer"], momentum=c["momentum"], seed=11,
-                  micro_batches=micro_batches)
+            train(model, data, TrainConfig(epochs=1, batch_size=BATCH, lr=c["lr"],
+                                           optimizer=c["optimizer"], momentum=c["momentum"],
+                                           seed=11, micro_batches=micro_batches))
         comm.Barrier()
         ref = Reference.from_file(model_path)
         trained[exchange, micro_batches] = [np.asarray(getattr(w, "data", w))

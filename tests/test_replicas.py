@@ -20,6 +20,7 @@ from mpi4py import MPI
 from mpinn.api import Network
 from mpinn.comm import replicas as comm_replicas
 from mpinn.comm.replicas import gradient_buckets, replica_shares
+from mpinn.config import TrainConfig
 from mpinn.errors import MpinnError
 from mpinn.io import schema
 from mpinn.io.datafile import load
@@ -182,7 +183,8 @@ def test_resume_from_a_replicated_checkpoint_equals_reference(replicas, mpi_tmp_
     with DistributedModel(model_path, comm, choice("percentage", c["sizes"], q), BATCH,
                           replicas=replicas) as model:
         data = load(data_path, model.table, model.spec.dtype, comm, model.group)
-        train(model, data, epochs=2, batch_size=BATCH, lr=c["lr"], optimizer_name="adam", seed=11)
+        train(model, data, TrainConfig(epochs=2, batch_size=BATCH, lr=c["lr"], optimizer="adam",
+                                       seed=11))
     if comm.rank == 0:
         shutil.copy(model_path, other)
         with h5py.File(model_path, "r") as f:
@@ -192,8 +194,8 @@ def test_resume_from_a_replicated_checkpoint_equals_reference(replicas, mpi_tmp_
         with DistributedModel(path, comm, choice("balanced", c["sizes"], comm.size // r), BATCH,
                               replicas=r) as model:
             data = load(data_path, model.table, model.spec.dtype, comm, model.group)
-            train(model, data, epochs=3, batch_size=BATCH, lr=c["lr"], optimizer_name="adam",
-                  seed=11, resume=True)
+            train(model, data, TrainConfig(epochs=3, batch_size=BATCH, lr=c["lr"],
+                                           optimizer="adam", seed=11, resume=True))
         assert_weights_equal(path, ref, "float64", f"resumed with R={r} from R={replicas}")
     comm.Barrier()
 
@@ -212,7 +214,7 @@ def test_every_group_counts_the_checkpoint_it_waits_for_as_io(replicas, mpi_tmp_
                           replicas=replicas) as model:
         data = load(data_path, model.table, model.spec.dtype, comm, model.group)
         comm.Barrier()
-        train(model, data, epochs=1, batch_size=BATCH, lr=c["lr"])
+        train(model, data, TrainConfig(epochs=1, batch_size=BATCH, lr=c["lr"]))
         io, wait = model.seconds_io, model.engine.reducer.seconds_wait
     everyone = comm.allgather((io, wait))
     # before, a group that does not write counted 0 s of I/O and its wait went unnamed
@@ -430,8 +432,9 @@ def test_a_shard_broadcast_from_group_0_is_bitwise_the_one_read_from_the_file(re
         with DistributedModel(path, comm, choice("ids", c["sizes"], q), BATCH, replicas=replicas,
                               replica_load=how) as model:
             data = load(data_path, model.table, model.spec.dtype, comm, model.group)
-            train(model, data, epochs=2, batch_size=BATCH, lr=c["lr"],
-                  optimizer_name=c["optimizer"], momentum=c["momentum"], seed=11)
+            train(model, data, TrainConfig(epochs=2, batch_size=BATCH, lr=c["lr"],
+                                           optimizer=c["optimizer"], momentum=c["momentum"],
+                                           seed=11))
     comm.Barrier()
     one, other = Reference.from_file(model_path), Reference.from_file(copy)
     for a, b in zip(one.weights + one.biases, other.weights + other.biases, strict=True):

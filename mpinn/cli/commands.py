@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mpinn.cli.parser import parse
+from mpinn.config import training_fields
 from mpinn.errors import Interrupted, MpinnError
 
 EXIT_ERROR = 1
@@ -387,19 +388,13 @@ def _train(args: argparse.Namespace, comm: Any, net: Any) -> None:
                   f"store it with mpinn partition {args.model} --ranks "
                   f"{comm.size // args.replicas} --strategy mincut --name NAME and "
                   "use --partition NAME", file=sys.stderr, flush=True)
+    # every training option is a flag of the same name (config.TrainConfig), but these
+    options = {f.name: getattr(args, f.name) for f in training_fields()
+               if f.metadata["cli"] and f.name not in ("shuffle", "progress")}
     history = net.fit(
-        args.data, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-        optimizer=args.optimizer, momentum=args.momentum, seed=args.seed,
-        shuffle=not args.no_shuffle, validation_data=args.val_data,
-        checkpoint_every=args.checkpoint_every, keep=args.keep, resume=args.resume,
-        micro_batches=args.micro_batches, patience=args.patience,
-        keep_best=args.keep_best, schedule=args.schedule, step_size=args.step_size,
-        gamma=args.gamma, min_lr=args.min_lr, warmup_steps=args.warmup_steps,
-        weight_decay=args.weight_decay, clip_norm=args.clip_norm, dropout=args.dropout,
-        reset_optimizer=args.reset_optimizer,
-        progress=not args.quiet and (args.progress or sys.stderr.isatty()),
-        log_json=args.log_json, verbose=not args.quiet, force=args.force,
-        trace=args.trace)
+        args.data, validation_data=args.val_data, batch_size=args.batch_size,
+        shuffle=not args.no_shuffle, verbose=not args.quiet, force=args.force,
+        progress=not args.quiet and (args.progress or sys.stderr.isatty()), **options)
     if rank0 and history.stopped_by:
         print(f"mpinn: stopped by {history.stopped_by}: checkpoint committed at epoch "
               f"{history.epoch}, batch {history.batch}; continue with --resume", flush=True)

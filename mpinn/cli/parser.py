@@ -14,7 +14,17 @@ import re
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
-from mpinn.config import AT_LEAST, FLOAT_RANGES, MAX_SEED
+from mpinn.config import (
+    AT_LEAST,
+    CONTINUED,
+    EXCHANGES,
+    FLOAT_RANGES,
+    MAX_SEED,
+    NOT_RUN,
+    REGULARISATION,
+    option_of,
+    training_fields,
+)
 from mpinn.errors import MpinnError
 
 
@@ -57,11 +67,6 @@ NODES_HELP = ("show bytes between nodes with K consecutive ranks per node (defau
               "job's own nodes, when it has the partition's rank count)")
 
 
-# exchange.EXCHANGES, spelled out here so that parsing the flags does not start MPI
-EXCHANGES = ("auto", "alltoallv", "allgather", "collective", "neighbor", "node",
-             "node-forward")
-
-
 def _exchange_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--exchange", default="auto", choices=EXCHANGES,
                    help="how layers exchange activations: auto (the default: allgather for "
@@ -77,7 +82,34 @@ def _exchange_flag(p: argparse.ArgumentParser) -> None:
 
 
 # the run settings' help: left out, a training continues with the model's stored value
-CONTINUED = " (default: the value the model's last run used, else %s)"
+
+
+def _train_flags(p: argparse.ArgumentParser) -> None:
+    """``mpinn train``'s options, one flag per field of ``config.TrainConfig`` (where its
+    Python name and its flag differ: ``--no-shuffle``); run settings default to None, taken
+    from the model's last run (``train.resolve_run``)."""
+    kinds = {"whole": int, "number": float, "path": str}
+    regularisation = p.add_argument_group(REGULARISATION)
+    regularisation.add_argument(
+        "--val-data", metavar="FILE",
+        help="data file evaluated after every epoch (val_loss, val_accuracy)")
+    for f in training_fields():
+        meta = f.metadata
+        if not meta["cli"]:
+            continue
+        option = option_of(f)
+        where = regularisation if meta["group"] else p
+        text = meta["help"]
+        if meta["run"] not in (NOT_RUN, None):
+            text += CONTINUED.format(meta["run"])
+        if option.kind == "bool":
+            where.add_argument(meta["flag"] or "--" + f.name.replace("_", "-"),
+                               action="store_true", help=text)
+            continue
+        extra: dict[str, Any] = ({"choices": list(option.choices)} if option.kind == "choice"
+                                 else {"type": kinds[option.kind]})
+        where.add_argument("--" + f.name.replace("_", "-"), default=f.default,
+                           metavar=meta["metavar"], help=text, **extra)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -156,69 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "predicts fastest, printed with its candidates (docs/scaling.md)")
         _exchange_flag(p)
         if name == "train":
-            p.add_argument("--epochs", type=int, default=1)
-            p.add_argument("--lr", type=float, help="learning rate" + CONTINUED % 0.1)
-            p.add_argument("--optimizer", choices=["sgd", "adam", "adamw"],
-                           help="adamw: Adam with decoupled weight decay (torch AdamW)"
-                           + CONTINUED % "sgd")
-            p.add_argument("--reset-optimizer", action="store_true",
-                           help="start the optimizer afresh: drop the state (Adam's moments, "
-                           "momentum) the model holds, and take the optimizer's settings from "
-                           "the flags and defaults, not the model; needed to change --optimizer")
-            p.add_argument("--momentum", type=float, help="SGD momentum" + CONTINUED % 0)
-            p.add_argument("--seed", type=int, default=0, help="shuffling seed")
-            p.add_argument("--no-shuffle", action="store_true")
-            p.add_argument("--checkpoint-every", type=int, default=0, metavar="K",
-                           help="also save every K epochs (default: only at the end)")
-            p.add_argument("--keep", type=int, default=1, metavar="K",
-                           help="checkpoints to keep: the model file and K-1 older ones in "
-                           "MODEL.checkpoints/ (default 1)")
-            p.add_argument("--micro-batches", type=int, default=1, metavar="M",
-                           help="run each batch as a pipeline of M micro-batches (GPipe); pays "
-                           "off when ranks own whole layers (--strategy layers)")
-            p.add_argument("--progress", action="store_true",
-                           help="show a progress bar even when stderr is not a terminal (under "
-                           "mpirun the ranks' stderr never is)")
-            p.add_argument("--log-json", metavar="FILE",
-                           help="append one JSON object per epoch to FILE (rank 0)")
-            p.add_argument("--trace", metavar="FILE",
-                           help="write the run's timeline to FILE: one Chrome trace (open it in "
-                           "ui.perfetto.dev or chrome://tracing) of every rank's compute, pack, "
-                           "wait, optimizer and checkpoint spans per layer and step, and each "
-                           "exchange in flight, clocks aligned (docs/scaling.md)")
-            p.add_argument("--resume", action="store_true",
-                           help="continue the stored run until --epochs epochs are complete in all "
-                                "(none left: says so and exits 0)")
-            g = p.add_argument_group("validation, schedules and regularisation (docs/api.md)")
-            g.add_argument("--val-data", metavar="FILE",
-                           help="data file evaluated after every epoch (val_loss, val_accuracy)")
-            g.add_argument("--patience", type=int, default=0, metavar="K",
-                           help="stop after K epochs without a lower validation loss (0: never)")
-            g.add_argument("--keep-best", action="store_true",
-                           help="also commit each new best validation loss to MODEL.best.h5 "
-                           "(m.h5 -> m.best.h5)")
-            g.add_argument("--schedule", choices=["constant", "step", "cosine"],
-                           help="learning rate per step: constant, step (StepLR) or cosine "
-                           "(CosineAnnealingLR over all the run's steps)" + CONTINUED % "constant")
-            g.add_argument("--step-size", type=int, metavar="E",
-                           help="step schedule: multiply the rate by --gamma every E epochs"
-                           + CONTINUED % 1)
-            g.add_argument("--gamma", type=float, help="step schedule's factor" + CONTINUED % 0.1)
-            g.add_argument("--min-lr", type=float,
-                           help="cosine schedule's floor" + CONTINUED % 0)
-            g.add_argument("--warmup-steps", type=int, metavar="W",
-                           help="scale the rate by (t+1)/W over the first W steps" + CONTINUED % 0)
-            g.add_argument("--weight-decay", type=float, metavar="WD",
-                           help="L2 added to the gradient (sgd, adam); decoupled for adamw"
-                           + CONTINUED % 0)
-            g.add_argument("--clip-norm", type=float, metavar="C",
-                           help="clip the global gradient norm over all ranks to C (0: off)"
-                           + CONTINUED % 0)
-            g.add_argument("--dropout", type=float, metavar="P",
-                           help="inverted dropout on hidden layers while training; the same "
-                           "masks at any rank count (default: the last run's --dropout, else "
-                           "the rates the model file stores, set by init --dropout or "
-                           "import-torch; 0 turns them off)")
+            _train_flags(p)
         if name == "predict":
             p.add_argument("--out", help="HDF5 file to write 'outputs' to")
 

@@ -15,13 +15,15 @@ from mpinn.comm.collectives import MIN, allreduce
 from mpinn.comm.node import NodeForwardPlan, NodePlan
 from mpinn.comm.plans import ExchangePlan, GatherPlan, Job, NeighborPlan, ReduceScatterPlan
 from mpinn.comm.topology import job_nodes
+from mpinn.config import EXCHANGES
 from mpinn.errors import MpinnError
 from mpinn.partition.metadata import MetadataTable
 
 PLANS: dict[str, type[ExchangePlan]] = {
     "alltoallv": ExchangePlan, "allgather": GatherPlan, "collective": ReduceScatterPlan,
     "neighbor": NeighborPlan, "node": NodePlan, "node-forward": NodeForwardPlan}
-EXCHANGES = ("auto", *PLANS)
+if EXCHANGES[1:] != tuple(PLANS):
+    raise ImportError("config.EXCHANGES and comm.exchange.PLANS name different kinds")
 NODE_KINDS = ("node", "node-forward")
 
 def make_plans(comm: MPI.Comm, table: MetadataTable, layers: list[tuple[int, np.ndarray]],
