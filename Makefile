@@ -10,7 +10,7 @@ export OMPI_MCA_mpi_yield_when_idle=1
 # a failing MPI run is killed after this many seconds rather than left to hang
 MPI_TIMEOUT ?= 900
 
-.PHONY: setup test test-serial test-mpi test-cluster test-pip lint run bench clean
+.PHONY: setup test check test-unit test-serial test-mpi test-cluster test-pip lint run bench clean
 
 setup: $(VENV)/.setup-done
 
@@ -18,7 +18,20 @@ $(VENV)/.setup-done: scripts/setup.sh pyproject.toml
 	bash scripts/setup.sh
 	touch $@
 
-test: setup lint test-serial test-mpi test-cluster test-pip
+# every stage prints its time (scripts/timed.sh); the unit tests run again in test-serial
+TIMED := bash scripts/timed.sh
+test: setup
+	@$(TIMED) lint $(MAKE) --no-print-directory lint
+	@$(TIMED) serial $(MAKE) --no-print-directory test-serial
+	@$(TIMED) mpi $(MAKE) --no-print-directory test-mpi
+	@$(TIMED) cluster $(MAKE) --no-print-directory test-cluster
+	@$(TIMED) pip $(MAKE) --no-print-directory test-pip
+
+# the edit-test loop: lint and the unit tests (pure numpy and the cost model; no mpirun)
+check: setup lint test-unit
+
+test-unit: setup
+	$(PY) -m pytest -q -p no:cacheprovider tests/unit
 
 test-serial: setup
 	$(PY) -m pytest -q -p no:cacheprovider -m "not cluster" tests
@@ -41,7 +54,7 @@ test-mpi: setup
 # nodes come down after it even when the time bound killed pytest before its teardown
 test-cluster: setup
 	@timeout -k 10 $(MPI_TIMEOUT) $(PY) -m pytest -q -p no:cacheprovider -m cluster \
-	  tests/test_cluster.py; status=$$?; bash scripts/cluster-down.sh 2>/dev/null; exit $$status
+	  tests/system/test_cluster.py; status=$$?; bash scripts/cluster-down.sh 2>/dev/null; exit $$status
 
 # a second environment as a user without root builds it: MPI and serial h5py from PyPI
 PIP_VENV ?= .venv-pip
@@ -52,7 +65,7 @@ $(PIP_VENV)/.done: pyproject.toml
 
 test-pip: setup $(PIP_VENV)/.done
 	$(PIP_VENV)/bin/python -m pip install -q --disable-pip-version-check --force-reinstall --no-deps .
-	MPINN_PIP_VENV=$(abspath $(PIP_VENV)) $(PY) -m pytest -q -p no:cacheprovider tests/test_pip_install.py
+	MPINN_PIP_VENV=$(abspath $(PIP_VENV)) $(PY) -m pytest -q -p no:cacheprovider tests/system/test_pip_install.py
 
 lint: setup
 	$(VENV)/bin/ruff check mpinn tests scripts benchmarks examples

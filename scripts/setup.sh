@@ -24,7 +24,7 @@ fi
 pip() { "$VENV/bin/python" -m pip -q --disable-pip-version-check "$@"; }
 pip install --upgrade pip setuptools wheel
 pip install cython pkgconfig numpy scipy mpi4py threadpoolctl matplotlib pymetis pytest pytest-mpi pytest-timeout hypothesis ruff
-# PyTorch for tests/test_torch_io.py (import/export, the optimizers against torch.optim) and
+# PyTorch for tests/system/test_torch_io.py (import/export, the optimizers against torch.optim) and
 # the bench peer: pinned to the CPU build of 2.13.0, a 190 MB wheel that pip finds in the
 # machine's wheel folder (880 MB installed with sympy, networkx, jinja2, fsspec, filelock;
 # under a minute). An unpinned `pip install torch` would take a CUDA build of several GB.

@@ -1,4 +1,4 @@
-"""Run a program of ``mpinn.Network`` calls, drawn by tests/test_api_property.py, on every rank.
+"""Run a program of ``mpinn.Network`` calls, drawn by tests/system/test_api_property.py, on every rank.
 
 ``python -m mpi4py tests/api_driver.py PROGRAM.json WORKSPACE``: each call of the program is
 made on every rank; an ``MpinnError`` is noted and the program goes on (as a notebook

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from tests.reference import Reference, assert_close
-from tests.test_cli import DIGITS_TEST, DIGITS_TRAIN, ENV, mpinn, ok
+from tests.system.test_cli import DIGITS_TEST, DIGITS_TRAIN, ENV, mpinn, ok
 
 VENV = os.environ.get("MPINN_PIP_VENV")
 

@@ -25,7 +25,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mpinn.api import Network
-from tests.test_cli import ENV, ROOT, mpinn, ok
+from tests.system.test_cli import ENV, ROOT, mpinn, ok
 
 SEARCH = int(os.environ.get("MPINN_HYPOTHESIS_EXAMPLES", "0"))
 EXAMPLES = {1: SEARCH or 20, 3: SEARCH or 6}

@@ -21,7 +21,7 @@ from mpinn.errors import MpinnError
 from tests.helpers import STRATEGIES, classification_data, regression_data, strategy_params
 from tests.reference import Reference, assert_close
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
        "OMPI_MCA_mpi_yield_when_idle": "1", "PYTHONPATH": str(ROOT)}
 

@@ -1,7 +1,7 @@
 """Which ranks share a node, and which bytes cross between nodes.
 
 What the launchers tell each rank is read without MPI; the MPI tests run on one host in
-``make test-mpi`` and on two nodes in tests/test_cluster.py.
+``make test-mpi`` and on two nodes in tests/system/test_cluster.py.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from mpinn.errors import MpinnError
 from mpinn.io import schema
 from mpinn.model import DistributedModel
 from mpinn.partition.traffic import rank_traffic
-from tests.test_engine_mpi import CASES, choice, make_files
+from tests.mpi.test_engine import CASES, choice, make_files
 
 
 @pytest.mark.parametrize("counts, node, expected", [

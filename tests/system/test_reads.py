@@ -16,7 +16,7 @@ import h5py
 import numpy as np
 import pytest
 
-from tests.test_cli import ENV, ROOT
+from tests.system.test_cli import ENV, ROOT
 
 SIZES = [256, 1024, 512, 16]  # 3.2 MB of float32 rows: a rank's share dwarfs HDF5's own reads
 SAMPLES = 40
@@ -70,7 +70,7 @@ def measure(directory: str, storages: str) -> None:
 
 
 def run_ranks(tmp_path: Path, nranks: int, storages: str, env: dict[str, str]) -> list[dict]:
-    code = f"from tests.test_reads import measure; measure({str(tmp_path)!r}, {storages!r})"
+    code = f"from tests.system.test_reads import measure; measure({str(tmp_path)!r}, {storages!r})"
     result = subprocess.run(["mpirun", "--oversubscribe", "-n", str(nranks), sys.executable, "-c", code],
                             capture_output=True, text=True, timeout=120, env={**ENV, **env}, cwd=ROOT)
     assert result.returncode == 0, result.stdout + result.stderr

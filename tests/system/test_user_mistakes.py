@@ -25,7 +25,7 @@ from mpinn.io import schema
 from mpinn.tools import sparse_dnn
 from tests.helpers import small_tmpfs
 from tests.reference import Reference, assert_close
-from tests.test_cli import DIGITS_TEST, DIGITS_TRAIN, ENV, ROOT, command, digest, mpinn, ok
+from tests.system.test_cli import DIGITS_TEST, DIGITS_TRAIN, ENV, ROOT, command, digest, mpinn, ok
 
 REFUSAL_SECONDS = 20  # generous for 2 busy cores; a refusal takes 1-3 s here
 
@@ -475,7 +475,7 @@ def test_a_model_another_user_may_not_write_is_refused_before_any_work(model, tm
 
 @pytest.fixture
 def full_disk(tmp_path: Path) -> Path:
-    """A small tmpfs (as tests/test_nothing_lost.py mounts one) holding the issue's model and
+    """A small tmpfs (as tests/system/test_nothing_lost.py mounts one) holding the issue's model and
     then filled: a new file can be created there, but not written."""
     with small_tmpfs(tmp_path / "disk", "400k") as mount:
         ok(mpinn(1, "init", str(mount / "M.h5"), "--sizes", "64,32,10", "--seed", "1"))

@@ -17,7 +17,7 @@ import pytest
 from mpinn.io import datafile
 from tests.reference import Reference, assert_close
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 DIGITS_TRAIN, DIGITS_TEST = str(ROOT / "data/digits_train.h5"), str(ROOT / "data/digits_test.h5")
 ENV = {**os.environ, "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
        "OMPI_MCA_mpi_yield_when_idle": "1", "PYTHONPATH": str(ROOT)}

@@ -15,7 +15,7 @@ from mpi4py import MPI
 
 from mpinn.errors import MpinnError
 from mpinn.model import DistributedModel
-from tests.test_engine_mpi import (
+from tests.mpi.test_engine import (
     BATCH,
     CASES,
     check_prediction,

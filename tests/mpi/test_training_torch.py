@@ -467,7 +467,7 @@ def test_dropout_rates_are_stored_per_hidden_layer_and_older_files_have_none(tmp
     from mpinn import Network
     from mpinn.io.hdf5 import opened
     from mpinn.io.schema import read_spec
-    from tests.test_cli import mpinn, ok
+    from tests.system.test_cli import mpinn, ok
 
     def rates(path) -> list[float]:
         with opened(str(path), "r", MPI.COMM_SELF) as f:

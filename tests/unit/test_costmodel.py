@@ -246,7 +246,7 @@ def test_partition_plan_prints_every_candidate_and_stores_nothing(tmp_path):
     import subprocess
     import sys
 
-    from tests.test_cli import ENV, ROOT
+    from tests.system.test_cli import ENV, ROOT
     model = tmp_path / "m.h5"
     subprocess.run([sys.executable, "-m", "mpinn", "init", str(model), "--sizes", "16,32,32,4"],
                    check=True, env=ENV, cwd=ROOT, capture_output=True, timeout=120)

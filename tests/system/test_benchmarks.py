@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from tests.test_cli import ENV, ROOT
+from tests.system.test_cli import ENV, ROOT
 
 
 @pytest.mark.timeout(630)  # the script's run is bounded at 600 s

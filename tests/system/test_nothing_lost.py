@@ -20,7 +20,7 @@ import pytest
 
 from tests.helpers import assert_same_checkpoint, small_tmpfs
 from tests.reference import Reference
-from tests.test_cli import ENV, ROOT, command, mpinn, ok
+from tests.system.test_cli import ENV, ROOT, command, mpinn, ok
 
 # each run in here is bounded by its own limit (120 to 300 s); a test sums at most 600 s of them
 pytestmark = pytest.mark.timeout(630)

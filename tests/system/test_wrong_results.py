@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 
 from mpinn.errors import MpinnError
-from tests.test_cli import DIGITS_TRAIN, mpinn, ok
-from tests.test_user_mistakes import assert_no_leftovers, refused
+from tests.system.test_cli import DIGITS_TRAIN, mpinn, ok
+from tests.system.test_user_mistakes import assert_no_leftovers, refused
 
 
 @pytest.fixture
@@ -301,7 +301,7 @@ def test_a_hostile_attribute_or_declaration_is_refused_before_allocating(model, 
         data, extra = str(_hostile_data(tmp_path / "big.h5")), []
         message = "X declares 1,000,000,000,000 samples; this rank's columns of them need about"
     else:  # every rank used to allocate 8 GiB for the owner array before any check
-        from tests.test_bad_input import declared_only
+        from tests.system.test_bad_input import declared_only
         model = declared_only(tmp_path / "wide.h5", [64, 2**31, 10])
         command, extra = "evaluate", []
         message = "(partition table every rank builds|this node's share of the model)"
@@ -318,7 +318,7 @@ def test_a_closed_stdout_ends_inspect_quietly(model):
     import subprocess
     import sys
 
-    from tests.test_cli import ENV, ROOT
+    from tests.system.test_cli import ENV, ROOT
     child = subprocess.Popen([sys.executable, "-m", "mpinn", "inspect", str(model)],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV, cwd=ROOT)
     child.stdout.close()  # `| head -1` gone before mpinn writes: its print meets EPIPE

@@ -27,15 +27,15 @@ import numpy as np
 import pytest
 
 from tests.reference import Reference, assert_close
-from tests.test_cli import DIGITS_TEST, DIGITS_TRAIN, ENV, ROOT, digest, mpinn, ok
-from tests.test_slurm import PYTHON, job_state
+from tests.system.test_cli import DIGITS_TEST, DIGITS_TRAIN, ENV, ROOT, digest, mpinn, ok
+from tests.system.test_slurm import PYTHON, job_state
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(600)]
 
 CLUSTER_DIR = Path(os.environ.get("MPINN_CLUSTER_DIR", "/run/mpinn-cluster"))
 NODES, RATE = 2, "1gbit"
 LAYOUT = (2, 2)  # ranks per node: ranks 0, 1 on node1 and 2, 3 on node2
-BOUND = 45  # seconds for a failed job to end everywhere, as tests/test_no_hangs.py
+BOUND = 45  # seconds for a failed job to end everywhere, as tests/system/test_no_hangs.py
 
 
 @pytest.fixture(scope="module")
@@ -125,18 +125,18 @@ def passed(result: subprocess.CompletedProcess) -> str:
 
 
 def test_every_strategy_trains_and_predicts_as_the_reference_across_nodes(cluster):
-    """tests/test_engine_mpi.py's equivalence tests (all seven strategies, dense, sparse and
+    """tests/mpi/test_engine.py's equivalence tests (all seven strategies, dense, sparse and
     mixed models, float32 and float64) with their ranks on two nodes."""
-    summary = passed(mpi_tests_across(LAYOUT, "tests/test_engine_mpi.py", "-k",
+    summary = passed(mpi_tests_across(LAYOUT, "tests/mpi/test_engine.py", "-k",
                                       "trained_weights_equal or predict_equals"))
     # 7 strategies x 2 dtypes x 4 models, trained and predicted; nothing skipped
     assert re.fullmatch(r"112 passed, \d+ deselected(, \d+ warnings?)? in .*", summary), summary
 
 
 def test_bytes_between_nodes_are_reported_as_the_plans_send_them(cluster, tmp_path):
-    """tests/test_topology.py's MPI tests on two nodes, and partition --compare run across the
+    """tests/unit/test_topology.py's MPI tests on two nodes, and partition --compare run across the
     nodes telling the same bytes between nodes as when told the layout (--ranks-per-node)."""
-    summary = passed(mpi_tests_across(LAYOUT, "tests/test_topology.py", timeout=180))
+    summary = passed(mpi_tests_across(LAYOUT, "tests/unit/test_topology.py", timeout=180))
     assert re.fullmatch(r"7 passed, \d+ deselected(, \d+ warnings?)? in .*", summary), summary
     model = tmp_path / "model.h5"
     ok(mpinn(1, "init", str(model), "--sizes", "64,300,300,10", "--storage", "dense,csr,dense",
@@ -366,7 +366,7 @@ def test_preempted_two_node_job_requeues_and_ends_as_an_uninterrupted_run(slurm,
     pending_since = None
     while (state := job_state(slurm, job)) != "COMPLETED":
         assert state in ("RUNNING", "PENDING", "REQUEUED", "COMPLETING"), state
-        # as in tests/test_slurm.py: start the requeued job once its old credential's second
+        # as in tests/system/test_slurm.py: start the requeued job once its old credential's second
         # has passed, rather than after cred_expire (120 s)
         pending_since = (pending_since or time.monotonic()) if state == "PENDING" else None
         if pending_since is not None and time.monotonic() - pending_since > 3:

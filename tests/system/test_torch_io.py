@@ -22,7 +22,7 @@ try:
     import torch
 except ImportError as exc:  # `make setup` installs it: without torch these tests fail, never skip
     raise ImportError("PyTorch is not installed: `make setup` installs torch==2.13.0 (CPU build), "
-                      "which tests/test_torch_io.py needs") from exc
+                      "which tests/system/test_torch_io.py needs") from exc
 nn = torch.nn
 
 TOLERANCE = {"float32": 1e-6, "float64": 1e-12}
@@ -332,7 +332,7 @@ def test_missing_pytorch_is_reported_with_the_install_command(tmp_path: Path,
 
 
 def test_cli_imports_a_torch_model_that_mpinn_then_predicts_and_exports_back(tmp_path: Path) -> None:
-    from tests.test_cli import mpinn, ok
+    from tests.system.test_cli import mpinn, ok
 
     torch.manual_seed(3)
     model = nn.Sequential(nn.Linear(12, 20), nn.Tanh(), nn.Dropout(0.25), nn.Linear(20, 16),
@@ -407,7 +407,7 @@ def test_training_at_two_ranks_equals_torch_training(tmp_path: Path, name: str, 
                                                      lr: float) -> None:
     """A torch model trained by mpinn (2 ranks, cross-entropy on a softmax output) ends with
     the weights that torch.optim and nn.CrossEntropyLoss give it, batch by batch."""
-    from tests.test_cli import mpinn, ok
+    from tests.system.test_cli import mpinn, ok
 
     torch.manual_seed(9)
     model = nn.Sequential(nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 9), nn.ReLU(),

@@ -23,7 +23,7 @@ import pytest
 from mpinn.errors import MpinnError
 from mpinn.io import lock
 from mpinn.train import RUN_DEFAULTS, resolve_run
-from tests.test_cli import DIGITS_TRAIN, ENV, ROOT, mpinn, ok
+from tests.system.test_cli import DIGITS_TRAIN, ENV, ROOT, mpinn, ok
 
 TIMEOUT = 2  # MPINN_COLLECTIVE_TIMEOUT in the scripts, seconds
 # from the start of mpirun: the job's start and its scripts' work (3-5 s on 2 busy cores),

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_cli import DIGITS_TRAIN, ENV, ROOT, command, mpinn, ok
+from tests.system.test_cli import DIGITS_TRAIN, ENV, ROOT, command, mpinn, ok
 
 STEPS_PER_EPOCH = 23  # the digits training set (1437 samples) in batches of 64
 

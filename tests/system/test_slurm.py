@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 
 from tests.reference import Reference
-from tests.test_cli import ENV, ROOT, mpinn, ok
-from tests.test_sparse import independent_categories
+from tests.system.test_cli import ENV, ROOT, mpinn, ok
+from tests.system.test_sparse import independent_categories
 
 PYTHON = str(ROOT / ".venv/bin/python") if (ROOT / ".venv/bin/python").exists() else "python3"
 

@@ -11,7 +11,7 @@ from mpinn.cli import parser as mpinn_parser
 from mpinn.comm import exchange
 from mpinn.errors import MpinnError
 from tests.reference import Reference, assert_close
-from tests.test_cli import DIGITS_TRAIN, mpinn, ok
+from tests.system.test_cli import DIGITS_TRAIN, mpinn, ok
 
 
 def test_cli_offers_the_kinds_the_exchange_knows():

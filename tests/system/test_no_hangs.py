@@ -9,8 +9,8 @@ import subprocess
 import pytest
 
 from mpinn.cli.commands import AGREE_TIMEOUT, REPORT_TIMEOUT
-from tests.test_cli import DIGITS_TRAIN, ENV, command, digest, mpinn, ok
-from tests.test_nothing_lost import Run
+from tests.system.test_cli import DIGITS_TRAIN, ENV, command, digest, mpinn, ok
+from tests.system.test_nothing_lost import Run
 
 # the documented bound (docs/reliability.md): a failing rank waits 5 s for the others, then
 # up to 3 s for rank 0 to report and abort; measured from the fault's own line to the job's

@@ -32,7 +32,7 @@ from mpinn.cli.commands import plot_out
 from mpinn.cli.parser import REQUIRED, build_parser, parse
 from mpinn.io import schema
 from tests.reference import Reference, assert_close
-from tests.test_cli import DIGITS_TEST, ENV, ROOT, command, digest
+from tests.system.test_cli import DIGITS_TEST, ENV, ROOT, command, digest
 
 SEARCH = int(os.environ.get("MPINN_HYPOTHESIS_EXAMPLES", "0"))
 EXAMPLES = {1: SEARCH or 30, 3: SEARCH or 12}

@@ -18,8 +18,8 @@ from mpinn.partition.traffic import rank_traffic
 from mpinn.tools import graphchallenge, sparse_dnn
 from tests.helpers import grouped_network
 from tests.reference import Reference, assert_close
-from tests.test_cli import mpinn, ok
-from tests.test_trace import assert_nested
+from tests.system.test_cli import mpinn, ok
+from tests.system.test_trace import assert_nested
 
 
 def _traffic(sizes: list[int], layers: list, strategy: str, nranks: int,

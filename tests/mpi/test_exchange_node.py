@@ -25,8 +25,7 @@ from mpinn.partition.choice import PartitionChoice
 from mpinn.tools.inspect import store_partition
 from mpinn.train import train
 from tests.helpers import ALL_STRATEGIES, grouped_network
-from tests.reference import Reference, assert_close
-from tests.test_engine_mpi import (
+from tests.mpi.test_engine import (
     BATCH,
     CASES,
     check_gradients,
@@ -35,6 +34,7 @@ from tests.test_engine_mpi import (
     make_files,
     train_and_compare,
 )
+from tests.reference import Reference, assert_close
 
 pytestmark = pytest.mark.mpi
 

@@ -28,8 +28,7 @@ from mpinn.model import DistributedModel
 from mpinn.partition.choice import PartitionChoice
 from mpinn.train import evaluate, predict, train
 from tests.helpers import ALL_STRATEGIES, strategy_params
-from tests.reference import Reference, assert_close
-from tests.test_engine_mpi import (
+from tests.mpi.test_engine import (
     BATCH,
     CASES,
     N_SAMPLES,
@@ -38,6 +37,7 @@ from tests.test_engine_mpi import (
     make_files,
     train_and_compare,
 )
+from tests.reference import Reference, assert_close
 
 REPLICAS = (1, 2, 3, 4)
 
@@ -311,8 +311,8 @@ def test_replicas_that_do_not_divide_the_ranks_are_refused_on_every_rank(mpi_tmp
 def test_cli_trains_evaluates_and_predicts_with_replicas_and_refuses_bad_ones(tmp_path):
     """2 ranks: --replicas 2 trains the same file as --replicas 1 (the config-file key too),
     predicts the same outputs; --replicas 0 and 3 are one-line refusals that change nothing."""
-    from tests.test_cli import digest, mpinn, ok
-    from tests.test_user_mistakes import refused
+    from tests.system.test_cli import digest, mpinn, ok
+    from tests.system.test_user_mistakes import refused
     base = tmp_path / "m.h5"
     data = tmp_path / "d.h5"
     ok(mpinn(1, "init", str(base), "--sizes", "12,16,5", "--seed", "2"))
@@ -353,8 +353,8 @@ def test_replicas_auto_trains_the_layout_it_prints_and_equals_one_replica(tmp_pa
     """2 ranks: --replicas auto probes, prints every candidate with the chosen one marked,
     and trains to the weights of --replicas 1 (any layout equals the reference); "auto" is
     a config value too; a stored partition fixes Q; anything else is a one-line refusal."""
-    from tests.test_cli import digest, mpinn, ok
-    from tests.test_user_mistakes import refused
+    from tests.system.test_cli import digest, mpinn, ok
+    from tests.system.test_user_mistakes import refused
     base = tmp_path / "m.h5"
     data = tmp_path / "d.h5"
     ok(mpinn(1, "init", str(base), "--sizes", "12,16,16,5", "--seed", "4", "--dtype", "float64"))
