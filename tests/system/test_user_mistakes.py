@@ -358,8 +358,12 @@ def test_a_mistake_is_one_clear_line_and_changes_nothing(model, tmp_path, nranks
 
 def test_a_stored_partition_is_replaced_only_with_force(model):
     ok(mpinn(1, "partition", str(model), "--ranks", "2", "--name", "p"))
+    before = model.read_bytes()
     refused(mpinn(1, "partition", str(model), "--ranks", "3", "--name", "p"),
             "a partition named 'p' is stored already; pass --force")
+    assert model.read_bytes() == before  # the refusal changed no byte, the 2-rank one stays
+    with h5py.File(model, "r") as f:
+        assert schema.read_partition(f, "p")[1] == 2
     ok(mpinn(1, "partition", str(model), "--ranks", "3", "--name", "p", "--force"))
     with h5py.File(model, "r") as f:
         assert schema.read_partition(f, "p")[1] == 3
