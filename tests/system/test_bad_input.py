@@ -19,6 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from mpi4py import MPI
 
+from mpinn.config import TrainConfig
 from mpinn.errors import MpinnError
 from mpinn.io import create, datafile, hdf5
 from mpinn.io.datafile import load
@@ -47,8 +48,8 @@ def build_pristine(tmp: Path, nranks: int) -> dict[str, Path]:
     rng = np.random.default_rng(0)
     datafile.write_data(str(data), rng.random((12, 6)), rng.integers(0, 4, 12))
     with DistributedModel(str(model), MPI.COMM_SELF, PartitionChoice(), 4) as dm:
-        train(dm, load(str(data), dm.table, dm.spec.dtype, MPI.COMM_SELF), epochs=1, batch_size=4,
-              lr=0.01, optimizer_name="adam")
+        train(dm, load(str(data), dm.table, dm.spec.dtype, MPI.COMM_SELF),
+              TrainConfig(epochs=1, batch_size=4, lr=0.01, optimizer="adam"))
     store_partition(str(model), nranks, "balanced", {}, "p", MPI.COMM_SELF)
     with h5py.File(model, "r") as f:  # what the mutations below aim at is really there
         assert "state/layers/1/weight_m" in f and "layers/1/indptr" in f, list(f["state/layers/1"])
@@ -235,6 +236,16 @@ def data_mutations(draw):
     if kind == "x_values":
         return kind, draw(st.sampled_from([np.nan, np.inf, -np.inf, 1e300]))
     return kind, draw(st.sampled_from(["X", "y"]))
+
+
+@pytest.mark.parametrize("use_partition", [False, True])
+def test_the_unmutated_files_are_accepted_with_correct_results(pristine, use_partition):
+    """The oracle of the mutations below is only as good as this: a library that refused
+    every file would pass them all."""
+    outcome = run_model(pristine["model"], pristine["data"], "p" if use_partition else None,
+                        MPI.COMM_SELF)
+    assert not isinstance(outcome, str), outcome
+    assert_correct(outcome, pristine["model"], pristine["data"])
 
 
 @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=FIXTURES,

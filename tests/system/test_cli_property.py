@@ -289,6 +289,12 @@ def test_careless_command_lines_succeed_correctly_or_fail_cleanly(base, tmp_path
                                      "outcome": outcome, "seconds": round(seconds, 2)}) + "\n")
 
     one()
+    # command lines that must succeed, through the same checks: a CLI that refused
+    # everything (or a check that only looks at refusals) would pass the examples alone
+    for argv in (["init", "new.h5", "--sizes", "8,4,2"], ["evaluate", "M.h5", "--data", "D.h5"],
+                 ["predict", "M.h5", "--data", "D.h5", "--out", "new2.h5"]):
+        outcome, _ = check(Workspace(tmp_path / "ws", base), nranks, argv, None)
+        assert outcome == "ok", f"{' '.join(argv)} was refused: {outcome}"
     print(f"\n{len(outcomes)} examples at {nranks} rank(s): "
           f"{sum(o == 'ok' for o in outcomes)} succeeded, "
           f"{sum(o != 'ok' for o in outcomes)} refused", file=sys.stderr)
