@@ -362,6 +362,7 @@ def test_history_reads_one_key_over_the_epochs():
     assert len(history) == 2 and history["loss"] == [2.0, 1.0]
 
 
+@pytest.mark.timeout(630)  # its subprocesses' own limits, and then some
 def test_the_api_example_runs_as_written_under_mpirun_on_three_ranks(tmp_path):
     """examples/api_digits.py is the issue's (and docs/api.md's) example, on the digits data."""
     model = tmp_path / "m.h5"

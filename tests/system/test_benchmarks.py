@@ -32,6 +32,7 @@ def test_many_cores_script_runs_every_benchmark_at_tiny_sizes(tmp_path):
     assert re.search(r"layer rows 256 round 0: min +[\d.]+ median", spread), spread
 
 
+@pytest.mark.timeout(630)  # its subprocesses' own limits, and then some
 def test_scale_benchmark_times_every_stage_and_prints_its_slope():
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks/scale.py"), "--ranks", "2",
                              "--grid", "1024x2,2048x2,1024x4", "--fan-in", "4"],
@@ -44,6 +45,7 @@ def test_scale_benchmark_times_every_stage_and_prints_its_slope():
     assert re.search(r"metadata / rows at \d+x\d+: \S+ \(ceiling 0.1\)", out), out
 
 
+@pytest.mark.timeout(1230)  # its subprocesses' own limits, and then some
 def test_many_cores_scale_script_runs_every_part_at_tiny_sizes(tmp_path):
     """QUICK=1: both challenge runs (generated in parallel, checked against their truth) and
     the scale benchmark, each part's output in OUT_DIR."""

@@ -259,6 +259,7 @@ def test_bench_sparse_dnn_finds_the_single_process_categories(tmp_path):
     assert "dead samples dropped" in out and f"categories: {found.group(1)} of 200" in out, out
 
 
+@pytest.mark.timeout(630)  # its subprocesses' own limits, and then some
 def test_bench_network_made_under_mpirun_is_the_one_process_network(tmp_path):
     """Ranks write disjoint layers and split the truth by samples: at 1 and 3 ranks the
     files hold the same arrays, and the truth is that of sparse_dnn.infer, layer by layer."""

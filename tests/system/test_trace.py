@@ -36,6 +36,7 @@ def assert_nested(events: list[dict]) -> None:
             open_ends.append(end)
 
 
+@pytest.mark.timeout(630)  # its subprocesses' own limits, and then some
 def test_a_traced_training_has_a_track_per_rank_nested_spans_and_its_measured_step_time(
         tmp_path):
     model, trace, log = tmp_path / "m.h5", tmp_path / "t.json", tmp_path / "log.jsonl"

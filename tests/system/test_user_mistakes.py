@@ -136,6 +136,7 @@ def test_a_failed_import_writes_neither_output(tmp_path, broken):
     assert_no_leftovers(tmp_path)
 
 
+@pytest.mark.timeout(630)  # its subprocesses' own limits, and then some
 def test_a_second_training_of_a_model_is_refused_and_the_first_completes_untouched(model, tmp_path):
     twin = tmp_path / "twin.h5"
     twin.write_bytes(model.read_bytes())
