@@ -322,16 +322,8 @@ class ExchangePlan:
         my activations of those columns. Returns that part's receive block (n_inputs, width),
         complete after ``finish_part(columns)``."""
         self._direction = "forward"
-        started = time.perf_counter()
         send, recv = self._part_views(columns)
-        for part in self.remote_send:
-            if part.stop > part.start:
-                np.take(local, self.send_index[part], axis=0, out=send[part])
-        if self.own_contiguous:
-            recv[self.self_recv] = local[: self.n_own_inputs]
-        elif self.n_own_inputs:
-            np.take(local, self.own_index, axis=0, out=recv[self.self_recv])
-        self._packed(started)
+        self._pack(local, send, recv)
         self._post_part(columns, send, self.mpi_send_counts, self.send_displs,
                         recv, self.mpi_recv_counts, self.recv_displs)
         return recv
@@ -354,15 +346,9 @@ class ExchangePlan:
         """Wait for the part ``columns``, then add up the partial sums of the neurons I own,
         in ``finish_backward``'s order: (n_local, width), valid until that part's next use."""
         self._wait_part(columns)
-        started = time.perf_counter()
-        send, _ = self._part_views(columns)
-        send[self.self_send] = partial[self.self_recv]
         summed = self.sum_buffer[self.n_local * columns.start: self.n_local * columns.stop]
-        summed = summed.reshape(self.n_local, columns.stop - columns.start)
-        acc = self.accumulate
-        csr_matmul(acc.indptr, acc.indices, acc.data, acc.shape[1], send, summed)
-        self._packed(started)
-        return summed
+        return self._sum(partial, self._part_views(columns)[0],
+                         summed.reshape(self.n_local, columns.stop - columns.start))
 
     def start_forward(self, local: np.ndarray) -> np.ndarray:
         """Pack and post the exchange of ``local`` (n_local, batch), my layer-(l-1) activations.
@@ -371,19 +357,9 @@ class ExchangePlan:
         inputs, are ready at once; the rest after ``finish_forward``.
         """
         self._direction = "forward"
-        started = time.perf_counter()
         batch = self._batch = local.shape[1]
         send, recv = self._views(batch)
-        for part in self.remote_send:
-            if part.stop > part.start:
-                np.take(local, self.send_index[part], axis=0, out=send[part])
-        # my own inputs go straight to the head of the receive buffer (a plain copy when
-        # the rows read all of them in order, the common case)
-        if self.own_contiguous:
-            recv[self.self_recv] = local[: self.n_own_inputs]
-        elif self.n_own_inputs:
-            np.take(local, self.own_index, axis=0, out=recv[self.self_recv])
-        self._packed(started)
+        self._pack(local, send, recv)
         self._start(send, self.mpi_send_counts, self.send_displs,
                     recv, self.mpi_recv_counts, self.recv_displs, batch)
         return recv
@@ -421,12 +397,30 @@ class ExchangePlan:
         """Wait, then add up the partial sums of the neurons I own: (n_local, batch), a view
         of the plan's buffer, valid until the next ``finish_backward``."""
         self._wait()
-        started = time.perf_counter()
-        send, _ = self._views(self._batch)
-        send[self.self_send] = partial[self.self_recv]
         summed = self.sum_buffer[: self.n_local * self._batch].reshape(self.n_local, self._batch)
+        return self._sum(partial, self._views(self._batch)[0], summed)
+
+    def _pack(self, local: np.ndarray, send: np.ndarray, recv: np.ndarray) -> None:
+        """What each other rank reads of ``local`` into ``send``; my own inputs straight to
+        the head of ``recv`` (a plain copy when the rows read all of them in order, the
+        common case)."""
+        started = time.perf_counter()
+        for part in self.remote_send:
+            if part.stop > part.start:
+                np.take(local, self.send_index[part], axis=0, out=send[part])
+        if self.own_contiguous:
+            recv[self.self_recv] = local[: self.n_own_inputs]
+        elif self.n_own_inputs:
+            np.take(local, self.own_index, axis=0, out=recv[self.self_recv])
+        self._packed(started)
+
+    def _sum(self, partial: np.ndarray, received: np.ndarray, summed: np.ndarray) -> np.ndarray:
+        """Into ``summed``, each owned neuron's partial sums: the ones ``received`` from the
+        other ranks and my own (``partial``'s head), in a fixed order."""
+        started = time.perf_counter()
+        received[self.self_send] = partial[self.self_recv]
         acc = self.accumulate
-        csr_matmul(acc.indptr, acc.indices, acc.data, acc.shape[1], send, summed)
+        csr_matmul(acc.indptr, acc.indices, acc.data, acc.shape[1], received, summed)
         self._packed(started)
         return summed
 
