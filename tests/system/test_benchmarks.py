@@ -30,6 +30,20 @@ def test_many_cores_script_runs_every_benchmark_at_tiny_sizes(tmp_path):
     assert "R = 2 x Q = 2" in ring and "2x2 balanced" in ring, ring
     spread = (tmp_path / "spread-p2.txt").read_text()
     assert re.search(r"layer rows 256 round 0: min +[\d.]+ median", spread), spread
+    # the replicas and digits parts: every R x Q beside its PyTorch peer, the cost model's
+    # prediction per layout, and partition --plan's table with its choice
+    for name, layouts, peer in (("replicas-p4", ("1 x Q = 4", "2 x Q = 2", "4 x Q = 1"),
+                                 "PyTorch, 1 process, 4 threads"),
+                                ("digits-p4", ("4 x Q = 1", "1 x Q = 4"),
+                                 "PyTorch DDP (gloo), torchrun 4x1")):
+        text = (tmp_path / f"{name}.txt").read_text()
+        for layout in layouts:
+            assert re.search(rf"mpinn, mpirun -n 4, R = {layout}, 1 thread/rank +[\d.]+ ", text), text
+        assert re.search(rf"{re.escape(peer)} +[\d.]+ ", text), text
+        assert "its choice for these ranks:" in text and "measured" in text, text
+        plan = (tmp_path / f"{name}-plan.txt").read_text()
+        assert plan.count("<- chosen") == 1 and "chosen: --replicas" in plan, plan
+    assert not (tmp_path / "failed.txt").exists()
 
 
 @pytest.mark.timeout(630)  # its subprocesses' own limits, and then some
