@@ -45,10 +45,11 @@ test-mpi: setup
 	    exec >/dev/null; exec "$$0" "$$@"' $(PY) -m pytest -q -p no:cacheprovider \
 	    --color=no --with-mpi -m mpi tests || exit 1; \
 	done
-	@echo "== MPI tests on 3 ranks without MPI-IO (the serial-HDF5 fallback)"
+	@echo "== MPI tests that read and write model files, on 3 ranks without MPI-IO (the serial-HDF5 fallback)"
 	@MPINN_IO=independent timeout -k 10 $(MPI_TIMEOUT) $(MPIRUN) -n 3 sh -c \
 	  '[ "$$OMPI_COMM_WORLD_RANK" = 0 ] || exec >/dev/null; exec "$$0" "$$@"' $(PY) -m pytest -q \
-	  -p no:cacheprovider --color=no --with-mpi -m mpi tests
+	  -p no:cacheprovider --color=no --with-mpi -m mpi tests/mpi/test_engine.py \
+	  tests/mpi/test_replicas.py tests/system
 
 # 2 nodes x 2 ranks over TCP on network namespaces (scripts/cluster-up.sh, root), once; the
 # nodes come down after it even when the time bound killed pytest before its teardown
