@@ -9,6 +9,7 @@ from __future__ import annotations
 import h5py
 import numpy as np
 import pytest
+import scipy.sparse as sp
 from mpi4py import MPI
 
 from mpinn import _ranks_on_this_node, _slurm_tasks_on_node
@@ -18,6 +19,7 @@ from mpinn.io import schema
 from mpinn.model import DistributedModel
 from mpinn.partition.traffic import rank_traffic
 from tests.mpi.test_engine import CASES, choice, make_files
+from tests.reference import Reference
 
 
 @pytest.mark.parametrize("counts, node, expected", [
@@ -85,9 +87,32 @@ def test_bytes_between_nodes_are_what_the_plans_send_to_other_nodes(strategy, ca
             back = plan.layer > 1
             for i, where in enumerate((elsewhere, beside)):
                 sent[i] += plan.send_counts[where].sum() + back * plan.recv_counts[where].sum()
+        owners = [model.table.layer_owner(i) for i in range(len(c["sizes"]))]
     sent *= model.spec.dtype.itemsize
     mine = report.forward_matrix[comm.rank] + report.backward_matrix[comm.rank]
     assert sent.tolist() == [mine[elsewhere].sum(), mine[beside].sum()]
+    # and both against the wiring itself: a rank reads, of layer l-1, the columns its rows of
+    # layer l name (a dense layer: all of them); what d reads of mine crosses to d forward,
+    # and from layer 2 on the partial sums of what I read of d's go back to d
+    weights = Reference.from_file(model_path).weights
+
+    def read_by(rank: int, layer: int) -> np.ndarray:
+        rows = np.flatnonzero(owners[layer] == rank)
+        w = weights[layer - 1]
+        if not rows.size:
+            return np.zeros(0, dtype=np.int64)
+        return np.unique(w[rows].indices) if sp.issparse(w) else np.arange(w.shape[1])
+
+    expected_rank = np.zeros(comm.size, dtype=np.int64)  # values I send to each rank
+    for layer in range(1, len(weights) + 1):
+        below = owners[layer - 1]
+        for d in range(comm.size):
+            if d != comm.rank:
+                expected_rank[d] += np.count_nonzero(below[read_by(d, layer)] == comm.rank)
+                if layer > 1:
+                    expected_rank[d] += np.count_nonzero(below[read_by(comm.rank, layer)] == d)
+    expected_rank *= model.spec.dtype.itemsize
+    assert sent.tolist() == [expected_rank[elsewhere].sum(), expected_rank[beside].sum()]
     expected = [topology.split_by_node(m, node) for m in (report.forward_matrix,
                                                           report.backward_matrix)]
     assert tuple(comm.allreduce(sent)) == tuple(map(sum, zip(*expected, strict=True)))
