@@ -156,16 +156,22 @@ class AdamW(Adam):
             param *= 1 - self.lr * self.weight_decay
 
 
+# every optimizer by its name in config.OPTIMIZERS (the names the CLI and the file use)
+OPTIMIZER_CLASSES: dict[str, type[Optimizer]] = {"sgd": SGD, "adam": Adam, "adamw": AdamW}
+if tuple(OPTIMIZER_CLASSES) != OPTIMIZERS:
+    raise ImportError("optim.OPTIMIZER_CLASSES and config.OPTIMIZERS name different optimizers")
+
+
 def make_optimizer(name: str, params: list[tuple[np.ndarray, np.ndarray]], lr: float,
                    momentum: float = 0.0, weight_decay: float = 0.0) -> Optimizer:
-    """The optimizer named on the command line."""
+    """The optimizer named on the command line (``OPTIMIZER_CLASSES``)."""
+    if name not in OPTIMIZER_CLASSES:
+        raise MpinnError(f"unknown optimizer {name!r} (known: {', '.join(OPTIMIZERS)})")
+    if momentum and name != "sgd":
+        raise MpinnError("--momentum applies to --optimizer sgd only")
     if name == "sgd":
         return SGD(params, lr, momentum, weight_decay)
-    if name in ("adam", "adamw"):
-        if momentum:
-            raise MpinnError("--momentum applies to --optimizer sgd only")
-        return (Adam if name == "adam" else AdamW)(params, lr, weight_decay)
-    raise MpinnError(f"unknown optimizer {name!r} (known: {', '.join(OPTIMIZERS)})")
+    return OPTIMIZER_CLASSES[name](params, lr, weight_decay)
 
 
 def clip_coefficient(norm: float, max_norm: float) -> float:

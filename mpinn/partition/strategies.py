@@ -363,23 +363,31 @@ def partition(sizes: Sequence[int], nranks: int, strategy: str,
     nodes by traffic where ``node`` (the node of each rank) is given."""
     params = params or {}
     _check_nranks(nranks, sizes)
+    if strategy not in STRATEGY_FUNCTIONS:
+        raise MpinnError(f"unknown partition strategy {strategy!r} "
+                         f"(known: {', '.join(STRATEGIES)})")
     if strategy in WIRED and wiring is None:
         raise MpinnError(f"strategy {strategy!r} needs the model's wiring")
-    if strategy == "nnz":
-        return by_nnz(sizes, nranks, wiring.row_nnz)
-    if strategy == "mincut":
-        return by_mincut(sizes, nranks, wiring, int(params.get("seed", 0)), node)
-    if strategy == "balanced":
-        return balanced(sizes, nranks)
-    if strategy == "count":
-        return by_count(sizes, nranks, _require(params, "counts", strategy))
-    if strategy == "percentage":
-        return by_percentage(sizes, nranks, _require(params, "percentages", strategy))
-    if strategy == "ids":
-        return by_ids(sizes, nranks, _require(params, "ids", strategy))
-    if strategy == "layers":
-        return by_layers(sizes, nranks, _require(params, "layer_ranks", strategy))
-    raise MpinnError(f"unknown partition strategy {strategy!r} (known: {', '.join(STRATEGIES)})")
+    return STRATEGY_FUNCTIONS[strategy](sizes, nranks, params, wiring, node)
+
+
+# every strategy: (sizes, nranks, params, wiring, node) -> owner array. A new strategy is a
+# function above and a line here (and its name in STRATEGIES, which the CLI offers)
+STRATEGY_FUNCTIONS: dict[str, Callable[..., np.ndarray]] = {
+    "balanced": lambda sizes, n, params, wiring, node: balanced(sizes, n),
+    "count": lambda sizes, n, params, wiring, node: by_count(
+        sizes, n, _require(params, "counts", "count")),
+    "percentage": lambda sizes, n, params, wiring, node: by_percentage(
+        sizes, n, _require(params, "percentages", "percentage")),
+    "ids": lambda sizes, n, params, wiring, node: by_ids(sizes, n, _require(params, "ids", "ids")),
+    "layers": lambda sizes, n, params, wiring, node: by_layers(
+        sizes, n, _require(params, "layer_ranks", "layers")),
+    "nnz": lambda sizes, n, params, wiring, node: by_nnz(sizes, n, wiring.row_nnz),
+    "mincut": lambda sizes, n, params, wiring, node: by_mincut(
+        sizes, n, wiring, int(params.get("seed", 0)), node),
+}
+if tuple(STRATEGY_FUNCTIONS) != STRATEGIES:
+    raise ImportError("STRATEGY_FUNCTIONS and STRATEGIES name different strategies")
 
 
 def _require(params: dict[str, Any], key: str, strategy: str) -> Any:
