@@ -79,7 +79,7 @@ def worker_gemm(args: argparse.Namespace) -> None:
     a @ b
     comm.Barrier()
     reps, start = 0, time.perf_counter()
-    while time.perf_counter() - start < 4.0:
+    while time.perf_counter() - start < args.gemm_seconds:
         a @ b
         reps += 1
     rates = comm.gather(2 * n * k * m * reps / (time.perf_counter() - start) / 1e9)
@@ -417,6 +417,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--ranks", type=int, default=2)
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    parser.add_argument("--gemm-seconds", type=float, default=4.0,
+                        help="how long each GEMM-peak measurement runs (default 4)")
     parser.add_argument("--strategy", default="balanced")
     parser.add_argument("--layer-ranks", default="", help="owner of each layer (strategy layers)")
     parser.add_argument("--micro-batches", type=int, default=1)
@@ -446,7 +448,7 @@ def main() -> None:
     replica_counts = [int(r) for r in args.replicas.split(",")]
     me = [sys.executable, str(Path(__file__).resolve())]
     common = ["--sizes", args.sizes, "--batch", str(args.batch), "--steps", str(args.steps),
-              "--dtype", args.dtype]
+              "--dtype", args.dtype, "--gemm-seconds", str(args.gemm_seconds)]
     flops = flops_per_sample(sizes)
     params = sum(a * b + b for a, b in zip(sizes, sizes[1:], strict=False))
     print(f"dense MLP {args.sizes}, {params / 1e6:.1f} M parameters, {args.dtype}, batch "
