@@ -13,6 +13,19 @@ if ! command -v slurmctld >/dev/null || ! command -v munged >/dev/null || ! comm
         slurmctld slurmd slurm-client munge >/dev/null; } \
         || { echo "slurm: Debian's slurmctld, slurmd and munge cannot be installed" >&2; exit 2; }
 fi
+# A test cluster of this script left by a run killed before its teardown (its slurm.conf
+# names the cluster mpinn-test) is stopped; any other SLURM on the machine is left alone.
+for pid in $(pgrep -x slurmctld; pgrep -x slurmd); do
+    conf=$(tr '\0' '\n' < "/proc/$pid/environ" 2>/dev/null | sed -n 's/^SLURM_CONF=//p')
+    if [ -n "$conf" ] && grep -qx 'ClusterName=mpinn-test' "$conf" 2>/dev/null; then
+        echo "slurm-up: stopping a leftover mpinn-test daemon (pid $pid, $conf)" >&2
+        kill "$pid" 2>/dev/null || true
+    fi
+done
+for _ in $(seq 1 50); do
+    pgrep -x slurmctld >/dev/null || pgrep -x slurmd >/dev/null || break
+    sleep 0.1
+done
 if pgrep -x slurmctld >/dev/null || pgrep -x slurmd >/dev/null; then
     echo "slurm-up: a slurmctld or slurmd is already running on this machine" >&2
     exit 3
