@@ -356,7 +356,7 @@ class Network:
     def predict(self, x: Any, batch_size: int | None = None) -> np.ndarray:
         """The output layer's activations, (samples, outputs), the same array on every rank."""
         model = self.model
-        config.check_on(self.comm, "predict", locals())  # after the load: see options.check_on
+        config.check_on(self.comm, "predict", locals())  # after the load: see config.check_on
         data = self._data(x, None, "X", "predict data")
         local = train.predict(model, data, batch_size or model.engine.max_batch)
         whole = gather_layer(model.group, model.table.layer_owner(len(model.spec.sizes) - 1),
@@ -367,7 +367,7 @@ class Network:
     def evaluate(self, x: Any, y: Any = None, batch_size: int | None = None) -> dict[str, Any]:
         """{"loss": mean loss, "accuracy": fraction right (None for float targets)}."""
         model = self.model
-        config.check_on(self.comm, "evaluate", locals())  # after the load: see options.check_on
+        config.check_on(self.comm, "evaluate", locals())  # after the load: see config.check_on
         data = self._data(x, y, "X", "evaluate data")
         if data.labels is None and data.targets is None:
             raise MpinnError("evaluate needs y (labels or targets)")

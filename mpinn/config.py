@@ -246,7 +246,7 @@ def check(call: str, values: dict[str, Any]) -> None:
 
 def check_on(comm: Any, call: str, values: dict[str, Any]) -> None:
     """``check`` on every rank of ``comm`` (None: ``MPI.COMM_WORLD``), with the same
-    ``MpinnError`` on every rank if any rank's arguments are bad (``exchange.agree``).
+    ``MpinnError`` on every rank if any rank's arguments are bad (``comm.collectives.agree``).
 
     It is a collective: a method of a ``Network`` calls it once the model is loaded
     (``self.model``), never before, since the load is lazy and may have begun on one rank

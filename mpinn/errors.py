@@ -11,7 +11,7 @@ class MpinnError(Exception):
     """A user-facing error: bad input, a bad file, a partition that does not fit the job.
 
     ``agreed`` is set once every rank is known to raise the same error (see
-    ``exchange.agree``); only then may rank 0 report it alone and all ranks exit cleanly.
+    ``comm.collectives.agree``); only then may rank 0 report it alone and all ranks exit cleanly.
     """
 
     def __init__(self, message: str, agreed: bool = False) -> None:

@@ -52,7 +52,7 @@ class DistributedModel:
         (``Shard.load_from_first_group``); ``REPLICA_LOAD`` is the faster measured."""
         self.path = path
         self.comm = comm
-        self.exchange = exchange  # the kind of every layer's exchange (exchange.make_plans)
+        self.exchange = exchange  # the kind of every layer's exchange (comm.exchange.make_plans)
         self.nodes = nodes  # the node of every rank of the group (None: asked of MPI)
         if replica_load not in REPLICA_LOADS:
             raise MpinnError(f"replica_load must be one of {', '.join(REPLICA_LOADS)}, "
@@ -63,7 +63,7 @@ class DistributedModel:
         # what the file was when loaded (taken before opening it: a commit in between makes
         # it look changed, never unchanged), so a writer can tell a model committed since
         self.committed = hdf5.file_identity(path)
-        # opened read-only: saves write a new file and swap it in (format.Checkpoint)
+        # opened read-only: saves write a new file and swap it in (io.checkpoint.Checkpoint)
         self.file = hdf5.open_file(path, "r", group)
         try:
             self.spec = agree(comm, lambda: schema.read_spec(self.file))
@@ -181,7 +181,7 @@ class DistributedModel:
     def save(self, optimizer: Optimizer | None = None, keep: int = 1, **state: Any) -> None:
         """Commit my rows, my optimizer state and the training counters (collective).
 
-        Written as a whole new file swapped in atomically (``format.Checkpoint``), so a
+        Written as a whole new file swapped in atomically (``io.checkpoint.Checkpoint``), so a
         job killed mid-write leaves the previous checkpoint intact. The model file is then
         reopened, so later reads (the optimizer state of the next ``train``) see this one.
         """

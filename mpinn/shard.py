@@ -1,6 +1,6 @@
 """What one rank holds: its rows (incoming weights and biases) of every layer.
 
-Weight columns are kept in the exchange plan's receive order (see exchange.py), so the
+Weight columns are kept in the exchange plan's receive order (see comm/plans.py), so the
 plan's receive buffer multiplies them directly; ``save`` puts them back in file order.
 A dense layer's rows are a (rows, inputs) matrix whose leading columns are the rank's own
 inputs. A CSR layer's rows read only the inputs they name; their stored weights are kept
@@ -338,7 +338,7 @@ class Shard:
     def synthetic(cls, spec: ModelSpec, table: MetadataTable, rank: int, nranks: int,
                   seed: int = 0) -> Shard:
         """This rank's rows of a dense model with random weights, made in memory: what
-        ``load`` would give for such a file, for the cost model's probe (layout.py), which
+        ``load`` would give for such a file, for the cost model's probe (partition/costmodel.py), which
         times real steps without a model file."""
         rng = np.random.default_rng([seed, rank])
         layers: list[LayerShard] = []

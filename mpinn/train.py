@@ -3,7 +3,7 @@
 One batch goes: ``LocalData.batch`` (this rank's input features) -> ``Engine.forward``
 (exchange + kernels per layer) -> ``Engine.loss_and_grad`` -> ``Engine.backward`` ->
 ``Optimizer.step`` on the rank's own rows. Checkpoints write every rank's rows into a
-new model file, collectively, and swap it in atomically (``format.Checkpoint``).
+new model file, collectively, and swap it in atomically (``io.checkpoint.Checkpoint``).
 """
 
 from __future__ import annotations

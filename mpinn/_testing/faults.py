@@ -30,7 +30,7 @@ def inject_fault(point: str, rank: int) -> bool:
     (pid P) holds at POINT`` and waits there for a signal, so that a test can kill or
     signal the job at a moment the program itself reports instead of after a guessed
     delay. ``hold`` is the start of a training step (before the stop-signal check);
-    the ``save-*`` points are the phases of a checkpoint (``format.Checkpoint``).
+    the ``save-*`` points are the phases of a checkpoint (``io.checkpoint.Checkpoint``).
     """
     spec = os.environ.get("MPINN_FAULT")
     if not spec:

@@ -50,7 +50,7 @@ def _choice(args: argparse.Namespace):  # -> PartitionChoice
 
 @dataclass
 class CommandFiles:
-    """What a command reads, what it writes new (checked by ``outputs.check``), and what it
+    """What a command reads, what it writes new (checked by ``io.staging.check``), and what it
     writes at all, with the action its lock names (``locked``)."""
 
     inputs: dict[str, str | list[str]] = field(default_factory=dict)
@@ -149,7 +149,7 @@ def command_files(args: argparse.Namespace) -> CommandFiles:
 
 
 def check_files(plan: CommandFiles) -> None:
-    """Inputs exist and are files; outputs follow ``outputs.check``; appended files are no input."""
+    """Inputs exist and are files; outputs follow ``io.staging.check``; appended files are no input."""
     from mpinn.io import staging
 
     for flag, paths in plan.inputs.items():

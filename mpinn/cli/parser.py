@@ -1,4 +1,4 @@
-"""Command line: argument parsing only; every command calls into the library.
+"""Command line: the parser of every command and its flags (training flags from config.TrainConfig).
 
 Run any command under ``mpirun -n N``; every rank parses the same arguments. Errors print
 one line on rank 0 (``--debug`` adds the traceback) and exit with status 1 on every rank.

@@ -4,7 +4,7 @@ Every rank runs the same sequence: for each layer, gather the inputs its rows re
 (``plan.forward``), compute its rows, and in backward send the partial sums of the inputs
 back to their owners (``plan.backward``). A softmax output split over ranks uses the
 global max and sum; the loss and accuracy are reduced the same way. The engine never
-calls MPI itself: every message goes through exchange.py.
+calls MPI itself: every message goes through the plans of comm/
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ class Engine:
         """``training=False`` (evaluate, predict, benchmarks) keeps no per-layer state for
         backward: all layers share two activation buffers and one pair of exchange buffers,
         so memory does not grow with depth. ``exchange``: the kind of exchange of every
-        layer (``exchange.make_plans``); ``nodes``: the node of every rank of ``comm``
+        layer (``comm.exchange.make_plans``); ``nodes``: the node of every rank of ``comm``
         (default: asked of MPI)."""
         self.shard = shard
         self.comm = comm
@@ -105,7 +105,7 @@ class Engine:
         # neurons read the whole layer below). Where the GEMMs run in parts it moves in
         # parts of the batch too: forward each part is posted as soon as the layer below has
         # computed its columns, backward the layer below takes each part as it arrives
-        # (Engine._forward_below_output, _take_output_parts). Every rank decides alike.
+        # (Engine._output_forward, _take_output_parts). Every rank decides alike.
         self.split_output = (training and self.parts > 1 and comm.size > 1 and len(layers) > 1
                              and layers[-2].parts and layers[-1].parts  # dense: strided
                              and self.plans[-1].kind == "alltoallv")

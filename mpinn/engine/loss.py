@@ -78,7 +78,7 @@ class SplitOutput:
         """Loss share and dL/dz (into ``grad``) of my output rows for these samples.
 
         Softmax with integer labels: cross-entropy; with float ``targets`` (probability
-        distributions, checked by ``data.check_distributions``): soft-label cross-entropy.
+        distributions, checked by ``io.datafile.check_distributions``): soft-label cross-entropy.
         Otherwise half the squared error against ``targets`` (my output rows, neuron-major)
         or one-hot ``labels``. All are divided by ``divisor``, the size of the whole batch,
         also when these samples are a micro-batch.

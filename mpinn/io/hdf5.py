@@ -42,7 +42,7 @@ def open_file(path: str, mode: str, comm: MPI.Comm) -> h5py.File:
     """Open ``path`` on every rank of ``comm`` (collective), with a clear error if it fails.
 
     Without MPI-IO each rank opens it on its own: use it so only for reading, or inside
-    ``exchange.take_turn`` for writing.
+    ``comm.collectives.take_turn`` for writing.
     """
     warn_without_mpi_io(comm)
     if os.path.isdir(path):  # before MPI-IO, which would print pages of driver errors first

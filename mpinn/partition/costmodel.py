@@ -7,7 +7,7 @@ Numbers in, predictions out: the model's layer widths, the global batch, bytes p
 and a ``Machine`` (GEMM rate, link bandwidth and latency) that ``probe`` measures in a few
 seconds. docs/scaling.md derives every term; ``choose`` is what ``--replicas auto`` and
 ``partition --plan`` call. Nothing here talks to MPI except ``probe``, and it only through
-exchange.py.
+comm/.
 """
 
 from __future__ import annotations
@@ -140,7 +140,7 @@ def predict(sizes: Sequence[int], batch: int, itemsize: int, layout: Layout,
         compute, exchange, nbytes, params = _layers(sizes, b, itemsize, layout, machine)
         passes = 2 * (len(sizes) - 1) * layout.micro_batches
     r = layout.replicas
-    # one ring allreduce per bucket of the rank's rows (exchange.gradient_buckets, counted
+    # one ring allreduce per bucket of the rank's rows (comm.replicas.gradient_buckets, counted
     # on the balanced split's layers): 2(R-1)/R of their bytes, 2(R-1) steps each
     ring_bytes = 2.0 * (r - 1) / r * params * itemsize
     allreduce = 0.0
@@ -411,7 +411,7 @@ def _layout_seconds(comm: object, sizes: Sequence[int], batch: int, dtype: np.dt
                     lay: Layout, seconds: float,
                     statistic: Callable[[list[float]], float] = statistics.median) -> float:
     """Seconds of one training step of ``lay`` on ``comm``, as ``train`` runs it: R groups
-    (``exchange.ReplicaGroups``) of a Q-rank partition of a model of ``sizes`` made in
+    (``comm.replicas.ReplicaGroups``) of a Q-rank partition of a model of ``sizes`` made in
     memory, each on its share of ``batch``, gradients summed over the groups, the stop
     check over all ranks, the SGD update. By default the median block of steps, the
     slowest rank's: what a run's epochs average, not its best moments. Collective."""
@@ -520,7 +520,7 @@ def probe(comm: object, sizes: Sequence[int], batch: int, dtype: str = "float32"
     The elementwise work per value and the SGD update per parameter, the same way. Fixed
     costs: real steps of a tiny model of the same depth, on one rank (Python per layer and
     pass) and on all of them (each exchange's synchronisation, which sets the latency when
-    it exceeds the alltoall's). Links: an alltoall through exchange.py of a small and a
+    it exceeds the alltoall's). Links: an alltoall through comm/plans.py of a small and a
     large block per rank pair; with one rank there is nothing to time and the assumed
     shared-memory figures are used. The gradient sum: for every R that divides the ranks,
     the sum training runs (buckets, nonblocking but the last), on the busiest rank's
@@ -572,7 +572,7 @@ def _allreduce_rates(comm: object, sizes: Sequence[int], batch: int, dtype: np.d
                      cap_bytes: int = ALLREDUCE_PROBE_BYTES) -> tuple[tuple[int, float], ...]:
     """(R, ring bytes/s) of the gradient sum for every R > 1 that divides the ranks: the
     busiest rank's layers of R x Q balanced, scaled down to ``cap_bytes`` when larger, summed
-    as training sums them (exchange.time_gradient_allreduce). Collective."""
+    as training sums them (comm.probes.time_gradient_allreduce). Collective."""
     from mpinn.comm.probes import time_gradient_allreduce
 
     size = comm.Get_size()

@@ -104,7 +104,7 @@ def layer_groups(counts: np.ndarray) -> list[tuple[int, int]]:
 
 def partition_picture(table: MetadataTable, traffic: np.ndarray, title: str, out: str) -> None:
     """Heat map of forward bytes per sample between each pair of ranks (``traffic``, sender
-    x receiver, from ``describe.rank_traffic``), and each rank's share of every layer.
+    x receiver, from ``partition.traffic.rank_traffic``), and each rank's share of every layer.
 
     Shares, not neuron counts, so a 10-neuron output layer shows beside 1024-neuron ones;
     runs of identical layers are one bar, and a deep model with many distinct layers is a
