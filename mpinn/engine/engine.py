@@ -115,8 +115,8 @@ class Engine:
         self.idle = False  # no_samples: this group sat the last batch out
         self.inputs: list[np.ndarray] = []
         self.output_rows = shard.layers[-1].rows
-        self.softmax = shard.layers[-1].spec.activation == "softmax"
         self.output = SplitOutput(comm, shard.layers[-1].spec, self.output_rows, max_batch, dtype)
+        self.softmax = self.output.is_softmax
         self._batch = 0
         self._batch_inputs: list[np.ndarray] | None = None  # the pipeline's per-batch inputs
         self._scratch: list[np.ndarray] | None = None  # the pipeline's tick arrays
