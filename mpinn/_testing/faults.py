@@ -66,7 +66,8 @@ _passes: dict[str, int] = {}
 
 def _hold(line: str) -> None:
     """Print ``line`` and wait for a signal; SIGKILL ends the rank here, a handled SIGTERM,
-    SIGUSR1 or SIGINT runs its handler and lets the rank go on (unhandled: its default).
+    SIGUSR1 or SIGINT runs its handler and lets the rank go on (unhandled: its default), and
+    SIGCONT only lets it go on, so a test can hold a job while it checks something beside it.
 
     The handlers that note the signal are installed before the line is printed, and the
     wait polls: a signal sent the moment the test reads the line (before a ``pause()``
@@ -87,7 +88,7 @@ def _hold(line: str) -> None:
             signal.signal(signum, signal.SIG_DFL)
             signal.raise_signal(signum)
 
-    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT, signal.SIGCONT):
         previous[sig] = signal.signal(sig, note)
     try:
         print(line, flush=True)
