@@ -20,6 +20,7 @@ import shutil
 import subprocess
 import sys
 import time
+import tomllib
 from pathlib import Path
 
 import h5py
@@ -28,8 +29,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mpinn.cli.commands import plot_out
-from mpinn.cli.parser import REQUIRED, build_parser, parse
+from mpinn.cli.parser import REQUIRED, build_parser
 from mpinn.io import schema
 from tests.reference import Reference, assert_close
 from tests.system.test_cli import DIGITS_TEST, ENV, ROOT, command, digest
@@ -115,12 +115,28 @@ def _toml_value(draw: st.DrawFn, text: str) -> str:
         return json.dumps(text)
 
 
+class ArgvPath(str):
+    """A path drawn for the command line: resolved against the workspace."""
+
+
+def _toml_text(value: object) -> object:
+    """A TOML value as the text a flag would hold ("a,b" for a list), True for ``true``."""
+    if isinstance(value, list):
+        return ",".join(str(v) for v in value)
+    return value if isinstance(value, bool) else str(value)
+
+
 @st.composite
-def invocations(draw: st.DrawFn) -> tuple[list[str], str | None]:
-    """(argv with workspace-relative paths, the TOML text of --config or None)."""
+def invocations(draw: st.DrawFn) -> tuple[list[str], str | None, dict[str, object]]:
+    """(argv with workspace-relative paths, the TOML text of --config or None, the intent:
+    what the drawn command line asks for, by flag name, read from the draws themselves rather
+    than by mpinn's parser, so that a parser that misreads a line fails the success checks).
+    A path on the command line is the workspace's (``ArgvPath``); one in the config file is
+    relative to the directory the command runs in, as the user typed it."""
     name = draw(st.sampled_from(COMMANDS))
     parser = _subparser(name)
     argv: list[str] = []
+    intent: dict[str, object] = {"command": name}
     for action in parser._actions:
         if action.option_strings or action.dest == "help":
             continue
@@ -130,6 +146,7 @@ def invocations(draw: st.DrawFn) -> tuple[list[str], str | None]:
             argv += draw(st.lists(st.sampled_from(PATHS), min_size=1, max_size=2))
         else:
             argv.append(draw(st.sampled_from(PATHS[:4])))
+        intent[action.dest] = ArgvPath(argv[-1]) if argv[-1] in PATHS else argv[-1]
     flags: list[tuple[str, str | None, argparse.Action]] = []
     for action in parser._actions:
         if not action.option_strings or action.dest in ("help", "quiet", "progress"):
@@ -156,9 +173,14 @@ def invocations(draw: st.DrawFn) -> tuple[list[str], str | None]:
             lines.append(f"{key} = " + ("true" if value is None else _toml_value(draw, value)))
             flags.remove((flag, value, _))
         config = "\n".join(lines) + "\n"
+        for key, value in tomllib.loads(config)[name].items():
+            intent[key.replace("-", "_")] = _toml_text(value)
     for flag, value, _ in flags:
         argv += [flag] if value is None else [flag, value]
-    return [name, *argv], config
+        if value in PATHS:
+            value = ArgvPath(value)
+        intent[flag.lstrip("-").replace("-", "_")] = True if value is None else value
+    return [name, *argv], config, intent
 
 
 class Workspace:
@@ -209,42 +231,52 @@ WRITES = {"init": ("model",), "train": ("model", "log_json"), "partition": ("mod
           "export-torch": ("out",), "import-graphchallenge": ("model", "data")}
 
 
-def check_success(ws: Workspace, argv: list[str], result: subprocess.CompletedProcess,
-                  changed: set[str]) -> None:
-    """A command that exits 0 did what it says, and changed only what it writes."""
-    args = parse(argv)  # what the command was asked to do, config included
-    name = args.command
-    paths = [getattr(args, key) for key in WRITES.get(name, ())]
-    if name == "plot":
-        paths.append(plot_out(args))
+def check_success(ws: Workspace, intent: dict[str, object],
+                  result: subprocess.CompletedProcess, changed: set[str]) -> None:
+    """A command that exits 0 did what the command line asked (``intent``), and changed only
+    what it writes."""
+    name = intent["command"]
+
+    def path(key: str) -> str | None:
+        value = intent.get(key)
+        if isinstance(value, ArgvPath):
+            return str(ws.root / value)
+        return None if value is None else str(Path(ROOT) / str(value))
+
+    paths = [path(key) for key in WRITES.get(name, ())]
+    if name == "plot":  # the picture of SOURCE goes beside it as SOURCE.png unless --out
+        paths.append(path("out") or os.path.splitext(path("source"))[0] + ".png")
     written = {str(Path(p).relative_to(ws.root)) for p in paths
                if p and Path(p).is_relative_to(ws.root)}
     assert changed <= written, f"changed {changed - written}, which it does not write"
     if name == "init":
-        with h5py.File(args.model, "r") as f:
-            assert list(schema.read_spec(f).sizes) == list(args.sizes)
+        with h5py.File(path("model"), "r") as f:
+            sizes = [int(n) for n in str(intent["sizes"]).split(",")]
+            assert list(schema.read_spec(f).sizes) == sizes
     elif name == "predict":
-        with h5py.File(args.out, "r") as f, h5py.File(args.data, "r") as d:
+        with h5py.File(path("out"), "r") as f, h5py.File(path("data"), "r") as d:
             outputs, x = f["outputs"][...], d["X"][...]
-        _, acts = Reference.from_file(args.model).forward(x)
+        _, acts = Reference.from_file(path("model")).forward(x)
         assert_close(outputs, acts[-1], "float32", "predict")
     elif name == "evaluate":
-        with h5py.File(args.data, "r") as d:
+        with h5py.File(path("data"), "r") as d:
             x, y = d["X"][...], d["y"][...]
-        loss = Reference.from_file(args.model).loss_and_grads(x.astype(np.float64), y)[0]
+        loss = Reference.from_file(path("model")).loss_and_grads(x.astype(np.float64), y)[0]
         printed = float(result.stdout.split("loss ")[1].split()[0])
         assert abs(printed - loss) <= 1e-5 * max(1.0, abs(loss)), (printed, loss)
-    elif name == "data":
-        with h5py.File(args.out, "r") as f:
-            assert f["X"].shape == (args.samples, args.features)
+    elif name == "data":  # the defaults --help states: 1000 samples of 64 features
+        with h5py.File(path("out"), "r") as f:
+            assert f["X"].shape == (int(intent.get("samples", 1000)),
+                                    int(intent.get("features", 64)))
     elif name in ("train", "partition"):
-        with h5py.File(args.model, "r") as f:
+        with h5py.File(path("model"), "r") as f:
             schema.read_spec(f)
     elif name == "plot":
-        assert Path(plot_out(args)).read_bytes()[:4] == b"\x89PNG"
+        assert Path(paths[-1]).read_bytes()[:4] == b"\x89PNG"
 
 
-def check(ws: Workspace, nranks: int, argv: list[str], config: str | None) -> tuple[str, float]:
+def check(ws: Workspace, nranks: int, argv: list[str], config: str | None,
+          intent: dict[str, object]) -> tuple[str, float]:
     if config is not None:
         (ws.root / "run.toml").write_text(config)
         argv = ["--config", "run.toml", *argv]
@@ -262,7 +294,7 @@ def check(ws: Workspace, nranks: int, argv: list[str], config: str | None) -> tu
     if result.returncode == 0:
         assert not errors, f"{shown}\n{output}"
         changed = {k for k in after if before.get(k) != after[k]}
-        check_success(ws, argv, result, changed)
+        check_success(ws, intent, result, changed)
         return "ok", seconds
     assert len(errors) == 1, f"{shown}: exit {result.returncode}, {len(errors)} error lines\n{output}"
     assert seconds < REFUSAL_SECONDS, f"{shown}: refused only after {seconds:.1f} s\n{output}"
@@ -278,10 +310,10 @@ def test_careless_command_lines_succeed_correctly_or_fail_cleanly(base, tmp_path
     @settings(max_examples=EXAMPLES[nranks], deadline=None, derandomize=not SEARCH,
               suppress_health_check=list(HealthCheck), database=None)
     @given(invocations())
-    def one(case: tuple[list[str], str | None]) -> None:
-        argv, config = case
+    def one(case: tuple[list[str], str | None, dict[str, object]]) -> None:
+        argv, config, intent = case
         ws = Workspace(tmp_path / "ws", base)
-        outcome, seconds = check(ws, nranks, argv, config)
+        outcome, seconds = check(ws, nranks, argv, config, intent)
         outcomes.append(outcome)
         if os.environ.get("MPINN_PROPERTY_LOG"):
             with open(os.environ["MPINN_PROPERTY_LOG"], "a") as fh:
@@ -293,7 +325,10 @@ def test_careless_command_lines_succeed_correctly_or_fail_cleanly(base, tmp_path
     # everything (or a check that only looks at refusals) would pass the examples alone
     for argv in (["init", "new.h5", "--sizes", "8,4,2"], ["evaluate", "M.h5", "--data", "D.h5"],
                  ["predict", "M.h5", "--data", "D.h5", "--out", "new2.h5"]):
-        outcome, _ = check(Workspace(tmp_path / "ws", base), nranks, argv, None)
+        intent = {"command": argv[0], "model": ArgvPath(argv[1])}
+        intent |= {flag[2:]: ArgvPath(v) if v in PATHS else v
+                   for flag, v in zip(argv[2::2], argv[3::2], strict=True)}
+        outcome, _ = check(Workspace(tmp_path / "ws", base), nranks, argv, None, intent)
         assert outcome == "ok", f"{' '.join(argv)} was refused: {outcome}"
     print(f"\n{len(outcomes)} examples at {nranks} rank(s): "
           f"{sum(o == 'ok' for o in outcomes)} succeeded, "
