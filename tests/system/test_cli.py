@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import h5py
@@ -38,15 +41,29 @@ def ok(result: subprocess.CompletedProcess) -> str:
     return result.stdout
 
 
+_INITIALISED: dict[tuple[str, ...], Path] = {}
+
+
+def initialised(path: Path, *args: str) -> Path:
+    """``mpinn init PATH ARGS`` for a fixture: a copy of the file one real ``init`` of these
+    arguments (seeded, so the same weights) made earlier in this test process. The fixtures
+    of a hundred tests would otherwise start a hundred init processes."""
+    if args not in _INITIALISED:
+        made = Path(tempfile.mkdtemp(prefix="mpinn-init-")) / "model.h5"
+        atexit.register(shutil.rmtree, made.parent, True)
+        ok(mpinn(1, "init", str(made), *args))
+        _INITIALISED[args] = made
+    shutil.copyfile(_INITIALISED[args], path)
+    return path
+
+
 def digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 @pytest.fixture
 def small_model(tmp_path: Path) -> Path:
-    path = tmp_path / "model.h5"
-    ok(mpinn(1, "init", str(path), "--sizes", "64,32,10", "--seed", "1"))
-    return path
+    return initialised(tmp_path / "model.h5", "--sizes", "64,32,10", "--seed", "1")
 
 
 def test_digits_train_evaluate_predict_reaches_95_percent(tmp_path):

@@ -9,7 +9,7 @@ import subprocess
 import pytest
 
 from mpinn.cli.commands import AGREE_TIMEOUT, REPORT_TIMEOUT
-from tests.system.test_cli import DIGITS_TRAIN, ENV, command, digest, mpinn, ok
+from tests.system.test_cli import DIGITS_TRAIN, ENV, command, digest, initialised, mpinn
 from tests.system.test_nothing_lost import Run
 
 # the documented bound (docs/reliability.md): a failing rank waits 5 s for the others, then
@@ -26,9 +26,7 @@ def test_the_documented_timeouts_are_the_ones_the_cli_uses():
 
 @pytest.fixture
 def model(tmp_path):
-    path = tmp_path / "model.h5"
-    ok(mpinn(1, "init", str(path), "--sizes", "64,48,10", "--seed", "1"))
-    return path
+    return initialised(tmp_path / "model.h5", "--sizes", "64,48,10", "--seed", "1")
 
 
 def failing_ranks(where: str, nranks: int) -> list[int]:

@@ -25,7 +25,17 @@ from mpinn.io import schema
 from mpinn.tools import sparse_dnn
 from tests.helpers import small_tmpfs
 from tests.reference import Reference, assert_close
-from tests.system.test_cli import DIGITS_TEST, DIGITS_TRAIN, ENV, ROOT, command, digest, mpinn, ok
+from tests.system.test_cli import (
+    DIGITS_TEST,
+    DIGITS_TRAIN,
+    ENV,
+    ROOT,
+    command,
+    digest,
+    initialised,
+    mpinn,
+    ok,
+)
 
 REFUSAL_SECONDS = 30  # a refusal takes 1-3 s here; the bound allows for a loaded CI machine
 
@@ -33,9 +43,7 @@ REFUSAL_SECONDS = 30  # a refusal takes 1-3 s here; the bound allows for a loade
 @pytest.fixture
 def model(tmp_path: Path) -> Path:
     """The issue's model: ``init M --sizes 64,32,10 --seed 1``."""
-    path = tmp_path / "M.h5"
-    ok(mpinn(1, "init", str(path), "--sizes", "64,32,10", "--seed", "1"))
-    return path
+    return initialised(tmp_path / "M.h5", "--sizes", "64,32,10", "--seed", "1")
 
 
 def snapshot(*roots: Path) -> dict[str, str]:

@@ -19,16 +19,14 @@ import numpy as np
 import pytest
 
 from mpinn.errors import MpinnError
-from tests.system.test_cli import DIGITS_TRAIN, mpinn, ok
+from tests.system.test_cli import DIGITS_TRAIN, initialised, mpinn, ok
 from tests.system.test_user_mistakes import assert_no_leftovers, refused
 
 
 @pytest.fixture
 def model(tmp_path: Path) -> Path:
     """The issue's model: ``init M --sizes 64,32,10 --seed 1``."""
-    path = tmp_path / "M.h5"
-    ok(mpinn(1, "init", str(path), "--sizes", "64,32,10", "--seed", "1"))
-    return path
+    return initialised(tmp_path / "M.h5", "--sizes", "64,32,10", "--seed", "1")
 
 
 def _comm():
