@@ -28,8 +28,8 @@ test: setup
 # the MPI passes keep both cores busy, while the cluster's tests mostly wait on its links and
 # daemons (24 s of CPU in 123 s) and the pip stage on its downloads: the three run side by
 # side, each stage's output printed whole when it ends
-stage-%:
-	@$(TIMED) $* $(MAKE) --no-print-directory test-$*
+stage-mpi stage-cluster stage-pip:
+	@$(TIMED) $(@:stage-%=%) $(MAKE) --no-print-directory $(@:stage-%=test-%)
 
 # the edit-test loop: lint and the unit tests (pure numpy and the cost model; no mpirun)
 check: setup lint test-unit
