@@ -66,6 +66,7 @@ class DistributedModel:
         # opened read-only: saves write a new file and swap it in (io.checkpoint.Checkpoint)
         self.file = hdf5.open_file(path, "r", group)
         try:
+            checkpoint.check_same_commit(self.file, path, comm)
             self.spec = agree(comm, lambda: schema.read_spec(self.file))
             nodes_of_comm = job_nodes(comm)
             ranks_here = int(np.count_nonzero(nodes_of_comm == nodes_of_comm[comm.rank]))
@@ -188,11 +189,13 @@ class DistributedModel:
         # the file being replaced is kept (keep > 1) under the name of the state it holds
         label = f"epoch{self.state.get('epoch', 0)}-step{self.state.get('step', 0)}.h5"
         self.state.update(state)
-        self._write(self.path, optimizer, keep, label)
-        started = time.perf_counter()  # part of the checkpoint's I/O too (about 0.1 s here)
+        ident = schema.new_checkpoint_id(self.comm)
+        self._write(self.path, optimizer, keep, label, ident)
+        started = time.perf_counter()  # part of the checkpoint's I/O too
         self.committed = hdf5.file_identity(self.path)  # ours: the lock keeps other writers out
         self.file.close()
         self.file = hdf5.open_file(self.path, "r", self.group)
+        checkpoint.check_same_commit(self.file, self.path, self.comm, expected=ident)
         self.seconds_io += time.perf_counter() - started
 
     def save_best(self, optimizer: Optimizer | None, **state: Any) -> str:
@@ -207,7 +210,8 @@ class DistributedModel:
             self.state = saved
         return path
 
-    def _write(self, path: str, optimizer: Optimizer | None, keep: int, label: str) -> None:
+    def _write(self, path: str, optimizer: Optimizer | None, keep: int, label: str,
+               ident: str | None = None) -> None:
         """Only group 0 writes (every group holds the same rows and optimizer state: the file
         is the one R = 1 writes); the other groups wait, and fail with it if it fails. Every
         rank counts the time in ``seconds_io``, waiting for the writers included, so that a
@@ -216,17 +220,19 @@ class DistributedModel:
         try:
             with self.tracer.span("checkpoint", "io", {"file": os.path.basename(path)}):
                 if self.replicas > 1:
-                    agree(self.comm, lambda: self._write_group(path, optimizer, keep, label)
+                    agree(self.comm, lambda: self._write_group(path, optimizer, keep, label, ident)
                           if self.groups.index == 0 else None)
                     if optimizer is not None:
                         self.state["optimizer"] = optimizer.config()
                 else:
-                    self._write_group(path, optimizer, keep, label)
+                    self._write_group(path, optimizer, keep, label, ident)
         finally:
             self.seconds_io += time.perf_counter() - started
 
-    def _write_group(self, path: str, optimizer: Optimizer | None, keep: int, label: str) -> None:
-        with checkpoint.Checkpoint(path, self.spec, self.partitions, self.group, keep, label) as f:
+    def _write_group(self, path: str, optimizer: Optimizer | None, keep: int, label: str,
+                     ident: str | None = None) -> None:
+        with checkpoint.Checkpoint(path, self.spec, self.partitions, self.group, keep, label,
+                                   ident) as f:
             self.shard.save(f)
             if optimizer is not None:
                 for layer, name, shape, array in self._slots(optimizer):

@@ -6,7 +6,13 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from mpinn.io.hdf5 import MPI_IO, open_file, safe_to_close
-from mpinn.io.schema import FORMAT_VERSION, write_partition
+from mpinn.io.schema import (
+    CHECKPOINT_ID,
+    FORMAT_VERSION,
+    new_checkpoint_id,
+    read_checkpoint_id,
+    write_partition,
+)
 
 if TYPE_CHECKING:
     from mpinn.io.schema import ModelSpec, Partitions
@@ -35,15 +41,18 @@ class Checkpoint:
     flushes it to storage (MPI_File_sync) and has rank 0 ``rename`` it over ``path``: a
     job killed at any moment leaves ``path`` holding either the previous or the new
     state, never a mixture. With ``keep`` > 1 the replaced file is kept, hard-linked, in
-    ``<path>.checkpoints/`` and the oldest beyond ``keep - 1`` there are removed.
+    ``<path>.checkpoints/`` and the oldest beyond ``keep - 1`` there are removed. The new
+    file carries a new commit id (``ident``, else a fresh one): readers check it
+    (``check_same_commit``).
     """
 
     def __init__(self, path: str, spec: ModelSpec, partitions: Partitions, comm: MPI.Comm,
-                 keep: int = 1, label: str = "") -> None:
+                 keep: int = 1, label: str = "", ident: str | None = None) -> None:
         if keep < 1:
             raise MpinnError(f"--keep must be at least 1, got {keep}")
         self.path, self.spec, self.partitions, self.comm = path, spec, partitions, comm
         self.keep, self.label = keep, label
+        self.ident = ident if ident is not None else new_checkpoint_id(comm)
         self.partial = partial_name(path)
         self.file: h5py.File | None = None
         self._turn: AbstractContextManager[None] = nullcontext()
@@ -79,6 +88,7 @@ class Checkpoint:
     def _layout(self, f: h5py.File) -> None:
         inject_fault("save", self.comm.rank)
         f.attrs["mpinn_format_version"] = FORMAT_VERSION
+        f.attrs[CHECKPOINT_ID] = self.ident
         f.attrs["sizes"] = np.asarray(self.spec.sizes, dtype=np.int64)
         for ly in self.spec.layers:
             group = f.create_group(f"layers/{ly.index}")
@@ -176,3 +186,25 @@ def read_state_value(path: str, key: str) -> Any:
         return json.loads(value) if value is not None else None
     except (OSError, ValueError, TypeError, KeyError):
         return None
+
+
+def check_same_commit(f: h5py.File, path: str, comm: MPI.Comm, expected: str | None = None) -> None:
+    """Every rank of ``comm`` opened the same commit of the model (``expected``, the one just
+    written, when given), else one agreed error (collective).
+
+    On a network filesystem whose clients cache names or pages (Gluster's defaults, NFS
+    without close-to-open consistency) a node can open the file a checkpoint replaced: the
+    job would go on from old weights on some ranks without a word."""
+    seen = comm.allgather(read_checkpoint_id(f))
+    if len(set(seen)) == 1 and (expected is None or seen[0] == expected):
+        return
+    by_id: dict[str | None, list[int]] = {}
+    for rank, ident in enumerate(seen):
+        by_id.setdefault(ident, []).append(rank)
+    read = "; ".join(f"rank{'s' if len(ranks) > 1 else ''} {','.join(map(str, ranks))} "
+                     f"read {ident or 'a file without an id'}" for ident, ranks in by_id.items())
+    just = f", not the commit {expected} just written" if expected is not None else ""
+    raise MpinnError(f"{path}: the ranks opened different or old commits of the model ({read}"
+                     f"{just}): a stale copy served by the filesystem, most likely its client "
+                     "caching across nodes (see docs/filesystems.md); nothing was trained from it",
+                     agreed=True)

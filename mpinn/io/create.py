@@ -17,7 +17,16 @@ from mpi4py import MPI
 from mpinn.errors import MpinnError
 from mpinn.io.checkpoint import Checkpoint
 from mpinn.io.hdf5 import available_memory
-from mpinn.io.schema import DTYPES, FORMAT_VERSION, STORAGES, LayerSpec, ModelSpec, write_state_attrs
+from mpinn.io.schema import (
+    CHECKPOINT_ID,
+    DTYPES,
+    FORMAT_VERSION,
+    STORAGES,
+    LayerSpec,
+    ModelSpec,
+    new_checkpoint_id,
+    write_state_attrs,
+)
 from mpinn.io.staging import staged
 from mpinn.kernels import (
     NEGATIVE_SLOPE,
@@ -212,6 +221,7 @@ def write_model(path: str, sizes: Sequence[int], layers: Iterable[LayerArrays], 
     count = 0
     with staged(path) as partial, h5py.File(partial, "w") as f:
         f.attrs["mpinn_format_version"] = FORMAT_VERSION
+        f.attrs[CHECKPOINT_ID] = new_checkpoint_id(MPI.COMM_SELF)
         f.attrs["sizes"] = np.asarray(sizes, dtype=np.int64)
         for index, ly in enumerate(layers, start=1):
             count = index

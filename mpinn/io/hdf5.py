@@ -3,17 +3,22 @@ fallback) and reading or writing one rank's slice of a dataset collectively."""
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
+import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import TypeVar
 
 import h5py
 import numpy as np
 from mpi4py import MPI
 
 from mpinn.errors import MpinnError
+
+T = TypeVar("T")
 
 # Elements each dataset has been asked to deliver to this rank, for tests and benchmarks.
 READ_STATS: Counter[str] = Counter()
@@ -49,11 +54,15 @@ def open_file(path: str, mode: str, comm: MPI.Comm) -> h5py.File:
         raise MpinnError(f"{path} is a directory, not a model or data file")
     if mode in ("r", "r+") and not os.path.exists(path):
         raise MpinnError(f"{path}: no such file")
+    if mode in ("r", "r+"):
+        settle(path)
     try:
         if MPI_IO:
             return h5py.File(path, mode, driver="mpio", comm=comm)
-        return h5py.File(path, mode)
+        return _retry_stale(lambda: h5py.File(path, mode))
     except OSError as exc:
+        if is_stale(exc):
+            raise MpinnError(stale_message(path, exc)) from None
         if mode in ("r", "r+") and not h5py.is_hdf5(path):
             raise MpinnError(f"{path}: not an HDF5 file") from None
         if "truncated" in str(exc) or "eof" in str(exc).lower():
@@ -66,6 +75,51 @@ def open_file(path: str, mode: str, comm: MPI.Comm) -> h5py.File:
         hint = ("; another process has it open, or the filesystem has no file locks: then "
                 "set HDF5_USE_FILE_LOCKING=FALSE") if "lock" in str(exc) else ""
         raise MpinnError(f"{path}: cannot open ({exc}{hint})") from None
+
+
+# a file replaced on another node can give ESTALE here for a moment (NFS, Gluster): the
+# open is tried again this many times, waiting 0.1, 0.2, 0.4, ... s, before it is an error
+STALE_TRIES = 6
+
+
+def is_stale(exc: OSError) -> bool:
+    """Whether ``exc`` is a stale file handle (ESTALE), also as HDF5 words it."""
+    return exc.errno == errno.ESTALE or "errno = 116" in str(exc) or "Stale file handle" in str(exc)
+
+
+def stale_message(path: str, exc: OSError) -> str:
+    return (f"{path}: stale file handle (ESTALE), also when tried again: the file was "
+            "replaced on another node and this node's filesystem client still holds the old "
+            f"one ({exc}); this is the filesystem's caching, not a lock held by another job "
+            "(see docs/filesystems.md)")
+
+
+def _retry_stale(action: Callable[[], T]) -> T:
+    for attempt in range(STALE_TRIES):
+        try:
+            return action()
+        except OSError as exc:
+            if not is_stale(exc) or attempt == STALE_TRIES - 1:
+                raise
+            time.sleep(0.1 * 2**attempt)
+    raise AssertionError("unreachable")
+
+
+def settle(path: str) -> None:
+    """Open ``path`` and read its first bytes on this rank alone, trying again on ESTALE:
+    a fresh lookup replaces a stale handle before the (collective) HDF5 open."""
+    def touch() -> None:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.read(fd, 8)
+        finally:
+            os.close(fd)
+    try:
+        _retry_stale(touch)
+    except OSError as exc:
+        if is_stale(exc):
+            raise MpinnError(stale_message(path, exc)) from None
+        # anything else (no permission, gone): the HDF5 open below says it in its words
 
 
 def file_identity(path: str) -> tuple[int, ...] | None:

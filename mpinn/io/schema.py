@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import secrets
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -370,6 +371,24 @@ def write_partition(f: h5py.File, name: str, owner: np.ndarray, nranks: int, str
     dset = group.create_dataset("owner", owner.shape, np.int32)
     everything = np.arange(owner.size) if comm.rank == 0 else np.zeros(0, dtype=np.int64)
     write_slice(dset, everything, owner[everything])
+
+
+# ---------------------------------------------------------------- commits
+
+# a random id written into every model file as it is made (init, import, each checkpoint):
+# ranks that read different ids read different commits (a network filesystem's stale copy)
+CHECKPOINT_ID = "mpinn_checkpoint_id"
+
+
+def new_checkpoint_id(comm: MPI.Comm) -> str:
+    """A fresh commit id, the same on every rank of ``comm`` (collective)."""
+    return comm.bcast(secrets.token_hex(8) if comm.rank == 0 else None, root=0)
+
+
+def read_checkpoint_id(f: h5py.File) -> str | None:
+    """The file's commit id; None for files written before ids existed."""
+    value = f.attrs.get(CHECKPOINT_ID)
+    return value.decode() if isinstance(value, bytes) else None if value is None else str(value)
 
 
 # ---------------------------------------------------------------- training state
