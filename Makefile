@@ -10,7 +10,7 @@ export OMPI_MCA_mpi_yield_when_idle=1
 # a failing MPI run is killed after this many seconds rather than left to hang
 MPI_TIMEOUT ?= 900
 
-.PHONY: stage-mpi stage-cluster stage-pip setup test check test-unit test-serial test-mpi test-cluster test-pip lint run bench clean
+.PHONY: setup test check test-unit test-serial test-mpi test-cluster test-pip lint run bench clean
 
 setup: $(VENV)/.setup-done
 
@@ -23,13 +23,9 @@ TIMED := bash scripts/timed.sh
 test: setup
 	@$(TIMED) lint $(MAKE) --no-print-directory lint
 	@$(TIMED) serial $(MAKE) --no-print-directory test-serial
-	@$(MAKE) --no-print-directory -j3 --output-sync=target stage-mpi stage-cluster stage-pip
-
-# the MPI passes keep both cores busy, while the cluster's tests mostly wait on its links and
-# daemons (24 s of CPU in 123 s) and the pip stage on its downloads: the three run side by
-# side, each stage's output printed whole when it ends
-stage-mpi stage-cluster stage-pip:
-	@$(TIMED) $(@:stage-%=%) $(MAKE) --no-print-directory $(@:stage-%=test-%)
+	@$(TIMED) mpi $(MAKE) --no-print-directory test-mpi
+	@$(TIMED) cluster $(MAKE) --no-print-directory test-cluster
+	@$(TIMED) pip $(MAKE) --no-print-directory test-pip
 
 # the edit-test loop: lint and the unit tests (pure numpy and the cost model; no mpirun)
 check: setup lint test-unit
