@@ -84,7 +84,9 @@ STALE_TRIES = 6
 
 def is_stale(exc: OSError) -> bool:
     """Whether ``exc`` is a stale file handle (ESTALE), also as HDF5 words it."""
-    return exc.errno == errno.ESTALE or "errno = 116" in str(exc) or "Stale file handle" in str(exc)
+    text = str(exc)
+    return (exc.errno == errno.ESTALE or f"errno = {errno.ESTALE}," in text
+            or os.strerror(errno.ESTALE) in text)
 
 
 def stale_message(path: str, exc: OSError) -> str:
@@ -95,14 +97,14 @@ def stale_message(path: str, exc: OSError) -> str:
 
 
 def _retry_stale(action: Callable[[], T]) -> T:
-    for attempt in range(STALE_TRIES):
+    for attempt in range(STALE_TRIES - 1):
         try:
             return action()
         except OSError as exc:
-            if not is_stale(exc) or attempt == STALE_TRIES - 1:
+            if not is_stale(exc):
                 raise
             time.sleep(0.1 * 2**attempt)
-    raise AssertionError("unreachable")
+    return action()  # the last try: its ESTALE goes to the caller
 
 
 def settle(path: str) -> None:
