@@ -17,6 +17,7 @@ from mpinn.io.schema import (
 if TYPE_CHECKING:
     from mpinn.io.schema import ModelSpec, Partitions
 
+import glob
 import json
 import os
 import sys
@@ -30,13 +31,13 @@ from mpi4py import MPI
 from mpinn._testing.faults import inject_fault
 from mpinn.comm.collectives import take_turn
 from mpinn.errors import MpinnError
-from mpinn.io.staging import commit, discard, keep_mode, partial_name
+from mpinn.io.staging import PARTIAL, commit, discard, keep_mode, partial_name
 
 
 class Checkpoint:
     """A complete new model file, written beside ``path`` and swapped in atomically.
 
-    Entering creates ``<path>.partial`` with the model's layout and the stored partitions
+    Entering creates ``<path>.<id>.partial`` with the model's layout and the stored partitions
     (collective); the caller writes every rank's rows into it. Leaving without an error
     flushes it to storage (MPI_File_sync) and has rank 0 ``rename`` it over ``path``: a
     job killed at any moment leaves ``path`` holding either the previous or the new
@@ -53,12 +54,17 @@ class Checkpoint:
         self.path, self.spec, self.partitions, self.comm = path, spec, partitions, comm
         self.keep, self.label = keep, label
         self.ident = ident if ident is not None else new_checkpoint_id(comm)
-        self.partial = partial_name(path)
+        # a name never used before: a node whose client cache still maps an old name to
+        # the file it was renamed to (the model itself) cannot write its rows there
+        self.partial = partial_name(f"{path}.{self.ident}")
         self.file: h5py.File | None = None
         self._turn: AbstractContextManager[None] = nullcontext()
 
     def __enter__(self) -> h5py.File:
         first = MPI_IO or self.comm.rank == 0  # creates the file and its layout
+        if self.comm.rank == 0:
+            for leftover in leftovers(self.path):  # of a killed job; this one holds the lock
+                discard(leftover)
         if not MPI_IO:
             self._turn = take_turn(self.comm)
             self._turn.__enter__()  # the ranks write one after another
@@ -125,10 +131,23 @@ class Checkpoint:
         inject_fault("save-synced", self.comm.rank)
         if not MPI_IO:
             self._turn.__exit__(None, None, None)  # hand the file to the next rank
-        self.comm.Barrier()
+        self.comm.Barrier()  # every rank's rows are written
+        self._check_written()
         if self.comm.rank == 0:
             self._commit()
         self.comm.Barrier()
+
+    def _check_written(self) -> None:
+        """Before the rename: every rank reopens the new file and finds this commit's id.
+
+        A node whose client cache still maps the name to an older file wrote its rows
+        elsewhere; renaming would replace the model with a file missing them."""
+        try:
+            with open_file(self.partial, "r", self.comm) as f:
+                check_same_commit(f, self.path, self.comm, expected=self.ident, written=True)
+        except MpinnError as exc:
+            discard(self.partial)
+            raise exc from None
 
     def _commit(self) -> None:
         if self.keep > 1 and os.path.exists(self.path):
@@ -156,6 +175,12 @@ class Checkpoint:
                        key=os.path.getmtime)
         for stale in older[: max(0, len(older) - (self.keep - 1))]:
             os.remove(stale)
+
+
+def leftovers(path: str) -> list[str]:
+    """The unfinished checkpoints of ``path`` that killed jobs left beside it."""
+    ident = "[0-9a-f]" * 16  # schema.new_checkpoint_id's
+    return glob.glob(f"{glob.escape(path)}.{ident}{PARTIAL}") + glob.glob(glob.escape(partial_name(path)))
 
 
 def check_history(path: str, keep: int) -> None:
@@ -188,15 +213,25 @@ def read_state_value(path: str, key: str) -> Any:
         return None
 
 
-def check_same_commit(f: h5py.File, path: str, comm: MPI.Comm, expected: str | None = None) -> None:
+UNREADABLE = "nothing readable"  # where a rank's read of the commit id failed
+
+
+def check_same_commit(f: h5py.File, path: str, comm: MPI.Comm, expected: str | None = None,
+                      written: bool = False) -> None:
     """Every rank of ``comm`` opened the same commit of the model (``expected``, the one just
-    written, when given), else one agreed error (collective).
+    written, when given), else one agreed error (collective). ``written``: ``f`` is the new
+    file before its rename, and the error says the model was left as it was.
 
     On a network filesystem whose clients cache names or pages (Gluster's defaults, NFS
     without close-to-open consistency) a node can open the file a checkpoint replaced: the
     job would go on from old weights on some ranks without a word."""
-    seen = comm.allgather(read_checkpoint_id(f))
-    if len(set(seen)) == 1 and (expected is None or seen[0] == expected):
+    try:
+        mine: str | None = read_checkpoint_id(f)
+    except OSError as exc:  # a stale handle mid-read: HDF5 then finds garbage where the id was
+        mine = f"{UNREADABLE} ({exc})"
+    seen = comm.allgather(mine)
+    agreed = len(set(seen)) == 1 and not str(seen[0]).startswith(UNREADABLE)
+    if agreed and (expected is None or seen[0] == expected):
         return
     by_id: dict[str | None, list[int]] = {}
     for rank, ident in enumerate(seen):
@@ -204,7 +239,8 @@ def check_same_commit(f: h5py.File, path: str, comm: MPI.Comm, expected: str | N
     read = "; ".join(f"rank{'s' if len(ranks) > 1 else ''} {','.join(map(str, ranks))} "
                      f"read {ident or 'a file without an id'}" for ident, ranks in by_id.items())
     just = f", not the commit {expected} just written" if expected is not None else ""
-    raise MpinnError(f"{path}: the ranks opened different or old commits of the model ({read}"
+    what = "the new checkpoint" if written else "the model"
+    then = ("the checkpoint was not committed" if written else "nothing was trained from it")
+    raise MpinnError(f"{path}: the ranks opened different or old commits of {what} ({read}"
                      f"{just}): a stale copy served by the filesystem, most likely its client "
-                     "caching across nodes (see docs/filesystems.md); nothing was trained from it",
-                     agreed=True)
+                     f"caching across nodes (see docs/filesystems.md); {then}", agreed=True)

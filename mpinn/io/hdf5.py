@@ -4,6 +4,7 @@ fallback) and reading or writing one rank's slice of a dataset collectively."""
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import sys
 import time
@@ -42,6 +43,30 @@ def warn_without_mpi_io(comm: MPI.Comm) -> None:
 
 # ---------------------------------------------------------------- opening files
 
+HINTS_VARIABLE = "MPINN_MPIIO_HINTS"
+
+
+def mpiio_hints() -> MPI.Info:
+    """The MPI-IO hints (made once per value of the variable, kept for the process)."""
+    return _hints(os.environ.get(HINTS_VARIABLE, "").strip())
+
+
+@functools.lru_cache(maxsize=4)
+def _hints(text: str) -> MPI.Info:
+    """The MPI-IO hints every parallel open passes to the MPI library, from
+    ``MPINN_MPIIO_HINTS="key=value,key=value"`` (for example ``striping_factor=8``,
+    ``cb_nodes=2``, ``romio_cb_write=enable``; docs/filesystems.md). Hints the MPI library
+    does not know are ignored by it, as MPI specifies; a malformed list is refused."""
+    info = MPI.Info.Create()
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip() or not value.strip() or " " in key.strip():
+            info.Free()
+            raise MpinnError(f"{HINTS_VARIABLE}: '{item}' is not KEY=VALUE; give hints as "
+                             "key=value,key=value (for example cb_nodes=2,striping_factor=8)")
+        info.Set(key.strip(), value.strip())
+    return info
+
 
 def open_file(path: str, mode: str, comm: MPI.Comm) -> h5py.File:
     """Open ``path`` on every rank of ``comm`` (collective), with a clear error if it fails.
@@ -58,7 +83,7 @@ def open_file(path: str, mode: str, comm: MPI.Comm) -> h5py.File:
         settle(path)
     try:
         if MPI_IO:
-            return h5py.File(path, mode, driver="mpio", comm=comm)
+            return h5py.File(path, mode, driver="mpio", comm=comm, info=mpiio_hints())
         return _retry_stale(lambda: h5py.File(path, mode))
     except OSError as exc:
         if is_stale(exc):

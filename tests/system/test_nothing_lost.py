@@ -18,6 +18,7 @@ import h5py
 import numpy as np
 import pytest
 
+from mpinn.io.checkpoint import leftovers
 from tests.helpers import assert_same_checkpoint, small_tmpfs
 from tests.reference import Reference
 from tests.system.test_cli import ENV, ROOT, command, mpinn, ok
@@ -237,7 +238,7 @@ def test_full_disk_during_checkpoint_is_a_clear_error_and_keeps_the_model(small_
     assert len(errors) == 1 and "writing the checkpoint failed" in errors[0], result.stderr
     assert "previous checkpoint in the file is intact" in errors[0]
     assert model.read_bytes() == before
-    assert not Path(f"{model}.partial").exists()
+    assert not leftovers(str(model)), "the unfinished checkpoint was left beside the model"
 
 
 def test_same_seed_ranks_and_strategy_give_bitwise_identical_runs(workload, tmp_path):
