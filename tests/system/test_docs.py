@@ -27,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,6 +40,9 @@ ENV = {**os.environ, "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONF
        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
 NUMBER = re.compile(r"^[(\[]?[-+]?(\d[\d,]*\.?\d*|\.\d+)(e[-+]?\d+)?[%x)\],:;]*$")
 COMMAND_TIMEOUT = 120
+# pages run side by side: their commands mostly start Python and MPI, which leaves room on
+# 2 cores (measured under a load of about 2: one page at a time 146 s, three 59 s)
+WORKERS = int(os.environ.get("MPINN_DOCS_WORKERS", "3"))
 
 
 @dataclass
@@ -180,6 +184,16 @@ def run_page(page: Page, where: Path, show: bool = False) -> list[str]:
 PAGES = sorted(TUTORIALS.glob("*.md"))
 
 
+@pytest.fixture(scope="module")
+def page_problems(tmp_path_factory) -> dict[Path, list[str]]:
+    """Every runnable tutorial run once, ``WORKERS`` pages at a time: page -> problems."""
+    pages = [page for page in map(read_page, PAGES) if not page.skip]
+    with ThreadPoolExecutor(max_workers=WORKERS) as pool:
+        running = {page.path: pool.submit(run_page, page, tmp_path_factory.mktemp(page.path.stem))
+                   for page in pages}
+    return {path: future.result() for path, future in running.items()}
+
+
 def test_the_tutorials_have_commands_to_run():
     assert PAGES, "no tutorials found"
     for path in PAGES:
@@ -187,13 +201,13 @@ def test_the_tutorials_have_commands_to_run():
         assert page.steps or page.skip, f"{path.name}: no ```console block and no skip reason"
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(400)  # the first one waits for every page (page_problems)
 @pytest.mark.parametrize("path", PAGES, ids=[p.stem for p in PAGES])
-def test_a_tutorial_runs_as_written_and_prints_what_it_quotes(path, tmp_path):
+def test_a_tutorial_runs_as_written_and_prints_what_it_quotes(path, page_problems):
     page = read_page(path)
     if page.skip:
         pytest.skip(page.skip)
-    problems = run_page(page, tmp_path)
+    problems = page_problems[path]
     assert not problems, "\n".join(problems)
 
 
