@@ -82,8 +82,8 @@ def read_page(path: Path) -> Page:
         named = re.match(r"^%\s*file:\s*(\S+)\s*$", line)
         if named:
             pending_file = named.group(1)
-        fence = re.match(r"^(`{3,})(\w*)\s*$", line)
-        if fence:
+        fence = re.match(r"^(`{3,})\s*(\S*)", line)
+        if fence:  # a MyST directive (```{literalinclude} ...) is skipped like any other
             ticks, language = fence.groups()
             end = next(j for j in range(i + 1, len(lines)) if lines[j].startswith(ticks)
                        and lines[j].strip() == ticks)
@@ -209,6 +209,53 @@ def test_a_tutorial_runs_as_written_and_prints_what_it_quotes(path, page_problem
         pytest.skip(page.skip)
     problems = page_problems[path]
     assert not problems, "\n".join(problems)
+
+
+README = ROOT / "README.md"
+# the install, which make setup and make test-pip run (tests/system/test_pip_install.py)
+INSTALL = ("make ", "source ", "python3 -m venv ")
+
+
+def readme_blocks() -> list[tuple[str, list[str], str | None]]:
+    """README's code blocks: (language, lines, the file of an ``<!-- excerpt of F -->``)."""
+    lines = README.read_text().splitlines()
+    blocks, i = [], 0
+    while i < len(lines):
+        fence = re.match(r"^```(\S*)", lines[i])
+        if fence:
+            end = lines.index("```", i + 1)
+            excerpt = re.match(r"^<!-- excerpt of (\S+) -->$", lines[i - 1]) if i else None
+            blocks.append((fence.group(1), lines[i + 1:end], excerpt and excerpt.group(1)))
+            i = end
+        i += 1
+    return blocks
+
+
+def _normal(command: str) -> str:
+    """A command as the README and a tutorial may both write it: no comment, no --quiet
+    (the tutorials keep training quiet where the README shows no output)."""
+    command = re.split(r"\s+#\s", command)[0].replace(" --quiet", "")
+    return " ".join(command.split())
+
+
+def test_every_readme_command_is_run_by_a_tutorial():
+    tutorials = {_normal(step.command) for path in PAGES for step in read_page(path).steps}
+    commands = [line for language, body, _ in readme_blocks() if language == "sh"
+                for line in body if line.strip() and not line.startswith(INSTALL)]
+    assert commands
+    missing = [line for line in commands if _normal(line) not in tutorials]
+    assert not missing, f"README commands no tutorial runs: {missing}"
+
+
+def test_every_readme_script_is_a_tutorial_file_or_names_what_it_is_an_excerpt_of():
+    files = {text for path in PAGES for text in read_page(path).files.values()}
+    for language, body, excerpt in readme_blocks():
+        if language != "python":
+            continue
+        if excerpt:
+            assert (ROOT / excerpt).is_file(), excerpt
+        else:
+            assert "\n".join(body) + "\n" in files, f"README script no tutorial runs:\n{body}"
 
 
 def test_quoted_numbers_match_within_the_tolerance_and_words_exactly():
