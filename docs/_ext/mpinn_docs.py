@@ -9,6 +9,8 @@ on; the rest of the site is Markdown):
   destinations, as ``cli.parser.parse`` reads them), with their TOML type, and which
   training settings a run continues from the model file (``config.TrainConfig``).
 - ``mpinn-api``: an autodoc entry for every name in ``mpinn.__all__``.
+- ``mpinn-perf-runs NAME`` (in the Markdown performance pages): the dated runs of
+  ``docs/perf/NAME.json`` that the page's plot draws.
 
 Checks (warnings, which ``make docs`` turns into errors): every ``MPINN_*`` name and every
 name read from ``os.environ`` in ``mpinn/`` is on the environment-variables page.
@@ -171,6 +173,29 @@ class ApiDirective(SphinxDirective):
         return _rst(self, lines)
 
 
+class PerfRunsDirective(SphinxDirective):
+    """The runs of a performance JSON file (``docs/perf/NAME.json``), newest first: date,
+    machine, command, where the figures come from. Used in the Markdown pages, so the table
+    is Markdown."""
+
+    required_arguments = 1
+
+    def run(self) -> list[nodes.Node]:
+        import json
+        path = DOCS / "perf" / f"{self.arguments[0]}.json"
+        self.env.note_dependency(str(path))
+        runs = json.loads(path.read_text())["runs"]
+        cell = lambda text: str(text).replace("|", "\\|")  # noqa: E731
+        lines = ["| date | what | machine | command | figures from |", "|---|---|---|---|---|"]
+        for run in runs:
+            lines.append(f"| {run['date']} | {cell(run['title'])} | {cell(run['machine'])} | "
+                         f"`{cell(run['command'])}` | {cell(run.get('source', 'its --json'))} |")
+        node = nodes.container()
+        node.document = self.state.document
+        self.state.nested_parse(StringList(lines, source=str(path)), 0, node)
+        return node.children
+
+
 DATA_DOCS = {
     "__version__": "The version of the installed mpinn.",
     "OPTIMIZERS": "The optimizers by the name that fit(optimizer=...) and train --optimizer take.",
@@ -211,6 +236,7 @@ def setup(app: Sphinx) -> dict[str, Any]:
     app.add_directive("mpinn-cli", CliDirective)
     app.add_directive("mpinn-config", ConfigDirective)
     app.add_directive("mpinn-api", ApiDirective)
+    app.add_directive("mpinn-perf-runs", PerfRunsDirective)
     app.connect("builder-inited", check_environment)
     app.connect("builder-inited", draw_plots)
     return {"parallel_read_safe": True, "version": "1"}

@@ -20,6 +20,7 @@ The convention of the pages in docs/tutorials/ (docs/guides/testing.md says it t
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -256,6 +257,24 @@ def test_every_readme_script_is_a_tutorial_file_or_names_what_it_is_an_excerpt_o
             assert (ROOT / excerpt).is_file(), excerpt
         else:
             assert "\n".join(body) + "\n" in files, f"README script no tutorial runs:\n{body}"
+
+
+def test_every_performance_figure_has_its_date_machine_command_and_role():
+    """docs/perf/*.json, which the performance pages plot (benchmarks/perf_record.py)."""
+    files = sorted((ROOT / "docs" / "perf").glob("*.json"))
+    assert {f.stem for f in files} >= {"train_mlp", "sparse_dnn", "cluster", "servers"}
+    for path in files:
+        record = json.loads(path.read_text())
+        assert record["benchmark"] == path.stem and record["runs"], path
+        dates = [run["date"] for run in record["runs"]]
+        assert dates == sorted(dates, reverse=True), f"{path.name}: runs not newest first"
+        for run in record["runs"]:
+            assert re.fullmatch(r"\d{4}-\d{2}-\d{2}", run["date"]), path
+            assert run["machine"] and run["command"].startswith(("python ", "bash ", "PARTS=")), path
+            assert run["results"] or run.get("predicted"), path
+            for result in run["results"]:
+                assert result["role"] in ("mpinn", "peer", "ceiling"), result
+                assert result["value"] > 0, result
 
 
 def test_quoted_numbers_match_within_the_tolerance_and_words_exactly():
