@@ -98,4 +98,4 @@ bench: setup
 	$(PY) benchmarks/sparse_dnn.py --ranks 1,$(or $(P),2)
 
 clean:
-	rm -rf $(VENV) $(PIP_VENV) .pytest_cache .ruff_cache *.egg-info build
+	rm -rf $(VENV) $(PIP_VENV) .pytest_cache .ruff_cache *.egg-info build docs/perf/_plots
