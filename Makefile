@@ -1,4 +1,4 @@
-# mpinn's front door: make setup | test | lint | run | bench
+# mpinn's front door: make setup | test | lint | docs | run | bench
 VENV     ?= .venv
 PY       := $(VENV)/bin/python
 NP       ?= 4
@@ -10,7 +10,7 @@ export OMPI_MCA_mpi_yield_when_idle=1
 # a failing MPI run is killed after this many seconds rather than left to hang
 MPI_TIMEOUT ?= 900
 
-.PHONY: setup test check test-unit test-serial test-mpi test-cluster test-pip lint run bench clean
+.PHONY: setup test check test-unit test-serial test-mpi test-cluster test-pip lint docs run bench clean
 
 setup: $(VENV)/.setup-done
 
@@ -22,6 +22,7 @@ $(VENV)/.setup-done: scripts/setup.sh pyproject.toml
 TIMED := bash scripts/timed.sh
 test: setup
 	@$(TIMED) lint $(MAKE) --no-print-directory lint
+	@$(TIMED) docs $(MAKE) --no-print-directory docs
 	@$(TIMED) serial $(MAKE) --no-print-directory test-serial
 	@$(TIMED) mpi $(MAKE) --no-print-directory test-mpi
 	@$(TIMED) cluster $(MAKE) --no-print-directory test-cluster
@@ -74,7 +75,14 @@ test-pip: setup $(PIP_VENV)/.done
 	MPINN_PIP_VENV=$(abspath $(PIP_VENV)) $(PY) -m pytest -q -p no:cacheprovider tests/system/test_pip_install.py
 
 lint: setup
-	$(VENV)/bin/ruff check mpinn tests scripts benchmarks examples
+	$(VENV)/bin/ruff check mpinn tests scripts benchmarks examples docs
+
+# the documentation site (docs/, Sphinx + furo + myst) into build/docs: any warning fails it,
+# a broken cross-reference or a link to a missing page included (-n, -W); the reference
+# pages are generated from the code and the performance plots drawn from docs/perf/*.json
+docs: setup
+	$(PY) -m sphinx -W --keep-going -n -q -b html docs build/docs
+	@echo "docs: build/docs/index.html"
 
 run: setup
 	$(PY) -m mpinn init /tmp/mpinn-demo.h5 --sizes 64,256,256,10 --seed 1 --force
@@ -90,4 +98,4 @@ bench: setup
 	$(PY) benchmarks/sparse_dnn.py --ranks 1,$(or $(P),2)
 
 clean:
-	rm -rf $(VENV) $(PIP_VENV) .pytest_cache .ruff_cache *.egg-info build
+	rm -rf $(VENV) $(PIP_VENV) .pytest_cache .ruff_cache *.egg-info build docs/perf/_plots

@@ -54,16 +54,17 @@ def between_nodes(model: str, nranks: int, per_node: int, strategy: str
     each value crossing once per node that reads it (the two-level kinds)."""
     code = (
         "import sys, numpy as np, h5py; from mpi4py import MPI\n"
-        "from mpinn import format as fmt, topology\n"
+        "from mpinn.comm import topology\n"
+        "from mpinn.io import hdf5, schema\n"
         "from mpinn.partition.traffic import rank_traffic\n"
         "from mpinn.partition.metadata import MetadataTable\n"
-        "from mpinn.train import owner_for_strategy\n"
+        "from mpinn.partition.choice import owner_for_strategy\n"
         "path, p, k, strategy = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]\n"
-        "with fmt.opened(path, 'r', MPI.COMM_SELF) as f:\n"
-        "    spec = fmt.read_spec(f)\n"
+        "with hdf5.opened(path, 'r', MPI.COMM_SELF) as f:\n"
+        "    spec = schema.read_spec(f)\n"
         "    owner = owner_for_strategy(f, spec, p, strategy, {}, MPI.COMM_SELF)\n"
         "    table = MetadataTable.build(spec.sizes, owner, p)\n"
-        "    wiring = fmt.wiring_reader(f, spec)\n"
+        "    wiring = schema.wiring_reader(f, spec)\n"
         "    t = rank_traffic(spec, table, wiring)\n"
         "    node = topology.block_nodes(p, k)\n"
         "    once = np.zeros((2, 2), dtype=np.int64)\n"
@@ -135,6 +136,8 @@ def main() -> None:
     parser.add_argument("--drop-dead", action="store_true",
                         help="also run every row with dead samples dropped (bench --drop-dead)")
     parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--json", metavar="PATH",
+                        help="also append the figures to PATH (docs/perf/cluster.json)")
     parser.add_argument("--ceiling-gbit", type=float, default=3.7,
                         help="what a veth pair between two namespaces carries on this machine")
     args = parser.parse_args()
@@ -165,7 +168,11 @@ def main() -> None:
                 f"{'seconds':>8} {'predicted':>9} "
                 f"{'compute':>8} {'wait':>7} {'load':>14} {'MB node0->1':>11} {'categories':>10}")
         print(head)
+        results = []
         for (s, d), r in host.items():
+            results.append({"name": f"one host, {s}, alltoallv{' dd' * d}", "link": "one host",
+                            "strategy": s, "exchange": "alltoallv", "drop_dead": d,
+                            "value": r["edges_per_second"] / 1e9, "role": "mpinn"})
             print(f"  {'one host':<10} {s:<9} {'alltoallv' + ' dd' * d:<16} "
                   f"{r['edges_per_second'] / 1e9:9.3f} "
                   f"{r['seconds']:8.2f} {'-':>9} {r['compute']:8.2f} {r['wait']:7.2f} "
@@ -189,6 +196,11 @@ def main() -> None:
                         if d:
                             wire *= share
                         predicted = host[s, d]["seconds"] + wire
+                        results.append({"name": f"{link}, {s}, {kind}{' dd' * d}",
+                                        "link": link, "strategy": s, "exchange": kind,
+                                        "drop_dead": d, "value": r["edges_per_second"] / 1e9,
+                                        "predicted_seconds": predicted,
+                                        "seconds": r["seconds"], "role": "mpinn"})
                         print(f"  {link:<10} {s:<9} {kind + ' dd' * d:<16} "
                               f"{r['edges_per_second'] / 1e9:9.3f} "
                               f"{r['seconds']:8.2f} {predicted:9.2f} {r['compute']:8.2f} "
@@ -197,6 +209,11 @@ def main() -> None:
                               f"{'match' if r['all_correct'] else 'WRONG':>10}", flush=True)
             finally:
                 subprocess.run(["bash", str(ROOT / "scripts/cluster-down.sh")])
+    if args.json:
+        from perf_record import append_run
+        append_run(args.json, "cluster", {
+            "title": f"N = {args.neurons}, L = {args.layers}, {args.samples} samples, "
+                     f"{nodes} nodes x {k} ranks", "unit": "G edges/s", "results": results})
 
 
 if __name__ == "__main__":

@@ -128,6 +128,9 @@ def main() -> None:
     parser.add_argument("--peers", default="tp,ddp", help="PyTorch peers: tp, ddp, or none")
     parser.add_argument("--torch-steps", type=int, default=10)
     parser.add_argument("--repeat", type=int, default=1, help="runs of each; the best is kept")
+    parser.add_argument("--json", metavar="PATH",
+                        help="also append the dense model's figures to PATH "
+                        "(docs/perf/servers.json)")
     parser.add_argument("--exchange", default="auto", help="mpinn train --exchange")
     parser.add_argument("--sparse", action="store_true",
                         help="also a RadiX-Net model trained across the servers with mincut")
@@ -182,6 +185,20 @@ def main() -> None:
         subprocess.run(bash_down, capture_output=True, cwd=ROOT)
     print("\nmpinn / one server, by link: " + ", ".join(
         f"{rate} {r['mpinn'] / one[0]:.2f}x" for rate, r in rows.items()), flush=True)
+    if args.json:
+        from perf_record import append_run
+        names = {"mpinn": f"mpinn, {k} servers", "tp": "PyTorch tensor parallel",
+                 "ddp": "PyTorch DDP"}
+        results = [{"name": "mpinn, 1 server", "servers": 1, "link": None, "value": one[0],
+                    "role": "mpinn"},
+                   {"name": "GEMM ceiling, 1 server", "servers": 1, "link": None,
+                    "value": ceiling, "role": "ceiling"}]
+        results += [{"name": names[who], "servers": k, "link": rate, "value": sps,
+                     "role": "mpinn" if who == "mpinn" else "peer"}
+                    for rate, row in rows.items() for who, sps in row.items()]
+        append_run(args.json, "servers", {
+            "title": f"{args.sizes}, float32, batch {args.batch}, SGD, one core a server",
+            "unit": "samples/s", "results": results})
 
 
 def sparse(args: argparse.Namespace, work: Path, k: int) -> None:

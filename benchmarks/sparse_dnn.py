@@ -50,6 +50,8 @@ def main() -> None:
                         help="samples per mpinn pass (activations of a batch stay in cache)")
     parser.add_argument("--ranks", default="1,2")
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--json", metavar="PATH",
+                        help="also append the figures to PATH (docs/perf/sparse_dnn.json)")
     args = parser.parse_args()
 
     import os
@@ -83,6 +85,12 @@ def main() -> None:
         print(f"  scipy.sparse plain loop, 1 process, batches of {args.batch_size:<5}    "
               f"{work / batched / 1e9:7.3f}")
         print(f"  scipy.sparse, dead samples dropped, 1 process            {work / pruned / 1e9:7.3f}")
+        results = [{"name": "scipy.sparse plain loop, 1 process, all samples at once",
+                    "value": work / whole / 1e9, "role": "peer", "ranks": 1},
+                   {"name": f"scipy.sparse plain loop, 1 process, batches of {args.batch_size}",
+                    "value": work / batched / 1e9, "role": "peer", "ranks": 1},
+                   {"name": "scipy.sparse, dead samples dropped, 1 process",
+                    "value": work / pruned / 1e9, "role": "peer", "ranks": 1}]
         ranks = [int(p) for p in args.ranks.split(",")]
         for p in ranks:
             if p > 1:
@@ -107,6 +115,16 @@ def main() -> None:
                       f"{rate * plain * 1e9 / work:4.2f}x the best plain loop (ceiling {p}x = "
                       f"{p * work / plain / 1e9:.2f}); compute {best['compute']:.2f} s, pack "
                       f"{best['pack']:.2f} s, wait {best['wait']:.2f} s; {ok}", flush=True)
+                results.append({"name": f"mpinn, mpirun -n {p}, {label}", "value": rate,
+                                "role": "mpinn", "ranks": p, "strategy": label})
+            results.append({"name": f"ceiling: {p} x the best plain loop",
+                            "value": p * work / plain / 1e9, "role": "ceiling", "ranks": p})
+    if args.json:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from perf_record import append_run
+        append_run(args.json, "sparse_dnn", {
+            "title": f"N = {n}, L = {layers}, {samples} samples", "unit": "G edges/s",
+            "results": results})
 
 
 if __name__ == "__main__":

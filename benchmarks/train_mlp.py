@@ -431,6 +431,8 @@ def main() -> None:
                         "ddp and tp (torchrun P processes x 1 thread), numpy; or none")
     parser.add_argument("--pairs", type=int, default=3,
                         help="rounds of every run; figures are medians over them")
+    parser.add_argument("--json", metavar="PATH",
+                        help="also append the figures to PATH (docs/perf/train_mlp.json)")
     parser.add_argument("--torch-mode", choices=["ddp", "tp"], help=argparse.SUPPRESS)
     parser.add_argument("--worker", choices=["gemm", "mpinn", "torch", "torch_dist", "numpy", "plan"],
                         help=argparse.SUPPRESS)
@@ -505,8 +507,27 @@ def main() -> None:
               + f" {entry['sent'] / 1e6:>8.1f} {entry['rss'] / 2**20:>11.0f}")
     print(f"  checkpoint write (I/O), once per run: {mp['io_seconds']:.2f} s; "
           f"model {params * (4 if args.dtype == 'float32' else 8) / 2**20:.0f} MiB")
-    print_prediction(plan, [statistics.median(r[name] for r in rounds)
-                            for name, _, _ in mpinn_runs], args.batch)
+    measured = [statistics.median(r[name] for r in rounds) for name, _, _ in mpinn_runs]
+    print_prediction(plan, measured, args.batch)
+    if args.json:
+        record_run(args, rounds, peak_p, flops, plan, measured)
+
+
+def record_run(args: argparse.Namespace, rounds: list[dict[str, float]], peak: float,
+               flops: int, plan: dict, measured: list[float]) -> None:
+    """``--json``: the medians of the rounds, the GEMM ceiling and the cost model's
+    predictions (docs/perf/train-mlp.md and cost-model.md draw them)."""
+    from perf_record import append_run
+    results = [{"name": name, "value": statistics.median(r[name] for r in rounds if name in r),
+                "role": "mpinn" if name.startswith("mpinn") else "peer"} for name in rounds[0]]
+    results.append({"name": f"GEMM peak, {args.ranks} ranks", "value": peak * 1e9 / flops,
+                    "role": "ceiling"})
+    predicted = [{"layout": one["layout"], "predicted_ms": 1e3 * one["step"],
+                  "measured_ms": 1e3 * args.batch / sps}
+                 for one, sps in zip(plan["plans"], measured, strict=True)]
+    append_run(args.json, "train_mlp", {
+        "title": f"{args.sizes}, batch {args.batch}, {args.ranks} ranks", "unit": "samples/s",
+        "gemm_peak_gflops": peak, "results": results, "predicted": predicted})
 
 
 if __name__ == "__main__":

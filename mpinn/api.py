@@ -129,16 +129,55 @@ class Network:
                comm: MPI.Comm | None = None) -> Network:
         """Write a new, initialised model file (what ``mpinn init`` does) and return it.
 
-        ``sizes``: neurons per layer, inputs first. ``activation``: of the hidden layers
-        (one name, or one per hidden layer); ``output``: of the last. ``storage``: dense
-        or csr, for all layers or one per layer; csr layers take ``fan_in`` K (K random
-        inputs per neuron) or ``density`` D. ``cap``: the ceiling of relu_cap;
-        ``negative_slope``: leaky_relu's slope below zero. ``dropout``: the rate at which
-        training drops the hidden layers' activations (one rate, or one per hidden layer),
-        stored in the file; ``fit`` uses it unless given its own ``dropout``. An
-        existing file is refused unless ``force``. The file is the same whatever the
-        number of ranks. The network returned uses the balanced partition and is loaded
-        at its first use; ``Network.open`` chooses another.
+        The file is the same whatever the number of ranks (He-uniform weights for the
+        ReLU-like activations, Glorot otherwise; zero biases). Collective.
+
+        Parameters
+        ----------
+        path : str or os.PathLike
+            The model file to write.
+        sizes : list of int, or str
+            Neurons per layer, inputs first: ``[64, 128, 10]`` or ``"64,128,10"``.
+        activation : str or list of str
+            The hidden layers' activation, one name or one per hidden layer: identity,
+            relu, relu_cap, sigmoid, tanh, gelu, silu, leaky_relu.
+        output : str
+            The last layer's: softmax (classification: cross-entropy on integer labels),
+            identity (regression: squared error on float targets) or a hidden one.
+        seed : int
+            Seed of the initial weights (and of the wiring of csr layers).
+        storage : str or list of str
+            dense or csr, for all layers or one per layer.
+        fan_in, density : int, float, optional
+            csr layers: ``fan_in`` K random inputs per neuron, or each connection present
+            with probability ``density``.
+        cap : float, optional
+            The ceiling of relu_cap.
+        negative_slope : float
+            leaky_relu's slope below zero (torch's 0.01).
+        dropout : float or list of float
+            The rate, in [0, 1), at which training drops the hidden layers' activations
+            (one rate, or one per hidden layer), stored in the file; ``fit`` uses it
+            unless given its own ``dropout``.
+        dtype : str
+            float32 or float64.
+        force : bool
+            Overwrite an existing file (never one another job holds the lock of).
+        comm : mpi4py.MPI.Comm, optional
+            The ranks; default ``MPI.COMM_WORLD``.
+
+        Returns
+        -------
+        Network
+            On the new file, with the balanced partition, loaded at its first use;
+            ``Network.open`` chooses another partition.
+
+        Raises
+        ------
+        MpinnError
+            On every rank, before anything is written: a bad argument, an existing file
+            without ``force``, a directory that is missing or read-only, a file another
+            job is writing.
         """
         config.check_on(comm, "create", locals())
         path = os.fspath(path)
@@ -179,20 +218,49 @@ class Network:
              layer_ranks: Any = None, partition: str | None = None, dtype: str | None = None,
              replicas: int = 1, exchange: str = "auto",
              comm: MPI.Comm | None = None) -> Network:
-        """Open a model file on every rank of ``comm`` (default ``MPI.COMM_WORLD``).
+        """Open a model file on every rank of ``comm``: each rank reads its own rows.
 
-        The partition: ``partition=`` a name stored in the file (``mpinn partition``), or
-        ``strategy=`` balanced (the default), count (``counts``), percentage
-        (``percentages``), ids (``ids``), layers (``layer_ranks``), nnz or mincut.
-        ``dtype``: refuse a file whose weights are of another precision. ``exchange``: how
-        layers exchange activations, auto (the default), alltoallv, allgather, collective,
-        neighbor, node or node-forward (docs/scaling.md, 'Exchange kinds'); the results are the same.
+        Collective. The results of ``fit``, ``predict`` and ``evaluate`` are the same
+        whatever the partition, the replicas and the exchange kind.
 
-        ``replicas`` R (data x neuron parallelism): the P ranks form R groups of Q = P / R
-        contiguous ranks; the partition (strategy, or a stored one made for Q ranks) is
-        computed for Q, every group holds a whole copy of the model, fit splits each batch
-        over the groups and sums their gradients, predict and evaluate split the samples.
-        Results equal those of R = 1 (docs/scaling.md).
+        Parameters
+        ----------
+        path : str or os.PathLike
+            A model file (``create``, ``mpinn init``, ``mpinn import-torch``).
+        strategy : str, optional
+            balanced (the default), count (``counts``), percentage (``percentages``), ids
+            (``ids``), layers (``layer_ranks``), nnz or mincut (needs pymetis). A
+            strategy's parameter alone names it (``counts=`` means count).
+        counts, percentages, layer_ranks : list of int, or str, optional
+            Neurons per rank; percent of all neurons per rank (sum 100); the owner of
+            each layer, inputs first. A list, or the command line's text ``"10,20"``.
+        ids : dict or str, optional
+            ``{rank: [gid or [start, stop)]}``, or the path of that JSON file.
+        partition : str, optional
+            A partition stored in the file by ``mpinn partition`` (instead of a strategy).
+        dtype : str, optional
+            float32 or float64: refuse a file whose weights are of another precision.
+        replicas : int
+            R (data x neuron parallelism): the P ranks form R groups of Q = P / R
+            contiguous ranks, the partition is made for Q, every group holds a copy of the
+            model; ``fit`` splits each batch over the groups and sums their gradients,
+            ``predict`` and ``evaluate`` split the samples.
+        exchange : str
+            How layers exchange activations: auto, alltoallv, allgather, collective,
+            neighbor, node or node-forward (see the guide on layouts).
+        comm : mpi4py.MPI.Comm, optional
+            The ranks; default ``MPI.COMM_WORLD``.
+
+        Returns
+        -------
+        Network
+            Loaded: a bad file or a partition that does not fit fails here.
+
+        Raises
+        ------
+        MpinnError
+            On every rank: a bad argument, a file that is missing, damaged or not a model,
+            a partition that does not fit the model or the rank count, R not dividing P.
         """
         config.check_on(comm, "open", locals())
         def check() -> mpinn_choice.PartitionChoice:
@@ -209,7 +277,8 @@ class Network:
 
     @property
     def model(self) -> mpinn_model.DistributedModel:
-        """The opened model: spec, partition table, this rank's shard and engine."""
+        """This rank's view of the opened model (spec, partition table, shard, engine);
+        its first use loads it, collectively."""
         if self._closed:
             raise MpinnError(f"{self.path}: the network is closed")
         if self._model is None:
@@ -228,10 +297,12 @@ class Network:
 
     @property
     def sizes(self) -> tuple[int, ...]:
+        """Neurons per layer, inputs first."""
         return self.model.spec.sizes
 
     @property
     def dtype(self) -> np.dtype:
+        """The weights' numpy dtype (float32 or float64)."""
         return self.model.spec.dtype
 
     @property
@@ -269,37 +340,88 @@ class Network:
             reset_optimizer: bool = False, progress: bool = False,
             log_json: str | None = None, verbose: bool = False, force: bool = False,
             trace: str | None = None) -> History:
-        """Train on ``x``, ``y`` (arrays, the same on every rank) or ``x`` a data file.
+        """Train the model in place and commit it (what ``mpinn train`` does).
 
-        The options are ``mpinn train``'s flags: ``epochs`` more epochs (with ``resume``:
-        until ``epochs`` are complete in all), shuffled per epoch from ``seed``; a
-        checkpoint every ``checkpoint_every`` epochs and at the end, ``keep`` of them
-        kept; ``micro_batches`` > 1 pipelines each batch. ``validation_data``: (Xv, yv)
-        or a data file, evaluated after every epoch; ``patience`` K stops after K epochs
-        without a lower validation loss; ``keep_best`` commits each new best to
-        MODEL.best.h5 (refused before training when that file exists and was not written
-        by this model's training, unless ``force``). ``optimizer`` sgd, adam or adamw,
-        with ``weight_decay`` (L2 in the gradient for sgd and adam, decoupled for adamw,
-        as torch) and ``clip_norm`` (the global gradient norm, as torch's
-        clip_grad_norm_). ``schedule`` constant, step
-        (``step_size`` epochs, ``gamma``) or cosine (down to ``min_lr`` at the last step),
-        with ``warmup_steps``. ``dropout`` P: inverted dropout on the hidden layers while
-        training, the same masks at any rank count; None uses the rates the file stores
-        per layer (``create(dropout=)``, import-torch), a number overrides them.
+        Collective. The keyword arguments are ``mpinn train``'s flags, with the same
+        defaults. The run settings (``optimizer`` to ``dropout``) left as None continue the
+        model's last run: its stored values, else sgd, lr 0.1 and no momentum, decay,
+        schedule or clipping (the guide "Resume and continue").
 
-        The run settings (optimizer to dropout) left as None continue the model's last run:
-        its stored values, else sgd, lr 0.1 and no momentum, decay, schedule or clipping
-        (``train.RUN_DEFAULTS``). Naming another optimizer than the one whose state the
-        file holds is refused unless ``reset_optimizer`` (docs/reliability.md, 'Continuing
-        and resuming').
+        Parameters
+        ----------
+        x : numpy array or str
+            (samples, features) inputs, the same on every rank (each rank copies its own
+            columns), or the path of a data file holding X and y.
+        y : numpy array, optional
+            (samples,) integer class labels, or (samples, outputs) float targets
+            (regression); None with a data file.
+        epochs : int
+            Epochs to train; with ``resume``, until this many are complete in all.
+        batch_size : int
+            Samples per step (the global batch, over all ranks).
+        optimizer : str, optional
+            sgd, adam or adamw. Another optimizer than the one whose state the file holds
+            is refused unless ``reset_optimizer``.
+        lr, momentum, weight_decay : float, optional
+            Learning rate (> 0), SGD momentum in [0, 1), weight decay >= 0 (L2 in the
+            gradient for sgd and adam, decoupled for adamw, as torch).
+        seed : int
+            Shuffling seed: epoch e visits the samples in ``default_rng([seed, e])``'s order.
+        shuffle : bool
+            False: every epoch in file order.
+        validation_data : (numpy array, numpy array) or str, optional
+            (Xv, yv) or a data file, evaluated after every epoch (val_loss, val_accuracy).
+        callbacks : iterable of callables
+            Each gets every epoch's dict on every rank; one that returns False (on any
+            rank) stops training after that epoch.
+        checkpoint_every, keep : int
+            Also commit every K epochs (0: only at the end); keep the model and K-1 older
+            checkpoints in ``MODEL.checkpoints/``.
+        resume : bool
+            Continue the stored run until ``epochs`` are complete, from its exact batch.
+        micro_batches : int
+            Run each batch as a pipeline of M micro-batches (GPipe).
+        patience : int
+            Stop after K epochs without a lower validation loss (0: never).
+        keep_best : bool
+            Also commit each new best validation loss to MODEL.best.h5.
+        schedule : str, optional
+            constant, step (every ``step_size`` epochs times ``gamma``) or cosine (down
+            to ``min_lr`` at the last step), with ``warmup_steps``.
+        step_size, gamma, min_lr, warmup_steps : optional
+            The schedule's parameters.
+        clip_norm : float, optional
+            Clip the global gradient norm over all ranks (as torch's
+            ``clip_grad_norm_``); 0 is off.
+        dropout : float, optional
+            Inverted dropout on the hidden layers while training, the same masks at any
+            rank count; None uses the rates the file stores per layer.
+        reset_optimizer : bool
+            Drop the optimizer state the file holds and start afresh (needed to change
+            ``optimizer``).
+        progress, verbose : bool
+            A progress bar; an epoch line on rank 0.
+        log_json : str, optional
+            Append each epoch's dict to this file (rank 0).
+        force : bool
+            Replace a MODEL.best.h5 that this model's training did not write, or an
+            existing ``trace`` file.
+        trace : str, optional
+            Write the run's timeline there: one Chrome trace of every rank's spans.
 
-        Each callback gets every epoch's dict on every rank; one that returns False (on any
-        rank) stops training after that epoch; one that raises (an exception, Ctrl-C,
-        ``sys.exit``) stops it on every rank with an ``MpinnError`` naming the rank, the
-        model as its last checkpoint left it. ``verbose`` prints an epoch line on rank 0;
-        ``log_json`` appends each epoch's dict to a file. ``trace``: write the run's timeline
-        there, one Chrome trace of every rank's spans (``mpinn.trace``; an existing file
-        only with ``force``).
+        Returns
+        -------
+        History
+            One dict per epoch, the same on every rank but for the timings, and how the
+            run ended (``stopped_by``, ``stopped_early``, ``best_val_loss``).
+
+        Raises
+        ------
+        MpinnError
+            On every rank: a bad argument (before any work), data that does not fit the
+            model, a model another job or handle is writing or has committed since this
+            one loaded it, a callback that raised (an exception, Ctrl-C, ``sys.exit``;
+            the model as its last checkpoint left it).
         """
         given = locals()
         model = self.model
@@ -354,7 +476,25 @@ class Network:
 
     @_collective("predict")
     def predict(self, x: Any, batch_size: int | None = None) -> np.ndarray:
-        """The output layer's activations, (samples, outputs), the same array on every rank."""
+        """The output layer's activations for ``x``. Collective.
+
+        Parameters
+        ----------
+        x : numpy array or str
+            (samples, features) inputs, the same on every rank, or a data file.
+        batch_size : int, optional
+            Samples per pass (default: what the network is ready for, 256).
+
+        Returns
+        -------
+        numpy.ndarray
+            (samples, outputs), the same array on every rank.
+
+        Raises
+        ------
+        MpinnError
+            On every rank: a bad argument, inputs that do not fit the model.
+        """
         model = self.model
         config.check_on(self.comm, "predict", locals())  # after the load: see config.check_on
         data = self._data(x, None, "X", "predict data")
@@ -365,7 +505,28 @@ class Network:
 
     @_collective("evaluate")
     def evaluate(self, x: Any, y: Any = None, batch_size: int | None = None) -> dict[str, Any]:
-        """{"loss": mean loss, "accuracy": fraction right (None for float targets)}."""
+        """The mean loss and accuracy on ``x``, ``y``. Collective.
+
+        Parameters
+        ----------
+        x : numpy array or str
+            (samples, features) inputs, the same on every rank, or a data file with y.
+        y : numpy array, optional
+            Integer labels or float targets; None with a data file.
+        batch_size : int, optional
+            Samples per pass (default 256).
+
+        Returns
+        -------
+        dict
+            ``{"loss": mean loss, "accuracy": fraction right}``; accuracy is None for float
+            targets (regression).
+
+        Raises
+        ------
+        MpinnError
+            On every rank: a bad argument, no y, data that does not fit the model.
+        """
         model = self.model
         config.check_on(self.comm, "evaluate", locals())  # after the load: see config.check_on
         data = self._data(x, y, "X", "evaluate data")
@@ -377,7 +538,14 @@ class Network:
     @_collective("save")
     def save(self) -> None:
         """Commit the weights, the optimizer state and the training counters to the file
-        (complete, then swapped in). ``fit`` already does after its last epoch."""
+        (complete, then swapped in). ``fit`` already does after its last epoch. Collective.
+
+        Raises
+        ------
+        MpinnError
+            On every rank: the file is locked by another job, or was committed by another
+            handle or job since this one loaded it.
+        """
         model = self.model
         with self._write_access([self.path], "written by Network.save"):
             model.save(model.stored_optimizer())

@@ -65,6 +65,9 @@ OPTIMIZERS = ("sgd", "adam", "adamw")  # optim.make_optimizer's names
 # flags imports neither numpy nor MPI
 EXCHANGES = ("auto", "alltoallv", "allgather", "collective", "neighbor", "node", "node-forward")
 SCHEDULES = ("constant", "step", "cosine")  # optim.Schedule's
+# kernels.ACTIVATIONS, named here for the CLI's help (tests/unit/test_kernels.py holds them equal)
+ACTIVATIONS = ("identity", "relu", "relu_cap", "sigmoid", "tanh", "gelu", "silu", "leaky_relu",
+               "softmax")
 CONTINUED = " (default: the value the model's last run used, else {})"
 NOT_RUN = object()  # ``setting(run=...)`` of an option that is not a run setting
 REGULARISATION = "validation, schedules and regularisation (docs/api.md)"

@@ -54,8 +54,25 @@ class Optimizer:
 
 
 class SGD(Optimizer):
-    """torch.optim.SGD: g += wd w; v = momentum * v + g; w -= lr * v (plain SGD when
-    momentum is 0)."""
+    """torch.optim.SGD: ``g += wd w; v = momentum * v + g; w -= lr * v`` (plain SGD when
+    momentum is 0).
+
+    Parameters
+    ----------
+    params : list of (parameter, gradient) numpy array pairs
+        Updated in place by ``step``; the gradients are read.
+    lr : float
+        Learning rate, > 0 (a ``Schedule`` may set ``self.lr`` before each step).
+    momentum : float
+        In [0, 1); 0 is plain SGD.
+    weight_decay : float
+        L2 added to the gradient, >= 0.
+
+    Raises
+    ------
+    MpinnError
+        A rate, momentum or decay out of its range.
+    """
 
     name = "sgd"
 
@@ -72,8 +89,8 @@ class SGD(Optimizer):
 
     @property
     def plain(self) -> bool:
-        """No momentum and no weight decay: w -= lr g alone, which the engine can take
-        inside backward (``Engine.backward(sgd_lr=...)``)."""
+        """Whether the step is ``w -= lr g`` alone (no momentum, no weight decay), which the
+        engine can take inside backward (``Engine.backward(sgd_lr=...)``)."""
         return not self.momentum and not self.weight_decay
 
     def step(self) -> None:
@@ -100,7 +117,24 @@ def steps_in_backward(plain_sgd: bool, replicas: int, micro_batches: int,
 
 class Adam(Optimizer):
     """torch.optim.Adam (Kingma & Ba, bias-corrected), betas (0.9, 0.999), eps 1e-8; weight
-    decay as L2 in the gradient (g += wd w), as torch's Adam."""
+    decay as L2 in the gradient (``g += wd w``), as torch's Adam.
+
+    Parameters
+    ----------
+    params : list of (parameter, gradient) numpy array pairs
+        Updated in place by ``step``; the moments ``m`` and ``v`` are kept per parameter.
+    lr : float
+        Learning rate, > 0.
+    weight_decay : float
+        >= 0: L2 in the gradient (Adam), or decoupled (AdamW).
+    beta1, beta2, eps : float
+        torch's defaults.
+
+    Raises
+    ------
+    MpinnError
+        A rate or decay out of its range.
+    """
 
     name = "adam"
     slots = ("m", "v")
@@ -147,7 +181,7 @@ class Adam(Optimizer):
 
 
 class AdamW(Adam):
-    """torch.optim.AdamW: decoupled weight decay, w *= 1 - lr wd, then Adam's step."""
+    """torch.optim.AdamW: decoupled weight decay, ``w *= 1 - lr wd``, then Adam's step."""
 
     name = "adamw"
 
@@ -190,6 +224,11 @@ class Schedule:
     with ``T_max`` = ``t_max``, the run's optimizer steps. ``warmup_steps`` W multiplies the
     rate of steps t < W by (t + 1) / W. Saved with the training state, so a resumed run
     continues it exactly.
+
+    Raises
+    ------
+    MpinnError
+        An unknown ``name``, or a step size, gamma, floor or warm-up out of its range.
     """
 
     name: str = "constant"

@@ -23,7 +23,7 @@ fi
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 pip() { "$VENV/bin/python" -m pip -q --disable-pip-version-check "$@"; }
 pip install --upgrade pip setuptools wheel
-pip install cython pkgconfig numpy scipy mpi4py threadpoolctl matplotlib pymetis pytest pytest-mpi pytest-timeout pytest-xdist hypothesis ruff
+pip install cython pkgconfig numpy scipy mpi4py threadpoolctl matplotlib pymetis pytest pytest-mpi pytest-timeout pytest-xdist hypothesis ruff sphinx furo myst-parser
 # PyTorch for tests/system/test_torch_io.py (import/export, the optimizers against torch.optim) and
 # the bench peer: pinned to the CPU build of 2.13.0, a 190 MB wheel that pip finds in the
 # machine's wheel folder (880 MB installed with sympy, networkx, jinja2, fsspec, filelock;

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from typing import Any, NoReturn
 
 from mpinn.config import (
+    ACTIVATIONS,
     AT_LEAST,
     CONTINUED,
     EXCHANGES,
@@ -134,8 +135,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model")
     p.add_argument("--sizes", metavar="N0,N1,...,NL",
                    help="neurons per layer, inputs first")
-    p.add_argument("--activation", default="relu", help="hidden-layer activation (default relu)")
-    p.add_argument("--output", default="softmax", help="output activation (default softmax)")
+    hidden = ", ".join(a for a in ACTIVATIONS if a != "softmax")
+    p.add_argument("--activation", default="relu",
+                   help=f"hidden-layer activation: {hidden} (default relu)")
+    p.add_argument("--output", default="softmax",
+                   help=f"output activation: softmax (the default: classification, cross-entropy "
+                   f"on integer labels), identity (regression: squared error on float targets) "
+                   f"or any hidden one: {hidden}")
     p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--storage", default="dense", metavar="S[,S...]",

@@ -183,3 +183,8 @@ def test_activation_in_place_equals_into_a_new_array(name, dtype):
     in_place = z.copy()
     assert kernels.activate(name, in_place, out=in_place, cap=cap) is in_place
     np.testing.assert_array_equal(in_place, expected)
+
+
+def test_the_cli_help_names_every_activation_the_kernels_know():
+    from mpinn import config
+    assert config.ACTIVATIONS == kernels.ACTIVATIONS
