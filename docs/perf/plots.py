@@ -2,9 +2,10 @@
 
 Each ``*.json`` here is a file of dated runs as ``benchmarks/perf_record.py`` writes it
 (``--json PATH`` of train_mlp.py, sparse_dnn.py, cluster.py and servers.py); the runs
-before that option existed were transcribed from the dated tables of the README and
-docs/scaling.md. ``draw_all`` writes one PNG per page into ``_plots/``: every figure with
-the ceiling it is measured against and the peers (PyTorch, scipy) beside it.
+before that option existed, and exchange.json (benchmarks/exchange.py has no ``--json``),
+were transcribed from the dated tables of the README and docs/scaling.md. ``draw_all``
+writes one PNG per page into ``_plots/``: every figure with the ceiling it is measured
+against and the peers (PyTorch, scipy) beside it.
 """
 
 from __future__ import annotations
@@ -194,6 +195,44 @@ def servers(runs: list[dict[str, Any]], out: Path) -> None:
     plt.close(fig)
 
 
+def exchange(runs: list[dict[str, Any]], out: Path) -> None:
+    """The rate of each exchange kind by link: the dense MLP in samples/s, the Sparse DNN
+    (balanced and mincut) in G edges/s, one panel each, the Alltoallv the reference."""
+    import matplotlib.pyplot as plt
+    run = runs[0]
+    panels = [("dense", "balanced"), ("sparse", "balanced"), ("sparse", "mincut")]
+    kinds = list(dict.fromkeys(x["exchange"] for x in run["results"]))
+    colours = dict(zip(kinds, (MPINN, "tab:green", "tab:purple", "tab:olive"), strict=False))
+    fig, axes = plt.subplots(1, len(panels), figsize=(13, 5.4))
+    for ax, (work, strategy) in zip(axes, panels, strict=True):
+        rows = [x for x in run["results"] if x["work"] == work and x["strategy"] == strategy]
+        links = [link for link in LINKS if any(x["link"] == link for x in rows)]
+        width = 0.8 / len(kinds)
+        for i, kind in enumerate(kinds):
+            cells = [next(x for x in rows if x["link"] == link and x["exchange"] == kind)
+                     for link in links]
+            positions = [j + (i - (len(kinds) - 1) / 2) * width for j in range(len(links))]
+            ax.bar(positions, [x["value"] for x in cells], width, color=colours[kind], label=kind)
+            for p, x in zip(positions, cells, strict=True):
+                ax.text(p, x["value"], f"x{x['vs_alltoallv']:.2f}", ha="center", va="bottom",
+                        fontsize=6, rotation=90)
+        ax.set_xticks(range(len(links)), [LINK_LABELS[link] for link in links], fontsize=7)
+        ax.set_xlabel("4 ranks: on one host, or 2 nodes x 2 ranks by link")
+        unit = rows[0]["unit"]
+        ax.set_ylabel(f"{unit}, best round (higher is better)")
+        ax.set_ylim(0, max(x["value"] for x in rows) * 1.3)
+        name = "dense MLP 784-1024x3-10" if work == "dense" else "Sparse DNN N = 1024, L = 120"
+        ax.set_title(f"{name}, {strategy}", fontsize=9)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(kinds), fontsize=8,
+               title="--exchange", title_fontsize=8)
+    fig.suptitle(f"Exchange kinds, {run['date']}, 2-core VM, quiet; 2 simulated nodes "
+                 "(x: the rate against the Alltoallv's)", fontsize=10)
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
 def draw_all(here: Path, out: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -203,6 +242,7 @@ def draw_all(here: Path, out: Path) -> None:
     cost_model(runs["train_mlp"], out / "cost_model.png")
     sparse_dnn(runs["sparse_dnn"], runs["cluster"], out / "sparse_dnn.png")
     servers(runs["servers"], out / "servers.png")
+    exchange(runs["exchange"], out / "exchange.png")
 
 
 if __name__ == "__main__":
