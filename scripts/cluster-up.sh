@@ -223,11 +223,14 @@ if nodes_up; then
     # the nodes are up, SLURM is not: start it alone, keeping what the shared filesystem holds
 else
     bash "$HERE/cluster-down.sh" >/dev/null 2>&1 || true
-    # from here on a failure leaves nothing half made
+    # from here on a failure, or Ctrl-C, leaves nothing half made
     trap 'echo "cluster-up: failed (line $LINENO); taking down what was made" >&2
           bash "$HERE/cluster-down.sh"' ERR
+    trap 'trap - ERR; echo "cluster-up: interrupted; taking down what was made" >&2
+          bash "$HERE/cluster-down.sh"; exit 130' INT TERM
     make_nodes
     [ "$fs" = local ] || make_shared_fs
+    trap - INT TERM
     echo "cluster-up: $NODES nodes at $RATE; mpirun across them: $DIR/mpirun; one command on node I: $DIR/on I CMD"
     [ "$fs" = local ] || echo "cluster-up: GlusterFS ($fs) at $MNT on every node and here"
 fi
