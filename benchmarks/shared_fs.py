@@ -29,7 +29,10 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from train_mlp import ROOT, run, run_json  # noqa: E402
+
 CLUSTER = Path(os.environ.get("MPINN_CLUSTER_DIR", "/run/mpinn-cluster"))
 SHARED = Path("/shared")
 RATES = {"gbit": 1e9, "mbit": 1e6, "kbit": 1e3}
@@ -70,18 +73,10 @@ def ranks(model: str, data: str, batch: int, steps: int) -> None:
         print(json.dumps({"load": load, "step": step, "checkpoint": save}))
 
 
-def mpinn(*args: str, cwd: Path) -> None:
-    subprocess.run([sys.executable, "-m", "mpinn", *args], check=True, cwd=cwd,
-                   stdout=subprocess.DEVNULL)
-
-
 def across(nodes: int, *args: str) -> dict[str, float]:
-    env = {**os.environ, "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
-           "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    out = subprocess.run([str(CLUSTER / "mpirun"), "-n", str(nodes), "--npernode", "1",
-                          sys.executable, __file__, "--ranks", *args], check=True, env=env,
-                         capture_output=True, text=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
+    """This script's rank part on ``nodes`` nodes, one rank and one BLAS thread each."""
+    return run_json([str(CLUSTER / "mpirun"), "-n", str(nodes), "--npernode", "1",
+                     sys.executable, __file__, "--ranks", *args], threads=1)
 
 
 def main() -> None:
@@ -110,9 +105,11 @@ def main() -> None:
               "local disk": Path(tempfile.mkdtemp())}
     try:
         for where in places.values():
-            mpinn("data", "classification", "data.h5", "--samples", str(args.batch * args.steps),
-                  "--features", str(sizes[0]), "--outputs", str(sizes[-1]), "--seed", "1", cwd=where)
-            mpinn("init", "model.h5", "--sizes", args.sizes, "--seed", "1", cwd=where)
+            run([sys.executable, "-m", "mpinn", "data", "classification", str(where / "data.h5"),
+                 "--samples", str(args.batch * args.steps), "--features", str(sizes[0]),
+                 "--outputs", str(sizes[-1]), "--seed", "1"], threads=1)
+            run([sys.executable, "-m", "mpinn", "init", str(where / "model.h5"), "--sizes",
+                 args.sizes, "--seed", "1"], threads=1)
         figures = {name: [] for name in places}
         for _ in range(args.repeat):
             for name, where in places.items():

@@ -9,6 +9,7 @@ from mpinn.io.hdf5 import MPI_IO, open_file, safe_to_close
 from mpinn.io.schema import (
     CHECKPOINT_ID,
     FORMAT_VERSION,
+    ID_GLOB,
     new_checkpoint_id,
     read_checkpoint_id,
     write_partition,
@@ -179,8 +180,8 @@ class Checkpoint:
 
 def leftovers(path: str) -> list[str]:
     """The unfinished checkpoints of ``path`` that killed jobs left beside it."""
-    ident = "[0-9a-f]" * 16  # schema.new_checkpoint_id's
-    return glob.glob(f"{glob.escape(path)}.{ident}{PARTIAL}") + glob.glob(glob.escape(partial_name(path)))
+    return (glob.glob(f"{glob.escape(path)}.{ID_GLOB}{PARTIAL}")
+            + glob.glob(glob.escape(partial_name(path))))
 
 
 def check_history(path: str, keep: int) -> None:

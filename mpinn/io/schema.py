@@ -378,11 +378,13 @@ def write_partition(f: h5py.File, name: str, owner: np.ndarray, nranks: int, str
 # a random id written into every model file as it is made (init, import, each checkpoint):
 # ranks that read different ids read different commits (a network filesystem's stale copy)
 CHECKPOINT_ID = "mpinn_checkpoint_id"
+ID_BYTES = 8
+ID_GLOB = "[0-9a-f]" * (2 * ID_BYTES)  # matches every id new_checkpoint_id makes
 
 
 def new_checkpoint_id(comm: MPI.Comm) -> str:
     """A fresh commit id, the same on every rank of ``comm`` (collective)."""
-    return comm.bcast(secrets.token_hex(8) if comm.rank == 0 else None, root=0)
+    return comm.bcast(secrets.token_hex(ID_BYTES) if comm.rank == 0 else None, root=0)
 
 
 def read_checkpoint_id(f: h5py.File) -> str | None:

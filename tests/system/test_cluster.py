@@ -507,11 +507,11 @@ def test_a_stale_copy_on_a_caching_filesystem_stops_the_job_and_keeps_the_model(
         initial.write_bytes(reference.read_bytes())
         ok(mpinn(2, "train", str(reference), *train))
         stopped = 0
+        SHARED.mkdir(parents=True, exist_ok=True)
         for attempt in range(3):
             if stopped:
                 break
             model = SHARED / f"cached-{os.getpid()}-{attempt}.h5"
-            SHARED.mkdir(parents=True, exist_ok=True)
             ok(on_cluster((1, 1), "init", str(model), "--sizes", "64,48,10", "--seed", "1"))
             result = on_cluster((1, 1), "train", str(model), *train)
             if result.returncode == 0:
