@@ -7,6 +7,13 @@ export OMPI_ALLOW_RUN_AS_ROOT=1
 export OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 # ranks outnumber cores in tests: let waiting ranks yield the core instead of spinning
 export OMPI_MCA_mpi_yield_when_idle=1
+# a job that ends in a failure, as hundreds of the tests' jobs do on purpose, keeps mpirun
+# waiting twice this many seconds (default 1) before it exits, even when every rank is gone:
+# 2 s of every refused command line; no test relies on the grace between SIGTERM and SIGKILL
+export OMPI_MCA_odls_base_sigkill_timeout=0
+# where the environment says not to write bytecode, every one of the suite's ~2,000 Python
+# processes compiled mpinn (and pytest rewrote every test module) again: about 0.1 s each
+unexport PYTHONDONTWRITEBYTECODE
 # a failing MPI run is killed after this many seconds rather than left to hang
 MPI_TIMEOUT ?= 900
 
