@@ -178,12 +178,15 @@ def passed(result: subprocess.CompletedProcess) -> str:
 
 
 def test_every_strategy_trains_and_predicts_as_the_reference_across_nodes(cluster):
-    """tests/mpi/test_engine.py's equivalence tests (all seven strategies, dense, sparse and
-    mixed models, float32 and float64) with their ranks on two nodes."""
+    """tests/mpi/test_engine.py's equivalence tests (all seven strategies; dense, sparse and
+    mixed models) with their ranks on two nodes: training in float64, whose 1e-10 tolerance
+    tells the most, and inference in float32. Both dtypes of both run on one host at 1-4
+    ranks; across the nodes what changes is who sends what to whom, not the dtype."""
     summary = passed(mpi_tests_across(LAYOUT, "tests/mpi/test_engine.py", "-k",
-                                      "trained_weights_equal or predict_equals"))
-    # 7 strategies x 2 dtypes x 4 models, trained and predicted; nothing skipped
-    assert re.fullmatch(r"112 passed, \d+ deselected(, \d+ warnings?)? in .*", summary), summary
+                                      "trained_weights_equal and float64"
+                                      " or predict_equals and float32"))
+    # 7 strategies x 4 models, trained and predicted; nothing skipped
+    assert re.fullmatch(r"56 passed, \d+ deselected(, \d+ warnings?)? in .*", summary), summary
 
 
 def test_bytes_between_nodes_are_reported_as_the_plans_send_them(workdir):
