@@ -25,6 +25,7 @@ def test_many_cores_script_runs_every_benchmark_at_tiny_sizes(tmp_path):
     assert sparse.count("categories match") == 5 and "WRONG" not in sparse, sparse
     train = (tmp_path / "train-p4.txt").read_text()
     assert "mpinn, mpirun -n 4" in train and "ceiling: GEMM peak" in train, train
+    assert re.search(r"PyTorch TP \(DTensor, gloo\), torchrun 4x1 +[\d.]+ ", train), train
     assert re.search(r"per process at once: [\d.]+ \(rank \d\) / [\d.]+ / [\d.]+ GFLOP/s", train), train
     ring = (tmp_path / "iallreduce-ring-p4.txt").read_text()
     assert "R = 2 x Q = 2" in ring and "2x2 balanced" in ring, ring
