@@ -7,17 +7,40 @@ Nothing here talks to MPI, so every function is testable in a plain process.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import numpy as np
-import scipy.sparse as sp
-from scipy.linalg.blas import get_blas_funcs
-from scipy.special import erf, expit
 
 from mpinn.errors import MpinnError
 
-try:  # scipy's compiled CSR kernels accumulate into a given output: no per-call allocation
-    from scipy.sparse._sparsetools import csc_matvecs, csr_matvecs
-except ImportError:  # pragma: no cover - a scipy that moved them: the public (allocating) path
-    csr_matvecs = csc_matvecs = None
+# scipy (its BLAS wrappers, erf and expit, the CSR kernels) is imported where it is first
+# used: importing it costs 0.2 s of CPU in every process, and most of the processes that
+# import this module never compute (init, inspect, partition, a refused command line)
+
+
+@functools.cache
+def _blas(name: str, char: str) -> Callable:
+    """scipy's BLAS routine ``name`` ("gemm", "axpy") for the numpy dtype char ``char``."""
+    from scipy.linalg.blas import get_blas_funcs
+
+    return get_blas_funcs(name, dtype=np.dtype(char))
+
+
+def _blas_for(name: str, dtype: np.dtype) -> Callable | None:
+    """``_blas`` for float32 and float64 arrays; None (use numpy) for any other dtype."""
+    return _blas(name, dtype.char) if dtype.char in "fd" else None
+
+
+@functools.cache
+def _sparsetools() -> tuple[Callable, Callable] | None:
+    """scipy's compiled (csr_matvecs, csc_matvecs), which accumulate into a given output
+    without a per-call allocation; None for a scipy that moved them (the public path)."""
+    try:
+        from scipy.sparse._sparsetools import csc_matvecs, csr_matvecs
+    except ImportError:  # pragma: no cover
+        return None
+    return csr_matvecs, csc_matvecs
 
 ACTIVATIONS = ("identity", "relu", "relu_cap", "sigmoid", "tanh", "gelu", "silu", "leaky_relu",
                "softmax")
@@ -89,6 +112,8 @@ def activate(name: str, z: np.ndarray, out: np.ndarray | None = None,
         # the factor of z goes through a scratch array when the result overwrites z
         # (inference engines activate in place)
         factor = np.empty_like(z) if np.shares_memory(out, z) else out
+        from scipy.special import erf, expit
+
         if name == "gelu":
             np.multiply(z, _SQRT_HALF, out=factor)
             erf(factor, out=factor)
@@ -128,6 +153,8 @@ def activation_grad(name: str, z: np.ndarray, a: np.ndarray, grad_a: np.ndarray,
     elif name == "tanh":
         grad_a *= 1 - a * a
     elif name == "gelu":
+        from scipy.special import erf
+
         cdf = erf(z * _SQRT_HALF)
         cdf += 1
         cdf *= 0.5
@@ -137,6 +164,8 @@ def activation_grad(name: str, z: np.ndarray, a: np.ndarray, grad_a: np.ndarray,
         cdf += pdf
         grad_a *= cdf
     elif name == "silu":
+        from scipy.special import expit
+
         s = expit(z)
         d = 1 - s
         d *= z
@@ -202,15 +231,12 @@ def axpy(a: float, x: np.ndarray, y: np.ndarray) -> None:
     if (x.dtype == y.dtype and y.dtype in (np.float32, np.float64) and x.shape == y.shape
             and x.flags.c_contiguous and y.flags.c_contiguous):
         flat = y.reshape(-1)
-        out = _AXPY[y.dtype.char](x.reshape(-1), flat, a=a)
+        out = _blas("axpy", y.dtype.char)(x.reshape(-1), flat, a=a)
         if out is flat or np.shares_memory(out, y):  # written in place, as f2py does here
             return
         y[...] = out.reshape(y.shape)
         return
     y += a * x
-
-
-_AXPY = {np.dtype(t).char: get_blas_funcs("axpy", dtype=np.dtype(t)) for t in (np.float32, np.float64)}
 
 
 def dense_sgd_update(grad_z: np.ndarray, inputs: np.ndarray, weight: np.ndarray,
@@ -224,7 +250,7 @@ def dense_sgd_update(grad_z: np.ndarray, inputs: np.ndarray, weight: np.ndarray,
     """
     if weight.size == 0:  # a rank without rows in a layer (BLAS refuses empty matrices)
         return
-    gemm = _GEMM.get(weight.dtype.char)
+    gemm = _blas_for("gemm", weight.dtype)
     if (gemm is None or not (grad_z.dtype == inputs.dtype == weight.dtype)
             or not (grad_z.flags.c_contiguous and inputs.flags.c_contiguous
                     and weight.flags.c_contiguous)):
@@ -234,9 +260,6 @@ def dense_sgd_update(grad_z: np.ndarray, inputs: np.ndarray, weight: np.ndarray,
     out = gemm(-lr, inputs.T, grad_z.T, beta=1.0, c=weight.T, trans_a=1, overwrite_c=1)
     if not np.shares_memory(out, weight):  # f2py copied c after all: write the result back
         weight[...] = out.T
-
-
-_GEMM = {np.dtype(t).char: get_blas_funcs("gemm", dtype=np.dtype(t)) for t in (np.float32, np.float64)}
 
 
 def dense_backward(inputs: np.ndarray, grad_z: np.ndarray, grad_weight: np.ndarray,
@@ -261,10 +284,13 @@ def csr_matmul(indptr: np.ndarray, indices: np.ndarray, values: np.ndarray, n_co
         out.fill(0)
     if values.size == 0:
         return
-    if csr_matvecs is None:  # pragma: no cover
+    kernels = _sparsetools()
+    if kernels is None:  # pragma: no cover
+        import scipy.sparse as sp
+
         out += sp.csr_matrix((values, indices, indptr), shape=(out.shape[0], n_cols)) @ x
         return
-    csr_matvecs(out.shape[0], n_cols, x.shape[1], indptr, indices, values,
+    kernels[0](out.shape[0], n_cols, x.shape[1], indptr, indices, values,
                 x.reshape(-1), out.reshape(-1))
 
 
@@ -279,10 +305,13 @@ def csr_transpose_matmul(indptr: np.ndarray, indices: np.ndarray, values: np.nda
         out.fill(0)
     if values.size == 0:
         return
-    if csc_matvecs is None:  # pragma: no cover
+    kernels = _sparsetools()
+    if kernels is None:  # pragma: no cover
+        import scipy.sparse as sp
+
         out += sp.csr_matrix((values, indices, indptr), shape=(grad_z.shape[0], n_cols)).T @ grad_z
         return
-    csc_matvecs(n_cols, grad_z.shape[0], grad_z.shape[1], indptr, indices, values,
+    kernels[1](n_cols, grad_z.shape[0], grad_z.shape[1], indptr, indices, values,
                 grad_z.reshape(-1), out.reshape(-1))
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import time
 
 import numpy as np
-import scipy.sparse as sp
 from mpi4py import MPI
 
 from mpinn.comm.collectives import displacements
@@ -162,6 +161,8 @@ class NodePlan(ExchangePlan):
             self._allocate()
             return
         # backward at the proxy: per relayed value, its own partial then its node's, in order
+        import scipy.sparse as sp  # here, not at import: most processes build no plan
+
         columns = np.concatenate([np.arange(r1), r1 + np.arange(s2)])
         rows = np.concatenate([np.arange(r1), self.inside_send_index])
         self.relay_sum = sp.csr_matrix((np.ones(rows.size, dtype=self.dtype), (rows, columns)),

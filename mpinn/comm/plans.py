@@ -26,7 +26,6 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
-import scipy.sparse as sp
 from mpi4py import MPI
 from mpi4py.util.dtlib import from_numpy_dtype
 
@@ -133,6 +132,8 @@ class ExchangePlan:
         self.mpi_send_counts[rank] = 0
         self.mpi_recv_counts[rank] = 0
         # sums the partial sums received in backward onto the owned neurons, in a fixed order
+        import scipy.sparse as sp  # here, not at import: most processes build no plan
+
         self.accumulate = sp.csr_matrix(
             (np.ones(n_send, dtype=self.dtype), (self.send_index, np.arange(n_send))),
             shape=(self.n_local, n_send))
