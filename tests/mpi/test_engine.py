@@ -21,7 +21,13 @@ from mpinn.optim import SGD
 from mpinn.partition.choice import PartitionChoice
 from mpinn.partition.traffic import rank_traffic
 from mpinn.train import evaluate, predict, train
-from tests.helpers import ALL_STRATEGIES, classification_data, regression_data, strategy_params
+from tests.helpers import (
+    ALL_STRATEGIES,
+    classification_data,
+    dtypes,
+    regression_data,
+    strategy_params,
+)
 from tests.reference import Reference, assert_close
 
 pytestmark = pytest.mark.mpi
@@ -117,13 +123,13 @@ def _rows_of(values: np.ndarray, weight, rows: np.ndarray) -> np.ndarray:
 
 
 @pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("dtype", dtypes())
 @pytest.mark.parametrize("strategy", ALL_STRATEGIES)
 def test_trained_weights_equal_reference_for_every_strategy(strategy, dtype, case, mpi_tmp_path):
     train_and_compare(mpi_tmp_path, case, dtype, strategy)
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("dtype", dtypes())
 @pytest.mark.parametrize("strategy", ALL_STRATEGIES)
 def test_plain_sgd_steps_inside_backward_and_equals_reference(strategy, dtype, mpi_tmp_path,
                                                               monkeypatch):
@@ -138,7 +144,7 @@ def test_plain_sgd_steps_inside_backward_and_equals_reference(strategy, dtype, m
 
 @pytest.mark.parametrize("case, dropout", [("softmax", 0.0), ("regression", 0.0),
                                            ("softmax", 0.3)])
-@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("dtype", dtypes())
 @pytest.mark.parametrize("strategy", ALL_STRATEGIES)
 def test_the_output_layers_exchange_in_parts_equals_reference(strategy, dtype, case, dropout,
                                                               mpi_tmp_path, monkeypatch):
@@ -160,7 +166,7 @@ def test_the_output_layers_exchange_in_parts_equals_reference(strategy, dtype, c
 
 
 @pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("dtype", dtypes())
 @pytest.mark.parametrize("strategy", ALL_STRATEGIES)
 def test_predict_equals_reference_for_every_strategy(strategy, dtype, case, mpi_tmp_path):
     check_prediction(mpi_tmp_path, case, dtype, strategy)
@@ -295,7 +301,7 @@ def counted_traffic(ref: Reference, owners: list[np.ndarray], me: int, nranks: i
 
 
 @pytest.mark.parametrize("case", ["softmax", "regression", "sparse"])
-@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("dtype", dtypes())
 @pytest.mark.parametrize("strategy", ["balanced", "ids", "layers"])
 def test_evaluate_loss_and_accuracy_equal_reference(strategy, dtype, case, mpi_tmp_path):
     """Cross-entropy (softmax with labels) or squared error (float targets) and accuracy over

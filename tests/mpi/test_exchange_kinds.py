@@ -16,6 +16,7 @@ from mpi4py import MPI
 
 from mpinn.errors import MpinnError
 from mpinn.model import DistributedModel
+from tests.helpers import dtypes
 from tests.mpi.test_engine import (
     BATCH,
     CASES,
@@ -39,7 +40,7 @@ MORE_THAN_ONE_RANK = pytest.mark.skipif(MPI.COMM_WORLD.size == 1,
 
 @MORE_THAN_ONE_RANK
 @pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("dtype", dtypes())
 @pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("exchange", KINDS)
 def test_trained_weights_equal_reference_for_every_exchange(exchange, strategy, dtype, case,
@@ -58,7 +59,7 @@ def test_pipelined_training_equals_reference_for_every_exchange(exchange, strate
 
 @MORE_THAN_ONE_RANK
 @pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("dtype", dtypes())
 @pytest.mark.parametrize("strategy", ["balanced", "ids"])
 @pytest.mark.parametrize("exchange", KINDS)
 def test_predict_equals_reference_for_every_exchange(exchange, strategy, dtype, case,

@@ -24,7 +24,7 @@ from mpinn.model import DistributedModel
 from mpinn.partition.choice import PartitionChoice
 from mpinn.tools.inspect import store_partition
 from mpinn.train import train
-from tests.helpers import ALL_STRATEGIES, grouped_network
+from tests.helpers import ALL_STRATEGIES, dtypes, grouped_network
 from tests.mpi.test_engine import (
     BATCH,
     CASES,
@@ -65,7 +65,7 @@ MODELS = ("softmax", "sparse", "mixed")
 
 
 @pytest.mark.parametrize("case", MODELS)
-@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("dtype", dtypes())
 @pytest.mark.parametrize("strategy", ALL_STRATEGIES)
 def test_node_exchange_trains_the_reference_weights_two_ranks_per_node(strategy, dtype, case,
                                                                        mpi_tmp_path):

@@ -28,7 +28,7 @@ from mpinn.io.datafile import load
 from mpinn.model import DistributedModel
 from mpinn.partition.choice import PartitionChoice
 from mpinn.train import evaluate, predict, train
-from tests.helpers import ALL_STRATEGIES, strategy_params
+from tests.helpers import ALL_STRATEGIES, dtypes, strategy_params
 from tests.mpi.test_engine import (
     BATCH,
     CASES,
@@ -100,7 +100,7 @@ def test_gradients_summed_in_several_buckets_train_the_reference(replicas, bucke
 
 @pytest.mark.mpi
 @pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("dtype", dtypes())
 @pytest.mark.parametrize("strategy", ALL_STRATEGIES)
 @pytest.mark.parametrize("replicas", REPLICAS)
 def test_replicated_training_equals_reference_for_every_strategy(replicas, strategy, dtype, case,
@@ -270,7 +270,7 @@ def test_a_preempted_replicated_run_resumes_bitwise_as_an_uninterrupted_one(
 
 
 @pytest.mark.mpi
-@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("dtype", dtypes())
 @pytest.mark.parametrize("case", ["softmax", "regression", "sparse"])
 @pytest.mark.parametrize("replicas", (2, 3, 4))
 def test_replicated_evaluate_and_predict_equal_reference(replicas, case, dtype, mpi_tmp_path):
