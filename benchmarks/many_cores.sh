@@ -78,7 +78,7 @@ replicas_table() {  # replicas_table NAME P SIZES BATCH STEPS PAIRS R,... PEERS:
     # cost model's prediction per R; then `partition --plan`'s table of every candidate
     local name=$1 p=$2 sizes=$3 batch=$4 steps=$5 pairs=$6 rs=$7 peers=$8
     part "$name" "$PYTHON" benchmarks/train_mlp.py --ranks "$p" --replicas "$rs" \
-        --gemm-seconds "${GEMM_SECONDS:-4}" --probe-seconds "${PROBE_SECONDS:-1}" \
+        --gemm-seconds "${GEMM_SECONDS:-4}" \
         --sizes "$sizes" --batch "$batch" --steps "$steps" --pairs "$pairs" --peer "$peers"
     "$PYTHON" -m mpinn init "$out/plan-model.h5" --sizes "$sizes" --force --quiet || failed=$((failed + 1))
     part "$name-plan" mpirun --oversubscribe -n "$p" "$PYTHON" -m mpinn partition \
@@ -93,7 +93,9 @@ PARTS=${PARTS:-replicas,digits,spread,pipeline,sparse,train,sparse4096,unbound,i
 want() { [[ ",$PARTS," == *",$1,"* ]]; }
 
 if [ -n "${QUICK:-}" ]; then
-    GEMM_SECONDS=0.3 PROBE_SECONDS=0.1  # each GEMM peak and cost-model probe: a glance
+    # each GEMM peak and the cost model's probe of the ranks (partition --plan's too): a glance
+    GEMM_SECONDS=0.3
+    export MPINN_PROBE_SECONDS=0.1
     want replicas && replicas_table replicas-p4 4 64,128,128,10 32 2 1 1,2,4 torch
     want digits && replicas_table digits-p4 4 64,256,256,10 64 4 1 4,1 ddp
     want pipeline && part pipeline "$PYTHON" benchmarks/pipeline.py --ranks 2,4 \
@@ -102,10 +104,10 @@ if [ -n "${QUICK:-}" ]; then
         --layers 8 --samples 100 --ranks 1,2 --repeat 1
     # (its PyTorch peer and DDP run in the replicas and digits parts: here the TP one)
     want train && part train-p4 "$PYTHON" benchmarks/train_mlp.py --ranks 4 --gemm-seconds 0.3 \
-        --probe-seconds 0.1 --peer tp --sizes 64,128,10 --batch 32 --steps 2 --pairs 1
+        --peer tp --sizes 64,128,10 --batch 32 --steps 2 --pairs 1
     # (unbound is train's run under another binding: nothing more to check at tiny sizes)
     want iallreduce && part iallreduce-ring-p4 env OMPI_MCA_coll_libnbc_iallreduce_algorithm=1 \
-        "$PYTHON" benchmarks/train_mlp.py --ranks 4 --replicas 2 --gemm-seconds 0.3 --probe-seconds 0.1 \
+        "$PYTHON" benchmarks/train_mlp.py --ranks 4 --replicas 2 --gemm-seconds 0.3 \
         --sizes 64,128,10 --batch 32 --steps 2 --pairs 1 --peer none
     want spread && part spread-p2 mpirun --oversubscribe -n 2 "$PYTHON" benchmarks/rank_gemm.py \
         --width 512 --batch 32 --rounds 1 --seconds 0.2

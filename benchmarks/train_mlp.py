@@ -362,14 +362,16 @@ def worker_plan(args: argparse.Namespace) -> None:
     from mpi4py import MPI
 
     from mpinn.partition import costmodel
+    from mpinn.tools.inspect import probe_seconds
     comm = MPI.COMM_WORLD
     sizes = [int(n) for n in args.sizes.split(",")]
     itemsize = np.dtype(args.dtype).itemsize
-    machine = costmodel.probe(comm, sizes, args.batch, args.dtype, args.probe_seconds)
+    seconds = probe_seconds()  # MPINN_PROBE_SECONDS, as partition --plan takes it
+    machine = costmodel.probe(comm, sizes, args.batch, args.dtype, seconds)
     strategy = args.strategy if args.strategy in ("balanced", "layers") else "balanced"
     _, table = costmodel.choose(sizes, args.batch, comm.size, machine, itemsize)
     # as --replicas auto does: layouts whose modelled step is short are timed too
-    timing = 0.3 * args.probe_seconds  # time_small's share, as partition --plan gives it
+    timing = seconds / 3  # time_small's share, as partition --plan gives it
     table = costmodel.time_small(comm, sizes, args.batch, args.dtype, table, timing)
     chosen = table[0]
     plans = []
@@ -420,9 +422,6 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     parser.add_argument("--gemm-seconds", type=float, default=4.0,
                         help="how long each GEMM-peak measurement runs (default 4)")
-    parser.add_argument("--probe-seconds", type=float, default=1.0,
-                        help="the cost model's probe of the ranks, as partition --plan runs it "
-                        "(default 1: a few seconds in all)")
     parser.add_argument("--strategy", default="balanced")
     parser.add_argument("--layer-ranks", default="", help="owner of each layer (strategy layers)")
     parser.add_argument("--micro-batches", type=int, default=1)
@@ -454,8 +453,7 @@ def main() -> None:
     replica_counts = [int(r) for r in args.replicas.split(",")]
     me = [sys.executable, str(Path(__file__).resolve())]
     common = ["--sizes", args.sizes, "--batch", str(args.batch), "--steps", str(args.steps),
-              "--dtype", args.dtype, "--gemm-seconds", str(args.gemm_seconds),
-              "--probe-seconds", str(args.probe_seconds)]
+              "--dtype", args.dtype, "--gemm-seconds", str(args.gemm_seconds)]
     flops = flops_per_sample(sizes)
     params = sum(a * b + b for a, b in zip(sizes, sizes[1:], strict=False))
     print(f"dense MLP {args.sizes}, {params / 1e6:.1f} M parameters, {args.dtype}, batch "

@@ -14,6 +14,8 @@ if TYPE_CHECKING:
     from mpinn.partition.traffic import LayerEdges, RankTraffic
 
 import json
+import math
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -244,7 +246,27 @@ def store_partition(path: str, nranks: int, strategy: str, params: dict[str, Any
     return table
 
 
-def layout_table(path: str, nranks: int, batch: int, comm: MPI.Comm, seconds: float = 1.0) -> str:
+PROBE_VARIABLE = "MPINN_PROBE_SECONDS"
+
+
+def probe_seconds() -> float:
+    """How long the cost model probes the machine, in seconds (a few times it in all):
+    1, or ``MPINN_PROBE_SECONDS``, a benchmark knob (a quick run of a benchmark script
+    takes a rougher table sooner); anything but a positive number of seconds is refused."""
+    text = os.environ.get(PROBE_VARIABLE, "").strip()
+    if not text:
+        return 1.0
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and 0 < value <= 3600):
+        raise MpinnError(f"{PROBE_VARIABLE}: {text!r} is not a number of seconds in (0, 3600]")
+    return value
+
+
+def layout_table(path: str, nranks: int, batch: int, comm: MPI.Comm,
+                 seconds: float | None = None) -> str:
     """``partition --plan``: the cost model's prediction for every layout of ``nranks`` ranks
     (R replicas x Q ranks, strategy, micro-batches) of this model at ``batch``, with the
     machine measured by a few seconds of probing on this job's ranks (collective)."""
@@ -253,7 +275,7 @@ def layout_table(path: str, nranks: int, batch: int, comm: MPI.Comm, seconds: fl
 
 def choose_layout(path: str, nranks: int, batch: int, comm: MPI.Comm, *,
                   pipelines: bool = True, partition: str | None = None,
-                  seconds: float = 1.0) -> tuple[Any, str, list[int] | None]:
+                  seconds: float | None = None) -> tuple[Any, str, list[int] | None]:
     """The cost model's fastest layout of ``nranks`` ranks for this model at ``batch``, the
     table of every candidate beside it, and for a ``layers`` layout its ``layer_ranks``
     (collective: it probes the job's ranks).
@@ -276,6 +298,8 @@ def choose_layout(path: str, nranks: int, batch: int, comm: MPI.Comm, *,
         if not candidates:
             raise MpinnError(f"{path}: partition {partition!r} has {parts} parts, which do not "
                              f"divide the {nranks} ranks into replicas", agreed=True)
+    if seconds is None:  # rank 0's setting: the probe's rounds must be the same everywhere
+        seconds = on_root(comm, probe_seconds)
     machine = costmodel.probe(comm, spec.sizes, batch, spec.dtype.name, seconds)
     chosen, table = costmodel.choose(spec.sizes, batch, nranks, machine, spec.dtype.itemsize,
                                   layouts=candidates)
