@@ -19,6 +19,14 @@ class MpinnError(Exception):
         self.agreed = agreed
 
 
+def print_error(text: str) -> None:
+    """Write ``mpinn: error: TEXT`` to stderr, its newline in the same write: under mpirun a
+    line written in two parts (as ``print`` writes it) can have the launcher's own abort
+    banner land between the text and its newline, and the line no longer ends as written."""
+    sys.stderr.write(f"mpinn: error: {text}\n")
+    sys.stderr.flush()
+
+
 class Interrupted(KeyboardInterrupt):
     """Ctrl-C (SIGINT) on some ranks, seen by every rank at the same training step: every
     rank stops there, nothing committed past the last checkpoint (``train.StepGuard``)."""
@@ -42,7 +50,7 @@ def install_excepthook() -> None:
         if agreed and rank != 0:
             return
         where = f" (rank {rank})" if size > 1 and not agreed else ""
-        print(f"mpinn: error: {exc}{where}", file=sys.stderr, flush=True)
+        print_error(f"{exc}{where}")
 
     hook.mpinn = True  # type: ignore[attr-defined]
     sys.excepthook = hook

@@ -13,7 +13,7 @@ from typing import Any
 
 from mpinn.cli.parser import parse
 from mpinn.config import training_fields
-from mpinn.errors import Interrupted, MpinnError
+from mpinn.errors import Interrupted, MpinnError, print_error
 
 EXIT_ERROR = 1
 EXIT_INTERRUPTED = 130  # Ctrl-C, as a shell reports SIGINT
@@ -491,7 +491,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             # locks and end the job
             channel.report_alone(message, REPORT_TIMEOUT, EXIT_INTERRUPTED)
         if comm.rank == 0:
-            print(f"mpinn: error: {message}", file=sys.stderr, flush=True)
+            print_error(message)
         release_locks()
         if comm.size > 1:
             channel.comm.Barrier()  # no rank exits (and has mpirun end the job) before the line
@@ -520,7 +520,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if comm.rank == 0:
             same = early is not None and all(m == message for _, m in failed or [])
             text = message if agreed or same else combine_errors(failed, comm.size)
-            print(f"mpinn: error: {text}", file=sys.stderr, flush=True)
+            print_error(text)
         if comm.size > 1:
             channel.comm.Barrier()  # no rank exits (and has mpirun end the job) before the line
         if not agreed and early is None and comm.size > 1:

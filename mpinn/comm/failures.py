@@ -3,12 +3,13 @@ the job alone, after a grace time) instead of leaving them in a collective."""
 
 from __future__ import annotations
 
-import sys
 import threading
 import time
 from collections.abc import Callable
 
 from mpi4py import MPI
+
+from mpinn.errors import print_error
 
 
 class FailureChannel:
@@ -41,8 +42,7 @@ class FailureChannel:
         while not self._stop.wait(0.05):
             if self.comm.Iprobe(source=MPI.ANY_SOURCE, tag=self.TAG, status=status):
                 message, code = self.comm.recv(source=status.Get_source(), tag=self.TAG)
-                print(f"mpinn: error: {message} (rank {status.Get_source()}); aborting all ranks",
-                      file=sys.stderr, flush=True)
+                print_error(f"{message} (rank {status.Get_source()}); aborting all ranks")
                 self.before_abort()
                 self.comm.Abort(code)
 
@@ -68,8 +68,7 @@ class FailureChannel:
         if self.comm.rank != 0:
             self.comm.isend((message, code), dest=0, tag=self.TAG)
             time.sleep(timeout)  # rank 0's watcher aborts the job meanwhile
-        print(f"mpinn: error: {message} (rank {self.comm.rank}); aborting all ranks",
-              file=sys.stderr, flush=True)
+        print_error(f"{message} (rank {self.comm.rank}); aborting all ranks")
         self.before_abort()
         self.comm.Abort(code)
 

@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 import numpy as np
 from mpi4py import MPI
 
-from mpinn.errors import MpinnError
+from mpinn.errors import MpinnError, print_error
 
 TIMEOUT_ENV = "MPINN_COLLECTIVE_TIMEOUT"
 DEFAULT_TIMEOUT = 600.0
@@ -97,7 +97,7 @@ def _ranks(ranks: list[int]) -> str:
 def _end(message: str, reporter: bool) -> None:
     """Print ``message`` (the reporter only) and end the job on every rank."""
     if reporter:
-        print(f"mpinn: error: {message}", file=sys.stderr, flush=True)
+        print_error(message)
     else:
         time.sleep(GRACE)  # the reporter prints and aborts meanwhile
     sys.stdout.flush()
