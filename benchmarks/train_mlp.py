@@ -362,11 +362,10 @@ def worker_plan(args: argparse.Namespace) -> None:
     from mpi4py import MPI
 
     from mpinn.partition import costmodel
-    from mpinn.tools.inspect import probe_seconds
     comm = MPI.COMM_WORLD
     sizes = [int(n) for n in args.sizes.split(",")]
     itemsize = np.dtype(args.dtype).itemsize
-    seconds = probe_seconds()  # MPINN_PROBE_SECONDS, as partition --plan takes it
+    seconds = costmodel.probe_seconds()  # MPINN_PROBE_SECONDS, as partition --plan takes it
     machine = costmodel.probe(comm, sizes, args.batch, args.dtype, seconds)
     strategy = args.strategy if args.strategy in ("balanced", "layers") else "balanced"
     _, table = costmodel.choose(sizes, args.batch, comm.size, machine, itemsize)

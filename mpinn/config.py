@@ -170,6 +170,22 @@ class TrainConfig:
         return {name: getattr(self, name) for name in RUN_DEFAULTS}
 
 
+def seconds_from_env(name: str, default: float, most: float = math.inf) -> float:
+    """A positive number of seconds, at most ``most``, from the environment variable ``name``
+    (``default`` where it is unset or empty); anything else is refused, naming the variable."""
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and 0 < value <= most):
+        bound = "" if math.isinf(most) else f" up to {most:g}"
+        raise MpinnError(f"{name} must be a positive number of seconds{bound}, got {text!r}")
+    return value
+
+
 def training_fields() -> tuple[Any, ...]:
     """The fields of ``TrainConfig``, each with its ``metadata`` (``setting``)."""
     return fields(TrainConfig)

@@ -14,7 +14,6 @@ It costs two small messages per peer and call, nothing inside training.
 from __future__ import annotations
 
 import functools
-import os
 import sys
 import time
 import zlib
@@ -24,7 +23,8 @@ from typing import Any, TypeVar
 import numpy as np
 from mpi4py import MPI
 
-from mpinn.errors import MpinnError, print_error
+from mpinn.config import seconds_from_env
+from mpinn.errors import print_error
 
 TIMEOUT_ENV = "MPINN_COLLECTIVE_TIMEOUT"
 DEFAULT_TIMEOUT = 600.0
@@ -36,16 +36,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 def timeout() -> float:
     """The deadline in seconds, from ``MPINN_COLLECTIVE_TIMEOUT`` (default 600)."""
-    text = os.environ.get(TIMEOUT_ENV, "").strip()
-    if not text:
-        return DEFAULT_TIMEOUT
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not np.isfinite(value) or value <= 0:
-        raise MpinnError(f"{TIMEOUT_ENV} must be a positive number of seconds, got {text!r}")
-    return value
+    return seconds_from_env(TIMEOUT_ENV, DEFAULT_TIMEOUT)
 
 
 class CallWatch:

@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterable, Sequence
 import numpy as np
 
 from mpinn import kernels
+from mpinn.config import seconds_from_env
 from mpinn.errors import MpinnError
 from mpinn.optim import steps_in_backward
 from mpinn.partition import strategies
@@ -509,8 +510,18 @@ def _step_seconds(comm: object, depth: int, dtype: np.dtype, seconds: float) -> 
                            statistic=min)
 
 
+PROBE_SECONDS = 1.0
+PROBE_VARIABLE = "MPINN_PROBE_SECONDS"
+
+
+def probe_seconds() -> float:
+    """``probe``'s ``seconds``: ``PROBE_SECONDS``, or ``MPINN_PROBE_SECONDS`` (up to an hour),
+    a benchmark knob: a quick run of a benchmark script takes a rougher table sooner."""
+    return seconds_from_env(PROBE_VARIABLE, PROBE_SECONDS, most=3600)
+
+
 def probe(comm: object, sizes: Sequence[int], batch: int, dtype: str = "float32",
-          seconds: float = 1.0) -> Machine:
+          seconds: float = PROBE_SECONDS) -> Machine:
     """Measure a ``Machine`` on the job's ranks, all at once, in a few times ``seconds``.
 
     GEMM: every rank runs the widest layer's three products (forward, weight and input

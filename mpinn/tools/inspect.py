@@ -14,8 +14,6 @@ if TYPE_CHECKING:
     from mpinn.partition.traffic import LayerEdges, RankTraffic
 
 import json
-import math
-import os
 from collections.abc import Callable
 from typing import Any
 
@@ -246,25 +244,6 @@ def store_partition(path: str, nranks: int, strategy: str, params: dict[str, Any
     return table
 
 
-PROBE_VARIABLE = "MPINN_PROBE_SECONDS"
-
-
-def probe_seconds() -> float:
-    """How long the cost model probes the machine, in seconds (a few times it in all):
-    1, or ``MPINN_PROBE_SECONDS``, a benchmark knob (a quick run of a benchmark script
-    takes a rougher table sooner); anything but a positive number of seconds is refused."""
-    text = os.environ.get(PROBE_VARIABLE, "").strip()
-    if not text:
-        return 1.0
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and 0 < value <= 3600):
-        raise MpinnError(f"{PROBE_VARIABLE}: {text!r} is not a number of seconds in (0, 3600]")
-    return value
-
-
 def layout_table(path: str, nranks: int, batch: int, comm: MPI.Comm,
                  seconds: float | None = None) -> str:
     """``partition --plan``: the cost model's prediction for every layout of ``nranks`` ranks
@@ -299,7 +278,7 @@ def choose_layout(path: str, nranks: int, batch: int, comm: MPI.Comm, *,
             raise MpinnError(f"{path}: partition {partition!r} has {parts} parts, which do not "
                              f"divide the {nranks} ranks into replicas", agreed=True)
     if seconds is None:  # rank 0's setting: the probe's rounds must be the same everywhere
-        seconds = on_root(comm, probe_seconds)
+        seconds = on_root(comm, costmodel.probe_seconds)
     machine = costmodel.probe(comm, spec.sizes, batch, spec.dtype.name, seconds)
     chosen, table = costmodel.choose(spec.sizes, batch, nranks, machine, spec.dtype.itemsize,
                                   layouts=candidates)
