@@ -180,8 +180,9 @@ def passed(result: subprocess.CompletedProcess) -> str:
 def test_every_strategy_trains_and_predicts_as_the_reference_across_nodes(cluster):
     """tests/mpi/test_engine.py's equivalence tests (all seven strategies; dense, sparse and
     mixed models) with their ranks on two nodes: training in float64, whose 1e-10 tolerance
-    tells the most, and inference in float32. Both dtypes of both run on one host at 1-4
-    ranks; across the nodes what changes is who sends what to whom, not the dtype."""
+    tells the most, and inference in float32. Both dtypes of both run on one host (at 2 and
+    4 ranks, float64 at 1-4: tests/helpers.dtypes); across the nodes what changes is who
+    sends what to whom, not the dtype."""
     summary = passed(mpi_tests_across(LAYOUT, "tests/mpi/test_engine.py", "-k",
                                       "trained_weights_equal and float64"
                                       " or predict_equals and float32"))
