@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -240,14 +241,27 @@ def worker_torch_dist(args: argparse.Namespace) -> None:
 
 def torchrun(script: list[str], processes: int) -> list[str]:
     """``torchrun`` on one node running ``script`` (a path and its arguments) with this
-    interpreter, its rendezvous and gloo on 127.0.0.1 (a free port)."""
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    interpreter; ``--standalone`` has its agent take a free port when it starts (a port
+    picked here could be taken by then: the peers run after mpinn), gloo on the loopback."""
     launcher = str(Path(sys.executable).with_name("torchrun"))
-    return [launcher, "--nnodes", "1", "--nproc-per-node", str(processes), "--master-addr",
-            "127.0.0.1", "--master-port", str(port), *script]
+    return [launcher, "--standalone", "--nnodes", "1", "--nproc-per-node", str(processes), *script]
+
+
+def failure_reason(output: str) -> str:
+    """The line of a failed child's output that says why: a worker's exception or C++
+    ``terminate``, else torchrun's root cause (a signal or an exit code), else the last line.
+    torchrun's own traceback (``raise ChildFailedError``) says only that a worker failed."""
+    lines = [line.strip() for line in output.splitlines() if line.strip()]
+    for n, line in enumerate(lines):
+        if line.startswith("terminate called"):  # and what() said, on the next line
+            return " ".join(lines[n:n + 2])
+        if re.match(r"[\w.]+(Error|Exception)\b", line) and "ChildFailedError" not in line:
+            return line
+    for key in ("traceback : Signal", "exitcode  :"):
+        found = [line for line in lines if line.startswith(key)]
+        if found:
+            return found[0]
+    return lines[-1] if lines else "no output"
 
 
 def worker_numpy(args: argparse.Namespace) -> None:
@@ -304,13 +318,27 @@ def peer_runs(args: argparse.Namespace, me: list[str],
     return runs
 
 
+def run_peer(name: str, cmd: list[str], threads: int) -> dict:
+    """``run_json`` of a peer, once more if it fails for a reason other than a missing
+    module (a worker of torchrun can die in gloo on a loaded machine), saying so."""
+    try:
+        return run_json(cmd, threads)
+    except SystemExit as exc:
+        why = failure_reason(str(exc))
+        if "No module named" in why:
+            raise
+        print(f"({name} failed, tried once more: {why})", flush=True)
+        return run_json(cmd, threads)
+
+
 def measure_pairs(runs: list[tuple[str, list[str], int]],
                   pairs: int) -> tuple[list[dict[str, float]], dict]:
     """Samples/s of every run, all of them once per round, ``pairs`` rounds: the runs of a
     round share the machine's state of the moment (other load, clocks), so their ratios
     are fairer than runs taken minutes apart. Also the first run's (mpinn's) last output.
 
-    A peer that fails (torch missing, a gloo that cannot start) is dropped with a note.
+    A peer that fails (torch missing, a gloo that cannot start) is dropped with a note
+    saying why (see ``run_peer``); mpinn failing ends the benchmark.
     """
     rounds: list[dict[str, float]] = []
     first: dict = {}
@@ -320,19 +348,16 @@ def measure_pairs(runs: list[tuple[str, list[str], int]],
         for i, (name, cmd, threads) in enumerate(runs):
             if name in failed:
                 continue
-            try:
-                out = run_json(cmd, threads)
-            except SystemExit as exc:
-                if i == 0:
-                    raise
-                lines = str(exc).splitlines()
-                why = next((line for line in lines if "Error" in line), lines[-1])
-                print(f"({name} skipped: {why.strip()})", flush=True)
-                failed.add(name)
-                continue
-            one[name] = out["samples_per_second"]
             if i == 0:
-                first = out
+                out = first = run_json(cmd, threads)
+            else:
+                try:
+                    out = run_peer(name, cmd, threads)
+                except SystemExit as exc:
+                    print(f"({name} skipped: {failure_reason(str(exc))})", flush=True)
+                    failed.add(name)
+                    continue
+            one[name] = out["samples_per_second"]
         rounds.append(one)
     return rounds, first
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import re
 import subprocess
 import sys
+import warnings
 
 import pytest
 
@@ -25,7 +27,13 @@ def test_many_cores_script_runs_every_benchmark_at_tiny_sizes(tmp_path):
     assert sparse.count("categories match") == 5 and "WRONG" not in sparse, sparse
     train = (tmp_path / "train-p4.txt").read_text()
     assert "mpinn, mpirun -n 4" in train and "ceiling: GEMM peak" in train, train
-    assert re.search(r"PyTorch TP \(DTensor, gloo\), torchrun 4x1 +[\d.]+ ", train), train
+    # the TP peer's figure, or (a torchrun worker died twice: seen once on a loaded CI
+    # machine) the benchmark's note with the worker's reason; never silently nothing
+    tp = "PyTorch TP (DTensor, gloo), torchrun 4x1"
+    if not re.search(rf"{re.escape(tp)} +[\d.]+ ", train):
+        skipped = re.search(rf"\({re.escape(tp)} skipped: (.+)\)", train)
+        assert skipped and "failed, tried once more" in train, train
+        warnings.warn(f"the TP peer did not run: {skipped.group(1)}", stacklevel=1)
     assert re.search(r"per process at once: [\d.]+ \(rank \d\) / [\d.]+ / [\d.]+ GFLOP/s", train), train
     ring = (tmp_path / "iallreduce-ring-p4.txt").read_text()
     assert "R = 2 x Q = 2" in ring and "2x2 balanced" in ring, ring
@@ -78,3 +86,36 @@ def test_many_cores_scale_script_runs_every_part_at_tiny_sizes(tmp_path):
     scale = (tmp_path / "out" / "scale.txt").read_text()
     assert "log-log slope against connections" in scale and "exit 0, wall" in scale, scale
     assert not list(tmp_path.glob("mpinn-scale-nets.*")), "the networks were not removed"
+
+
+def _train_mlp():
+    spec = importlib.util.spec_from_file_location("train_mlp", ROOT / "benchmarks/train_mlp.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.timeout(120)
+def test_a_torchrun_peer_that_dies_is_run_once_more_and_its_reason_named(tmp_path, capsys):
+    """A worker killed by a signal: the benchmark names the signal (not torchrun's own
+    ChildFailedError), tries once more, and keeps the figure when the second run works."""
+    pytest.importorskip("torch")
+    train_mlp = _train_mlp()
+    marker = tmp_path / "died-once"
+    worker = tmp_path / "worker.py"
+    worker.write_text(f"""import json, os, pathlib
+marker = pathlib.Path({str(marker)!r})
+if os.environ["RANK"] == "1" and not marker.exists():
+    marker.touch()
+    os.abort()
+if os.environ["RANK"] == "0":
+    print(json.dumps({{"samples_per_second": 7.0}}))
+""")
+    out = train_mlp.run_peer("peer", train_mlp.torchrun([str(worker)], 2), 1)
+    assert out == {"samples_per_second": 7.0}
+    assert "(peer failed, tried once more: traceback : Signal 6 (SIGABRT)" in capsys.readouterr().out
+    # a worker's own exception is the reason, not torchrun's ChildFailedError
+    assert train_mlp.failure_reason("Traceback (most recent call last):\n  File x\n"
+                                    "ModuleNotFoundError: No module named 'torch'\n"
+                                    "    raise ChildFailedError(\n") == \
+        "ModuleNotFoundError: No module named 'torch'"
