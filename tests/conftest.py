@@ -1,6 +1,7 @@
-"""Shared test set-up: an MPI test that fails on one rank ends the whole job at once.
+"""Shared test set-up: an MPI test that fails on one rank ends the whole job at once, and
+the longest files run first.
 
-Without this, the ranks whose test passed would walk into the next test's collectives
+Without the first, the ranks whose test passed would walk into the next test's collectives
 while the failed rank does not, and the run would hang until its time bound.
 """
 
@@ -27,3 +28,21 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
                      f"{report.longreprtext}\n[rank {comm.rank}] aborting the MPI job\n")
     sys.stderr.flush()
     comm.Abort(1)
+
+
+# The serial stage (pytest -n 3 --dist loadfile) hands whole files to its workers in the
+# order collected; alphabetically, long files came last and one worker ran on alone for a
+# minute while the others had finished (per-file wall times of 2026-12-05, 2 cores). The
+# longest first, the rest as collected: a file missing here only runs later.
+LONGEST_FIRST = ("system/test_benchmarks.py", "system/test_user_mistakes.py",
+                 "system/test_docs.py", "system/test_no_hangs.py", "system/test_slurm.py",
+                 "system/test_sparse.py", "system/test_cli.py", "system/test_nothing_lost.py",
+                 "system/test_api_promises.py", "system/test_cli_property.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        path = item.nodeid.partition("::")[0]
+        return next((i for i, name in enumerate(LONGEST_FIRST) if path.endswith(name)),
+                    len(LONGEST_FIRST))
+    items.sort(key=rank)  # stable: the same order on every rank and every worker
