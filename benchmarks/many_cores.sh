@@ -94,7 +94,7 @@ want() { [[ ",$PARTS," == *",$1,"* ]]; }
 
 if [ -n "${QUICK:-}" ]; then
     # each GEMM peak and the cost model's probe of the ranks (partition --plan's too): a glance
-    GEMM_SECONDS=0.3
+    GEMM_SECONDS=0.05
     export MPINN_PROBE_SECONDS=0.1
     want replicas && replicas_table replicas-p4 4 64,128,128,10 32 2 1 1,2,4 torch
     want digits && replicas_table digits-p4 4 64,256,256,10 64 4 1 4,1 ddp
@@ -103,11 +103,11 @@ if [ -n "${QUICK:-}" ]; then
     want sparse && part sparse-scaling "$PYTHON" benchmarks/sparse_dnn.py --neurons 1024 \
         --layers 8 --samples 100 --ranks 1,2 --repeat 1
     # (its PyTorch peer and DDP run in the replicas and digits parts: here the TP one)
-    want train && part train-p4 "$PYTHON" benchmarks/train_mlp.py --ranks 4 --gemm-seconds 0.3 \
-        --peer tp --sizes 64,128,10 --batch 32 --steps 2 --pairs 1
+    want train && part train-p4 "$PYTHON" benchmarks/train_mlp.py --ranks 4 \
+        --gemm-seconds "$GEMM_SECONDS" --peer tp --sizes 64,128,10 --batch 32 --steps 2 --pairs 1
     # (unbound is train's run under another binding: nothing more to check at tiny sizes)
     want iallreduce && part iallreduce-ring-p4 env OMPI_MCA_coll_libnbc_iallreduce_algorithm=1 \
-        "$PYTHON" benchmarks/train_mlp.py --ranks 4 --replicas 2 --gemm-seconds 0.3 \
+        "$PYTHON" benchmarks/train_mlp.py --ranks 4 --replicas 2 --gemm-seconds "$GEMM_SECONDS" \
         --sizes 64,128,10 --batch 32 --steps 2 --pairs 1 --peer none
     want spread && part spread-p2 mpirun --oversubscribe -n 2 "$PYTHON" benchmarks/rank_gemm.py \
         --width 512 --batch 32 --rounds 1 --seconds 0.2
