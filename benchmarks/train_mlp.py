@@ -311,10 +311,8 @@ def peer_runs(args: argparse.Namespace, me: list[str],
             runs.append((f"PyTorch {title}, torchrun {p}x1",
                          torchrun([me[-1], "--worker", "torch_dist", "--torch-mode", peer, *common],
                                   p), 1))
-        elif peer == "numpy":
+        else:  # numpy: main() refused any other name
             runs.append((f"numpy loop, 1 process, {p} threads", [*me, "--worker", "numpy", *common], p))
-        else:
-            raise SystemExit(f"--peer: unknown peer {peer!r} (torch, ddp, tp, numpy or none)")
     return runs
 
 
@@ -472,6 +470,10 @@ def main() -> None:
          "torch_dist": worker_torch_dist, "numpy": worker_numpy, "plan": worker_plan}[args.worker](args)
         return
 
+    unknown = set(args.peer.split(",")) - {"torch", "ddp", "tp", "numpy", "none"}
+    if unknown:  # before the GEMM peaks and mpinn's run, not after them
+        parser.error(f"--peer: unknown peer(s) {', '.join(sorted(unknown))} "
+                     "(torch, ddp, tp, numpy or none)")
     sizes = [int(n) for n in args.sizes.split(",")]
     p = args.ranks
     replica_counts = [int(r) for r in args.replicas.split(",")]
