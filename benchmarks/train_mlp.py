@@ -393,7 +393,7 @@ def worker_plan(args: argparse.Namespace) -> None:
     strategy = args.strategy if args.strategy in ("balanced", "layers") else "balanced"
     _, table = costmodel.choose(sizes, args.batch, comm.size, machine, itemsize)
     # as --replicas auto does: layouts whose modelled step is short are timed too
-    timing = seconds / 3  # time_small's share, as partition --plan gives it
+    timing = seconds * costmodel.TIME_SHARE  # as partition --plan times them
     table = costmodel.time_small(comm, sizes, args.batch, args.dtype, table, timing)
     chosen = table[0]
     plans = []

@@ -512,6 +512,9 @@ def _step_seconds(comm: object, depth: int, dtype: np.dtype, seconds: float) -> 
 
 PROBE_SECONDS = 1.0
 PROBE_VARIABLE = "MPINN_PROBE_SECONDS"
+# ``time_small``'s seconds per layout, as a share of the probe's: partition --plan, --replicas
+# auto and train_mlp's plan worker time their short layouts alike
+TIME_SHARE = 1 / 3
 
 
 def probe_seconds() -> float:

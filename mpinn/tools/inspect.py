@@ -282,7 +282,8 @@ def choose_layout(path: str, nranks: int, batch: int, comm: MPI.Comm, *,
     machine = costmodel.probe(comm, spec.sizes, batch, spec.dtype.name, seconds)
     chosen, table = costmodel.choose(spec.sizes, batch, nranks, machine, spec.dtype.itemsize,
                                   layouts=candidates)
-    table = costmodel.time_small(comm, spec.sizes, batch, spec.dtype.name, table, seconds / 3)
+    table = costmodel.time_small(comm, spec.sizes, batch, spec.dtype.name, table,
+                                  seconds * costmodel.TIME_SHARE)
     chosen = table[0]
 
     def text() -> str:
