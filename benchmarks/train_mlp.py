@@ -33,6 +33,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 BLAS_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+PEERS = ("torch", "ddp", "tp", "numpy", "none")  # --peer's names (peer_runs makes each run)
 
 
 def flops_per_sample(sizes: list[int]) -> int:
@@ -470,10 +471,10 @@ def main() -> None:
          "torch_dist": worker_torch_dist, "numpy": worker_numpy, "plan": worker_plan}[args.worker](args)
         return
 
-    unknown = set(args.peer.split(",")) - {"torch", "ddp", "tp", "numpy", "none"}
+    unknown = set(args.peer.split(",")) - set(PEERS)
     if unknown:  # before the GEMM peaks and mpinn's run, not after them
         parser.error(f"--peer: unknown peer(s) {', '.join(sorted(unknown))} "
-                     "(torch, ddp, tp, numpy or none)")
+                     f"({', '.join(PEERS[:-1])} or {PEERS[-1]})")
     sizes = [int(n) for n in args.sizes.split(",")]
     p = args.ranks
     replica_counts = [int(r) for r in args.replicas.split(",")]
