@@ -37,7 +37,7 @@ from mpinn.io.checkpoint import leftovers
 from tests.helpers import ALL_STRATEGIES
 from tests.reference import Reference, assert_close
 from tests.system.test_cli import DIGITS_TEST, DIGITS_TRAIN, ENV, ROOT, digest, mpinn, ok
-from tests.system.test_slurm import PYTHON, job_state
+from tests.system.test_slurm import PYTHON, job_state, submit
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(600)]
 
@@ -422,15 +422,11 @@ def slurm(cluster) -> dict[str, str]:
 
 
 def sbatch(env: dict[str, str], script: str, workdir: Path, wait: bool = True, **params: str) -> str:
-    """Submit jobs/SCRIPT on both nodes, two tasks each; the job id."""
+    """Submit jobs/SCRIPT on both nodes, two tasks each; the job id (``submit``)."""
     exports = ",".join(["ALL", f"PYTHON={PYTHON}", *(f"{k}={v}" for k, v in params.items())])
     cmd = ["sbatch", "--parsable", f"--chdir={workdir}", f"--nodes={NODES}",
            f"--ntasks-per-node={LAYOUT[0]}", f"--export={exports}", str(ROOT / "jobs" / script)]
-    if wait:
-        cmd.insert(1, "--wait")
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=400)
-    assert result.returncode == 0, result.stdout + result.stderr
-    return result.stdout.strip().splitlines()[0].split(";")[0]
+    return submit(env, cmd, wait, timeout=400)
 
 
 def test_train_and_predict_jobs_run_on_two_nodes(slurm, workdir, digits):
@@ -480,7 +476,7 @@ def test_preempted_two_node_job_requeues_and_ends_as_an_uninterrupted_run(slurm,
         if pending_since is not None and time.monotonic() - pending_since > 3:
             subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now"], env=slurm)
         assert time.monotonic() < deadline, f"job {job} still {state}"
-        time.sleep(1)
+        time.sleep(0.2)
     text = log.read_text()
     # srun hands SIGUSR1 to every rank; whichever sees it first stops them all
     assert "mpinn: stopped by " in text and f"requeueing job {job}" in text, text

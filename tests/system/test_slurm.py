@@ -44,11 +44,30 @@ def sbatch(env: dict[str, str], script: str, workdir: Path, wait: bool = True, *
     exports = ",".join(["ALL", f"PYTHON={PYTHON}", *(f"{k}={v}" for k, v in params.items())])
     cmd = ["sbatch", "--parsable", f"--chdir={workdir}", "--ntasks=2", f"--export={exports}",
            str(ROOT / "jobs" / script)]
-    if wait:
-        cmd.insert(1, "--wait")
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    return submit(env, cmd, wait)
+
+
+def submit(env: dict[str, str], cmd: list[str], wait: bool, timeout: float = 600) -> str:
+    """Run the sbatch command line ``cmd``; the job id, once the job has completed with exit
+    code 0 when ``wait``. Polled here rather than by ``sbatch --wait``, which sleeps 2, then 8,
+    then 10 s between its looks: 5 to 10 idle seconds after each job of a few seconds."""
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
-    return result.stdout.strip().splitlines()[0].split(";")[0]
+    job = result.stdout.strip().splitlines()[0].split(";")[0]
+    deadline = time.monotonic() + timeout
+    while wait and (state := job_state(env, job)) not in FINISHED:
+        assert time.monotonic() < deadline, f"job {job} still {state} after {timeout} s"
+        time.sleep(0.2)
+    if wait:
+        info = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True,
+                              env=env).stdout
+        assert state == "COMPLETED" and " ExitCode=0:0" in info, info
+    return job
+
+
+# the states a job ends in (squeue(1), JOB STATE CODES)
+FINISHED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
+            "PREEMPTED", "BOOT_FAIL", "DEADLINE")
 
 
 def job_state(env: dict[str, str], job: str) -> str:
@@ -109,7 +128,7 @@ def test_preempted_job_checkpoints_requeues_and_ends_as_an_uninterrupted_run(slu
         if pending_since is not None and time.monotonic() - pending_since > 3:
             subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now"], env=slurm)
         assert time.monotonic() < deadline, f"job {job} still {state}"
-        time.sleep(1)
+        time.sleep(0.2)
     text = log.read_text()
     assert "stopped by SIGUSR1" in text and f"requeueing job {job}" in text, text
     a, b = Reference.from_file(str(model)), Reference.from_file(str(reference))
