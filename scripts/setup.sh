@@ -22,13 +22,26 @@ fi
 
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 pip() { "$VENV/bin/python" -m pip -q --disable-pip-version-check "$@"; }
-pip install --upgrade pip setuptools wheel
-pip install cython pkgconfig numpy scipy mpi4py threadpoolctl matplotlib pymetis pytest pytest-mpi pytest-timeout pytest-xdist hypothesis ruff sphinx furo myst-parser
 # PyTorch for tests/system/test_torch_io.py (import/export, the optimizers against torch.optim) and
 # the bench peer: pinned to the CPU build of 2.13.0, a 190 MB wheel that pip finds in the
-# machine's wheel folder (880 MB installed with sympy, networkx, jinja2, fsspec, filelock;
-# under a minute). An unpinned `pip install torch` would take a CUDA build of several GB.
-"$VENV/bin/python" -c 'import torch' 2>/dev/null || pip install torch==2.13.0
+# machine's wheel folder (880 MB installed with sympy, networkx, jinja2, fsspec, filelock).
+# An unpinned `pip install torch` would take a CUDA build of several GB. Unpacking and
+# compiling it takes one core about 27 s: it goes in beside the other packages, with the
+# dependencies no other package shares (two installers must not write the same package),
+# and the last pip call adds what else torch needs: 34 s for both instead of 60.
+torch_pid=
+if ! "$VENV/bin/python" -c 'import torch' 2>/dev/null; then
+    pip install --no-warn-conflicts --no-deps torch==2.13.0 sympy mpmath networkx fsspec filelock &
+    torch_pid=$!
+    trap '[ -z "$torch_pid" ] || kill "$torch_pid" 2>/dev/null' EXIT  # the other pip failed
+fi
+pip install --no-warn-conflicts "setuptools>=77" wheel cython pkgconfig numpy scipy mpi4py threadpoolctl matplotlib pymetis pytest pytest-mpi pytest-timeout pytest-xdist hypothesis ruff sphinx furo myst-parser
+if [ -n "$torch_pid" ]; then
+    wait "$torch_pid"
+    torch_pid=
+    pip install torch==2.13.0
+fi
+pip check >/dev/null || { pip check; exit 1; }  # what the two installers left, consistent
 
 # h5py built against this machine's parallel HDF5 takes minutes: the wheel is built once
 # per (h5py, HDF5, Python) and kept in MPINN_WHEELS (default ~/.cache/mpinn-wheels), so a
