@@ -16,6 +16,9 @@ import json
 import math
 import os
 import signal
+from collections.abc import Callable
+from importlib.util import find_spec
+from typing import TypeVar
 
 import h5py
 import numpy as np
@@ -51,6 +54,7 @@ CASES = {  # (sizes, hidden, output, labels)
     "activations": ([7, 13, 11, 9, 5], ["gelu", "silu", "leaky_relu"], "leaky_relu", False),
 }
 SLOPE = 0.2  # leaky_relu's negative slope in these tests (torch's default is 0.01)
+T = TypeVar("T")
 
 
 def torch_run(path: str, x: np.ndarray, y: np.ndarray, labels: bool, epochs: int, seed: int,
@@ -181,11 +185,22 @@ def _setup(tmp, case: str) -> tuple[str, np.ndarray, np.ndarray, bool, list[int]
     return path, x, y, labels, sizes
 
 
+NO_TORCH = pytest.mark.skipif(find_spec("torch") is None, reason="torch is not installed")
+
+
+def on_rank0(comm, compute: Callable[[], T]) -> T:
+    """``compute()`` (the torch oracle) on rank 0, its result on every rank once rank 0 has
+    built its torch model from the initial file. Every rank ran it, and imported torch for
+    it: 1.6 s of CPU each, on 2 cores shared by 4 ranks. A failure on rank 0 ends the job
+    (tests/conftest.py) rather than leave the others in the broadcast."""
+    return comm.bcast(compute() if comm.rank == 0 else None, root=0)
+
+
 @pytest.mark.mpi
+@NO_TORCH
 @pytest.mark.parametrize("strategy", ALL_STRATEGIES)
 @pytest.mark.parametrize("feature", FEATURES)
 def test_training_features_equal_torch_for_every_strategy(feature, strategy, mpi_tmp_path):
-    pytest.importorskip("torch")
     from mpi4py import MPI
 
     from mpinn import Network
@@ -195,10 +210,10 @@ def test_training_features_equal_torch_for_every_strategy(feature, strategy, mpi
         case = "activations"
     path, x, y, labels, sizes = _setup(mpi_tmp_path, case)
     options = FEATURES[feature]
-    expected, largest = torch_run(path, x, y, labels, EPOCHS, seed=11, **options)
+    expected, largest = on_rank0(comm, lambda: torch_run(path, x, y, labels, EPOCHS, seed=11,
+                                                         **options))
     if options.get("clip_norm"):
         assert largest > options["clip_norm"], "clipping must be active for the test to mean it"
-    comm.Barrier()  # every rank has built its torch model from the initial file
     with Network.open(path, strategy, **strategy_params(strategy, sizes, comm.size)) as net:
         net.fit(x, y, epochs=EPOCHS, batch_size=BATCH, seed=11, **options)
     for i, (got, want) in enumerate(zip(_weights(path), expected, strict=True)):
@@ -317,13 +332,13 @@ def test_a_run_preempted_mid_epoch_resumes_bitwise_as_an_uninterrupted_run(featu
 
 
 @pytest.mark.mpi
+@NO_TORCH
 @pytest.mark.parametrize("strategy", ALL_STRATEGIES)
 def test_validation_patience_and_keep_best_equal_torch_for_every_strategy(strategy,
                                                                           mpi_tmp_path):
     """Validation losses and accuracies after every epoch, the epoch patience stops at, the
     final and the best weights (MODEL.best.h5) against torch; with dropout=P given to fit
     (torch with mpinn's masks), which validation runs without."""
-    torch = pytest.importorskip("torch")
     from mpi4py import MPI
 
     from mpinn import Network
@@ -333,24 +348,30 @@ def test_validation_patience_and_keep_best_equal_torch_for_every_strategy(strate
     xv, yv = classification_data(12, sizes[0], sizes[-1], seed=9, dtype="float64")
     options = dict(optimizer="adam", lr=0.08)  # overfits the 30 samples: patience stops it
     patience, epochs = 2, 12
-    seen: list[tuple[float, float, list[np.ndarray]]] = []
 
-    def validate(model) -> bool:
-        with torch.no_grad():
-            logits = model(torch.from_numpy(xv))
-            loss = float(torch.nn.functional.cross_entropy(logits, torch.from_numpy(yv)))
-            accuracy = float((logits.argmax(dim=1).numpy() == yv).mean())
-        linears = [m for m in model if isinstance(m, torch.nn.Linear)]
-        seen.append((loss, accuracy, [m.weight.detach().numpy().copy() for m in linears]
-                     + [m.bias.detach().numpy().copy() for m in linears]))
-        losses = [v for v, _, _ in seen]
-        return len(losses) - 1 - losses.index(min(losses)) < patience
+    def oracle() -> tuple[list[np.ndarray], list[tuple[float, float, list[np.ndarray]]]]:
+        """torch's final weights, and its (loss, accuracy, weights) after every epoch."""
+        import torch
+        seen: list[tuple[float, float, list[np.ndarray]]] = []
 
-    final, _ = torch_run(path, x, y, labels, epochs, seed=11, dropout=0.2, on_epoch=validate,
-                         **options)
+        def validate(model) -> bool:
+            with torch.no_grad():
+                logits = model(torch.from_numpy(xv))
+                loss = float(torch.nn.functional.cross_entropy(logits, torch.from_numpy(yv)))
+                accuracy = float((logits.argmax(dim=1).numpy() == yv).mean())
+            linears = [m for m in model if isinstance(m, torch.nn.Linear)]
+            seen.append((loss, accuracy, [m.weight.detach().numpy().copy() for m in linears]
+                         + [m.bias.detach().numpy().copy() for m in linears]))
+            losses = [v for v, _, _ in seen]
+            return len(losses) - 1 - losses.index(min(losses)) < patience
+
+        final, _ = torch_run(path, x, y, labels, epochs, seed=11, dropout=0.2,
+                             on_epoch=validate, **options)
+        return final, seen
+
+    final, seen = on_rank0(comm, oracle)
     assert len(seen) < epochs, "patience must stop the run for the test to mean it"
     best = min(range(len(seen)), key=lambda e: seen[e][0])
-    comm.Barrier()  # every rank has built its torch model from the initial file
     with Network.open(path, strategy, **strategy_params(strategy, sizes, comm.size)) as net:
         history = net.fit(x, y, epochs=epochs, batch_size=BATCH, seed=11, dropout=0.2,
                           validation_data=(xv, yv), patience=patience, keep_best=True,
@@ -417,6 +438,7 @@ def test_dropout_trains_as_the_reference_whatever_the_rank_count(strategy, micro
 
 
 @pytest.mark.mpi
+@NO_TORCH
 @pytest.mark.parametrize("given, strategy", [  # the override under one uneven partition
     *(("stored", strategy) for strategy in ALL_STRATEGIES), ("override", "count")])
 def test_dropout_imported_from_torch_trains_as_torch_with_the_same_masks(given, strategy,
@@ -424,28 +446,31 @@ def test_dropout_imported_from_torch_trains_as_torch_with_the_same_masks(given, 
     """A torch Sequential's nn.Dropout layers become the file's per-layer rates; ``fit``
     without ``dropout`` trains with them (torch with mpinn's masks fed in place of
     nn.Dropout's is the oracle), ``fit(dropout=0)`` overrides them (plain torch is)."""
-    torch = pytest.importorskip("torch")
     from mpi4py import MPI
 
     from mpinn import Network
-    from mpinn.io.pytorch import from_torch
-    nn = torch.nn
     comm = MPI.COMM_WORLD
     path = str(mpi_tmp_path / "model.h5")
     sizes = [7, 13, 11, 9, 5]
-    if comm.rank == 0:
+    x, y = classification_data(N_SAMPLES, sizes[0], sizes[-1], seed=5, dtype="float64")
+    options = dict(optimizer="sgd", lr=0.1, momentum=0.9)
+
+    def oracle() -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """The model file, from torch; torch's weights trained with mpinn's masks and without."""
+        import torch
+
+        from mpinn.io.pytorch import from_torch
+        nn = torch.nn
         torch.manual_seed(6)
         from_torch(nn.Sequential(nn.Linear(7, 13), nn.ReLU(), nn.Dropout(0.3),
                                  nn.Linear(13, 11), nn.Tanh(),  # no dropout here
                                  nn.Linear(11, 9), nn.Sigmoid(), nn.Dropout(0.5),
                                  nn.Linear(9, 5), nn.Softmax(dim=-1)).double(), path)
-    comm.Barrier()
-    x, y = classification_data(N_SAMPLES, sizes[0], sizes[-1], seed=5, dtype="float64")
-    options = dict(optimizer="sgd", lr=0.1, momentum=0.9)
-    with_masks, _ = torch_run(path, x, y, True, EPOCHS, seed=11, dropout=True, **options)
-    without, _ = torch_run(path, x, y, True, EPOCHS, seed=11, **options)
+        return (torch_run(path, x, y, True, EPOCHS, seed=11, dropout=True, **options)[0],
+                torch_run(path, x, y, True, EPOCHS, seed=11, **options)[0])
+
+    with_masks, without = on_rank0(comm, oracle)
     assert not np.allclose(with_masks[0], without[0], rtol=1e-6), "dropout must change the run"
-    comm.Barrier()  # every rank has built its torch models from the initial file
     with Network.open(path, strategy, **strategy_params(strategy, sizes, comm.size)) as net:
         net.fit(x, y, epochs=EPOCHS, batch_size=BATCH, seed=11,
                 **({} if given == "stored" else {"dropout": 0.0}), **options)
