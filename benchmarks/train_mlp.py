@@ -76,8 +76,8 @@ def worker_gemm(args: argparse.Namespace) -> None:
 
     comm = MPI.COMM_WORLD
     n, k, m = 4096, 4096, args.batch
-    a = np.random.default_rng(0).random((n, k)).astype(args.dtype)
-    b = np.random.default_rng(1).random((k, m)).astype(args.dtype)
+    a = np.random.default_rng(0).random((n, k), dtype=args.dtype)  # not float64, then a copy
+    b = np.random.default_rng(1).random((k, m), dtype=args.dtype)
     a @ b
     comm.Barrier()
     reps, start = 0, time.perf_counter()
