@@ -96,14 +96,16 @@ if [ -n "${QUICK:-}" ]; then
     # each GEMM peak and the cost model's probe of the ranks (partition --plan's too): a glance
     GEMM_SECONDS=0.05
     export MPINN_PROBE_SECONDS=0.1
+    # every R of 4 ranks here; the parts with a torchrun peer at 2 ranks (each worker imports
+    # torch: 1.5 s of CPU), whose layouts of 4 ranks the replicas and iallreduce parts cover
     want replicas && replicas_table replicas-p4 4 64,128,128,10 32 2 1 1,2,4 torch
-    want digits && replicas_table digits-p4 4 64,256,256,10 64 4 1 4,1 ddp
+    want digits && replicas_table digits-p2 2 64,256,256,10 64 4 1 2,1 ddp
     want pipeline && part pipeline "$PYTHON" benchmarks/pipeline.py --ranks 2,4 \
         --sizes 256,256,256,256,256 --repeat 1 --batch 64 --steps 2 --micro-batches 1,4
     want sparse && part sparse-scaling "$PYTHON" benchmarks/sparse_dnn.py --neurons 1024 \
         --layers 8 --samples 100 --ranks 1,2 --repeat 1
     # (its PyTorch peer and DDP run in the replicas and digits parts: here the TP one)
-    want train && part train-p4 "$PYTHON" benchmarks/train_mlp.py --ranks 4 \
+    want train && part train-p2 "$PYTHON" benchmarks/train_mlp.py --ranks 2 \
         --gemm-seconds "$GEMM_SECONDS" --peer tp --sizes 64,128,10 --batch 32 --steps 2 --pairs 1
     # (unbound is train's run under another binding: nothing more to check at tiny sizes)
     want iallreduce && part iallreduce-ring-p4 env OMPI_MCA_coll_libnbc_iallreduce_algorithm=1 \

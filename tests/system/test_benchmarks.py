@@ -36,9 +36,9 @@ def test_many_cores_script_runs_every_benchmark_at_tiny_sizes(tmp_path):
     assert re.search(r"P=2 .*M=1: .*M=4: ", pipeline) and re.search(r"P=4 .*M=4: ", pipeline), pipeline
     sparse = (tmp_path / "sparse-scaling.txt").read_text()
     assert sparse.count("categories match") == 5 and "WRONG" not in sparse, sparse
-    train = (tmp_path / "train-p4.txt").read_text()
-    assert "mpinn, mpirun -n 4" in train and "ceiling: GEMM peak" in train, train
-    assert_torchrun_peer_reported(train, "PyTorch TP (DTensor, gloo), torchrun 4x1")
+    train = (tmp_path / "train-p2.txt").read_text()
+    assert "mpinn, mpirun -n 2" in train and "ceiling: GEMM peak" in train, train
+    assert_torchrun_peer_reported(train, "PyTorch TP (DTensor, gloo), torchrun 2x1")
     assert re.search(r"per process at once: [\d.]+ \(rank \d\) / [\d.]+ / [\d.]+ GFLOP/s", train), train
     ring = (tmp_path / "iallreduce-ring-p4.txt").read_text()
     assert "R = 2 x Q = 2" in ring and "2x2 balanced" in ring, ring
@@ -46,13 +46,13 @@ def test_many_cores_script_runs_every_benchmark_at_tiny_sizes(tmp_path):
     assert re.search(r"layer rows 256 round 0: min +[\d.]+ median", spread), spread
     # the replicas and digits parts: every R x Q beside its PyTorch peer, the cost model's
     # prediction per layout, and partition --plan's table with its choice
-    for name, layouts, peer in (("replicas-p4", ("1 x Q = 4", "2 x Q = 2", "4 x Q = 1"),
-                                 "PyTorch, 1 process, 4 threads"),
-                                ("digits-p4", ("4 x Q = 1", "1 x Q = 4"),
-                                 "PyTorch DDP (gloo), torchrun 4x1")):
+    for name, p, layouts, peer in (("replicas-p4", 4, ("1 x Q = 4", "2 x Q = 2", "4 x Q = 1"),
+                                    "PyTorch, 1 process, 4 threads"),
+                                   ("digits-p2", 2, ("2 x Q = 1", "1 x Q = 2"),
+                                    "PyTorch DDP (gloo), torchrun 2x1")):
         text = (tmp_path / f"{name}.txt").read_text()
         for layout in layouts:
-            assert re.search(rf"mpinn, mpirun -n 4, R = {layout}, 1 thread/rank +[\d.]+ ", text), text
+            assert re.search(rf"mpinn, mpirun -n {p}, R = {layout}, 1 thread/rank +[\d.]+ ", text), text
         if "torchrun" in peer:
             assert_torchrun_peer_reported(text, peer)
         else:
