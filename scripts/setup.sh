@@ -31,7 +31,9 @@ pip() { "$VENV/bin/python" -m pip -q --disable-pip-version-check "$@"; }
 # and the last pip call adds what else torch needs: 34 s for both instead of 60.
 torch_pid=
 if ! "$VENV/bin/python" -c 'import torch' 2>/dev/null; then
-    pip install --no-warn-conflicts --no-deps torch==2.13.0 sympy mpmath networkx fsspec filelock &
+    # pip itself, not the function's subshell, in the background: $! is then its pid
+    "$VENV/bin/python" -m pip -q --disable-pip-version-check install --no-warn-conflicts \
+        --no-deps torch==2.13.0 sympy mpmath networkx fsspec filelock &
     torch_pid=$!
     trap '[ -z "$torch_pid" ] || kill "$torch_pid" 2>/dev/null' EXIT  # the other pip failed
 fi
