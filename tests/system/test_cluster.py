@@ -37,7 +37,7 @@ from mpinn.io.checkpoint import leftovers
 from tests.helpers import ALL_STRATEGIES
 from tests.reference import Reference, assert_close
 from tests.system.test_cli import DIGITS_TEST, DIGITS_TRAIN, ENV, ROOT, digest, mpinn, ok
-from tests.system.test_slurm import PYTHON, job_state, submit
+from tests.system.test_slurm import PYTHON, job_info, job_state, submit, wait_through_requeue
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(600)]
 
@@ -435,7 +435,7 @@ def test_train_and_predict_jobs_run_on_two_nodes(slurm, workdir, digits):
     job = sbatch(slurm, "train.sbatch", workdir, MODEL=str(model), DATA=digits[0], EPOCHS="2")
     log = (workdir / f"mpinn-train-{job}.out").read_text()
     assert "on 4 ranks" in log and "epoch 2 " in log, log
-    assert job_nodes(slurm, job) == "node[1-2]"
+    assert job_info(slurm, job).get("NodeList") == "node[1-2]"
     job = sbatch(slurm, "predict.sbatch", workdir, MODEL=str(model), DATA=digits[1],
                  OUT=str(preds))
     log = (workdir / f"mpinn-predict-{job}.out").read_text()
@@ -445,11 +445,6 @@ def test_train_and_predict_jobs_run_on_two_nodes(slurm, workdir, digits):
     with h5py.File(digits[1], "r") as d:
         _, acts = Reference.from_file(str(model)).forward(d["X"][...])
     assert_close(outputs, acts[-1], "float32", "predict outputs of the two-node job")
-
-
-def job_nodes(env: dict[str, str], job: str) -> str:
-    out = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True, env=env)
-    return next((f.split("=", 1)[1] for f in out.stdout.split() if f.startswith("NodeList=")), "")
 
 
 def test_preempted_two_node_job_requeues_and_ends_as_an_uninterrupted_run(slurm, workload,
@@ -466,17 +461,7 @@ def test_preempted_two_node_job_requeues_and_ends_as_an_uninterrupted_run(slurm,
         time.sleep(0.2)
     # what SLURM does at --signal=B:USR1@120 before the time limit, or on preemption
     subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=slurm, check=True)
-    deadline = time.monotonic() + 300
-    pending_since = None
-    while (state := job_state(slurm, job)) != "COMPLETED":
-        assert state in ("RUNNING", "PENDING", "REQUEUED", "COMPLETING"), state
-        # as in tests/system/test_slurm.py: start the requeued job once its old credential's second
-        # has passed, rather than after cred_expire (120 s)
-        pending_since = (pending_since or time.monotonic()) if state == "PENDING" else None
-        if pending_since is not None and time.monotonic() - pending_since > 3:
-            subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now"], env=slurm)
-        assert time.monotonic() < deadline, f"job {job} still {state}"
-        time.sleep(0.2)
+    wait_through_requeue(slurm, job)
     text = log.read_text()
     # srun hands SIGUSR1 to every rank; whichever sees it first stops them all
     assert "mpinn: stopped by " in text and f"requeueing job {job}" in text, text
@@ -488,7 +473,7 @@ def test_sparse_dnn_job_on_two_nodes_reports_matching_categories(slurm, workdir)
                  BATCH="100", DIR=str(workdir))
     log = (workdir / f"mpinn-sparse-dnn-{job}.out").read_text()
     assert "4 ranks" in log and "G edges/s" in log and ": match" in log, log
-    assert job_nodes(slurm, job) == "node[1-2]"
+    assert job_info(slurm, job).get("NodeList") == "node[1-2]"
 
 
 def test_srun_ranks_take_blas_threads_from_their_own_nodes_share(slurm):

@@ -54,14 +54,13 @@ def submit(env: dict[str, str], cmd: list[str], wait: bool, timeout: float = 600
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
     job = result.stdout.strip().splitlines()[0].split(";")[0]
+    if not wait:
+        return job
     deadline = time.monotonic() + timeout
-    while wait and (state := job_state(env, job)) not in FINISHED:
-        assert time.monotonic() < deadline, f"job {job} still {state} after {timeout} s"
+    while (info := job_info(env, job)).get("JobState") not in FINISHED:
+        assert time.monotonic() < deadline, f"job {job} still {info.get('JobState')} after {timeout} s"
         time.sleep(0.2)
-    if wait:
-        info = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True,
-                              env=env).stdout
-        assert state == "COMPLETED" and " ExitCode=0:0" in info, info
+    assert info["JobState"] == "COMPLETED" and info.get("ExitCode") == "0:0", info
     return job
 
 
@@ -70,12 +69,33 @@ FINISHED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_
             "PREEMPTED", "BOOT_FAIL", "DEADLINE")
 
 
-def job_state(env: dict[str, str], job: str) -> str:
+def job_info(env: dict[str, str], job: str) -> dict[str, str]:
+    """``scontrol show job``'s fields (JobState, ExitCode, NodeList, ...); none once the job
+    is gone."""
     out = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True, env=env)
-    for field in out.stdout.split():
-        if field.startswith("JobState="):
-            return field.split("=", 1)[1]
-    return "UNKNOWN"
+    return dict(field.split("=", 1) for field in out.stdout.split() if "=" in field)
+
+
+def job_state(env: dict[str, str], job: str) -> str:
+    return job_info(env, job).get("JobState", "UNKNOWN")
+
+
+def wait_through_requeue(env: dict[str, str], job: str, timeout: float = 300) -> None:
+    """Wait for a job sent SIGUSR1 (it checkpoints, requeues itself and resumes) to complete.
+
+    A requeued job waits for a begin time (cred_expire, 120 s) so that the revoked credential
+    of its first run cannot match the new one; started in the same second, slurmd refuses it
+    ("Job credential revoked") and the job fails. Wait past that second, then start it as the
+    scheduler would."""
+    deadline = time.monotonic() + timeout
+    pending_since = None
+    while (state := job_state(env, job)) != "COMPLETED":
+        assert state in ("RUNNING", "PENDING", "REQUEUED", "COMPLETING"), state
+        pending_since = (pending_since or time.monotonic()) if state == "PENDING" else None
+        if pending_since is not None and time.monotonic() - pending_since > 3:
+            subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now"], env=env)
+        assert time.monotonic() < deadline, f"job {job} still {state}"
+        time.sleep(0.2)
 
 
 @pytest.mark.timeout(1350)  # two jobs of at most 600 s each, one 120 s run
@@ -116,19 +136,7 @@ def test_preempted_job_checkpoints_requeues_and_ends_as_an_uninterrupted_run(slu
         time.sleep(0.5)
     # what SLURM does at --signal=B:USR1@120 before the time limit, or on preemption
     subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=slurm, check=True)
-    deadline = time.monotonic() + 300
-    pending_since = None
-    while (state := job_state(slurm, job)) != "COMPLETED":
-        assert state in ("RUNNING", "PENDING", "REQUEUED", "COMPLETING"), state
-        # a requeued job waits for a begin time (cred_expire, 120 s) so that the revoked
-        # credential of its first run cannot match the new one; started in the same second,
-        # slurmd refuses it ("Job credential revoked") and the job fails. Wait past that
-        # second, then start it as the scheduler would.
-        pending_since = (pending_since or time.monotonic()) if state == "PENDING" else None
-        if pending_since is not None and time.monotonic() - pending_since > 3:
-            subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now"], env=slurm)
-        assert time.monotonic() < deadline, f"job {job} still {state}"
-        time.sleep(0.2)
+    wait_through_requeue(slurm, job)
     text = log.read_text()
     assert "stopped by SIGUSR1" in text and f"requeueing job {job}" in text, text
     a, b = Reference.from_file(str(model)), Reference.from_file(str(reference))
